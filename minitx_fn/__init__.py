@@ -1,0 +1,1 @@
+"""minitx_fn: a mini GPT-style character language model written as plain JAX functions."""

@@ -1,0 +1,159 @@
+"""Model and training configuration: frozen, hashable, validated on construction.
+
+Both configs are frozen dataclasses, so they hash by value and can be passed as
+static arguments to `jax.jit`: two equal configs reuse one compiled function.
+Sizes and flags live here, never as leaves of the parameter pytree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+
+
+def at_least_float32(dtype):
+    """float64 stays float64; float32 and bfloat16 become float32.
+
+    The dtype for the numerically delicate parts: layer-norm statistics, softmax,
+    logits, loss and the residual stream. (Written out because `jnp.promote_types`
+    refuses float32/float64 under strict promotion.)
+    """
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+def _require(ok: bool, field: str, value: Any, fix: str) -> None:
+    if not ok:
+        raise ValueError(f"{field}={value!r} is invalid: {fix}")
+
+
+def _positive_int(field: str, value: Any) -> None:
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+        field, value, "it must be a whole number >= 1",
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Sizes of the language model. Dimension letters: V, D, H, F, L, S.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, max_len=64)
+        >>> cfg.d_ff, cfg.head_dim
+        (512, 32)
+    """
+
+    vocab_size: int                 # V: number of distinct tokens (characters)
+    d_model: int = 64               # D: width of the residual stream
+    n_heads: int = 4                # H: attention heads; D must be a multiple of H
+    n_layers: int = 2               # L: residual blocks
+    d_ff: int | None = None         # F: feed-forward width; None means 4 * D
+    max_len: int = 64               # S: context window, the longest sequence the model sees
+    ln_eps: float = 1e-5            # layer-norm epsilon, added to the variance
+    dtype: str = "float32"          # compute dtype of matmuls: float32, bfloat16 or float64
+    param_dtype: str = "float32"    # storage dtype of parameters: float32 or float64
+    attention: str = "einsum"       # "einsum" (the maths written out) or "dot_product_attention"
+    init_std: float = 0.02          # std of the normal initialisation of weight matrices
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
+            _positive_int(name, getattr(self, name))
+        if self.d_ff is None:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        _positive_int("d_ff", self.d_ff)
+        _require(
+            self.d_model % self.n_heads == 0, "d_model", self.d_model,
+            f"it must be divisible by n_heads={self.n_heads}; "
+            f"try d_model={self.n_heads * max(1, round(self.d_model / self.n_heads))}",
+        )
+        _require(self.ln_eps > 0, "ln_eps", self.ln_eps, "it must be > 0")
+        _require(self.init_std > 0, "init_std", self.init_std, "it must be > 0")
+        _require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {sorted(DTYPES)}")
+        _require(
+            self.param_dtype in ("float32", "float64"), "param_dtype", self.param_dtype,
+            "choose float32 or float64",
+        )
+        _require(
+            self.attention in ATTENTION_IMPLS, "attention", self.attention,
+            f"choose one of {list(ATTENTION_IMPLS)}",
+        )
+
+    @property
+    def head_dim(self) -> int:
+        """K = D / H, the width of one attention head."""
+        return self.d_model // self.n_heads
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def params_dtype(self):
+        return DTYPES[self.param_dtype]
+
+    @property
+    def residual_dtype(self):
+        """dtype of the residual stream, layer norms and logits: at least float32."""
+        return at_least_float32(self.params_dtype)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Optimisation settings: AdamW with linear warm-up, cosine decay and clipping.
+
+    Example:
+        >>> TrainConfig(steps=100).decay_steps
+        100
+    """
+
+    steps: int = 500                # train steps to run in total
+    batch_size: int = 16            # B: sequences per step
+    lr: float = 1e-3                # peak learning rate, reached after warm-up
+    min_lr: float | None = None     # final learning rate of the cosine decay; None means lr / 10
+    warmup: int = 50                # linear warm-up steps from 0 to lr
+    decay_steps: int | None = None  # length of the schedule; None means `steps`
+    b1: float = 0.9                 # Adam first-moment decay
+    b2: float = 0.99                # Adam second-moment decay
+    weight_decay: float = 0.1       # decoupled weight decay, on weight matrices only
+    grad_clip: float = 1.0          # clip the global gradient norm to this value
+    seed: int = 0                   # seeds initialisation and batch sampling
+    eval_every: int = 250           # validation every N steps (and at the end)
+    save_every: int = 500           # checkpoint every N steps (and at the end)
+    log_every: int = 100            # print and record the loss every N steps
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
+            _positive_int(name, getattr(self, name))
+        if self.min_lr is None:
+            object.__setattr__(self, "min_lr", self.lr / 10)
+        if self.decay_steps is None:
+            object.__setattr__(self, "decay_steps", self.steps)
+        _positive_int("decay_steps", self.decay_steps)
+        _require(
+            isinstance(self.warmup, int) and 0 <= self.warmup < self.decay_steps,
+            "warmup", self.warmup, f"it must be a whole number in [0, {self.decay_steps})",
+        )
+        _require(self.lr > 0, "lr", self.lr, "it must be > 0")
+        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "it must lie in [0, lr]")
+        _require(0 <= self.b1 < 1, "b1", self.b1, "it must lie in [0, 1)")
+        _require(0 <= self.b2 < 1, "b2", self.b2, "it must lie in [0, 1)")
+        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "it must be >= 0")
+        _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "it must be > 0")
+        _require(isinstance(self.seed, int), "seed", self.seed, "it must be a whole number")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,170 @@
+"""Multi-head causal self-attention, and the same layer reading from a KV cache.
+
+For queries Q (T, K), keys K_ (S, K) and values V_ (S, K) of one head:
+
+    Attention(Q, K_, V_) = softmax(Q K_^T / sqrt(K) + M) V_
+
+where M is 0 where a query may look at a key and -inf elsewhere (causal: query t
+sees keys 0 .. t). H heads run side by side on D = H * K features, and a final
+projection mixes them.
+
+Params: {"qkv": linear (D, 3D), "out": linear (D, D)}. The query, key and value
+projections are fused into one (D, 3D) matrix, laid out [Q | K | V] with heads
+contiguous inside each block (feature h * K + k is head h, feature k): one matmul
+instead of three.
+
+KV cache layout (the one place it is defined): `KVCache(k, v)` with k and v of
+shape (B, S, H, K) for one layer, (L, B, S, H, K) for the model, in the compute
+dtype. Slot s holds the key and value of the token written at cache index s.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from minitx_fn.config import at_least_float32
+from minitx_fn.layers import linear
+
+IMPLS = ("einsum", "dot_product_attention")
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (B, S, H, K), or (L, B, S, H, K) for all layers
+    v: jax.Array  # (B, S, H, K), or (L, B, S, H, K) for all layers
+
+
+# ----------------------------------------------------------------------------- maths
+
+
+def split_heads(x: jax.Array, n_heads: int) -> jax.Array:
+    """(B, T, D) -> (B, T, H, K) with K = D / H."""
+    *lead, d = x.shape
+    return x.reshape(*lead, n_heads, d // n_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+    """(B, T, H, K) -> (B, T, D): the inverse of `split_heads`."""
+    *lead, h, k = x.shape
+    return x.reshape(*lead, h * k)
+
+
+def causal_mask(t: int, s: int | None = None, *, offset: int = 0) -> jax.Array:
+    """(T, S) bool, True where query t may attend to key s, that is s <= t + offset.
+
+    `offset` is the cache index of the first query: with T queries written at slots
+    offset .. offset + T - 1 of an S-slot cache, query t sits at slot t + offset.
+
+    Example:
+        >>> causal_mask(3).astype(int)
+        Array([[1, 0, 0],
+               [1, 1, 0],
+               [1, 1, 1]], dtype=int32)
+    """
+    s = t if s is None else s
+    return jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + offset
+
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """q (B, T, H, K), k (B, S, H, K), mask broadcastable to (B, H, T, S) -> (B, H, T, S).
+
+    softmax over S of q.k / sqrt(K), with masked scores set to the lowest finite
+    float before the softmax. Scores and softmax are in at least float32: with
+    bfloat16 scores, exp() of differences loses most of its digits. A row whose
+    every key is masked (a padding query) comes out uniform instead of NaN.
+    """
+    work = at_least_float32(q.dtype)
+    scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], work))
+    scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=work) * scale
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(work).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+                       impl: str = "einsum") -> jax.Array:
+    """q (B, T, H, K), k and v (B, S, H, K), mask (B|1, 1, T, S) bool -> (B, T, H, K).
+
+    impl="einsum" writes the maths out; impl="dot_product_attention" calls
+    `jax.nn.dot_product_attention`, which XLA (or cuDNN on a GPU) may fuse.
+    Both are tested equal.
+    """
+    if impl == "einsum":
+        weights = attention_weights(q, k, mask)                             # (B, H, T, S)
+        return jnp.einsum("BHTS,BSHK->BTHK", weights.astype(v.dtype), v)    # (B, T, H, K)
+    if impl == "dot_product_attention":
+        # jax.nn.dot_product_attention mixes a float32 constant into float64 inputs,
+        # which strict dtype promotion rejects; its result dtype is q's either way.
+        with jax.numpy_dtype_promotion("standard"):
+            return jax.nn.dot_product_attention(q, k, v, mask=mask)
+    raise ValueError(f"unknown attention impl {impl!r}; choose one of {list(IMPLS)}")
+
+
+# ----------------------------------------------------------------------------- layer
+
+
+def init(key: jax.Array, *, d_model: int, n_heads: int, std: float = 0.02, out_std: float | None = None,
+         dtype=jnp.float32) -> dict:
+    """Fused QKV projection (D, 3D) and output projection (D, D).
+
+    Example:
+        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
+        >>> p["qkv"]["w"].shape, p["out"]["w"].shape
+        ((8, 24), (8, 8))
+    """
+    if d_model % n_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+    k_qkv, k_out = jax.random.split(key)
+    return {
+        "qkv": linear.init(k_qkv, d_in=d_model, d_out=3 * d_model, std=std, dtype=dtype),
+        "out": linear.init(k_out, d_in=d_model, d_out=d_model, std=out_std or std, dtype=dtype),
+    }
+
+
+def _project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q, k, v, each (B, T, H, K)."""
+    qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, 3D)
+    q, k, v = jnp.split(qkv, 3, axis=-1)                                   # 3 x (B, T, D)
+    return split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads)
+
+
+def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = None,
+          impl: str = "einsum", dtype=None) -> jax.Array:
+    """(B, T, D) -> (B, T, D): self-attention of x over itself.
+
+    mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
+    None means causal.
+
+    Example:
+        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
+        >>> apply(p, jnp.ones((3, 5, 8)), n_heads=2).shape
+        (3, 5, 8)
+    """
+    q, k, v = _project_qkv(params, x, n_heads, dtype)
+    if mask is None:
+        mask = causal_mask(x.shape[1])[None, None]                         # (1, 1, T, T)
+    y = scaled_dot_product(q, k, v, mask, impl=impl)                       # (B, T, H, K)
+    return linear.apply(params["out"], merge_heads(y), dtype=dtype)        # (B, T, D)
+
+
+def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array, mask: jax.Array,
+                 n_heads: int, impl: str = "einsum", dtype=None) -> tuple[jax.Array, KVCache]:
+    """x (B, T, D) written at cache slots index .. index + T - 1; attend over all S slots.
+
+    Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
+    its shape (B, S, H, K) for every call, so the compiled step never changes.
+
+    mask: bool (B, 1, T, S), True where query t may read slot s: the caller masks
+    slots not yet written, padding, and the future.
+    Returns y (B, T, D) and the updated cache.
+    """
+    q, k, v = _project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
+    start = (0, index, 0, 0)
+    cache = KVCache(
+        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),   # (B, S, H, K)
+        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
+    )
+    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=impl)           # (B, T, H, K)
+    return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache

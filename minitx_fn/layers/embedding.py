@@ -1,0 +1,37 @@
+"""Token embedding: a lookup of one row of a (V, D) table per token id.
+
+Params: {"table": (V, D)}.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def init(key: jax.Array, *, vocab_size: int, d_model: int, std: float = 1.0, dtype=jnp.float32) -> dict:
+    """table ~ Normal(0, std^2). The default std of 1 keeps token identity visible next
+    to the sinusoidal positions, whose entries also have magnitude about 1.
+
+    Example:
+        >>> init(jax.random.key(0), vocab_size=10, d_model=4)["table"].shape
+        (10, 4)
+    """
+    return {"table": std * jax.random.normal(key, (vocab_size, d_model), dtype)}
+
+
+def apply(params: dict, ids: jax.Array) -> jax.Array:
+    """(B, T) int -> (B, T, D): row ids[b, t] of the table.
+
+    Mathematically one_hot(ids, V) @ table; the gather avoids the (B, T, V) one-hot.
+    JAX gathers clamp out-of-range indices instead of failing, so callers check ids
+    (`minitx_fn.model.check_tokens` does) before they reach here.
+
+    Example:
+        >>> p = init(jax.random.key(0), vocab_size=10, d_model=4)
+        >>> apply(p, jnp.array([[1, 2, 3]])).shape
+        (1, 3, 4)
+    """
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    return jnp.take(params["table"], ids, axis=0)

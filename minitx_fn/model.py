@@ -1,0 +1,166 @@
+"""The language model: token ids (B, T) -> next-token logits (B, T, V).
+
+    x      = Embed(tokens) + PE(positions)          (B, T, D)
+    x      = Block_L(... Block_1(x))                 (B, T, D), blocks run with lax.scan
+    logits = LayerNorm_f(x) W_head + b_head          (B, T, V), float32
+
+Params:
+    {"embed":  {"table": (V, D)},
+     "blocks": one block's tree with every leaf stacked on a leading L axis,
+     "ln_f":   {"scale": (D,), "bias": (D,)},
+     "head":   {"w": (D, V), "b": (V,)}}
+
+Stacking the L blocks lets `jax.lax.scan` run them as one loop body, so the
+compiled program (and its compile time) does not grow with depth.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitx_fn.config import ModelConfig
+from minitx_fn.layers import attention, block, embedding, linear, norm, positional
+from minitx_fn.layers.attention import KVCache
+
+
+def init(key: jax.Array, config: ModelConfig) -> dict:
+    """Fresh parameters for `config`; one subkey per consumer, one per block.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3)
+        >>> init(jax.random.key(0), cfg)["blocks"]["attn"]["qkv"]["w"].shape
+        (3, 8, 24)
+    """
+    c = config
+    k_embed, k_blocks, k_head = jax.random.split(key, 3)
+    block_keys = jax.random.split(k_blocks, c.n_layers)                    # (L,) keys
+    return {
+        "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, dtype=c.params_dtype),
+        # vmap over the keys stacks every leaf of the block tree on a leading L axis.
+        "blocks": jax.vmap(lambda k: block.init(k, config=c))(block_keys),
+        "ln_f": norm.init(d_model=c.d_model, dtype=c.params_dtype),
+        "head": linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std, dtype=c.params_dtype),
+    }
+
+
+def param_shapes(params: dict) -> dict:
+    """The parameter tree with every array replaced by its shape."""
+    return jax.tree.map(lambda a: a.shape, params)
+
+
+def count_params(params: dict) -> int:
+    return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
+
+
+def check_tokens(tokens, config: ModelConfig, *, max_len: int | None = None) -> None:
+    """Raise ValueError or TypeError for token ids the model cannot take.
+
+    Rank, dtype and length are checked at trace time. The values (0 <= id < V) can
+    only be checked when the array is concrete: under `jit` they are abstract, and a
+    JAX gather would silently clamp an out-of-range id, so check before jitting.
+    """
+    max_len = config.max_len if max_len is None else max_len
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape (B, T), got shape {tuple(tokens.shape)} (rank {tokens.ndim})")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    b, t = tokens.shape
+    if b < 1 or t < 1:
+        raise ValueError(f"tokens must have at least one row and one position, got shape {(b, t)}")
+    if t > max_len:
+        raise ValueError(f"sequence length T={t} exceeds the context window max_len={max_len}; "
+                         f"crop the input to its last {max_len} tokens")
+    if not isinstance(tokens, jax.core.Tracer):
+        ids = np.asarray(tokens)
+        bad = ids[(ids < 0) | (ids >= config.vocab_size)]
+        if bad.size:
+            raise ValueError(f"token ids must lie in [0, {config.vocab_size}), "
+                             f"found {sorted(set(bad.tolist()))[:10]}")
+
+
+def _embed(params: dict, tokens: jax.Array, positions: jax.Array, c: ModelConfig) -> jax.Array:
+    """(B, T) ids and (B|1, T) positions -> (B, T, D) in the residual dtype."""
+    x = embedding.apply(params["embed"], tokens).astype(c.residual_dtype)         # (B, T, D)
+    return x + positional.encode(positions, c.d_model, dtype=c.residual_dtype)    # (B|1, T, D) broadcasts
+
+
+def _logits(params: dict, x: jax.Array, c: ModelConfig) -> jax.Array:
+    """(B, T, D) -> (B, T, V) logits in at least float32, for a stable softmax and loss."""
+    x = norm.apply(params["ln_f"], x, eps=c.ln_eps)
+    return linear.apply(params["head"], x, dtype=c.compute_dtype).astype(c.residual_dtype)
+
+
+def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: jax.Array | None = None,
+          mask: jax.Array | None = None) -> jax.Array:
+    """tokens (B, T) int -> logits (B, T, V).
+
+    positions: (B|1, T) int, default 0 .. T - 1. mask: bool broadcastable to
+    (B, 1, T, T), True where query t may attend to key s; default causal.
+    Logit t scores the token at t + 1 given tokens 0 .. t.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2)
+        >>> p = init(jax.random.key(0), cfg)
+        >>> apply(p, jnp.zeros((2, 5), jnp.int32), config=cfg).shape
+        (2, 5, 10)
+    """
+    check_tokens(tokens, config)
+    if positions is None:
+        positions = jnp.arange(tokens.shape[1])[None, :]                 # (1, T)
+    x = _embed(params, tokens, positions, config)                        # (B, T, D)
+
+    def body(x, block_params):
+        return block.apply(block_params, x, config=config, mask=mask), None
+
+    x, _ = jax.lax.scan(body, x, params["blocks"])                       # (B, T, D)
+    return _logits(params, x, config)                                    # (B, T, V)
+
+
+def init_cache(config: ModelConfig, batch: int) -> KVCache:
+    """An empty cache: k and v of shape (L, B, S, H, K) with S = max_len."""
+    c = config
+    shape = (c.n_layers, batch, c.max_len, c.n_heads, c.head_dim)
+    return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
+
+
+def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: ModelConfig, index: jax.Array,
+                 positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, KVCache]:
+    """tokens (B, T) written at cache slots index .. index + T - 1 -> logits (B, T, V), new cache.
+
+    positions: (B, T) int, each token's position in its own sequence (rows may be
+    left-padded by different amounts). mask: (B, 1, T, S) bool over cache slots.
+    """
+    check_tokens(tokens, config)
+    x = _embed(params, tokens, positions, config)                        # (B, T, D)
+
+    def body(x, layer):
+        block_params, layer_cache = layer
+        x, layer_cache = block.apply_cached(block_params, x, layer_cache, config=config, index=index, mask=mask)
+        return x, layer_cache
+
+    x, cache = jax.lax.scan(body, x, (params["blocks"], cache))          # cache (L, B, S, H, K)
+    return _logits(params, x, config), cache
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over (B, T) of -log softmax(logits)[target].
+
+    log_softmax and a gather of the target's entry: no (B, T, V) one-hot.
+
+    Example:
+        >>> float(cross_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]])))  # uniform: log 4
+        1.3862943649291992
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)                           # (B, T, V)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+
+
+def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """Mean next-token cross-entropy: tokens (B, T), targets (B, T) = tokens shifted by one."""
+    return cross_entropy(apply(params, tokens, config=config), targets)
+
+
+__all__ = ["KVCache", "apply", "apply_cached", "check_tokens", "count_params", "cross_entropy",
+           "init", "init_cache", "loss", "param_shapes"]

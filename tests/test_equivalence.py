@@ -1,0 +1,216 @@
+"""Our layers and model against the Flax reference: outputs, gradients, one Adam update.
+
+Every case builds our parameters, converts them into Flax's tree with the
+converters of `flax_reference`, and compares in float32 (tolerance 1e-5 of each
+value's scale) and in float64 under jax_enable_x64 (tolerance 1e-10).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from minitx_fn import model
+from minitx_fn.config import ModelConfig
+from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm
+from tests import flax_reference as ref
+from tests.helpers import assert_close_scaled, enable_x64, standard_promotion
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+def _config(dtype: str) -> ModelConfig:
+    return ModelConfig(vocab_size=11, d_model=24, n_heads=3, n_layers=2, max_len=16, dtype=dtype, param_dtype=dtype)
+
+
+def _case(name: str, c: ModelConfig, key: jax.Array):
+    """(our params, our_fn(params) -> y, flax_fn(flax_params) -> y, to_flax) for one layer."""
+    k_init, k_x = jax.random.split(key)
+    dt = c.params_dtype
+    x = jax.random.normal(k_x, (2, 7, c.d_model), dt)                     # (B, T, D)
+    tokens = jax.random.randint(k_x, (2, 7), 0, c.vocab_size)             # (B, T)
+    def flax_apply(module, inputs):
+        def run(flax_params):
+            with standard_promotion():
+                return module.apply({"params": flax_params}, *inputs)
+        return run
+    if name == "linear":
+        p = linear.init(k_init, d_in=c.d_model, d_out=5, std=0.5, dtype=dt)
+        return p, lambda p: linear.apply(p, x), flax_apply(nn.Dense(5, param_dtype=dt, dtype=dt), (x,)), ref.to_flax_linear
+    if name == "embedding":
+        p = embedding.init(k_init, vocab_size=c.vocab_size, d_model=c.d_model, dtype=dt)
+        return (p, lambda p: embedding.apply(p, tokens),
+                flax_apply(nn.Embed(c.vocab_size, c.d_model, param_dtype=dt), (tokens,)),
+                lambda p: {"embedding": p["table"]})
+    if name == "norm":
+        p = norm.init(d_model=c.d_model, dtype=dt)
+        p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(k_init, a.shape, dt), p)  # not just 1 and 0
+        return (p, lambda p: norm.apply(p, 3.0 * x + 1.0, eps=c.ln_eps),
+                flax_apply(ref._layer_norm(c, None), (3.0 * x + 1.0,)), ref.to_flax_norm)
+    if name == "feedforward":
+        p = feedforward.init(k_init, d_model=c.d_model, d_ff=c.d_ff, std=0.2, dtype=dt)
+        return p, lambda p: feedforward.apply(p, x, dtype=dt), flax_apply(ref.FlaxMLP(c), (x,)), ref.to_flax_mlp
+    if name == "attention":
+        p = attention.init(k_init, d_model=c.d_model, n_heads=c.n_heads, std=0.3, dtype=dt)
+        return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, impl=c.attention, dtype=dt),
+                flax_apply(ref.FlaxAttention(c), (x,)), lambda p: ref.to_flax_attention(p, c.n_heads))
+    if name == "block":
+        p = block.init(k_init, config=c.replace(init_std=0.3))
+        return (p, lambda p: block.apply(p, x, config=c), flax_apply(ref.FlaxBlock(c), (x,)),
+                lambda p: ref.to_flax_block(p, c.n_heads))
+    raise AssertionError(name)
+
+
+def _compare(params, our_fn, flax_fn, to_flax, tol, probe_key):
+    """Outputs, gradients of <y, probe> for every parameter, and the parameters after one Adam step."""
+    # Jitted only to make the suite fast; jit(apply) == apply is tested in test_layers.
+    y = jax.jit(our_fn)(params)
+    assert_close_scaled(y, jax.jit(flax_fn)(to_flax(params)), tol)
+    probe = jax.random.normal(probe_key, y.shape, y.dtype)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(our_fn(p) * probe)))(params)
+    with standard_promotion():
+        flax_grads = jax.jit(jax.grad(lambda fp: jnp.sum(flax_fn(fp) * probe)))(to_flax(params))
+    _compare_grads_and_adam_step(params, grads, to_flax(params), flax_grads, to_flax, tol)
+
+
+def _is_key_bias(path) -> bool:
+    names = [getattr(k, "key", None) for k in path]
+    return names[-2:] == ["key", "bias"]
+
+
+def _zero_key_bias_grad(grads, flax_grads, to_flax, tol):
+    """The key bias gets no gradient in exact arithmetic: q.(k + b) adds the same q.b
+    to every score of a softmax row, and softmax ignores such a shift. In floating
+    point both implementations return rounding noise there, which Adam would blow up
+    into steps of +-lr. Assert the noise is tiny, then set it to exactly zero."""
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(flax_grads))
+    flat = jax.tree_util.tree_leaves_with_path(flax_grads)
+    for path, g in flat:
+        if _is_key_bias(path):
+            assert float(jnp.abs(g).max()) <= tol * scale, "key-bias gradient should vanish"
+    flax_grads = jax.tree_util.tree_map_with_path(lambda p, g: jnp.zeros_like(g) if _is_key_bias(p) else g,
+                                                  flax_grads)
+
+    def zero_ours(path, g):
+        names = [getattr(k, "key", None) for k in path]
+        if names[-2:] != ["qkv", "b"]:
+            return g
+        d = g.shape[-1] // 3
+        assert float(jnp.abs(g[..., d:2 * d]).max()) <= tol * scale, "key-bias gradient should vanish"
+        return g.at[..., d:2 * d].set(0)
+
+    return jax.tree_util.tree_map_with_path(zero_ours, grads), flax_grads
+
+
+def _compare_grads_and_adam_step(params, grads, flax_params, flax_grads, to_flax, tol):
+    grads, flax_grads = _zero_key_bias_grad(grads, flax_grads, to_flax, tol)
+    assert_close_scaled(to_flax(grads), flax_grads, tol)
+    # Adam's first step is lr * g / (|g| + eps): near g = 0 its slope is lr / eps, which
+    # for optax's default eps = 1e-8 turns float32 rounding noise (1e-9) in a tiny
+    # gradient entry into a visible step. eps = 1e-4 bounds that slope at 10, so the
+    # 1e-5 agreement of the gradients carries over to the updated parameters.
+    opt = optax.adam(1e-3, eps=1e-4)
+    with standard_promotion():
+        ours = optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
+        theirs = optax.apply_updates(flax_params, opt.update(flax_grads, opt.init(flax_params), flax_params)[0])
+    # Parameters are measured on the scale of the whole parameter tree: a bias that
+    # started at zero holds just one step of size ~lr, too small a scale of its own.
+    assert_close_scaled(to_flax(ours), theirs, tol, floor=1.0)
+
+
+LAYERS = ["linear", "embedding", "norm", "feedforward", "attention", "block"]
+
+
+@pytest.mark.parametrize("name, impl", [(name, "einsum") for name in LAYERS] + [
+    ("attention", "dot_product_attention"), ("block", "dot_product_attention")])
+def test_layer_matches_flax_float32(name, impl, key):
+    c = _config("float32").replace(attention=impl)
+    params, our_fn, flax_fn, to_flax = _case(name, c, key)
+    _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float32"], jax.random.fold_in(key, 1))
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_matches_flax_float64(name, key):
+    with enable_x64():
+        c = _config("float64")
+        params, our_fn, flax_fn, to_flax = _case(name, c, key)
+        _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float64"], jax.random.fold_in(key, 1))
+
+
+def _model_case(c: ModelConfig, key: jax.Array):
+    k_init, k_tok = jax.random.split(key)
+    params = model.init(k_init, c.replace(init_std=0.2))
+    data = jax.random.randint(k_tok, (3, 9), 0, c.vocab_size)            # (B, T + 1)
+    return params, data[:, :-1], data[:, 1:]
+
+
+@pytest.mark.parametrize("dtype, impl", [("float32", "einsum"), ("float64", "einsum"),
+                                         ("float32", "dot_product_attention")])
+def test_model_matches_flax(dtype, impl, key):
+    """Logits, loss, every gradient and one Adam update of the whole model.
+
+    No float64 case for impl="dot_product_attention": `jax.nn.dot_product_attention`
+    always computes its softmax in float32, so it agrees with float64 maths only to
+    about 1e-7, not 1e-10.
+    """
+    with enable_x64() if dtype == "float64" else contextlib.nullcontext():
+        c = _config(dtype).replace(attention=impl)
+        tol = TOLERANCE[dtype]
+        params, tokens, targets = _model_case(c, key)
+        to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731
+        fvars = to_flax(params)
+        loss, grads = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")(
+            params, tokens, targets, config=c)
+        with standard_promotion():
+            flax_logits = jax.jit(ref.FlaxLM(c).apply)(fvars, tokens)
+            flax_loss, flax_grads = jax.jit(jax.value_and_grad(ref.flax_loss), static_argnums=3)(
+                fvars, tokens, targets, c)
+        assert_close_scaled(jax.jit(model.apply, static_argnames="config")(params, tokens, config=c),
+                            flax_logits, tol)
+        assert_close_scaled(loss, flax_loss, tol)
+        _compare_grads_and_adam_step(params, grads, fvars, flax_grads, to_flax, tol)
+
+
+def test_converter_places_every_parameter_once(key):
+    """The converter is a bijection on leaves: Flax's tree has the same number of
+    values, and marking each of our leaves with its index shows up exactly once."""
+    c = _config("float32")
+    params = model.init(key, c)
+    flax_vars = ref.FlaxLM(c).init(key, jnp.zeros((1, 4), jnp.int32))
+    converted = ref.to_flax_model(params, c)
+    assert jax.tree.structure(converted) == jax.tree.structure(flax_vars)
+    for ours, theirs in zip(jax.tree.leaves(converted), jax.tree.leaves(flax_vars)):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    n = model.count_params(params)
+    assert n == sum(a.size for a in jax.tree.leaves(flax_vars))
+    marked = jax.tree.unflatten(jax.tree.structure(params),
+                                [jnp.full(a.shape, i, jnp.int32) for i, a in enumerate(jax.tree.leaves(params))])
+    flat = jnp.concatenate([a.ravel() for a in jax.tree.leaves(ref.to_flax_model(marked, c))])
+    counts = jnp.bincount(flat, length=len(jax.tree.leaves(params)))
+    sizes = jnp.array([a.size for a in jax.tree.leaves(params)])
+    assert bool(jnp.all(counts == sizes))
+
+
+def test_converter_maps_attention_heads_to_flax_layout():
+    """Column h*K + k of our Q block is Flax's query kernel [:, h, k] (hand-built example)."""
+    d, h = 4, 2
+    w = jnp.arange(d * 3 * d, dtype=jnp.float32).reshape(d, 3 * d)
+    p = {"qkv": {"w": w, "b": jnp.arange(3 * d, dtype=jnp.float32)},
+         "out": {"w": jnp.zeros((d, d)), "b": jnp.zeros((d,))}}
+    mha = ref.to_flax_attention(p, h)["mha"]
+    assert float(mha["query"]["kernel"][1, 1, 0]) == float(w[1, 2])      # head 1, k 0 -> column 2
+    assert float(mha["key"]["kernel"][0, 0, 1]) == float(w[0, d + 1])
+    assert float(mha["value"]["bias"][1, 1]) == float(2 * d + 3)
+
+
+def test_sinusoidal_reference_table_by_hand():
+    """Independent check of the reference table itself at a few hand-computed points."""
+    import math
+    pe = ref.sinusoidal_table(3, 4)
+    assert pe[0].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert math.isclose(pe[2, 0], math.sin(2.0)) and math.isclose(pe[2, 3], math.cos(2 / 100.0))
