@@ -1,0 +1,43 @@
+"""Configs are frozen, hashable, derive their defaults, and name the field on bad values."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from minitx_fn.config import ModelConfig, TrainConfig
+
+
+def test_defaults_are_derived_and_configs_hash_by_value():
+    a = ModelConfig(vocab_size=10, d_model=32, n_heads=4)
+    assert a.d_ff == 128 and a.head_dim == 8
+    assert hash(a) == hash(ModelConfig(vocab_size=10, d_model=32, n_heads=4)) and a == a.replace()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.d_model = 64
+    t = TrainConfig(steps=300, lr=2e-3)
+    assert t.decay_steps == 300 and t.min_lr == pytest.approx(2e-4)
+
+
+@pytest.mark.parametrize("changes, field, hint", [
+    ({"d_model": 30, "n_heads": 4}, "d_model=30", "divisible by n_heads=4"),
+    ({"vocab_size": 0}, "vocab_size=0", ">= 1"),
+    ({"n_layers": 0}, "n_layers=0", ">= 1"),
+    ({"max_len": 2.5}, "max_len=2.5", "whole number"),
+    ({"dtype": "float16"}, "dtype='float16'", "choose one of"),
+    ({"attention": "flash"}, "attention='flash'", "choose one of"),
+    ({"ln_eps": 0.0}, "ln_eps=0.0", "> 0"),
+])
+def test_model_config_rejects_bad_values(changes, field, hint):
+    kwargs = {"vocab_size": 10, "d_model": 32, "n_heads": 4} | changes
+    with pytest.raises(ValueError, match=rf"{field}.*{hint}"):
+        ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"steps": 0}, "steps=0"), ({"batch_size": -1}, "batch_size=-1"), ({"lr": 0.0}, "lr=0.0"),
+    ({"warmup": 10, "steps": 10}, "warmup=10"), ({"b2": 1.0}, "b2=1.0"), ({"grad_clip": 0}, "grad_clip=0"),
+])
+def test_train_config_rejects_bad_values(changes, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**changes)

@@ -1,0 +1,217 @@
+"""Every layer: the init/apply contract (chex), jit == no jit (chex variants), and
+mathematical properties (hypothesis). The Flax comparisons are in test_equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minitx_fn.config import ModelConfig
+from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, positional
+from tests.flax_reference import sinusoidal_table
+from tests.helpers import check_layer
+
+# Small sets of sizes, so the compiled functions are reused across examples.
+WIDTHS = st.sampled_from([4, 8, 12])
+LENGTHS = st.sampled_from([1, 3, 8])
+BATCHES = st.sampled_from([1, 2])
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+# ----------------------------------------------------------------------------- contract
+
+
+@pytest.mark.parametrize("d_in, d_out", [(3, 5), (8, 8)])
+def test_linear_contract(key, d_in, d_out):
+    x = jax.random.normal(key, (2, 4, d_in))
+    check_layer(lambda: linear.init(key, d_in=d_in, d_out=d_out), linear.apply,
+                expected_shapes={"w": (d_in, d_out), "b": (d_out,)}, x=x, out_shape=(2, 4, d_out))
+
+
+@pytest.mark.parametrize("v, d", [(5, 4), (65, 16)])
+def test_embedding_contract(key, v, d):
+    ids = jax.random.randint(key, (3, 7), 0, v)
+    check_layer(lambda: embedding.init(key, vocab_size=v, d_model=d), embedding.apply,
+                expected_shapes={"table": (v, d)}, x=ids, out_shape=(3, 7, d))
+
+
+@pytest.mark.parametrize("d", [4, 16])
+def test_norm_contract(key, d):
+    check_layer(lambda: norm.init(d_model=d), norm.apply, expected_shapes={"scale": (d,), "bias": (d,)},
+                x=jax.random.normal(key, (2, 3, d)), out_shape=(2, 3, d))
+
+
+@pytest.mark.parametrize("d, f", [(4, 16), (8, 12)])
+def test_feedforward_contract(key, d, f):
+    shapes = {"up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}
+    check_layer(lambda: feedforward.init(key, d_model=d, d_ff=f), feedforward.apply,
+                expected_shapes=shapes, x=jax.random.normal(key, (2, 3, d)), out_shape=(2, 3, d))
+
+
+@pytest.mark.parametrize("d, h", [(8, 2), (12, 3)])
+def test_attention_contract(key, d, h):
+    shapes = {"qkv": {"w": (d, 3 * d), "b": (3 * d,)}, "out": {"w": (d, d), "b": (d,)}}
+    check_layer(lambda: attention.init(key, d_model=d, n_heads=h), lambda p, x: attention.apply(p, x, n_heads=h),
+                expected_shapes=shapes, x=jax.random.normal(key, (2, 5, d)), out_shape=(2, 5, d))
+
+
+@pytest.mark.parametrize("cfg", [ModelConfig(vocab_size=5, d_model=8, n_heads=2),
+                                 ModelConfig(vocab_size=5, d_model=12, n_heads=3, d_ff=20)])
+def test_block_contract(key, cfg):
+    d, f = cfg.d_model, cfg.d_ff
+    shapes = {"ln1": {"scale": (d,), "bias": (d,)}, "ln2": {"scale": (d,), "bias": (d,)},
+              "attn": {"qkv": {"w": (d, 3 * d), "b": (3 * d,)}, "out": {"w": (d, d), "b": (d,)}},
+              "mlp": {"up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}}
+    check_layer(lambda: block.init(key, config=cfg), lambda p, x: block.apply(p, x, config=cfg),
+                expected_shapes=shapes, x=jax.random.normal(key, (2, 5, d)), out_shape=(2, 5, d))
+
+
+def test_bfloat16_compute_keeps_float32_outputs(key):
+    """Matmuls in bfloat16; layer norm, residual stream and logits stay float32."""
+    cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, dtype="bfloat16")
+    p = block.init(key, config=cfg)
+    x = jax.random.normal(key, (2, 5, 8))
+    y = block.apply(p, x, config=cfg)
+    chex.assert_type(y, jnp.float32)
+    y32 = block.apply(p, x, config=cfg.replace(dtype="float32"))
+    np.testing.assert_allclose(y, y32, atol=5e-2)          # bfloat16 has 8 bits of mantissa
+
+
+class JitVariantsTest(chex.TestCase):
+    """`jit(apply)` equals `apply` for every layer (chex variants)."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_layers_under_variants(self):
+        key = jax.random.key(20261128)
+        cfg = ModelConfig(vocab_size=7, d_model=8, n_heads=2)
+        x = jax.random.normal(key, (2, 4, 8))
+        ids = jax.random.randint(key, (2, 4), 0, 7)
+        cases = [
+            (linear.init(key, d_in=8, d_out=3), lambda p, x: linear.apply(p, x), x),
+            (embedding.init(key, vocab_size=7, d_model=8), embedding.apply, ids),
+            (norm.init(d_model=8), lambda p, x: norm.apply(p, x), x),
+            (feedforward.init(key, d_model=8, d_ff=16), lambda p, x: feedforward.apply(p, x), x),
+            (attention.init(key, d_model=8, n_heads=2), lambda p, x: attention.apply(p, x, n_heads=2), x),
+            (block.init(key, config=cfg), lambda p, x: block.apply(p, x, config=cfg), x),
+            ({}, lambda p, x: positional.table(x.shape[1], 8), x),
+        ]
+        for params, fn, inp in cases:
+            expected = fn(params, inp)
+            chex.assert_trees_all_close(self.variant(fn)(params, inp), expected, rtol=1e-6, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@given(d_in=WIDTHS, d_out=WIDTHS, seed=SEEDS, a=st.floats(-3, 3), b=st.floats(-3, 3))
+def test_linear_is_affine(d_in, d_out, seed, a, b):
+    """f(a x + b y) - f(0) = a (f(x) - f(0)) + b (f(y) - f(0))."""
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    p = linear.init(k1, d_in=d_in, d_out=d_out, std=1.0)
+    p = {"w": p["w"], "b": jax.random.normal(k3, (d_out,))}
+    x, y = jax.random.normal(k2, (2, 3, d_in))
+    f0 = linear.apply(p, jnp.zeros((3, d_in)))
+    lhs = linear.apply(p, a * x + b * y) - f0
+    rhs = a * (linear.apply(p, x) - f0) + b * (linear.apply(p, y) - f0)
+    np.testing.assert_allclose(lhs, rhs, atol=1e-4 * (1 + abs(a) + abs(b)) * d_in)
+
+
+@given(v=st.sampled_from([3, 10]), d=WIDTHS, t=LENGTHS, seed=SEEDS)
+def test_embedding_is_one_hot_times_table(v, d, t, seed):
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    p = embedding.init(k1, vocab_size=v, d_model=d)
+    ids = jax.random.randint(k2, (2, t), 0, v)
+    expected = np.asarray(jax.nn.one_hot(ids, v), np.float64) @ np.asarray(p["table"], np.float64)
+    np.testing.assert_allclose(embedding.apply(p, ids), expected, rtol=1e-6, atol=1e-6)
+
+
+@given(length=st.sampled_from([1, 7, 50]), d=st.sampled_from([2, 5, 16, 64]), start=st.sampled_from([0, 1000]))
+def test_positional_matches_formula_and_is_bounded(length, d, start):
+    """Equals the paper's formula evaluated in numpy float64; all entries in [-1, 1]."""
+    pe = np.asarray(positional.encode(jnp.arange(start, start + length), d))
+    assert pe.shape == (length, d)
+    assert np.all(np.abs(pe) <= 1.0)
+    expected = sinusoidal_table(start + length, d)[start:]
+    np.testing.assert_allclose(pe, expected, atol=2e-4 if start else 2e-6)  # float32 angles near 1000
+
+
+def test_positional_by_hand():
+    """Position 1, D = 4: [sin 1, cos 1, sin(1/100), cos(1/100)]."""
+    np.testing.assert_allclose(positional.table(2, 4)[1],
+                               [math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)], rtol=1e-6)
+
+
+@given(d=WIDTHS, t=LENGTHS, seed=SEEDS, shift=st.floats(-10, 10), scale=st.floats(0.1, 10))
+def test_norm_standardises_and_ignores_shift_and_scale(d, t, seed, shift, scale):
+    x = 2.0 * jax.random.normal(jax.random.key(seed), (2, t, d)) + 1.0
+    p = norm.init(d_model=d)
+    y = norm.apply(p, x, eps=1e-6)
+    np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(-1), 1.0, atol=1e-3)
+    np.testing.assert_allclose(norm.apply(p, scale * x + shift, eps=1e-6), y, atol=1e-3)
+
+
+@given(d=WIDTHS, t=st.sampled_from([3, 8]), seed=SEEDS, pos=st.integers(0, 7))
+def test_feedforward_acts_on_each_position_alone(d, t, seed, pos):
+    """Changing the input at one position changes the output there and nowhere else."""
+    pos = pos % t
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    p = feedforward.init(k1, d_model=d, d_ff=2 * d, std=0.5)
+    x = jax.random.normal(k2, (2, t, d))
+    x2 = x.at[:, pos].set(jax.random.normal(k3, (2, d)))
+    y, y2 = feedforward.apply(p, x), feedforward.apply(p, x2)
+    others = np.arange(t) != pos
+    np.testing.assert_array_equal(np.asarray(y)[:, others], np.asarray(y2)[:, others])
+    # And equals the layer applied to that position alone.
+    np.testing.assert_allclose(feedforward.apply(p, x[:, pos:pos + 1])[:, 0], y[:, pos], rtol=1e-5, atol=1e-6)
+
+
+@given(h=st.sampled_from([1, 2]), t=LENGTHS, seed=SEEDS)
+def test_attention_weights_are_causal_distributions(h, t, seed):
+    """Rows sum to one and are zero above the diagonal."""
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    q, k = 3.0 * jax.random.normal(k1, (2, 2, t, h, 4))
+    w = np.asarray(attention.attention_weights(q, k, attention.causal_mask(t)[None, None]))
+    assert w.shape == (2, h, t, t)
+    np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
+    assert np.all(w[..., np.triu_indices(t, 1)[0], np.triu_indices(t, 1)[1]] == 0.0)
+    assert np.all(w >= 0)
+
+
+def test_causal_mask_by_hand():
+    np.testing.assert_array_equal(attention.causal_mask(2, 4, offset=1),
+                                  [[True, True, False, False], [True, True, True, False]])
+
+
+def test_attention_first_position_returns_its_own_value_projection(key):
+    """Position 0 can only see itself: its output is out(v_0), a hand-checkable case."""
+    p = attention.init(key, d_model=8, n_heads=2, std=0.5)
+    x = jax.random.normal(key, (1, 4, 8))
+    v0 = linear.apply(p["qkv"], x[:, :1])[..., 16:]
+    np.testing.assert_allclose(attention.apply(p, x, n_heads=2)[:, 0], linear.apply(p["out"], v0)[:, 0],
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dot_product_attention"])
+def test_attention_impls_agree(key, impl):
+    p = attention.init(key, d_model=12, n_heads=3, std=0.5)
+    x = jax.random.normal(key, (2, 9, 12))
+    mask = attention.causal_mask(9)[None, None] & (jnp.arange(9) >= 2)[None, None, None, :]
+    for m in (None, mask):
+        np.testing.assert_allclose(attention.apply(p, x, n_heads=3, mask=m, impl=impl),
+                                   attention.apply(p, x, n_heads=3, mask=m, impl="einsum"), rtol=1e-5, atol=1e-6)
+
+
+def test_split_and_merge_heads_are_inverse(key):
+    x = jax.random.normal(key, (2, 3, 12))
+    h = attention.split_heads(x, 3)
+    assert h.shape == (2, 3, 3, 4)
+    np.testing.assert_array_equal(h[0, 1, 2], x[0, 1, 8:12])     # head 2 = features 8..11
+    np.testing.assert_array_equal(attention.merge_heads(h), x)

@@ -1,0 +1,128 @@
+"""The language model: properties, compilation behaviour and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minitx_fn import model
+from minitx_fn.config import ModelConfig
+from minitx_fn.layers import block
+
+CFG = ModelConfig(vocab_size=13, d_model=16, n_heads=2, n_layers=2, max_len=12, init_std=0.3)
+PARAMS = model.init(jax.random.key(7), CFG)
+apply_jit = jax.jit(model.apply, static_argnames="config")
+
+
+def test_param_tree_shapes():
+    L, D, F, V = 2, 16, 64, 13
+    expected = {
+        "embed": {"table": (V, D)},
+        "blocks": {"ln1": {"scale": (L, D), "bias": (L, D)}, "ln2": {"scale": (L, D), "bias": (L, D)},
+                   "attn": {"qkv": {"w": (L, D, 3 * D), "b": (L, 3 * D)}, "out": {"w": (L, D, D), "b": (L, D)}},
+                   "mlp": {"up": {"w": (L, D, F), "b": (L, F)}, "down": {"w": (L, F, D), "b": (L, D)}}},
+        "ln_f": {"scale": (D,), "bias": (D,)},
+        "head": {"w": (D, V), "b": (V,)},
+    }
+    assert model.param_shapes(PARAMS) == expected
+    assert model.count_params(PARAMS) == sum(math.prod(s) for s in jax.tree.leaves(
+        expected, is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def test_scan_equals_blocks_one_by_one(key):
+    """lax.scan over the stacked blocks = applying block 0, then block 1, by hand."""
+    tokens = jax.random.randint(key, (2, 6), 0, CFG.vocab_size)
+    from minitx_fn.layers import embedding, linear, norm, positional
+    x = embedding.apply(PARAMS["embed"], tokens) + positional.table(6, CFG.d_model)[None]
+    for i in range(CFG.n_layers):
+        x = block.apply(jax.tree.map(lambda a, i=i: a[i], PARAMS["blocks"]), x, config=CFG)
+    expected = linear.apply(PARAMS["head"], norm.apply(PARAMS["ln_f"], x))
+    np.testing.assert_allclose(model.apply(PARAMS, tokens, config=CFG), expected, rtol=1e-5, atol=1e-5)
+
+
+@given(t=st.sampled_from([4, 12]), cut=st.integers(0, 11), seed=st.integers(0, 2**31 - 1))
+def test_future_tokens_never_change_past_logits(t, cut, seed):
+    cut = cut % t
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    tokens = jax.random.randint(k1, (2, t), 0, CFG.vocab_size)
+    changed = tokens.at[:, cut + 1:].set(jax.random.randint(k2, (2, t), 0, CFG.vocab_size)[:, cut + 1:])
+    a, b = apply_jit(PARAMS, tokens, config=CFG), apply_jit(PARAMS, changed, config=CFG)
+    np.testing.assert_allclose(a[:, :cut + 1], b[:, :cut + 1], rtol=1e-5, atol=1e-6)
+
+
+@given(b=st.sampled_from([1, 3]), t=st.sampled_from([1, 5, 12]), seed=st.integers(0, 2**31 - 1))
+def test_any_batch_and_length_up_to_max_len(b, t, seed):
+    tokens = jax.random.randint(jax.random.key(seed), (b, t), 0, CFG.vocab_size)
+    logits = apply_jit(PARAMS, tokens, config=CFG)
+    chex.assert_shape(logits, (b, t, CFG.vocab_size))
+    chex.assert_type(logits, jnp.float32)
+    chex.assert_tree_all_finite(logits)
+    # Rows are independent: each row alone gives the same logits.
+    np.testing.assert_allclose(apply_jit(PARAMS, tokens[:1], config=CFG), logits[:1], rtol=1e-5, atol=1e-6)
+
+
+@given(v=st.sampled_from([2, 13, 65]), seed=st.integers(0, 2**31 - 1))
+def test_loss_of_uniform_logits_is_log_v(v, seed):
+    targets = jax.random.randint(jax.random.key(seed), (2, 5), 0, v)
+    np.testing.assert_allclose(model.cross_entropy(jnp.zeros((2, 5, v)), targets), math.log(v), rtol=1e-6)
+
+
+def test_cross_entropy_by_hand():
+    """logits [0, ln 3] -> p = [1/4, 3/4]; targets 1 and 0 -> mean(-ln 3/4, -ln 1/4)."""
+    logits = jnp.array([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
+    expected = (-math.log(0.75) - math.log(0.25)) / 2
+    np.testing.assert_allclose(model.cross_entropy(logits, jnp.array([[1, 0]])), expected, rtol=1e-6)
+
+
+def test_jitted_model_compiles_once_per_shape(key):
+    traces = []
+
+    def forward(params, tokens, *, config):   # a fresh function: its own jit cache
+        traces.append(tokens.shape)           # runs only while tracing
+        return model.apply(params, tokens, config=config)
+
+    f = jax.jit(forward, static_argnames="config")
+    tokens = jax.random.randint(key, (2, 8), 0, CFG.vocab_size)
+    f(PARAMS, tokens, config=CFG).block_until_ready()
+    f(PARAMS, (tokens + 1) % CFG.vocab_size, config=CFG).block_until_ready()
+    f(PARAMS, tokens, config=ModelConfig(**CFG.to_dict())).block_until_ready()   # equal config, new object
+    assert f._cache_size() == 1 and len(traces) == 1
+    f(PARAMS, tokens[:, :4], config=CFG)
+    assert f._cache_size() == 2 and len(traces) == 2                      # a new shape does compile
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_token_ids_outside_vocabulary_are_named():
+    with pytest.raises(ValueError, match=r"\[0, 13\).*\[13, 20\]"):
+        model.apply(PARAMS, jnp.array([[1, 13, 20]]), config=CFG)
+    with pytest.raises(ValueError, match=r"-1"):
+        model.apply(PARAMS, jnp.array([[-1, 2]]), config=CFG)
+
+
+def test_sequence_longer_than_context_is_refused_at_trace_time():
+    with pytest.raises(ValueError, match=r"T=13 exceeds the context window max_len=12"):
+        jax.eval_shape(lambda t: model.apply(PARAMS, t, config=CFG), jax.ShapeDtypeStruct((1, 13), jnp.int32))
+
+
+@pytest.mark.parametrize("shape", [(5,), (1, 2, 3)])
+def test_wrong_rank_is_refused_at_trace_time(shape):
+    with pytest.raises(ValueError, match=rf"shape \(B, T\), got shape {re_tuple(shape)}"):
+        jax.eval_shape(lambda t: model.apply(PARAMS, t, config=CFG), jax.ShapeDtypeStruct(shape, jnp.int32))
+
+
+def re_tuple(shape) -> str:
+    return str(tuple(shape)).replace("(", r"\(").replace(")", r"\)")
+
+
+def test_float_tokens_are_refused_at_trace_time():
+    with pytest.raises(TypeError, match="integer ids, got dtype float32"):
+        jax.eval_shape(lambda t: model.apply(PARAMS, t, config=CFG), jax.ShapeDtypeStruct((1, 3), jnp.float32))
