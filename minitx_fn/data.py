@@ -1,0 +1,74 @@
+"""Text in, token ids out: the built-in corpus, reading files, splits and batches."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# The built-in corpus is a cycle of three phrases. Training text is the cycle
+# repeated, so the model also sees the wrap from "flax! " back to "hello world!".
+BUILTIN_CORPUS = "hello world! hello jax! hello flax! "
+BUILTIN_REPEATS = 8
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message says why and what to do."""
+
+
+def builtin_text() -> str:
+    return BUILTIN_CORPUS * BUILTIN_REPEATS
+
+
+def read_text(path: str) -> str:
+    """The whole file as text; DataError for a missing, unreadable, non-UTF-8 or empty file."""
+    if not os.path.exists(path):
+        raise DataError(f"data file {path!r} does not exist; pass --data with the path of a UTF-8 text file")
+    if os.path.isdir(path):
+        raise DataError(f"data path {path!r} is a directory; pass --data with the path of a text file inside it")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read data file {path!r}: {e.strerror}; check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"data file {path!r} is not UTF-8 text (invalid byte at offset {e.start}); "
+                        f"convert it to UTF-8, e.g. with iconv") from None
+    if not text:
+        raise DataError(f"data file {path!r} is empty; give it some text to learn from")
+    return text
+
+
+def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
+    """(N,) -> first 90% for training, last 10% for validation."""
+    n = int(len(ids) * train_fraction)
+    return ids[:n], ids[n:]
+
+
+def check_length(ids: np.ndarray, context: int, what: str) -> None:
+    if len(ids) < context + 1:
+        raise DataError(f"the {what} text has {len(ids)} characters, fewer than the context plus one "
+                        f"({context + 1}); use a longer text or a smaller --context")
+
+
+def sample_batch(data: jax.Array, key: jax.Array, *, batch_size: int, context: int) -> tuple[jax.Array, jax.Array]:
+    """data (N,) int -> inputs x (B, T) and targets y (B, T), y[b, t] = x[b, t + 1] in the text.
+
+    B windows start at uniform random offsets. Runs inside the jitted train step,
+    so the data stays on the device and no batch is copied from the host per step.
+    """
+    starts = jax.random.randint(key, (batch_size, 1), 0, data.shape[0] - context)    # (B, 1)
+    idx = starts + jnp.arange(context)[None, :]                                      # (B, T)
+    return data[idx], data[idx + 1]
+
+
+def eval_windows(ids: np.ndarray, context: int) -> np.ndarray:
+    """(N,) -> (W, T + 1): consecutive windows stepping by T, so every position of the
+    split (but a final stub shorter than T + 1) is predicted exactly once."""
+    n_windows = (len(ids) - 1) // context
+    idx = np.arange(n_windows)[:, None] * context + np.arange(context + 1)[None, :]
+    return ids[idx]

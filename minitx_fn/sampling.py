@@ -1,0 +1,98 @@
+"""Sampling rules: every one is a function `(logits, key) -> token ids`.
+
+logits: (B, V) float; key: a PRNG key; returns (B,) int32. The sampler knows
+nothing of the model. `Sampler` is a frozen dataclass, so it hashes by value and
+can be a static argument of the jitted decode loop: equal settings reuse one
+compiled loop.
+
+Truncations act on logits, setting the dropped entries to -inf, so they compose:
+temperature first, then top-k, then top-p, then a categorical draw from the
+renormalised remainder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+def greedy(logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
+    """(B, V) -> (B,): argmax (the lowest id among ties). The key is ignored."""
+    del key
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
+    """(B, V) -> (B, V) bool, True for exactly k entries per row: the k largest.
+
+    Built from `lax.top_k`'s indices rather than a threshold, so ties at the k-th
+    value still keep exactly k (the lower ids win ties).
+    """
+    k = min(k, logits.shape[-1])
+    _, idx = jax.lax.top_k(logits, k)                                   # (B, k)
+    rows = jnp.arange(logits.shape[0])[:, None]                         # (B, 1)
+    return jnp.zeros(logits.shape, bool).at[rows, idx].set(True)
+
+
+def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
+    """(B, V) -> (B, V) bool: the smallest set of most likely tokens whose total
+    probability reaches p (never empty: the most likely token is always kept).
+
+    Sort descending; token i (in sorted order) is kept when the mass of the tokens
+    before it is still below p.
+    """
+    order = jnp.argsort(-logits, axis=-1)                                # (B, V) ids, most likely first
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1).astype(jnp.float32), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs                    # (B, V)
+    keep_sorted = mass_before < p
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    rows = jnp.arange(logits.shape[0])[:, None]
+    return jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """temperature == 0 is greedy; otherwise softmax(logits / temperature), truncated
+    to the top_k most likely and/or the top_p nucleus, sampled with `key`.
+
+    Example:
+        >>> s = Sampler(temperature=0.8, top_k=5)
+        >>> s(jnp.zeros((2, 10)), jax.random.key(0)).shape
+        (2,)
+    """
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k} must be a whole number >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def filtered_logits(self, logits: jax.Array) -> jax.Array:
+        """(B, V) -> (B, V) float32: scaled by 1/temperature, dropped entries -inf."""
+        logits = logits.astype(jnp.float32) / self.temperature
+        if self.top_k is not None:
+            logits = jnp.where(top_k_mask(logits, self.top_k), logits, -jnp.inf)
+        if self.top_p is not None:
+            logits = jnp.where(top_p_mask(logits, self.top_p), logits, -jnp.inf)
+        return logits
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """(B, V), key -> (B,) int32."""
+        if self.is_greedy:
+            return greedy(logits)
+        return jax.random.categorical(key, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
+
+
+GREEDY = Sampler(temperature=0.0)
