@@ -121,7 +121,10 @@ def _settings(args) -> dict:
     """Preset defaults overridden by the flags given."""
     preset = args.preset or ("shakespeare-baby" if args.data else "hello")
     settings = dict(PRESETS[preset], seed=0, log_every=100)
-    settings.update({k: v for k, v in _given(args).items()})
+    given = _given(args)
+    settings.update(given)
+    if "warmup" not in given:       # a short run keeps the preset's warm-up from exceeding it
+        settings["warmup"] = min(settings["warmup"], settings.get("decay_steps", settings["steps"]) // 10)
     return settings
 
 
@@ -153,7 +156,8 @@ def _load_text(data_path: str | None) -> tuple[str, str]:
     return data.read_text(data_path), os.path.splitext(os.path.basename(data_path))[0] or "data"
 
 
-def cmd_train(args, out=sys.stdout) -> int:
+def cmd_train(args, out=None) -> int:
+    out = out or sys.stdout
     import jax
     import jax.numpy as jnp
 
@@ -287,7 +291,8 @@ def _generate_text(params, mc, tokenizer, prompt: str, max_new_tokens: int, key,
 # ----------------------------------------------------------------------------- generate
 
 
-def cmd_generate(args, out=sys.stdout) -> int:
+def cmd_generate(args, out=None) -> int:
+    out = out or sys.stdout
     import jax
 
     from minitx_fn import checkpoint

@@ -59,6 +59,7 @@ class ModelConfig:
     param_dtype: str = "float32"    # storage dtype of parameters: float32 or float64
     attention: str = "einsum"       # "einsum" (the maths written out) or "dot_product_attention"
     init_std: float = 0.02          # std of the normal initialisation of weight matrices
+    embed_std: float = 1.0          # std of the token-embedding initialisation
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
@@ -73,6 +74,7 @@ class ModelConfig:
         )
         _require(self.ln_eps > 0, "ln_eps", self.ln_eps, "it must be > 0")
         _require(self.init_std > 0, "init_std", self.init_std, "it must be > 0")
+        _require(self.embed_std > 0, "embed_std", self.embed_std, "it must be > 0")
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {sorted(DTYPES)}")
         _require(
             self.param_dtype in ("float32", "float64"), "param_dtype", self.param_dtype,

@@ -37,7 +37,8 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
     block_keys = jax.random.split(k_blocks, c.n_layers)                    # (L,) keys
     return {
-        "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, dtype=c.params_dtype),
+        "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, std=c.embed_std,
+                                dtype=c.params_dtype),
         # vmap over the keys stacks every leaf of the block tree on a leading L axis.
         "blocks": jax.vmap(lambda k: block.init(k, config=c))(block_keys),
         "ln_f": norm.init(d_model=c.d_model, dtype=c.params_dtype),

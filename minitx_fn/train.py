@@ -80,7 +80,8 @@ def _update(state: TrainState, x: jax.Array, y: jax.Array, mc: ModelConfig, tc: 
     loss, grads = jax.value_and_grad(model.loss)(state.params, x, y, config=mc)
     updates, opt_state = make_optimizer(tc).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    return TrainState(params, opt_state, state.step + 1), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    return TrainState(params, opt_state, state.step + 1), {"loss": loss, "grad_norm": grad_norm}
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "train_config"), donate_argnums=0)
@@ -155,7 +156,7 @@ class FitResult(NamedTuple):
 
 def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config: ModelConfig,
         train_config: TrainConfig, val_windows: np.ndarray | None = None, metrics_path: str | None = None,
-        save: Callable[[TrainState], None] | None = None, out=sys.stdout) -> FitResult:
+        save: Callable[[TrainState], None] | None = None, out=None) -> FitResult:
     """Run train_step from state.step up to train_config.steps.
 
     Losses stay on the device until a log point, where they are fetched together
@@ -165,6 +166,7 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
     `save(state)` is called every save_every steps, at the end and on Ctrl-C.
     """
     mc, tc = model_config, train_config
+    out = out or sys.stdout
     step = int(state.step)
     tty = hasattr(out, "isatty") and out.isatty()
     check_every = min(10, tc.log_every) if tty else tc.log_every
@@ -173,7 +175,7 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
     window_start, window_step = time.perf_counter(), step
     tokens_per_step = tc.batch_size * mc.max_len
     record = None
-    interrupted = False
+    saved_step = None
     with _StopFlag() as stop:
         while step < tc.steps:
             state, metrics = train_step(state, data, data_key, model_config=mc, train_config=tc)
@@ -209,10 +211,14 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
                         f.write(json.dumps(record) + "\n")
             if save_now and save is not None:
                 save(state)
+                saved_step = step
             if stop.requested:
-                interrupted = True
                 break
             window_start, window_step = time.perf_counter(), step
+        interrupted = stop.requested
+    # Ctrl-C may land after this step's save decision: the state was checked above, save it now.
+    if interrupted and save is not None and saved_step != step:
+        save(state)
     return FitResult(state, interrupted, record)
 
 
