@@ -1,0 +1,1 @@
+"""Benchmarks of minitx_fn against the Flax reference: `python -m benchmarks`."""
