@@ -4,6 +4,8 @@
     minitx train --data input.txt --preset shakespeare-baby
     minitx train --resume runs/input-001 --steps 4000
     minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --temperature 0.8 --top-k 20
+    minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.png
+    minitx plot runs/input-001
 
 Errors in the input (flags, data files, prompts, checkpoints) print one line
 `minitx: error: ...` and exit with status 2; a NaN loss exits 1; Ctrl-C during
@@ -65,6 +67,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand; errors raise UsageError instead of exiting."""
     parser = _Parser(prog="minitx", description="A mini GPT-style character model in plain JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -102,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=_float, help="nucleus sampling mass, in (0, 1]")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", help="stop after generating this string")
+
+    a = sub.add_parser("attention", help="draw the attention maps of every layer and head for a prompt")
+    a.add_argument("--checkpoint", required=True, metavar="DIR")
+    a.add_argument("--prompt", required=True)
+    a.add_argument("--out", required=True, metavar="FILE.png")
+
+    p = sub.add_parser("plot", help="draw the loss curves of a run from its metrics.jsonl")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE.png", help="default RUN_DIR/loss.png")
     return parser
 
 
@@ -157,6 +169,7 @@ def _load_text(data_path: str | None) -> tuple[str, str]:
 
 
 def cmd_train(args, out=None) -> int:
+    """`minitx train`: a new run, or --resume of a saved one; returns the exit status."""
     out = out or sys.stdout
     import jax
     import jax.numpy as jnp
@@ -242,9 +255,12 @@ def cmd_train(args, out=None) -> int:
     print(f"Finished {summary['step']} steps in {elapsed:.1f} s" +
           (f"; validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""), file=out)
     from minitx_fn import plot
-    png = plot.plot_losses(metrics_path, os.path.join(run_dir, "loss.png"))
-    if png:
-        print(f"Loss curves: {png}", file=out)
+    try:
+        png = plot.plot_losses(metrics_path, os.path.join(run_dir, "loss.png"))
+        if png:
+            print(f"Loss curves: {png}", file=out)
+    except plot.MissingMatplotlibError:
+        pass                                 # the picture is optional; metrics.jsonl has the numbers
 
     prompt = args.prompt if args.prompt is not None else ("hello" if "hello" in text[:64] else text[0])
     print("Generated text:", file=out)
@@ -292,6 +308,7 @@ def _generate_text(params, mc, tokenizer, prompt: str, max_new_tokens: int, key,
 
 
 def cmd_generate(args, out=None) -> int:
+    """`minitx generate`: continue a prompt from a checkpoint (greedy unless a sampling flag is given)."""
     out = out or sys.stdout
     import jax
 
@@ -313,15 +330,51 @@ def cmd_generate(args, out=None) -> int:
     return 0
 
 
+def cmd_attention(args, out=None) -> int:
+    """`minitx attention`: a PNG grid of the attention maps (L rows, H columns) for a prompt."""
+    import jax.numpy as jnp
+
+    from minitx_fn import checkpoint, model, plot
+
+    ckpt = checkpoint.load(args.checkpoint)
+    mc = ckpt.model_config
+    if not args.prompt:
+        raise UsageError("the prompt is empty; give at least one character")
+    if len(args.prompt) > mc.max_len:
+        raise UsageError(f"the prompt has {len(args.prompt)} characters; the model's context is {mc.max_len}")
+    ids = jnp.asarray(ckpt.tokenizer.encode(args.prompt))[None, :]
+    maps = np.asarray(model.attention_maps(ckpt.state.params, ids, config=mc))[:, 0]     # (L, H, T, T)
+    plot.plot_attention(maps, args.prompt, args.out)
+    print(f"Attention maps ({mc.n_layers} layers x {mc.n_heads} heads): {args.out}", file=out or sys.stdout)
+    return 0
+
+
+def cmd_plot(args, out=None) -> int:
+    """`minitx plot`: the loss curves of a run from its metrics.jsonl."""
+    from minitx_fn import plot
+
+    metrics = os.path.join(args.run_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics):
+        raise UsageError(f"{metrics!r} does not exist; pass the directory of a training run")
+    png = plot.plot_losses(metrics, args.out or os.path.join(args.run_dir, "loss.png"))
+    if png is None:
+        raise UsageError(f"{metrics!r} has no records yet; train for at least --log-every steps")
+    print(f"Loss curves: {png}", file=out or sys.stdout)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `minitx`; bad input prints one line and returns 2, never a traceback."""
     from minitx_fn.checkpoint import CheckpointError
     from minitx_fn.data import DataError
+    from minitx_fn.plot import MissingMatplotlibError
     from minitx_fn.tokenizer import UnknownCharactersError
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": cmd_train, "generate": cmd_generate}[args.command](args)
-    except (UsageError, DataError, CheckpointError, UnknownCharactersError) as e:
+        commands = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot}
+        return commands[args.command](args)
+    except (UsageError, DataError, CheckpointError, UnknownCharactersError, MissingMatplotlibError) as e:
         print(f"minitx: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -19,6 +19,12 @@ class DataError(ValueError):
 
 
 def builtin_text() -> str:
+    """The built-in training text: the corpus cycle repeated.
+
+    Example:
+        >>> builtin_text()[:24]
+        'hello world! hello jax! '
+    """
     return BUILTIN_CORPUS * BUILTIN_REPEATS
 
 
@@ -50,6 +56,7 @@ def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.
 
 
 def check_length(ids: np.ndarray, context: int, what: str) -> None:
+    """DataError unless ids (N,) holds at least one window: N >= context + 1."""
     if len(ids) < context + 1:
         raise DataError(f"the {what} text has {len(ids)} characters, fewer than the context plus one "
                         f"({context + 1}); use a longer text or a smaller --context")

@@ -52,6 +52,12 @@ def param_shapes(params: dict) -> dict:
 
 
 def count_params(params: dict) -> int:
+    """Total number of scalars in the parameter tree.
+
+    Example:
+        >>> count_params({"w": jnp.zeros((3, 4)), "b": jnp.zeros(4)})
+        16
+    """
     return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
 
 
@@ -119,6 +125,29 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     return _logits(params, x, config)                                    # (B, T, V)
 
 
+def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
+    """tokens (B, T) -> attention weights (L, B, H, T, T) of every layer and head.
+
+    Row t of a map is the distribution query t puts over keys 0 .. t. Computed
+    alongside the ordinary forward pass, for pictures and tests, not for speed.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3)
+        >>> attention_maps(init(jax.random.key(0), cfg), jnp.zeros((1, 5), jnp.int32), config=cfg).shape
+        (3, 1, 2, 5, 5)
+    """
+    check_tokens(tokens, config)
+    x = _embed(params, tokens, jnp.arange(tokens.shape[1])[None, :], config)            # (B, T, D)
+
+    def body(x, block_params):
+        h = norm.apply(block_params["ln1"], x, eps=config.ln_eps)
+        q, k, _ = attention.project_qkv(block_params["attn"], h, config.n_heads, config.compute_dtype)
+        weights = attention.attention_weights(q, k, attention.causal_mask(tokens.shape[1])[None, None])
+        return block.apply(block_params, x, config=config), weights                       # (B, H, T, T)
+
+    return jax.lax.scan(body, x, params["blocks"])[1]
+
+
 def init_cache(config: ModelConfig, batch: int) -> KVCache:
     """An empty cache: k and v of shape (L, B, S, H, K) with S = max_len."""
     c = config
@@ -163,5 +192,5 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
     return cross_entropy(apply(params, tokens, config=config), targets)
 
 
-__all__ = ["KVCache", "apply", "apply_cached", "check_tokens", "count_params", "cross_entropy",
+__all__ = ["KVCache", "apply", "attention_maps", "apply_cached", "check_tokens", "count_params", "cross_entropy",
            "init", "init_cache", "loss", "param_shapes"]

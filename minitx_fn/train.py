@@ -72,6 +72,7 @@ def keys(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 def init_state(key: jax.Array, model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
+    """Fresh parameters, the optimiser's initial state, and step 0."""
     params = model.init(key, model_config)
     return TrainState(params, make_optimizer(train_config).init(params), jnp.zeros((), jnp.int32))
 
@@ -247,4 +248,5 @@ def model_flops_per_step(config: ModelConfig, batch_size: int, n_params_non_embe
 
 
 def non_embedding_params(params: dict) -> int:
+    """N in the FLOP count: every parameter but the (V, D) token table."""
     return model.count_params(params) - math.prod(params["embed"]["table"].shape)

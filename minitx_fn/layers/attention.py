@@ -123,7 +123,7 @@ def init(key: jax.Array, *, d_model: int, n_heads: int, std: float = 0.02, out_s
     }
 
 
-def _project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(B, T, D) -> q, k, v, each (B, T, H, K)."""
     qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, 3D)
     q, k, v = jnp.split(qkv, 3, axis=-1)                                   # 3 x (B, T, D)
@@ -142,7 +142,7 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = 
         >>> apply(p, jnp.ones((3, 5, 8)), n_heads=2).shape
         (3, 5, 8)
     """
-    q, k, v = _project_qkv(params, x, n_heads, dtype)
+    q, k, v = project_qkv(params, x, n_heads, dtype)
     if mask is None:
         mask = causal_mask(x.shape[1])[None, None]                         # (1, 1, T, T)
     y = scaled_dot_product(q, k, v, mask, impl=impl)                       # (B, T, H, K)
@@ -160,7 +160,7 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array
     slots not yet written, padding, and the future.
     Returns y (B, T, D) and the updated cache.
     """
-    q, k, v = _project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
+    q, k, v = project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
     start = (0, index, 0, 0)
     cache = KVCache(
         k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),   # (B, S, H, K)

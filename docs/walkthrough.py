@@ -1,0 +1,166 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+# ---
+
+# %% [markdown]
+# # minitx_fn, from text to loss and back
+#
+# A walk through one batch of the built-in corpus: text to token ids, embeddings
+# plus positions, one attention head by hand and then the library's attention, a
+# block, the model, the loss, `jax.grad`, one optax step, and a sample. Every step
+# prints its shapes. Run it as a script (`python docs/walkthrough.py`, about 20 s on
+# a CPU) or open it as a notebook with jupytext.
+#
+# Letters for dimensions: B batch, T positions, D width, H heads, K = D / H head
+# width, F feed-forward width, V vocabulary, L layers.
+
+# %%
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from minitx_fn import data, model, train
+from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.generate import generate
+from minitx_fn.layers import attention, block, embedding, linear, norm, positional
+from minitx_fn.tokenizer import Tokenizer
+
+# %% [markdown]
+# ## 1. Text to token ids
+# Each distinct character is a token; ids follow sorted order.
+
+# %%
+text = data.builtin_text()
+tok = Tokenizer.from_text(text)
+ids = tok.encode(text)
+print("vocabulary:", repr(tok.chars), "V =", tok.vocab_size)
+print("first ids:", ids[:12].tolist(), "->", repr(tok.decode(ids[:12])))
+
+# %% [markdown]
+# ## 2. A config and fresh parameters
+# Parameters are a plain dict of arrays. PRNG keys are explicit: one key is split
+# into one subkey per consumer, never reused.
+
+# %%
+cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_layers=2, max_len=16)
+init_key, data_key = train.keys(seed=0)
+params = model.init(init_key, cfg)
+print(jax.tree.map(lambda a: a.shape, params))
+print("parameters:", model.count_params(params))
+
+# %% [markdown]
+# ## 3. A batch, embeddings plus positions
+# `sample_batch` picks B random windows; targets are the inputs shifted by one.
+# The sinusoidal encoding is a fixed (T, D) table, added to the (B, T, D) embeddings.
+
+# %%
+x, y = data.sample_batch(jnp.asarray(ids), jax.random.fold_in(data_key, 0), batch_size=4, context=cfg.max_len)
+print("x", x.shape, "y", y.shape, repr(tok.decode(x[0])), "->", repr(tok.decode(y[0])))
+emb = embedding.apply(params["embed"], x)                          # (B, T, D)
+pe = positional.table(cfg.max_len, cfg.d_model)                   # (T, D), entries in [-1, 1]
+h0 = emb + pe[None]                                               # (B, T, D)
+print("embeddings", emb.shape, "+ positions", pe.shape, "=", h0.shape)
+
+# %% [markdown]
+# ## 4. One attention head by hand
+# softmax(q k^T / sqrt(K) + mask) v for head 0 of layer 0, in plain jnp, then the
+# library's attention for all heads: head 0 of its output must match.
+
+# %%
+layer0 = jax.tree.map(lambda a: a[0], params["blocks"])           # block params of layer 0
+h = norm.apply(layer0["ln1"], h0)                                 # (B, T, D)
+qkv = linear.apply(layer0["attn"]["qkv"], h)                      # (B, T, 3D)
+D, K, T = cfg.d_model, cfg.head_dim, cfg.max_len
+q, k, v = qkv[..., 0:K], qkv[..., D:D + K], qkv[..., 2 * D:2 * D + K]   # head 0: (B, T, K) each
+scores = q @ k.transpose(0, 2, 1) / math.sqrt(K)                  # (B, T, T)
+scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)
+by_hand = jax.nn.softmax(scores, axis=-1) @ v                     # (B, T, K)
+
+q_all, k_all, v_all = attention.project_qkv(layer0["attn"], h, cfg.n_heads, jnp.float32)   # (B, T, H, K)
+library = attention.scaled_dot_product(q_all, k_all, v_all, attention.causal_mask(T)[None, None])
+print("head 0 by hand vs library, max difference:", float(jnp.abs(by_hand - library[:, :, 0]).max()))
+
+# %% [markdown]
+# ## 5. A block and the model
+# A pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). The model runs its L
+# stacked blocks with `jax.lax.scan`: one compiled loop body, whatever L is.
+
+# %%
+h1 = block.apply(layer0, h0, config=cfg)
+print("block:", h0.shape, "->", h1.shape)
+logits = model.apply(params, x, config=cfg)                       # (B, T, V)
+print("logits:", logits.shape)
+
+# %% [markdown]
+# ## 6. The loss and its gradient
+# Mean cross-entropy; at initialisation it is close to log V (uniform guessing).
+# `jax.grad` returns a tree shaped exactly like the parameters.
+
+# %%
+loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=cfg)
+print(f"loss {float(loss):.3f} vs log V = {math.log(cfg.vocab_size):.3f}")
+print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) == model.param_shapes(params))
+
+# %% [markdown]
+# ## 7. One optax step, then the jitted train step
+# `train.make_optimizer` chains global-norm clipping and AdamW. `train.train_step`
+# is the same maths in one `jax.jit`-compiled function that also samples its batch
+# and donates the old state; it is where `jit` belongs, at the boundary.
+
+# %%
+tc = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0)   # no warm-up: step 0 already moves
+opt = train.make_optimizer(tc)
+updates, _ = opt.update(grads, opt.init(params), params)
+print("one update moved the parameters by", float(optax.global_norm(updates)))
+
+state = train.init_state(init_key, cfg, tc)
+for _ in range(tc.steps):
+    state, metrics = train.train_step(state, jnp.asarray(ids), data_key, model_config=cfg, train_config=tc)
+print(f"after {tc.steps} steps: loss {float(metrics['loss']):.3f}")
+
+# %% [markdown]
+# ## 8. `vmap`: the model on one sequence, mapped over the batch
+# `model.apply` takes a batch; `jax.vmap` of a one-sequence version gives the same.
+
+# %%
+one = lambda seq: model.apply(state.params, seq[None], config=cfg)[0]   # (T,) -> (T, V)
+print("vmap equals the batched call:", bool(jnp.allclose(jax.vmap(one)(x), model.apply(state.params, x, config=cfg),
+                                                          atol=1e-5)))
+
+# %% [markdown]
+# ## 9. A sample
+# `generate` prefills the prompt into a KV cache and decodes inside one compiled
+# `lax.while_loop`.
+
+# %%
+new = generate(state.params, [tok.encode("hello")], config=cfg, key=jax.random.key(0), max_new_tokens=40)[0]
+print(repr("hello" + tok.decode(new)))
+
+# %% [markdown]
+# ## 10. How equality with Flax is checked
+# `tests/flax_reference.py` builds the same model from Flax's own layers and maps our
+# parameter tree into Flax's; `tests/test_equivalence.py` compares outputs, losses,
+# gradients and an Adam step. Here, the same check for the whole model (Flax is a
+# test dependency, so this cell runs only where it is installed).
+
+# %%
+import os
+import sys
+
+repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
+sys.path.insert(0, repo)                                          # tests/ lives at the repository root
+try:
+    from tests import flax_reference as ref
+except ImportError:
+    print("flax is not installed: pip install -e '.[test]' to run this cell")
+else:
+    flax_logits = ref.FlaxLM(cfg).apply(ref.to_flax_model(state.params, cfg), x)
+    print("max |ours - flax| =", float(np.abs(np.asarray(model.apply(state.params, x, config=cfg)) - flax_logits).max()))
