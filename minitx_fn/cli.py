@@ -61,6 +61,14 @@ def _float(text: str) -> float:
     return value
 
 
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise UsageError(f"environment variable {name}={value!r} is not a whole number") from None
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see '{self.prog} --help')")
@@ -95,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", help="seed of the sample printed at the end (default 'hello', or the text's "
                    "first character)")
     t.add_argument("--max-new-tokens", type=_positive_int, default=100)
+    t.add_argument("--devices", type=_positive_int, help="data-parallel over the first N devices (default: all)")
+    t.add_argument("--fsdp", action="store_true", help="split parameters and optimiser state over the devices")
+    t.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("MINITX_COORDINATOR"),
+                   help="multi-process run: address of process 0 (or MINITX_COORDINATOR)")
+    t.add_argument("--num-processes", type=_positive_int, default=_env_int("MINITX_NUM_PROCESSES"),
+                   help="multi-process run: how many processes (or MINITX_NUM_PROCESSES)")
+    t.add_argument("--process-id", type=int, default=_env_int("MINITX_PROCESS_ID"),
+                   help="multi-process run: this process's index, 0 .. N - 1 (or MINITX_PROCESS_ID)")
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model")
     g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -168,13 +184,28 @@ def _load_text(data_path: str | None) -> tuple[str, str]:
     return data.read_text(data_path), os.path.splitext(os.path.basename(data_path))[0] or "data"
 
 
+def _start_processes(args) -> bool:
+    """Join a multi-process run when asked; True in the process that writes (process 0)."""
+    given = [args.coordinator, args.num_processes, args.process_id]
+    if all(v is None for v in given):
+        return True
+    if any(v is None for v in given):
+        raise UsageError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+    if not 0 <= args.process_id < args.num_processes:
+        raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
+    from minitx_fn import distributed
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    return args.process_id == 0
+
+
 def cmd_train(args, out=None) -> int:
     """`minitx train`: a new run, or --resume of a saved one; returns the exit status."""
-    out = out or sys.stdout
+    is_main = _start_processes(args)
+    out = (out or sys.stdout) if is_main else open(os.devnull, "w")
     import jax
     import jax.numpy as jnp
 
-    from minitx_fn import checkpoint, data, train
+    from minitx_fn import checkpoint, data, distributed, train
     from minitx_fn.tokenizer import Tokenizer
 
     if args.resume:
@@ -197,7 +228,8 @@ def cmd_train(args, out=None) -> int:
         if int(state.step) >= tc.steps:
             raise UsageError(f"the run is already at step {int(state.step)}; pass --steps N with N larger "
                              f"to train further")
-        train.truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(state.step))
+        if is_main:
+            train.truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(state.step))
         print(f"Resuming {run_dir} from step {int(state.step)}", file=out)
     else:
         text, name = _load_text(args.data)
@@ -221,22 +253,41 @@ def cmd_train(args, out=None) -> int:
         train_ids, val_windows = ids, None                  # the built-in cycle: no held-out split
     data.check_length(train_ids, mc.max_len, "training")
 
-    os.makedirs(run_dir, exist_ok=True)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    mesh = None
+    if args.devices or jax.device_count() > 1:
+        try:
+            mesh = distributed.make_mesh(args.devices)
+            distributed.check_batch(tc.batch_size, mesh)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        state = distributed.put_global(jax.device_get(state), distributed.state_shardings(state, mesh, args.fsdp))
+        train_data = distributed.put_global(train_ids, distributed.replicated(mesh))
+    else:
+        train_data = jnp.asarray(train_ids)
+
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+    metrics_path = os.path.join(run_dir, "metrics.jsonl") if is_main else None
 
     def save(s):
-        checkpoint.save(run_dir, s, data_key=data_key, model_config=mc, train_config=tc, tokenizer=tokenizer,
-                        extra={"data_path": data_path})
+        host_state = distributed.to_host(s)                # every process takes part in the gather
+        if is_main:
+            checkpoint.save(run_dir, host_state, data_key=data_key, model_config=mc, train_config=tc,
+                            tokenizer=tokenizer, extra={"data_path": data_path})
 
     from minitx_fn import model
     print(f"Run directory: {run_dir}", file=out)
+    if mesh is not None:
+        print(f"Data-parallel over {mesh.devices.size} devices in {jax.process_count()} process(es)"
+              + (", parameters split (FSDP)" if args.fsdp else ""), file=out)
     print(f"Model: {model.count_params(state.params):,} parameters, {mc.n_layers} layers, width {mc.d_model}, "
           f"{mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size}", file=out)
     print("Starting training...", file=out, flush=True)
     started = time.perf_counter()
     try:
-        result = train.fit(state, data=jnp.asarray(train_ids), data_key=data_key, model_config=mc,
-                           train_config=tc, val_windows=val_windows, metrics_path=metrics_path, save=save, out=out)
+        result = train.fit(state, data=train_data, data_key=data_key, model_config=mc, train_config=tc,
+                           val_windows=val_windows, metrics_path=metrics_path, save=save, out=out, mesh=mesh,
+                           fsdp=args.fsdp)
     except train.NonFiniteLossError as e:
         saved_step = _saved_step(run_dir)
         kept = f"the last good checkpoint (step {saved_step}) is kept in {run_dir}" if saved_step is not None \
@@ -245,11 +296,17 @@ def cmd_train(args, out=None) -> int:
               file=sys.stderr)
         return 1
     elapsed = time.perf_counter() - started
+    final_step = int(distributed.scalar(result.state.step))
+    # Gathering is a collective: every process takes part before the others leave.
+    params = result.state.params if mesh is None else jax.device_put(
+        distributed.to_host(result.state.params), jax.local_devices()[0])
+    if not is_main:
+        return 0
     if result.interrupted:
-        print(f"\nInterrupted at step {int(result.state.step)}; checkpoint saved. "
+        print(f"\nInterrupted at step {final_step}; checkpoint saved. "
               f"Continue with: minitx train --resume {run_dir}", file=out)
         return 130
-    summary = {"step": int(result.state.step), "train_seconds": round(elapsed, 1)}
+    summary = {"step": final_step, "train_seconds": round(elapsed, 1)}
     if result.last_record and "val_loss" in result.last_record:
         summary["val_loss"] = result.last_record["val_loss"]
     print(f"Finished {summary['step']} steps in {elapsed:.1f} s" +
@@ -264,8 +321,7 @@ def cmd_train(args, out=None) -> int:
 
     prompt = args.prompt if args.prompt is not None else ("hello" if "hello" in text[:64] else text[0])
     print("Generated text:", file=out)
-    print(prompt + _generate_text(result.state.params, mc, tokenizer, prompt, args.max_new_tokens,
-                                  jax.random.key(0)), file=out)
+    print(prompt + _generate_text(params, mc, tokenizer, prompt, args.max_new_tokens, jax.random.key(0)), file=out)
     return 0
 
 

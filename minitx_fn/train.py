@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minitx_fn import model
+from jax.sharding import Mesh
+
+from minitx_fn import distributed, model
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.data import sample_batch
 
@@ -92,13 +94,23 @@ def update(state: TrainState, x: jax.Array, y: jax.Array, *, model_config: Model
     return _update(state, x, y, model_config, train_config)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "train_config"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("model_config", "train_config", "mesh", "fsdp"), donate_argnums=0)
 def train_step(state: TrainState, data: jax.Array, data_key: jax.Array, *, model_config: ModelConfig,
-               train_config: TrainConfig) -> tuple[TrainState, dict]:
-    """One step on a batch sampled from data (N,) with key fold_in(data_key, step)."""
+               train_config: TrainConfig, mesh: Mesh | None = None, fsdp: bool = False) -> tuple[TrainState, dict]:
+    """One step on a batch sampled from data (N,) with key fold_in(data_key, step).
+
+    With a mesh (see `distributed`), the batch is split along B over its "data" axis
+    and the new state keeps the layout of the old (replicated, or FSDP-split):
+    the same global batch and the same maths as on one device.
+    """
     x, y = sample_batch(data, jax.random.fold_in(data_key, state.step),
                         batch_size=train_config.batch_size, context=model_config.max_len)
-    return _update(state, x, y, model_config, train_config)
+    if mesh is not None:
+        x, y = (jax.lax.with_sharding_constraint(a, distributed.batch_sharding(mesh)) for a in (x, y))
+    state, metrics = _update(state, x, y, model_config, train_config)
+    if mesh is not None:
+        state = jax.lax.with_sharding_constraint(state, distributed.state_shardings(state, mesh, fsdp))
+    return state, metrics
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -157,7 +169,8 @@ class FitResult(NamedTuple):
 
 def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config: ModelConfig,
         train_config: TrainConfig, val_windows: np.ndarray | None = None, metrics_path: str | None = None,
-        save: Callable[[TrainState], None] | None = None, out=None) -> FitResult:
+        save: Callable[[TrainState], None] | None = None, out=None, mesh: Mesh | None = None,
+        fsdp: bool = False) -> FitResult:
     """Run train_step from state.step up to train_config.steps.
 
     Losses stay on the device until a log point, where they are fetched together
@@ -165,10 +178,12 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
     loss raises NonFiniteLossError naming the first bad step, before anything is
     saved. On a terminal a progress line is refreshed every few steps.
     `save(state)` is called every save_every steps, at the end and on Ctrl-C.
+    With a mesh, steps run data-parallel (see `train_step`); in a multi-process run
+    every process calls fit, and only process 0 should pass metrics_path and out.
     """
     mc, tc = model_config, train_config
     out = out or sys.stdout
-    step = int(state.step)
+    step = int(distributed.scalar(state.step))
     tty = hasattr(out, "isatty") and out.isatty()
     check_every = min(10, tc.log_every) if tty else tc.log_every
     schedule = learning_rate_schedule(tc)
@@ -179,14 +194,20 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
     saved_step = None
     with _StopFlag() as stop:
         while step < tc.steps:
-            state, metrics = train_step(state, data, data_key, model_config=mc, train_config=tc)
+            state, metrics = train_step(state, data, data_key, model_config=mc, train_config=tc, mesh=mesh, fsdp=fsdp)
             step += 1
             pending.append((step, metrics["loss"]))
+            if mesh is not None and len(pending) > 2:
+                # XLA:CPU runs each device's part of a step on a shared thread pool; with
+                # dozens of multi-device steps queued, the parts of different steps can
+                # hold every thread while waiting at an all-reduce, and deadlock. Keeping
+                # at most two steps in flight still overlaps dispatch with compute.
+                pending[-3][1].block_until_ready()
             at_end = step == tc.steps or stop.requested
             due = [at_end or step % every == 0 for every in (tc.log_every, tc.eval_every, tc.save_every)]
             if not (any(due) or step % check_every == 0):
                 continue
-            losses = np.asarray(jax.device_get([loss for _, loss in pending]), np.float64)
+            losses = np.array([distributed.scalar(loss) for _, loss in pending], np.float64)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 raise NonFiniteLossError(pending[bad[0]][0], float(losses[bad[0]]))
@@ -201,7 +222,9 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
             record = {"step": step, "loss": float(losses.mean()), "lr": float(schedule(step - 1)),
                       "tokens_per_s": round(tokens_per_s, 1)}
             if evaluate_now and val_windows is not None and len(val_windows):
-                record["val_loss"] = evaluate(state.params, val_windows, config=mc)
+                params = state.params if mesh is None else jax.device_put(distributed.to_host(state.params),
+                                                                           jax.local_devices()[0])
+                record["val_loss"] = evaluate(params, val_windows, config=mc)
             if log:
                 line = f"Step {step}, Loss: {record['loss']:.4f}"
                 if "val_loss" in record:

@@ -1,0 +1,128 @@
+"""Data-parallel training: 4 CPU devices in one process, and 2 processes with 2
+devices each, equal to one device on the same global batch.
+
+Each case runs in a subprocess, because the device count is fixed when JAX starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--width", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch-size", "8", "--warmup", "0", "--lr", "1e-3",
+        "--log-every", "1", "--save-every", "3", "--decay-steps", "100"]
+
+
+def _env(devices: int) -> dict:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
+    env.pop("JAX_PLATFORMS", None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_four_devices_equal_one_device_after_three_steps():
+    script = textwrap.dedent("""
+        import jax, jax.numpy as jnp, numpy as np
+        from minitx_fn import data, distributed, train
+        from minitx_fn.config import ModelConfig, TrainConfig
+        assert jax.device_count() == 4
+        mc = ModelConfig(vocab_size=13, d_model=32, n_heads=2, n_layers=2, max_len=16)
+        tc = TrainConfig(steps=3, batch_size=8, warmup=0, lr=1e-3)
+        ids = jnp.asarray(np.arange(300, dtype=np.int32) % 13)
+        init_key, data_key = train.keys(0)
+
+        def run(mesh, fsdp):
+            state = train.init_state(init_key, mc, tc)
+            d = ids
+            if mesh is not None:
+                state = distributed.put_global(jax.device_get(state), distributed.state_shardings(state, mesh, fsdp))
+                d = distributed.put_global(np.asarray(ids), distributed.replicated(mesh))
+            for _ in range(3):
+                state, _ = train.train_step(state, d, data_key, model_config=mc, train_config=tc, mesh=mesh, fsdp=fsdp)
+            if mesh is not None:
+                shards = {len(a.sharding.device_set) for a in jax.tree.leaves(state.params)}
+                assert shards == {4}, shards
+            return jax.device_get(state.params)
+
+        one = run(None, False)
+        mesh = distributed.make_mesh(4)
+        for fsdp in (False, True):
+            four = run(mesh, fsdp)
+            err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)))
+            print("fsdp" if fsdp else "replicated", err)
+            assert err <= 1e-6, err
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=_env(4), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "replicated" in done.stdout and "fsdp" in done.stdout
+
+
+def _train(tmp_path, *args, devices=1, process_id=None, port=None, nproc=2):
+    argv = [sys.executable, "-m", "minitx_fn", "train", *args]
+    if process_id is not None:
+        argv += ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(nproc), "--process-id", str(process_id)]
+    return subprocess.Popen(argv, env=_env(devices), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def _finish(procs, timeout=240):
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return outs
+
+
+def _losses(path):
+    return [(r["step"], r["loss"]) for r in map(json.loads, open(path))]
+
+
+def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
+    port = _free_port()
+    two = _finish([_train(tmp_path, *TINY, "--steps", "3", "--out", "two", devices=2, process_id=i, port=port)
+                   for i in range(2)])
+    assert "Data-parallel over 4 devices in 2 process(es)" in two[0][0]
+    assert "Step" not in two[1][0] and "Generated" not in two[1][0]   # only process 0 reports
+    _finish([_train(tmp_path, *TINY, "--steps", "6", "--out", "one")])
+    # The 2-process checkpoint (step 3) against a 1-process run's parameters at step 3.
+    _finish([_train(tmp_path, *TINY, "--steps", "3", "--out", "one3")])
+    a, b = np.load(tmp_path / "two/checkpoint/params.npz"), np.load(tmp_path / "one3/checkpoint/params.npz")
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) <= 1e-6
+    # Resume the 2-process run in one process: the losses continue as in the uninterrupted run.
+    out, _ = _finish([_train(tmp_path, "--resume", "two", "--steps", "6")])[0]
+    assert "Resuming two from step 3" in out
+    resumed, straight = _losses(tmp_path / "two/metrics.jsonl"), _losses(tmp_path / "one/metrics.jsonl")
+    assert [s for s, _ in resumed] == [s for s, _ in straight] == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose([l for _, l in resumed], [l for _, l in straight], rtol=1e-5)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--coordinator", "127.0.0.1:1"], "needs all of --coordinator, --num-processes and --process-id"),
+    (["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"], "--process-id 2 must lie in"),
+])
+def test_bad_multiprocess_flags(tmp_path, argv, fragment):
+    done = subprocess.run([sys.executable, "-m", "minitx_fn", "train", *argv], env=_env(1), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and fragment in done.stderr and "Traceback" not in done.stderr
+
+
+def test_devices_must_divide_the_batch(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "minitx_fn", "train", *TINY[:8], "--batch-size", "6", "--devices", "4",
+                           "--steps", "2"], env=_env(4), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "must be divisible by the 4 devices" in done.stderr
