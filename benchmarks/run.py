@@ -145,31 +145,24 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int) 
     compiled_flax = flax_step.lower(flax_state, x, y).compile()
     compile_flax = time.perf_counter() - t0
 
-    def run_ours(n):
-        nonlocal ours_state
-        out = []
+    states = {"minitx": ours_state, "flax": flax_state}
+    steps_of = {"minitx": compiled_ours, "flax": compiled_flax}
+
+    def run(impl: str, n: int) -> list[float]:
+        """n timed steps of one implementation, each ending in block_until_ready."""
+        times = []
         for _ in range(n):
             t1 = time.perf_counter()
-            ours_state, metrics = compiled_ours(ours_state, x, y)
-            _sync(metrics["loss"])
-            out.append(time.perf_counter() - t1)
-        return out
+            states[impl], out = steps_of[impl](states[impl], x, y)
+            _sync(out)
+            times.append(time.perf_counter() - t1)
+        return times
 
-    def run_flax(n):
-        nonlocal flax_state
-        out = []
-        for _ in range(n):
-            t1 = time.perf_counter()
-            flax_state, loss = compiled_flax(flax_state, x, y)
-            _sync(loss)
-            out.append(time.perf_counter() - t1)
-        return out
-
-    run_ours(2), run_flax(2)                                     # warm-up
+    run("minitx", 2), run("flax", 2)                             # warm-up
     per_block = max(1, steps // blocks)
     ours_times, flax_times, ratios = [], [], []
     for _ in range(blocks):
-        a, c = run_ours(per_block), run_flax(per_block)
+        a, c = run("minitx", per_block), run("flax", per_block)
         ours_times += a
         flax_times += c
         ratios.append(statistics.median(a) / statistics.median(c))

@@ -22,6 +22,10 @@ def at_least_float32(dtype):
     The dtype for the numerically delicate parts: layer-norm statistics, softmax,
     logits, loss and the residual stream. (Written out because `jnp.promote_types`
     refuses float32/float64 under strict promotion.)
+
+    Example:
+        >>> at_least_float32(jnp.bfloat16).__name__, at_least_float32(jnp.float64).__name__
+        ('float32', 'float64')
     """
     return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
 
@@ -59,7 +63,11 @@ class ModelConfig:
     param_dtype: str = "float32"    # storage dtype of parameters: float32 or float64
     attention: str = "einsum"       # "einsum" (the maths written out) or "dot_product_attention"
     init_std: float = 0.02          # std of the normal initialisation of weight matrices
-    embed_std: float = 1.0          # std of the token-embedding initialisation
+    # std of the token-embedding initialisation. The sinusoidal positions added to the
+    # embeddings have entries of size ~1, so 0.02 (GPT-2's choice for learned tables)
+    # drowns the tokens; on Tiny Shakespeare (baby recipe, 2000 steps) 0.1, 0.3, 0.5
+    # and 1.0 gave validation losses (seed 0) 2.07 (at step 1000, stopped), 1.873, 1.863, 1.903.
+    embed_std: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):

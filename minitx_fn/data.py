@@ -29,7 +29,13 @@ def builtin_text() -> str:
 
 
 def read_text(path: str) -> str:
-    """The whole file as text; DataError for a missing, unreadable, non-UTF-8 or empty file."""
+    """The whole file as text; DataError for a missing, unreadable, non-UTF-8 or empty file.
+
+    Example:
+        >>> read_text('/no/such/file')
+        Traceback (most recent call last):
+        minitx_fn.data.DataError: data file '/no/such/file' does not exist; pass --data with the path of a UTF-8 text file
+    """
     if not os.path.exists(path):
         raise DataError(f"data file {path!r} does not exist; pass --data with the path of a UTF-8 text file")
     if os.path.isdir(path):
@@ -50,13 +56,24 @@ def read_text(path: str) -> str:
 
 
 def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) -> first 90% for training, last 10% for validation."""
+    """(N,) -> first 90% for training, last 10% for validation.
+
+    Example:
+        >>> [len(a) for a in split(np.arange(100))]
+        [90, 10]
+    """
     n = int(len(ids) * train_fraction)
     return ids[:n], ids[n:]
 
 
 def check_length(ids: np.ndarray, context: int, what: str) -> None:
-    """DataError unless ids (N,) holds at least one window: N >= context + 1."""
+    """DataError unless ids (N,) holds at least one window: N >= context + 1.
+
+    Example:
+        >>> check_length(np.arange(5), 8, 'training')
+        Traceback (most recent call last):
+        minitx_fn.data.DataError: the training text has 5 characters, fewer than the context plus one (9); use a longer text or a smaller --context
+    """
     if len(ids) < context + 1:
         raise DataError(f"the {what} text has {len(ids)} characters, fewer than the context plus one "
                         f"({context + 1}); use a longer text or a smaller --context")
@@ -67,6 +84,11 @@ def sample_batch(data: jax.Array, key: jax.Array, *, batch_size: int, context: i
 
     B windows start at uniform random offsets. Runs inside the jitted train step,
     so the data stays on the device and no batch is copied from the host per step.
+
+    Example:
+        >>> x, y = sample_batch(jnp.arange(100), jax.random.key(0), batch_size=2, context=4)
+        >>> x.shape, bool((y == x + 1).all())
+        ((2, 4), True)
     """
     starts = jax.random.randint(key, (batch_size, 1), 0, data.shape[0] - context)    # (B, 1)
     idx = starts + jnp.arange(context)[None, :]                                      # (B, T)
@@ -75,7 +97,13 @@ def sample_batch(data: jax.Array, key: jax.Array, *, batch_size: int, context: i
 
 def eval_windows(ids: np.ndarray, context: int) -> np.ndarray:
     """(N,) -> (W, T + 1): consecutive windows stepping by T, so every position of the
-    split (but a final stub shorter than T + 1) is predicted exactly once."""
+    split (but a final stub shorter than T + 1) is predicted exactly once.
+
+    Example:
+        >>> eval_windows(np.arange(9), 4)
+        array([[0, 1, 2, 3, 4],
+               [4, 5, 6, 7, 8]])
+    """
     n_windows = (len(ids) - 1) // context
     idx = np.arange(n_windows)[:, None] * context + np.arange(context + 1)[None, :]
     return ids[idx]

@@ -54,6 +54,7 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """A full copy on every device of the mesh."""
     return NamedSharding(mesh, PartitionSpec())
 
 
@@ -72,6 +73,7 @@ def state_shardings(tree, mesh: Mesh, fsdp: bool):
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
+    """ValueError unless the batch splits evenly over the mesh's devices."""
     n = mesh.devices.size
     if batch_size % n:
         raise ValueError(f"--batch-size {batch_size} must be divisible by the {n} devices it is split over; "

@@ -41,12 +41,22 @@ from minitx_fn.sampling import Sampler
 
 
 def bucket_length(n: int, max_len: int) -> int:
-    """Smallest power of two >= n, at least 8, at most max_len."""
+    """Smallest power of two >= n, at least 8, at most max_len.
+
+    Example:
+        >>> [bucket_length(n, 64) for n in (1, 9, 33, 64)]
+        [8, 16, 64, 64]
+    """
     return min(max_len, max(8, 1 << max(0, n - 1).bit_length()))
 
 
 def slide_keep(max_len: int) -> int:
-    """Tokens kept when the window slides."""
+    """Tokens kept when the window slides.
+
+    Example:
+        >>> slide_keep(64)
+        32
+    """
     return max_len // 2
 
 
@@ -178,7 +188,15 @@ def generate_recompute(params, prompt, *, config: ModelConfig, key: jax.Array, m
                        sampler: Sampler = Sampler(temperature=0.0)):
     """The reference: a Python loop that recomputes the full, cropped context for every
     token (prompts (B, P) of equal length). Same sampling keys and window policy
-    as `generate`. Returns ids (B, N) and logits (B, N, V) as numpy arrays."""
+    as `generate`. Returns ids (B, N) and logits (B, N, V) as numpy arrays.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
+        >>> ids, logits = generate_recompute(model.init(jax.random.key(0), cfg), [[1, 2]], config=cfg,
+        ...                                  key=jax.random.key(1), max_new_tokens=3)
+        >>> ids.shape, logits.shape
+        ((1, 3), (1, 3, 5))
+    """
     s, keep = config.max_len, slide_keep(config.max_len)
     context = np.asarray(prompt, np.int32)[:, -s:]                                      # (B, <= S)
     ids, all_logits = [], []

@@ -47,7 +47,12 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
 
 
 def param_shapes(params: dict) -> dict:
-    """The parameter tree with every array replaced by its shape."""
+    """The parameter tree with every array replaced by its shape.
+
+    Example:
+        >>> param_shapes({'w': jnp.zeros((3, 4))})
+        {'w': (3, 4)}
+    """
     return jax.tree.map(lambda a: a.shape, params)
 
 
@@ -67,6 +72,11 @@ def check_tokens(tokens, config: ModelConfig, *, max_len: int | None = None) -> 
     Rank, dtype and length are checked at trace time. The values (0 <= id < V) can
     only be checked when the array is concrete: under `jit` they are abstract, and a
     JAX gather would silently clamp an out-of-range id, so check before jitting.
+
+    Example:
+        >>> check_tokens(jnp.array([[1, 12]]), ModelConfig(vocab_size=10))
+        Traceback (most recent call last):
+        ValueError: token ids must lie in [0, 10), found [12]
     """
     max_len = config.max_len if max_len is None else max_len
     if tokens.ndim != 2:
@@ -149,7 +159,12 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
 
 
 def init_cache(config: ModelConfig, batch: int) -> KVCache:
-    """An empty cache: k and v of shape (L, B, S, H, K) with S = max_len."""
+    """An empty cache: k and v of shape (L, B, S, H, K) with S = max_len.
+
+    Example:
+        >>> init_cache(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=16), 4).k.shape
+        (3, 4, 16, 2, 4)
+    """
     c = config
     shape = (c.n_layers, batch, c.max_len, c.n_heads, c.head_dim)
     return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
@@ -161,6 +176,15 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
 
     positions: (B, T) int, each token's position in its own sequence (rows may be
     left-padded by different amounts). mask: (B, 1, T, S) bool over cache slots.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, max_len=6)
+        >>> p, tokens = init(jax.random.key(0), cfg), jnp.array([[1, 2, 3]])
+        >>> mask = attention.causal_mask(3, 6)[None, None]
+        >>> logits, cache = apply_cached(p, tokens, init_cache(cfg, 1), config=cfg, index=0,
+        ...                              positions=jnp.arange(3)[None], mask=mask)
+        >>> bool(jnp.allclose(logits, apply(p, tokens, config=cfg), atol=1e-5))   # same as without a cache
+        True
     """
     check_tokens(tokens, config)
     x = _embed(params, tokens, positions, config)                        # (B, T, D)
@@ -188,7 +212,14 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """Mean next-token cross-entropy: tokens (B, T), targets (B, T) = tokens shifted by one."""
+    """Mean next-token cross-entropy: tokens (B, T), targets (B, T) = tokens shifted by one.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2)
+        >>> x = jnp.array([[1, 2, 3]])
+        >>> float(loss(init(jax.random.key(0), cfg), x, x, config=cfg)) > 0
+        True
+    """
     return cross_entropy(apply(params, tokens, config=config), targets)
 
 

@@ -28,7 +28,15 @@ def _pyplot():
 
 
 def read_metrics(metrics_path: str) -> list[dict]:
-    """The records of a run's metrics.jsonl, one dict per logged step."""
+    """The records of a run's metrics.jsonl, one dict per logged step.
+
+    Example:
+        >>> import tempfile, os
+        >>> path = os.path.join(tempfile.mkdtemp(), 'metrics.jsonl')
+        >>> _ = open(path, 'w').write(json.dumps({"step": 100, "loss": 2.5}) + chr(10))
+        >>> read_metrics(path)
+        [{'step': 100, 'loss': 2.5}]
+    """
     with open(metrics_path) as f:
         return [json.loads(line) for line in f if line.strip()]
 

@@ -19,7 +19,12 @@ import jax.numpy as jnp
 
 
 def greedy(logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
-    """(B, V) -> (B,): argmax (the lowest id among ties). The key is ignored."""
+    """(B, V) -> (B,): argmax (the lowest id among ties). The key is ignored.
+
+    Example:
+        >>> greedy(jnp.array([[0.1, 2.0, 2.0]]))   # ties go to the lowest id
+        Array([1], dtype=int32)
+    """
     del key
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -29,6 +34,10 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
 
     Built from `lax.top_k`'s indices rather than a threshold, so ties at the k-th
     value still keep exactly k (the lower ids win ties).
+
+    Example:
+        >>> top_k_mask(jnp.array([[3.0, 1.0, 3.0, 2.0]]), 2)
+        Array([[ True, False,  True, False]], dtype=bool)
     """
     k = min(k, logits.shape[-1])
     _, idx = jax.lax.top_k(logits, k)                                   # (B, k)
@@ -42,6 +51,10 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
 
     Sort descending; token i (in sorted order) is kept when the mass of the tokens
     before it is still below p.
+
+    Example:
+        >>> top_p_mask(jnp.log(jnp.array([[0.1, 0.6, 0.3]])), 0.8)   # 0.6 + 0.3 reaches 0.8
+        Array([[False,  True,  True]], dtype=bool)
     """
     order = jnp.argsort(-logits, axis=-1)                                # (B, V) ids, most likely first
     probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1).astype(jnp.float32), axis=-1)

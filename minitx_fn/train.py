@@ -49,7 +49,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
-    """Linear warm-up from 0 to lr over `warmup` steps, then cosine decay to min_lr at `decay_steps`."""
+    """Linear warm-up from 0 to lr over `warmup` steps, then cosine decay to min_lr at `decay_steps`.
+
+    Example:
+        >>> f = learning_rate_schedule(TrainConfig(steps=100, lr=1.0, warmup=10))
+        >>> [round(float(f(s)), 3) for s in (0, 5, 10, 100)]
+        [0.0, 0.5, 1.0, 0.1]
+    """
     return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, tc.decay_steps, end_value=tc.min_lr)
 
 
@@ -59,7 +65,14 @@ def _decay_mask(params: dict) -> dict:
 
 
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay) on the schedule."""
+    """Global-norm clipping, then AdamW (decoupled weight decay) on the schedule.
+
+    Example:
+        >>> opt = make_optimizer(TrainConfig())
+        >>> state = opt.init({'w': jnp.zeros((2, 2))})
+        >>> type(opt).__name__
+        'GradientTransformationExtraArgs'
+    """
     return optax.chain(
         optax.clip_by_global_norm(tc.grad_clip),
         optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
@@ -68,13 +81,25 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def keys(seed: int) -> tuple[jax.Array, jax.Array]:
-    """(init_key, data_key) from the run's seed: one key per consumer."""
+    """(init_key, data_key) from the run's seed: one key per consumer.
+
+    Example:
+        >>> init_key, data_key = keys(0)
+        >>> bool((jax.random.key_data(init_key) != jax.random.key_data(data_key)).any())
+        True
+    """
     init_key, data_key = jax.random.split(jax.random.key(seed))
     return init_key, data_key
 
 
 def init_state(key: jax.Array, model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
-    """Fresh parameters, the optimiser's initial state, and step 0."""
+    """Fresh parameters, the optimiser's initial state, and step 0.
+
+    Example:
+        >>> s = init_state(jax.random.key(0), ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig())
+        >>> int(s.step), s.params['head']['w'].shape
+        (0, (8, 5))
+    """
     params = model.init(key, model_config)
     return TrainState(params, make_optimizer(train_config).init(params), jnp.zeros((), jnp.int32))
 
@@ -124,7 +149,14 @@ def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, co
 
 def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 64) -> float:
     """Mean next-token loss over all windows (W, T + 1), in fixed-size batches (the last
-    one padded with zero-weight rows, so one compiled shape serves every batch)."""
+    one padded with zero-weight rows, so one compiled shape serves every batch).
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=4)
+        >>> windows = np.zeros((3, 5), np.int32)
+        >>> evaluate(model.init(jax.random.key(0), cfg), windows, config=cfg, batch_size=2) > 0
+        True
+    """
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = windows[start:start + batch_size]
@@ -265,11 +297,24 @@ def truncate_metrics(metrics_path: str, last_step: int) -> None:
 
 
 def model_flops_per_step(config: ModelConfig, batch_size: int, n_params_non_embedding: int) -> float:
-    """6 N B T for the matmuls (forward + backward) + 12 L B T^2 D for attention scores and mixing."""
+    """6 N B T for the matmuls (forward + backward) + 12 L B T^2 D for attention scores and mixing.
+
+    Example:
+        >>> # N = 100, B = 2, T = 4, L = 1, D = 8: 6 * 100 * 2 * 4 + 12 * 1 * 2 * 4**2 * 8 = 4800 + 3072
+        >>> model_flops_per_step(ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=1, max_len=4), 2, 100)
+        7872.0
+    """
     b, t = batch_size, config.max_len
     return 6.0 * n_params_non_embedding * b * t + 12.0 * config.n_layers * b * t * t * config.d_model
 
 
 def non_embedding_params(params: dict) -> int:
-    """N in the FLOP count: every parameter but the (V, D) token table."""
+    """N in the FLOP count: every parameter but the (V, D) token table.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=1)
+        >>> p = model.init(jax.random.key(0), cfg)
+        >>> non_embedding_params(p) == model.count_params(p) - 5 * 8
+        True
+    """
     return model.count_params(params) - math.prod(params["embed"]["table"].shape)

@@ -49,6 +49,30 @@ def test_every_public_function_has_a_docstring(name):
     assert not missing, f"{name}: no docstring on {missing}"
 
 
+# Public functions whose docstring carries no runnable example, and why.
+NO_EXAMPLE = {
+    # Commands: exercised end to end by tests/test_cli.py.
+    "minitx_fn.cli": {"build_parser", "cmd_train", "cmd_generate", "cmd_attention", "cmd_plot", "main"},
+    # File I/O on run directories: tests/test_checkpoint.py.
+    "minitx_fn.checkpoint": {"save", "locate", "load"},
+    # Need several devices or processes: tests/test_distributed.py.
+    "minitx_fn.distributed": {"initialize", "batch_sharding", "replicated", "state_shardings", "check_batch",
+                              "put_global", "to_host", "scalar"},
+    # Write PNG files: tests/test_docs.py.
+    "minitx_fn.plot": {"plot_losses", "plot_attention"},
+    # The training loop and its bookkeeping: tests/test_train.py.
+    "minitx_fn.train": {"fit", "truncate_metrics"},
+}
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_every_public_function_has_an_example(name):
+    module = importlib.import_module(name)
+    missing = {f for f, obj in _public_functions(module)
+               if inspect.isfunction(obj) and ">>>" not in (inspect.getdoc(obj) or "")} - NO_EXAMPLE.get(name, set())
+    assert not missing, f"{name}: no example in {sorted(missing)}"
+
+
 def test_walkthrough_runs_as_a_script_in_under_a_minute():
     start = time.perf_counter()
     done = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "walkthrough.py")], capture_output=True,

@@ -32,6 +32,8 @@ IMPLS = ("einsum", "dot_product_attention")
 
 
 class KVCache(NamedTuple):
+    """Keys and values of the tokens written so far; see the module docstring for the layout."""
+
     k: jax.Array  # (B, S, H, K), or (L, B, S, H, K) for all layers
     v: jax.Array  # (B, S, H, K), or (L, B, S, H, K) for all layers
 
@@ -40,13 +42,23 @@ class KVCache(NamedTuple):
 
 
 def split_heads(x: jax.Array, n_heads: int) -> jax.Array:
-    """(B, T, D) -> (B, T, H, K) with K = D / H."""
+    """(B, T, D) -> (B, T, H, K) with K = D / H.
+
+    Example:
+        >>> split_heads(jnp.zeros((2, 5, 12)), 3).shape
+        (2, 5, 3, 4)
+    """
     *lead, d = x.shape
     return x.reshape(*lead, n_heads, d // n_heads)
 
 
 def merge_heads(x: jax.Array) -> jax.Array:
-    """(B, T, H, K) -> (B, T, D): the inverse of `split_heads`."""
+    """(B, T, H, K) -> (B, T, D): the inverse of `split_heads`.
+
+    Example:
+        >>> merge_heads(jnp.zeros((2, 5, 3, 4))).shape
+        (2, 5, 12)
+    """
     *lead, h, k = x.shape
     return x.reshape(*lead, h * k)
 
@@ -74,6 +86,13 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
     float before the softmax. Scores and softmax are in at least float32: with
     bfloat16 scores, exp() of differences loses most of its digits. A row whose
     every key is masked (a padding query) comes out uniform instead of NaN.
+
+    Example:
+        >>> q = jnp.ones((1, 3, 1, 2))
+        >>> attention_weights(q, q, causal_mask(3)[None, None])[0, 0]  # equal scores: uniform over the past
+        Array([[1.        , 0.        , 0.        ],
+               [0.5       , 0.5       , 0.        ],
+               [0.33333334, 0.33333334, 0.33333334]], dtype=float32)
     """
     work = at_least_float32(q.dtype)
     scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], work))
@@ -90,6 +109,11 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     impl="einsum" writes the maths out; impl="dot_product_attention" calls
     `jax.nn.dot_product_attention`, which XLA (or cuDNN on a GPU) may fuse.
     Both are tested equal.
+
+    Example:
+        >>> q = jnp.ones((2, 4, 3, 8))
+        >>> scaled_dot_product(q, q, q, causal_mask(4)[None, None]).shape
+        (2, 4, 3, 8)
     """
     if impl == "einsum":
         weights = attention_weights(q, k, mask)                             # (B, H, T, S)
@@ -124,7 +148,13 @@ def init(key: jax.Array, *, d_model: int, n_heads: int, std: float = 0.02, out_s
 
 
 def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(B, T, D) -> q, k, v, each (B, T, H, K)."""
+    """(B, T, D) -> q, k, v, each (B, T, H, K).
+
+    Example:
+        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
+        >>> [a.shape for a in project_qkv(p, jnp.ones((1, 5, 8)), 2, jnp.float32)]
+        [(1, 5, 2, 4), (1, 5, 2, 4), (1, 5, 2, 4)]
+    """
     qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, 3D)
     q, k, v = jnp.split(qkv, 3, axis=-1)                                   # 3 x (B, T, D)
     return split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads)
@@ -159,6 +189,13 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array
     mask: bool (B, 1, T, S), True where query t may read slot s: the caller masks
     slots not yet written, padding, and the future.
     Returns y (B, T, D) and the updated cache.
+
+    Example:
+        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
+        >>> cache = KVCache(jnp.zeros((1, 6, 2, 4)), jnp.zeros((1, 6, 2, 4)))   # S = 6 slots
+        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, index=0, mask=causal_mask(2, 6)[None, None], n_heads=2)
+        >>> y.shape, bool(cache.k[0, 2:].any())   # slots 2.. still empty
+        ((1, 2, 8), False)
     """
     q, k, v = project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
     start = (0, index, 0, 0)

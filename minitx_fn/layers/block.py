@@ -64,7 +64,17 @@ def apply(params: dict, x: jax.Array, *, config: ModelConfig, mask: jax.Array | 
 
 def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, config: ModelConfig,
                  index: jax.Array, mask: jax.Array) -> tuple[jax.Array, attention.KVCache]:
-    """Like `apply`, with attention reading and writing the layer's KV cache (B, S, H, K)."""
+    """Like `apply`, with attention reading and writing the layer's KV cache (B, S, H, K).
+
+    Example:
+        >>> from minitx_fn.layers.attention import KVCache, causal_mask
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=4)
+        >>> cache = KVCache(jnp.zeros((1, 4, 2, 4)), jnp.zeros((1, 4, 2, 4)))
+        >>> y, cache = apply_cached(init(jax.random.key(0), config=cfg), jnp.ones((1, 1, 8)), cache, config=cfg,
+        ...                         index=0, mask=causal_mask(1, 4)[None, None])
+        >>> y.shape
+        (1, 1, 8)
+    """
     c = config
     h, cache = attention.apply_cached(params["attn"], norm.apply(params["ln1"], x, eps=c.ln_eps), cache,
                                       index=index, mask=mask, n_heads=c.n_heads, impl=c.attention,
