@@ -124,8 +124,8 @@ def _flax_step_fn(mc: ModelConfig, tc: TrainConfig):
     return jax.jit(step, donate_argnums=0), opt, ref
 
 
-def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int) -> list[dict]:
-    mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"})
+def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, **model_options) -> list[dict]:
+    mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **model_options)
     tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
     b, t = spec["batch"], mc.max_len
     key = jax.random.key(0)
@@ -239,12 +239,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed train steps per implementation")
     p.add_argument("--blocks", type=int, default=4, help="A/B alternation blocks")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--attention", choices=["einsum", "dot_product_attention"], default="einsum",
+                   help="minitx_fn's attention path (the Flax reference is unchanged)")
+    p.add_argument("--unrolled", action="store_true", help="minitx_fn with scan_layers=False")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
 
     on_gpu = jax.devices()[0].platform == "gpu"
     names = args.configs or SUITES[args.suite] + (["gpt2-small"] if on_gpu and args.suite == "full" else [])
     result = {"device": device_info(), "versions": versions(), "suite": args.suite,
+              "options": {"attention": args.attention, "scan_layers": not args.unrolled},
               "date": time.strftime("%Y-%m-%d"), "peak_gflops": matmul_peak_gflops(jnp.float32, 2048 if on_gpu else 1024)}
     if on_gpu:
         result["peak_gflops_bf16"] = matmul_peak_gflops(jnp.bfloat16, 8192)
@@ -255,7 +259,8 @@ def main(argv=None) -> int:
         for name in names:
             print(f"train: {name}", file=sys.stderr, flush=True)
             result["train"] += bench_train(name, CONFIGS[name], result["peak_gflops"], steps=args.steps,
-                                           blocks=args.blocks)
+                                           blocks=args.blocks, attention=args.attention,
+                                           scan_layers=not args.unrolled)
         for name in names:
             if name == "gpt2-small":
                 continue

@@ -62,6 +62,7 @@ class ModelConfig:
     dtype: str = "float32"          # compute dtype of matmuls: float32, bfloat16 or float64
     param_dtype: str = "float32"    # storage dtype of parameters: float32 or float64
     attention: str = "einsum"       # "einsum" (the maths written out) or "dot_product_attention"
+    scan_layers: bool = True        # run the L blocks with lax.scan (compile time flat in L) or unrolled
     init_std: float = 0.02          # std of the normal initialisation of weight matrices
     # std of the token-embedding initialisation. The sinusoidal positions added to the
     # embeddings have entries of size ~1, so 0.02 (GPT-2's choice for learned tables)

@@ -25,6 +25,19 @@ from minitx_fn.layers import attention, block, embedding, linear, norm, position
 from minitx_fn.layers.attention import KVCache
 
 
+def _over_layers(body, carry, xs, config: ModelConfig):
+    """`lax.scan(body, carry, xs)` over the L stacked blocks, or, with
+    config.scan_layers False, the same loop unrolled in Python (one copy of the block
+    per layer in the compiled program: longer to compile, sometimes faster to run)."""
+    if config.scan_layers:
+        return jax.lax.scan(body, carry, xs)
+    ys = []
+    for i in range(config.n_layers):
+        carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
+        ys.append(y)
+    return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
+
+
 def init(key: jax.Array, config: ModelConfig) -> dict:
     """Fresh parameters for `config`; one subkey per consumer, one per block.
 
@@ -131,7 +144,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     def body(x, block_params):
         return block.apply(block_params, x, config=config, mask=mask), None
 
-    x, _ = jax.lax.scan(body, x, params["blocks"])                       # (B, T, D)
+    x, _ = _over_layers(body, x, params["blocks"], config)                # (B, T, D)
     return _logits(params, x, config)                                    # (B, T, V)
 
 
@@ -155,7 +168,7 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
         weights = attention.attention_weights(q, k, attention.causal_mask(tokens.shape[1])[None, None])
         return block.apply(block_params, x, config=config), weights                       # (B, H, T, T)
 
-    return jax.lax.scan(body, x, params["blocks"])[1]
+    return _over_layers(body, x, params["blocks"], config)[1]
 
 
 def init_cache(config: ModelConfig, batch: int) -> KVCache:
@@ -194,7 +207,7 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
         x, layer_cache = block.apply_cached(block_params, x, layer_cache, config=config, index=index, mask=mask)
         return x, layer_cache
 
-    x, cache = jax.lax.scan(body, x, (params["blocks"], cache))          # cache (L, B, S, H, K)
+    x, cache = _over_layers(body, x, (params["blocks"], cache), config)  # cache (L, B, S, H, K)
     return _logits(params, x, config), cache
 
 

@@ -149,9 +149,10 @@ def _model_case(c: ModelConfig, key: jax.Array):
     return params, data[:, :-1], data[:, 1:]
 
 
-@pytest.mark.parametrize("dtype, impl", [("float32", "einsum"), ("float64", "einsum"),
-                                         ("float32", "dot_product_attention")])
-def test_model_matches_flax(dtype, impl, key):
+@pytest.mark.parametrize("dtype, impl, scan", [("float32", "einsum", True), ("float64", "einsum", True),
+                                               ("float32", "dot_product_attention", True),
+                                               ("float32", "einsum", False)])
+def test_model_matches_flax(dtype, impl, scan, key):
     """Logits, loss, every gradient and one Adam update of the whole model.
 
     No float64 case for impl="dot_product_attention": `jax.nn.dot_product_attention`
@@ -159,7 +160,7 @@ def test_model_matches_flax(dtype, impl, key):
     about 1e-7, not 1e-10.
     """
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
-        c = _config(dtype).replace(attention=impl)
+        c = _config(dtype).replace(attention=impl, scan_layers=scan)
         tol = TOLERANCE[dtype]
         params, tokens, targets = _model_case(c, key)
         to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731

@@ -18,10 +18,11 @@ PARAMS = model.init(jax.random.key(11), CFG)
 
 
 @given(b=st.sampled_from([1, 3]), prompt_len=st.sampled_from([1, 5, 8]), n_new=st.sampled_from([6, 30]),
-       seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(["einsum", "dot_product_attention"]))
-def test_cached_greedy_equals_recompute_inside_and_after_the_window(b, prompt_len, n_new, seed, impl):
+       seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(["einsum", "dot_product_attention"]),
+       scan=st.booleans())
+def test_cached_greedy_equals_recompute_inside_and_after_the_window(b, prompt_len, n_new, seed, impl, scan):
     """n_new = 30 with a window of 8 slides the window several times."""
-    cfg = CFG.replace(attention=impl)
+    cfg = CFG.replace(attention=impl, scan_layers=scan)
     k1, k2 = jax.random.split(jax.random.key(seed))
     params = model.init(k1, cfg)
     prompts = np.asarray(jax.random.randint(k2, (b, prompt_len), 0, cfg.vocab_size))
