@@ -205,9 +205,16 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
         prefill_late = _median_ms(make(late, 1), r)
         early = (_median_ms(make(short, probe_tokens), r) - prefill_short) / (probe_tokens - 1)
         late_ms = (_median_ms(make(late, probe_tokens), r) - prefill_late) / (probe_tokens - 1)
-        rows.append({"config": name, "batch": batch, "mode": mode, "new_tokens": new_tokens,
-                     "prefill_ms": round(prefill_short, 3), "tokens_per_s": round(batch * new_tokens / total_ms * 1e3, 1),
-                     "ms_per_token_early": round(early, 3), "ms_per_token_late": round(late_ms, 3)})
+        row = {"config": name, "batch": batch, "mode": mode, "new_tokens": new_tokens,
+               "prefill_ms": round(prefill_short, 3), "tokens_per_s": round(batch * new_tokens / total_ms * 1e3, 1),
+               "ms_per_token_early": round(early, 3), "ms_per_token_late": round(late_ms, 3)}
+        if mode == "cached":
+            # Each decode step must read every parameter and the whole (L, B, S, H, K) key and value cache.
+            cache = model.init_cache(mc, batch)
+            bytes_read = sum(a.nbytes for a in jax.tree.leaves(params)) + cache.k.nbytes + cache.v.nbytes
+            row["bytes_per_token"] = int(bytes_read)
+            row["achieved_gbs"] = round(bytes_read / (late_ms / 1e3) / 1e9, 2)
+        rows.append(row)
     return rows
 
 
@@ -225,11 +232,14 @@ def print_table(result: dict, out=None) -> None:
         print(f"| {r['config']} | {r['impl']} | {r['compile_s']:.2f} | {r['step_ms_median']:.2f} | "
               f"{r['step_ms_min']:.2f} | {r['step_ms_max']:.2f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
               f"{r['ratio_minitx_over_flax']:.2f} |", file=out)
-    print("\n| config | batch | mode | tokens/s | prefill ms | ms/token early | ms/token late |", file=out)
-    print("|---|---|---|---|---|---|---|", file=out)
+    print("\n| config | batch | mode | tokens/s | prefill ms | ms/token early | ms/token late | GB/s read |", file=out)
+    print("|---|---|---|---|---|---|---|---|", file=out)
     for r in result["decode"]:
         print(f"| {r['config']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['prefill_ms']:.2f} | "
-              f"{r['ms_per_token_early']:.3f} | {r['ms_per_token_late']:.3f} |", file=out)
+              f"{r['ms_per_token_early']:.3f} | {r['ms_per_token_late']:.3f} | {r.get('achieved_gbs', '')} |", file=out)
+    if "copy_bandwidth_gbs" in result:
+        print(f"\nDevice copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s; "
+              f"bfloat16 matmul peak {result['peak_gflops_bf16']:.0f} GFLOP/s", file=out)
 
 
 def main(argv=None) -> int:

@@ -59,7 +59,22 @@ def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
 
 def save(run_dir: str, state: TrainState, *, data_key: jax.Array, model_config: ModelConfig,
          train_config: TrainConfig, tokenizer: Tokenizer, extra: dict[str, Any] | None = None) -> str:
-    """Write RUN/checkpoint atomically; returns its path."""
+    """Write RUN/checkpoint atomically; returns its path.
+
+    Example:
+        >>> import tempfile
+        >>> from minitx_fn.train import keys
+        >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), Tokenizer('abc')
+        >>> init_key, data_key = keys(0)
+        >>> run = tempfile.mkdtemp()
+        >>> path = save(run, init_state(init_key, cfg, tc), data_key=data_key, model_config=cfg, train_config=tc,
+        ...             tokenizer=tok)
+        >>> sorted(os.listdir(path))
+        ['meta.json', 'opt_state.npz', 'params.npz', 'rng.npz']
+        >>> ck = load(run)
+        >>> int(ck.state.step), ck.tokenizer.chars, ck.model_config == cfg
+        (0, 'abc', True)
+    """
     os.makedirs(run_dir, exist_ok=True)
     final = os.path.join(run_dir, NAME)
     tmp = tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=run_dir)
@@ -93,6 +108,12 @@ def locate(run_dir: str) -> str:
 
     If a crash fell between the two renames of `save`, only `checkpoint.old` exists:
     it is the last complete checkpoint, so use it.
+
+    Example:
+        >>> import tempfile
+        >>> locate(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        minitx_fn.checkpoint.CheckpointError: ... holds no checkpoint (no checkpoint/meta.json); train first, or point at the directory given to --out
     """
     for candidate in (run_dir, os.path.join(run_dir, NAME), os.path.join(run_dir, NAME + ".old")):
         if os.path.isfile(os.path.join(candidate, "meta.json")):
@@ -125,7 +146,13 @@ def _check_and_build(template, arrays: list[np.ndarray], names: list[str], what:
 
 
 def load(run_dir: str) -> Checkpoint:
-    """Read and validate a checkpoint; CheckpointError says exactly what is wrong."""
+    """Read and validate a checkpoint; CheckpointError says exactly what is wrong.
+
+    Example:
+        >>> load('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.checkpoint.CheckpointError: no run directory '/no/such/run'; pass the --out directory of a training run
+    """
     path = locate(run_dir)
     try:
         with open(os.path.join(path, "meta.json")) as f:

@@ -44,7 +44,17 @@ def read_metrics(metrics_path: str) -> list[dict]:
 def plot_losses(metrics_path: str, png_path: str) -> str | None:
     """Train loss (and validation loss where recorded) against step, written to png_path.
 
-    Returns png_path, or None when the run has no records yet."""
+    Returns png_path, or None when the run has no records yet.
+
+    Example:
+        >>> import os, tempfile
+        >>> run = tempfile.mkdtemp()
+        >>> with open(os.path.join(run, 'metrics.jsonl'), 'w') as f:
+        ...     _ = f.write(json.dumps({'step': 100, 'loss': 2.5, 'val_loss': 2.6}) + chr(10))
+        >>> png = plot_losses(os.path.join(run, 'metrics.jsonl'), os.path.join(run, 'loss.png'))
+        >>> os.path.getsize(png) > 0
+        True
+    """
     plt = _pyplot()
     records = read_metrics(metrics_path)
     if not records:
@@ -68,7 +78,15 @@ def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndar
     """maps (L, H, T, T), one row of panels per layer and one column per head, each
     labelled with the prompt's characters; written to png_path.
 
-    Returns the arrays as drawn, read back from the figure (for tests)."""
+    Returns the arrays as drawn, read back from the figure (for tests).
+
+    Example:
+        >>> import os, tempfile
+        >>> maps = np.tril(np.ones((1, 2, 3, 3))) / np.arange(1, 4)[:, None]     # uniform over the past
+        >>> drawn = plot_attention(maps, 'abc', os.path.join(tempfile.mkdtemp(), 'att.png'))
+        >>> len(drawn), drawn[0][2].tolist()
+        (2, [0.3333333333333333, 0.3333333333333333, 0.3333333333333333])
+    """
     plt = _pyplot()
     n_layers, n_heads, t, _ = maps.shape
     size = 0.25 * t + 1.5

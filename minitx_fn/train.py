@@ -212,6 +212,19 @@ def fit(state: TrainState, *, data: jax.Array, data_key: jax.Array, model_config
     `save(state)` is called every save_every steps, at the end and on Ctrl-C.
     With a mesh, steps run data-parallel (see `train_step`); in a multi-process run
     every process calls fit, and only process 0 should pass metrics_path and out.
+
+    Example:
+        >>> import io
+        >>> cfg = ModelConfig(vocab_size=4, d_model=8, n_heads=2, n_layers=1, max_len=4)
+        >>> tc = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=0, log_every=10)
+        >>> init_key, data_key = keys(0)
+        >>> out = io.StringIO()
+        >>> result = fit(init_state(init_key, cfg, tc), data=jnp.arange(40) % 4, data_key=data_key,
+        ...              model_config=cfg, train_config=tc, out=out)
+        >>> [line.split(',')[0] for line in out.getvalue().splitlines()]
+        ['Step 10', 'Step 20']
+        >>> int(result.state.step), result.interrupted
+        (20, False)
     """
     mc, tc = model_config, train_config
     out = out or sys.stdout
@@ -287,7 +300,16 @@ def _progress(out, step: int, steps: int, loss: float, tokens_per_s: float) -> N
 
 
 def truncate_metrics(metrics_path: str, last_step: int) -> None:
-    """Drop records after `last_step` (logged after the checkpoint a run resumes from)."""
+    """Drop records after `last_step` (logged after the checkpoint a run resumes from).
+
+    Example:
+        >>> import os, tempfile
+        >>> path = os.path.join(tempfile.mkdtemp(), 'metrics.jsonl')
+        >>> _ = open(path, 'w').write(''.join(json.dumps({'step': s}) + chr(10) for s in (100, 200, 300)))
+        >>> truncate_metrics(path, 200)
+        >>> open(path).read().split()
+        ['{"step":', '100}', '{"step":', '200}']
+    """
     if not os.path.exists(metrics_path):
         return
     with open(metrics_path) as f:

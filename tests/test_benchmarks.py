@@ -24,4 +24,6 @@ def test_quick_benchmark_writes_every_field(tmp_path, capsys):
                                                                    (8, "cached"), (8, "recompute")}
     for row in result["decode"]:
         assert all(row[f] for f in DECODE_FIELDS) and row["tokens_per_s"] > 0
+        if row["mode"] == "cached":
+            assert row["bytes_per_token"] > 0 and row["achieved_gbs"] > 0
     assert "| tiny | minitx |" in capsys.readouterr().out

@@ -53,15 +53,9 @@ def test_every_public_function_has_a_docstring(name):
 NO_EXAMPLE = {
     # Commands: exercised end to end by tests/test_cli.py.
     "minitx_fn.cli": {"build_parser", "cmd_train", "cmd_generate", "cmd_attention", "cmd_plot", "main"},
-    # File I/O on run directories: tests/test_checkpoint.py.
-    "minitx_fn.checkpoint": {"save", "locate", "load"},
     # Need several devices or processes: tests/test_distributed.py.
     "minitx_fn.distributed": {"initialize", "batch_sharding", "replicated", "state_shardings", "check_batch",
                               "put_global", "to_host", "scalar"},
-    # Write PNG files: tests/test_docs.py.
-    "minitx_fn.plot": {"plot_losses", "plot_attention"},
-    # The training loop and its bookkeeping: tests/test_train.py.
-    "minitx_fn.train": {"fit", "truncate_metrics"},
 }
 
 
