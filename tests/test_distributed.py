@@ -58,12 +58,16 @@ def test_four_devices_equal_one_device_after_three_steps():
             return jax.device_get(state.params)
 
         one = run(None, False)
+        # Measured on the scale of the parameters (max |p| is about 2): the all-reduce sums
+        # gradients in another order, and Adam's first steps, g / (|g| + eps), magnify the
+        # last-bit differences of near-zero gradient entries.
+        scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(one))
         mesh = distributed.make_mesh(4)
         for fsdp in (False, True):
             four = run(mesh, fsdp)
             err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)))
-            print("fsdp" if fsdp else "replicated", err)
-            assert err <= 1e-6, err
+            print("fsdp" if fsdp else "replicated", err, scale)
+            assert err <= 1e-6 * scale, (err, scale)
     """)
     done = subprocess.run([sys.executable, "-c", script], env=_env(4), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -103,7 +107,8 @@ def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
     # The 2-process checkpoint (step 3) against a 1-process run's parameters at step 3.
     _finish([_train(tmp_path, *TINY, "--steps", "3", "--out", "one3")])
     a, b = np.load(tmp_path / "two/checkpoint/params.npz"), np.load(tmp_path / "one3/checkpoint/params.npz")
-    assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) <= 1e-6
+    scale = max(float(np.abs(b[k]).max()) for k in b.files)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a.files) <= 1e-6 * scale
     # Resume the 2-process run in one process: the losses continue as in the uninterrupted run.
     out, _ = _finish([_train(tmp_path, "--resume", "two", "--steps", "6")])[0]
     assert "Resuming two from step 3" in out

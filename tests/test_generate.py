@@ -29,7 +29,11 @@ def test_cached_greedy_equals_recompute_inside_and_after_the_window(b, prompt_le
     ids, logits = gen.generate(params, list(prompts), config=cfg, key=k2, max_new_tokens=n_new, return_logits=True)
     ref_ids, ref_logits = gen.generate_recompute(params, prompts, config=cfg, key=k2, max_new_tokens=n_new)
     np.testing.assert_array_equal(np.stack(ids), ref_ids)
-    np.testing.assert_allclose(np.stack(logits), ref_logits, atol=1e-5, rtol=0)
+    # Within 1e-5 of the logits' scale (this test model's logits reach about 5): the
+    # cached step multiplies (1, D) rows where the recompute multiplies (S, D) blocks,
+    # and XLA's kernels for the two round differently in the last bits.
+    scale = max(1.0, float(np.abs(ref_logits).max()))
+    np.testing.assert_allclose(np.stack(logits), ref_logits, atol=1e-5 * scale, rtol=0)
 
 
 def test_cached_sampling_equals_recompute_with_the_same_keys(key):
