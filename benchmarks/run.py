@@ -221,22 +221,28 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
 # ----------------------------------------------------------------------------- report
 
 
+def _markdown_table(header: list[str], rows: list[list], out) -> None:
+    print("\n| " + " | ".join(header) + " |", file=out)
+    print("|" + "---|" * len(header), file=out)
+    for row in rows:
+        print("| " + " | ".join(str(cell) for cell in row) + " |", file=out)
+
+
 def print_table(result: dict, out=None) -> None:
     out = out or sys.stdout
     print(f"\nDevice: {result['device']['kind']} ({result['device']['platform']}); "
           f"jax {result['versions']['jax']}, flax {result['versions']['flax']}; "
           f"float32 matmul peak {result['peak_gflops']:.1f} GFLOP/s", file=out)
-    print("\n| config | impl | compile s | step ms (median) | min | max | tokens/s | MFU | minitx/flax |", file=out)
-    print("|---|---|---|---|---|---|---|---|---|", file=out)
-    for r in result["train"]:
-        print(f"| {r['config']} | {r['impl']} | {r['compile_s']:.2f} | {r['step_ms_median']:.2f} | "
-              f"{r['step_ms_min']:.2f} | {r['step_ms_max']:.2f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-              f"{r['ratio_minitx_over_flax']:.2f} |", file=out)
-    print("\n| config | batch | mode | tokens/s | prefill ms | ms/token early | ms/token late | GB/s read |", file=out)
-    print("|---|---|---|---|---|---|---|---|", file=out)
-    for r in result["decode"]:
-        print(f"| {r['config']} | {r['batch']} | {r['mode']} | {r['tokens_per_s']:,.0f} | {r['prefill_ms']:.2f} | "
-              f"{r['ms_per_token_early']:.3f} | {r['ms_per_token_late']:.3f} | {r.get('achieved_gbs', '')} |", file=out)
+    _markdown_table(
+        ["config", "impl", "compile s", "step ms (median)", "min", "max", "tokens/s", "MFU", "minitx/flax"],
+        [[r["config"], r["impl"], f"{r['compile_s']:.2f}", f"{r['step_ms_median']:.2f}", f"{r['step_ms_min']:.2f}",
+          f"{r['step_ms_max']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
+          f"{r['ratio_minitx_over_flax']:.2f}"] for r in result["train"]], out)
+    _markdown_table(
+        ["config", "batch", "mode", "tokens/s", "prefill ms", "ms/token early", "ms/token late", "GB/s read"],
+        [[r["config"], r["batch"], r["mode"], f"{r['tokens_per_s']:,.0f}", f"{r['prefill_ms']:.2f}",
+          f"{r['ms_per_token_early']:.3f}", f"{r['ms_per_token_late']:.3f}", r.get("achieved_gbs", "")]
+         for r in result["decode"]], out)
     if "copy_bandwidth_gbs" in result:
         print(f"\nDevice copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s; "
               f"bfloat16 matmul peak {result['peak_gflops_bf16']:.0f} GFLOP/s", file=out)

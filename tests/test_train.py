@@ -98,6 +98,6 @@ def test_nonfinite_loss_names_the_first_bad_step(key):
     with pytest.raises(train.NonFiniteLossError) as info:
         train.fit(state, data=ids, data_key=data_key, model_config=MC, train_config=tc,
                   save=lambda s: saved_steps.append(int(s.step)))
-    assert 1 <= info.value.step <= 200 and not np.isfinite(info.value.value)
+    assert info.value.step in range(1, 201) and not np.isfinite(info.value.value)
     # Saves happen only after a finite check of every step before them.
     assert all(step < info.value.step for step in saved_steps)
