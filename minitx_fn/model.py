@@ -202,12 +202,15 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
     check_tokens(tokens, config)
     x = _embed(params, tokens, positions, config)                        # (B, T, D)
 
-    def body(x, layer):
-        block_params, layer_cache = layer
-        x, layer_cache = block.apply_cached(block_params, x, layer_cache, config=config, index=index, mask=mask)
-        return x, layer_cache
+    # The whole (L, B, S, H, K) cache rides in the loop's carry and each layer writes
+    # its T new slots in place; passing it as the scan's xs and ys would rebuild all
+    # of it for every token.
+    def body(carry, block_params):
+        x, cache, layer = carry
+        x, cache = block.apply_cached(block_params, x, cache, config=config, index=index, mask=mask, layer=layer)
+        return (x, cache, layer + 1), None
 
-    x, cache = _over_layers(body, x, (params["blocks"], cache), config)  # cache (L, B, S, H, K)
+    (x, cache, _), _ = _over_layers(body, (x, cache, jnp.int32(0)), params["blocks"], config)
     return _logits(params, x, config), cache
 
 

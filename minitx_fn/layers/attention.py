@@ -180,7 +180,8 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = 
 
 
 def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array, mask: jax.Array,
-                 n_heads: int, impl: str = "einsum", dtype=None) -> tuple[jax.Array, KVCache]:
+                 n_heads: int, impl: str = "einsum", dtype=None, layer: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache]:
     """x (B, T, D) written at cache slots index .. index + T - 1; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
@@ -190,6 +191,10 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array
     slots not yet written, padding, and the future.
     Returns y (B, T, D) and the updated cache.
 
+    With `layer`, cache is the whole model's (L, B, S, H, K) cache and this layer's
+    slice is cache[layer]: the new keys and values are written into it in place, so
+    a decode step writes T slots, not a fresh (B, S, H, K) copy of the layer.
+
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
         >>> cache = KVCache(jnp.zeros((1, 6, 2, 4)), jnp.zeros((1, 6, 2, 4)))   # S = 6 slots
@@ -198,10 +203,14 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array
         ((1, 2, 8), False)
     """
     q, k, v = project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
-    start = (0, index, 0, 0)
+    if layer is None:
+        start, k, v = (0, index, 0, 0), k, v
+    else:
+        start, k, v = (layer, 0, index, 0, 0), k[None], v[None]            # (1, B, T, H, K)
     cache = KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),   # (B, S, H, K)
+        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),   # (B, S, H, K) or (L, ...)
         v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
     )
-    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=impl)           # (B, T, H, K)
+    layer_k, layer_v = (cache.k, cache.v) if layer is None else (cache.k[layer], cache.v[layer])
+    y = scaled_dot_product(q, layer_k, layer_v, mask, impl=impl)           # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache

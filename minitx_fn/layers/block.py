@@ -63,7 +63,8 @@ def apply(params: dict, x: jax.Array, *, config: ModelConfig, mask: jax.Array | 
 
 
 def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, config: ModelConfig,
-                 index: jax.Array, mask: jax.Array) -> tuple[jax.Array, attention.KVCache]:
+                 index: jax.Array, mask: jax.Array, layer: jax.Array | None = None
+                 ) -> tuple[jax.Array, attention.KVCache]:
     """Like `apply`, with attention reading and writing the layer's KV cache (B, S, H, K).
 
     Example:
@@ -78,5 +79,5 @@ def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, config
     c = config
     h, cache = attention.apply_cached(params["attn"], norm.apply(params["ln1"], x, eps=c.ln_eps), cache,
                                       index=index, mask=mask, n_heads=c.n_heads, impl=c.attention,
-                                      dtype=c.compute_dtype)
+                                      dtype=c.compute_dtype, layer=layer)
     return _feedforward_half(params, x + h.astype(c.residual_dtype), c), cache
