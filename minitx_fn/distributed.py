@@ -29,8 +29,8 @@ def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
     Example (in each of two processes, with process_id 0 and 1):
         initialize("10.0.0.1:1234", num_processes=2, process_id=0)
     """
-    if jax.config.jax_platforms in (None, "", "cpu") or "cpu" in str(jax.config.jax_platforms):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Only the CPU client reads this setting; GPU runs use NCCL whatever it says.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 

@@ -214,17 +214,27 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
     return _logits(params, x, config), cache
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean over (B, T) of -log softmax(logits)[target].
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits (B, T, V), targets (B, T) -> (B, T): -log softmax(logits)[target] per position.
 
     log_softmax and a gather of the target's entry: no (B, T, V) one-hot.
+
+    Example:
+        >>> token_losses(jnp.zeros((1, 2, 4)), jnp.array([[2, 0]])).shape
+        (1, 2)
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)                           # (B, T, V)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over (B, T) of -log softmax(logits)[target].
 
     Example:
         >>> float(cross_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]])))  # uniform: log 4
         1.3862943649291992
     """
-    logp = jax.nn.log_softmax(logits, axis=-1)                           # (B, T, V)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1).mean()
+    return token_losses(logits, targets).mean()
 
 
 def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelConfig) -> jax.Array:
@@ -239,5 +249,5 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
     return cross_entropy(apply(params, tokens, config=config), targets)
 
 
-__all__ = ["KVCache", "apply", "attention_maps", "apply_cached", "check_tokens", "count_params", "cross_entropy",
+__all__ = ["KVCache", "apply", "attention_maps", "token_losses", "apply_cached", "check_tokens", "count_params", "cross_entropy",
            "init", "init_cache", "loss", "param_shapes"]

@@ -142,9 +142,7 @@ def train_step(state: TrainState, data: jax.Array, data_key: jax.Array, *, model
 def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, config: ModelConfig) -> jax.Array:
     """windows (B, T + 1), weights (B,) -> sum over rows of weight * mean token loss of the row."""
     logits = model.apply(params, windows[:, :-1], config=config)                       # (B, T, V)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    token_loss = -jnp.take_along_axis(logp, windows[:, 1:, None], axis=-1)[..., 0]      # (B, T)
-    return jnp.sum(token_loss.mean(axis=1) * weights)
+    return jnp.sum(model.token_losses(logits, windows[:, 1:]).mean(axis=1) * weights)
 
 
 def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 64) -> float:
