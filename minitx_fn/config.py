@@ -10,10 +10,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+
+# What the backward pass may keep from the forward pass of a block; everything else
+# it recomputes (`jax.checkpoint`). Keeping only the outputs of the weight matmuls
+# ("matmuls") recomputes layer norms, GELU and attention in the backward pass, and
+# on a CPU is much faster than keeping everything ("none"): every kept (B, T, ...)
+# tensor is written into an (L, ...) stack by the layer scan and read back, and that
+# traffic costs more than the arithmetic saved (benchmarks/NOTES.md).
+REMAT_POLICIES = {
+    "none": None,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 def at_least_float32(dtype):
@@ -63,6 +77,14 @@ class ModelConfig:
     param_dtype: str = "float32"    # storage dtype of parameters: float32 or float64
     attention: str = "einsum"       # "einsum" (the maths written out) or "dot_product_attention"
     scan_layers: bool = True        # run the L blocks with lax.scan (compile time flat in L) or unrolled
+    # Causal self-attention runs in blocks of this many query rows, skipping the key
+    # blocks above the diagonal (attention.causal_blockwise); 0 computes the whole
+    # (T, T) score matrix at once. Measured in benchmarks/NOTES.md.
+    attention_block: int = 128
+    # What a block's backward pass keeps from its forward pass rather than recomputes:
+    # "matmuls" (outputs of the weight matmuls), "dots" (also attention's), "full"
+    # (nothing), "none" (everything); REMAT_POLICIES says why "matmuls".
+    remat: str = "matmuls"
     init_std: float = 0.02          # std of the normal initialisation of weight matrices
     # std of the token-embedding initialisation. The sinusoidal positions added to the
     # embeddings have entries of size ~1, so 0.02 (GPT-2's choice for learned tables)
@@ -81,6 +103,11 @@ class ModelConfig:
             f"it must be divisible by n_heads={self.n_heads}; "
             f"try d_model={self.n_heads * max(1, round(self.d_model / self.n_heads))}",
         )
+        _require(
+            isinstance(self.attention_block, int) and self.attention_block >= 0, "attention_block",
+            self.attention_block, "it must be a whole number >= 0 (0: no blocks)",
+        )
+        _require(self.remat in REMAT_POLICIES, "remat", self.remat, f"choose one of {list(REMAT_POLICIES)}")
         _require(self.ln_eps > 0, "ln_eps", self.ln_eps, "it must be > 0")
         _require(self.init_std > 0, "init_std", self.init_std, "it must be > 0")
         _require(self.embed_std > 0, "embed_std", self.embed_std, "it must be > 0")

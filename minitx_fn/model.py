@@ -20,9 +20,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn.config import ModelConfig
+from minitx_fn.config import REMAT_POLICIES, ModelConfig
 from minitx_fn.layers import attention, block, embedding, linear, norm, positional
 from minitx_fn.layers.attention import KVCache
+
+
+def _rematerialised(body, config: ModelConfig):
+    """`body` under `config.remat`'s `jax.checkpoint` policy (unchanged for "none").
+
+    prevent_cse=False inside a scan, where the loop already keeps XLA from merging
+    the recomputation back into the forward pass (the JAX docs' advice).
+    """
+    if config.remat == "none":
+        return body
+    return jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
 
 
 def _over_layers(body, carry, xs, config: ModelConfig):
@@ -144,7 +155,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     def body(x, block_params):
         return block.apply(block_params, x, config=config, mask=mask), None
 
-    x, _ = _over_layers(body, x, params["blocks"], config)                # (B, T, D)
+    x, _ = _over_layers(_rematerialised(body, config), x, params["blocks"], config)   # (B, T, D)
     return _logits(params, x, config)                                    # (B, T, V)
 
 

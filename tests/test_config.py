@@ -27,6 +27,9 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     ({"dtype": "float16"}, "dtype='float16'", "choose one of"),
     ({"attention": "flash"}, "attention='flash'", "choose one of"),
     ({"ln_eps": 0.0}, "ln_eps=0.0", "> 0"),
+    ({"attention_block": -1}, "attention_block=-1", ">= 0"),
+    ({"attention_block": 2.0}, "attention_block=2.0", "whole number"),
+    ({"remat": "some"}, "remat='some'", "choose one of"),
 ])
 def test_model_config_rejects_bad_values(changes, field, hint):
     kwargs = {"vocab_size": 10, "d_model": 32, "n_heads": 4} | changes

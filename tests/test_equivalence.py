@@ -25,7 +25,9 @@ TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
 
 
 def _config(dtype: str) -> ModelConfig:
-    return ModelConfig(vocab_size=11, d_model=24, n_heads=3, n_layers=2, max_len=16, dtype=dtype, param_dtype=dtype)
+    """attention_block=3 < T: the layer cases (T = 7) run attention in ragged blocks 3, 3, 1."""
+    return ModelConfig(vocab_size=11, d_model=24, n_heads=3, n_layers=2, max_len=16, dtype=dtype, param_dtype=dtype,
+                       attention_block=3)
 
 
 def _case(name: str, c: ModelConfig, key: jax.Array):
@@ -57,7 +59,8 @@ def _case(name: str, c: ModelConfig, key: jax.Array):
         return p, lambda p: feedforward.apply(p, x, dtype=dt), flax_apply(ref.FlaxMLP(c), (x,)), ref.to_flax_mlp
     if name == "attention":
         p = attention.init(k_init, d_model=c.d_model, n_heads=c.n_heads, std=0.3, dtype=dt)
-        return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, impl=c.attention, dtype=dt),
+        return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, impl=c.attention, dtype=dt,
+                                                   block=c.attention_block),
                 flax_apply(ref.FlaxAttention(c), (x,)), lambda p: ref.to_flax_attention(p, c.n_heads))
     if name == "block":
         p = block.init(k_init, config=c.replace(init_std=0.3))
@@ -149,18 +152,23 @@ def _model_case(c: ModelConfig, key: jax.Array):
     return params, data[:, :-1], data[:, 1:]
 
 
-@pytest.mark.parametrize("dtype, impl, scan", [("float32", "einsum", True), ("float64", "einsum", True),
-                                               ("float32", "dot_product_attention", True),
-                                               ("float32", "einsum", False)])
-def test_model_matches_flax(dtype, impl, scan, key):
+@pytest.mark.parametrize("dtype, impl, scan, block, remat", [
+    ("float32", "einsum", True, 0, "none"),                   # the formulas as written, nothing recomputed
+    ("float32", "einsum", True, 3, "matmuls"),                # the defaults, with blocks at this T
+    ("float64", "einsum", True, 3, "matmuls"),
+    ("float32", "dot_product_attention", True, 3, "dots"),
+    ("float32", "einsum", False, 5, "full"),
+])
+def test_model_matches_flax(dtype, impl, scan, block, remat, key):
     """Logits, loss, every gradient and one Adam update of the whole model.
 
-    No float64 case for impl="dot_product_attention": `jax.nn.dot_product_attention`
+    Attention blocks (3 and 5 rows over T = 8) and every rematerialisation policy
+    must change nothing but rounding. No float64 case for impl="dot_product_attention": `jax.nn.dot_product_attention`
     always computes its softmax in float32, so it agrees with float64 maths only to
     about 1e-7, not 1e-10.
     """
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
-        c = _config(dtype).replace(attention=impl, scan_layers=scan)
+        c = _config(dtype).replace(attention=impl, scan_layers=scan, attention_block=block, remat=remat)
         tol = TOLERANCE[dtype]
         params, tokens, targets = _model_case(c, key)
         to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731

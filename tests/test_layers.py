@@ -209,6 +209,26 @@ def test_attention_impls_agree(key, impl):
                                    attention.apply(p, x, n_heads=3, mask=m, impl="einsum"), rtol=1e-5, atol=1e-6)
 
 
+@given(t=LENGTHS, block=st.sampled_from([0, 1, 2, 3, 8]), impl=st.sampled_from(["einsum", "dot_product_attention"]),
+       seed=SEEDS)
+def test_causal_blockwise_equals_the_whole_score_matrix(t, block, impl, seed):
+    """Skipping the masked key blocks changes nothing but rounding, for every block
+    size, dividing T or not (ragged last block), larger than T or 0 (one block)."""
+    q, k, v = 2.0 * jax.random.normal(jax.random.key(seed), (3, 2, t, 2, 4))
+    whole = attention.scaled_dot_product(q, k, v, attention.causal_mask(t)[None, None], impl=impl)
+    np.testing.assert_allclose(attention.causal_blockwise(q, k, v, block=block, impl=impl), whole,
+                               rtol=1e-5, atol=1e-6)
+
+
+@given(t=st.integers(1, 40), block=st.integers(0, 12))
+def test_query_blocks_tile_the_rows_in_order(t, block):
+    spans = attention.query_blocks(t, block)
+    assert spans[0][0] == 0 and spans[-1][1] == t
+    assert all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))           # contiguous
+    assert all(0 < b - a <= (block or t) for a, b in spans)
+    assert len(spans) == (math.ceil(t / block) if block else 1)
+
+
 def test_split_and_merge_heads_are_inverse(key):
     x = jax.random.normal(key, (2, 3, 12))
     h = attention.split_heads(x, 3)

@@ -126,6 +126,42 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     raise ValueError(f"unknown attention impl {impl!r}; choose one of {list(IMPLS)}")
 
 
+def query_blocks(t: int, block: int) -> list[tuple[int, int]]:
+    """[start, stop) spans of at most `block` query rows covering 0 .. t - 1 (one span if block is 0).
+
+    Example:
+        >>> query_blocks(5, 2), query_blocks(5, 0)
+        ([(0, 2), (2, 4), (4, 5)], [(0, 5)])
+    """
+    step = block or t
+    return [(a, min(a + step, t)) for a in range(0, t, step)]
+
+
+def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int,
+                     impl: str = "einsum") -> jax.Array:
+    """Causal self-attention one block of query rows at a time: q, k, v (B, T, H, K) -> (B, T, H, K).
+
+    Under the causal mask, queries [a, b) may only look at keys [0, b): their scores
+    against keys [b, T) are all masked, and a masked score adds exactly zero to the
+    softmax (exp(-inf) = 0), so those blocks are never computed. With T/c blocks of c
+    rows that is T(T + c)/2 scores instead of T^2 (at T = 256, c = 128: 3/4), and
+    every block's (B, H, c, b) scores are small enough to stay in cache. Each block
+    is `scaled_dot_product` on its own rows, so the result equals the one-block
+    formula up to float rounding (tested).
+
+    Example:
+        >>> q = jax.random.normal(jax.random.key(0), (1, 6, 2, 4))
+        >>> whole = scaled_dot_product(q, q, q, causal_mask(6)[None, None])
+        >>> bool(jnp.allclose(causal_blockwise(q, q, q, block=4), whole, atol=1e-6))
+        True
+    """
+    t = q.shape[1]
+    mask = causal_mask(t)[None, None]                                       # (1, 1, T, T)
+    rows = [scaled_dot_product(q[:, a:b], k[:, :b], v[:, :b], mask[..., a:b, :b], impl=impl)
+            for a, b in query_blocks(t, block)]                             # each (B, b - a, H, K)
+    return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
+
+
 # ----------------------------------------------------------------------------- layer
 
 
@@ -161,11 +197,12 @@ def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Ar
 
 
 def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = None,
-          impl: str = "einsum", dtype=None) -> jax.Array:
+          impl: str = "einsum", dtype=None, block: int = 0) -> jax.Array:
     """(B, T, D) -> (B, T, D): self-attention of x over itself.
 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
-    None means causal.
+    None means causal, computed in query blocks of `block` rows (0: one block; see
+    `causal_blockwise`).
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
@@ -174,8 +211,9 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = 
     """
     q, k, v = project_qkv(params, x, n_heads, dtype)
     if mask is None:
-        mask = causal_mask(x.shape[1])[None, None]                         # (1, 1, T, T)
-    y = scaled_dot_product(q, k, v, mask, impl=impl)                       # (B, T, H, K)
+        y = causal_blockwise(q, k, v, block=block, impl=impl)              # (B, T, H, K)
+    else:
+        y = scaled_dot_product(q, k, v, mask, impl=impl)                   # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype)        # (B, T, D)
 
 

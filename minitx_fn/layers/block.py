@@ -58,7 +58,7 @@ def apply(params: dict, x: jax.Array, *, config: ModelConfig, mask: jax.Array | 
     """
     c = config
     h = attention.apply(params["attn"], norm.apply(params["ln1"], x, eps=c.ln_eps), n_heads=c.n_heads,
-                        mask=mask, impl=c.attention, dtype=c.compute_dtype)
+                        mask=mask, impl=c.attention, dtype=c.compute_dtype, block=c.attention_block)
     return _feedforward_half(params, x + h.astype(c.residual_dtype), c)
 
 
