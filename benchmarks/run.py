@@ -16,6 +16,7 @@ the same run.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import platform
 import resource
@@ -38,6 +39,7 @@ CONFIGS = {
     "medium": dict(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_len=256, batch=8),
     "gpt2-small": dict(vocab_size=65, d_model=768, n_layers=12, n_heads=12, max_len=1024, batch=8),
 }
+LOOP_STEPS = {"tiny": 100, "baby": 50, "medium": 10, "gpt2-small": 10}     # ~1-10 s per timed run on this CPU
 SUITES = {"quick": ["tiny", "baby"], "full": ["tiny", "baby", "medium"]}
 
 
@@ -67,8 +69,15 @@ def _jaxlib_version() -> str:
 
 def versions() -> dict:
     import flax
-    return {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": _jaxlib_version(),
-            "optax": optax.__version__, "flax": flax.__version__, "numpy": np.__version__}
+    found = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": _jaxlib_version(),
+             "optax": optax.__version__, "flax": flax.__version__, "numpy": np.__version__}
+    try:
+        import torch
+        found["torch"] = torch.__version__
+        found["torch_threads"] = torch.get_num_threads()
+    except ImportError:
+        pass
+    return found
 
 
 def matmul_peak_gflops(dtype, n: int, reps: int = 10) -> float:
@@ -124,7 +133,28 @@ def _flax_step_fn(mc: ModelConfig, tc: TrainConfig):
     return jax.jit(step, donate_argnums=0), opt, ref
 
 
-def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, **model_options) -> list[dict]:
+def _torch_step(mc: ModelConfig, tc: TrainConfig, params: dict, x, y):
+    """PyTorch eager's train step on the same weights and batch, or None without torch.
+
+    The first loss is checked against ours, so the rows time the same model.
+    """
+    try:
+        import torch
+    except ImportError:
+        print("torch rows skipped: PyTorch is not installed (pip install torch)", file=sys.stderr)
+        return None
+    from benchmarks import torch_reference
+
+    step, _ = torch_reference.make_step(mc, tc, params)
+    xt, yt = (torch.from_numpy(np.array(a)).long() for a in (x, y))
+    first, ours = float(step(xt, yt)), float(model.loss(params, x, y, config=mc))
+    if abs(first - ours) > 1e-4 * max(1.0, abs(ours)):
+        raise AssertionError(f"PyTorch's first loss {first} differs from minitx_fn's {ours}")
+    return lambda: step(xt, yt)
+
+
+def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, with_torch: bool = True,
+                **model_options) -> list[dict]:
     mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **model_options)
     tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
     b, t = spec["batch"], mc.max_len
@@ -134,49 +164,103 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
 
     ours_state = train.init_state(key, mc, tc)
     flops = train.model_flops_per_step(mc, b, train.non_embedding_params(ours_state.params))
+    torch_step = _torch_step(mc, tc, ours_state.params, x, y) if with_torch and mc.dtype == "float32" else None
     t0 = time.perf_counter()
     compiled_ours = train.update.lower(ours_state, x, y, model_config=mc, train_config=tc).compile()
-    compile_ours = time.perf_counter() - t0
+    compile_s = {"minitx": time.perf_counter() - t0}
 
     flax_step, flax_opt, ref = _flax_step_fn(mc, tc)
     variables = jax.tree.map(jnp.copy, ref.to_flax_model(ours_state.params, mc))   # own buffers: both donate
     flax_state = (variables, flax_opt.init(variables))
     t0 = time.perf_counter()
     compiled_flax = flax_step.lower(flax_state, x, y).compile()
-    compile_flax = time.perf_counter() - t0
+    compile_s["flax"] = time.perf_counter() - t0
 
     states = {"minitx": ours_state, "flax": flax_state}
-    steps_of = {"minitx": compiled_ours, "flax": compiled_flax}
+
+    def jax_step(impl, compiled):
+        def one():
+            states[impl], out = compiled(states[impl], x, y)
+            return out
+        return one
+
+    steps_of = {"minitx": jax_step("minitx", compiled_ours), "flax": jax_step("flax", compiled_flax)}
+    if torch_step is not None:
+        steps_of["torch"], compile_s["torch"] = torch_step, None                 # eager: nothing compiled
 
     def run(impl: str, n: int) -> list[float]:
         """n timed steps of one implementation, each ending in block_until_ready."""
-        times = []
-        for _ in range(n):
-            t1 = time.perf_counter()
-            states[impl], out = steps_of[impl](states[impl], x, y)
-            _sync(out)
-            times.append(time.perf_counter() - t1)
-        return times
+        return [_timed(steps_of[impl]) for _ in range(n)]
 
-    run("minitx", 2), run("flax", 2)                             # warm-up
+    for impl in steps_of:                                        # warm-up
+        run(impl, 2)
     per_block = max(1, steps // blocks)
-    ours_times, flax_times, ratios = [], [], []
+    times = {impl: [] for impl in steps_of}
+    block_medians = {impl: [] for impl in steps_of}
     for _ in range(blocks):
-        a, c = run("minitx", per_block), run("flax", per_block)
-        ours_times += a
-        flax_times += c
-        ratios.append(statistics.median(a) / statistics.median(c))
-    ratio = statistics.median(ratios)
+        for impl in steps_of:
+            block = run(impl, per_block)
+            times[impl] += block
+            block_medians[impl].append(statistics.median(block))
+
+    def paired(other: str) -> float | None:
+        """Median over blocks of median(minitx) / median(other) in the same block."""
+        if other not in block_medians:
+            return None
+        return round(statistics.median(a / c for a, c in zip(block_medians["minitx"], block_medians[other])), 3)
+
     rows = []
-    for impl, times, compile_s in (("minitx", ours_times, compile_ours), ("flax", flax_times, compile_flax)):
-        med = statistics.median(times)
-        rows.append({"config": name, "impl": impl, "batch": b, "context": t, "compile_s": round(compile_s, 3),
-                     "steps": len(times), "step_ms_median": round(1e3 * med, 3),
-                     "step_ms_min": round(1e3 * min(times), 3), "step_ms_max": round(1e3 * max(times), 3),
+    for impl, ts in times.items():
+        med = statistics.median(ts)
+        rows.append({"config": name, "impl": impl, "batch": b, "context": t, "compile_s": compile_s[impl] and round(compile_s[impl], 3),
+                     "steps": len(ts), "step_ms_median": round(1e3 * med, 3),
+                     "step_ms_min": round(1e3 * min(ts), 3), "step_ms_max": round(1e3 * max(ts), 3),
                      "tokens_per_s": round(b * t / med, 1), "model_gflops_per_step": round(flops / 1e9, 3),
                      "mfu": round(flops / med / (peak * 1e9), 4), "peak_memory_mb": round(peak_memory_mb(), 1),
-                     "ratio_minitx_over_flax": round(ratio, 3)})
+                     "ratio_minitx_over_flax": paired("flax"), "ratio_minitx_over_torch": paired("torch")})
     return rows
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 3, **model_options) -> dict:
+    """tokens/s of `train.fit` (the loop behind `minitx train`) against the bare jitted step.
+
+    Bare: `steps` calls of `train.train_step` back to back, one sync at the end.
+    Loop: `train.fit` over the same number of steps, logging every 10 (losses fetched
+    then, checked for NaN, a line printed), no evaluation or checkpoint. Both start
+    compiled; runs alternate, bare then loop, `reps` times; medians are reported.
+    """
+    mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **model_options)
+    tc = TrainConfig(steps=steps, batch_size=spec["batch"], warmup=0, log_every=10, eval_every=10 * steps,
+                     save_every=10 * steps)                    # one config: the loop reuses the bare step's compile
+    init_key, data_key = train.keys(0)
+    data = jax.random.randint(data_key, (100_000,), 0, mc.vocab_size)
+
+    def bare(state, n: int):
+        for _ in range(n):
+            state, metrics = train.train_step(state, data, data_key, model_config=mc, train_config=tc,
+                                              mesh=None, fsdp=False)      # as fit calls it
+        return metrics["loss"]
+
+    def loop(state, n: int):
+        return train.fit(state, data=data, data_key=data_key, model_config=mc, train_config=tc,
+                         out=io.StringIO()).state.step
+
+    def fresh():
+        return train.init_state(init_key, mc, tc)
+
+    _sync(bare(fresh(), 1))                                                 # compile (both share train_step)
+    times = {"bare": [], "loop": []}
+    for _ in range(reps):
+        for kind, run in (("bare", bare), ("loop", loop)):
+            state = _sync(fresh())
+            times[kind].append(_timed(lambda: run(state, steps)))
+    tokens = steps * spec["batch"] * mc.max_len
+    bare_tps, loop_tps = (tokens / statistics.median(times[k]) for k in ("bare", "loop"))
+    return {"config": name, "steps": steps, "bare_tokens_per_s": round(bare_tps, 1),
+            "loop_tokens_per_s": round(loop_tps, 1), "loop_over_bare": round(loop_tps / bare_tps, 3)}
 
 
 # ----------------------------------------------------------------------------- decode
@@ -234,18 +318,36 @@ def print_table(result: dict, out=None) -> None:
           f"jax {result['versions']['jax']}, flax {result['versions']['flax']}; "
           f"float32 matmul peak {result['peak_gflops']:.1f} GFLOP/s", file=out)
     _markdown_table(
-        ["config", "impl", "compile s", "step ms (median)", "min", "max", "tokens/s", "MFU", "minitx/flax"],
-        [[r["config"], r["impl"], f"{r['compile_s']:.2f}", f"{r['step_ms_median']:.2f}", f"{r['step_ms_min']:.2f}",
+        ["config", "impl", "compile s", "step ms (median)", "min", "max", "tokens/s", "MFU", "minitx/flax",
+         "minitx/torch"],
+        [[r["config"], r["impl"], "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}", f"{r['step_ms_median']:.2f}", f"{r['step_ms_min']:.2f}",
           f"{r['step_ms_max']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
-          f"{r['ratio_minitx_over_flax']:.2f}"] for r in result["train"]], out)
+          *(f"{r[k]:.2f}" if r["impl"] == "minitx" and r[k] is not None else "" for k in
+            ("ratio_minitx_over_flax", "ratio_minitx_over_torch"))] for r in result["train"]], out)
+    _markdown_table(
+        ["config", "steps", "bare step tokens/s", "train.fit tokens/s", "fit/bare"],
+        [[r["config"], r["steps"], f"{r['bare_tokens_per_s']:,.0f}", f"{r['loop_tokens_per_s']:,.0f}",
+          f"{r['loop_over_bare']:.3f}"] for r in result["loop"]], out)
     _markdown_table(
         ["config", "batch", "mode", "tokens/s", "prefill ms", "ms/token early", "ms/token late", "GB/s read"],
         [[r["config"], r["batch"], r["mode"], f"{r['tokens_per_s']:,.0f}", f"{r['prefill_ms']:.2f}",
           f"{r['ms_per_token_early']:.3f}", f"{r['ms_per_token_late']:.3f}", r.get("achieved_gbs", "")]
          for r in result["decode"]], out)
+    if "peak_gflops_bf16" in result:
+        print(f"\nbfloat16 matmul peak {result['peak_gflops_bf16']:.0f} GFLOP/s", file=out)
     if "copy_bandwidth_gbs" in result:
-        print(f"\nDevice copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s; "
-              f"bfloat16 matmul peak {result['peak_gflops_bf16']:.0f} GFLOP/s", file=out)
+        print(f"Device copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s", file=out)
+
+
+def _model_option(text: str) -> tuple[str, object]:
+    """'remat=none' -> ('remat', 'none'); numbers and booleans parsed, other values kept as text."""
+    field, sep, value = text.partition("=")
+    if not sep or field not in ModelConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FIELD=VALUE with FIELD one of ModelConfig's fields")
+    try:
+        return field, json.loads(value)
+    except json.JSONDecodeError:
+        return field, value
 
 
 def main(argv=None) -> int:
@@ -255,28 +357,44 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed train steps per implementation")
     p.add_argument("--blocks", type=int, default=4, help="A/B alternation blocks")
     p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--loop-steps", type=int, help="steps per timed run of the training-loop check "
+                                                     "(default per config: " + str(LOOP_STEPS) + ")")
     p.add_argument("--attention", choices=["einsum", "dot_product_attention"], default="einsum",
                    help="minitx_fn's attention path (the Flax reference is unchanged)")
     p.add_argument("--unrolled", action="store_true", help="minitx_fn with scan_layers=False")
+    p.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE", type=_model_option,
+                   help="any other ModelConfig field for minitx_fn, e.g. remat=none, attention_block=0 "
+                        "(the Flax reference is unchanged)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype of both models; MFU is against the peak of this dtype")
+    p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows even if torch is installed")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
 
     on_gpu = jax.devices()[0].platform == "gpu"
     names = args.configs or SUITES[args.suite] + (["gpt2-small"] if on_gpu and args.suite == "full" else [])
     result = {"device": device_info(), "versions": versions(), "suite": args.suite,
-              "options": {"attention": args.attention, "scan_layers": not args.unrolled},
+              "options": {"attention": args.attention, "scan_layers": not args.unrolled, "dtype": args.dtype,
+                          **dict(args.option)},
               "date": time.strftime("%Y-%m-%d"), "peak_gflops": matmul_peak_gflops(jnp.float32, 2048 if on_gpu else 1024)}
     if on_gpu:
-        result["peak_gflops_bf16"] = matmul_peak_gflops(jnp.bfloat16, 8192)
         result["peak_gflops"] = matmul_peak_gflops(jnp.float32, 8192)
         result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
-    result["train"], result["decode"] = [], []
+    if on_gpu or args.dtype == "bfloat16":
+        result["peak_gflops_bf16"] = matmul_peak_gflops(jnp.bfloat16, 8192 if on_gpu else 1024)
+    result["train"], result["loop"], result["decode"] = [], [], []
     with jax.numpy_dtype_promotion("standard"):
         for name in names:
             print(f"train: {name}", file=sys.stderr, flush=True)
-            result["train"] += bench_train(name, CONFIGS[name], result["peak_gflops"], steps=args.steps,
-                                           blocks=args.blocks, attention=args.attention,
-                                           scan_layers=not args.unrolled)
+            peak = result["peak_gflops_bf16" if args.dtype == "bfloat16" else "peak_gflops"]
+            result["train"] += bench_train(name, CONFIGS[name], peak, steps=args.steps, blocks=args.blocks,
+                                           with_torch=not args.no_torch, attention=args.attention,
+                                           scan_layers=not args.unrolled, dtype=args.dtype, **dict(args.option))
+        for name in names:
+            print(f"loop: {name}", file=sys.stderr, flush=True)
+            result["loop"].append(bench_loop(name, CONFIGS[name], steps=args.loop_steps or LOOP_STEPS[name],
+                                             attention=args.attention, scan_layers=not args.unrolled,
+                                             dtype=args.dtype, **dict(args.option)))
         for name in names:
             if name == "gpt2-small":
                 continue

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import json
 
+import importlib.util
+
+import pytest
+
 from benchmarks.run import main
+
+HAVE_TORCH = importlib.util.find_spec("torch") is not None
 
 TRAIN_FIELDS = ["config", "impl", "compile_s", "step_ms_median", "step_ms_min", "step_ms_max", "tokens_per_s", "mfu"]
 DECODE_FIELDS = ["config", "batch", "mode", "tokens_per_s", "ms_per_token_early", "ms_per_token_late"]
@@ -13,13 +19,21 @@ DECODE_FIELDS = ["config", "batch", "mode", "tokens_per_s", "ms_per_token_early"
 
 def test_quick_benchmark_writes_every_field(tmp_path, capsys):
     out = tmp_path / "out.json"
-    assert main(["--configs", "tiny", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--json", str(out)]) == 0
+    assert main(["--configs", "tiny", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--loop-steps", "3",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["device"]["platform"] and result["versions"]["jax"] and result["peak_gflops"] > 0
-    assert {r["impl"] for r in result["train"]} == {"minitx", "flax"}
+    assert {r["impl"] for r in result["train"]} == {"minitx", "flax"} | ({"torch"} if HAVE_TORCH else set())
     for row in result["train"]:
-        assert all(row[f] for f in TRAIN_FIELDS)
-        assert all(row[f] > 0 for f in TRAIN_FIELDS[2:]) and row["ratio_minitx_over_flax"] > 0
+        fields = [f for f in TRAIN_FIELDS if not (f == "compile_s" and row["impl"] == "torch")]   # eager
+        assert all(row[f] for f in fields)
+        assert all(row[f] > 0 for f in fields[2:])
+    ours = next(r for r in result["train"] if r["impl"] == "minitx")
+    assert ours["ratio_minitx_over_flax"] > 0
+    assert (ours["ratio_minitx_over_torch"] or 0) > 0 if HAVE_TORCH else ours["ratio_minitx_over_torch"] is None
+    [loop] = result["loop"]
+    assert loop["config"] == "tiny" and loop["steps"] == 3
+    assert loop["bare_tokens_per_s"] > 0 and loop["loop_tokens_per_s"] > 0 and loop["loop_over_bare"] > 0
     assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(1, "cached"), (1, "recompute"),
                                                                    (8, "cached"), (8, "recompute")}
     for row in result["decode"]:
@@ -27,3 +41,47 @@ def test_quick_benchmark_writes_every_field(tmp_path, capsys):
         if row["mode"] == "cached":
             assert row["bytes_per_token"] > 0 and row["achieved_gbs"] > 0
     assert "| tiny | minitx |" in capsys.readouterr().out
+
+
+def test_model_options_and_bfloat16_reach_the_model(tmp_path):
+    out = tmp_path / "out.json"
+    assert main(["--configs", "tiny", "--steps", "1", "--blocks", "1", "--new-tokens", "2", "--dtype", "bfloat16",
+                 "--option", "remat=none", "--option", "attention_block=16", "--loop-steps", "2",
+                 "--no-torch", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["options"] | {"remat": "none", "attention_block": 16, "dtype": "bfloat16"} == result["options"]
+    assert result["peak_gflops_bf16"] > 0 and {r["impl"] for r in result["train"]} == {"minitx", "flax"}
+
+
+def test_unknown_model_option_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--option", "colour=blue"])
+    assert exit_info.value.code == 2 and "expected FIELD=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed; the benchmark's torch rows are optional")
+def test_torch_reference_computes_our_loss_and_gradients(key):
+    """Same weights, same batch: PyTorch's loss and gradients equal minitx_fn's (to float32 rounding)."""
+    import jax
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.torch_reference import TorchLM
+    from minitx_fn import model
+    from minitx_fn.config import ModelConfig
+
+    c = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.2)
+    params = model.init(key, c)
+    data = jax.random.randint(jax.random.fold_in(key, 1), (3, 9), 0, 11)
+    x, y = data[:, :-1], data[:, 1:]
+    loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=c)
+    for fused in (True, False):
+        lm = TorchLM(c, fused).from_minitx(params)
+        logits = lm(torch.from_numpy(np.array(x)).long())
+        theirs = F.cross_entropy(logits.reshape(-1, 11), torch.from_numpy(np.array(y)).long().reshape(-1))
+        theirs.backward()
+        np.testing.assert_allclose(theirs.item(), float(loss), rtol=1e-5)
+        np.testing.assert_allclose(lm.blocks[1].qkv.weight.grad.numpy().T, grads["blocks"]["attn"]["qkv"]["w"][1],
+                                   rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(lm.embed.weight.grad.numpy(), grads["embed"]["table"], rtol=1e-4, atol=1e-6)

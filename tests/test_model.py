@@ -126,3 +126,39 @@ def re_tuple(shape) -> str:
 def test_float_tokens_are_refused_at_trace_time():
     with pytest.raises(TypeError, match="integer ids, got dtype float32"):
         jax.eval_shape(lambda t: model.apply(PARAMS, t, config=CFG), jax.ShapeDtypeStruct((1, 3), jnp.float32))
+
+
+def test_bfloat16_compute_keeps_float32_parameters_softmax_logits_and_loss(key):
+    """dtype="bfloat16": matmuls in bfloat16, everything delicate in float32.
+
+    The loss and the gradient direction must match the float32 model's to bfloat16
+    precision (8 bits of mantissa), gradients and updated parameters stay float32.
+    """
+    from minitx_fn import train
+    from minitx_fn.config import TrainConfig
+    from minitx_fn.layers import attention
+    from tests.helpers import standard_promotion
+
+    c32 = ModelConfig(vocab_size=13, d_model=32, n_heads=4, n_layers=2, max_len=16, attention_block=4,
+                      init_std=0.1)
+    c16 = c32.replace(dtype="bfloat16")
+    params = model.init(key, c32)
+    data = jax.random.randint(jax.random.fold_in(key, 1), (4, 17), 0, 13)
+    x, y = data[:, :-1], data[:, 1:]
+    logits = model.apply(params, x, config=c16)
+    chex.assert_type(logits, jnp.float32)
+    q = jax.random.normal(key, (2, 5, 2, 4), jnp.bfloat16)
+    chex.assert_type(attention.attention_weights(q, q, attention.causal_mask(5)[None, None]), jnp.float32)
+
+    (loss16, g16), (loss32, g32) = (jax.value_and_grad(model.loss)(params, x, y, config=c) for c in (c16, c32))
+    chex.assert_type([loss16, *jax.tree.leaves(g16)], jnp.float32)
+    np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
+    flat16, flat32 = (jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)]) for g in (g16, g32))
+    cosine = float(flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32)))
+    assert cosine > 0.99, cosine
+
+    tc = TrainConfig(steps=3, batch_size=4, warmup=0)
+    with standard_promotion():                                       # optax is not strict-promotion clean
+        state, metrics = train.update(train.init_state(key, c16, tc), x, y, model_config=c16, train_config=tc)
+    chex.assert_type([*jax.tree.leaves(state.params), metrics["loss"]], jnp.float32)
+    assert np.isfinite(float(metrics["loss"]))
