@@ -39,7 +39,8 @@ CONFIGS = {
     "medium": dict(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_len=256, batch=8),
     "gpt2-small": dict(vocab_size=65, d_model=768, n_layers=12, n_heads=12, max_len=1024, batch=8),
 }
-LOOP_STEPS = {"tiny": 100, "baby": 50, "medium": 10, "gpt2-small": 10}     # ~1-10 s per timed run on this CPU
+BLOCK_PAUSE_S = 0.25
+LOOP_STEPS = {"tiny": 200, "baby": 60, "medium": 10, "gpt2-small": 10}     # ~2-12 s per timed run on this CPU
 SUITES = {"quick": ["tiny", "baby"], "full": ["tiny", "baby", "medium"]}
 
 
@@ -199,6 +200,9 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
     block_medians = {impl: [] for impl in steps_of}
     for _ in range(blocks):
         for impl in steps_of:
+            # PyTorch's OpenMP threads spin for a while after its work; a short pause
+            # lets them go idle before the next implementation's block is timed.
+            time.sleep(BLOCK_PAUSE_S)
             block = run(impl, per_block)
             times[impl] += block
             block_medians[impl].append(statistics.median(block))
@@ -224,7 +228,7 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
 # ----------------------------------------------------------------------------- loop
 
 
-def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 3, **model_options) -> dict:
+def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_options) -> dict:
     """tokens/s of `train.fit` (the loop behind `minitx train`) against the bare jitted step.
 
     Bare: `steps` calls of `train.train_step` back to back, one sync at the end.

@@ -85,3 +85,11 @@ def test_torch_reference_computes_our_loss_and_gradients(key):
         np.testing.assert_allclose(lm.blocks[1].qkv.weight.grad.numpy().T, grads["blocks"]["attn"]["qkv"]["w"][1],
                                    rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(lm.embed.weight.grad.numpy(), grads["embed"]["table"], rtol=1e-4, atol=1e-6)
+
+
+def test_variants_times_each_config_variant(capsys):
+    from benchmarks import variants
+
+    assert variants.main(["tiny", "", "remat=none,attention_block=16", "--steps", "1", "--blocks", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| defaults |" in out and "| remat=none,attention_block=16 |" in out
