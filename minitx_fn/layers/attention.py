@@ -6,7 +6,9 @@ For queries Q (T, K), keys K_ (S, K) and values V_ (S, K) of one head:
 
 where M is 0 where a query may look at a key and -inf elsewhere (causal: query t
 sees keys 0 .. t). H heads run side by side on D = H * K features, and a final
-projection mixes them.
+projection mixes them. Self-attention under the causal mask runs in blocks of query
+rows (`causal_blockwise`): a block never computes the scores of keys that all its
+rows must ignore.
 
 Params: {"qkv": linear (D, 3D), "out": linear (D, D)}. The query, key and value
 projections are fused into one (D, 3D) matrix, laid out [Q | K | V] with heads
@@ -142,8 +144,9 @@ def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int,
     """Causal self-attention one block of query rows at a time: q, k, v (B, T, H, K) -> (B, T, H, K).
 
     Under the causal mask, queries [a, b) may only look at keys [0, b): their scores
-    against keys [b, T) are all masked, and a masked score adds exactly zero to the
-    softmax (exp(-inf) = 0), so those blocks are never computed. With T/c blocks of c
+    against keys [b, T) are all masked, and a masked score gets a softmax weight of
+    exactly zero (exp(lowest float - row max) underflows to 0), so those blocks are
+    never computed. With T/c blocks of c
     rows that is T(T + c)/2 scores instead of T^2 (at T = 256, c = 128: 3/4), and
     every block's (B, H, c, b) scores are small enough to stay in cache. Each block
     is `scaled_dot_product` on its own rows, so the result equals the one-block
