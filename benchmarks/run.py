@@ -216,8 +216,10 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
     rows = []
     for impl, ts in times.items():
         med = statistics.median(ts)
-        rows.append({"config": name, "impl": impl, "batch": b, "context": t, "compile_s": compile_s[impl] and round(compile_s[impl], 3),
-                     "steps": len(ts), "step_ms_median": round(1e3 * med, 3),
+        compiled_in = compile_s[impl]
+        rows.append({"config": name, "impl": impl, "batch": b, "context": t,
+                     "compile_s": None if compiled_in is None else round(compiled_in, 3), "steps": len(ts),
+                     "step_ms_median": round(1e3 * med, 3),
                      "step_ms_min": round(1e3 * min(ts), 3), "step_ms_max": round(1e3 * max(ts), 3),
                      "tokens_per_s": round(b * t / med, 1), "model_gflops_per_step": round(flops / 1e9, 3),
                      "mfu": round(flops / med / (peak * 1e9), 4), "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -324,8 +326,8 @@ def print_table(result: dict, out=None) -> None:
     _markdown_table(
         ["config", "impl", "compile s", "step ms (median)", "min", "max", "tokens/s", "MFU", "minitx/flax",
          "minitx/torch"],
-        [[r["config"], r["impl"], "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}", f"{r['step_ms_median']:.2f}", f"{r['step_ms_min']:.2f}",
-          f"{r['step_ms_max']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
+        [[r["config"], r["impl"], "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
+          f"{r['step_ms_median']:.2f}", f"{r['step_ms_min']:.2f}", f"{r['step_ms_max']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
           *(f"{r[k]:.2f}" if r["impl"] == "minitx" and r[k] is not None else "" for k in
             ("ratio_minitx_over_flax", "ratio_minitx_over_torch"))] for r in result["train"]], out)
     _markdown_table(
