@@ -44,6 +44,20 @@ LOOP_STEPS = {"tiny": 200, "baby": 60, "medium": 10, "gpt2-small": 10}     # ~2-
 SUITES = {"quick": ["tiny", "baby"], "full": ["tiny", "baby", "medium"]}
 
 
+def model_config(spec: dict, **options) -> ModelConfig:
+    """The ModelConfig of a CONFIGS entry (its sizes, without the batch) with `options` changed."""
+    return ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **options)
+
+
+def check_options(parser: argparse.ArgumentParser, names: list[str], options: dict) -> None:
+    """Exit through `parser.error` (status 2, one line) if `options` make an invalid config for any of `names`."""
+    for name in names:
+        try:
+            model_config(CONFIGS[name], **options)
+        except (TypeError, ValueError) as e:
+            parser.error(f"--option for config {name}: {e}")
+
+
 def _sync(x):
     return jax.block_until_ready(x)
 
@@ -156,7 +170,7 @@ def _torch_step(mc: ModelConfig, tc: TrainConfig, params: dict, x, y):
 
 def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, with_torch: bool = True,
                 **model_options) -> list[dict]:
-    mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **model_options)
+    mc = model_config(spec, **model_options)
     tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
     b, t = spec["batch"], mc.max_len
     key = jax.random.key(0)
@@ -238,7 +252,7 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
     then, checked for NaN, a line printed), no evaluation or checkpoint. Both start
     compiled; runs alternate, bare then loop, `reps` times; medians are reported.
     """
-    mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **model_options)
+    mc = model_config(spec, **model_options)
     tc = TrainConfig(steps=steps, batch_size=spec["batch"], warmup=0, log_every=10, eval_every=10 * steps,
                      save_every=10 * steps)                    # one config: the loop reuses the bare step's compile
     init_key, data_key = train.keys(0)
@@ -273,7 +287,7 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
 
 
 def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_tokens: int, reps: int) -> list[dict]:
-    mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"})
+    mc = model_config(spec)
     s = mc.max_len
     params = model.init(jax.random.key(0), mc)
     key = jax.random.key(1)
@@ -379,6 +393,7 @@ def main(argv=None) -> int:
 
     on_gpu = jax.devices()[0].platform == "gpu"
     names = args.configs or SUITES[args.suite] + (["gpt2-small"] if on_gpu and args.suite == "full" else [])
+    check_options(p, names, {"attention": args.attention, "dtype": args.dtype, **dict(args.option)})
     result = {"device": device_info(), "versions": versions(), "suite": args.suite,
               "options": {"attention": args.attention, "scan_layers": not args.unrolled, "dtype": args.dtype,
                           **dict(args.option)},

@@ -20,9 +20,9 @@ import time
 
 import jax
 
-from benchmarks.run import CONFIGS, _model_option, _sync
+from benchmarks.run import CONFIGS, _model_option, _sync, check_options, model_config
 from minitx_fn import train
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.config import TrainConfig
 
 
 def _variant(text: str) -> dict:
@@ -37,6 +37,8 @@ def main(argv=None) -> int:
     p.add_argument("--blocks", type=int, default=4, help="turns")
     args = p.parse_args(argv)
 
+    for changes in args.variants:
+        check_options(p, [args.config], changes)
     spec = CONFIGS[args.config]
     tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
     key = jax.random.key(0)
@@ -45,7 +47,7 @@ def main(argv=None) -> int:
     runs = []
     with jax.numpy_dtype_promotion("standard"):
         for changes in args.variants:
-            mc = ModelConfig(**{k: v for k, v in spec.items() if k != "batch"}, **changes)
+            mc = model_config(spec, **changes)
             state = train.init_state(key, mc, tc)
             t0 = time.perf_counter()
             step = train.update.lower(state, x, y, model_config=mc, train_config=tc).compile()

@@ -93,3 +93,33 @@ def test_variants_times_each_config_variant(capsys):
     assert variants.main(["tiny", "", "remat=none,attention_block=16", "--steps", "1", "--blocks", "1"]) == 0
     out = capsys.readouterr().out
     assert "| defaults |" in out and "| remat=none,attention_block=16 |" in out
+
+
+@pytest.mark.parametrize("argv", [["--configs", "tiny", "--option", "remat=bogus"],
+                                  ["--configs", "tiny", "--option", "attention_block=-1"]])
+def test_invalid_model_option_value_is_a_clear_error(argv, capsys):
+    """A value ModelConfig refuses ends in one usage line naming the field, before any timing."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--option for config tiny" in err and "Traceback" not in err
+
+
+def test_variants_refuses_an_invalid_variant(capsys):
+    from benchmarks import variants
+
+    with pytest.raises(SystemExit) as exit_info:
+        variants.main(["tiny", "remat=bogus"])
+    assert exit_info.value.code == 2 and "remat='bogus' is invalid" in capsys.readouterr().err
+
+
+def test_profile_step_lists_the_step_operations():
+    """In its own process, as its XLA flag must be set before JAX starts."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "tiny", "--top", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms per step" not in line]
+    assert len(rows) == 3 and all(float(row.split("|")[1]) > 0 for row in rows)
