@@ -40,6 +40,9 @@ def top_k_mask(logits: jax.Array, k: int) -> jax.Array:
         Array([[ True, False,  True, False]], dtype=bool)
     """
     k = min(k, logits.shape[-1])
+    # lax.top_k orders -0.0 below 0.0, where argmax (greedy) and == see a tie; make
+    # them one value so top_k=1 keeps exactly the token greedy picks.
+    logits = jnp.where(logits == 0, jnp.zeros((), logits.dtype), logits)
     _, idx = jax.lax.top_k(logits, k)                                   # (B, k)
     rows = jnp.arange(logits.shape[0])[:, None]                         # (B, 1)
     return jnp.zeros(logits.shape, bool).at[rows, idx].set(True)

@@ -39,6 +39,13 @@ def test_top_k_keeps_exactly_k_of_the_largest(v, k, seed, ties):
     assert mask[np.arange(len(logits)), np.asarray(tokens)].all()
 
 
+def test_top_k_treats_signed_zeros_as_a_tie_like_greedy():
+    """-0.0 == 0.0: the lower id wins the tie, as in argmax (found by hypothesis, seed 10)."""
+    logits = jnp.array([[-2.0, -0.0, 0.0, 0.0, -0.0]])
+    np.testing.assert_array_equal(top_k_mask(logits, 1), [[False, True, False, False, False]])
+    assert int(greedy(logits)[0]) == 1
+
+
 @given(v=V_CHOICES, p=st.sampled_from([0.05, 0.5, 0.9, 1.0]), seed=SEEDS, ties=st.booleans())
 def test_top_p_keeps_the_smallest_set_reaching_p(v, p, seed, ties):
     logits = _logits(seed, v, ties=ties)
