@@ -32,6 +32,7 @@ import optax
 from minitx_fn import generate as gen
 from minitx_fn import model, train
 from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.layers import attention
 
 CONFIGS = {
     "tiny": dict(vocab_size=65, d_model=64, n_layers=2, n_heads=4, max_len=64, batch=16),
@@ -286,8 +287,16 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
 # ----------------------------------------------------------------------------- decode
 
 
-def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_tokens: int, reps: int) -> list[dict]:
-    mc = model_config(spec)
+def per_token_ms(probe_ms: float, one_token_ms: float, probe_tokens: int) -> float | None:
+    """(time of probe_tokens tokens - time of 1) / (probe_tokens - 1), or None when the
+    difference is not positive: the per-token cost is below the timer's noise there."""
+    ms = (probe_ms - one_token_ms) / (probe_tokens - 1)
+    return round(ms, 4) if ms > 0 else None
+
+
+def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_tokens: int, reps: int,
+                 **model_options) -> list[dict]:
+    mc = model_config(spec, **model_options)
     s = mc.max_len
     params = model.init(jax.random.key(0), mc)
     key = jax.random.key(1)
@@ -307,17 +316,17 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
         total_ms = _median_ms(make(short, new_tokens), r)
         prefill_short = _median_ms(make(short, 1), r)
         prefill_late = _median_ms(make(late, 1), r)
-        early = (_median_ms(make(short, probe_tokens), r) - prefill_short) / (probe_tokens - 1)
-        late_ms = (_median_ms(make(late, probe_tokens), r) - prefill_late) / (probe_tokens - 1)
+        early = per_token_ms(_median_ms(make(short, probe_tokens), r), prefill_short, probe_tokens)
+        late_ms = per_token_ms(_median_ms(make(late, probe_tokens), r), prefill_late, probe_tokens)
         row = {"config": name, "batch": batch, "mode": mode, "new_tokens": new_tokens,
                "prefill_ms": round(prefill_short, 3), "tokens_per_s": round(batch * new_tokens / total_ms * 1e3, 1),
-               "ms_per_token_early": round(early, 3), "ms_per_token_late": round(late_ms, 3)}
+               "ms_per_token_early": early, "ms_per_token_late": late_ms}
         if mode == "cached":
             # Each decode step must read every parameter and the whole (L, B, S, H, K) key and value cache.
             cache = model.init_cache(mc, batch)
             bytes_read = sum(a.nbytes for a in jax.tree.leaves(params)) + cache.k.nbytes + cache.v.nbytes
             row["bytes_per_token"] = int(bytes_read)
-            row["achieved_gbs"] = round(bytes_read / (late_ms / 1e3) / 1e9, 2)
+            row["achieved_gbs"] = None if late_ms is None else round(bytes_read / (late_ms / 1e3) / 1e9, 2)
         rows.append(row)
     return rows
 
@@ -351,7 +360,8 @@ def print_table(result: dict, out=None) -> None:
     _markdown_table(
         ["config", "batch", "mode", "tokens/s", "prefill ms", "ms/token early", "ms/token late", "GB/s read"],
         [[r["config"], r["batch"], r["mode"], f"{r['tokens_per_s']:,.0f}", f"{r['prefill_ms']:.2f}",
-          f"{r['ms_per_token_early']:.3f}", f"{r['ms_per_token_late']:.3f}", r.get("achieved_gbs", "")]
+          *("below noise" if r[k] is None else f"{r[k]:.3f}" for k in ("ms_per_token_early", "ms_per_token_late")),
+          r.get("achieved_gbs") or ""]
          for r in result["decode"]], out)
     if "peak_gflops_bf16" in result:
         print(f"\nbfloat16 matmul peak {result['peak_gflops_bf16']:.0f} GFLOP/s", file=out)
@@ -379,9 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--loop-steps", type=int, help="steps per timed run of the training-loop check "
                                                      "(default per config: " + str(LOOP_STEPS) + ")")
-    p.add_argument("--attention", choices=["einsum", "dot_product_attention"], default="einsum",
+    p.add_argument("--attention", choices=attention.IMPLS, default="einsum",
                    help="minitx_fn's attention path (the Flax reference is unchanged)")
-    p.add_argument("--unrolled", action="store_true", help="minitx_fn with scan_layers=False")
     p.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE", type=_model_option,
                    help="any other ModelConfig field for minitx_fn, e.g. remat=none, attention_block=0 "
                         "(the Flax reference is unchanged)")
@@ -393,10 +402,10 @@ def main(argv=None) -> int:
 
     on_gpu = jax.devices()[0].platform == "gpu"
     names = args.configs or SUITES[args.suite] + (["gpt2-small"] if on_gpu and args.suite == "full" else [])
-    check_options(p, names, {"attention": args.attention, "dtype": args.dtype, **dict(args.option)})
+    options = {"attention": args.attention, "dtype": args.dtype, **dict(args.option)}
+    check_options(p, names, options)
     result = {"device": device_info(), "versions": versions(), "suite": args.suite,
-              "options": {"attention": args.attention, "scan_layers": not args.unrolled, "dtype": args.dtype,
-                          **dict(args.option)},
+              "options": options,
               "date": time.strftime("%Y-%m-%d"), "peak_gflops": matmul_peak_gflops(jnp.float32, 2048 if on_gpu else 1024)}
     if on_gpu:
         result["peak_gflops"] = matmul_peak_gflops(jnp.float32, 8192)
@@ -409,20 +418,18 @@ def main(argv=None) -> int:
             print(f"train: {name}", file=sys.stderr, flush=True)
             peak = result["peak_gflops_bf16" if args.dtype == "bfloat16" else "peak_gflops"]
             result["train"] += bench_train(name, CONFIGS[name], peak, steps=args.steps, blocks=args.blocks,
-                                           with_torch=not args.no_torch, attention=args.attention,
-                                           scan_layers=not args.unrolled, dtype=args.dtype, **dict(args.option))
+                                           with_torch=not args.no_torch, **options)
         for name in names:
             print(f"loop: {name}", file=sys.stderr, flush=True)
             result["loop"].append(bench_loop(name, CONFIGS[name], steps=args.loop_steps or LOOP_STEPS[name],
-                                             attention=args.attention, scan_layers=not args.unrolled,
-                                             dtype=args.dtype, **dict(args.option)))
+                                             **options))
         for name in names:
             if name == "gpt2-small":
                 continue
             for batch in (1, 8):
                 print(f"decode: {name} batch {batch}", file=sys.stderr, flush=True)
                 result["decode"] += bench_decode(name, CONFIGS[name], batch=batch, new_tokens=args.new_tokens,
-                                                 probe_tokens=min(32, args.new_tokens), reps=3)
+                                                 probe_tokens=min(32, args.new_tokens), reps=3, **options)
     print_table(result)
     if args.json:
         with open(args.json, "w") as f:

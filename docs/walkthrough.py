@@ -94,7 +94,7 @@ print("head 0 by hand vs library, max difference:", float(jnp.abs(by_hand - libr
 # stacked blocks with `jax.lax.scan`: one compiled loop body, whatever L is.
 
 # %%
-h1 = block.apply(layer0, h0, config=cfg)
+h1 = block.apply(layer0, h0, **model.block_args(cfg))   # the block's sizes from the config
 print("block:", h0.shape, "->", h1.shape)
 logits = model.apply(params, x, config=cfg)                       # (B, T, V)
 print("logits:", logits.shape)

@@ -13,35 +13,33 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from minitx_fn.layers import at_least_float32, attention
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 
 # What the backward pass may keep from the forward pass of a block; everything else
 # it recomputes (`jax.checkpoint`). Keeping only the outputs of the weight matmuls
 # ("matmuls") recomputes layer norms, GELU and attention in the backward pass, and
-# on a CPU is much faster than keeping everything ("none"): every kept (B, T, ...)
-# tensor is written into an (L, ...) stack by the layer scan and read back, and that
-# traffic costs more than the arithmetic saved (benchmarks/NOTES.md).
+# on a CPU is much faster than keeping everything ("none", no rematerialisation):
+# every kept (B, T, ...) tensor is written into an (L, ...) stack by the layer scan
+# and read back, and that traffic costs more than the arithmetic saved
+# (benchmarks/NOTES.md).
 REMAT_POLICIES = {
-    "none": None,
+    "none": jax.checkpoint_policies.everything_saveable,
     "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots": jax.checkpoint_policies.dots_saveable,
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 
 
-def at_least_float32(dtype):
-    """float64 stays float64; float32 and bfloat16 become float32.
-
-    The dtype for the numerically delicate parts: layer-norm statistics, softmax,
-    logits, loss and the residual stream. (Written out because `jnp.promote_types`
-    refuses float32/float64 under strict promotion.)
+def x64_enabled() -> bool:
+    """Whether JAX makes 64-bit arrays now (`jax_enable_x64`, globally or in a `jax.enable_x64` block).
 
     Example:
-        >>> at_least_float32(jnp.bfloat16).__name__, at_least_float32(jnp.float64).__name__
-        ('float32', 'float64')
+        >>> x64_enabled()
+        False
     """
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
 
 
 def _require(ok: bool, field: str, value: Any, fix: str) -> None:
@@ -76,7 +74,6 @@ class ModelConfig:
     dtype: str = "float32"          # compute dtype of matmuls: float32, bfloat16 or float64
     param_dtype: str = "float32"    # storage dtype of parameters: float32 or float64
     attention: str = "einsum"       # "einsum" (the maths written out) or "dot_product_attention"
-    scan_layers: bool = True        # run the L blocks with lax.scan (compile time flat in L) or unrolled
     # Causal self-attention runs in blocks of this many query rows, skipping the key
     # blocks above the diagonal (attention.causal_blockwise); 0 computes the whole
     # (T, T) score matrix at once. Measured in benchmarks/NOTES.md.
@@ -117,9 +114,15 @@ class ModelConfig:
             "choose float32 or float64",
         )
         _require(
-            self.attention in ATTENTION_IMPLS, "attention", self.attention,
-            f"choose one of {list(ATTENTION_IMPLS)}",
+            self.attention in attention.IMPLS, "attention", self.attention,
+            f"choose one of {list(attention.IMPLS)}",
         )
+        for name in ("dtype", "param_dtype"):
+            _require(
+                getattr(self, name) != "float64" or x64_enabled(), name, getattr(self, name),
+                "float64 needs 64-bit JAX, which is off: call jax.config.update('jax_enable_x64', True) "
+                "at start-up (or set JAX_ENABLE_X64=1), or build the config inside `with jax.enable_x64(True):`",
+            )
 
     @property
     def head_dim(self) -> int:
@@ -128,16 +131,18 @@ class ModelConfig:
 
     @property
     def compute_dtype(self):
+        """The jnp dtype named by the field `dtype`: what the matmuls compute in."""
         return DTYPES[self.dtype]
 
     @property
-    def params_dtype(self):
+    def storage_dtype(self):
+        """The jnp dtype named by the field `param_dtype`: what parameters are stored in."""
         return DTYPES[self.param_dtype]
 
     @property
     def residual_dtype(self):
         """dtype of the residual stream, layer norms and logits: at least float32."""
-        return at_least_float32(self.params_dtype)
+        return at_least_float32(self.storage_dtype)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

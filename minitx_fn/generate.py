@@ -1,34 +1,40 @@
-"""Generation: prefill the prompt once, then decode from a fixed-size KV cache inside
+"""Generation: prefill the prompts once, then decode from a fixed-size KV cache inside
 one compiled `lax.while_loop`.
 
-Layout. The batch shares one window of S = max_len cache slots. Prompts are
-left-padded to the longest one, of length P0, so every row's prompt ends at slot
-P0 - 1 and decoding writes slot P0 next. Row b has pad[b] padding slots; its token
-in slot s has position s - pad[b], and its queries never look at slots below
-pad[b]. The prefill runs over P >= P0 slots, P0 rounded up to a bucket (a power
-of two, at least 8, at most S), so a new prompt length rarely means a new
-compilation; slots P0 .. P - 1 hold filler that no query sees before decoding
-overwrites it.
+Layout. Every row of the batch has its own window of S = max_len cache slots, and
+its token in slot s is at position s of its own sequence. Prompts are written
+from slot 0 (right-padded to the longest); row b's prompt fills slots
+0 .. len_b - 1 and decoding writes slot index[b] = len_b next. The prefill runs
+over P slots, the longest prompt rounded up to a bucket (a power of two, at least
+8, at most S), so a new prompt length rarely means a new compilation; a shorter
+row's slots len_b .. P - 1 hold filler that its queries never see (the mask is
+causal in slots) and that decoding overwrites before reading.
 
 Each loop iteration:
-    1. token = sampler(last_logits, fold_in(key, n))        (B,)
-    2. if all S slots are used, slide the window (below)
-    3. write token at slot `index`; run the model on that one token, reading the
-       cache, to get the next logits; index += 1
+    1. token[b] = sampler(logits[b], fold_in(row_key[b], n))          (B,)
+    2. every row whose S slots are all used slides its window (below)
+    3. write token[b] at slot index[b]; run the model on that one token per row,
+       reading the cache, to get the next logits; index += 1
 
-Longer than the window. When all S slots are used, every row keeps the tokens of
-its last S // 2 slots, which are prefilled again from position 0 into a fresh
-cache, and decoding continues. In terms of one sequence: whenever its context
-would exceed S tokens, it is cut to its last S // 2 + 1 tokens. Re-encoding
-restarts positions at 0, which the cache cannot do in place; halving the window
-makes this happen once every S // 2 tokens, not every token.
-`generate_recompute` implements the same policy by recomputing the whole context
-for every token: the tests prove both give the same tokens and logits.
+Longer than the window. When all S slots of a row are used, that row keeps the
+tokens of its last S // 2 slots, which are prefilled again from position 0, and
+decoding continues. In terms of one sequence: whenever its context would exceed S
+tokens, it is cut to its last S // 2 + 1 tokens. Re-encoding restarts positions at
+0, which the cache cannot do in place; halving the window makes this happen once
+every S // 2 tokens, not every token.
+
+Rows are independent: each slides when its own window is full, and samples with
+its own key, `fold_in(key, b)` for row b, folded with the step number n. So row b
+of a batch produces exactly what it would in any other batch at the same row, and
+row 0 what it would alone. `generate_recompute` implements the same policy by
+recomputing the whole context for every token: the tests prove both give the same
+tokens and logits.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +42,22 @@ import numpy as np
 
 from minitx_fn import model
 from minitx_fn.config import ModelConfig
-from minitx_fn.layers.attention import causal_mask
+from minitx_fn.layers.attention import KVCache
 from minitx_fn.sampling import Sampler
+
+
+class DecodeState(NamedTuple):
+    """The carry of the decode loop."""
+
+    n: jax.Array             # () int32, tokens generated so far
+    index: jax.Array         # (B,) int32, the slot each row writes next
+    window: jax.Array        # (B, S) int32, each row's tokens by slot (re-prefilled when the row slides)
+    cache: KVCache           # (L, B, S, H, K) keys and values, in the compute dtype
+    logits: jax.Array        # (B, V) logits of each row's latest token: the next token's distribution
+    tokens: jax.Array        # (B, N) int32, generated ids
+    token_logits: jax.Array  # (B, N, V) the logits each token was sampled from, or (B, 0, V) if not kept
+    done: jax.Array          # (B,) bool, the row has generated its stop sequence
+    length: jax.Array        # (B,) int32, how many generated tokens count (up to the stop sequence)
 
 
 def bucket_length(n: int, max_len: int) -> int:
@@ -60,70 +80,98 @@ def slide_keep(max_len: int) -> int:
     return max_len // 2
 
 
-def _prefill(params, window, pad, length: int, config: ModelConfig):
-    """Run slots 0 .. length - 1 of window (B, S) into a fresh cache.
+def row_keys(key: jax.Array, batch: int) -> jax.Array:
+    """(B,) keys, fold_in(key, b) for row b: each row samples from its own stream.
+
+    Example:
+        >>> row_keys(jax.random.key(0), 3).shape
+        (3,)
+    """
+    return jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(batch, dtype=jnp.int32))
+
+
+def sample_rows(sampler: Sampler, logits: jax.Array, keys: jax.Array, n) -> jax.Array:
+    """logits (B, V), row keys (B,), step n -> (B,) ids: row b samples with fold_in(keys[b], n).
+
+    Row by row (vmap), so a row's draw never depends on the others.
+
+    Example:
+        >>> sample_rows(Sampler(temperature=1.0), jnp.zeros((2, 5)), row_keys(jax.random.key(0), 2), 0).shape
+        (2,)
+    """
+    if sampler.is_greedy:
+        return sampler(logits, None)
+    return jax.vmap(lambda row, k: sampler(row[None], jax.random.fold_in(k, n))[0])(logits, keys)
+
+
+def _prefill(params, window, length: int, config: ModelConfig):
+    """Slots 0 .. length - 1 of every row of window (B, S) into a fresh cache.
 
     Returns the logits of those slots (B, length, V) and the cache (L, B, S, H, K)."""
+    b = window.shape[0]
+    return model.apply_cached(params, window[:, :length], model.init_cache(config, b), config=config,
+                              index=jnp.zeros((b,), jnp.int32))
+
+
+def _slide(params, state: DecodeState, config: ModelConfig) -> DecodeState:
+    """Rows whose S slots are all used keep their last S // 2 tokens, prefilled again from slot 0."""
+    b, s = state.window.shape
+    keep = slide_keep(s)
+    full = state.index == s                                                              # (B,)
+    shifted = jnp.concatenate([state.window[:, s - keep:], jnp.zeros((b, s - keep), jnp.int32)], axis=1)
+    fresh = _prefill(params, shifted, keep, config)[1] if keep else model.init_cache(config, b)
+    take = full[None, :, None, None, None]                                               # over (L, B, S, H, K)
+    return state._replace(
+        window=jnp.where(full[:, None], shifted, state.window),
+        cache=KVCache(jnp.where(take, fresh.k, state.cache.k), jnp.where(take, fresh.v, state.cache.v)),
+        index=jnp.where(full, keep, state.index),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampler", "prompt_len", "max_new_tokens", "keep_logits"))
+def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler: Sampler, prompt_len: int,
+            max_new_tokens: int, keep_logits: bool):
+    """window (B, S) with row b's prompt in slots 0 .. lengths[b] - 1; prompt_len >= max(lengths)
+    is the static prefill length (the bucket); stop (k,) int32 ids, k = 0 for none
+    (an array, so a new stop sequence of the same length reuses the compiled loop).
+
+    Returns generated ids (B, N), the logits each was sampled from (B, N, V) (or
+    (B, 0, V) without keep_logits), and the number of tokens generated per row (B,),
+    which ends after a stop sequence."""
     b, s = window.shape
-    positions = jnp.maximum(jnp.arange(length)[None, :] - pad[:, None], 0)              # (B, P)
-    mask = causal_mask(length, s)[None, None] & (jnp.arange(s)[None, :] >= pad[:, None])[:, None, None, :]
-    logits, cache = model.apply_cached(params, window[:, :length], model.init_cache(config, b), config=config,
-                                       index=0, positions=positions, mask=mask)         # (B, P, V)
-    return logits, cache
-
-
-@functools.partial(jax.jit, static_argnames=("config", "sampler", "prompt_len", "max_new_tokens", "stop"))
-def _decode(params, window, pad, start, key, *, config: ModelConfig, sampler: Sampler, prompt_len: int,
-            max_new_tokens: int, stop: tuple[int, ...]):
-    """window (B, S) with prompts in slots 0 .. start - 1, left-padded by pad (B,);
-    prompt_len >= start is the static prefill length (the bucket).
-
-    Returns generated ids (B, N), the logits each was sampled from (B, N, V), and the
-    number of tokens generated per row (B,), which ends after a stop sequence."""
-    b, s = window.shape
-    n_new, keep = max_new_tokens, slide_keep(s)
-    prompt_logits, cache = _prefill(params, window, pad, prompt_len, config)           # (B, P, V)
-    last_logits = jax.lax.dynamic_index_in_dim(prompt_logits, start - 1, axis=1, keepdims=False)
-
-    def slide(window, pad, cache):
-        # Shift every row left by S - keep slots; the freed slots become padding.
-        window = jnp.concatenate([window[:, s - keep:], jnp.zeros((b, s - keep), window.dtype)], axis=1)
-        pad = jnp.maximum(pad - (s - keep), 0)
-        if keep == 0:
-            return window, pad, model.init_cache(config, b)
-        return window, pad, _prefill(params, window, pad, keep, config)[1]   # logits unused
-
-    def body(carry):
-        n, index, window, pad, cache, last_logits, out, out_logits, done, length = carry
-        token = sampler(last_logits, jax.random.fold_in(key, n))                        # (B,)
-        out = out.at[:, n].set(token)
-        out_logits = out_logits.at[:, n].set(last_logits)
-        length = jnp.where(done, length, n + 1)
-        if stop:
-            k = len(stop)
-            tail = jax.lax.dynamic_slice_in_dim(jnp.pad(out, ((0, 0), (k, 0))), n + 1, k, axis=1)  # last k ids
-            matched = jnp.all(tail == jnp.asarray(stop, out.dtype)[None, :], axis=1) & (n + 1 >= k)
-            done = done | matched
-        window, pad, cache = jax.lax.cond(index == s, slide, lambda w, p, c: (w, p, c), window, pad, cache)
-        index = jnp.where(index == s, keep, index)
-        window = window.at[:, index].set(token)
-        positions = (index - pad)[:, None]                                               # (B, 1)
-        slots = jnp.arange(s)[None, :]
-        mask = ((slots <= index) & (slots >= pad[:, None]))[:, None, None, :]           # (B, 1, 1, S)
-        logits, cache = model.apply_cached(params, token[:, None], cache, config=config, index=index,
-                                           positions=positions, mask=mask)
-        return n + 1, index + 1, window, pad, cache, logits[:, 0], out, out_logits, done, length
-
-    def cond(carry):
-        n, done = carry[0], carry[8]
-        return (n < n_new) & ~jnp.all(done)
-
     v = config.vocab_size
-    carry = (jnp.int32(0), start.astype(jnp.int32), window, pad, cache, last_logits,
-             jnp.zeros((b, n_new), jnp.int32), jnp.zeros((b, n_new, v), last_logits.dtype),
-             jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry[6], carry[7], carry[9]
+    rows = jnp.arange(b, dtype=jnp.int32)
+    keys = row_keys(key, b)
+    prompt_logits, cache = _prefill(params, window, prompt_len, config)                  # (B, P, V)
+
+    def body(state: DecodeState) -> DecodeState:
+        token = sample_rows(sampler, state.logits, keys, state.n)                        # (B,)
+        tokens = state.tokens.at[:, state.n].set(token)
+        token_logits = state.token_logits.at[:, state.n].set(state.logits) if keep_logits else state.token_logits
+        length = jnp.where(state.done, state.length, state.n + 1)
+        done = state.done
+        k = stop.shape[0]
+        if k:
+            padded = jnp.pad(tokens, ((0, 0), (k, 0)), constant_values=-1)               # (B, k + N)
+            tail = jax.lax.dynamic_slice_in_dim(padded, state.n + 1, k, axis=1)          # (B, k): the last k ids
+            done = done | jnp.all(tail == stop[None, :], axis=1)
+        state = state._replace(tokens=tokens, token_logits=token_logits, length=length, done=done)
+        state = jax.lax.cond(jnp.any(state.index == s), lambda st: _slide(params, st, config), lambda st: st, state)
+        window = state.window.at[rows, state.index].set(token)
+        logits, cache = model.apply_cached(params, token[:, None], state.cache, config=config, index=state.index)
+        return state._replace(n=state.n + 1, index=state.index + 1, window=window, cache=cache, logits=logits[:, 0])
+
+    def cond(state: DecodeState) -> jax.Array:
+        return (state.n < max_new_tokens) & ~jnp.all(state.done)
+
+    state = DecodeState(
+        n=jnp.int32(0), index=lengths, window=window, cache=cache,
+        logits=prompt_logits[rows, lengths - 1],                                         # (B, V)
+        tokens=jnp.zeros((b, max_new_tokens), jnp.int32),
+        token_logits=jnp.zeros((b, max_new_tokens if keep_logits else 0, v), prompt_logits.dtype),
+        done=jnp.zeros((b,), bool), length=jnp.zeros((b,), jnp.int32))
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.token_logits, state.length
 
 
 def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
@@ -131,12 +179,14 @@ def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
         raise ValueError("no prompts given")
     out = []
     for i, p in enumerate(prompts):
-        p = np.asarray(p, np.int32).reshape(-1)
+        p = np.asarray(p).reshape(-1)
         if p.size == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token")
+        if not np.issubdtype(p.dtype, np.integer):
+            raise ValueError(f"prompt {i} holds {p.dtype} values; token ids are integers")
         if p.min() < 0 or p.max() >= config.vocab_size:
             raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size})")
-        out.append(p[-config.max_len:])                    # longer prompts: their last S tokens
+        out.append(p[-config.max_len:].astype(np.int32))    # longer prompts: their last S tokens
     return out
 
 
@@ -149,24 +199,28 @@ def generate(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_to
     after `stop` if it was generated. With return_logits, also the (n_b, V) logits
     each token was sampled from.
 
+    Rows are independent (module docstring): row b's tokens depend only on its
+    prompt, `key` and b. Row b samples its n-th token with
+    fold_in(fold_in(key, b), n), so the same prompts and key give the same tokens.
+
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
         >>> p = model.init(jax.random.key(0), cfg)
         >>> [t.shape for t in generate(p, [[1, 2], [3]], config=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1")
     prompts = _check_prompts(prompts, config)
-    start = max(len(p) for p in prompts)                                                 # P0
-    window = np.zeros((len(prompts), config.max_len), np.int32)                        # (B, S)
-    pad = np.array([start - len(p) for p in prompts], np.int32)                         # (B,)
+    lengths = np.array([len(p) for p in prompts], np.int32)                             # (B,)
+    window = np.zeros((len(prompts), config.max_len), np.int32)                         # (B, S)
     for row, p in enumerate(prompts):
-        window[row, start - len(p):start] = p
-    ids, logits, lengths = _decode(params, jnp.asarray(window), jnp.asarray(pad), jnp.int32(start), key,
+        window[row, :len(p)] = p
+    stop = np.asarray(stop, np.int32).reshape(-1)
+    ids, logits, lengths = _decode(params, jnp.asarray(window), jnp.asarray(lengths), key, jnp.asarray(stop),
                                    config=config, sampler=sampler,
-                                   prompt_len=bucket_length(start, config.max_len), max_new_tokens=max_new_tokens,
-                                   stop=tuple(int(t) for t in stop))
+                                   prompt_len=bucket_length(int(lengths.max()), config.max_len),
+                                   max_new_tokens=int(max_new_tokens), keep_logits=return_logits)
     ids, logits, lengths = jax.device_get((ids, logits, lengths))
     tokens = [ids[b, :lengths[b]] for b in range(len(prompts))]
     if return_logits:
@@ -175,39 +229,43 @@ def generate(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_to
 
 
 @functools.partial(jax.jit, static_argnames="config")
-def _last_logits(params, window, length, *, config: ModelConfig):
-    """window (B, S) right-padded, length () -> logits at slot length - 1 (B, V).
+def _last_logits(params, window, lengths, *, config: ModelConfig):
+    """window (B, S) right-padded, lengths (B,) -> logits at slot lengths[b] - 1 of each row (B, V).
 
     A fixed shape, so the recompute loop compiles once; causal masking makes the
-    padding after `length` invisible to the slots before it."""
+    padding after a row's length invisible to the slots before it."""
     logits = model.apply(params, window, config=config)                                 # (B, S, V)
-    return jax.lax.dynamic_index_in_dim(logits, length - 1, axis=1, keepdims=False)
+    return logits[jnp.arange(window.shape[0]), lengths - 1]
 
 
-def generate_recompute(params, prompt, *, config: ModelConfig, key: jax.Array, max_new_tokens: int,
+def generate_recompute(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_tokens: int,
                        sampler: Sampler = Sampler(temperature=0.0)):
-    """The reference: a Python loop that recomputes the full, cropped context for every
-    token (prompts (B, P) of equal length). Same sampling keys and window policy
-    as `generate`. Returns ids (B, N) and logits (B, N, V) as numpy arrays.
+    """The reference: a Python loop that recomputes every row's full, cropped context
+    for every token (prompts of any lengths). Same sampling keys and window policy as
+    `generate`, no stop sequence. Returns ids (B, N) and logits (B, N, V) as numpy arrays.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
-        >>> ids, logits = generate_recompute(model.init(jax.random.key(0), cfg), [[1, 2]], config=cfg,
+        >>> ids, logits = generate_recompute(model.init(jax.random.key(0), cfg), [[1, 2], [3]], config=cfg,
         ...                                  key=jax.random.key(1), max_new_tokens=3)
         >>> ids.shape, logits.shape
-        ((1, 3), (1, 3, 5))
+        ((2, 3), (2, 3, 5))
     """
     s, keep = config.max_len, slide_keep(config.max_len)
-    context = np.asarray(prompt, np.int32)[:, -s:]                                      # (B, <= S)
+    contexts = [list(p) for p in _check_prompts(prompts, config)]
+    keys = row_keys(key, len(contexts))
     ids, all_logits = [], []
     for n in range(max_new_tokens):
-        window = np.zeros((context.shape[0], s), np.int32)
-        window[:, :context.shape[1]] = context
-        logits = _last_logits(params, jnp.asarray(window), context.shape[1], config=config)
-        token = np.asarray(sampler(logits, jax.random.fold_in(key, n)))
+        window = np.zeros((len(contexts), s), np.int32)
+        for row, context in enumerate(contexts):
+            window[row, :len(context)] = context
+        lengths = jnp.asarray([len(c) for c in contexts], jnp.int32)
+        logits = _last_logits(params, jnp.asarray(window), lengths, config=config)      # (B, V)
+        token = np.asarray(sample_rows(sampler, logits, keys, n))
         ids.append(token)
         all_logits.append(np.asarray(logits))
-        context = np.concatenate([context, token[:, None]], axis=1)
-        if context.shape[1] > s:
-            context = context[:, -(keep + 1):]
+        for row, context in enumerate(contexts):
+            context.append(int(token[row]))
+            if len(context) > s:
+                del context[:len(context) - (keep + 1)]
     return np.stack(ids, axis=1), np.stack(all_logits, axis=1)

@@ -16,6 +16,8 @@ compiled program (and its compile time) does not grow with depth.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,30 +25,6 @@ import numpy as np
 from minitx_fn.config import REMAT_POLICIES, ModelConfig
 from minitx_fn.layers import attention, block, embedding, linear, norm, positional
 from minitx_fn.layers.attention import KVCache
-
-
-def _rematerialised(body, config: ModelConfig):
-    """`body` under `config.remat`'s `jax.checkpoint` policy (unchanged for "none").
-
-    prevent_cse=False inside a scan, where the loop already keeps XLA from merging
-    the recomputation back into the forward pass (the JAX docs' advice).
-    """
-    if config.remat == "none":
-        return body
-    return jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
-
-
-def _over_layers(body, carry, xs, config: ModelConfig):
-    """`lax.scan(body, carry, xs)` over the L stacked blocks, or, with
-    config.scan_layers False, the same loop unrolled in Python (one copy of the block
-    per layer in the compiled program: longer to compile, sometimes faster to run)."""
-    if config.scan_layers:
-        return jax.lax.scan(body, carry, xs)
-    ys = []
-    for i in range(config.n_layers):
-        carry, y = body(carry, jax.tree.map(lambda a, i=i: a[i], xs))
-        ys.append(y)
-    return carry, (None if ys[0] is None else jax.tree.map(lambda *a: jnp.stack(a), *ys))
 
 
 def init(key: jax.Array, config: ModelConfig) -> dict:
@@ -60,14 +38,35 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
     c = config
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
     block_keys = jax.random.split(k_blocks, c.n_layers)                    # (L,) keys
+    # GPT-2: the projections that write into the residual stream start smaller, by
+    # 1/sqrt(2 L), so the stream's variance does not grow with depth.
+    out_std = c.init_std / math.sqrt(2 * c.n_layers)
+
+    def init_block(k):
+        return block.init(k, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, std=c.init_std, out_std=out_std,
+                          dtype=c.storage_dtype)
+
     return {
         "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, std=c.embed_std,
-                                dtype=c.params_dtype),
+                                dtype=c.storage_dtype),
         # vmap over the keys stacks every leaf of the block tree on a leading L axis.
-        "blocks": jax.vmap(lambda k: block.init(k, config=c))(block_keys),
-        "ln_f": norm.init(d_model=c.d_model, dtype=c.params_dtype),
-        "head": linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std, dtype=c.params_dtype),
+        "blocks": jax.vmap(init_block)(block_keys),
+        "ln_f": norm.init(d_model=c.d_model, dtype=c.storage_dtype),
+        "head": linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std, dtype=c.storage_dtype),
     }
+
+
+def block_args(config: ModelConfig) -> dict:
+    """The keyword arguments of `block.apply` that `config` sets: the one place the
+    model's config becomes a layer's arguments.
+
+    Example:
+        >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))
+        ['attention_block', 'dtype', 'eps', 'impl', 'n_heads']
+    """
+    c = config
+    return {"n_heads": c.n_heads, "eps": c.ln_eps, "dtype": c.compute_dtype, "impl": c.attention,
+            "attention_block": c.attention_block}
 
 
 def param_shapes(params: dict) -> dict:
@@ -147,16 +146,21 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
         >>> apply(p, jnp.zeros((2, 5), jnp.int32), config=cfg).shape
         (2, 5, 10)
     """
-    check_tokens(tokens, config)
+    c = config
+    check_tokens(tokens, c)
     if positions is None:
-        positions = jnp.arange(tokens.shape[1])[None, :]                 # (1, T)
-    x = _embed(params, tokens, positions, config)                        # (B, T, D)
+        positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # (1, T)
+    x = _embed(params, tokens, positions, c)                             # (B, T, D)
 
-    def body(x, block_params):
-        return block.apply(block_params, x, config=config, mask=mask), None
+    def body(x, block_params):                                           # one block: (B, T, D) -> (B, T, D)
+        return block.apply(block_params, x, mask=mask, **block_args(c)), None
 
-    x, _ = _over_layers(_rematerialised(body, config), x, params["blocks"], config)   # (B, T, D)
-    return _logits(params, x, config)                                    # (B, T, V)
+    # What the backward pass keeps of each block's forward pass, and what it
+    # recomputes (config.REMAT_POLICIES). prevent_cse=False: inside a scan the loop
+    # already keeps XLA from merging the recomputation into the forward pass.
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, params["blocks"])                       # the L stacked blocks, in order
+    return _logits(params, x, c)                                         # (B, T, V)
 
 
 def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
@@ -170,16 +174,17 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
         >>> attention_maps(init(jax.random.key(0), cfg), jnp.zeros((1, 5), jnp.int32), config=cfg).shape
         (3, 1, 2, 5, 5)
     """
-    check_tokens(tokens, config)
-    x = _embed(params, tokens, jnp.arange(tokens.shape[1])[None, :], config)            # (B, T, D)
+    c = config
+    check_tokens(tokens, c)
+    x = _embed(params, tokens, jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :], c)   # (B, T, D)
 
     def body(x, block_params):
-        h = norm.apply(block_params["ln1"], x, eps=config.ln_eps)
-        q, k, _ = attention.project_qkv(block_params["attn"], h, config.n_heads, config.compute_dtype)
+        h = norm.apply(block_params["ln1"], x, eps=c.ln_eps)
+        q, k, _ = attention.project_qkv(block_params["attn"], h, c.n_heads, c.compute_dtype)
         weights = attention.attention_weights(q, k, attention.causal_mask(tokens.shape[1])[None, None])
-        return block.apply(block_params, x, config=config), weights                       # (B, H, T, T)
+        return block.apply(block_params, x, **block_args(c)), weights                                                                 # (B, H, T, T)
 
-    return _over_layers(body, x, params["blocks"], config)[1]
+    return jax.lax.scan(body, x, params["blocks"])[1]
 
 
 def init_cache(config: ModelConfig, batch: int) -> KVCache:
@@ -194,35 +199,41 @@ def init_cache(config: ModelConfig, batch: int) -> KVCache:
     return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
 
 
-def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: ModelConfig, index: jax.Array,
-                 positions: jax.Array, mask: jax.Array) -> tuple[jax.Array, KVCache]:
-    """tokens (B, T) written at cache slots index .. index + T - 1 -> logits (B, T, V), new cache.
+def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: ModelConfig, index: jax.Array
+                 ) -> tuple[jax.Array, KVCache]:
+    """tokens (B, T) of row b written at cache slots index[b] .. index[b] + T - 1 -> logits (B, T, V), new cache.
 
-    positions: (B, T) int, each token's position in its own sequence (rows may be
-    left-padded by different amounts). mask: (B, 1, T, S) bool over cache slots.
+    index: (B,) int. Row b's token in slot s is at position s of its own sequence,
+    and slots 0 .. index[b] - 1 hold that row's earlier tokens, so the positions and
+    the causal mask over the S slots follow from `index` alone: query t of row b
+    reads slots 0 .. index[b] + t.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, max_len=6)
         >>> p, tokens = init(jax.random.key(0), cfg), jnp.array([[1, 2, 3]])
-        >>> mask = attention.causal_mask(3, 6)[None, None]
-        >>> logits, cache = apply_cached(p, tokens, init_cache(cfg, 1), config=cfg, index=0,
-        ...                              positions=jnp.arange(3)[None], mask=mask)
+        >>> logits, cache = apply_cached(p, tokens, init_cache(cfg, 1), config=cfg, index=jnp.zeros(1, jnp.int32))
         >>> bool(jnp.allclose(logits, apply(p, tokens, config=cfg), atol=1e-5))   # same as without a cache
         True
     """
-    check_tokens(tokens, config)
-    x = _embed(params, tokens, positions, config)                        # (B, T, D)
+    c = config
+    check_tokens(tokens, c)
+    t, s = tokens.shape[1], cache.k.shape[2]
+    index = index.astype(jnp.int32)
+    positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]                   # (B, T)
+    mask = (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, S)
+    x = _embed(params, tokens, positions, c)                                                # (B, T, D)
 
     # The whole (L, B, S, H, K) cache rides in the loop's carry and each layer writes
     # its T new slots in place; passing it as the scan's xs and ys would rebuild all
     # of it for every token.
     def body(carry, block_params):
         x, cache, layer = carry
-        x, cache = block.apply_cached(block_params, x, cache, config=config, index=index, mask=mask, layer=layer)
+        x, cache = block.apply_cached(block_params, x, cache, layer=layer, index=index, mask=mask, n_heads=c.n_heads,
+                                      eps=c.ln_eps, dtype=c.compute_dtype, impl=c.attention)
         return (x, cache, layer + 1), None
 
-    (x, cache, _), _ = _over_layers(body, (x, cache, jnp.int32(0)), params["blocks"], config)
-    return _logits(params, x, config), cache
+    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), params["blocks"])
+    return _logits(params, x, c), cache
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -260,5 +271,5 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
     return cross_entropy(apply(params, tokens, config=config), targets)
 
 
-__all__ = ["KVCache", "apply", "attention_maps", "token_losses", "apply_cached", "check_tokens", "count_params", "cross_entropy",
-           "init", "init_cache", "loss", "param_shapes"]
+__all__ = ["KVCache", "apply", "apply_cached", "attention_maps", "block_args", "check_tokens", "count_params",
+           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "token_losses"]

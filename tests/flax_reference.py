@@ -36,7 +36,7 @@ def sinusoidal_table(length: int, d_model: int) -> np.ndarray:
 
 
 def _kw(c: ModelConfig) -> dict:
-    return {"dtype": c.compute_dtype, "param_dtype": c.params_dtype}
+    return {"dtype": c.compute_dtype, "param_dtype": c.storage_dtype}
 
 
 class FlaxAttention(nn.Module):
@@ -65,7 +65,7 @@ class FlaxMLP(nn.Module):
 
 def _layer_norm(c: ModelConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=c.ln_eps, use_fast_variance=False, name=name,
-                        dtype=c.residual_dtype, param_dtype=c.params_dtype)
+                        dtype=c.residual_dtype, param_dtype=c.storage_dtype)
 
 
 class FlaxBlock(nn.Module):
@@ -87,7 +87,7 @@ class FlaxLM(nn.Module):
         c = self.config
         work = c.residual_dtype
         t = tokens.shape[1]
-        x = nn.Embed(c.vocab_size, c.d_model, name="embed", param_dtype=c.params_dtype)(tokens).astype(work)
+        x = nn.Embed(c.vocab_size, c.d_model, name="embed", param_dtype=c.storage_dtype)(tokens).astype(work)
         x = x + jnp.asarray(sinusoidal_table(t, c.d_model), work)[None]
         mask = nn.make_causal_mask(tokens)                                    # (B, 1, T, T)
         for i in range(c.n_layers):

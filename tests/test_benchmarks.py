@@ -37,9 +37,12 @@ def test_quick_benchmark_writes_every_field(tmp_path, capsys):
     assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(1, "cached"), (1, "recompute"),
                                                                    (8, "cached"), (8, "recompute")}
     for row in result["decode"]:
-        assert all(row[f] for f in DECODE_FIELDS) and row["tokens_per_s"] > 0
+        assert all(row[f] for f in DECODE_FIELDS[:4]) and row["tokens_per_s"] > 0
+        # Per-token times of a tiny model can sink below the timer's noise: then null, never negative.
+        assert all(row[f] is None or row[f] > 0 for f in DECODE_FIELDS[4:])
         if row["mode"] == "cached":
-            assert row["bytes_per_token"] > 0 and row["achieved_gbs"] > 0
+            assert row["bytes_per_token"] > 0
+            assert (row["achieved_gbs"] is None) == (row["ms_per_token_late"] is None)
     assert "| tiny | minitx |" in capsys.readouterr().out
 
 

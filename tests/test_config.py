@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import pytest
 
 from minitx_fn.config import ModelConfig, TrainConfig
+from tests.helpers import enable_x64
 
 
 def test_defaults_are_derived_and_configs_hash_by_value():
@@ -44,3 +46,11 @@ def test_model_config_rejects_bad_values(changes, field, hint):
 def test_train_config_rejects_bad_values(changes, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**changes)
+
+
+def test_float64_without_x64_says_how_to_enable_it():
+    for field in ("dtype", "param_dtype"):
+        with pytest.raises(ValueError, match=rf"{field}='float64'.*jax_enable_x64"):
+            ModelConfig(vocab_size=5, **{field: "float64"})
+    with enable_x64():
+        assert ModelConfig(vocab_size=5, dtype="float64", param_dtype="float64").residual_dtype == jnp.float64

@@ -33,7 +33,7 @@ def _config(dtype: str) -> ModelConfig:
 def _case(name: str, c: ModelConfig, key: jax.Array):
     """(our params, our_fn(params) -> y, flax_fn(flax_params) -> y, to_flax) for one layer."""
     k_init, k_x = jax.random.split(key)
-    dt = c.params_dtype
+    dt = c.storage_dtype
     x = jax.random.normal(k_x, (2, 7, c.d_model), dt)                     # (B, T, D)
     tokens = jax.random.randint(k_x, (2, 7), 0, c.vocab_size)             # (B, T)
     def flax_apply(module, inputs):
@@ -63,8 +63,8 @@ def _case(name: str, c: ModelConfig, key: jax.Array):
                                                    block=c.attention_block),
                 flax_apply(ref.FlaxAttention(c), (x,)), lambda p: ref.to_flax_attention(p, c.n_heads))
     if name == "block":
-        p = block.init(k_init, config=c.replace(init_std=0.3))
-        return (p, lambda p: block.apply(p, x, config=c), flax_apply(ref.FlaxBlock(c), (x,)),
+        p = block.init(k_init, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, std=0.3, dtype=dt)
+        return (p, lambda p: block.apply(p, x, **model.block_args(c)), flax_apply(ref.FlaxBlock(c), (x,)),
                 lambda p: ref.to_flax_block(p, c.n_heads))
     raise AssertionError(name)
 
@@ -152,14 +152,14 @@ def _model_case(c: ModelConfig, key: jax.Array):
     return params, data[:, :-1], data[:, 1:]
 
 
-@pytest.mark.parametrize("dtype, impl, scan, block, remat", [
-    ("float32", "einsum", True, 0, "none"),                   # the formulas as written, nothing recomputed
-    ("float32", "einsum", True, 3, "matmuls"),                # the defaults, with blocks at this T
-    ("float64", "einsum", True, 3, "matmuls"),
-    ("float32", "dot_product_attention", True, 3, "dots"),
-    ("float32", "einsum", False, 5, "full"),
+@pytest.mark.parametrize("dtype, impl, block, remat", [
+    ("float32", "einsum", 0, "none"),                         # the formulas as written, nothing recomputed
+    ("float32", "einsum", 3, "matmuls"),                      # the defaults, with blocks at this T
+    ("float64", "einsum", 3, "matmuls"),
+    ("float32", "dot_product_attention", 3, "dots"),
+    ("float32", "einsum", 5, "full"),
 ])
-def test_model_matches_flax(dtype, impl, scan, block, remat, key):
+def test_model_matches_flax(dtype, impl, block, remat, key):
     """Logits, loss, every gradient and one Adam update of the whole model.
 
     Attention blocks (3 and 5 rows over T = 8) and every rematerialisation policy
@@ -168,7 +168,7 @@ def test_model_matches_flax(dtype, impl, scan, block, remat, key):
     about 1e-7, not 1e-10.
     """
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
-        c = _config(dtype).replace(attention=impl, scan_layers=scan, attention_block=block, remat=remat)
+        c = _config(dtype).replace(attention=impl, attention_block=block, remat=remat)
         tol = TOLERANCE[dtype]
         params, tokens, targets = _model_case(c, key)
         to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731

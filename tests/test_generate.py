@@ -1,6 +1,9 @@
-"""Cached decoding equals recomputing the full, cropped context, token for token."""
+"""Generation: cached decoding equals recomputing the full, cropped context; every row
+of a batch decodes as it would alone; float32 and float64; one compiled loop."""
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import numpy as np
@@ -12,48 +15,161 @@ from minitx_fn import generate as gen
 from minitx_fn import model
 from minitx_fn.config import ModelConfig
 from minitx_fn.sampling import GREEDY, Sampler
+from tests.helpers import enable_x64
 
 CFG = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.5)
 PARAMS = model.init(jax.random.key(11), CFG)
+# Logits agree within this fraction of their scale: the cached step multiplies (1, D)
+# rows where the recompute multiplies (S, D) blocks, and XLA's kernels for the two
+# round differently in the last bits.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+SEEDS = st.integers(0, 2**31 - 1)
 
 
-@given(b=st.sampled_from([1, 3]), prompt_len=st.sampled_from([1, 5, 8]), n_new=st.sampled_from([6, 30]),
-       seed=st.integers(0, 2**31 - 1), impl=st.sampled_from(["einsum", "dot_product_attention"]),
-       scan=st.booleans())
-def test_cached_greedy_equals_recompute_inside_and_after_the_window(b, prompt_len, n_new, seed, impl, scan):
-    """n_new = 30 with a window of 8 slides the window several times."""
-    cfg = CFG.replace(attention=impl, scan_layers=scan)
-    k1, k2 = jax.random.split(jax.random.key(seed))
-    params = model.init(k1, cfg)
-    prompts = np.asarray(jax.random.randint(k2, (b, prompt_len), 0, cfg.vocab_size))
-    ids, logits = gen.generate(params, list(prompts), config=cfg, key=k2, max_new_tokens=n_new, return_logits=True)
-    ref_ids, ref_logits = gen.generate_recompute(params, prompts, config=cfg, key=k2, max_new_tokens=n_new)
+def precision(dtype: str):
+    """The context a dtype's tests run in: 64-bit JAX for float64."""
+    return enable_x64() if dtype == "float64" else contextlib.nullcontext()
+
+
+def config(dtype: str, **changes) -> ModelConfig:
+    return CFG.replace(dtype=dtype, param_dtype=dtype, **changes)
+
+
+def random_prompts(seed: int, lengths, vocab_size: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab_size, n).astype(np.int32) for n in lengths]
+
+
+def assert_logits_close(actual, expected, dtype: str):
+    scale = max(1.0, float(np.abs(expected).max()))
+    np.testing.assert_allclose(actual, expected, atol=TOLERANCE[dtype] * scale, rtol=0)
+
+
+# ----------------------------------------------------------------------------- cached = recompute
+
+
+@given(lengths=st.lists(st.sampled_from([1, 5, 8, 11]), min_size=1, max_size=3).filter(lambda x: len(x) != 2),
+       n_new=st.sampled_from([6, 30]), seed=SEEDS, impl=st.sampled_from(["einsum", "dot_product_attention"]),
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_cached_greedy_equals_recompute_inside_and_after_the_window(lengths, n_new, seed, impl, dtype):
+    """Prompts of mixed lengths (11 > S = 8 keeps the last 8); n_new = 30 slides every
+    row's window several times, each at its own step."""
+    with precision(dtype):
+        cfg = config(dtype, attention=impl)
+        params = model.init(jax.random.key(seed), cfg)
+        prompts = random_prompts(seed, lengths, cfg.vocab_size)
+        key = jax.random.key(seed + 1)
+        ids, logits = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=n_new, return_logits=True)
+        ref_ids, ref_logits = gen.generate_recompute(params, prompts, config=cfg, key=key, max_new_tokens=n_new)
     np.testing.assert_array_equal(np.stack(ids), ref_ids)
-    # Within 1e-5 of the logits' scale (this test model's logits reach about 5): the
-    # cached step multiplies (1, D) rows where the recompute multiplies (S, D) blocks,
-    # and XLA's kernels for the two round differently in the last bits.
-    scale = max(1.0, float(np.abs(ref_logits).max()))
-    np.testing.assert_allclose(np.stack(logits), ref_logits, atol=1e-5 * scale, rtol=0)
+    # jax.nn.dot_product_attention computes its softmax in float32 whatever the input.
+    assert_logits_close(np.stack(logits), ref_logits, "float32" if impl != "einsum" else dtype)
 
 
-def test_cached_sampling_equals_recompute_with_the_same_keys(key):
-    prompts = np.asarray(jax.random.randint(key, (4, 3), 0, CFG.vocab_size))
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cached_sampling_equals_recompute_with_the_same_keys(dtype, key):
     sampler = Sampler(temperature=1.0, top_k=5, top_p=0.95)
-    ids = gen.generate(PARAMS, list(prompts), config=CFG, key=key, max_new_tokens=20, sampler=sampler)
-    ref_ids, _ = gen.generate_recompute(PARAMS, prompts, config=CFG, key=key, max_new_tokens=20, sampler=sampler)
+    with precision(dtype):
+        cfg = config(dtype)
+        params = model.init(jax.random.key(11), cfg)
+        prompts = random_prompts(3, [3, 1, 7, 4], cfg.vocab_size)
+        ids = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=20, sampler=sampler)
+        ref_ids, _ = gen.generate_recompute(params, prompts, config=cfg, key=key, max_new_tokens=20, sampler=sampler)
     np.testing.assert_array_equal(np.stack(ids), ref_ids)
 
 
-def test_padded_batch_rows_equal_their_own_runs(key):
-    """Inside the window, left padding changes nothing: each row of a batch of
-    different-length prompts equals that prompt decoded alone."""
-    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9]]
-    n_new = 3                                    # 5 + 3 = 8 slots: no slide
-    batch = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=n_new, return_logits=True)
-    for row, p in enumerate(prompts):
-        alone = gen.generate(PARAMS, [p], config=CFG, key=key, max_new_tokens=n_new, return_logits=True)
-        np.testing.assert_array_equal(batch[0][row], alone[0][0])
-        np.testing.assert_allclose(batch[1][row], alone[1][0], atol=1e-5)
+# ----------------------------------------------------------------------------- rows are independent
+
+
+def test_float64_generation_runs():
+    """Reproduction of issue 13: generate failed whenever jax_enable_x64 was on."""
+    with enable_x64():
+        cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8, dtype="float64", param_dtype="float64")
+        out = gen.generate(model.init(jax.random.key(0), cfg), [[1, 2]], config=cfg, key=jax.random.key(1),
+                           max_new_tokens=4)
+        f32 = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)          # x64 on, float32 model
+        out32 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], config=f32, key=jax.random.key(1),
+                             max_new_tokens=4)
+    assert out[0].shape == out32[0].shape == (4,)
+
+
+def test_short_row_keeps_its_context_when_a_long_row_slides():
+    """Reproduction of issue 13: the short row changed from new token 12 on when batched."""
+    cfg = ModelConfig(vocab_size=7, d_model=12, n_heads=3, n_layers=2, max_len=16, init_std=0.3)
+    params = model.init(jax.random.key(0), cfg)
+    short, long = [1, 2, 3], list(range(7)) * 2 + [1, 2]
+    key = jax.random.key(1)
+    alone = gen.generate(params, [short], config=cfg, key=key, max_new_tokens=40)[0]
+    batched = gen.generate(params, [short, long], config=cfg, key=key, max_new_tokens=40)
+    np.testing.assert_array_equal(batched[0], alone)
+    np.testing.assert_array_equal(batched[1], gen.generate(params, [long], config=cfg, key=key, max_new_tokens=40)[0])
+
+
+@given(lengths=st.lists(st.integers(1, 12), min_size=3, max_size=3), stop_len=st.sampled_from([0, 2]), seed=SEEDS,
+       dtype=st.sampled_from(["float32", "float64"]))
+def test_each_greedy_row_equals_its_prompt_alone(lengths, stop_len, seed, dtype):
+    """For any mix of prompt lengths, window slides (S = 8, 40 new tokens: each row
+    slides up to 9 times, at its own steps) and a stop sequence that ends some rows
+    early, row i of the batch is exactly `generate([prompt_i])`, tokens and logits."""
+    n_new = 40
+    with precision(dtype):
+        cfg = config(dtype)
+        params = model.init(jax.random.key(seed), cfg)
+        prompts = random_prompts(seed, lengths, cfg.vocab_size)
+        key = jax.random.key(0)
+        stop = ()
+        if stop_len:                  # a piece of row 0's own continuation, so at least that row stops early
+            free = gen.generate(params, prompts[:1], config=cfg, key=key, max_new_tokens=n_new)[0]
+            stop = tuple(int(t) for t in free[len(free) // 2:][:stop_len])
+        ids, logits = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=n_new, stop=stop,
+                                   return_logits=True)
+        for i, prompt in enumerate(prompts):
+            alone_ids, alone_logits = gen.generate(params, [prompt], config=cfg, key=key, max_new_tokens=n_new,
+                                                   stop=stop, return_logits=True)
+            np.testing.assert_array_equal(ids[i], alone_ids[0])
+            assert_logits_close(logits[i], alone_logits[0], dtype)
+    if stop:
+        assert len(ids[0]) < n_new and tuple(ids[0][-len(stop):]) == stop
+
+
+@given(lengths=st.lists(st.integers(1, 12), min_size=3, max_size=3), other=st.lists(st.integers(1, 12), min_size=3,
+       max_size=3), seed=SEEDS)
+def test_a_sampled_row_depends_only_on_its_prompt_key_and_row(lengths, other, seed):
+    """Row b samples with fold_in(fold_in(key, b), n): replacing every other row of the
+    batch changes nothing in row b, and row 0 is what the prompt gives alone."""
+    sampler = Sampler(temperature=1.0, top_k=6)
+    prompts = random_prompts(seed, lengths, CFG.vocab_size)
+    replaced = random_prompts(seed + 1, other, CFG.vocab_size)
+    key = jax.random.key(seed)
+    batch = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=20, sampler=sampler)
+    for b in range(3):
+        mixed = [prompts[i] if i == b else replaced[i] for i in range(3)]
+        np.testing.assert_array_equal(
+            gen.generate(PARAMS, mixed, config=CFG, key=key, max_new_tokens=20, sampler=sampler)[b], batch[b])
+    np.testing.assert_array_equal(
+        gen.generate(PARAMS, prompts[:1], config=CFG, key=key, max_new_tokens=20, sampler=sampler)[0], batch[0])
+
+
+def test_sampling_is_a_function_of_the_key(key):
+    """The same prompts and key give the same tokens; another key gives other tokens."""
+    sampler = Sampler(temperature=2.0)                     # flat distributions: 40 equal draws by chance ~ 0
+    prompts = [[1, 2], [3]]
+    first = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=40, sampler=sampler)
+    again = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=40, sampler=sampler)
+    other = gen.generate(PARAMS, prompts, config=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=40,
+                         sampler=sampler)
+    for a, b, c in zip(first, again, other):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, c)
+
+
+def test_greedy_ignores_the_key(key):
+    a = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=5, sampler=GREEDY)
+    b = gen.generate(PARAMS, [[1, 2]], config=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=5)
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+# ----------------------------------------------------------------------------- stop, compilation, bad input
 
 
 def test_stop_sequence_ends_a_row_and_the_loop(key):
@@ -65,12 +181,17 @@ def test_stop_sequence_ends_a_row_and_the_loop(key):
     np.testing.assert_array_equal(stopped, first[:first_end])
 
 
-def test_no_recompilation_per_token_or_within_a_bucket(key):
-    gen._decode.clear_cache() if hasattr(gen._decode, "clear_cache") else None
+def test_one_compiled_loop_for_every_token_position_and_prompt_in_a_bucket(key):
+    """The decode loop compiles once per (batch size, prompt bucket, settings): prompts
+    at the start and at the end of the window, and 20 tokens that slide it, reuse it."""
+    cfg = CFG.replace(init_std=0.49)                       # a config no other test uses: a fresh jit cache entry
+    params = model.init(key, cfg)
     before = gen._decode._cache_size()
-    gen.generate(PARAMS, [[1, 2, 3]], config=CFG, key=key, max_new_tokens=20)       # 20 tokens, one compile
-    gen.generate(PARAMS, [[4, 5, 6, 7, 1]], config=CFG, key=key, max_new_tokens=20)  # same bucket (8)
-    gen.generate(PARAMS, [[1, 2], [3, 4, 5]], config=CFG, key=key, max_new_tokens=20)  # batch 2: new shape
+    gen.generate(params, [[1, 2, 3]], config=cfg, key=key, max_new_tokens=20)
+    gen.generate(params, [[4, 5, 6, 7, 1]], config=cfg, key=key, max_new_tokens=20)       # same bucket (8)
+    gen.generate(params, [[1] * 8], config=cfg, key=key, max_new_tokens=20)                # a full window
+    assert gen._decode._cache_size() - before == 1
+    gen.generate(params, [[1, 2], [3, 4, 5]], config=cfg, key=key, max_new_tokens=20)      # batch 2: a new shape
     assert gen._decode._cache_size() - before == 2
 
 
@@ -79,23 +200,23 @@ def test_bucket_lengths():
     assert gen.bucket_length(5, 4) == 4
 
 
-def test_time_per_token_does_not_depend_on_position():
-    """The decode step's cost is fixed by construction: every step attends over all S
-    slots under a mask. Checked structurally: one compiled loop serves prompts at the
-    start and at the end of the window (timings belong in benchmarks)."""
-    key = jax.random.key(0)
-    a = gen.generate(PARAMS, [[1]], config=CFG, key=key, max_new_tokens=4)
-    b = gen.generate(PARAMS, [[1] * 8], config=CFG, key=key, max_new_tokens=4)
-    assert len(a[0]) == len(b[0]) == 4
-
-
-@pytest.mark.parametrize("prompts, match", [([[]], "empty"), ([[1, 99]], "outside"), ([], "no prompts")])
+@pytest.mark.parametrize("prompts, match", [([[]], "empty"), ([[1, 99]], "outside"), ([], "no prompts"),
+                                            ([[1.5, 2.0]], "integers")])
 def test_bad_prompts(prompts, match):
     with pytest.raises(ValueError, match=match):
         gen.generate(PARAMS, prompts, config=CFG, key=jax.random.key(0), max_new_tokens=2)
 
 
-def test_greedy_default_is_deterministic(key):
-    a = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=5, sampler=GREEDY)
-    b = gen.generate(PARAMS, [[1, 2]], config=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=5)
-    np.testing.assert_array_equal(a[0], b[0])
+@pytest.mark.parametrize("n", [0, -3, 2.5])
+def test_bad_max_new_tokens(n):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        gen.generate(PARAMS, [[1]], config=CFG, key=jax.random.key(0), max_new_tokens=n)
+
+
+def test_window_of_one_slot():
+    """S = 1 keeps no token when it slides: every step sees only its newest token."""
+    cfg = CFG.replace(max_len=1)
+    params = model.init(jax.random.key(0), cfg)
+    ids = gen.generate(params, [[3]], config=cfg, key=jax.random.key(0), max_new_tokens=5)[0]
+    ref, _ = gen.generate_recompute(params, [[3]], config=cfg, key=jax.random.key(0), max_new_tokens=5)
+    np.testing.assert_array_equal(ids, ref[0])

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minitx_fn import model
 from minitx_fn.config import ModelConfig
 from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, positional
 from tests.flax_reference import sinusoidal_table
@@ -69,18 +70,19 @@ def test_block_contract(key, cfg):
     shapes = {"ln1": {"scale": (d,), "bias": (d,)}, "ln2": {"scale": (d,), "bias": (d,)},
               "attn": {"qkv": {"w": (d, 3 * d), "b": (3 * d,)}, "out": {"w": (d, d), "b": (d,)}},
               "mlp": {"up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}}
-    check_layer(lambda: block.init(key, config=cfg), lambda p, x: block.apply(p, x, config=cfg),
+    check_layer(lambda: block.init(key, d_model=d, n_heads=cfg.n_heads, d_ff=f),
+                lambda p, x: block.apply(p, x, **model.block_args(cfg)),
                 expected_shapes=shapes, x=jax.random.normal(key, (2, 5, d)), out_shape=(2, 5, d))
 
 
 def test_bfloat16_compute_keeps_float32_outputs(key):
     """Matmuls in bfloat16; layer norm, residual stream and logits stay float32."""
     cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, dtype="bfloat16")
-    p = block.init(key, config=cfg)
+    p = block.init(key, d_model=8, n_heads=2, d_ff=32)
     x = jax.random.normal(key, (2, 5, 8))
-    y = block.apply(p, x, config=cfg)
+    y = block.apply(p, x, **model.block_args(cfg))
     chex.assert_type(y, jnp.float32)
-    y32 = block.apply(p, x, config=cfg.replace(dtype="float32"))
+    y32 = block.apply(p, x, **model.block_args(cfg.replace(dtype="float32")))
     np.testing.assert_allclose(y, y32, atol=5e-2)          # bfloat16 has 8 bits of mantissa
 
 
@@ -99,7 +101,7 @@ class JitVariantsTest(chex.TestCase):
             (norm.init(d_model=8), lambda p, x: norm.apply(p, x), x),
             (feedforward.init(key, d_model=8, d_ff=16), lambda p, x: feedforward.apply(p, x), x),
             (attention.init(key, d_model=8, n_heads=2), lambda p, x: attention.apply(p, x, n_heads=2), x),
-            (block.init(key, config=cfg), lambda p, x: block.apply(p, x, config=cfg), x),
+            (block.init(key, d_model=8, n_heads=2, d_ff=32), lambda p, x: block.apply(p, x, **model.block_args(cfg)), x),
             ({}, lambda p, x: positional.table(x.shape[1], 8), x),
         ]
         for params, fn, inp in cases:

@@ -42,7 +42,7 @@ def test_scan_equals_blocks_one_by_one(key):
     from minitx_fn.layers import embedding, linear, norm, positional
     x = embedding.apply(PARAMS["embed"], tokens) + positional.table(6, CFG.d_model)[None]
     for i in range(CFG.n_layers):
-        x = block.apply(jax.tree.map(lambda a, i=i: a[i], PARAMS["blocks"]), x, config=CFG)
+        x = block.apply(jax.tree.map(lambda a, i=i: a[i], PARAMS["blocks"]), x, **model.block_args(CFG))
     expected = linear.apply(PARAMS["head"], norm.apply(PARAMS["ln_f"], x))
     np.testing.assert_allclose(model.apply(PARAMS, tokens, config=CFG), expected, rtol=1e-5, atol=1e-5)
 

@@ -1,14 +1,33 @@
 """Layers: each module is an `init(key, *, sizes) -> params` and `apply(params, x, ...) -> y` pair.
 
 The contract, stated once:
-- `init` returns a pytree (a dict) of arrays only. Sizes and flags are arguments,
-  never leaves, so `jax.tree.map` over parameters touches arrays and nothing else.
+- `init` returns a pytree (a dict) of arrays only. Sizes and dtypes are keyword
+  arguments, never leaves, so `jax.tree.map` over parameters touches arrays and
+  nothing else. Layers know their own sizes, never the model's config.
 - `apply` is a pure function of its parameters and inputs. It works under `jit`,
   `vmap` and `grad`, and its docstring gives input and output shapes.
 - Dimension letters: B batch, T query positions, S key/value positions, D model
   width, H heads, K head width (D / H), F feed-forward width, V vocabulary.
 """
 
-from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, positional
+import jax.numpy as jnp
 
-__all__ = ["attention", "block", "embedding", "feedforward", "linear", "norm", "positional"]
+
+def at_least_float32(dtype):
+    """float64 stays float64; float32 and bfloat16 become float32.
+
+    The dtype for the numerically delicate parts: layer-norm statistics, softmax,
+    logits, loss and the residual stream. (Written out because `jnp.promote_types`
+    refuses float32/float64 under strict promotion.)
+
+    Example:
+        >>> at_least_float32(jnp.bfloat16).__name__, at_least_float32(jnp.float64).__name__
+        ('float32', 'float64')
+    """
+    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+
+
+# The layer modules import `at_least_float32` from here, so it is defined first.
+from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, positional  # noqa: E402
+
+__all__ = ["at_least_float32", "attention", "block", "embedding", "feedforward", "linear", "norm", "positional"]

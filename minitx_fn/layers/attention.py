@@ -15,9 +15,11 @@ projections are fused into one (D, 3D) matrix, laid out [Q | K | V] with heads
 contiguous inside each block (feature h * K + k is head h, feature k): one matmul
 instead of three.
 
-KV cache layout (the one place it is defined): `KVCache(k, v)` with k and v of
-shape (B, S, H, K) for one layer, (L, B, S, H, K) for the model, in the compute
-dtype. Slot s holds the key and value of the token written at cache index s.
+KV cache layout (the one place it is defined): `KVCache(k, v)`, k and v of shape
+(L, B, S, H, K) in the compute dtype, one (B, S, H, K) slice per layer (L = 1 for a
+single layer). Each row has its own slots: slot s of row b holds the key and value
+of that row's token at position s, so rows of a batch fill and slide their windows
+independently (`minitx_fn.generate`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.config import at_least_float32
+from minitx_fn.layers import at_least_float32
 from minitx_fn.layers import linear
 
 IMPLS = ("einsum", "dot_product_attention")
@@ -36,8 +38,8 @@ IMPLS = ("einsum", "dot_product_attention")
 class KVCache(NamedTuple):
     """Keys and values of the tokens written so far; see the module docstring for the layout."""
 
-    k: jax.Array  # (B, S, H, K), or (L, B, S, H, K) for all layers
-    v: jax.Array  # (B, S, H, K), or (L, B, S, H, K) for all layers
+    k: jax.Array  # (L, B, S, H, K)
+    v: jax.Array  # (L, B, S, H, K)
 
 
 # ----------------------------------------------------------------------------- maths
@@ -78,7 +80,8 @@ def causal_mask(t: int, s: int | None = None, *, offset: int = 0) -> jax.Array:
                [1, 1, 1]], dtype=int32)
     """
     s = t if s is None else s
-    return jnp.arange(s)[None, :] <= jnp.arange(t)[:, None] + offset
+    # int32 throughout, so the comparison is int32 vs int32 with jax_enable_x64 on too.
+    return jnp.arange(s, dtype=jnp.int32)[None, :] <= jnp.arange(t, dtype=jnp.int32)[:, None] + offset
 
 
 def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -220,38 +223,47 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = 
     return linear.apply(params["out"], merge_heads(y), dtype=dtype)        # (B, T, D)
 
 
-def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array, mask: jax.Array,
-                 n_heads: int, impl: str = "einsum", dtype=None, layer: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache]:
-    """x (B, T, D) written at cache slots index .. index + T - 1; attend over all S slots.
+def write_kv(cache: KVCache, layer: jax.Array, index: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+    """Write k, v (B, T, H, K) into slots index[b] .. index[b] + T - 1 of row b of `layer`.
+
+    cache (L, B, S, H, K); layer () int; index (B,) int. A scatter into the cache
+    it was given: inside a loop whose carry holds the cache, XLA updates it in
+    place, so a decode step writes T slots, not a fresh copy of the cache.
+
+    Example:
+        >>> cache = KVCache(jnp.zeros((2, 2, 4, 1, 1)), jnp.zeros((2, 2, 4, 1, 1)))   # L=2, B=2, S=4
+        >>> new = jnp.ones((2, 1, 1, 1))
+        >>> write_kv(cache, jnp.int32(1), jnp.array([0, 2], jnp.int32), new, new).k[1, :, :, 0, 0]
+        Array([[1., 0., 0., 0.],
+               [0., 0., 1., 0.]], dtype=float32)
+    """
+    b, t = k.shape[:2]
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None]                             # (B, 1)
+    slots = index.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]   # (B, T)
+    return KVCache(k=cache.k.at[layer, rows, slots].set(k.astype(cache.k.dtype)),
+                   v=cache.v.at[layer, rows, slots].set(v.astype(cache.v.dtype)))
+
+
+def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, layer: jax.Array, index: jax.Array,
+                 mask: jax.Array, n_heads: int, impl: str = "einsum", dtype=None) -> tuple[jax.Array, KVCache]:
+    """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of `layer`; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
-    its shape (B, S, H, K) for every call, so the compiled step never changes.
+    its shape (L, B, S, H, K) for every call, so the compiled step never changes.
 
     mask: bool (B, 1, T, S), True where query t may read slot s: the caller masks
-    slots not yet written, padding, and the future.
+    slots not yet written and the future.
     Returns y (B, T, D) and the updated cache.
-
-    With `layer`, cache is the whole model's (L, B, S, H, K) cache and this layer's
-    slice is cache[layer]: the new keys and values are written into it in place, so
-    a decode step writes T slots, not a fresh (B, S, H, K) copy of the layer.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
-        >>> cache = KVCache(jnp.zeros((1, 6, 2, 4)), jnp.zeros((1, 6, 2, 4)))   # S = 6 slots
-        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, index=0, mask=causal_mask(2, 6)[None, None], n_heads=2)
-        >>> y.shape, bool(cache.k[0, 2:].any())   # slots 2.. still empty
+        >>> cache = KVCache(jnp.zeros((1, 1, 6, 2, 4)), jnp.zeros((1, 1, 6, 2, 4)))   # L = 1, B = 1, S = 6
+        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, layer=jnp.int32(0), index=jnp.zeros(1, jnp.int32),
+        ...                         mask=causal_mask(2, 6)[None, None], n_heads=2)
+        >>> y.shape, bool(cache.k[0, 0, 2:].any())   # slots 2.. still empty
         ((1, 2, 8), False)
     """
     q, k, v = project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
-    if layer is None:
-        start, k, v = (0, index, 0, 0), k, v
-    else:
-        start, k, v = (layer, 0, index, 0, 0), k[None], v[None]            # (1, B, T, H, K)
-    cache = KVCache(
-        k=jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),   # (B, S, H, K) or (L, ...)
-        v=jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start),
-    )
-    layer_k, layer_v = (cache.k, cache.v) if layer is None else (cache.k[layer], cache.v[layer])
-    y = scaled_dot_product(q, layer_k, layer_v, mask, impl=impl)           # (B, T, H, K)
+    cache = write_kv(cache, layer, index, k, v)
+    y = scaled_dot_product(q, cache.k[layer], cache.v[layer], mask, impl=impl)   # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache
