@@ -16,6 +16,7 @@ compiled program (and its compile time) does not grow with depth.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -27,8 +28,12 @@ from minitx_fn.layers import attention, block, embedding, linear, norm, position
 from minitx_fn.layers.attention import KVCache
 
 
+@functools.partial(jax.jit, static_argnames="config")
 def init(key: jax.Array, config: ModelConfig) -> dict:
     """Fresh parameters for `config`; one subkey per consumer, one per block.
+
+    Jitted: run eagerly, the few dozen random draws and the vmap over blocks would
+    each compile on their own, which takes seconds even for a tiny model.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3)

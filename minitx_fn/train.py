@@ -92,8 +92,9 @@ def keys(seed: int) -> tuple[jax.Array, jax.Array]:
     return init_key, data_key
 
 
+@functools.partial(jax.jit, static_argnames=("model_config", "train_config"))
 def init_state(key: jax.Array, model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
-    """Fresh parameters, the optimiser's initial state, and step 0.
+    """Fresh parameters, the optimiser's initial state, and step 0 (jitted, like `model.init`).
 
     Example:
         >>> s = init_state(jax.random.key(0), ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig())

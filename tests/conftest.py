@@ -2,7 +2,8 @@
 
 - Strict dtype promotion and rank promotion "raise": an implicit float32/float64
   mix or an implicit broadcast of a lower-rank array is a bug in the library.
-- `key`: a PRNG key derived from the test's own name, so no two tests share one.
+- `key`: a PRNG key derived from the test's own name, so no two tests share one;
+  `rng`: a NumPy generator seeded the same way, for input data.
 - Hypothesis: profile "quick" (CI, default) or "thorough", chosen by the
   environment variable MINITX_HYPOTHESIS_PROFILE. Deadlines are off: the first
   example of a jitted property pays for compilation.
@@ -11,10 +12,20 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import zlib
 
-import jax
-import pytest
+# One persistent compilation cache for the whole session, this process and the
+# subprocesses the tests start (they inherit the environment): a program compiled
+# once, by any test or process, is read back instead of compiled again. Set before
+# JAX is imported, which reads these variables at start-up.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="minitx-test-xla-"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -31,3 +42,10 @@ settings.load_profile(os.environ.get("MINITX_HYPOTHESIS_PROFILE", "quick"))
 def key(request) -> jax.Array:
     """A PRNG key unique to this test (seeded by a hash of its node id)."""
     return jax.random.key(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A NumPy generator unique to this test, for input data: drawing it costs no
+    JAX compilation (every new shape of a jax.random draw compiles on its own)."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

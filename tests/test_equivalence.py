@@ -8,10 +8,12 @@ value's scale) and in float64 under jax_enable_x64 (tolerance 1e-10).
 from __future__ import annotations
 
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -30,12 +32,12 @@ def _config(dtype: str) -> ModelConfig:
                        attention_block=3)
 
 
-def _case(name: str, c: ModelConfig, key: jax.Array):
+def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
     """(our params, our_fn(params) -> y, flax_fn(flax_params) -> y, to_flax) for one layer."""
-    k_init, k_x = jax.random.split(key)
+    k_init = key
     dt = c.storage_dtype
-    x = jax.random.normal(k_x, (2, 7, c.d_model), dt)                     # (B, T, D)
-    tokens = jax.random.randint(k_x, (2, 7), 0, c.vocab_size)             # (B, T)
+    x = jnp.asarray(rng.standard_normal((2, 7, c.d_model)), dt)          # (B, T, D)
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 7)), jnp.int32)   # (B, T)
     def flax_apply(module, inputs):
         def run(flax_params):
             with standard_promotion():
@@ -51,7 +53,7 @@ def _case(name: str, c: ModelConfig, key: jax.Array):
                 lambda p: {"embedding": p["table"]})
     if name == "norm":
         p = norm.init(d_model=c.d_model, dtype=dt)
-        p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(k_init, a.shape, dt), p)  # not just 1 and 0
+        p = jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), dt), p)  # not just 1 and 0
         return (p, lambda p: norm.apply(p, 3.0 * x + 1.0, eps=c.ln_eps),
                 flax_apply(ref._layer_norm(c, None), (3.0 * x + 1.0,)), ref.to_flax_norm)
     if name == "feedforward":
@@ -69,12 +71,12 @@ def _case(name: str, c: ModelConfig, key: jax.Array):
     raise AssertionError(name)
 
 
-def _compare(params, our_fn, flax_fn, to_flax, tol, probe_key):
+def _compare(params, our_fn, flax_fn, to_flax, tol, rng):
     """Outputs, gradients of <y, probe> for every parameter, and the parameters after one Adam step."""
     # Jitted only to make the suite fast; jit(apply) == apply is tested in test_layers.
     y = jax.jit(our_fn)(params)
     assert_close_scaled(y, jax.jit(flax_fn)(to_flax(params)), tol)
-    probe = jax.random.normal(probe_key, y.shape, y.dtype)
+    probe = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
     grads = jax.jit(jax.grad(lambda p: jnp.sum(our_fn(p) * probe)))(params)
     with standard_promotion():
         flax_grads = jax.jit(jax.grad(lambda fp: jnp.sum(flax_fn(fp) * probe)))(to_flax(params))
@@ -117,13 +119,19 @@ def _compare_grads_and_adam_step(params, grads, flax_params, flax_grads, to_flax
     # for optax's default eps = 1e-8 turns float32 rounding noise (1e-9) in a tiny
     # gradient entry into a visible step. eps = 1e-4 bounds that slope at 10, so the
     # 1e-5 agreement of the gradients carries over to the updated parameters.
-    opt = optax.adam(1e-3, eps=1e-4)
     with standard_promotion():
-        ours = optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
-        theirs = optax.apply_updates(flax_params, opt.update(flax_grads, opt.init(flax_params), flax_params)[0])
+        ours, theirs = adam_step(params, grads), adam_step(flax_params, flax_grads)
     # Parameters are measured on the scale of the whole parameter tree: a bias that
     # started at zero holds just one step of size ~lr, too small a scale of its own.
     assert_close_scaled(to_flax(ours), theirs, tol, floor=1.0)
+
+
+@jax.jit
+def adam_step(params, grads):
+    """The parameters after one step of Adam with eps = 1e-4 (see above); jitted, as
+    eagerly every leaf's update would compile on its own."""
+    opt = optax.adam(1e-3, eps=1e-4)
+    return optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
 
 
 LAYERS = ["linear", "embedding", "norm", "feedforward", "attention", "block"]
@@ -131,24 +139,23 @@ LAYERS = ["linear", "embedding", "norm", "feedforward", "attention", "block"]
 
 @pytest.mark.parametrize("name, impl", [(name, "einsum") for name in LAYERS] + [
     ("attention", "dot_product_attention"), ("block", "dot_product_attention")])
-def test_layer_matches_flax_float32(name, impl, key):
+def test_layer_matches_flax_float32(name, impl, key, rng):
     c = _config("float32").replace(attention=impl)
-    params, our_fn, flax_fn, to_flax = _case(name, c, key)
-    _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float32"], jax.random.fold_in(key, 1))
+    params, our_fn, flax_fn, to_flax = _case(name, c, key, rng)
+    _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float32"], rng)
 
 
 @pytest.mark.parametrize("name", LAYERS)
-def test_layer_matches_flax_float64(name, key):
+def test_layer_matches_flax_float64(name, key, rng):
     with enable_x64():
         c = _config("float64")
-        params, our_fn, flax_fn, to_flax = _case(name, c, key)
-        _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float64"], jax.random.fold_in(key, 1))
+        params, our_fn, flax_fn, to_flax = _case(name, c, key, rng)
+        _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float64"], rng)
 
 
-def _model_case(c: ModelConfig, key: jax.Array):
-    k_init, k_tok = jax.random.split(key)
-    params = model.init(k_init, c.replace(init_std=0.2))
-    data = jax.random.randint(k_tok, (3, 9), 0, c.vocab_size)            # (B, T + 1)
+def _model_case(c: ModelConfig, key: jax.Array, rng: np.random.Generator):
+    params = model.init(key, c.replace(init_std=0.2))
+    data = jnp.asarray(rng.integers(0, c.vocab_size, (3, 9)), jnp.int32)   # (B, T + 1)
     return params, data[:, :-1], data[:, 1:]
 
 
@@ -159,7 +166,7 @@ def _model_case(c: ModelConfig, key: jax.Array):
     ("float32", "dot_product_attention", 3, "dots"),
     ("float32", "einsum", 5, "full"),
 ])
-def test_model_matches_flax(dtype, impl, block, remat, key):
+def test_model_matches_flax(dtype, impl, block, remat, key, rng):
     """Logits, loss, every gradient and one Adam update of the whole model.
 
     Attention blocks (3 and 5 rows over T = 8) and every rematerialisation policy
@@ -170,7 +177,7 @@ def test_model_matches_flax(dtype, impl, block, remat, key):
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
         c = _config(dtype).replace(attention=impl, attention_block=block, remat=remat)
         tol = TOLERANCE[dtype]
-        params, tokens, targets = _model_case(c, key)
+        params, tokens, targets = _model_case(c, key, rng)
         to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731
         fvars = to_flax(params)
         loss, grads = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")(
@@ -190,13 +197,14 @@ def test_converter_places_every_parameter_once(key):
     values, and marking each of our leaves with its index shows up exactly once."""
     c = _config("float32")
     params = model.init(key, c)
-    flax_vars = ref.FlaxLM(c).init(key, jnp.zeros((1, 4), jnp.int32))
+    # Shapes and dtypes only: eval_shape traces Flax's init without running it.
+    flax_vars = jax.eval_shape(lambda: ref.FlaxLM(c).init(key, jnp.zeros((1, 4), jnp.int32)))
     converted = ref.to_flax_model(params, c)
     assert jax.tree.structure(converted) == jax.tree.structure(flax_vars)
     for ours, theirs in zip(jax.tree.leaves(converted), jax.tree.leaves(flax_vars)):
         assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     n = model.count_params(params)
-    assert n == sum(a.size for a in jax.tree.leaves(flax_vars))
+    assert n == sum(math.prod(a.shape) for a in jax.tree.leaves(flax_vars))
     marked = jax.tree.unflatten(jax.tree.structure(params),
                                 [jnp.full(a.shape, i, jnp.int32) for i, a in enumerate(jax.tree.leaves(params))])
     flat = jnp.concatenate([a.ravel() for a in jax.tree.leaves(ref.to_flax_model(marked, c))])
