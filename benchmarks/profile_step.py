@@ -27,7 +27,8 @@ import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 
-from benchmarks.run import CONFIGS, _model_option, _timed, check_options, model_config  # noqa: E402
+from benchmarks.common import (CONFIGS, check_options, model_config, model_option, positive_int,  # noqa: E402
+                               timed)
 from minitx_fn import train  # noqa: E402
 from minitx_fn.config import TrainConfig  # noqa: E402
 
@@ -39,7 +40,7 @@ def _op_origins(hlo_text: str) -> dict[str, tuple[str, str]]:
         m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ", line)
         if m:
             op = re.search(r'op_name="([^"]+)"', line)
-            name = re.sub(r".*/closed_call/", "", op.group(1)).replace("jit(update)/", "") if op else ""
+            name = re.sub(r".*/closed_call/", "", op.group(1)).replace("jit(train_step)/", "") if op else ""
             origins[m.group(1)] = (m.group(2).split("{")[0], name[-60:])
     return origins
 
@@ -47,8 +48,8 @@ def _op_origins(hlo_text: str) -> dict[str, tuple[str, str]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
     p.add_argument("config", choices=sorted(CONFIGS))
-    p.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE", type=_model_option)
-    p.add_argument("--top", type=int, default=30, help="rows to print")
+    p.add_argument("--option", action="append", default=[], metavar="FIELD=VALUE", type=model_option)
+    p.add_argument("--top", type=positive_int, default=30, help="rows to print")
     args = p.parse_args(argv)
     check_options(p, [args.config], dict(args.option))
 
@@ -57,22 +58,22 @@ def main(argv=None) -> int:
     tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
     key = jax.random.key(0)
     tokens = jax.random.randint(key, (spec["batch"], mc.max_len + 1), 0, mc.vocab_size)
-    x, y = tokens[:, :-1], tokens[:, 1:]
+    batch = (tokens[:, :-1], tokens[:, 1:])
     state = [train.init_state(key, mc, tc)]
     with jax.numpy_dtype_promotion("standard"):
-        step = train.update.lower(state[0], x, y, model_config=mc, train_config=tc).compile()
+        step = train.train_step.lower(state[0], batch, model_config=mc, train_config=tc).compile()
 
     def one():
-        state[0], metrics = step(state[0], x, y)
+        state[0], metrics = step(state[0], batch)
         return metrics
 
     for _ in range(2):
-        _timed(one)
-    wall = statistics.median(_timed(one) for _ in range(5))
+        timed(one)
+    wall = statistics.median(timed(one) for _ in range(5))
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(traced):
-                _timed(one)
+                timed(one)
         profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
     per_op, calls = collections.Counter(), collections.Counter()
     for plane in profile.planes:

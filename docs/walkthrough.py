@@ -112,8 +112,9 @@ print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) =
 # %% [markdown]
 # ## 7. One optax step, then the jitted train step
 # `train.make_optimizer` chains global-norm clipping and AdamW. `train.train_step`
-# is the same maths in one `jax.jit`-compiled function that also samples its batch
-# and donates the old state; it is where `jit` belongs, at the boundary.
+# is the same maths, `(state, batch) -> (state, metrics)`, in one `jax.jit`-compiled
+# function that donates the old state; it is where `jit` belongs, at the boundary.
+# `train.batch_at` samples step t's batch on the device with `fold_in(data_key, t)`.
 
 # %%
 tc = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0)   # no warm-up: step 0 already moves
@@ -123,7 +124,8 @@ print("one update moved the parameters by", float(optax.global_norm(updates)))
 
 state = train.init_state(init_key, cfg, tc)
 for _ in range(tc.steps):
-    state, metrics = train.train_step(state, jnp.asarray(ids), data_key, model_config=cfg, train_config=tc)
+    batch = train.batch_at(jnp.asarray(ids), data_key, state.step, batch_size=tc.batch_size, context=cfg.max_len)
+    state, metrics = train.train_step(state, batch, model_config=cfg, train_config=tc)
 print(f"after {tc.steps} steps: loss {float(metrics['loss']):.3f}")
 
 # %% [markdown]

@@ -1,102 +1,150 @@
-"""Save and load a run: config, vocabulary, parameters, optimiser state, step, PRNG state.
+"""Save and load a run: config, vocabulary, parameters, optimiser state, step.
 
 A checkpoint is a directory `RUN/checkpoint/`:
 
-    meta.json       format version, step, model and train configs, vocabulary, data path
-    params.npz      one array per parameter, named by its path ("blocks/attn/qkv/w")
-    opt_state.npz   the optimiser state's leaves in tree order ("leaf_0000", ...)
-    rng.npz         the raw data key (the per-step keys are fold_in(data_key, step))
+    meta.json       format version, step, model and train configs, vocabulary, the
+                    training text's path and SHA-256, and each array file's SHA-256
+    params.npz      one array per parameter, named by its tree path ("blocks/attn/qkv/w")
+    opt_state.npz   the optimiser state, named the same way ("1/0/mu/blocks/attn/qkv/w"
+                    is Adam's first moment of that parameter; "1/0/count" its step count)
 
-No pickle: numpy's npz with allow_pickle=False and JSON. It is written to a
-temporary directory that is then renamed into place, so a crash never leaves a
-half-written checkpoint where a good one stood. Loading checks every array's
-shape and dtype against what the saved config implies.
+No pickle: JSON and numpy's npz, so numpy alone can read a run (the README shows
+how). The batch key is not stored: it is `train.keys(seed).data`.
+
+Saving writes everything into a temporary directory and renames it into place
+(the previous checkpoint is `checkpoint.old` for the instant between the two
+renames), so a crash never leaves a half-written checkpoint where a good one stood.
+Only finite values are saved (the loop checks). Loading validates the whole of
+meta.json (types, ranges, consistency) before it reads an array, checks each
+array file's size and SHA-256 before parsing it, then every array's name, shape,
+dtype and finiteness; every failure is one CheckpointError saying what is wrong.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import tempfile
-import zipfile
+import types
+import typing
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn import runs
+from minitx_fn.config import INT32_MAX, ModelConfig, TrainConfig
+from minitx_fn.errors import CheckpointError, Error
 from minitx_fn.tokenizer import Tokenizer
 from minitx_fn.train import TrainState, init_state
 
-FORMAT_VERSION = 1
-NAME = "checkpoint"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, truncated or does not match its config."""
+FORMAT_VERSION = 2
+NAME = runs.CHECKPOINT
+ARRAY_FILES = ("params.npz", "opt_state.npz")
+META_KEYS = {"format_version", "step", "vocab", "model_config", "train_config", "data", "files"}
 
 
 class Checkpoint(NamedTuple):
     state: TrainState
-    data_key: jax.Array
     model_config: ModelConfig
     train_config: TrainConfig
     tokenizer: Tokenizer
+    data: dict | None          # {"path", "sha256"} of the training text, None for the built-in corpus
     meta: dict
 
 
-def _path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+def path_name(path) -> str:
+    """A tree path as "a/b/c": dict keys, sequence indices and NamedTuple fields.
+
+    Example:
+        >>> [path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path({"a": [1, {"b": 2}]})]
+        ['a/0', 'a/1/b']
+    """
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
-def _write_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+def named_arrays(tree) -> dict[str, np.ndarray]:
+    """{tree path: numpy array} for every leaf.
+
+    Example:
+        >>> named_arrays({"w": np.zeros(2)})
+        {'w': array([0., 0.])}
+    """
+    return {path_name(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _write(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 
 
-def save(run_dir: str, state: TrainState, *, data_key: jax.Array, model_config: ModelConfig,
-         train_config: TrainConfig, tokenizer: Tokenizer, extra: dict[str, Any] | None = None) -> str:
-    """Write RUN/checkpoint atomically; returns its path.
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _sync_dir(path: str) -> None:
+    """Make a rename inside `path` durable (where the OS allows opening a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_config: TrainConfig,
+         tokenizer: Tokenizer, data: dict | None = None) -> str:
+    """Write RUN/checkpoint atomically; returns its path. `data` is {"path", "sha256"}
+    of the training text (None for the built-in corpus). OSError (a full or read-only
+    disk) leaves the previous checkpoint as it was.
 
     Example:
-        >>> import tempfile
-        >>> from minitx_fn.train import keys
         >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), Tokenizer('abc')
-        >>> init_key, data_key = keys(0)
         >>> run = tempfile.mkdtemp()
-        >>> path = save(run, init_state(init_key, cfg, tc), data_key=data_key, model_config=cfg, train_config=tc,
-        ...             tokenizer=tok)
+        >>> path = save(run, init_state(jax.random.key(0), cfg, tc), model_config=cfg, train_config=tc, tokenizer=tok)
         >>> sorted(os.listdir(path))
-        ['meta.json', 'opt_state.npz', 'params.npz', 'rng.npz']
+        ['meta.json', 'opt_state.npz', 'params.npz']
         >>> ck = load(run)
         >>> int(ck.state.step), ck.tokenizer.chars, ck.model_config == cfg
         (0, 'abc', True)
     """
-    os.makedirs(run_dir, exist_ok=True)
+    os.makedirs(run_dir, mode=runs.dir_mode(), exist_ok=True)
+    runs.remove_temporaries(run_dir)                                   # left by a killed save
     final = os.path.join(run_dir, NAME)
-    tmp = tempfile.mkdtemp(prefix=f".{NAME}.tmp-", dir=run_dir)
+    tmp = tempfile.mkdtemp(prefix=runs.TEMPORARY_PREFIX, dir=run_dir)
     try:
+        os.chmod(tmp, runs.dir_mode())                                  # mkdtemp makes it 0700
         host = jax.device_get(state)
+        files = {}
+        for name, tree in zip(ARRAY_FILES, (host.params, host.opt_state)):
+            blob = _npz_bytes(named_arrays(tree))
+            _write(os.path.join(tmp, name), blob)
+            files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "vocab": tokenizer.chars,
-                "model_config": model_config.to_dict(), "train_config": train_config.to_dict(), **(extra or {})}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _write_npz(os.path.join(tmp, "params.npz"),
-                   {_path_name(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(host.params)})
-        _write_npz(os.path.join(tmp, "opt_state.npz"),
-                   {f"leaf_{i:04d}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(host.opt_state))})
-        _write_npz(os.path.join(tmp, "rng.npz"), {"data_key": np.asarray(jax.random.key_data(data_key))})
+                "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
+                "data": data, "files": files}
+        _write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, allow_nan=False).encode())
+        _sync_dir(tmp)
         old = final + ".old"
         if os.path.exists(final):
             shutil.rmtree(old, ignore_errors=True)
             os.rename(final, old)
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+        _sync_dir(run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -110,39 +158,142 @@ def locate(run_dir: str) -> str:
     it is the last complete checkpoint, so use it.
 
     Example:
-        >>> import tempfile
         >>> locate(tempfile.mkdtemp())
         Traceback (most recent call last):
-        minitx_fn.checkpoint.CheckpointError: ... holds no checkpoint (no checkpoint/meta.json); train first, or point at the directory given to --out
+        minitx_fn.errors.CheckpointError: ... holds no checkpoint (no checkpoint/meta.json); train first, or give the directory of a training run
     """
     for candidate in (run_dir, os.path.join(run_dir, NAME), os.path.join(run_dir, NAME + ".old")):
         if os.path.isfile(os.path.join(candidate, "meta.json")):
             return candidate
     if not os.path.isdir(run_dir):
-        raise CheckpointError(f"no run directory {run_dir!r}; pass the --out directory of a training run")
+        raise CheckpointError(f"no run directory {run_dir!r}; give the directory of a training run")
     raise CheckpointError(f"{run_dir!r} holds no checkpoint (no {NAME}/meta.json); train first, "
-                          f"or point at the directory given to --out")
+                          f"or give the directory of a training run")
 
 
-def _read_npz(path: str) -> dict[str, np.ndarray]:
+# ----------------------------------------------------------------------------- validation
+
+
+def _matches(value: Any, hint) -> bool:
+    """Whether a JSON value has the type a dataclass field declares (bool is not an int)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_matches(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _config(cls, value: Any, where: str):
+    """A config dataclass from its saved dict: exactly its fields, each of its type and valid."""
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{where}: {cls.__name__} is {type(value).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown, missing = sorted(set(value) - names), sorted(names - set(value))
+    if unknown or missing:
+        raise CheckpointError(f"{where}: {cls.__name__} has unknown fields {unknown} and lacks {missing}")
+    for name in sorted(names):
+        if not _matches(value[name], hints[name]):
+            raise CheckpointError(f"{where}: {cls.__name__}.{name} = {value[name]!r} is not of type {hints[name]}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        return cls(**value)
+    except Error as e:
+        raise CheckpointError(f"{where}: {cls.__name__}: {e}") from None
+
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, TrainConfig, Tokenizer]:
+    """The configs and tokenizer of a checkpoint's meta.json, after checking every field:
+    types, ranges and consistency. CheckpointError names the first problem.
+
+    Example:
+        >>> validate_meta({"format_version": 2})
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: meta.json lacks ['data', 'files', 'model_config', 'step', 'train_config', 'vocab']
+    """
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{where} holds {type(meta).__name__}, not an object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint format version {version!r} is not supported (this minitx_fn reads "
+                              f"version {FORMAT_VERSION}); train a new run, or load it with the version that wrote it")
+    unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
+    if unknown or missing:
+        raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
+    step = meta["step"]
+    if not (_matches(step, int) and 0 <= step <= INT32_MAX):
+        raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {INT32_MAX}]")
+    model_config = _config(ModelConfig, meta["model_config"], where)
+    train_config = _config(TrainConfig, meta["train_config"], where)
+    if not isinstance(meta["vocab"], str):
+        raise CheckpointError(f"{where}: vocab is {type(meta['vocab']).__name__}, not a string")
+    try:
+        tokenizer = Tokenizer(meta["vocab"])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: vocab: {e}") from None
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(f"{where}: the vocabulary has {tokenizer.vocab_size} characters but model_config "
+                              f"says vocab_size={model_config.vocab_size}")
+    data = meta["data"]
+    if data is not None and not (isinstance(data, dict) and set(data) == {"path", "sha256"}
+                                 and isinstance(data["path"], str) and isinstance(data["sha256"], str)
+                                 and _HEX64.fullmatch(data["sha256"])):
+        raise CheckpointError(f"{where}: data must be null or {{\"path\": string, \"sha256\": 64 hex digits}}")
+    files = meta["files"]
+    if not (isinstance(files, dict) and set(files) == set(ARRAY_FILES) and all(
+            isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _matches(f["bytes"], int) and f["bytes"] >= 0
+            and isinstance(f["sha256"], str) and _HEX64.fullmatch(f["sha256"]) for f in files.values())):
+        raise CheckpointError(f"{where}: files must give bytes and sha256 of {list(ARRAY_FILES)}")
+    return model_config, train_config, tokenizer
+
+
+def _read_arrays(path: str, expected: dict) -> dict[str, np.ndarray]:
+    """An npz file's arrays, after checking its size and SHA-256 against meta.json."""
+    name = os.path.basename(path)
+    try:
+        with open(path, "rb") as f:
+            blob = f.read(expected["bytes"] + 1)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path!r} is missing; the checkpoint is incomplete") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise CheckpointError(f"checkpoint file {path!r} is corrupt or truncated ({e})") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint file {path!r}: {e.strerror}") from None
+    if len(blob) != expected["bytes"] or hashlib.sha256(blob).hexdigest() != expected["sha256"]:
+        raise CheckpointError(f"checkpoint file {path!r} is damaged: its size or SHA-256 differs from what was "
+                              f"saved; use an earlier copy of the run, or train again")
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:        # the checksum matched, so meta.json was written to match a bad file
+        raise CheckpointError(f"checkpoint file {path!r} is not a valid npz file ({type(e).__name__})") from None
 
 
-def _check_and_build(template, arrays: list[np.ndarray], names: list[str], what: str):
-    leaves, treedef = jax.tree.flatten(template)
-    if len(arrays) != len(leaves):
-        raise CheckpointError(f"{what}: expected {len(leaves)} arrays for this config, found {len(arrays)}")
-    for name, got, want in zip(names, arrays, leaves):
+def _build(template, arrays: dict[str, np.ndarray], what: str):
+    """The tree of `template` from arrays named by tree path, each checked for shape,
+    dtype and finiteness."""
+    named = [(path_name(p), want) for p, want in jax.tree_util.tree_leaves_with_path(template)]
+    missing, unknown = sorted({n for n, _ in named} - arrays.keys()), sorted(arrays.keys() - {n for n, _ in named})
+    if missing or unknown:
+        raise CheckpointError(f"{what} does not match the saved config: missing {missing[:5]}, unexpected "
+                              f"{unknown[:5]}")
+    leaves = []
+    for name, want in named:
+        got = arrays[name]
         if got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(f"{what}: array {name!r} has shape {got.shape} and dtype {got.dtype}, "
                                   f"but the saved config needs shape {want.shape} and dtype {want.dtype}")
-    return jax.tree.unflatten(treedef, [jax.numpy.asarray(a) for a in arrays])
+        if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
+            raise CheckpointError(f"{what}: array {name!r} holds non-finite values (NaN or infinity); this "
+                                  f"checkpoint cannot be used")
+        leaves.append(jax.numpy.asarray(got))
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
 def load(run_dir: str) -> Checkpoint:
@@ -151,41 +302,21 @@ def load(run_dir: str) -> Checkpoint:
     Example:
         >>> load('/no/such/run')
         Traceback (most recent call last):
-        minitx_fn.checkpoint.CheckpointError: no run directory '/no/such/run'; pass the --out directory of a training run
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
     """
     path = locate(run_dir)
+    meta_path = os.path.join(path, "meta.json")
     try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint format version {meta.get('format_version')!r} is not supported "
-                                  f"(this minitx_fn reads version {FORMAT_VERSION})")
-        model_config = ModelConfig(**meta["model_config"])
-        train_config = TrainConfig(**meta["train_config"])
-        tokenizer = Tokenizer(meta["vocab"])
-        step = int(meta["step"])
-    except CheckpointError:
-        raise
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint metadata {os.path.join(path, 'meta.json')!r} is corrupt "
-                              f"({type(e).__name__}: {e})") from None
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise CheckpointError(f"checkpoint vocabulary has {tokenizer.vocab_size} characters but the model "
-                              f"config says vocab_size={model_config.vocab_size}")
-
+        with open(meta_path, "rb") as f:
+            meta = json.loads(f.read())
+    except OSError as e:
+        raise CheckpointError(f"cannot read {meta_path!r}: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:          # JSONDecodeError, bad UTF-8, absurd nesting
+        raise CheckpointError(f"checkpoint metadata {meta_path!r} is corrupt ({type(e).__name__})") from None
+    model_config, train_config, tokenizer = validate_meta(meta, meta_path)
     template = jax.eval_shape(lambda: init_state(jax.random.key(0), model_config, train_config))
-    params_npz = _read_npz(os.path.join(path, "params.npz"))
-    want_names = [_path_name(p) for p, _ in jax.tree_util.tree_leaves_with_path(template.params)]
-    missing = sorted(set(want_names) - params_npz.keys())
-    if missing:
-        raise CheckpointError(f"params.npz lacks {missing[:5]} (found {sorted(params_npz)[:5]}...)")
-    params = _check_and_build(template.params, [params_npz[n] for n in want_names], want_names, "params.npz")
-    opt_npz = _read_npz(os.path.join(path, "opt_state.npz"))
-    names = sorted(opt_npz)
-    opt_state = _check_and_build(template.opt_state, [opt_npz[n] for n in names], names, "opt_state.npz")
-    rng = _read_npz(os.path.join(path, "rng.npz"))
-    if "data_key" not in rng:
-        raise CheckpointError("rng.npz lacks 'data_key'")
-    data_key = jax.random.wrap_key_data(rng["data_key"])
-    state = TrainState(params, opt_state, jax.numpy.asarray(step, jax.numpy.int32))
-    return Checkpoint(state, data_key, model_config, train_config, tokenizer, meta)
+    params, opt_state = (
+        _build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
+        for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
+    state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
+    return Checkpoint(state, model_config, train_config, tokenizer, meta["data"], meta)

@@ -1,54 +1,103 @@
-"""The `minitx` command: train a model, generate text from a checkpoint.
+"""The `minitx` command: train a model, generate text, draw its attention and losses.
 
-    minitx train                                  the built-in corpus, about 30 s on 2 CPU cores
+    minitx train                                  the built-in corpus, under a minute on 2 CPU cores
     minitx train --data input.txt --preset shakespeare-baby
     minitx train --resume runs/input-001 --steps 4000
     minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --temperature 0.8 --top-k 20
     minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.png
     minitx plot runs/input-001
 
-Errors in the input (flags, data files, prompts, checkpoints) print one line
-`minitx: error: ...` and exit with status 2; a NaN loss exits 1; Ctrl-C during
-training saves a checkpoint and exits 130.
+Every input is checked before any work starts. Errors print one line
+`minitx: error: ...` and exit with status 2 (bad input: flags, data files, prompts,
+checkpoints, run directories) or 1 (the run failed: a non-finite loss, a full or
+read-only disk); nothing saved before is lost. SIGINT (Ctrl-C), SIGTERM and SIGHUP
+during training save a checkpoint at the current step and exit 128 + the signal's
+number (130, 143, 129). The library's messages name config fields; this module
+names flags, through one table (`FLAGS`).
+
+JAX is imported inside the commands, not at the top: `minitx --help` and
+`minitx plot` start without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import signal
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
+
+from minitx_fn.errors import Error, StorageError
 
 PRESETS = {
     # The built-in corpus: a small, fast model that learns the three-phrase cycle.
     "hello": {"width": 64, "layers": 2, "heads": 4, "context": 32, "batch_size": 16, "steps": 500, "lr": 3e-3,
-              "warmup": 50, "eval_every": 250, "save_every": 500},
+              "warmup": 50, "eval_every": 250, "save_every": 500, "log_every": 100},
     # nanoGPT's CPU recipe for Tiny Shakespeare (its README, "baby GPT").
     "shakespeare-baby": {"width": 128, "layers": 4, "heads": 4, "context": 64, "batch_size": 12, "steps": 2000,
-                         "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250, "save_every": 500},
+                         "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250, "save_every": 500,
+                         "log_every": 100},
 }
-MODEL_FLAGS = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len"}
-TRAIN_FLAGS = {"batch_size": "batch_size", "lr": "lr", "min_lr": "min_lr", "warmup": "warmup",
-               "decay_steps": "decay_steps", "seed": "seed", "weight_decay": "weight_decay"}
+# Flags that set a config field under another name; every other field's flag is its name.
+FIELD_OF_FLAG = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len"}
+MODEL_SETTINGS = ("width", "layers", "heads", "context")
+TRAIN_SETTINGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
+                  "eval_every", "save_every", "log_every")
 # May differ from the saved run when resuming.
-RESUMABLE_FLAGS = {"steps", "eval_every", "save_every", "log_every"}
+RESUMABLE = ("steps", "eval_every", "save_every", "log_every")
+# The one table from the names the library's messages use to the flags a user types.
+FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in FIELD_OF_FLAG.items()},
+         **{name: "--" + name.replace("_", "-") for name in TRAIN_SETTINGS},
+         **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
+                                                              "top_p")}}
+EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
+PICTURE_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
-class UsageError(Exception):
+class UsageError(Error):
     """Bad input from the user: exit status 2 with a one-line message."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+def flag_name(field: str, value) -> str:
+    """How a message mentions a field: as the flag that sets it, where there is one.
+
+    Example:
+        >>> flag_name("d_model", 30), flag_name("remat", "bogus")
+        ('--width 30', "remat='bogus'")
+    """
+    if field in FLAGS:
+        return f"{FLAGS[field]} {value}"
+    return f"{field}={value!r}"
+
+
+def message(error: BaseException) -> str:
+    """One line for the user: flags where the library named fields."""
+    return error.render(flag_name) if isinstance(error, Error) else str(error)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _int_in(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} must lie in [{low}, {high:,}]")
+        return value
+    return parse
+
+
+INT32_MAX = 2**31 - 1
+MAX_NEW_TOKENS = 1_000_000      # hours of decoding on a CPU already; the (B, N) id buffer stays small
+_positive = _int_in(1, INT32_MAX)
 
 
 def _float(text: str) -> float:
@@ -74,81 +123,132 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
+def _defaults(name: str) -> str:
+    values = {preset: settings.get(name) for preset, settings in PRESETS.items()}
+    if len(set(values.values())) == 1:
+        return f"default {next(iter(values.values()))}"
+    return "default " + ", ".join(f"{v} ({p})" for p, v in values.items() if v is not None)
+
+
+TRAIN_EXAMPLES = """examples:
+  minitx train                                            the built-in corpus (preset hello)
+  minitx train --data input.txt                           any UTF-8 text (preset shakespeare-baby)
+  minitx train --data input.txt --steps 5000 --out runs/mine
+  minitx train --resume runs/mine --steps 8000            continue a run
+"""
+GENERATE_EXAMPLES = """examples:
+  minitx generate --checkpoint runs/hello-001 --prompt hello
+  minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --temperature 0.8 --top-k 20
+  minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --top-p 0.9 --stop "\\n\\n"
+"""
+ATTENTION_EXAMPLES = """examples:
+  minitx attention --checkpoint runs/hello-001 --prompt "hello jax" --out attention.png
+  minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.pdf
+"""
+PLOT_EXAMPLES = """examples:
+  minitx plot runs/hello-001                   writes runs/hello-001/loss.png
+  minitx plot runs/input-001 --log --out curves.svg
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand; errors raise UsageError instead of exiting."""
     parser = _Parser(prog="minitx", description="A mini GPT-style character model in plain JAX.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    kw = {"formatter_class": argparse.RawDescriptionHelpFormatter}
 
-    t = sub.add_parser("train", help="train a model (on the built-in corpus unless --data is given)")
-    t.add_argument("--data", help="UTF-8 text file; 90%% trains, the last 10%% validates")
-    t.add_argument("--preset", choices=sorted(PRESETS), help="a set of defaults (hello without --data, "
+    t = sub.add_parser("train", help="train a model (on the built-in corpus unless --data is given)",
+                       epilog=TRAIN_EXAMPLES, **kw)
+    t.add_argument("--data", metavar="FILE", help="UTF-8 text file; 90%% trains, the last 10%% validates "
+                   "(default: the built-in corpus)")
+    t.add_argument("--preset", choices=sorted(PRESETS), help="a set of defaults (default: hello without --data, "
                    "shakespeare-baby with it); any flag below overrides it")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    t.add_argument("--out", metavar="DIR", help="run directory (default: a new runs/<corpus>-NNN)")
-    t.add_argument("--steps", type=_positive_int, help="train until this many steps in total")
-    t.add_argument("--batch-size", type=_positive_int)
-    t.add_argument("--context", type=_positive_int, help="context window T (the model's max_len)")
-    t.add_argument("--layers", type=_positive_int)
-    t.add_argument("--heads", type=_positive_int)
-    t.add_argument("--width", type=_positive_int, help="model width D; a multiple of --heads")
-    t.add_argument("--lr", type=_float, help="peak learning rate")
-    t.add_argument("--min-lr", type=_float, help="final learning rate (default lr / 10)")
-    t.add_argument("--warmup", type=int, help="linear warm-up steps")
-    t.add_argument("--decay-steps", type=_positive_int, help="length of the cosine schedule (default --steps)")
-    t.add_argument("--weight-decay", type=_float)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--eval-every", type=_positive_int)
-    t.add_argument("--save-every", type=_positive_int)
-    t.add_argument("--log-every", type=_positive_int)
-    t.add_argument("--prompt", help="seed of the sample printed at the end (default 'hello', or the text's "
-                   "first character)")
-    t.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    t.add_argument("--devices", type=_positive_int, help="data-parallel over the first N devices (default: all)")
+    t.add_argument("--out", metavar="DIR", help="new run directory (default: runs/<corpus>-NNN, a new one)")
+    t.add_argument("--steps", type=_positive, help=f"train until this many steps in total ({_defaults('steps')})")
+    t.add_argument("--batch-size", type=_positive, help=f"sequences per step, B ({_defaults('batch_size')})")
+    t.add_argument("--context", type=_positive, help=f"context window T, the model's max_len "
+                   f"({_defaults('context')})")
+    t.add_argument("--layers", type=_positive, help=f"residual blocks, L ({_defaults('layers')})")
+    t.add_argument("--heads", type=_positive, help=f"attention heads, H ({_defaults('heads')})")
+    t.add_argument("--width", type=_positive, help=f"model width D, a multiple of --heads ({_defaults('width')})")
+    t.add_argument("--lr", type=_float, help=f"peak learning rate ({_defaults('lr')})")
+    t.add_argument("--min-lr", type=_float, help="final learning rate of the cosine decay (default: --lr / 10)")
+    t.add_argument("--warmup", type=_int_in(0, INT32_MAX), help=f"linear warm-up steps ({_defaults('warmup')}; "
+                   f"at most a tenth of a shorter run)")
+    t.add_argument("--decay-steps", type=_positive, help="length of the cosine schedule (default: --steps of the "
+                   "first run, kept on resume)")
+    t.add_argument("--weight-decay", type=_float, help="AdamW's decoupled weight decay on matrices and the "
+                       "embedding (default 0.1)")
+    t.add_argument("--seed", type=_int_in(0, 2**32 - 1), help="seeds initialisation and batches (default 0)")
+    t.add_argument("--eval-every", type=_positive, help=f"validation loss every N steps and at the end "
+                   f"({_defaults('eval_every')}); only with --data")
+    t.add_argument("--save-every", type=_positive, help=f"checkpoint every N steps and at the end "
+                   f"({_defaults('save_every')})")
+    t.add_argument("--log-every", type=_positive, help=f"print and record the loss every N steps "
+                   f"({_defaults('log_every')})")
+    t.add_argument("--prompt", help="seed of the sample printed at the end (default: 'hello' if the text has it, "
+                   "else its first character)")
+    t.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS), default=100,
+                   help="length of that sample (default %(default)s)")
+    t.add_argument("--devices", type=_positive, help="data-parallel over the first N devices (default: all)")
     t.add_argument("--fsdp", action="store_true", help="split parameters and optimiser state over the devices")
     t.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("MINITX_COORDINATOR"),
                    help="multi-process run: address of process 0 (or MINITX_COORDINATOR)")
-    t.add_argument("--num-processes", type=_positive_int, default=_env_int("MINITX_NUM_PROCESSES"),
+    t.add_argument("--num-processes", type=_positive, default=_env_int("MINITX_NUM_PROCESSES"),
                    help="multi-process run: how many processes (or MINITX_NUM_PROCESSES)")
-    t.add_argument("--process-id", type=int, default=_env_int("MINITX_PROCESS_ID"),
+    t.add_argument("--process-id", type=_int_in(0, INT32_MAX), default=_env_int("MINITX_PROCESS_ID"),
                    help="multi-process run: this process's index, 0 .. N - 1 (or MINITX_PROCESS_ID)")
 
-    g = sub.add_parser("generate", help="continue a prompt with a trained model")
+    g = sub.add_parser("generate", help="continue a prompt with a trained model", epilog=GENERATE_EXAMPLES, **kw)
     g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--max-new-tokens", type=_positive_int, default=100)
-    g.add_argument("--temperature", type=_float, help="0 is greedy; default 1 when --top-k or --top-p is given")
-    g.add_argument("--top-k", type=_positive_int)
-    g.add_argument("--top-p", type=_float, help="nucleus sampling mass, in (0, 1]")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--prompt", required=True, help="the text to continue; every character must be in the "
+                   "model's vocabulary")
+    g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS), default=100, help="characters to generate "
+                   "(default %(default)s)")
+    g.add_argument("--temperature", type=_float, help="0 is greedy (default: 0, or 1 when --top-k or --top-p "
+                   "is given)")
+    g.add_argument("--top-k", type=_positive, help="sample among the k most likely characters")
+    g.add_argument("--top-p", type=_float, help="nucleus sampling: the smallest set reaching this mass, in (0, 1]")
+    g.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="seeds sampling (default %(default)s)")
     g.add_argument("--stop", help="stop after generating this string")
 
-    a = sub.add_parser("attention", help="draw the attention maps of every layer and head for a prompt")
-    a.add_argument("--checkpoint", required=True, metavar="DIR")
-    a.add_argument("--prompt", required=True)
-    a.add_argument("--out", required=True, metavar="FILE.png")
+    a = sub.add_parser("attention", help="draw the attention maps of every layer and head for a prompt",
+                       epilog=ATTENTION_EXAMPLES, **kw)
+    a.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
+    a.add_argument("--prompt", required=True, help="at most the model's context of known characters")
+    a.add_argument("--out", required=True, metavar="FILE", help="picture to write: .png, .pdf, .svg or .jpg")
 
-    p = sub.add_parser("plot", help="draw the loss curves of a run from its metrics.jsonl")
+    p = sub.add_parser("plot", help="draw the loss curves of a run from its metrics.jsonl", epilog=PLOT_EXAMPLES,
+                       **kw)
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="FILE.png", help="default RUN_DIR/loss.png")
+    p.add_argument("--out", metavar="FILE", help="picture to write (default RUN_DIR/loss.png)")
+    p.add_argument("--log", action="store_true", help="logarithmic loss axis")
     return parser
+
+
+def check_picture_path(path: str) -> None:
+    """UsageError unless a picture can be written at path: a known extension, an existing
+    writable folder, not a directory."""
+    if not path.lower().endswith(PICTURE_EXTENSIONS):
+        raise UsageError(f"cannot write picture {path!r}: give a file name ending in "
+                         f"{', '.join(PICTURE_EXTENSIONS)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write picture {path!r}: it is a directory")
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write picture {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write picture {path!r}: folder {folder!r} is not writable")
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def _new_run_dir(name: str) -> str:
-    os.makedirs("runs", exist_ok=True)
-    for i in range(1, 10000):
-        path = os.path.join("runs", f"{name}-{i:03d}")
-        if not os.path.exists(path):
-            return path
-    raise UsageError("runs/ is full; pass --out")
-
-
 def _settings(args) -> dict:
     """Preset defaults overridden by the flags given."""
     preset = args.preset or ("shakespeare-baby" if args.data else "hello")
-    settings = dict(PRESETS[preset], seed=0, log_every=100)
+    settings = dict(PRESETS[preset], seed=0)
     given = _given(args)
     settings.update(given)
     if "warmup" not in given:       # a short run keeps the preset's warm-up from exceeding it
@@ -157,31 +257,14 @@ def _settings(args) -> dict:
 
 
 def _given(args) -> dict:
-    names = set(MODEL_FLAGS) | set(TRAIN_FLAGS) | RESUMABLE_FLAGS
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in MODEL_SETTINGS + TRAIN_SETTINGS if getattr(args, k, None) is not None}
 
 
 def _configs(settings: dict, vocab_size: int):
     from minitx_fn.config import ModelConfig, TrainConfig
-    try:
-        mc = ModelConfig(vocab_size=vocab_size, **{MODEL_FLAGS[k]: settings[k] for k in MODEL_FLAGS})
-        tc = TrainConfig(steps=settings["steps"], eval_every=settings["eval_every"],
-                         save_every=settings["save_every"], log_every=settings["log_every"],
-                         **{TRAIN_FLAGS[k]: settings[k] for k in TRAIN_FLAGS if k in settings})
-    except ValueError as e:
-        flag = {v: k for k, v in {**MODEL_FLAGS, **TRAIN_FLAGS}.items()}
-        message = str(e)
-        for field, name in flag.items():
-            message = message.replace(f"{field}=", f"--{name.replace('_', '-')}=")
-        raise UsageError(message) from None
+    mc = ModelConfig(vocab_size=vocab_size, **{FIELD_OF_FLAG[k]: settings[k] for k in MODEL_SETTINGS})
+    tc = TrainConfig(**{k: settings[k] for k in TRAIN_SETTINGS if k in settings})
     return mc, tc
-
-
-def _load_text(data_path: str | None) -> tuple[str, str]:
-    from minitx_fn import data
-    if data_path is None:
-        return data.builtin_text(), "hello"
-    return data.read_text(data_path), os.path.splitext(os.path.basename(data_path))[0] or "data"
 
 
 def _start_processes(args) -> bool:
@@ -198,84 +281,228 @@ def _start_processes(args) -> bool:
     return args.process_id == 0
 
 
+def _read_data(path: str | None):
+    """(text, data record for the checkpoint, corpus name) of --data, or of the built-in corpus."""
+    from minitx_fn import data
+    if path is None:
+        return data.builtin_text(), None, "hello"
+    text = data.read_text(path)
+    name = os.path.splitext(os.path.basename(path))[0] or "data"
+    return text, {"path": os.path.abspath(path), "sha256": data.text_sha256(text)}, name
+
+
+def _resume_data(args, saved: dict | None):
+    """The text a resumed run trains on: the same text as before, wherever it lies now."""
+    from minitx_fn import data
+    if saved is None:
+        if args.data:
+            raise UsageError("this run trained on the built-in corpus; drop --data to resume it")
+        return data.builtin_text(), None
+    if args.data:
+        text, record, _ = _read_data(args.data)
+        if record["sha256"] != saved["sha256"]:
+            raise UsageError(f"--data {args.data!r} is not the text this run trained on (its SHA-256 differs from "
+                             f"that of {saved['path']!r}); give the run's own text, or start a new run")
+        return text, record
+    if not os.path.exists(saved["path"]):
+        raise UsageError(f"the run's data file {saved['path']!r} is gone; if it moved, pass --data with its new "
+                         f"path (the text must be the same)")
+    text, record, _ = _read_data(saved["path"])
+    if record["sha256"] != saved["sha256"]:
+        raise UsageError(f"the run's data file {saved['path']!r} changed since the run trained on it (its SHA-256 "
+                         f"differs); restore it, or pass --data with the original text")
+    return text, record
+
+
+def _check_resume_flags(args, saved) -> None:
+    """Flags given with --resume must agree with the saved run, except RESUMABLE ones."""
+    mc, tc = saved.model_config, saved.train_config
+    current = {**{flag: getattr(mc, FIELD_OF_FLAG[flag]) for flag in MODEL_SETTINGS},
+               **{name: getattr(tc, name) for name in TRAIN_SETTINGS}}
+    conflicts = [f"--{k.replace('_', '-')} {v} (saved: {current[k]})" for k, v in _given(args).items()
+                 if k not in RESUMABLE and v != current[k]]
+    if args.preset:
+        conflicts.append(f"--preset {args.preset}")
+    if conflicts:
+        raise UsageError(f"resuming keeps the run's settings, but these differ: {', '.join(conflicts)}; "
+                         f"drop them, or start a new run with --out")
+
+
+def _prompt_ids(tokenizer, prompt: str, what: str = "the prompt"):
+    if not prompt:
+        raise UsageError(f"{what} is empty; give at least one character")
+    return tokenizer.encode(prompt)
+
+
+def _sample_prompt(args, text: str) -> str:
+    return args.prompt if args.prompt is not None else ("hello" if "hello" in text[:64] else text[0])
+
+
+class TrainPlan(NamedTuple):
+    """Everything `minitx train` will do, checked before anything is written."""
+
+    run_dir: str
+    resuming: bool
+    model_config: object
+    train_config: object
+    tokenizer: object
+    data_record: dict | None        # {"path", "sha256"} of the text, None for the built-in corpus
+    train_ids: np.ndarray           # (N,) token ids to sample batches from
+    val_windows: np.ndarray | None  # (W, T + 1) validation windows, None without a held-out split
+    state: object | None            # the saved TrainState when resuming
+    prompt: str                     # the seed of the final sample
+
+
 def cmd_train(args, out=None) -> int:
     """`minitx train`: a new run, or --resume of a saved one; returns the exit status."""
+    import contextlib
+
+    from minitx_fn import runs
+    from minitx_fn.signals import StopSignals
+
     is_main = _start_processes(args)
     out = (out or sys.stdout) if is_main else open(os.devnull, "w")
-    import jax
-    import jax.numpy as jnp
+    with StopSignals() as signals, contextlib.ExitStack() as stack:
+        if args.resume:
+            run_dir = _resume_dir(args)
+            if is_main:                 # hold the lock before reading what another process might be writing
+                _take_lock(stack, run_dir, out)
+                removed = runs.remove_temporaries(run_dir)
+                if removed:
+                    print(f"Removed {len(removed)} unfinished checkpoint(s) a killed save left: "
+                          f"{', '.join(removed)}", file=out)
+            plan = _plan_resume(args, run_dir)
+        else:
+            plan = _plan_new_run(args)
+            if is_main:
+                os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
+                _take_lock(stack, plan.run_dir, out)
+                runs.check_new_run_dir(plan.run_dir)                 # nobody slipped in before the lock
+        return _run(args, plan, is_main, out, signals)
 
-    from minitx_fn import checkpoint, data, distributed, train
+
+def _resume_dir(args) -> str:
+    from minitx_fn import runs
+    if args.out:
+        raise UsageError("--resume continues a run in its own directory; drop --out (to branch a run, copy its "
+                         "directory first)")
+    run_dir = os.path.normpath(args.resume)
+    if os.path.basename(run_dir) == runs.CHECKPOINT:
+        run_dir = os.path.dirname(run_dir) or "."
+    if not os.path.isdir(run_dir):
+        raise UsageError(f"no run directory {run_dir!r}; give the --out directory of a training run")
+    return run_dir
+
+
+def _take_lock(stack, run_dir: str, out) -> None:
+    from minitx_fn import runs
+    lock = stack.enter_context(runs.Lock(run_dir))
+    if lock.took_over is not None:
+        print(f"Took over the lock of process {lock.took_over}, which is no longer running", file=out)
+
+
+def _plan_new_run(args) -> TrainPlan:
+    from minitx_fn import runs
     from minitx_fn.tokenizer import Tokenizer
 
-    if args.resume:
-        ckpt = checkpoint.load(args.resume)
-        saved = ckpt.meta
-        run_dir = args.resume if os.path.basename(os.path.normpath(args.resume)) != checkpoint.NAME \
-            else os.path.dirname(os.path.normpath(args.resume))
-        data_path = saved.get("data_path")
-        if args.data and (data_path is None or os.path.abspath(args.data) != os.path.abspath(data_path)):
-            raise UsageError(f"--data {args.data!r} differs from the run's data {data_path!r}; "
-                             f"omit --data when resuming")
-        _check_resume_flags(args, saved)
-        text, _ = _load_text(data_path)
-        tokenizer = ckpt.tokenizer
-        mc = ckpt.model_config
-        tc = ckpt.train_config.replace(**{k: getattr(args, k) for k in RESUMABLE_FLAGS
-                                          if getattr(args, k, None) is not None})
-        state, data_key = ckpt.state, ckpt.data_key
-        ids = tokenizer.encode(text)
-        if int(state.step) >= tc.steps:
-            raise UsageError(f"the run is already at step {int(state.step)}; pass --steps N with N larger "
-                             f"to train further")
-        if is_main:
-            train.truncate_metrics(os.path.join(run_dir, "metrics.jsonl"), int(state.step))
-        print(f"Resuming {run_dir} from step {int(state.step)}", file=out)
-    else:
-        text, name = _load_text(args.data)
-        tokenizer = Tokenizer.from_text(text)
-        settings = _settings(args)
-        mc, tc = _configs(settings, tokenizer.vocab_size)
-        run_dir = args.out or _new_run_dir(name)
-        if os.path.exists(os.path.join(run_dir, checkpoint.NAME)):
-            raise UsageError(f"{run_dir!r} already holds a run; pass --resume {run_dir} to continue it, "
-                             f"or another --out")
-        ids = tokenizer.encode(text)
-        init_key, data_key = train.keys(tc.seed)
-        state = train.init_state(init_key, mc, tc)
-        data_path = os.path.abspath(args.data) if args.data else None
+    text, data_record, name = _read_data(args.data)
+    tokenizer = Tokenizer.from_text(text)
+    mc, tc = _configs(_settings(args), tokenizer.vocab_size)
+    run_dir = args.out or runs.new_run_name("runs", name)
+    runs.check_new_run_dir(run_dir)
+    return _plan(args, run_dir, False, mc, tc, tokenizer, text, data_record, None)
 
-    if args.data or (args.resume and data_path):
+
+def _plan_resume(args, run_dir: str) -> TrainPlan:
+    from minitx_fn import checkpoint
+
+    ckpt = checkpoint.load(run_dir)
+    _check_resume_flags(args, ckpt)
+    text, data_record = _resume_data(args, ckpt.data)
+    tc = ckpt.train_config.replace(**{k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None})
+    if int(ckpt.state.step) >= tc.steps:
+        raise UsageError(f"the run is already at step {int(ckpt.state.step)}; pass --steps N with N larger "
+                         f"to train further")
+    return _plan(args, run_dir, True, ckpt.model_config, tc, ckpt.tokenizer, text, data_record, ckpt.state)
+
+
+def _plan(args, run_dir, resuming, mc, tc, tokenizer, text, data_record, state) -> TrainPlan:
+    """The checks both kinds of run share: the final sample's prompt, the data's length, memory."""
+    from minitx_fn import data, memory
+
+    prompt = _sample_prompt(args, text)
+    _prompt_ids(tokenizer, prompt)                                   # before training, not after
+    ids = tokenizer.encode(text)
+    if data_record is not None:
         train_ids, val_ids = data.split(ids)
         data.check_length(val_ids, mc.max_len, "validation (last 10% of the)")
         val_windows = data.eval_windows(val_ids, mc.max_len)
     else:
-        train_ids, val_windows = ids, None                  # the built-in cycle: no held-out split
+        train_ids, val_windows = ids, None                          # the built-in cycle: no held-out split
     data.check_length(train_ids, mc.max_len, "training")
+    memory.check(memory.training_bytes(mc, tc.batch_size), "training this model",
+                 "try a smaller {b}, {w}, {c} or {l}", b=("batch_size", tc.batch_size), w=("d_model", mc.d_model),
+                 c=("max_len", mc.max_len), l=("n_layers", mc.n_layers))
+    memory.check(memory.generation_bytes(mc, 1, args.max_new_tokens), "the final sample",
+                 "try a smaller {n}", n=("max_new_tokens", args.max_new_tokens))
+    return TrainPlan(run_dir, resuming, mc, tc, tokenizer, data_record, train_ids, val_windows, state, prompt)
+
+
+def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
+    """Train as planned: the lock is held, every input was checked."""
+    import jax
+    import jax.numpy as jnp
+
+    from minitx_fn import checkpoint, distributed, loop, model, runs, train
+
+    run_dir, mc, tc = plan.run_dir, plan.model_config, plan.train_config
+    metrics_path = os.path.join(run_dir, runs.METRICS) if is_main else None
+    if plan.resuming and is_main and os.path.exists(metrics_path):
+        if runs.read_records(metrics_path).torn:
+            print(f"{metrics_path} ended in a half-written line (a process killed mid-write); it is dropped",
+                  file=out)
+        runs.truncate_records(metrics_path, int(plan.state.step))
+    state = plan.state if plan.resuming else train.init_state(train.keys(tc.seed).init, mc, tc)
+    data_key = train.keys(tc.seed).data
 
     mesh = None
     if args.devices or jax.device_count() > 1:
-        try:
-            mesh = distributed.make_mesh(args.devices)
-            distributed.check_batch(tc.batch_size, mesh)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-        state = distributed.put_global(jax.device_get(state), distributed.state_shardings(state, mesh, args.fsdp))
-        train_data = distributed.put_global(train_ids, distributed.replicated(mesh))
+        mesh = distributed.make_mesh(args.devices)
+        distributed.check_batch(tc.batch_size, mesh)
+        shardings = distributed.state_shardings(state, mesh, args.fsdp)
+        state = distributed.put_global(jax.device_get(state), shardings)
+        train_data = distributed.put_global(plan.train_ids, distributed.replicated(mesh))
+        step = distributed.data_parallel(train.step_fn(mc, tc), mesh, shardings)
+        sample = distributed.sharded_batch_at(mesh)
+        # XLA:CPU runs each device's part of a step on a shared thread pool; with
+        # dozens of multi-device steps queued, the parts of different steps can hold
+        # every thread while waiting at an all-reduce, and deadlock. At most two
+        # steps in flight still overlap dispatch with compute.
+        max_in_flight = 2
     else:
-        train_data = jnp.asarray(train_ids)
+        train_data = jnp.asarray(plan.train_ids)
+        step = functools.partial(train.train_step, model_config=mc, train_config=tc)
+        sample, max_in_flight = train.batch_at, None
 
-    if is_main:
-        os.makedirs(run_dir, exist_ok=True)
-    metrics_path = os.path.join(run_dir, "metrics.jsonl") if is_main else None
+    def next_batch(step_number):
+        return sample(train_data, data_key, step_number, batch_size=tc.batch_size, context=mc.max_len)
+
+    def evaluate(params):
+        if mesh is not None:
+            params = jax.device_put(distributed.to_host(params), jax.local_devices()[0])
+        return train.evaluate(params, plan.val_windows, config=mc)
 
     def save(s):
-        host_state = distributed.to_host(s)                # every process takes part in the gather
+        host_state = distributed.to_host(s)                         # every process takes part in the gather
         if is_main:
-            checkpoint.save(run_dir, host_state, data_key=data_key, model_config=mc, train_config=tc,
-                            tokenizer=tokenizer, extra={"data_path": data_path})
+            try:
+                checkpoint.save(run_dir, host_state, model_config=mc, train_config=tc, tokenizer=plan.tokenizer,
+                                data=plan.data_record)
+            except OSError as e:
+                raise StorageError(os.path.join(run_dir, runs.CHECKPOINT), e) from None
 
-    from minitx_fn import model
+    if plan.resuming:
+        print(f"Resuming {run_dir} from step {int(state.step)}", file=out)
     print(f"Run directory: {run_dir}", file=out)
     if mesh is not None:
         print(f"Data-parallel over {mesh.devices.size} devices in {jax.process_count()} process(es)"
@@ -285,16 +512,14 @@ def cmd_train(args, out=None) -> int:
     print("Starting training...", file=out, flush=True)
     started = time.perf_counter()
     try:
-        result = train.fit(state, data=train_data, data_key=data_key, model_config=mc, train_config=tc,
-                           val_windows=val_windows, metrics_path=metrics_path, save=save, out=out, mesh=mesh,
-                           fsdp=args.fsdp)
-    except train.NonFiniteLossError as e:
-        saved_step = _saved_step(run_dir)
-        kept = f"the last good checkpoint (step {saved_step}) is kept in {run_dir}" if saved_step is not None \
-            else "no checkpoint had been saved yet"
-        print(f"minitx: error: {e}; training stopped and {kept}. Try a lower --lr or more --warmup.",
-              file=sys.stderr)
-        return 1
+        result = loop.fit(state, step=step, next_batch=next_batch, model_config=mc, train_config=tc,
+                          evaluate=evaluate if plan.val_windows is not None else None, metrics_path=metrics_path,
+                          save=save, out=out, signals=signals, max_in_flight=max_in_flight)
+    except loop.NonFiniteError as e:
+        raise RunFailed(f"{e}; training stopped and {_kept(run_dir)}; try a lower --lr or more --warmup") from None
+    except StorageError as e:
+        raise RunFailed(f"{e.strerror}; training stopped and {_kept(run_dir)}; free some space or fix the "
+                        f"permissions, then continue with: minitx train --resume {run_dir}") from None
     elapsed = time.perf_counter() - started
     final_step = int(distributed.scalar(result.state.step))
     # Gathering is a collective: every process takes part before the others leave.
@@ -302,65 +527,75 @@ def cmd_train(args, out=None) -> int:
         distributed.to_host(result.state.params), jax.local_devices()[0])
     if not is_main:
         return 0
-    if result.interrupted:
-        print(f"\nInterrupted at step {final_step}; checkpoint saved. "
+    if result.stopped_by is not None:
+        name = signal.Signals(result.stopped_by).name
+        print(f"\nStopped by {name} at step {final_step}; checkpoint saved. "
               f"Continue with: minitx train --resume {run_dir}", file=out)
-        return 130
-    summary = {"step": final_step, "train_seconds": round(elapsed, 1)}
-    if result.last_record and "val_loss" in result.last_record:
-        summary["val_loss"] = result.last_record["val_loss"]
-    print(f"Finished {summary['step']} steps in {elapsed:.1f} s" +
-          (f"; validation loss {summary['val_loss']:.4f}" if "val_loss" in summary else ""), file=out)
-    from minitx_fn import plot
-    try:
-        png = plot.plot_losses(metrics_path, os.path.join(run_dir, "loss.png"))
-        if png:
-            print(f"Loss curves: {png}", file=out)
-    except plot.MissingMatplotlibError:
-        pass                                 # the picture is optional; metrics.jsonl has the numbers
-
-    prompt = args.prompt if args.prompt is not None else ("hello" if "hello" in text[:64] else text[0])
+        return 128 + result.stopped_by
+    print(f"Finished {final_step} steps in {elapsed:.1f} s"
+          + (f"; validation loss {result.last_record['val_loss']:.4f}"
+             if result.last_record and "val_loss" in result.last_record else ""), file=out)
+    picture = _draw_losses(metrics_path, os.path.join(run_dir, runs.LOSS_PNG), out)
     print("Generated text:", file=out)
-    print(prompt + _generate_text(params, mc, tokenizer, prompt, args.max_new_tokens, jax.random.key(0)), file=out)
+    print(plan.prompt + _generate_text(params, mc, plan.tokenizer, plan.prompt, args.max_new_tokens,
+                                       jax.random.key(0)), file=out)
+    _next_steps(run_dir, plan.prompt, picture, out)
     return 0
 
 
-def _check_resume_flags(args, saved: dict) -> None:
-    """Flags given with --resume must agree with the saved run, except RESUMABLE_FLAGS."""
-    current = {**{name: saved["model_config"][field] for name, field in MODEL_FLAGS.items()},
-               **{name: saved["train_config"][field] for name, field in TRAIN_FLAGS.items()}}
-    conflicts = [f"--{k.replace('_', '-')} {v} (saved: {current[k]})" for k, v in _given(args).items()
-                 if k in current and v != current[k]]
-    if args.preset:
-        conflicts.append(f"--preset {args.preset}")
-    if conflicts:
-        raise UsageError(f"resuming keeps the run's settings, but these differ: {', '.join(conflicts)}; "
-                         f"drop them, or start a new run with --out")
+class RunFailed(Exception):
+    """The run itself failed (a non-finite loss, a full disk): exit status 1."""
 
 
-def _saved_step(run_dir: str) -> int | None:
+def _kept(run_dir: str) -> str:
+    """Which checkpoint survives a failure, in words."""
     from minitx_fn import checkpoint
     try:
-        with open(os.path.join(checkpoint.locate(run_dir), "meta.json")) as f:
-            return json.load(f)["step"]
-    except Exception:
+        step = int(checkpoint.load(run_dir).meta["step"])
+    except (Error, OSError):
+        return "no checkpoint had been saved yet"
+    return f"the last good checkpoint (step {step}) is kept in {run_dir}"
+
+
+def _draw_losses(metrics_path: str, png: str, out) -> str | None:
+    from minitx_fn import plot
+    try:
+        drawn = plot.plot_losses(metrics_path, png)
+    except plot.MissingMatplotlibError:
+        print("(No loss.png: matplotlib is not installed; pip install -e \".[plot]\" adds the pictures.)", file=out)
         return None
+    except OSError as e:
+        raise RunFailed(f"cannot write {png!r}: {e.strerror or e}; the checkpoint is saved") from None
+    if drawn:
+        print(f"Loss curves: {drawn}", file=out)
+    return drawn
+
+
+def _next_steps(run_dir: str, prompt: str, picture: str | None, out) -> None:
+    quoted = json.dumps(prompt) if any(c in prompt for c in " '\"\\$`!") else prompt
+    print("\nNext:", file=out)
+    print(f"  minitx generate --checkpoint {run_dir} --prompt {quoted} --temperature 0.8", file=out)
+    print(f"  minitx attention --checkpoint {run_dir} --prompt {quoted} --out {os.path.join(run_dir, 'attention.png')}",
+          file=out)
+    if picture is None:
+        print("  pip install -e \".[plot]\"    then: minitx plot " + run_dir, file=out)
+    else:
+        print(f"  minitx plot {run_dir} --log", file=out)
+    print(f"  minitx train --resume {run_dir} --steps N    to train further", file=out)
 
 
 def _generate_text(params, mc, tokenizer, prompt: str, max_new_tokens: int, key, sampler=None,
                    stop: str | None = None) -> str:
     from minitx_fn.generate import generate
     from minitx_fn.sampling import GREEDY
-    if not prompt:
-        raise UsageError("the prompt is empty; give at least one character")
-    ids = tokenizer.encode(prompt)
-    stop_ids = tuple(tokenizer.encode(stop)) if stop else ()
+    ids = _prompt_ids(tokenizer, prompt)
+    stop_ids = _prompt_ids(tokenizer, stop, "the stop string") if stop is not None else ()
     new = generate(params, [ids], config=mc, key=key, max_new_tokens=max_new_tokens, sampler=sampler or GREEDY,
                    stop=stop_ids)[0]
     return tokenizer.decode(new)
 
 
-# ----------------------------------------------------------------------------- generate
+# ----------------------------------------------------------------------------- generate, attention, plot
 
 
 def cmd_generate(args, out=None) -> int:
@@ -368,18 +603,19 @@ def cmd_generate(args, out=None) -> int:
     out = out or sys.stdout
     import jax
 
-    from minitx_fn import checkpoint
+    from minitx_fn import checkpoint, memory
     from minitx_fn.sampling import Sampler
 
     temperature = args.temperature
     if temperature is None:
         temperature = 1.0 if (args.top_k or args.top_p is not None) else 0.0
-    try:
-        sampler = Sampler(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
-    except ValueError as e:
-        raise UsageError(str(e).replace("top_k=", "--top-k=").replace("top_p=", "--top-p=")
-                         .replace("temperature=", "--temperature=")) from None
+    sampler = Sampler(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
     ckpt = checkpoint.load(args.checkpoint)
+    _prompt_ids(ckpt.tokenizer, args.prompt)
+    if args.stop is not None:
+        _prompt_ids(ckpt.tokenizer, args.stop, "the stop string")
+    memory.check(memory.generation_bytes(ckpt.model_config, 1, args.max_new_tokens), "this generation",
+                 "try a smaller {n}", n=("max_new_tokens", args.max_new_tokens))
     text = _generate_text(ckpt.state.params, ckpt.model_config, ckpt.tokenizer, args.prompt, args.max_new_tokens,
                           jax.random.key(args.seed), sampler, args.stop)
     print(args.prompt + text, file=out)
@@ -387,55 +623,80 @@ def cmd_generate(args, out=None) -> int:
 
 
 def cmd_attention(args, out=None) -> int:
-    """`minitx attention`: a PNG grid of the attention maps (L rows, H columns) for a prompt."""
+    """`minitx attention`: a picture of the attention maps (L rows, H columns) for a prompt."""
     import jax.numpy as jnp
 
     from minitx_fn import checkpoint, model, plot
 
+    check_picture_path(args.out)
+    plot.require_matplotlib()
     ckpt = checkpoint.load(args.checkpoint)
     mc = ckpt.model_config
-    if not args.prompt:
-        raise UsageError("the prompt is empty; give at least one character")
-    if len(args.prompt) > mc.max_len:
-        raise UsageError(f"the prompt has {len(args.prompt)} characters; the model's context is {mc.max_len}")
-    ids = jnp.asarray(ckpt.tokenizer.encode(args.prompt))[None, :]
-    maps = np.asarray(model.attention_maps(ckpt.state.params, ids, config=mc))[:, 0]     # (L, H, T, T)
-    plot.plot_attention(maps, args.prompt, args.out)
+    ids = _prompt_ids(ckpt.tokenizer, args.prompt)
+    if len(ids) > mc.max_len:
+        raise UsageError(f"the prompt has {len(ids)} characters; the model's context is {mc.max_len}")
+    maps = np.asarray(model.attention_maps(ckpt.state.params, jnp.asarray(ids)[None, :], config=mc))[:, 0]
+    try:
+        plot.plot_attention(maps, args.prompt, args.out)
+    except OSError as e:
+        raise RunFailed(f"cannot write {args.out!r}: {e.strerror or e}") from None
     print(f"Attention maps ({mc.n_layers} layers x {mc.n_heads} heads): {args.out}", file=out or sys.stdout)
     return 0
 
 
 def cmd_plot(args, out=None) -> int:
     """`minitx plot`: the loss curves of a run from its metrics.jsonl."""
-    from minitx_fn import plot
+    from minitx_fn import plot, runs
 
-    metrics = os.path.join(args.run_dir, "metrics.jsonl")
+    out = out or sys.stdout
+    png = args.out or os.path.join(args.run_dir, runs.LOSS_PNG)
+    check_picture_path(png)
+    metrics = os.path.join(args.run_dir, runs.METRICS)
     if not os.path.isfile(metrics):
-        raise UsageError(f"{metrics!r} does not exist; pass the directory of a training run")
-    png = plot.plot_losses(metrics, args.out or os.path.join(args.run_dir, "loss.png"))
-    if png is None:
+        raise UsageError(f"{metrics!r} does not exist; give the directory of a training run")
+    plot.require_matplotlib()
+    records = runs.read_records(metrics)
+    if records.torn:
+        print(f"{metrics} ends in a half-written line (a process killed mid-write); it is left out", file=out)
+    try:
+        drawn = plot.plot_losses(metrics, png, log=args.log)
+    except OSError as e:
+        raise RunFailed(f"cannot write {png!r}: {e.strerror or e}") from None
+    if drawn is None:
         raise UsageError(f"{metrics!r} has no records yet; train for at least --log-every steps")
-    print(f"Loss curves: {png}", file=out or sys.stdout)
+    print(f"Loss curves: {drawn}", file=out)
     return 0
 
 
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `minitx`; bad input prints one line and returns 2, never a traceback."""
-    from minitx_fn.checkpoint import CheckpointError
-    from minitx_fn.data import DataError
-    from minitx_fn.plot import MissingMatplotlibError
-    from minitx_fn.tokenizer import UnknownCharactersError
+    """Entry point of `minitx`: bad input prints one line and returns 2, a failed run 1,
+    a signal 128 + its number; never a traceback."""
+    from minitx_fn.signals import Interrupted
 
     try:
         args = build_parser().parse_args(argv)
-        commands = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot}
-        return commands[args.command](args)
-    except (UsageError, DataError, CheckpointError, UnknownCharactersError, MissingMatplotlibError) as e:
+        return COMMANDS[args.command](args)
+    except Error as e:
+        print(f"minitx: error: {message(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RunFailed as e:
         print(f"minitx: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
+    except StorageError as e:                 # before training started: nothing was written
+        print(f"minitx: error: {e.strerror}; nothing was changed", file=sys.stderr)
+        return EXIT_FAILED
+    except Interrupted as e:
+        print(f"minitx: {e}; nothing saved was lost", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
-        print("minitx: interrupted", file=sys.stderr)
-        return 130
+        print("minitx: interrupted; nothing saved was lost", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except BrokenPipeError:                # the reader of our output went away (`| head`): leave quietly
+        sys.stdout = open(os.devnull, "w")
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":

@@ -8,14 +8,19 @@ Sizes and flags live here, never as leaves of the parameter pytree.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from minitx_fn.errors import ConfigError
 from minitx_fn.layers import at_least_float32, attention
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
+INT32_MAX = 2**31 - 1      # step counters and token ids are int32
+FLOAT32_MAX = 3.4028234663852886e38   # numbers the device sees as float32 must stay below this
+SEED_MAX = 2**32 - 1       # jax.random.key keeps 32 bits of the seed: larger seeds would repeat smaller ones
 
 # What the backward pass may keep from the forward pass of a block; everything else
 # it recomputes (`jax.checkpoint`). Keeping only the outputs of the weight matmuls
@@ -42,16 +47,24 @@ def x64_enabled() -> bool:
     return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
 
 
-def _require(ok: bool, field: str, value: Any, fix: str) -> None:
+def _require(ok: bool, field: str, value: Any, fix: str, **mentions: tuple[str, Any]) -> None:
+    """ConfigError "{field}={value} is invalid: {fix}" unless ok; `fix` may mention other fields."""
     if not ok:
-        raise ValueError(f"{field}={value!r} is invalid: {fix}")
+        raise ConfigError("{field} is invalid: " + fix, field=(field, value), **mentions)
 
 
-def _positive_int(field: str, value: Any) -> None:
-    _require(
-        isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-        field, value, "it must be a whole number >= 1",
-    )
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float that float32 can hold: these settings reach the device as float32."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= FLOAT32_MAX)
+
+
+def _positive_int(field: str, value: Any, limit: int = INT32_MAX) -> None:
+    _require(_whole(value) and 1 <= value <= limit, field, value, f"it must be a whole number in [1, {limit:,}]")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -97,17 +110,17 @@ class ModelConfig:
         _positive_int("d_ff", self.d_ff)
         _require(
             self.d_model % self.n_heads == 0, "d_model", self.d_model,
-            f"it must be divisible by n_heads={self.n_heads}; "
-            f"try d_model={self.n_heads * max(1, round(self.d_model / self.n_heads))}",
+            "it must be divisible by {heads}; try {suggestion}", heads=("n_heads", self.n_heads),
+            suggestion=("d_model", self.n_heads * max(1, round(self.d_model / self.n_heads))),
         )
         _require(
-            isinstance(self.attention_block, int) and self.attention_block >= 0, "attention_block",
+            _whole(self.attention_block) and 0 <= self.attention_block <= INT32_MAX, "attention_block",
             self.attention_block, "it must be a whole number >= 0 (0: no blocks)",
         )
         _require(self.remat in REMAT_POLICIES, "remat", self.remat, f"choose one of {list(REMAT_POLICIES)}")
-        _require(self.ln_eps > 0, "ln_eps", self.ln_eps, "it must be > 0")
-        _require(self.init_std > 0, "init_std", self.init_std, "it must be > 0")
-        _require(self.embed_std > 0, "embed_std", self.embed_std, "it must be > 0")
+        for name in ("ln_eps", "init_std", "embed_std"):
+            _require(_number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
+                     "it must be a number in (0, 3.4e38]")
         _require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {sorted(DTYPES)}")
         _require(
             self.param_dtype in ("float32", "float64"), "param_dtype", self.param_dtype,
@@ -178,22 +191,26 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
             _positive_int(name, getattr(self, name))
+        _require(_number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
         if self.decay_steps is None:
             object.__setattr__(self, "decay_steps", self.steps)
         _positive_int("decay_steps", self.decay_steps)
         _require(
-            isinstance(self.warmup, int) and 0 <= self.warmup < self.decay_steps,
-            "warmup", self.warmup, f"it must be a whole number in [0, {self.decay_steps})",
+            _whole(self.warmup) and 0 <= self.warmup < self.decay_steps, "warmup", self.warmup,
+            "it must be a whole number in [0, {decay})", decay=("decay_steps", self.decay_steps),
         )
-        _require(self.lr > 0, "lr", self.lr, "it must be > 0")
-        _require(0 <= self.min_lr <= self.lr, "min_lr", self.min_lr, "it must lie in [0, lr]")
-        _require(0 <= self.b1 < 1, "b1", self.b1, "it must lie in [0, 1)")
-        _require(0 <= self.b2 < 1, "b2", self.b2, "it must lie in [0, 1)")
-        _require(self.weight_decay >= 0, "weight_decay", self.weight_decay, "it must be >= 0")
-        _require(self.grad_clip > 0, "grad_clip", self.grad_clip, "it must be > 0")
-        _require(isinstance(self.seed, int), "seed", self.seed, "it must be a whole number")
+        _require(_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
+                 "it must lie in [0, {lr}]", lr=("lr", self.lr))
+        _require(_number(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "it must lie in [0, 1)")
+        _require(_number(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "it must lie in [0, 1)")
+        _require(_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+                 "it must be a number in [0, 3.4e38]")
+        _require(_number(self.grad_clip) and self.grad_clip > 0, "grad_clip", self.grad_clip,
+                 "it must be a number in (0, 3.4e38]")
+        _require(_whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
+                 f"it must be a whole number in [0, {SEED_MAX}]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

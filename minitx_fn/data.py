@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitx_fn.errors import DataError
+
 # The built-in corpus is a cycle of three phrases. Training text is the cycle
 # repeated, so the model also sees the wrap from "flax! " back to "hello world!".
 BUILTIN_CORPUS = "hello world! hello jax! hello flax! "
 BUILTIN_REPEATS = 8
-
-
-class DataError(ValueError):
-    """The training data cannot be used; the message says why and what to do."""
 
 
 def builtin_text() -> str:
@@ -34,12 +33,14 @@ def read_text(path: str) -> str:
     Example:
         >>> read_text('/no/such/file')
         Traceback (most recent call last):
-        minitx_fn.data.DataError: data file '/no/such/file' does not exist; pass --data with the path of a UTF-8 text file
+        minitx_fn.errors.DataError: data file '/no/such/file' does not exist; give the path of a UTF-8 text file
     """
     if not os.path.exists(path):
-        raise DataError(f"data file {path!r} does not exist; pass --data with the path of a UTF-8 text file")
+        raise DataError(f"data file {path!r} does not exist; give the path of a UTF-8 text file")
     if os.path.isdir(path):
-        raise DataError(f"data path {path!r} is a directory; pass --data with the path of a text file inside it")
+        raise DataError(f"data path {path!r} is a directory; give the path of a text file inside it")
+    if not os.path.isfile(path):
+        raise DataError(f"data path {path!r} is not a regular file; give the path of a UTF-8 text file")
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -53,6 +54,16 @@ def read_text(path: str) -> str:
     if not text:
         raise DataError(f"data file {path!r} is empty; give it some text to learn from")
     return text
+
+
+def text_sha256(text: str) -> str:
+    """SHA-256 of the text's UTF-8 bytes, in hex: what a checkpoint records of its data.
+
+    Example:
+        >>> text_sha256("hello")[:16]
+        '2cf24dba5fb0a30e'
+    """
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +83,11 @@ def check_length(ids: np.ndarray, context: int, what: str) -> None:
     Example:
         >>> check_length(np.arange(5), 8, 'training')
         Traceback (most recent call last):
-        minitx_fn.data.DataError: the training text has 5 characters, fewer than the context plus one (9); use a longer text or a smaller --context
+        minitx_fn.errors.DataError: the training text has 5 tokens, fewer than the context plus one (9); use a longer text or a smaller max_len=8
     """
     if len(ids) < context + 1:
-        raise DataError(f"the {what} text has {len(ids)} characters, fewer than the context plus one "
-                        f"({context + 1}); use a longer text or a smaller --context")
+        raise DataError(f"the {what} text has {len(ids)} tokens, fewer than the context plus one "
+                        f"({context + 1}); use a longer text or a smaller {{context}}", context=("max_len", context))
 
 
 def sample_batch(data: jax.Array, key: jax.Array, *, batch_size: int, context: int) -> tuple[jax.Array, jax.Array]:

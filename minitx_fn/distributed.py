@@ -7,6 +7,10 @@ device count divides, FSDP style). The train step stays one jitted function: the
 sharding constraints below tell XLA's SPMD partitioner the layout, and it inserts
 the gradient all-reduce (or the all-gathers and reduce-scatters of FSDP) itself.
 
+`data_parallel(step, ...)` is the whole of it for training: the plain step
+`(state, batch) -> (state, metrics)` jitted with these layouts for its inputs and
+outputs. The step itself knows nothing of devices.
+
 Several processes (hosts, or several processes on one host): call `initialize`
 first in every process; `jax.devices()` then lists the devices of all processes,
 and the same mesh spans them. Every process runs the same program on the same
@@ -15,9 +19,13 @@ global arrays; each device computes only its rows of every global batch.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from minitx_fn.errors import ConfigError
 
 DATA_AXIS = "data"
 
@@ -44,7 +52,7 @@ def make_mesh(n_devices: int | None = None) -> Mesh:
     devices = jax.devices()
     n = len(devices) if n_devices is None else n_devices
     if not 1 <= n <= len(devices):
-        raise ValueError(f"--devices {n} is not available: this run has {len(devices)} device(s)")
+        raise ConfigError(f"{{devices}} is not available: this run has {len(devices)} device(s)", devices=("devices", n))
     return Mesh(np.array(devices[:n]), (DATA_AXIS,))
 
 
@@ -73,11 +81,30 @@ def state_shardings(tree, mesh: Mesh, fsdp: bool):
 
 
 def check_batch(batch_size: int, mesh: Mesh) -> None:
-    """ValueError unless the batch splits evenly over the mesh's devices."""
+    """ConfigError unless the batch splits evenly over the mesh's devices."""
     n = mesh.devices.size
     if batch_size % n:
-        raise ValueError(f"--batch-size {batch_size} must be divisible by the {n} devices it is split over; "
-                         f"try --batch-size {n * max(1, round(batch_size / n))} or --devices")
+        raise ConfigError(f"{{batch}} must be divisible by the {n} devices it is split over; try {{suggestion}} or "
+                          f"fewer devices", batch=("batch_size", batch_size),
+                          suggestion=("batch_size", n * max(1, round(batch_size / n))))
+
+
+def sharded_batch_at(mesh: Mesh) -> Callable:
+    """`train.batch_at`, jitted to return the batch already split along B over the mesh:
+    each device (each process) computes only its own rows."""
+    from minitx_fn import train
+    return jax.jit(train.batch_at.__wrapped__, static_argnames=("batch_size", "context"),
+                   out_shardings=batch_sharding(mesh))
+
+
+def data_parallel(step: Callable, mesh: Mesh, state_shardings) -> Callable:
+    """The plain step (state, batch) -> (state, metrics), jitted for the mesh: the batch
+    (x, y) split along B, the state laid out by state_shardings (replicated or FSDP)
+    in and out, the old state donated. XLA inserts the gradient all-reduce.
+    """
+    batch = batch_sharding(mesh)
+    return jax.jit(step, in_shardings=(state_shardings, (batch, batch)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
 def put_global(tree, shardings):

@@ -6,18 +6,28 @@ MissingMatplotlibError, whose message says how to install it.
 
 from __future__ import annotations
 
-import json
+import math
 
 import numpy as np
 
-INSTALL_HINT = "matplotlib is not installed; install the plot extra: pip install -e '.[plot]' (or pip install matplotlib)"
+from minitx_fn import runs
+from minitx_fn.errors import Error
+
+INSTALL_HINT = ("matplotlib is not installed; install the plot extra: pip install -e '.[plot]' "
+                "(or pip install matplotlib)")
 
 
-class MissingMatplotlibError(RuntimeError):
-    pass
+class MissingMatplotlibError(Error):
+    """The picture needs matplotlib, which is not installed."""
 
 
-def _pyplot():
+def require_matplotlib():
+    """matplotlib.pyplot on the Agg backend (files, no window), or MissingMatplotlibError.
+
+    Example:
+        >>> require_matplotlib().__name__
+        'matplotlib.pyplot'
+    """
     try:
         import matplotlib
     except ImportError:
@@ -27,27 +37,14 @@ def _pyplot():
     return plt
 
 
-def read_metrics(metrics_path: str) -> list[dict]:
-    """The records of a run's metrics.jsonl, one dict per logged step.
-
-    Example:
-        >>> import tempfile, os
-        >>> path = os.path.join(tempfile.mkdtemp(), 'metrics.jsonl')
-        >>> _ = open(path, 'w').write(json.dumps({"step": 100, "loss": 2.5}) + chr(10))
-        >>> read_metrics(path)
-        [{'step': 100, 'loss': 2.5}]
-    """
-    with open(metrics_path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def plot_losses(metrics_path: str, png_path: str) -> str | None:
+def plot_losses(metrics_path: str, png_path: str, *, log: bool = False) -> str | None:
     """Train loss (and validation loss where recorded) against step, written to png_path.
 
-    Returns png_path, or None when the run has no records yet.
+    A torn last line of the log is left out (`runs.read_records`). Returns png_path,
+    or None when the run has no records yet.
 
     Example:
-        >>> import os, tempfile
+        >>> import json, os, tempfile
         >>> run = tempfile.mkdtemp()
         >>> with open(os.path.join(run, 'metrics.jsonl'), 'w') as f:
         ...     _ = f.write(json.dumps({'step': 100, 'loss': 2.5, 'val_loss': 2.6}) + chr(10))
@@ -55,29 +52,42 @@ def plot_losses(metrics_path: str, png_path: str) -> str | None:
         >>> os.path.getsize(png) > 0
         True
     """
-    plt = _pyplot()
-    records = read_metrics(metrics_path)
-    if not records:
+    plt = require_matplotlib()
+    records = runs.read_records(metrics_path).records
+    train = [r for r in records if isinstance(r.get("loss"), (int, float))]
+    val = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
+    if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], label="train")
-    val = [r for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    if train:
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], "-", color="tab:blue", lw=1.6,
+                label="train (mean since the previous record)")
     if val:
-        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange", lw=1.6, ms=4,
+                label="validation")
+        best = min(val, key=lambda r: r["val_loss"])
+        ax.annotate(f"{best['val_loss']:.3f}", (best["step"], best["val_loss"]), textcoords="offset points",
+                    xytext=(0, -14), ha="center", fontsize=9, color="tab:orange")
+    if log:
+        ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats per character)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    ax.set_ylabel("cross-entropy (nats per token)")
+    ax.set_title(f"{len(records)} records, last at step {records[-1]['step']:,}", fontsize=10)
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+    fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return png_path
 
 
 def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndarray]:
     """maps (L, H, T, T), one row of panels per layer and one column per head, each
-    labelled with the prompt's characters; written to png_path.
+    titled with its layer and head and labelled with the prompt's characters on both
+    axes (query down, key across), one shared colour bar; written to png_path.
 
+    Panels are sized for the prompt: about 0.22 inch per character, so labels stay
+    legible, and at least 1.6 inches, so short prompts do not shrink to nothing.
     Returns the arrays as drawn, read back from the figure (for tests).
 
     Example:
@@ -87,22 +97,29 @@ def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndar
         >>> len(drawn), drawn[0][2].tolist()
         (2, [0.3333333333333333, 0.3333333333333333, 0.3333333333333333])
     """
-    plt = _pyplot()
+    plt = require_matplotlib()
     n_layers, n_heads, t, _ = maps.shape
-    size = 0.25 * t + 1.5
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(size * n_heads, size * n_layers), squeeze=False)
+    panel = max(1.6, 0.22 * t + 0.6)
+    fontsize = 9 if t <= 24 else 7
+    fig, axes = plt.subplots(n_layers, n_heads, figsize=(panel * n_heads + 1.2, panel * n_layers + 0.6),
+                             squeeze=False, layout="constrained")
     ticks = [repr(c)[1:-1] or " " for c in labels]          # show "\n" as \n
+    shown = range(0, t, max(1, math.ceil(t / 48)))          # at most 48 labels an axis
+    image = None
     for layer in range(n_layers):
         for head in range(n_heads):
             ax = axes[layer, head]
-            ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_title(f"layer {layer} head {head}", fontsize=8)
-            ax.set_xticks(range(t), ticks, fontsize=6)
-            ax.set_yticks(range(t), ticks, fontsize=6)
-            ax.set_xlabel("key", fontsize=7)
-            ax.set_ylabel("query", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
+            image = ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_title(f"layer {layer}, head {head}", fontsize=fontsize + 1)
+            ax.set_xticks(list(shown), [ticks[i] for i in shown], fontsize=fontsize, family="monospace")
+            ax.set_yticks(list(shown), [ticks[i] for i in shown], fontsize=fontsize, family="monospace")
+            ax.tick_params(length=0)
+            if layer == n_layers - 1:
+                ax.set_xlabel("key (attended to)", fontsize=fontsize)
+            if head == 0:
+                ax.set_ylabel("query", fontsize=fontsize)
+    fig.colorbar(image, ax=axes, shrink=0.8, label="attention weight")
+    fig.savefig(png_path, dpi=110)
     drawn = [np.asarray(axes[layer, head].images[0].get_array()) for layer in range(n_layers)
              for head in range(n_heads)]
     plt.close(fig)

@@ -17,6 +17,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from minitx_fn.errors import ConfigError
+
 
 def greedy(logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """(B, V) -> (B,): argmax (the lowest id among ties). The key is ignored.
@@ -84,12 +86,14 @@ class Sampler:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 means greedy)")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k={self.top_k} must be a whole number >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must lie in (0, 1]")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")):
+            raise ConfigError("{t} is invalid: it must be a finite number >= 0 (0 means greedy)",
+                              t=("temperature", t))
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+            raise ConfigError("{k} is invalid: it must be a whole number >= 1", k=("top_k", k))
+        if p is not None and not (isinstance(p, (int, float)) and not isinstance(p, bool) and 0 < p <= 1):
+            raise ConfigError("{p} is invalid: it must lie in (0, 1]", p=("top_p", p))
 
     @property
     def is_greedy(self) -> bool:

@@ -7,12 +7,25 @@ the same vocabulary.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
+from minitx_fn.errors import Error
 
-class UnknownCharactersError(ValueError):
+
+class UnknownCharactersError(Error):
     """Text holds characters that are not in the vocabulary."""
+
+
+def code_points(text: str) -> np.ndarray:
+    """str of length T -> (T,) uint32 Unicode code points, without a Python loop.
+
+    Example:
+        >>> code_points("hé").tolist()
+        [104, 233]
+    """
+    return np.frombuffer(text.encode("utf-32-le"), np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,15 +52,27 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    @functools.cached_property
+    def _sorted(self) -> tuple[np.ndarray, np.ndarray]:
+        """The vocabulary's code points in ascending order, and the id of each."""
+        points = code_points(self.chars)
+        order = np.argsort(points)
+        return points[order], order.astype(np.int32)
+
     def encode(self, text: str) -> np.ndarray:
-        """str of length T -> (T,) int32 ids. Raises UnknownCharactersError naming them."""
-        index = {c: i for i, c in enumerate(self.chars)}
-        unknown = sorted(set(text) - index.keys())
-        if unknown:
+        """str of length T -> (T,) int32 ids. Raises UnknownCharactersError naming them.
+
+        Vectorised: a binary search of each code point among the vocabulary's."""
+        points = code_points(text)
+        sorted_points, ids = self._sorted
+        at = np.minimum(np.searchsorted(sorted_points, points), len(sorted_points) - 1)
+        known = sorted_points[at] == points
+        if not known.all():
+            unknown = "".join(sorted(set(chr(p) for p in points[~known])))
             raise UnknownCharactersError(
-                f"{len(unknown)} character(s) not in the vocabulary: {''.join(unknown)!r} "
+                f"{len(unknown)} character(s) not in the vocabulary: {unknown!r} "
                 f"(the model knows {self.vocab_size}: {self.chars!r})")
-        return np.fromiter((index[c] for c in text), np.int32, len(text))
+        return ids[at]
 
     def decode(self, ids) -> str:
         """(T,) ids -> str."""

@@ -71,3 +71,29 @@ def standard_promotion():
     Flax's LayerNorm and attention mix float32 constants into float64 inputs.
     """
     return jax.numpy_dtype_promotion("standard")
+
+
+# One small model for every command-line test: the same configs everywhere, so the
+# jitted step, evaluation and decode compile once per session (and the persistent
+# compilation cache serves them to subprocesses).
+TINY = ["--width", "32", "--layers", "1", "--heads", "2", "--context", "16", "--batch-size", "8"]
+
+
+def run_main(capsys, *argv) -> tuple[int, str, str]:
+    """`minitx ARGV` in this process: (exit status, stdout, stderr)."""
+    from minitx_fn.cli import main
+    with standard_promotion():
+        code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_error_line(code: int, err: str, *fragments: str, status: int = 2) -> str:
+    """Exit status, exactly one line `minitx: error: ...` on stderr, no traceback, and each fragment in it."""
+    assert code == status, (code, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("minitx: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]

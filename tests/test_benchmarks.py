@@ -1,5 +1,6 @@
-"""The benchmark's code path on the tiny config with few steps, so it cannot rot.
-It checks that every documented JSON field exists and is positive, never a speed."""
+"""The benchmark's code path on the micro config with few steps, so it cannot rot.
+It checks that every documented JSON field exists and is positive, and that options
+change what runs; never a speed."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ DECODE_FIELDS = ["config", "batch", "mode", "tokens_per_s", "ms_per_token_early"
 
 def test_quick_benchmark_writes_every_field(tmp_path, capsys):
     out = tmp_path / "out.json"
-    assert main(["--configs", "tiny", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--loop-steps", "3",
+    assert main(["--configs", "micro", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--loop-steps", "3",
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["device"]["platform"] and result["versions"]["jax"] and result["peak_gflops"] > 0
@@ -32,7 +33,7 @@ def test_quick_benchmark_writes_every_field(tmp_path, capsys):
     assert ours["ratio_minitx_over_flax"] > 0
     assert (ours["ratio_minitx_over_torch"] or 0) > 0 if HAVE_TORCH else ours["ratio_minitx_over_torch"] is None
     [loop] = result["loop"]
-    assert loop["config"] == "tiny" and loop["steps"] == 3
+    assert loop["config"] == "micro" and loop["steps"] == 3
     assert loop["bare_tokens_per_s"] > 0 and loop["loop_tokens_per_s"] > 0 and loop["loop_over_bare"] > 0
     assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(1, "cached"), (1, "recompute"),
                                                                    (8, "cached"), (8, "recompute")}
@@ -43,17 +44,49 @@ def test_quick_benchmark_writes_every_field(tmp_path, capsys):
         if row["mode"] == "cached":
             assert row["bytes_per_token"] > 0
             assert (row["achieved_gbs"] is None) == (row["ms_per_token_late"] is None)
-    assert "| tiny | minitx |" in capsys.readouterr().out
+    assert "| micro | minitx |" in capsys.readouterr().out
 
 
-def test_model_options_and_bfloat16_reach_the_model(tmp_path):
+def test_options_and_dtype_change_what_runs(tmp_path, monkeypatch):
+    """--dtype and --option reach the configs that are compiled and decoded, not only the JSON."""
+    from benchmarks import run
+    seen = {"train": [], "decode": []}
+    real_step, real_generate = run.train.train_step, run.gen.generate
+
+    class Spy:
+        def lower(self, state, batch, *, model_config, train_config):
+            seen["train"].append(model_config)
+            return real_step.lower(state, batch, model_config=model_config, train_config=train_config)
+
+        def __call__(self, state, batch, *, model_config, train_config):
+            seen["train"].append(model_config)
+            return real_step(state, batch, model_config=model_config, train_config=train_config)
+
+    def generate(*args, config, **kwargs):
+        seen["decode"].append(config)
+        return real_generate(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(run.train, "train_step", Spy())
+    monkeypatch.setattr(run.gen, "generate", generate)
     out = tmp_path / "out.json"
-    assert main(["--configs", "tiny", "--steps", "1", "--blocks", "1", "--new-tokens", "2", "--dtype", "bfloat16",
-                 "--option", "remat=none", "--option", "attention_block=16", "--loop-steps", "2",
+    assert main(["--configs", "micro", "--steps", "1", "--blocks", "1", "--new-tokens", "4", "--dtype", "bfloat16",
+                 "--option", "remat=none", "--option", "attention_block=4", "--loop-steps", "2",
                  "--no-torch", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["options"] | {"remat": "none", "attention_block": 16, "dtype": "bfloat16"} == result["options"]
     assert result["peak_gflops_bf16"] > 0 and {r["impl"] for r in result["train"]} == {"minitx", "flax"}
+    for config in seen["train"] + seen["decode"]:
+        assert (config.dtype, config.remat, config.attention_block) == ("bfloat16", "none", 4)
+    assert seen["train"] and seen["decode"]
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--blocks", "0"], "--blocks"), (["--steps", "-1"], "--steps"),
+                                            (["--json", "/no/such/folder/out.json"], "does not exist"),
+                                            (["--option", "d_model=1048576", "--configs", "micro"], "memory")])
+def test_bad_arguments_stop_before_any_timing(argv, fragment, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
 
 
 def test_unknown_model_option_is_a_clear_error(capsys):
@@ -93,19 +126,19 @@ def test_torch_reference_computes_our_loss_and_gradients(key):
 def test_variants_times_each_config_variant(capsys):
     from benchmarks import variants
 
-    assert variants.main(["tiny", "", "remat=none,attention_block=16", "--steps", "1", "--blocks", "1"]) == 0
+    assert variants.main(["micro", "", "remat=none,attention_block=4", "--steps", "1", "--blocks", "1"]) == 0
     out = capsys.readouterr().out
-    assert "| defaults |" in out and "| remat=none,attention_block=16 |" in out
+    assert "| defaults |" in out and "| remat=none,attention_block=4 |" in out
 
 
-@pytest.mark.parametrize("argv", [["--configs", "tiny", "--option", "remat=bogus"],
-                                  ["--configs", "tiny", "--option", "attention_block=-1"]])
+@pytest.mark.parametrize("argv", [["--configs", "micro", "--option", "remat=bogus"],
+                                  ["--configs", "micro", "--option", "attention_block=-1"]])
 def test_invalid_model_option_value_is_a_clear_error(argv, capsys):
     """A value ModelConfig refuses ends in one usage line naming the field, before any timing."""
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--option for config tiny" in err and "Traceback" not in err
+    assert exit_info.value.code == 2 and "--option for config micro" in err and "Traceback" not in err
 
 
 def test_variants_refuses_an_invalid_variant(capsys):
@@ -121,7 +154,7 @@ def test_profile_step_lists_the_step_operations():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "tiny", "--top", "3"],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.profile_step", "micro", "--top", "3"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms per step" not in line]

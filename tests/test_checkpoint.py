@@ -1,22 +1,31 @@
-"""Checkpoints: exact round trip, atomic replacement, and clear errors for bad files."""
+"""Checkpoints: exact round trip, atomic replacement, names numpy can read, and one
+CheckpointError for anything damaged, truncated or hostile (fuzzed)."""
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import io
 import json
 import os
+import stat
 
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, train
+from minitx_fn import checkpoint, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.errors import CheckpointError
 from minitx_fn.tokenizer import Tokenizer
 from tests.helpers import standard_promotion
 
 TOK = Tokenizer.from_text("abcdefg")
 MC = ModelConfig(vocab_size=TOK.vocab_size, d_model=8, n_heads=2, n_layers=2, max_len=8)
 TC = TrainConfig(steps=10, warmup=1)
+DATA = {"path": "/somewhere/text.txt", "sha256": "ab" * 32}
 
 
 @pytest.fixture(autouse=True)
@@ -26,79 +35,206 @@ def _optax_promotion():
 
 
 def _save(run_dir, key, step=3):
-    init_key, data_key = jax.random.split(key)
-    state = train.init_state(init_key, MC, TC)._replace(step=jax.numpy.asarray(step, jax.numpy.int32))
-    checkpoint.save(str(run_dir), state, data_key=data_key, model_config=MC, train_config=TC, tokenizer=TOK,
-                    extra={"data_path": None})
-    return state, data_key
+    state = train.init_state(key, MC, TC)._replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    checkpoint.save(str(run_dir), state, model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
+    return state
 
 
-def test_round_trip_is_exact(tmp_path, key):
-    state, data_key = _save(tmp_path, key)
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One saved checkpoint; tests copy its files rather than saving again."""
+    run = tmp_path_factory.mktemp("saved")
+    with standard_promotion():
+        state = _save(run, jax.random.key(5))
+    files = {name: (run / "checkpoint" / name).read_bytes() for name in os.listdir(run / "checkpoint")}
+    return state, files
+
+
+def _write(run_dir, files):
+    (run_dir / "checkpoint").mkdir(exist_ok=True)
+    for name, blob in files.items():
+        (run_dir / "checkpoint" / name).write_bytes(blob)
+
+
+def test_round_trip_is_exact(tmp_path, saved):
+    state, files = saved
+    _write(tmp_path, files)
     ck = checkpoint.load(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, ck.state, state)
-    np.testing.assert_array_equal(jax.random.key_data(ck.data_key), jax.random.key_data(data_key))
     assert ck.model_config == MC and ck.train_config == TC and ck.tokenizer == TOK and int(ck.state.step) == 3
-    assert not any(name.startswith(".checkpoint.tmp") for name in os.listdir(tmp_path))
+    assert ck.data == DATA
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, key, monkeypatch):
-    _save(tmp_path, key, step=3)
+def test_arrays_are_named_by_tree_path_so_numpy_alone_reads_them(tmp_path, saved):
+    state, files = saved
+    params = np.load(io.BytesIO(files["params.npz"]))
+    np.testing.assert_array_equal(params["blocks/attn/qkv/w"], state.params["blocks"]["attn"]["qkv"]["w"])
+    opt = np.load(io.BytesIO(files["opt_state.npz"]))
+    np.testing.assert_array_equal(opt["1/0/mu/head/w"], state.opt_state[1][0].mu["head"]["w"])
+    assert "1/0/count" in opt.files and not any(name.startswith("leaf_") for name in opt.files)
 
-    def crash(*args, **kwargs):
-        raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "_write_npz", crash)
-    with pytest.raises(OSError):
+def test_the_checkpoint_folder_has_the_mode_of_the_run_files(tmp_path, key):
+    _save(tmp_path, key)
+    mode = stat.S_IMODE(os.stat(tmp_path / "checkpoint").st_mode)
+    assert mode == runs.dir_mode()                       # 0o755 under umask 022, not mkdtemp's 0o700
+    assert stat.S_IMODE(os.stat(tmp_path / "checkpoint" / "meta.json").st_mode) == runs.file_mode()
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path, key, monkeypatch):
+    before = _save(tmp_path, key, step=3)
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "_write", full_disk)
+    with pytest.raises(OSError, match="No space"):
         _save(tmp_path, key, step=9)
-    assert int(checkpoint.load(str(tmp_path)).state.step) == 3
+    ck = checkpoint.load(str(tmp_path))
+    assert int(ck.state.step) == 3
+    jax.tree.map(np.testing.assert_array_equal, ck.state.params, before.params)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
 
 
-def test_crash_between_renames_falls_back_to_old(tmp_path, key):
+def test_a_save_removes_what_a_killed_save_left(tmp_path, key):
+    os.mkdir(tmp_path / (runs.TEMPORARY_PREFIX + "killed"))
     _save(tmp_path, key)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint"]
+
+
+def test_crash_between_renames_falls_back_to_old(tmp_path, saved):
+    _write(tmp_path, saved[1])
     os.rename(tmp_path / "checkpoint", tmp_path / "checkpoint.old")
     assert int(checkpoint.load(str(tmp_path)).state.step) == 3
 
 
-def test_truncated_array_file(tmp_path, key):
-    _save(tmp_path, key)
-    path = tmp_path / "checkpoint" / "params.npz"
-    path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(checkpoint.CheckpointError, match="params.npz.*corrupt or truncated"):
+@pytest.mark.parametrize("name", ["params.npz", "opt_state.npz"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "append", "remove"])
+def test_damaged_array_files_are_reported_not_used(tmp_path, saved, name, damage):
+    files = dict(saved[1])
+    blob = bytearray(files[name])
+    if damage == "flip":
+        blob[len(blob) // 2] ^= 0x01                     # one bit, in the middle of an array
+    elif damage == "truncate":
+        blob = blob[: len(blob) // 2]
+    elif damage == "append":
+        blob += b"\0"
+    files[name] = bytes(blob)
+    if damage == "remove":
+        del files[name]
+    _write(tmp_path, files)
+    with pytest.raises(CheckpointError, match=f"{name}.*(damaged|missing)"):
         checkpoint.load(str(tmp_path))
 
 
-def test_garbage_metadata(tmp_path, key):
-    _save(tmp_path, key)
-    (tmp_path / "checkpoint" / "meta.json").write_text("{not json")
-    with pytest.raises(checkpoint.CheckpointError, match="meta.json.*corrupt"):
+def _resign(files: dict, name: str, arrays: dict) -> dict:
+    """Replace an array file and record its new checksum, as a hostile editor would."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    blob = buffer.getvalue()
+    meta = json.loads(files["meta.json"])
+    meta["files"][name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    return {**files, name: blob, "meta.json": json.dumps(meta).encode()}
+
+
+def test_non_finite_values_are_refused_even_with_a_matching_checksum(tmp_path, saved):
+    arrays = dict(np.load(io.BytesIO(saved[1]["params.npz"])))
+    arrays["head/b"] = np.full_like(arrays["head/b"], np.nan)
+    _write(tmp_path, _resign(saved[1], "params.npz", arrays))
+    with pytest.raises(CheckpointError, match="'head/b' holds non-finite values"):
         checkpoint.load(str(tmp_path))
 
 
-def test_shape_mismatch_names_the_array(tmp_path, key):
-    _save(tmp_path, key)
-    meta_path = tmp_path / "checkpoint" / "meta.json"
-    meta = json.loads(meta_path.read_text())
-    meta["model_config"]["d_model"] = 16
-    meta_path.write_text(json.dumps(meta))
-    with pytest.raises(checkpoint.CheckpointError, match=r"'blocks/attn/out/b' has shape \(2, 8\).*needs shape \(2, 16\)"):
+def test_an_array_of_the_wrong_shape_is_named(tmp_path, saved):
+    arrays = dict(np.load(io.BytesIO(saved[1]["params.npz"])))
+    arrays["blocks/attn/out/b"] = np.zeros((2, 9), np.float32)
+    _write(tmp_path, _resign(saved[1], "params.npz", arrays))
+    with pytest.raises(CheckpointError, match=r"'blocks/attn/out/b' has shape \(2, 9\).*needs shape \(2, 8\)"):
         checkpoint.load(str(tmp_path))
 
 
-def test_missing_file_and_wrong_version(tmp_path, key):
-    _save(tmp_path, key)
-    os.remove(tmp_path / "checkpoint" / "opt_state.npz")
-    with pytest.raises(checkpoint.CheckpointError, match="opt_state.npz.*missing"):
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(format_version=1), "version 1 is not supported"),
+    (lambda m: m.pop("step"), r"lacks \['step'\]"),
+    (lambda m: m.update(extra=1), r"unknown keys \['extra'\]"),
+    (lambda m: m.update(step=-1), "step -1"),
+    (lambda m: m.update(step=True), "step True"),
+    (lambda m: m["model_config"].update(d_model="8"), "d_model = '8' is not of type"),
+    (lambda m: m["model_config"].update(d_model=16), "does not match|has shape"),
+    (lambda m: m["model_config"].update(colour="blue"), r"unknown fields \['colour'\]"),
+    (lambda m: m["model_config"].update(n_heads=3), "divisible by n_heads=3"),
+    (lambda m: m["train_config"].update(lr=float("nan")), "lr=nan is invalid"),
+    (lambda m: m.update(vocab="abc"), "3 characters but model_config says vocab_size=7"),
+    (lambda m: m.update(vocab="aabcdef"), "repeats a character"),
+    (lambda m: m.update(data={"path": 3}), "data must be null"),
+    (lambda m: m["files"].pop("params.npz"), "files must give"),
+])
+def test_edited_metadata_is_one_clear_error(tmp_path, saved, edit, match):
+    files = dict(saved[1])
+    meta = json.loads(files["meta.json"])
+    edit(meta)
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    with pytest.raises(CheckpointError, match=match):
         checkpoint.load(str(tmp_path))
-    meta_path = tmp_path / "checkpoint" / "meta.json"
-    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"format_version": 99}))
-    with pytest.raises(checkpoint.CheckpointError, match="version 99"):
+
+
+def _mutations(meta: dict):
+    """Hypothesis strategy: meta.json with one field anywhere replaced by any JSON value,
+    a key removed, or a key added."""
+    json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                           max_size=3), max_leaves=5)
+    paths = [(k,) for k in meta] + [(k, sub) for k in ("model_config", "train_config", "files", "data")
+                                      if isinstance(meta[k], dict) for sub in meta[k]]
+    return st.tuples(st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), json_values,
+                     st.text(max_size=5))
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], deadline=None)
+@given(data=st.data())
+def test_fuzzed_metadata_gives_checkpoint_error_or_a_valid_checkpoint(tmp_path, saved, data):
+    meta = json.loads(saved[1]["meta.json"])
+    path, action, value, new_key = data.draw(_mutations(meta))
+    mutated = copy.deepcopy(meta)
+    parent = mutated
+    for k in path[:-1]:
+        parent = parent[k]
+    if action == "replace":
+        parent[path[-1]] = value
+    elif action == "remove":
+        del parent[path[-1]]
+    else:
+        target = parent[path[-1]] if isinstance(parent[path[-1]], dict) else parent
+        target[new_key or "x"] = value
+    files = {**saved[1], "meta.json": json.dumps(mutated).encode()}
+    _write(tmp_path, files)
+    try:
         checkpoint.load(str(tmp_path))
+    except CheckpointError:
+        pass
+
+
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(name=st.sampled_from(["params.npz", "opt_state.npz", "meta.json"]), cut=st.floats(0, 1),
+       garbage=st.binary(max_size=64), where=st.floats(0, 1))
+def test_fuzzed_files_give_checkpoint_error(tmp_path, saved, name, cut, garbage, where):
+    """Any file truncated at any point, or with bytes overwritten anywhere: CheckpointError
+    (or, for meta.json, a load that still validates), never another exception."""
+    files = dict(saved[1])
+    blob = bytearray(files[name][: int(len(files[name]) * cut)] if cut < 1 else files[name])
+    at = int(len(blob) * where)
+    blob[at:at + len(garbage)] = garbage
+    files[name] = bytes(blob)
+    _write(tmp_path, files)
+    try:
+        checkpoint.load(str(tmp_path))
+    except CheckpointError:
+        pass
 
 
 def test_no_checkpoint_here(tmp_path):
-    with pytest.raises(checkpoint.CheckpointError, match="holds no checkpoint"):
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
         checkpoint.load(str(tmp_path))
-    with pytest.raises(checkpoint.CheckpointError, match="no run directory"):
+    with pytest.raises(CheckpointError, match="no run directory"):
         checkpoint.load(str(tmp_path / "nope"))

@@ -35,6 +35,7 @@ def _free_port() -> int:
 
 def test_four_devices_equal_one_device_after_three_steps():
     script = textwrap.dedent("""
+        import functools
         import jax, jax.numpy as jnp, numpy as np
         from minitx_fn import data, distributed, train
         from minitx_fn.config import ModelConfig, TrainConfig
@@ -46,12 +47,15 @@ def test_four_devices_equal_one_device_after_three_steps():
 
         def run(mesh, fsdp):
             state = train.init_state(init_key, mc, tc)
-            d = ids
+            d, step, sample = ids, functools.partial(train.train_step, model_config=mc, train_config=tc), train.batch_at
             if mesh is not None:
-                state = distributed.put_global(jax.device_get(state), distributed.state_shardings(state, mesh, fsdp))
+                shardings = distributed.state_shardings(state, mesh, fsdp)
+                state = distributed.put_global(jax.device_get(state), shardings)
                 d = distributed.put_global(np.asarray(ids), distributed.replicated(mesh))
+                step = distributed.data_parallel(train.step_fn(mc, tc), mesh, shardings)
+                sample = distributed.sharded_batch_at(mesh)
             for _ in range(3):
-                state, _ = train.train_step(state, d, data_key, model_config=mc, train_config=tc, mesh=mesh, fsdp=fsdp)
+                state, _ = step(state, sample(d, data_key, state.step, batch_size=8, context=16))
             if mesh is not None:
                 shards = {len(a.sharding.device_set) for a in jax.tree.leaves(state.params)}
                 assert shards == {4}, shards

@@ -1,4 +1,4 @@
-"""The train step, the schedule, evaluation and the loop's bookkeeping."""
+"""The train step, the schedule, batches, evaluation."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_schedule_by_hand():
 
 
 def test_weight_decay_only_on_matrices_and_embedding():
-    mask = train._decay_mask(model.init(jax.random.key(0), MC))
+    mask = train.decay_mask(model.init(jax.random.key(0), MC))
     assert mask["embed"]["table"] and mask["head"]["w"] and mask["blocks"]["attn"]["qkv"]["w"]
     assert not mask["head"]["b"] and not mask["ln_f"]["scale"] and not mask["blocks"]["ln1"]["bias"]
 
@@ -40,64 +40,74 @@ def test_weight_decay_only_on_matrices_and_embedding():
 def test_train_step_compiles_once_and_learns(key):
     ids = jnp.asarray(np.tile(np.arange(13, dtype=np.int32), 20))          # a cycle: perfectly learnable
     init_key, data_key = jax.random.split(key)
-    state = train.init_state(init_key, MC, TC)
-    before = train.train_step._cache_size()
-    losses = []
+    tc = TC.replace(steps=60)
+    state = train.init_state(init_key, MC, tc)
+    losses, compiled = [], []
     for _ in range(60):
-        state, metrics = train.train_step(state, ids, data_key, model_config=MC, train_config=TC.replace(steps=60))
+        batch = train.batch_at(ids, data_key, state.step, batch_size=tc.batch_size, context=MC.max_len)
+        state, metrics = train.train_step(state, batch, model_config=MC, train_config=tc)
         losses.append(float(metrics["loss"]))
-    assert train.train_step._cache_size() - before == 1
+        compiled.append((train.train_step._cache_size(), train.batch_at._cache_size()))
+    assert len(set(compiled)) == 1                      # nothing compiled after the first step
     assert int(state.step) == 60
     assert losses[0] > math.log(13) - 0.5 and losses[-1] < 0.5 * losses[0]
 
 
-def test_update_equals_value_and_grad_plus_optax(key):
+def test_train_step_equals_value_and_grad_plus_optax(key, rng):
     """The jitted step is exactly loss -> grad -> the optimiser, written out by hand here."""
     import optax
     state = train.init_state(key, MC, TC)
-    x = jax.random.randint(key, (4, 8), 0, 13)
-    y = jnp.roll(x, -1, axis=1)
+    x = rng.integers(0, 13, (4, 8)).astype(np.int32)
+    y = np.roll(x, -1, axis=1)
+
     @jax.jit                              # jitted only for speed; jit == no jit is tested elsewhere
     def by_hand(params):
         loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=MC)
         opt = train.make_optimizer(TC)
         updates, _ = opt.update(grads, opt.init(params), params)
-        return loss, optax.apply_updates(params, updates)
+        return loss, optax.apply_updates(params, updates), optax.tree.norm(grads)
 
-    loss, expected = by_hand(state.params)
-    new_state, metrics = train.update(jax.tree.map(jnp.copy, state), x, y, model_config=MC, train_config=TC)
+    loss, expected, grad_norm = by_hand(state.params)
+    new_state, metrics = train.train_step(jax.tree.map(jnp.copy, state), (x, y), model_config=MC, train_config=TC)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
+    np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state.params, expected)
+    assert int(new_state.step) == 1
+
+
+def test_batch_of_a_step_is_a_function_of_the_key_and_step(key):
+    """Step t's batch comes from fold_in(data_key, t): the same on every call (resume is
+    exact), another for another step."""
+    ids = jnp.arange(200, dtype=jnp.int32)
+    a, b, c = (train.batch_at(ids, key, jnp.int32(t), batch_size=4, context=8) for t in (5, 5, 6))
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[0], c[0])
+    expected = data.sample_batch(ids, jax.random.fold_in(key, 5), batch_size=4, context=8)
+    np.testing.assert_array_equal(a[0], expected[0])
+
+
+def test_is_finite_looks_at_every_float_leaf():
+    tree = {"a": jnp.ones(3), "b": {"c": jnp.array([1.0, 2.0]), "n": jnp.int32(7)}}
+    assert bool(train.is_finite(tree))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        assert not bool(train.is_finite({**tree, "b": {"c": jnp.array([1.0, bad]), "n": jnp.int32(7)}}))
 
 
 def test_sample_batch_targets_are_inputs_shifted(key):
     ids = jnp.arange(100, dtype=jnp.int32)
-    x, y = data.sample_batch(ids, key, batch_size=5, context=8)
+    x, y = jax.jit(data.sample_batch, static_argnames=("batch_size", "context"))(ids, key, batch_size=5, context=8)
     assert x.shape == y.shape == (5, 8)
     np.testing.assert_array_equal(y, x + 1)                           # consecutive text
     assert int(x.max()) < 99
 
 
-def test_evaluate_averages_every_window_once(key):
+def test_evaluate_averages_every_window_once(key, rng):
     params = model.init(key, MC)
-    ids = np.asarray(jax.random.randint(key, (8 * 10 + 1,), 0, 13))
+    ids = rng.integers(0, 13, 8 * 10 + 1).astype(np.int32)
     windows = data.eval_windows(ids, 8)
     assert windows.shape == (10, 9)
     np.testing.assert_array_equal(windows[1, 0], ids[8])
-    expected = float(model.loss(params, jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:]), config=MC))
+    loss = jax.jit(model.loss, static_argnames="config")
+    expected = float(loss(params, jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:]), config=MC))
     # batch_size 3 does not divide 10: the padded last batch must not count.
     assert train.evaluate(params, windows, config=MC, batch_size=3) == pytest.approx(expected, rel=1e-5)
-
-
-def test_nonfinite_loss_names_the_first_bad_step(key):
-    ids = jnp.asarray(np.tile(np.arange(13, dtype=np.int32), 20))
-    init_key, data_key = jax.random.split(key)
-    tc = TC.replace(lr=1e30, steps=200, log_every=50)
-    state = train.init_state(init_key, MC, tc)
-    saved_steps = []
-    with pytest.raises(train.NonFiniteLossError) as info:
-        train.fit(state, data=ids, data_key=data_key, model_config=MC, train_config=tc,
-                  save=lambda s: saved_steps.append(int(s.step)))
-    assert info.value.step in range(1, 201) and not np.isfinite(info.value.value)
-    # Saves happen only after a finite check of every step before them.
-    assert all(step < info.value.step for step in saved_steps)

@@ -1,0 +1,150 @@
+"""The training loop around the jitted step: batches in, losses checked and logged,
+validation, checkpoints, and signals that stop a run cleanly.
+
+    while step < steps:
+        state, metrics = train_step(state, next_batch(state.step))     asynchronous
+        every few steps: fetch the losses, stop on NaN, log, evaluate, save
+        on SIGINT, SIGTERM or SIGHUP: save at this step, and leave
+
+The loop asks nothing of the step but (state, batch) -> (state, metrics), so one
+device, several devices (`distributed.data_parallel`) and any batch source run
+through the same code.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from minitx_fn import distributed, runs, train
+from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.errors import StorageError
+from minitx_fn.signals import StopSignals
+
+
+class NonFiniteError(RuntimeError):
+    """The loss, or the parameters after an update, stopped being finite."""
+
+    def __init__(self, step: int, what: str):
+        super().__init__(f"the {what} became non-finite at step {step}")
+        self.step, self.what = step, what
+
+
+class FitResult(NamedTuple):
+    state: train.TrainState
+    stopped_by: int | None      # the signal that stopped the run (it saved first), or None
+    last_record: dict | None    # the last record logged
+
+
+def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_config: ModelConfig,
+        train_config: TrainConfig, evaluate: Callable | None = None, metrics_path: str | None = None,
+        save: Callable[[train.TrainState], None] | None = None, out=None, signals: StopSignals | None = None,
+        max_in_flight: int | None = None) -> FitResult:
+    """Run step(state, next_batch(state.step)) from state.step up to train_config.steps.
+
+    Losses stay on the device until a check point, where they are fetched together
+    (one host sync per interval, not per step): a NaN or infinite loss raises
+    NonFiniteError naming the first bad step. Every log_every steps a record
+    {step, loss (mean since the last record), lr, tokens_per_s} is printed and
+    appended to metrics_path; every eval_every steps `evaluate(params)` adds
+    val_loss to that step's record (so every evaluation is logged). Every save_every
+    steps, at the end, and when `signals` asks to stop, the state is checked finite
+    (NonFiniteError "parameters" otherwise: nothing non-finite reaches disk) and
+    `save(state)` runs as a critical section. A failed write of the metrics log
+    raises StorageError (an OSError); `save` should raise it too. On a terminal a progress line is
+    refreshed. max_in_flight bounds the steps queued on the device (see cli).
+
+    Example:
+        >>> import io, jax.numpy as jnp
+        >>> from functools import partial
+        >>> cfg = ModelConfig(vocab_size=4, d_model=8, n_heads=2, n_layers=1, max_len=4)
+        >>> tc = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=0, log_every=10)
+        >>> init_key, data_key = train.keys(0)
+        >>> out = io.StringIO()
+        >>> result = fit(train.init_state(init_key, cfg, tc), step=partial(train.train_step, model_config=cfg,
+        ...              train_config=tc), next_batch=lambda s: train.batch_at(jnp.arange(40) % 4, data_key, s,
+        ...              batch_size=4, context=4), model_config=cfg, train_config=tc, out=out)
+        >>> [line.split(',')[0] for line in out.getvalue().splitlines()]
+        ['Step 10', 'Step 20']
+        >>> int(result.state.step), result.stopped_by
+        (20, None)
+    """
+    mc, tc = model_config, train_config
+    out = out or sys.stdout
+    signals = signals or StopSignals()
+    at = int(distributed.scalar(state.step))
+    tty = hasattr(out, "isatty") and out.isatty()
+    check_every = min(10, tc.log_every) if tty else tc.log_every
+    schedule = train.learning_rate_schedule(tc)
+    pending: list[tuple[int, jax.Array]] = []           # (step, loss) not yet fetched
+    losses_since_record: list[float] = []
+    window_start, window_step = time.perf_counter(), at
+    tokens_per_step = tc.batch_size * mc.max_len
+    record = None
+
+    def checked_save(state):
+        if not bool(distributed.scalar(train.is_finite((state.params, state.opt_state)))):
+            raise NonFiniteError(at, "parameters")
+        with signals.critical():
+            save(state)
+
+    with signals.graceful():
+        while at < tc.steps:
+            state, metrics = step(state, next_batch(state.step))
+            at += 1
+            pending.append((at, metrics["loss"]))
+            if max_in_flight is not None and len(pending) > max_in_flight:
+                pending[-max_in_flight - 1][1].block_until_ready()
+            # Read once: a signal that lands after this line is seen at the next step, so
+            # the loop never leaves without the save this decides.
+            signalled = signals.requested is not None
+            due = {"log": at % tc.log_every == 0, "eval": evaluate is not None and at % tc.eval_every == 0,
+                   "save": save is not None and at % tc.save_every == 0}
+            if signalled or at == tc.steps:
+                due = {"log": True, "eval": evaluate is not None and at == tc.steps, "save": save is not None}
+            if not (any(due.values()) or at % check_every == 0):
+                continue
+            losses = np.array([distributed.scalar(loss) for _, loss in pending], np.float64)
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise NonFiniteError(pending[bad[0]][0], "loss")
+            losses_since_record += losses.tolist()
+            pending.clear()
+            now = time.perf_counter()
+            tokens_per_s = (at - window_step) * tokens_per_step / max(now - window_start, 1e-9)
+            if tty:
+                _progress(out, at, tc.steps, float(losses[-1]), tokens_per_s)
+            if due["log"] or due["eval"]:
+                record = {"step": at, "loss": float(np.mean(losses_since_record)), "lr": float(schedule(at - 1)),
+                          "tokens_per_s": round(tokens_per_s, 1)}
+                losses_since_record = []
+                if due["eval"]:
+                    record["val_loss"] = float(evaluate(state.params))
+                line = f"Step {at}, Loss: {record['loss']:.4f}"
+                if "val_loss" in record:
+                    line += f", Val loss: {record['val_loss']:.4f}"
+                print(("\r\033[K" if tty else "") + line, file=out, flush=True)
+                if metrics_path:
+                    with signals.critical():
+                        try:
+                            runs.append_record(metrics_path, record)
+                        except OSError as e:
+                            raise StorageError(metrics_path, e) from None
+            if due["save"]:
+                checked_save(state)
+            if signalled:
+                break
+            window_start, window_step = time.perf_counter(), at
+    return FitResult(state, signals.requested, record)
+
+
+def _progress(out, step: int, steps: int, loss: float, tokens_per_s: float) -> None:
+    width = 30
+    filled = int(width * step / steps)
+    bar = "#" * filled + "-" * (width - filled)
+    out.write(f"\r\033[K[{bar}] {step}/{steps} loss {loss:.4f} {tokens_per_s:,.0f} tok/s")
+    out.flush()

@@ -1,0 +1,104 @@
+"""Will it fit? Lower bounds on the memory a run needs, checked before any work.
+
+A model of absurd size, a huge batch or context, or a generation of 10^12 tokens
+would otherwise end in an allocation failure deep inside XLA (often an abort, not
+a Python exception). The estimates below count only the large buffers that must
+exist at once, so they are lower bounds: a request refused here could never have
+run, and one accepted may still be tight.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from minitx_fn.config import ModelConfig
+from minitx_fn.errors import MemoryBudgetError
+
+
+def param_count(config: ModelConfig) -> int:
+    """Parameters of the model, from the config alone (no arrays built).
+
+    Example:
+        >>> param_count(ModelConfig(vocab_size=13, d_model=64, n_heads=4, n_layers=2))   # the README's tree
+        101773
+    """
+    c = config
+    d, f, v = c.d_model, c.d_ff, c.vocab_size
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
+    return v * d + c.n_layers * block + 2 * d + d * v + v
+
+
+def training_bytes(config: ModelConfig, batch_size: int) -> int:
+    """Parameters, gradients and two Adam moments, plus one layer's activations and the
+    logits of a batch: what one train step must hold at once.
+
+    Example:
+        >>> training_bytes(ModelConfig(vocab_size=13, d_model=64, n_heads=4, max_len=32), 16) > 4 * 101773 * 4
+        True
+    """
+    c = config
+    word = np.dtype(c.param_dtype).itemsize
+    b, t = batch_size, c.max_len
+    scores = b * c.n_heads * t * min(t, c.attention_block or t)        # one block of attention scores
+    activations = b * t * (6 * c.d_model + c.d_ff) + scores + 2 * b * t * c.vocab_size
+    return 4 * param_count(c) * word + activations * 4
+
+
+def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> int:
+    """Parameters, the (L, B, S, H, K) key and value caches and the generated ids.
+
+    Example:
+        >>> generation_bytes(ModelConfig(vocab_size=13, max_len=10**9), 1, 10) > 10**12
+        True
+    """
+    c = config
+    word = np.dtype(c.param_dtype).itemsize
+    cache = 2 * c.n_layers * batch * c.max_len * c.d_model * np.dtype(c.dtype).itemsize
+    return param_count(c) * word + cache + batch * max_new_tokens * 4
+
+
+def available_bytes() -> int | None:
+    """Memory free for a new run: the first device's free memory on an accelerator,
+    MemAvailable from /proc/meminfo on a CPU (Linux), else None (unknown).
+
+    Example:
+        >>> available_bytes() is None or available_bytes() > 0
+        True
+    """
+    device = jax.devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check(needed: int, what: str, fix: str, **mentions) -> None:
+    """MemoryBudgetError if `needed` bytes exceed what is available; `fix` may mention fields.
+
+    Example:
+        >>> check(10**20, "this model", "make it smaller")
+        Traceback (most recent call last):
+        minitx_fn.errors.MemoryBudgetError: this model needs at least 100,000,000,000.0 GB of memory, ...; make it smaller
+    """
+    available = available_bytes()
+    if available is not None and needed > available:
+        raise MemoryBudgetError(f"{what} needs at least {_gb(needed)} of memory, {_gb(available)} are available; "
+                                + fix, **mentions)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.1f} GB" if math.isfinite(n / 1e9) else "more than any machine has"
