@@ -61,12 +61,12 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
     Example:
         >>> import io, jax.numpy as jnp
         >>> from functools import partial
-        >>> cfg = ModelConfig(vocab_size=4, d_model=8, n_heads=2, n_layers=1, max_len=4)
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> tc = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=0, log_every=10)
         >>> init_key, data_key = train.keys(0)
         >>> out = io.StringIO()
         >>> result = fit(train.init_state(init_key, cfg, tc), step=partial(train.train_step, model_config=cfg,
-        ...              train_config=tc), next_batch=lambda s: train.batch_at(jnp.arange(40) % 4, data_key, s,
+        ...              train_config=tc), next_batch=lambda s: train.batch_at(jnp.arange(40) % 5, data_key, s,
         ...              batch_size=4, context=4), model_config=cfg, train_config=tc, out=out)
         >>> [line.split(',')[0] for line in out.getvalue().splitlines()]
         ['Step 10', 'Step 20']

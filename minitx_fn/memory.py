@@ -62,14 +62,14 @@ def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> in
 
 
 def available_bytes() -> int | None:
-    """Memory free for a new run: the first device's free memory on an accelerator,
+    """Memory free for a new run: the first local device's free memory on an accelerator,
     MemAvailable from /proc/meminfo on a CPU (Linux), else None (unknown).
 
     Example:
         >>> available_bytes() is None or available_bytes() > 0
         True
     """
-    device = jax.devices()[0]
+    device = jax.local_devices()[0]                        # in a multi-process run, one of this process's
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))

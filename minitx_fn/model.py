@@ -36,9 +36,9 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
     each compile on their own, which takes seconds even for a tiny model.
 
     Example:
-        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3)
-        >>> init(jax.random.key(0), cfg)["blocks"]["attn"]["qkv"]["w"].shape
-        (3, 8, 24)
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=2)
+        >>> init(jax.random.key(0), cfg)["blocks"]["attn"]["qkv"]["w"].shape     # (L, D, 3D)
+        (2, 8, 24)
     """
     c = config
     k_embed, k_blocks, k_head = jax.random.split(key, 3)
@@ -146,10 +146,10 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     Logit t scores the token at t + 1 given tokens 0 .. t.
 
     Example:
-        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2)
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> p = init(jax.random.key(0), cfg)
         >>> apply(p, jnp.zeros((2, 5), jnp.int32), config=cfg).shape
-        (2, 5, 10)
+        (2, 5, 5)
     """
     c = config
     check_tokens(tokens, c)
@@ -175,9 +175,9 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
     alongside the ordinary forward pass, for pictures and tests, not for speed.
 
     Example:
-        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3)
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> attention_maps(init(jax.random.key(0), cfg), jnp.zeros((1, 5), jnp.int32), config=cfg).shape
-        (3, 1, 2, 5, 5)
+        (2, 1, 2, 5, 5)
     """
     c = config
     check_tokens(tokens, c)
@@ -214,7 +214,7 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
     reads slots 0 .. index[b] + t.
 
     Example:
-        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, max_len=6)
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
         >>> p, tokens = init(jax.random.key(0), cfg), jnp.array([[1, 2, 3]])
         >>> logits, cache = apply_cached(p, tokens, init_cache(cfg, 1), config=cfg, index=jnp.zeros(1, jnp.int32))
         >>> bool(jnp.allclose(logits, apply(p, tokens, config=cfg), atol=1e-5))   # same as without a cache
@@ -268,7 +268,7 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
     """Mean next-token cross-entropy: tokens (B, T), targets (B, T) = tokens shifted by one.
 
     Example:
-        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2)
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> x = jnp.array([[1, 2, 3]])
         >>> float(loss(init(jax.random.key(0), cfg), x, x, config=cfg)) > 0
         True

@@ -103,7 +103,7 @@ def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndar
     fontsize = 9 if t <= 24 else 7
     fig, axes = plt.subplots(n_layers, n_heads, figsize=(panel * n_heads + 1.2, panel * n_layers + 0.6),
                              squeeze=False, layout="constrained")
-    ticks = [repr(c)[1:-1] or " " for c in labels]          # show "\n" as \n
+    ticks = ["\u2423" if c == " " else repr(c)[1:-1] for c in labels]     # a space as ␣, "\n" as \n
     shown = range(0, t, max(1, math.ceil(t / 48)))          # at most 48 labels an axis
     image = None
     for layer in range(n_layers):

@@ -18,37 +18,10 @@ TRAIN_FIELDS = ["config", "impl", "compile_s", "step_ms_median", "step_ms_min", 
 DECODE_FIELDS = ["config", "batch", "mode", "tokens_per_s", "ms_per_token_early", "ms_per_token_late"]
 
 
-def test_quick_benchmark_writes_every_field(tmp_path, capsys):
-    out = tmp_path / "out.json"
-    assert main(["--configs", "micro", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--loop-steps", "3",
-                 "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["device"]["platform"] and result["versions"]["jax"] and result["peak_gflops"] > 0
-    assert {r["impl"] for r in result["train"]} == {"minitx", "flax"} | ({"torch"} if HAVE_TORCH else set())
-    for row in result["train"]:
-        fields = [f for f in TRAIN_FIELDS if not (f == "compile_s" and row["impl"] == "torch")]   # eager
-        assert all(row[f] for f in fields)
-        assert all(row[f] > 0 for f in fields[2:])
-    ours = next(r for r in result["train"] if r["impl"] == "minitx")
-    assert ours["ratio_minitx_over_flax"] > 0
-    assert (ours["ratio_minitx_over_torch"] or 0) > 0 if HAVE_TORCH else ours["ratio_minitx_over_torch"] is None
-    [loop] = result["loop"]
-    assert loop["config"] == "micro" and loop["steps"] == 3
-    assert loop["bare_tokens_per_s"] > 0 and loop["loop_tokens_per_s"] > 0 and loop["loop_over_bare"] > 0
-    assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(1, "cached"), (1, "recompute"),
-                                                                   (8, "cached"), (8, "recompute")}
-    for row in result["decode"]:
-        assert all(row[f] for f in DECODE_FIELDS[:4]) and row["tokens_per_s"] > 0
-        # Per-token times of a tiny model can sink below the timer's noise: then null, never negative.
-        assert all(row[f] is None or row[f] > 0 for f in DECODE_FIELDS[4:])
-        if row["mode"] == "cached":
-            assert row["bytes_per_token"] > 0
-            assert (row["achieved_gbs"] is None) == (row["ms_per_token_late"] is None)
-    assert "| micro | minitx |" in capsys.readouterr().out
-
-
-def test_options_and_dtype_change_what_runs(tmp_path, monkeypatch):
-    """--dtype and --option reach the configs that are compiled and decoded, not only the JSON."""
+def test_benchmark_writes_every_field_and_its_options_change_what_runs(tmp_path, capsys, monkeypatch):
+    """One run of the whole code path on the micro config, with --dtype and --option:
+    every documented JSON field is there and positive, and the options reach the
+    configs that are compiled and decoded, not only the JSON."""
     from benchmarks import run
     seen = {"train": [], "decode": []}
     real_step, real_generate = run.train.train_step, run.gen.generate
@@ -69,14 +42,35 @@ def test_options_and_dtype_change_what_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(run.train, "train_step", Spy())
     monkeypatch.setattr(run.gen, "generate", generate)
     out = tmp_path / "out.json"
-    assert main(["--configs", "micro", "--steps", "1", "--blocks", "1", "--new-tokens", "4", "--dtype", "bfloat16",
-                 "--option", "remat=none", "--option", "attention_block=4", "--loop-steps", "2",
-                 "--no-torch", "--json", str(out)]) == 0
-    result = json.loads(out.read_text())
-    assert result["peak_gflops_bf16"] > 0 and {r["impl"] for r in result["train"]} == {"minitx", "flax"}
+    assert main(["--configs", "micro", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--loop-steps", "3",
+                 "--dtype", "bfloat16", "--option", "remat=none", "--option", "attention_block=4",
+                 "--json", str(out)]) == 0
     for config in seen["train"] + seen["decode"]:
         assert (config.dtype, config.remat, config.attention_block) == ("bfloat16", "none", 4)
     assert seen["train"] and seen["decode"]
+
+    result = json.loads(out.read_text())
+    assert result["device"]["platform"] and result["versions"]["jax"] and result["peak_gflops"] > 0
+    assert result["peak_gflops_bf16"] > 0
+    assert {r["impl"] for r in result["train"]} == {"minitx", "flax"}          # torch rows: float32 only
+    for row in result["train"]:
+        assert all(row[f] for f in TRAIN_FIELDS)
+        assert all(row[f] > 0 for f in TRAIN_FIELDS[2:])
+    ours = next(r for r in result["train"] if r["impl"] == "minitx")
+    assert ours["ratio_minitx_over_flax"] > 0 and ours["ratio_minitx_over_torch"] is None
+    [loop] = result["loop"]
+    assert loop["config"] == "micro" and loop["steps"] == 3
+    assert loop["bare_tokens_per_s"] > 0 and loop["loop_tokens_per_s"] > 0 and loop["loop_over_bare"] > 0
+    assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(1, "cached"), (1, "recompute"),
+                                                                   (8, "cached"), (8, "recompute")}
+    for row in result["decode"]:
+        assert all(row[f] for f in DECODE_FIELDS[:4]) and row["tokens_per_s"] > 0
+        # Per-token times of a tiny model can sink below the timer's noise: then null, never negative.
+        assert all(row[f] is None or row[f] > 0 for f in DECODE_FIELDS[4:])
+        if row["mode"] == "cached":
+            assert row["bytes_per_token"] > 0
+            assert (row["achieved_gbs"] is None) == (row["ms_per_token_late"] is None)
+    assert "| micro | minitx |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, fragment", [(["--blocks", "0"], "--blocks"), (["--steps", "-1"], "--steps"),

@@ -23,12 +23,14 @@ def test_defaults_are_derived_and_configs_hash_by_value():
 
 @pytest.mark.parametrize("changes, field, hint", [
     ({"d_model": 30, "n_heads": 4}, "d_model=30", "divisible by n_heads=4"),
-    ({"vocab_size": 0}, "vocab_size=0", ">= 1"),
-    ({"n_layers": 0}, "n_layers=0", ">= 1"),
+    ({"vocab_size": 0}, "vocab_size=0", r"\[1, 2,147,483,647\]"),
+    ({"n_layers": 0}, "n_layers=0", r"\[1, "),
+    ({"max_len": 2**31}, "max_len=2147483648", "whole number in"),
     ({"max_len": 2.5}, "max_len=2.5", "whole number"),
     ({"dtype": "float16"}, "dtype='float16'", "choose one of"),
     ({"attention": "flash"}, "attention='flash'", "choose one of"),
-    ({"ln_eps": 0.0}, "ln_eps=0.0", "> 0"),
+    ({"ln_eps": 0.0}, "ln_eps=0.0", r"\(0, 3.4e38\]"),
+    ({"init_std": float("inf")}, "init_std=inf", "number in"),
     ({"attention_block": -1}, "attention_block=-1", ">= 0"),
     ({"attention_block": 2.0}, "attention_block=2.0", "whole number"),
     ({"remat": "some"}, "remat='some'", "choose one of"),
@@ -42,6 +44,8 @@ def test_model_config_rejects_bad_values(changes, field, hint):
 @pytest.mark.parametrize("changes, field", [
     ({"steps": 0}, "steps=0"), ({"batch_size": -1}, "batch_size=-1"), ({"lr": 0.0}, "lr=0.0"),
     ({"warmup": 10, "steps": 10}, "warmup=10"), ({"b2": 1.0}, "b2=1.0"), ({"grad_clip": 0}, "grad_clip=0"),
+    ({"lr": 1e300}, "lr=1e\\+300"), ({"seed": 2**32}, "seed=4294967296"), ({"seed": -1}, "seed=-1"),
+    ({"steps": 2**31}, "steps=2147483648"), ({"weight_decay": float("nan")}, "weight_decay=nan"),
 ])
 def test_train_config_rejects_bad_values(changes, field):
     with pytest.raises(ValueError, match=field):

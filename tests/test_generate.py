@@ -48,12 +48,14 @@ def assert_logits_close(actual, expected, dtype: str):
 # ----------------------------------------------------------------------------- cached = recompute
 
 
-@given(lengths=st.lists(st.sampled_from([1, 5, 8, 11]), min_size=1, max_size=3).filter(lambda x: len(x) != 2),
-       n_new=st.sampled_from([6, 30]), seed=SEEDS, impl=st.sampled_from(["einsum", "dot_product_attention"]),
-       dtype=st.sampled_from(["float32", "float64"]))
-def test_cached_greedy_equals_recompute_inside_and_after_the_window(lengths, n_new, seed, impl, dtype):
-    """Prompts of mixed lengths (11 > S = 8 keeps the last 8); n_new = 30 slides every
-    row's window several times, each at its own step."""
+@pytest.mark.parametrize("impl, dtype", [("einsum", "float32"), ("einsum", "float64"),
+                                         ("dot_product_attention", "float32")])
+@given(lengths=st.lists(st.sampled_from([1, 2, 5, 8, 11]), min_size=3, max_size=3), seed=SEEDS)
+def test_cached_greedy_equals_recompute_inside_and_after_the_window(impl, dtype, lengths, seed):
+    """Three prompts of mixed lengths (11 > S = 8 keeps the last 8); 30 new tokens slide
+    every row's window several times, each at its own step. The compiled shapes are
+    the same for every example, so hypothesis varies the data, not the compilation."""
+    n_new = 30
     with precision(dtype):
         cfg = config(dtype, attention=impl)
         params = model.init(jax.random.key(seed), cfg)

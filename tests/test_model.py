@@ -166,6 +166,6 @@ def test_bfloat16_compute_keeps_float32_parameters_softmax_logits_and_loss(key, 
 
     tc = TrainConfig(steps=3, batch_size=4, warmup=0)
     with standard_promotion():                                       # optax is not strict-promotion clean
-        state, metrics = train.update(train.init_state(key, c16, tc), x, y, model_config=c16, train_config=tc)
+        state, metrics = train.train_step(train.init_state(key, c16, tc), (x, y), model_config=c16, train_config=tc)
     chex.assert_type([*jax.tree.leaves(state.params), metrics["loss"]], jnp.float32)
     assert np.isfinite(float(metrics["loss"]))

@@ -77,11 +77,15 @@ def test_top_1_and_tiny_temperature_equal_greedy(v, seed):
 
 
 @given(seed=SEEDS)
-def test_same_key_same_tokens(seed):
-    logits = _logits(seed, 17, b=8)
-    s = Sampler(temperature=0.9, top_k=10, top_p=0.9)
+def test_same_key_same_tokens_other_key_other_tokens(seed):
+    """A sampler is a function of (logits, key): the same key repeats its draw, and over
+    64 rows of a flat distribution another key differs somewhere (all 64 equal by
+    chance: 17^-64 at most for a fair draw)."""
+    logits = _logits(seed, 17, b=64) * 0.1
+    s = Sampler(temperature=1.0, top_k=16, top_p=0.99)
     key = jax.random.key(seed)
     np.testing.assert_array_equal(s(logits, key), s(logits, key))
+    assert not np.array_equal(s(logits, key), s(logits, jax.random.fold_in(key, 1)))
 
 
 @pytest.mark.parametrize("sampler", [Sampler(temperature=1.0), Sampler(temperature=0.7, top_k=3),

@@ -1,0 +1,38 @@
+"""Memory estimates: the parameter count from a config equals the model's, and the
+estimates are lower bounds of what the arrays really take."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minitx_fn import memory, model, train
+from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.errors import MemoryBudgetError
+
+
+@given(v=st.integers(1, 300), heads=st.integers(1, 4), per_head=st.integers(1, 8), layers=st.integers(1, 4),
+       d_ff=st.one_of(st.none(), st.integers(1, 64)))
+def test_param_count_equals_the_initialised_model(v, heads, per_head, layers, d_ff):
+    cfg = ModelConfig(vocab_size=v, d_model=heads * per_head, n_heads=heads, n_layers=layers, d_ff=d_ff)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), cfg))              # no arrays built
+    assert memory.param_count(cfg) == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
+
+
+def test_estimates_are_lower_bounds_of_the_real_arrays():
+    cfg = ModelConfig(vocab_size=13, d_model=32, n_heads=2, n_layers=2, max_len=16)
+    state = jax.eval_shape(lambda: train.init_state(jax.random.key(0), cfg, TrainConfig()))
+    state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
+    # params + two Adam moments exist for certain; gradients and activations come on top.
+    assert memory.training_bytes(cfg, 8) >= state_bytes
+    cache = model.init_cache(cfg, 3)
+    assert memory.generation_bytes(cfg, 3, 10) >= cache.k.nbytes + cache.v.nbytes
+
+
+def test_check_refuses_what_cannot_fit_and_names_the_fix():
+    memory.check(1, "a byte", "nothing to do")
+    with pytest.raises(MemoryBudgetError, match="needs at least .* GB of memory.*try a smaller max_len=99"):
+        memory.check(10**20, "this", "try a smaller {c}", c=("max_len", 99))
