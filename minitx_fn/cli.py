@@ -6,6 +6,7 @@
     minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --temperature 0.8 --top-k 20
     minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.png
     minitx plot runs/input-001
+    minitx data shakespeare                       download Tiny Shakespeare (checked by SHA-256)
 
 Every input is checked before any work starts. Errors print one line
 `minitx: error: ...` and exit with status 2 (bad input: flags, data files, prompts,
@@ -145,6 +146,10 @@ ATTENTION_EXAMPLES = """examples:
   minitx attention --checkpoint runs/hello-001 --prompt "hello jax" --out attention.png
   minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.pdf
 """
+DATA_EXAMPLES = """examples:
+  minitx data shakespeare                      writes data/tinyshakespeare.txt (1,115,394 characters)
+  minitx train --data data/tinyshakespeare.txt --preset shakespeare-baby
+"""
 PLOT_EXAMPLES = """examples:
   minitx plot runs/hello-001                   writes runs/hello-001/loss.png
   minitx plot runs/input-001 --log --out curves.svg
@@ -199,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-process run: how many processes (or MINITX_NUM_PROCESSES)")
     t.add_argument("--process-id", type=_int_in(0, INT32_MAX), default=_env_int("MINITX_PROCESS_ID"),
                    help="multi-process run: this process's index, 0 .. N - 1 (or MINITX_PROCESS_ID)")
+    t.add_argument("--heartbeat-timeout", type=_int_in(1, 86400), default=_env_int("MINITX_HEARTBEAT_TIMEOUT"),
+                   help="multi-process run: seconds after which the others stop when a process dies "
+                        "(or MINITX_HEARTBEAT_TIMEOUT; default 60)")
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model", epilog=GENERATE_EXAMPLES, **kw)
     g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -218,6 +226,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
     a.add_argument("--prompt", required=True, help="at most the model's context of known characters")
     a.add_argument("--out", required=True, metavar="FILE", help="picture to write: .png, .pdf, .svg or .jpg")
+
+    d = sub.add_parser("data", help="download a dataset (Tiny Shakespeare) and check its SHA-256",
+                       epilog=DATA_EXAMPLES, **kw)
+    d.add_argument("name", choices=["shakespeare"], help="the dataset")
+    d.add_argument("--out", metavar="FILE", default=os.path.join("data", "tinyshakespeare.txt"),
+                   help="where to put it (default %(default)s)")
+    d.add_argument("--url", help=argparse.SUPPRESS)          # another source of the same file (tests, mirrors)
 
     p = sub.add_parser("plot", help="draw the loss curves of a run from its metrics.jsonl", epilog=PLOT_EXAMPLES,
                        **kw)
@@ -269,6 +284,9 @@ def _configs(settings: dict, vocab_size: int):
 
 def _start_processes(args) -> bool:
     """Join a multi-process run when asked; True in the process that writes (process 0)."""
+    if args.heartbeat_timeout is not None and args.coordinator is None:
+        raise UsageError("--heartbeat-timeout is for multi-process runs; give --coordinator, --num-processes and "
+                         "--process-id too")
     given = [args.coordinator, args.num_processes, args.process_id]
     if all(v is None for v in given):
         return True
@@ -277,7 +295,8 @@ def _start_processes(args) -> bool:
     if not 0 <= args.process_id < args.num_processes:
         raise UsageError(f"--process-id {args.process_id} must lie in [0, {args.num_processes})")
     from minitx_fn import distributed
-    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           heartbeat_timeout=args.heartbeat_timeout or distributed.HEARTBEAT_TIMEOUT_S)
     return args.process_id == 0
 
 
@@ -362,7 +381,8 @@ def cmd_train(args, out=None) -> int:
 
     is_main = _start_processes(args)
     out = (out or sys.stdout) if is_main else open(os.devnull, "w")
-    with StopSignals() as signals, contextlib.ExitStack() as stack:
+    multi_process = args.coordinator is not None
+    with StopSignals(forward_to_sigterm=multi_process) as signals, contextlib.ExitStack() as stack:
         if args.resume:
             run_dir = _resume_dir(args)
             if is_main:                 # hold the lock before reading what another process might be writing
@@ -520,18 +540,25 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
     except StorageError as e:
         raise RunFailed(f"{e.strerror}; training stopped and {_kept(run_dir)}; free some space or fix the "
                         f"permissions, then continue with: minitx train --resume {run_dir}") from None
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first = str(e).strip().splitlines()[0][:200]
+        raise RunFailed(f"the multi-process run broke off, most likely because another process died ({first}); "
+                        f"{_kept(run_dir) if is_main else 'process 0 keeps the last checkpoint'}; continue with "
+                        f"--resume, in any number of processes") from None
     elapsed = time.perf_counter() - started
     final_step = int(distributed.scalar(result.state.step))
     # Gathering is a collective: every process takes part before the others leave.
     params = result.state.params if mesh is None else jax.device_put(
         distributed.to_host(result.state.params), jax.local_devices()[0])
-    if not is_main:
-        return 0
-    if result.stopped_by is not None:
+    if result.stopped_by is not None:                    # every process of a run leaves with this status
         name = signal.Signals(result.stopped_by).name
         print(f"\nStopped by {name} at step {final_step}; checkpoint saved. "
               f"Continue with: minitx train --resume {run_dir}", file=out)
         return 128 + result.stopped_by
+    if not is_main:
+        return 0
     print(f"Finished {final_step} steps in {elapsed:.1f} s"
           + (f"; validation loss {result.last_record['val_loss']:.4f}"
              if result.last_record and "val_loss" in result.last_record else ""), file=out)
@@ -668,7 +695,21 @@ def cmd_plot(args, out=None) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot}
+def cmd_data(args, out=None) -> int:
+    """`minitx data shakespeare`: download Tiny Shakespeare and check its SHA-256."""
+    from minitx_fn import data
+    out = out or sys.stdout
+    try:
+        fetched = data.download(args.url or data.SHAKESPEARE_URL, args.out, data.SHAKESPEARE_SHA256)
+    except data.DownloadError as e:
+        raise RunFailed(str(e)) from None
+    print(f"{'Downloaded' if fetched else 'Already here:'} {args.out} (SHA-256 checked). Train on it with:\n"
+          f"  minitx train --data {args.out} --preset shakespeare-baby", file=out)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot,
+            "data": cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

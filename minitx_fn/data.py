@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+import urllib.error
+import urllib.request
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitx_fn import runs
 from minitx_fn.errors import DataError
 
 # The built-in corpus is a cycle of three phrases. Training text is the cycle
 # repeated, so the model also sees the wrap from "flax! " back to "hello world!".
 BUILTIN_CORPUS = "hello world! hello jax! hello flax! "
 BUILTIN_REPEATS = 8
+
+# Tiny Shakespeare, as nanoGPT and char-rnn use it.
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"   # 1,115,394 characters
 
 
 def builtin_text() -> str:
@@ -54,6 +62,64 @@ def read_text(path: str) -> str:
     if not text:
         raise DataError(f"data file {path!r} is empty; give it some text to learn from")
     return text
+
+
+class DownloadError(Exception):
+    """A download failed (no network, a wrong checksum); the message says what to do instead."""
+
+
+def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool:
+    """Fetch url into path if the file there is not already the one with this SHA-256.
+
+    The bytes go to a temporary file beside path and are renamed into place only after
+    their SHA-256 matched, so path never holds a partial or wrong file. Returns False
+    when path already held the file, True when it was downloaded. DownloadError
+    otherwise; DataError if path holds a different file (it is never overwritten).
+
+    Example:
+        >>> src = os.path.join(tempfile.mkdtemp(), "src.txt")
+        >>> _ = open(src, "w").write("to be")
+        >>> dst = os.path.join(tempfile.mkdtemp(), "copy.txt")
+        >>> download("file://" + src, dst, hashlib.sha256(b"to be").hexdigest()), open(dst).read()
+        (True, 'to be')
+    """
+    if os.path.exists(path):
+        if _file_sha256(path) == sha256:
+            return False
+        raise DataError(f"{path!r} exists and is not the expected file (its SHA-256 differs); move it away or "
+                        f"choose another path")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                with urllib.request.urlopen(url, timeout=timeout) as response:
+                    while chunk := response.read(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                reason = getattr(e, "reason", None) or e
+                raise DownloadError(f"cannot download {url}: {reason}. Without a network, fetch the file elsewhere "
+                                    f"and put it at {path} (SHA-256 {sha256})") from None
+        if digest.hexdigest() != sha256:
+            raise DownloadError(f"the file at {url} has SHA-256 {digest.hexdigest()}, not the expected {sha256}; "
+                                f"nothing was written to {path}")
+        os.chmod(tmp, runs.file_mode())                   # mkstemp makes it 0600
+        os.replace(tmp, path)
+        return True
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def text_sha256(text: str) -> str:

@@ -30,16 +30,47 @@ from minitx_fn.errors import ConfigError
 DATA_AXIS = "data"
 
 
-def initialize(coordinator: str, num_processes: int, process_id: int) -> None:
+HEARTBEAT_TIMEOUT_S = 60     # a dead peer is noticed within this; steps may take longer, heartbeats go on
+
+
+def initialize(coordinator: str, num_processes: int, process_id: int, *,
+               heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> None:
     """Join a multi-process run (`jax.distributed.initialize`). On CPUs the
     collectives go through gloo, which needs no extra setup.
+
+    heartbeat_timeout (seconds): when a process dies (kill -9, a lost machine), the
+    others are stopped by JAX's runtime within about this long. That stop is a
+    fatal abort inside JAX (a C++ check failure, exit status 134); Python cannot
+    catch it, which is why every file a run writes is written whole or not at all.
+    Heartbeats come from a background thread, so a long step does not need a long
+    timeout. The shutdown barrier at exit waits at most as long.
+
+    Preemption: JAX's coordination service takes SIGTERM in every process (see
+    `reached_preemption_sync_point`), so all processes agree on one step to save.
 
     Example (in each of two processes, with process_id 0 and 1):
         initialize("10.0.0.1:1234", num_processes=2, process_id=0)
     """
     # Only the CPU client reads this setting; GPU runs use NCCL whatever it says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
+                               heartbeat_timeout_seconds=heartbeat_timeout,
+                               shutdown_timeout_seconds=heartbeat_timeout)
+
+
+def reached_preemption_sync_point(step: int) -> bool:
+    """True, in every process at the same step, once any process of a multi-process run
+    was sent SIGTERM: the step at which all of them save and leave. Call it at every
+    step, from the same starting step in every process. Always False in one process.
+
+    Example:
+        >>> reached_preemption_sync_point(3)         # no multi-process run here
+        False
+    """
+    if jax.process_count() == 1:
+        return False
+    from jax.experimental import multihost_utils
+    return multihost_utils.reached_preemption_sync_point(step)
 
 
 def make_mesh(n_devices: int | None = None) -> Mesh:

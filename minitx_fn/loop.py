@@ -13,6 +13,7 @@ through the same code.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from typing import Callable, NamedTuple
@@ -52,7 +53,9 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
     {step, loss (mean since the last record), lr, tokens_per_s} is printed and
     appended to metrics_path; every eval_every steps `evaluate(params)` adds
     val_loss to that step's record (so every evaluation is logged). Every save_every
-    steps, at the end, and when `signals` asks to stop, the state is checked finite
+    steps, at the end, and when a stop signal arrives (`signals` in one process; in a
+    multi-process run, the step every process agrees on after a SIGTERM to any of
+    them, `distributed.reached_preemption_sync_point`), the state is checked finite
     (NonFiniteError "parameters" otherwise: nothing non-finite reaches disk) and
     `save(state)` runs as a critical section. A failed write of the metrics log
     raises StorageError (an OSError); `save` should raise it too. On a terminal a progress line is
@@ -101,6 +104,8 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
                 pending[-max_in_flight - 1][1].block_until_ready()
             # Read once: a signal that lands after this line is seen at the next step, so
             # the loop never leaves without the save this decides.
+            if distributed.reached_preemption_sync_point(at):
+                signals.requested = signal.SIGTERM       # every process, at this same step
             signalled = signals.requested is not None
             due = {"log": at % tc.log_every == 0, "eval": evaluate is not None and at % tc.eval_every == 0,
                    "save": save is not None and at % tc.save_every == 0}

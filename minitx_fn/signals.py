@@ -7,6 +7,7 @@ No JAX here: the command line catches `Interrupted` before it imports JAX.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -31,14 +32,20 @@ class StopSignals:
     `Interrupted` at once. The previous handlers come back at the end.
     """
 
-    def __init__(self):
+    def __init__(self, *, forward_to_sigterm: bool = False):
+        """forward_to_sigterm: a multi-process run, whose SIGTERM belongs to JAX's
+        coordination service (it makes every process stop at one agreed step). Then
+        SIGTERM is left alone, and SIGINT or SIGHUP are passed on to it as SIGTERM."""
         self.requested: int | None = None
+        self._forward = forward_to_sigterm
         self._graceful = False
         self._critical = 0
         self._pending: int | None = None
 
     def _handle(self, signum, frame):
-        if self._graceful and self.requested is None:
+        if self._forward and self._graceful:
+            os.kill(os.getpid(), signal.SIGTERM)          # to JAX's handler: every process will stop
+        elif self._graceful and self.requested is None:
             self.requested = signum
         elif self._critical:
             self._pending = signum
@@ -46,7 +53,8 @@ class StopSignals:
             raise Interrupted(signum)
 
     def __enter__(self) -> "StopSignals":
-        self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        handled = [s for s in STOP_SIGNALS if not (self._forward and s == signal.SIGTERM)]
+        self._previous = {s: signal.signal(s, self._handle) for s in handled}
         return self
 
     def __exit__(self, *exc) -> None:

@@ -162,3 +162,28 @@ def test_sigterm_to_a_training_process_saves_and_resumes(tmp_path):
                              capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming r from step {step}" in resumed.stdout
+
+
+def test_data_command_downloads_checks_and_keeps(capsys, monkeypatch):
+    """Against a local file:// URL; the expected checksum is this file's."""
+    import hashlib
+    open("src.txt", "w").write("to be or not to be")
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", hashlib.sha256(b"to be or not to be").hexdigest())
+    url = "file://" + os.path.abspath("src.txt")
+    code, out, err = run_main(capsys, "data", "shakespeare", "--url", url, "--out", "d/ts.txt")
+    assert code == 0 and "Downloaded d/ts.txt" in out and "minitx train --data d/ts.txt" in out, err
+    assert open("d/ts.txt").read() == "to be or not to be"
+    code, out, _ = run_main(capsys, "data", "shakespeare", "--url", url, "--out", "d/ts.txt")
+    assert code == 0 and "Already here" in out
+
+
+SHARED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "tinyshakespeare.txt")
+
+
+@pytest.mark.skipif(not os.path.exists(SHARED), reason="../shared/data/tinyshakespeare.txt is not beside this "
+                    "repository (it is in this project's workspace)")
+def test_the_recorded_checksum_is_tiny_shakespeares(capsys):
+    code, out, err = run_main(capsys, "data", "shakespeare", "--url", "file://" + os.path.abspath(SHARED),
+                              "--out", "ts.txt")
+    assert code == 0, err
+    assert len(open("ts.txt", encoding="utf-8").read()) == 1_115_394

@@ -214,6 +214,18 @@ CASES = [
     ("a plot of a directory without metrics", lambda w: os.mkdir("e"), ["plot", "e"], ["does not exist"], None, 2),
     ("half the multi-process flags", _nothing, ["train", "--coordinator", "127.0.0.1:1"],
      ["needs all of --coordinator, --num-processes and --process-id"], None, 2),
+    ("a process id beyond the processes", _nothing, ["train", "--coordinator", "127.0.0.1:1", "--num-processes", "2",
+                                                     "--process-id", "2"], ["--process-id 2 must lie in [0, 2)"], None, 2),
+    ("a heartbeat timeout without processes", _nothing, ["train", "--heartbeat-timeout", "5"],
+     ["--heartbeat-timeout is for multi-process runs"], None, 2),
+    # --- downloads
+    ("a download without a network", _nothing, ["data", "shakespeare", "--url", "http://127.0.0.1:1/input.txt",
+                                                "--out", "ts.txt"], ["cannot download", "put it at ts.txt"], None, 1),
+    ("a download with the wrong checksum", lambda w: open("wrong.txt", "w").write("not shakespeare"),
+     ["data", "shakespeare", "--url", "file://{work}/wrong.txt", "--out", "ts.txt"],
+     ["not the expected", "nothing was written to ts.txt"], None, 1),
+    ("a download onto another file", lambda w: open("ts.txt", "w").write("mine"),
+     ["data", "shakespeare", "--out", "ts.txt"], ["exists and is not the expected file"], None, 2),
     # --- data files
     ("a missing data file", _nothing, ["train", "--data", "in.txt"], ["does not exist"], None, 2),
     ("a data directory", lambda w: os.mkdir("in.txt"), ["train", "--data", "in.txt"], ["is a directory"], None, 2),
@@ -230,6 +242,7 @@ CASES = [
 def test_fault(work, capsys, name, setup, argv, fragments, keep, status):
     intact = Snapshot(keep) if keep else None
     setup(work)
+    argv = [a.replace("{work}", str(work)) for a in argv]
     code, out, err = run_main(capsys, *argv)
     assert_one_error_line(code, err, *fragments, status=status)
     if intact:

@@ -1,0 +1,47 @@
+"""Pictures: sized for the prompt, legible, and drawn from the numbers they claim."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from minitx_fn import plot
+
+pytest.importorskip("matplotlib", reason="matplotlib draws the pictures; it is in the test extra")
+from matplotlib import image  # noqa: E402
+
+
+def _uniform_maps(layers: int, heads: int, t: int) -> np.ndarray:
+    return np.broadcast_to(np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None], (layers, heads, t, t))
+
+
+@pytest.mark.parametrize("t", [5, 30, 120])
+def test_attention_picture_is_sized_for_the_prompt(tmp_path, t):
+    """At least ~24 px per token on each axis (legible labels), panels never shrunk
+    below ~170 px, and a 2 x 4 grid of a 30-token prompt fits a laptop screen."""
+    png = tmp_path / "a.png"
+    drawn = plot.plot_attention(_uniform_maps(2, 4, t), "ab cd" * (t // 5 + 1), str(png))
+    height, width = image.imread(png).shape[:2]
+    panel = max(1.6, 0.22 * t + 0.6) * 110                                 # inches x dpi
+    assert width >= 4 * panel and height >= 2 * panel
+    if t <= 30:
+        assert width <= 4000 and height <= 2200
+    assert len(drawn) == 8 and all(np.allclose(d.sum(-1), 1.0) for d in drawn)
+
+
+def test_loss_picture_with_validation_and_a_log_axis(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 100, "loss": 2.5}, {"step": 150, "loss": 2.2, "val_loss": 2.3}, {"step": 200, "loss": 1.9},
+        {"step": 300, "loss": 1.7, "val_loss": 1.9}]) + '{"step": 400, "lo')        # and a torn last line
+    for log in (False, True):
+        png = tmp_path / f"loss-{log}.png"
+        assert plot.plot_losses(str(metrics), str(png), log=log) == str(png)
+        assert image.imread(png).shape[1] >= 700
+
+
+def test_no_records_no_picture(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert plot.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "l.png")) is None
