@@ -105,7 +105,10 @@ print("logits:", logits.shape)
 # `jax.grad` returns a tree shaped exactly like the parameters.
 
 # %%
-loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=cfg)
+# jax.jit compiles the whole gradient computation once (run eagerly, each of its
+# operations would be compiled on its own); `config` is static: a hashable dataclass.
+value_and_grad = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")
+loss, grads = value_and_grad(params, x, y, config=cfg)
 print(f"loss {float(loss):.3f} vs log V = {math.log(cfg.vocab_size):.3f}")
 print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) == model.param_shapes(params))
 
@@ -119,8 +122,9 @@ print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) =
 # %%
 tc = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0)   # no warm-up: step 0 already moves
 opt = train.make_optimizer(tc)
-updates, _ = opt.update(grads, opt.init(params), params)
-print("one update moved the parameters by", float(optax.global_norm(updates)))
+first_update = jax.jit(lambda g, p: opt.update(g, opt.init(p), p)[0])        # the optimiser's first step
+updates = first_update(grads, params)
+print("one update moved the parameters by", float(jnp.sqrt(sum(jnp.sum(u ** 2) for u in jax.tree.leaves(updates)))))
 
 state = train.init_state(init_key, cfg, tc)
 for _ in range(tc.steps):
@@ -157,12 +161,61 @@ print(repr("hello" + tok.decode(new)))
 import os
 import sys
 
-repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) if "__file__" in globals() else os.getcwd()
-sys.path.insert(0, repo)                                          # tests/ lives at the repository root
+here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()   # script or notebook
+repo = next((d for d in (here, os.path.dirname(here)) if os.path.isfile(os.path.join(d, "tests", "flax_reference.py"))),
+            None)
+if repo is not None:
+    sys.path.insert(0, repo)                                      # tests/ lives at the repository root
 try:
     from tests import flax_reference as ref
-except ImportError:
-    print("flax is not installed: pip install -e '.[test]' to run this cell")
+except ImportError as e:
+    print(f"this cell needs the repository's tests/ and flax (pip install -e '.[test]'): {e}")
 else:
     flax_logits = ref.FlaxLM(cfg).apply(ref.to_flax_model(state.params, cfg), x)
     print("max |ours - flax| =", float(np.abs(np.asarray(model.apply(state.params, x, config=cfg)) - flax_logits).max()))
+
+# %% [markdown]
+# ## 11. What each head attends to, interactively
+# Row t of a map is the distribution query t puts over keys 0 .. t. In Jupyter the
+# sliders pick the layer and the head, and the box the prompt (`pip install -e
+# ".[docs]"` brings ipywidgets); run as a script, this draws layer 0, head 0 once.
+# `minitx attention` draws every layer and head of a saved run to a file.
+
+# %%
+def show_attention(prompt="hello jax", layer=0, head=0):
+    try:
+        ids = jnp.asarray(tok.encode(prompt))[None, :cfg.max_len]             # (1, T)
+    except ValueError as e:                                                  # unknown characters, named
+        print(e)
+        return None
+    maps = np.asarray(model.attention_maps(state.params, ids, config=cfg))   # (L, 1, H, T, T)
+    shown = maps[layer, 0, head]
+    labels = ["\u2423" if c == " " else c for c in prompt[:cfg.max_len]]
+    import matplotlib.pyplot as plt
+    size = max(2.5, 0.3 * len(labels) + 1)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(shown, vmin=0, vmax=1, cmap="viridis")
+    ax.set_xticks(range(len(labels)), labels, family="monospace")
+    ax.set_yticks(range(len(labels)), labels, family="monospace")
+    ax.set_xlabel("key")
+    ax.set_ylabel("query")
+    ax.set_title(f"layer {layer}, head {head}")
+    fig.colorbar(image, ax=ax, label="attention weight")
+    if "get_ipython" in globals():                                           # a notebook shows the figure
+        plt.show()
+    else:
+        plt.close(fig)
+        print(f"layer {layer}, head {head}: query {len(labels) - 1} puts {shown[-1].max():.2f} on key "
+              f"{int(shown[-1].argmax())} ({labels[int(shown[-1].argmax())]!r})")
+    return shown
+
+
+try:
+    import ipywidgets
+except ImportError:
+    ipywidgets = None
+if ipywidgets is not None and "get_ipython" in globals():
+    ipywidgets.interact(show_attention, prompt="hello jax", layer=(0, cfg.n_layers - 1), head=(0, cfg.n_heads - 1))
+else:
+    rows = show_attention()
+    print("rows sum to one:", bool(np.allclose(rows.sum(-1), 1.0)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import doctest
 import importlib
 import inspect
+import json
 import os
 import pkgutil
 import subprocess
@@ -71,6 +72,29 @@ def test_walkthrough_runs_as_a_script():
                           text=True, timeout=600, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "head 0 by hand vs library" in done.stdout and "max |ours - flax|" in done.stdout
+    assert "rows sum to one: True" in done.stdout
+
+
+def test_walkthrough_runs_as_a_notebook_with_its_attention_explorer():
+    """jupytext turns the script into a notebook and nbclient executes it in a kernel,
+    as `jupyter lab` would; the last cell builds the ipywidgets explorer. (Run after the
+    script test, it reads most compiled programs from the session's compilation cache.)"""
+    jupytext = pytest.importorskip("jupytext", reason="the notebook test needs the test extra's jupytext")
+    nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the test extra's nbclient")
+    pytest.importorskip("ipykernel", reason="the notebook test needs the test extra's ipykernel")
+    pytest.importorskip("ipywidgets", reason="the notebook test needs the test extra's ipywidgets")
+    notebook = jupytext.read(os.path.join(ROOT, "docs", "walkthrough.py"))
+    nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": os.path.join(ROOT, "docs")}}).execute()
+    outputs = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "head 0 by hand vs library" in text and "max |ours - flax|" in text
+    explorer = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert explorer and "IntSlider" in explorer[0]["data"]["text/plain"], "the explorer should show its sliders"
+    # interact draws into an Output widget: its first map is in the saved widget state.
+    state = json.dumps(notebook.metadata.get("widgets", {}))
+    assert "image/png" in state, "the explorer should draw a first map"
 
 
 def test_attention_maps_match_the_attention_layer(key):
