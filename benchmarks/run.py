@@ -151,7 +151,7 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
     mc = model_config(spec, **model_options)
     tc = TrainConfig(steps=steps, batch_size=spec["batch"], warmup=0, log_every=10, eval_every=10 * steps,
                      save_every=10 * steps)                    # one config: the loop reuses the bare step's compile
-    init_key, data_key = train.keys(0)
+    init_key, data_key, _ = train.keys(0)
     data = jax.random.randint(data_key, (100_000,), 0, mc.vocab_size)
 
     def step(state, batch):

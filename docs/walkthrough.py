@@ -51,7 +51,7 @@ print("first ids:", ids[:12].tolist(), "->", repr(tok.decode(ids[:12])))
 
 # %%
 cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_layers=2, max_len=16)
-init_key, data_key = train.keys(seed=0)
+init_key, data_key, dropout_key = train.keys(seed=0)                 # one key per consumer
 params = model.init(init_key, cfg)
 print(jax.tree.map(lambda a: a.shape, params))
 print("parameters:", model.count_params(params))

@@ -37,16 +37,21 @@ from minitx_fn.errors import Error, StorageError
 
 PRESETS = {
     # The built-in corpus: a small, fast model that learns the three-phrase cycle.
-    "hello": {"width": 64, "layers": 2, "heads": 4, "context": 32, "batch_size": 16, "steps": 500, "lr": 3e-3,
-              "warmup": 50, "eval_every": 250, "save_every": 500, "log_every": 100},
+    "hello": {"width": 64, "layers": 2, "heads": 4, "context": 32, "dropout": 0.0, "batch_size": 16, "steps": 500,
+              "lr": 3e-3, "warmup": 50, "eval_every": 250, "save_every": 500, "log_every": 100},
     # nanoGPT's CPU recipe for Tiny Shakespeare (its README, "baby GPT").
-    "shakespeare-baby": {"width": 128, "layers": 4, "heads": 4, "context": 64, "batch_size": 12, "steps": 2000,
-                         "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250, "save_every": 500,
-                         "log_every": 100},
+    "shakespeare-baby": {"width": 128, "layers": 4, "heads": 4, "context": 64, "dropout": 0.0, "batch_size": 12,
+                         "steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250,
+                         "save_every": 500, "log_every": 100},
+    # nanoGPT's GPU recipe (config/train_shakespeare_char.py): 10.7M parameters, hours on 2 CPU cores.
+    "shakespeare-char": {"width": 384, "layers": 6, "heads": 6, "context": 256, "dropout": 0.2, "batch_size": 64,
+                         "steps": 5000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250,
+                         "save_every": 1000, "log_every": 100},
 }
 # Flags that set a config field under another name; every other field's flag is its name.
-FIELD_OF_FLAG = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len"}
-MODEL_SETTINGS = ("width", "layers", "heads", "context")
+FIELD_OF_FLAG = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len",
+                 "dropout": "dropout"}
+MODEL_SETTINGS = ("width", "layers", "heads", "context", "dropout")
 TRAIN_SETTINGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
                   "eval_every", "save_every", "log_every")
 # May differ from the saved run when resuming.
@@ -167,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", metavar="FILE", help="UTF-8 text file; 90%% trains, the last 10%% validates "
                    "(default: the built-in corpus)")
     t.add_argument("--preset", choices=sorted(PRESETS), help="a set of defaults (default: hello without --data, "
-                   "shakespeare-baby with it); any flag below overrides it")
+                   "shakespeare-baby with it; shakespeare-char is nanoGPT's GPU recipe); any flag below overrides it")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     t.add_argument("--out", metavar="DIR", help="new run directory (default: runs/<corpus>-NNN, a new one)")
     t.add_argument("--steps", type=_positive, help=f"train until this many steps in total ({_defaults('steps')})")
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--layers", type=_positive, help=f"residual blocks, L ({_defaults('layers')})")
     t.add_argument("--heads", type=_positive, help=f"attention heads, H ({_defaults('heads')})")
     t.add_argument("--width", type=_positive, help=f"model width D, a multiple of --heads ({_defaults('width')})")
+    t.add_argument("--dropout", type=_float, help=f"dropout rate in training, in [0, 1) ({_defaults('dropout')})")
     t.add_argument("--lr", type=_float, help=f"peak learning rate ({_defaults('lr')})")
     t.add_argument("--min-lr", type=_float, help="final learning rate of the cosine decay (default: --lr / 10)")
     t.add_argument("--warmup", type=_int_in(0, INT32_MAX), help=f"linear warm-up steps ({_defaults('warmup')}; "

@@ -101,6 +101,9 @@ class ModelConfig:
     # drowns the tokens; on Tiny Shakespeare (baby recipe, 2000 steps) 0.1, 0.3, 0.5
     # and 1.0 gave validation losses (seed 0) 2.07 (at step 1000, stopped), 1.873, 1.863, 1.903.
     embed_std: float = 0.5
+    # Dropout rate in training (embeddings, attention weights, both residual branches);
+    # evaluation and generation never drop. 0 is bit for bit the model without it.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
@@ -129,6 +132,12 @@ class ModelConfig:
         _require(
             self.attention in attention.IMPLS, "attention", self.attention,
             f"choose one of {list(attention.IMPLS)}",
+        )
+        _require(_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "it must lie in [0, 1)")
+        _require(
+            self.dropout == 0 or self.attention == "einsum", "dropout", self.dropout,
+            "attention dropout needs {attention}; jax.nn.dot_product_attention has none",
+            attention=("attention", "einsum"),
         )
         for name in ("dtype", "param_dtype"):
             _require(

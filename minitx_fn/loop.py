@@ -66,7 +66,7 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
         >>> from functools import partial
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> tc = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=0, log_every=10)
-        >>> init_key, data_key = train.keys(0)
+        >>> init_key, data_key, _ = train.keys(0)
         >>> out = io.StringIO()
         >>> result = fit(train.init_state(init_key, cfg, tc), step=partial(train.train_step, model_config=cfg,
         ...              train_config=tc), next_batch=lambda s: train.batch_at(jnp.arange(40) % 5, data_key, s,

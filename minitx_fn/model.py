@@ -1,6 +1,6 @@
 """The language model: token ids (B, T) -> next-token logits (B, T, V).
 
-    x      = Embed(tokens) + PE(positions)          (B, T, D)
+    x      = Dropout(Embed(tokens) + PE(positions)) (B, T, D), dropout only in training
     x      = Block_L(... Block_1(x))                 (B, T, D), blocks run with lax.scan
     logits = LayerNorm_f(x) W_head + b_head          (B, T, V), float32
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitx_fn.config import REMAT_POLICIES, ModelConfig
-from minitx_fn.layers import attention, block, embedding, linear, norm, positional
+from minitx_fn.layers import attention, block, dropout, embedding, linear, norm, positional
 from minitx_fn.layers.attention import KVCache
 
 
@@ -67,11 +67,11 @@ def block_args(config: ModelConfig) -> dict:
 
     Example:
         >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))
-        ['attention_block', 'dtype', 'eps', 'impl', 'n_heads']
+        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'n_heads']
     """
     c = config
     return {"n_heads": c.n_heads, "eps": c.ln_eps, "dtype": c.compute_dtype, "impl": c.attention,
-            "attention_block": c.attention_block}
+            "attention_block": c.attention_block, "dropout_rate": c.dropout}
 
 
 def param_shapes(params: dict) -> dict:
@@ -138,12 +138,14 @@ def _logits(params: dict, x: jax.Array, c: ModelConfig) -> jax.Array:
 
 
 def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: jax.Array | None = None,
-          mask: jax.Array | None = None) -> jax.Array:
+          mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
     """tokens (B, T) int -> logits (B, T, V).
 
     positions: (B|1, T) int, default 0 .. T - 1. mask: bool broadcastable to
     (B, 1, T, T), True where query t may attend to key s; default causal.
-    Logit t scores the token at t + 1 given tokens 0 .. t.
+    Logit t scores the token at t + 1 given tokens 0 .. t. key: dropout at
+    config.dropout on the embeddings, the attention weights and both residual
+    branches of every block (training); None, or a rate of 0, drops nothing.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
@@ -155,16 +157,19 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     check_tokens(tokens, c)
     if positions is None:
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # (1, T)
-    x = _embed(params, tokens, positions, c)                             # (B, T, D)
+    k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
+    x = dropout.apply(_embed(params, tokens, positions, c), rate=c.dropout, key=k_embed)   # (B, T, D)
+    block_keys = None if key is None else jax.random.split(k_blocks, c.n_layers)          # (L,): one per block
 
-    def body(x, block_params):                                           # one block: (B, T, D) -> (B, T, D)
-        return block.apply(block_params, x, mask=mask, **block_args(c)), None
+    def body(x, layer):                                                  # one block: (B, T, D) -> (B, T, D)
+        block_params, block_key = layer
+        return block.apply(block_params, x, mask=mask, key=block_key, **block_args(c)), None
 
     # What the backward pass keeps of each block's forward pass, and what it
     # recomputes (config.REMAT_POLICIES). prevent_cse=False: inside a scan the loop
     # already keeps XLA from merging the recomputation into the forward pass.
     body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, params["blocks"])                       # the L stacked blocks, in order
+    x, _ = jax.lax.scan(body, x, (params["blocks"], block_keys))         # the L stacked blocks, in order
     return _logits(params, x, c)                                         # (B, T, V)
 
 
@@ -264,8 +269,10 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return token_losses(logits, targets).mean()
 
 
-def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelConfig) -> jax.Array:
+def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelConfig,
+         key: jax.Array | None = None) -> jax.Array:
     """Mean next-token cross-entropy: tokens (B, T), targets (B, T) = tokens shifted by one.
+    key: dropout, as in `apply`.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
@@ -273,7 +280,7 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
         >>> float(loss(init(jax.random.key(0), cfg), x, x, config=cfg)) > 0
         True
     """
-    return cross_entropy(apply(params, tokens, config=config), targets)
+    return cross_entropy(apply(params, tokens, config=config, key=key), targets)
 
 
 __all__ = ["KVCache", "apply", "apply_cached", "attention_maps", "block_args", "check_tokens", "count_params",

@@ -80,17 +80,20 @@ def make_optimizer(tc: TrainConfig, mask: Callable[[Any], Any] = decay_mask) -> 
 class RunKeys(NamedTuple):
     init: jax.Array      # the parameters' initialisation
     data: jax.Array      # batches: the key of step t is fold_in(data, t)
+    dropout: jax.Array   # dropout masks: the key of step t is fold_in(dropout, t)
 
 
 def keys(seed: int) -> RunKeys:
-    """The run's keys from its seed, one per consumer: split(key(seed)).
+    """The run's keys from its seed, one per consumer: split(key(seed), 3). (Its first
+    two equal split(key(seed), 2), the keys of runs made before dropout existed, so
+    their batches are unchanged.)
 
     Example:
-        >>> init_key, data_key = keys(0)
+        >>> init_key, data_key, dropout_key = keys(0)
         >>> bool((jax.random.key_data(init_key) != jax.random.key_data(data_key)).any())
         True
     """
-    return RunKeys(*jax.random.split(jax.random.key(seed)))
+    return RunKeys(*jax.random.split(jax.random.key(seed), 3))
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "train_config"))
@@ -138,7 +141,10 @@ def step_fn(model_config: ModelConfig, train_config: TrainConfig) -> Callable[[T
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
         x, y = batch
-        loss, grads = jax.value_and_grad(model.loss)(state.params, x, y, config=model_config)
+        # Dropout masks from fold_in(dropout_key, step): fresh each step, and a resumed
+        # run draws the masks an uninterrupted one would. No key at all at rate 0.
+        key = jax.random.fold_in(keys(train_config.seed).dropout, state.step) if model_config.dropout else None
+        loss, grads = jax.value_and_grad(model.loss)(state.params, x, y, config=model_config, key=key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))     # before clipping

@@ -187,3 +187,18 @@ def test_the_recorded_checksum_is_tiny_shakespeares(capsys):
                               "--out", "ts.txt")
     assert code == 0, err
     assert len(open("ts.txt", encoding="utf-8").read()) == 1_115_394
+
+
+def test_shakespeare_char_preset_is_nanogpts_gpu_recipe(capsys, monkeypatch, rng):
+    """The preset's configs, as planned (the run itself is the GPU script's job: on two
+    CPU cores its 5000 steps take hours)."""
+    from minitx_fn import cli
+    plans = []
+    monkeypatch.setattr(cli, "_run", lambda args, plan, *rest: plans.append(plan) or 0)
+    open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not"], 3000)))
+    code, _, err = run_main(capsys, "train", "--data", "text.txt", "--preset", "shakespeare-char")
+    assert code == 0, err
+    mc, tc = plans[0].model_config, plans[0].train_config
+    assert (mc.n_layers, mc.n_heads, mc.d_model, mc.max_len, mc.dropout) == (6, 6, 384, 256, 0.2)
+    assert (tc.batch_size, tc.steps, tc.lr, tc.warmup, tc.min_lr) == (64, 5000, 1e-3, 100, 1e-4)
+    assert (tc.b1, tc.b2, tc.weight_decay, tc.grad_clip) == (0.9, 0.99, 0.1, 1.0)

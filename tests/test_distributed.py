@@ -46,7 +46,7 @@ def test_four_devices_equal_one_device_after_three_steps():
         mc = ModelConfig(vocab_size=13, d_model=32, n_heads=2, n_layers=2, max_len=16)
         tc = TrainConfig(steps=3, batch_size=8, warmup=0, lr=1e-3)
         ids = jnp.asarray(np.arange(300, dtype=np.int32) % 13)
-        init_key, data_key = train.keys(0)
+        init_key, data_key, _ = train.keys(0)
 
         def run(mesh, fsdp):
             state = train.init_state(init_key, mc, tc)

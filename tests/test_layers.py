@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from minitx_fn import model
 from minitx_fn.config import ModelConfig
-from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, positional
+from minitx_fn.layers import attention, block, dropout, embedding, feedforward, linear, norm, positional
 from tests.flax_reference import sinusoidal_table
 from tests.helpers import check_layer
 
@@ -226,3 +226,39 @@ def test_split_and_merge_heads_are_inverse(rng):
     assert h.shape == (2, 3, 3, 4)
     np.testing.assert_array_equal(h[0, 1, 2], x[0, 1, 8:12])     # head 2 = features 8..11
     np.testing.assert_array_equal(attention.merge_heads(h), x)
+
+
+# ----------------------------------------------------------------------------- dropout
+
+
+@given(rate=st.sampled_from([0.1, 0.5, 0.9]), seed=SEEDS)
+def test_dropout_keeps_a_binomial_fraction_scaled_by_one_over_keep(rate, seed):
+    """Of n entries, the kept count is Binomial(n, 1 - p): within 6 standard deviations.
+    Kept entries are x / (1 - p), dropped ones 0, and the whole equals an independently
+    written x * mask / (1 - p) with the mask drawn from the same key."""
+    n = 20_000
+    x = normal(seed, n) + 3.0                              # no zeros of its own
+    key = jax.random.key(seed)
+    y = np.asarray(jax.jit(dropout.apply, static_argnames="rate")(x, rate=rate, key=key))
+    kept = y != 0
+    sd = math.sqrt(n * rate * (1 - rate))
+    assert abs(kept.sum() - n * (1 - rate)) <= 6 * sd
+    np.testing.assert_allclose(y[kept], x[kept] / (1 - rate), rtol=1e-6)
+    mask = np.asarray(jax.random.bernoulli(key, 1 - rate, x.shape))
+    np.testing.assert_allclose(y, x * mask / (1 - rate), rtol=1e-6)
+
+
+def test_dropout_without_a_key_or_at_rate_zero_is_the_identity(rng):
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    assert dropout.apply(x, rate=0.5, key=None) is x
+    assert dropout.apply(x, rate=0.0, key=jax.random.key(0)) is x
+
+
+def test_attention_dropout_drops_weights_not_rows(key, rng):
+    """Dropped attention weights: each output row mixes fewer values, so outputs change,
+    but a rate-0 key changes nothing."""
+    p = attention.init(key, d_model=8, n_heads=2, std=0.5)
+    x = rng.standard_normal((2, 6, 8)).astype(np.float32)
+    plain = attention.apply(p, x, n_heads=2)
+    np.testing.assert_array_equal(attention.apply(p, x, n_heads=2, dropout_rate=0.0, key=key), plain)
+    assert not np.allclose(attention.apply(p, x, n_heads=2, dropout_rate=0.5, key=key), plain)

@@ -111,3 +111,20 @@ def test_evaluate_averages_every_window_once(key, rng):
     expected = float(loss(params, jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:]), config=MC))
     # batch_size 3 does not divide 10: the padded last batch must not count.
     assert train.evaluate(params, windows, config=MC, batch_size=3) == pytest.approx(expected, rel=1e-5)
+
+
+def test_dropout_is_off_without_a_rate_and_fresh_at_every_step(key, rng):
+    """Rate 0: the model with a key is bit for bit the model without one. Rate 0.3: the
+    same state and batch give other losses at steps 0 and 1 (fresh masks per step), the
+    same loss when step 0 is repeated, and evaluation (no key) is deterministic."""
+    x = rng.integers(0, 13, (4, 8)).astype(np.int32)
+    y = np.roll(x, -1, axis=1)
+    params = model.init(key, MC)
+    apply = jax.jit(model.apply, static_argnames="config")
+    np.testing.assert_array_equal(apply(params, x, config=MC, key=key), apply(params, x, config=MC))
+    dropped = MC.replace(dropout=0.3)
+    np.testing.assert_array_equal(apply(params, x, config=dropped), apply(params, x, config=MC))   # no key: no drop
+    step = jax.jit(train.step_fn(dropped, TC))
+    state = train.init_state(key, dropped, TC)
+    at = [float(step(state._replace(step=jnp.int32(s)), (x, y))[1]["loss"]) for s in (0, 1, 0)]
+    assert at[0] != at[1] and at[0] == at[2]

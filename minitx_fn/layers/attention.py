@@ -29,8 +29,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.layers import at_least_float32
-from minitx_fn.layers import linear
+from minitx_fn.layers import at_least_float32, dropout, linear
 
 IMPLS = ("einsum", "dot_product_attention")
 
@@ -108,12 +107,13 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
 
 
 def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-                       impl: str = "einsum") -> jax.Array:
+                       impl: str = "einsum", dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
     """q (B, T, H, K), k and v (B, S, H, K), mask (B|1, 1, T, S) bool -> (B, T, H, K).
 
     impl="einsum" writes the maths out; impl="dot_product_attention" calls
     `jax.nn.dot_product_attention`, which XLA (or cuDNN on a GPU) may fuse.
-    Both are tested equal.
+    Both are tested equal. With a key, the attention weights are dropped at
+    dropout_rate (einsum only: `jax.nn.dot_product_attention` has no dropout).
 
     Example:
         >>> q = jnp.ones((2, 4, 3, 8))
@@ -122,7 +122,10 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     """
     if impl == "einsum":
         weights = attention_weights(q, k, mask)                             # (B, H, T, S)
+        weights = dropout.apply(weights, rate=dropout_rate, key=key)
         return jnp.einsum("BHTS,BSHK->BTHK", weights.astype(v.dtype), v)    # (B, T, H, K)
+    if key is not None and dropout_rate:
+        raise ValueError("attention dropout needs impl='einsum'")
     if impl == "dot_product_attention":
         # jax.nn.dot_product_attention mixes a float32 constant into float64 inputs,
         # which strict dtype promotion rejects; its result dtype is q's either way.
@@ -142,8 +145,8 @@ def query_blocks(t: int, block: int) -> list[tuple[int, int]]:
     return [(a, min(a + step, t)) for a in range(0, t, step)]
 
 
-def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int,
-                     impl: str = "einsum") -> jax.Array:
+def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int, impl: str = "einsum",
+                     dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
     """Causal self-attention one block of query rows at a time: q, k, v (B, T, H, K) -> (B, T, H, K).
 
     Under the causal mask, queries [a, b) may only look at keys [0, b): their scores
@@ -163,8 +166,9 @@ def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int,
     """
     t = q.shape[1]
     mask = causal_mask(t)[None, None]                                       # (1, 1, T, T)
-    rows = [scaled_dot_product(q[:, a:b], k[:, :b], v[:, :b], mask[..., a:b, :b], impl=impl)
-            for a, b in query_blocks(t, block)]                             # each (B, b - a, H, K)
+    rows = [scaled_dot_product(q[:, a:b], k[:, :b], v[:, :b], mask[..., a:b, :b], impl=impl,
+                               dropout_rate=dropout_rate, key=None if key is None else jax.random.fold_in(key, i))
+            for i, (a, b) in enumerate(query_blocks(t, block))]            # each (B, b - a, H, K)
     return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=1)
 
 
@@ -203,12 +207,13 @@ def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Ar
 
 
 def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = None,
-          impl: str = "einsum", dtype=None, block: int = 0) -> jax.Array:
+          impl: str = "einsum", dtype=None, block: int = 0, dropout_rate: float = 0.0,
+          key: jax.Array | None = None) -> jax.Array:
     """(B, T, D) -> (B, T, D): self-attention of x over itself.
 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
     None means causal, computed in query blocks of `block` rows (0: one block; see
-    `causal_blockwise`).
+    `causal_blockwise`). With a key, attention weights are dropped at dropout_rate.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
@@ -217,9 +222,9 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = 
     """
     q, k, v = project_qkv(params, x, n_heads, dtype)
     if mask is None:
-        y = causal_blockwise(q, k, v, block=block, impl=impl)              # (B, T, H, K)
+        y = causal_blockwise(q, k, v, block=block, impl=impl, dropout_rate=dropout_rate, key=key)   # (B, T, H, K)
     else:
-        y = scaled_dot_product(q, k, v, mask, impl=impl)                   # (B, T, H, K)
+        y = scaled_dot_product(q, k, v, mask, impl=impl, dropout_rate=dropout_rate, key=key)       # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype)        # (B, T, D)
 
 

@@ -1,7 +1,7 @@
 """Pre-norm residual block:
 
-    x = x + Attention(LayerNorm1(x))
-    x = x + FeedForward(LayerNorm2(x))
+    x = x + Dropout(Attention(LayerNorm1(x)))        (dropout only with a key, in training)
+    x = x + Dropout(FeedForward(LayerNorm2(x)))
 
 Params: {"ln1": norm, "attn": attention, "ln2": norm, "mlp": feedforward}.
 The residual stream x keeps its dtype (float32, or float64); only the matmuls
@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.layers import attention, feedforward, norm
+from minitx_fn.layers import attention, dropout, feedforward, norm
 
 
 def init(key: jax.Array, *, d_model: int, n_heads: int, d_ff: int, std: float = 0.02,
@@ -36,25 +36,31 @@ def init(key: jax.Array, *, d_model: int, n_heads: int, d_ff: int, std: float = 
     }
 
 
-def _feedforward_half(params: dict, x: jax.Array, eps: float, dtype) -> jax.Array:
-    """x + FeedForward(LayerNorm2(x)), shared by `apply` and `apply_cached`."""
+def _feedforward_half(params: dict, x: jax.Array, eps: float, dtype, dropout_rate: float = 0.0,
+                      key: jax.Array | None = None) -> jax.Array:
+    """x + Dropout(FeedForward(LayerNorm2(x))), shared by `apply` and `apply_cached`."""
     h = feedforward.apply(params["mlp"], norm.apply(params["ln2"], x, eps=eps), dtype=dtype)
-    return x + h.astype(x.dtype)
+    return x + dropout.apply(h, rate=dropout_rate, key=key).astype(x.dtype)
 
 
 def apply(params: dict, x: jax.Array, *, n_heads: int, eps: float = 1e-5, dtype=None, impl: str = "einsum",
-          attention_block: int = 0, mask: jax.Array | None = None) -> jax.Array:
+          attention_block: int = 0, mask: jax.Array | None = None, dropout_rate: float = 0.0,
+          key: jax.Array | None = None) -> jax.Array:
     """(B, T, D) -> (B, T, D). `dtype`, `impl`, `attention_block` and `mask` as in
-    `attention.apply` (mask None: causal); `eps` is the layer norms'.
+    `attention.apply` (mask None: causal); `eps` is the layer norms'. With a key,
+    dropout at dropout_rate on the attention weights and on both residual branches,
+    each from its own subkey.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2, d_ff=32)
         >>> apply(p, jnp.ones((2, 3, 8)), n_heads=2).shape
         (2, 3, 8)
     """
+    k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     h = attention.apply(params["attn"], norm.apply(params["ln1"], x, eps=eps), n_heads=n_heads, mask=mask,
-                        impl=impl, dtype=dtype, block=attention_block)
-    return _feedforward_half(params, x + h.astype(x.dtype), eps, dtype)
+                        impl=impl, dtype=dtype, block=attention_block, dropout_rate=dropout_rate, key=k_weights)
+    x = x + dropout.apply(h, rate=dropout_rate, key=k_attn).astype(x.dtype)
+    return _feedforward_half(params, x, eps, dtype, dropout_rate, k_mlp)
 
 
 def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, layer: jax.Array, index: jax.Array,
