@@ -38,7 +38,10 @@ from minitx_fn.layers import attention
 
 BLOCK_PAUSE_S = 0.25
 LOOP_STEPS = {"micro": 20, "tiny": 200, "baby": 60, "medium": 10, "gpt2-small": 10}   # ~2-12 s per run on 2 cores
-SUITES = {"quick": ["tiny", "baby"], "full": ["tiny", "baby", "medium"]}
+SUITES = {"quick": ["tiny", "baby"], "full": ["tiny", "baby", "medium"], "scaling": []}
+# The scaling sweep: context T at a fixed width, then width D at a fixed context.
+SCALING = {"context": dict(d_model=128, n_layers=4, n_heads=4, batch=8, values=[64, 128, 256, 512, 1024]),
+           "width": dict(max_len=256, n_layers=4, n_heads=4, batch=8, values=[64, 128, 256, 384, 512, 768])}
 
 
 # ----------------------------------------------------------------------------- train
@@ -155,7 +158,7 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
     data = jax.random.randint(data_key, (100_000,), 0, mc.vocab_size)
 
     def step(state, batch):
-        return train.train_step(state, batch, model_config=mc, train_config=tc)
+        return train.train_step(state, batch, model_config=mc, train_config=tc.step_config)   # as minitx train
 
     def next_batch(step_number):
         return train.batch_at(data, data_key, step_number, batch_size=tc.batch_size, context=mc.max_len)
@@ -232,6 +235,45 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
     return rows
 
 
+# ----------------------------------------------------------------------------- scaling
+
+
+def bench_scaling(*, steps: int, sweep: dict = SCALING, **model_options) -> list[dict]:
+    """minitx_fn's train step across context lengths (fixed width) and widths (fixed
+    context): median step time over `steps` steps, model FLOPs, and the memory XLA plans
+    for the step (arguments + outputs + temporaries, from the compiled program's
+    memory analysis, which a CPU reports too)."""
+    rows = []
+    for axis in ("context", "width"):
+        values = sweep[axis]["values"]
+        spec = {k: v for k, v in sweep[axis].items() if k != "values"}
+        for value in values:
+            sizes = {"max_len": value} if axis == "context" else {"d_model": value}
+            sizes["n_heads"] = spec["n_heads"] if axis == "context" or value % spec["n_heads"] == 0 else 1
+            mc = model_config({"vocab_size": 65, **spec, **sizes}, **model_options)
+            tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
+            tokens = jax.random.randint(jax.random.key(0), (spec["batch"], mc.max_len + 1), 0, mc.vocab_size)
+            batch = (tokens[:, :-1], tokens[:, 1:])
+            state = {"s": train.init_state(jax.random.key(0), mc, tc)}
+            compiled = train.train_step.lower(state["s"], batch, model_config=mc, train_config=tc).compile()
+
+            def one():
+                state["s"], metrics = compiled(state["s"], batch)
+                return metrics
+
+            for _ in range(2):
+                timed(one)
+            med = statistics.median(timed(one) for _ in range(steps))
+            analysis = compiled.memory_analysis()
+            planned = None if analysis is None else (analysis.argument_size_in_bytes + analysis.output_size_in_bytes
+                                                     + analysis.temp_size_in_bytes)
+            flops = flops_per_step(mc, spec["batch"])
+            rows.append({"axis": axis, "context": mc.max_len, "width": mc.d_model, "batch": spec["batch"],
+                         "step_ms": float(f"{1e3 * med:.4g}"), "model_gflops_per_step": float(f"{flops / 1e9:.4g}"),
+                         "planned_memory_mb": None if planned is None else round(planned / 2**20, 1)})
+    return rows
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -264,6 +306,10 @@ def print_table(result: dict, out=None) -> None:
           *("below noise" if r[k] is None else f"{r[k]:.3f}" for k in ("ms_per_token_early", "ms_per_token_late")),
           r.get("achieved_gbs") or ""]
          for r in result["decode"]], out)
+    if result.get("scaling"):
+        _markdown_table(["axis", "context T", "width D", "step ms", "GFLOP per step", "planned memory MB"],
+                        [[r["axis"], r["context"], r["width"], f"{r['step_ms']:.1f}", r["model_gflops_per_step"],
+                          r["planned_memory_mb"]] for r in result["scaling"]], out)
     if "peak_gflops_bf16" in result:
         print(f"\nbfloat16 matmul peak {result['peak_gflops_bf16']:.0f} GFLOP/s", file=out)
     if "copy_bandwidth_gbs" in result:
@@ -288,6 +334,12 @@ def main(argv=None) -> int:
                    help="compute dtype of both models; MFU is against the peak of this dtype")
     p.add_argument("--no-torch", action="store_true", help="leave out the PyTorch rows even if torch is installed")
     p.add_argument("--json", metavar="PATH")
+    p.add_argument("--plot", metavar="FILE.png", help="draw the results (python -m benchmarks.plot redraws a --json)")
+    p.add_argument("--scaling-steps", type=positive_int, default=5, help="timed steps per point of --suite scaling")
+    p.add_argument("--decode-batches", type=positive_int, nargs="+", default=[1, 8], help="batch sizes of the "
+                   "decode rows (default 1 8)")
+    p.add_argument("--peak-n", type=positive_int, help="size of the matmul that measures the peak (default 1024 on "
+                   "a CPU, 8192 on a GPU)")
     args = p.parse_args(argv)
 
     on_gpu = jax.devices()[0].platform == "gpu"
@@ -296,6 +348,10 @@ def main(argv=None) -> int:
     check_options(p, names, options)
     if args.json:
         check_output_path(p, args.json)
+    if args.plot:
+        check_output_path(p, args.plot)
+        if not args.plot.lower().endswith((".png", ".pdf", ".svg")):
+            p.error(f"--plot {args.plot!r}: give a .png, .pdf or .svg file name")
     for name in names:
         mc = model_config(CONFIGS[name], **options)
         try:
@@ -303,14 +359,13 @@ def main(argv=None) -> int:
                 mc, 8, args.new_tokens), f"config {name}", "choose smaller --option values or fewer --new-tokens")
         except memory.MemoryBudgetError as e:
             p.error(str(e))
-    result = {"device": device_info(), "versions": versions(), "suite": args.suite,
-              "options": options,
-              "date": time.strftime("%Y-%m-%d"), "peak_gflops": matmul_peak_gflops(jnp.float32, 2048 if on_gpu else 1024)}
+    peak_n = args.peak_n or (8192 if on_gpu else 1024)
+    result = {"device": device_info(), "versions": versions(), "suite": args.suite, "options": options,
+              "date": time.strftime("%Y-%m-%d"), "peak_gflops": matmul_peak_gflops(jnp.float32, peak_n)}
     if on_gpu:
-        result["peak_gflops"] = matmul_peak_gflops(jnp.float32, 8192)
         result["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     if on_gpu or args.dtype == "bfloat16":
-        result["peak_gflops_bf16"] = matmul_peak_gflops(jnp.bfloat16, 8192 if on_gpu else 1024)
+        result["peak_gflops_bf16"] = matmul_peak_gflops(jnp.bfloat16, peak_n)
     result["train"], result["loop"], result["decode"] = [], [], []
     with jax.numpy_dtype_promotion("standard"):
         for name in names:
@@ -325,11 +380,18 @@ def main(argv=None) -> int:
         for name in names:
             if name == "gpt2-small":
                 continue
-            for batch in (1, 8):
+            for batch in args.decode_batches:
                 print(f"decode: {name} batch {batch}", file=sys.stderr, flush=True)
                 result["decode"] += bench_decode(name, CONFIGS[name], batch=batch, new_tokens=args.new_tokens,
                                                  probe_tokens=min(32, args.new_tokens), reps=3, **options)
+        if args.suite == "scaling" and not args.configs:
+            print("scaling", file=sys.stderr, flush=True)
+            result["scaling"] = bench_scaling(steps=args.scaling_steps, **options)
     print_table(result)
+    if args.plot:
+        from benchmarks import plot
+        plot.draw(result, args.plot)
+        print(f"Pictures: {args.plot}")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

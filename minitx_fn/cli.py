@@ -488,7 +488,7 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
             print(f"{metrics_path} ended in a half-written line (a process killed mid-write); it is dropped",
                   file=out)
         runs.truncate_records(metrics_path, int(plan.state.step))
-    state = plan.state if plan.resuming else train.init_state(train.keys(tc.seed).init, mc, tc)
+    state = plan.state if plan.resuming else train.init_state(train.keys(tc.seed).init, mc, tc.step_config)
     data_key = train.keys(tc.seed).data
 
     mesh = None
@@ -498,7 +498,7 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
         shardings = distributed.state_shardings(state, mesh, args.fsdp)
         state = distributed.put_global(jax.device_get(state), shardings)
         train_data = distributed.put_global(plan.train_ids, distributed.replicated(mesh))
-        step = distributed.data_parallel(train.step_fn(mc, tc), mesh, shardings)
+        step = distributed.data_parallel(train.step_fn(mc, tc.step_config), mesh, shardings)
         sample = distributed.sharded_batch_at(mesh)
         # XLA:CPU runs each device's part of a step on a shared thread pool; with
         # dozens of multi-device steps queued, the parts of different steps can hold
@@ -507,7 +507,7 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
         max_in_flight = 2
     else:
         train_data = jnp.asarray(plan.train_ids)
-        step = functools.partial(train.train_step, model_config=mc, train_config=tc)
+        step = functools.partial(train.train_step, model_config=mc, train_config=tc.step_config)
         sample, max_in_flight = train.batch_at, None
 
     def next_batch(step_number):

@@ -221,6 +221,19 @@ class TrainConfig:
         _require(_whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
                  f"it must be a whole number in [0, {SEED_MAX}]")
 
+    @property
+    def step_config(self) -> "TrainConfig":
+        """This config with the fields the train step does not read (the loop's cadence:
+        steps, batch_size, eval/save/log_every) set to fixed values: the static argument
+        to give `train.train_step`, so runs that differ only there share one compiled step.
+
+        Example:
+            >>> TrainConfig(steps=100, log_every=5).step_config == TrainConfig(steps=100, log_every=50).step_config
+            True
+        """
+        return dataclasses.replace(self, steps=self.decay_steps, batch_size=1, eval_every=1, save_every=1,
+                                   log_every=1)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

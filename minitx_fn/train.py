@@ -158,7 +158,9 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig,
                train_config: TrainConfig) -> tuple[TrainState, dict]:
     """One step on batch = (x, y), each (B, T): returns the new state and {"loss", "grad_norm"}.
 
-    The old state is donated: do not use it after the call.
+    The old state is donated: do not use it after the call. The configs are static
+    (hashed into the compilation cache): pass `train_config.step_config` to share one
+    compiled step between runs that differ only in their loop's cadence.
 
     Example:
         >>> mc, tc = ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig()

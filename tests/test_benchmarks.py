@@ -18,61 +18,6 @@ TRAIN_FIELDS = ["config", "impl", "compile_s", "step_ms_median", "step_ms_min", 
 DECODE_FIELDS = ["config", "batch", "mode", "tokens_per_s", "ms_per_token_early", "ms_per_token_late"]
 
 
-def test_benchmark_writes_every_field_and_its_options_change_what_runs(tmp_path, capsys, monkeypatch):
-    """One run of the whole code path on the micro config, with --dtype and --option:
-    every documented JSON field is there and positive, and the options reach the
-    configs that are compiled and decoded, not only the JSON."""
-    from benchmarks import run
-    seen = {"train": [], "decode": []}
-    real_step, real_generate = run.train.train_step, run.gen.generate
-
-    class Spy:
-        def lower(self, state, batch, *, model_config, train_config):
-            seen["train"].append(model_config)
-            return real_step.lower(state, batch, model_config=model_config, train_config=train_config)
-
-        def __call__(self, state, batch, *, model_config, train_config):
-            seen["train"].append(model_config)
-            return real_step(state, batch, model_config=model_config, train_config=train_config)
-
-    def generate(*args, config, **kwargs):
-        seen["decode"].append(config)
-        return real_generate(*args, config=config, **kwargs)
-
-    monkeypatch.setattr(run.train, "train_step", Spy())
-    monkeypatch.setattr(run.gen, "generate", generate)
-    out = tmp_path / "out.json"
-    assert main(["--configs", "micro", "--steps", "2", "--blocks", "2", "--new-tokens", "8", "--loop-steps", "3",
-                 "--dtype", "bfloat16", "--option", "remat=none", "--option", "attention_block=4",
-                 "--json", str(out)]) == 0
-    for config in seen["train"] + seen["decode"]:
-        assert (config.dtype, config.remat, config.attention_block) == ("bfloat16", "none", 4)
-    assert seen["train"] and seen["decode"]
-
-    result = json.loads(out.read_text())
-    assert result["device"]["platform"] and result["versions"]["jax"] and result["peak_gflops"] > 0
-    assert result["peak_gflops_bf16"] > 0
-    assert {r["impl"] for r in result["train"]} == {"minitx", "flax"}          # torch rows: float32 only
-    for row in result["train"]:
-        assert all(row[f] for f in TRAIN_FIELDS)
-        assert all(row[f] > 0 for f in TRAIN_FIELDS[2:])
-    ours = next(r for r in result["train"] if r["impl"] == "minitx")
-    assert ours["ratio_minitx_over_flax"] > 0 and ours["ratio_minitx_over_torch"] is None
-    [loop] = result["loop"]
-    assert loop["config"] == "micro" and loop["steps"] == 3
-    assert loop["bare_tokens_per_s"] > 0 and loop["loop_tokens_per_s"] > 0 and loop["loop_over_bare"] > 0
-    assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(1, "cached"), (1, "recompute"),
-                                                                   (8, "cached"), (8, "recompute")}
-    for row in result["decode"]:
-        assert all(row[f] for f in DECODE_FIELDS[:4]) and row["tokens_per_s"] > 0
-        # Per-token times of a tiny model can sink below the timer's noise: then null, never negative.
-        assert all(row[f] is None or row[f] > 0 for f in DECODE_FIELDS[4:])
-        if row["mode"] == "cached":
-            assert row["bytes_per_token"] > 0
-            assert (row["achieved_gbs"] is None) == (row["ms_per_token_late"] is None)
-    assert "| micro | minitx |" in capsys.readouterr().out
-
-
 @pytest.mark.parametrize("argv, fragment", [(["--blocks", "0"], "--blocks"), (["--steps", "-1"], "--steps"),
                                             (["--json", "/no/such/folder/out.json"], "does not exist"),
                                             (["--option", "d_model=1048576", "--configs", "micro"], "memory")])
@@ -153,3 +98,85 @@ def test_profile_step_lists_the_step_operations():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms per step" not in line]
     assert len(rows) == 3 and all(float(row.split("|")[1]) > 0 for row in rows)
+
+
+def test_gpu_script_runs_every_step_at_toy_sizes_and_every_field_and_option_arrives(tmp_path, capsys, monkeypatch):
+    """`python -m benchmarks.gpu --smoke`: the GPU session's script, proven on the CPU
+    before a GPU ever sees it. Its two benchmark runs (bfloat16 and float32, with
+    --option attention_block=4) are also the benchmark's own test: every documented
+    JSON field is there and positive, and --dtype and --option reach the configs that
+    are compiled and decoded, not only the JSON."""
+    from benchmarks import gpu, run
+    from tests.helpers import standard_promotion
+    seen = []
+    real_step, real_generate = run.train.train_step, run.gen.generate
+
+    class Spy:
+        def lower(self, state, batch, *, model_config, train_config):
+            seen.append(model_config)
+            return real_step.lower(state, batch, model_config=model_config, train_config=train_config)
+
+        def __call__(self, state, batch, *, model_config, train_config):
+            seen.append(model_config)
+            return real_step(state, batch, model_config=model_config, train_config=train_config)
+
+    def generate(*args, config, **kwargs):
+        seen.append(config)
+        return real_generate(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(run.train, "train_step", Spy())
+    monkeypatch.setattr(run.gen, "generate", generate)
+    with standard_promotion():
+        code = gpu.main(["--smoke", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for name in ("env.json", "bench-bfloat16.png", "bench-float32.png", "summary.md",
+                 "shakespeare-char/checkpoint/meta.json"):
+        assert (tmp_path / name).exists(), name
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| recipe | ok |" in summary and "shakespeare-char: validation loss" in summary
+    # The micro config's runs: both benchmarks with attention_block=4; the variants step (defaults) in float32.
+    micro = {(c.dtype, c.attention_block, c.remat) for c in seen if c.vocab_size == 17}
+    assert micro >= {("bfloat16", 4, "matmuls"), ("float32", 4, "matmuls")}
+    assert micro <= {("bfloat16", 4, "matmuls"), ("float32", 4, "matmuls"), ("float32", 128, "matmuls"),
+                     ("float32", 128, "none")}
+
+    for dtype in ("bfloat16", "float32"):
+        result = json.loads((tmp_path / f"bench-{dtype}.json").read_text())
+        assert result["device"]["platform"] and result["versions"]["jax"] and result["peak_gflops"] > 0
+        assert result["options"]["dtype"] == dtype and result["options"]["attention_block"] == 4
+        assert {r["impl"] for r in result["train"]} == {"minitx", "flax"}
+        for row in result["train"]:
+            assert all(row[f] for f in TRAIN_FIELDS) and all(row[f] > 0 for f in TRAIN_FIELDS[2:])
+        ours = next(r for r in result["train"] if r["impl"] == "minitx")
+        assert ours["ratio_minitx_over_flax"] > 0 and ours["ratio_minitx_over_torch"] is None
+        [loop] = result["loop"]
+        assert loop["config"] == "micro" and loop["steps"] == 1 and loop["loop_over_bare"] > 0
+        assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(2, "cached"), (2, "recompute")}
+        for row in result["decode"]:
+            assert all(row[f] for f in DECODE_FIELDS[:4]) and row["tokens_per_s"] > 0
+            # Per-token times of a tiny model can sink below the timer's noise: then null, never negative.
+            assert all(row[f] is None or row[f] > 0 for f in DECODE_FIELDS[4:])
+            if row["mode"] == "cached":
+                assert row["bytes_per_token"] > 0
+                assert (row["achieved_gbs"] is None) == (row["ms_per_token_late"] is None)
+
+
+def test_scaling_sweep_and_pictures_from_a_saved_result(tmp_path):
+    import jax
+
+    from benchmarks import plot
+    from benchmarks.run import bench_scaling
+    sweep = {"context": dict(d_model=16, n_layers=1, n_heads=2, batch=2, values=[8, 16]),
+             "width": dict(max_len=8, n_layers=1, n_heads=2, batch=2, values=[8, 16])}
+    with jax.numpy_dtype_promotion("standard"):
+        rows = bench_scaling(steps=1, sweep=sweep)
+    assert [(r["axis"], r["context"], r["width"]) for r in rows] == [("context", 8, 16), ("context", 16, 16),
+                                                                     ("width", 8, 8), ("width", 8, 16)]
+    assert all(r["step_ms"] > 0 and r["model_gflops_per_step"] > 0 for r in rows)
+    assert rows[1]["model_gflops_per_step"] > rows[0]["model_gflops_per_step"]
+    saved = tmp_path / "r.json"
+    saved.write_text(json.dumps({"device": {"kind": "cpu", "platform": "cpu"}, "versions": {"jax": "x"},
+                                 "scaling": rows}))
+    assert plot.main(["--json", str(saved), "--out", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").stat().st_size > 1000

@@ -25,7 +25,8 @@ TINY = ["--width", "32", "--layers", "2", "--heads", "2", "--context", "16", "--
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", PYTHONPATH=ROOT)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, PYTHONPATH=ROOT)
     env.pop("JAX_PLATFORMS", None)
     return env
 

@@ -33,7 +33,7 @@ def run(tc=TC, state=None, step=None, mc=MC, **kwargs):
     """fit on the 13-token cycle from a fresh state (or `state`), with train_step (or `step`)."""
     init_key, data_key, _ = train.keys(tc.seed)
     state = train.init_state(init_key, mc, tc) if state is None else state
-    step = step or functools.partial(train.train_step, model_config=mc, train_config=tc)
+    step = step or functools.partial(train.train_step, model_config=mc, train_config=tc.step_config)
 
     def next_batch(s):
         return train.batch_at(DATA, data_key, s, batch_size=tc.batch_size, context=mc.max_len)
