@@ -119,8 +119,10 @@ def main(argv=None) -> int:
 
     def tests():
         selected = ["tests/test_train.py", "-k", "batch_of_a_step"] if args.smoke else TESTS
-        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", *selected], cwd=ROOT, text=True,
-                              capture_output=True, timeout=600)
+        # One process (-o addopts= drops pyproject's -n 2): the tests share one GPU, and
+        # the GPU image has no pytest-xdist.
+        done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-o", "addopts=", *selected], cwd=ROOT,
+                              text=True, capture_output=True, timeout=600)
         print(done.stdout[-5000:], done.stderr[-2000:])
         if done.returncode:
             raise RuntimeError(f"pytest exited {done.returncode}")

@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def user_env() -> dict:
+    """The environment of a process started the way a user starts one: without the XLA
+    flags tests/conftest.py adds to make compiling fast."""
+    added = set(os.environ.get("MINITX_TEST_ADDED_XLA_FLAGS", "").split())
+    return dict(os.environ, XLA_FLAGS=" ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if f not in added))
 
 
 def _max_abs(a) -> float:

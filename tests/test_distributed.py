@@ -105,23 +105,6 @@ def _losses(path):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(path))]
 
 
-def test_two_processes_equal_one_process_and_resume_in_one(tmp_path):
-    """Two processes with two devices each train 3 steps; one process trains 6. The
-    losses of steps 1-3 agree (so do the parameters they came from), and the 2-process
-    checkpoint resumed in one process logs the one-process run's steps 4-6."""
-    port = _free_port()
-    two = _finish([_train(tmp_path, *TINY, "--steps", "3", "--out", "two", devices=2, process_id=i, port=port)
-                   for i in range(2)])
-    assert "Data-parallel over 4 devices in 2 process(es)" in two[0][0]
-    assert "Step" not in two[1][0] and "Generated" not in two[1][0]   # only process 0 reports
-    _finish([_train(tmp_path, *TINY, "--steps", "6", "--out", "one")])
-    out, _ = _finish([_train(tmp_path, "--resume", "two", "--steps", "6")])[0]
-    assert "Resuming two from step 3" in out
-    resumed, straight = _losses(tmp_path / "two/metrics.jsonl"), _losses(tmp_path / "one/metrics.jsonl")
-    assert [s for s, _ in resumed] == [s for s, _ in straight] == [1, 2, 3, 4, 5, 6]
-    np.testing.assert_allclose([l for _, l in resumed], [l for _, l in straight], rtol=1e-5)
-
-
 def test_devices_must_divide_the_batch(tmp_path):
     done = subprocess.run([sys.executable, "-m", "minitx_fn", "train", *TINY[:8], "--batch-size", "6", "--devices", "4",
                            "--steps", "2"], env=_env(4), cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -133,13 +116,17 @@ PREEMPTIBLE = [*TINY[:-6], "--log-every", "1", "--save-every", "1000", "--decay-
 
 
 def _start_pair(tmp_path, out: str):
+    """Two processes with two devices each; returns them once process 0 has reported
+    step 3, with the lines it printed until then."""
     port = _free_port()
     procs = [_train(tmp_path, *PREEMPTIBLE, "--out", out, devices=2, process_id=i, port=port) for i in range(2)]
     deadline = time.monotonic() + 180
+    seen = []
     for line in procs[0].stdout:                          # process 0 reports; wait until it has trained a few steps
+        seen.append(line)
         if line.startswith("Step 3,") or time.monotonic() > deadline:
             break
-    return procs
+    return procs, "".join(seen)
 
 
 def _wait(procs, timeout):
@@ -150,26 +137,26 @@ def _wait(procs, timeout):
             p.kill()
 
 
-@pytest.mark.parametrize("who", ["one", "both"])
-def test_sigterm_preempts_every_process_at_one_step_and_resumes_exactly(tmp_path, who):
-    """SIGTERM to process 1 (or to both): JAX's preemption service makes both processes
-    save one checkpoint at the same step and exit 143; that checkpoint resumed in one
-    process logs what an uninterrupted one-process run logs."""
-    procs = _start_pair(tmp_path, "pre")
-    for p in (procs[1:] if who == "one" else procs):
-        p.send_signal(signal.SIGTERM)
+def test_two_processes_equal_one_and_sigterm_to_one_preempts_both_at_one_step(tmp_path):
+    """Two processes with two devices each train on one global batch; SIGTERM to
+    process 1 alone: JAX's preemption service makes both save one checkpoint at the
+    same step and exit 143. The losses before it equal a one-process run's, and the
+    checkpoint resumed in one process logs what the uninterrupted run logs after it."""
+    procs, printed = _start_pair(tmp_path, "pre")
+    assert "Data-parallel over 4 devices in 2 process(es)" in printed
+    procs[1].send_signal(signal.SIGTERM)
     results = _wait(procs, timeout=120)
     assert [code for code, _ in results] == [143, 143], [err[-2000:] for _, err in results]
     assert all("Traceback" not in err for _, err in results)
+    assert "Step" not in procs[1].stdout.read()           # only process 0 reports
     step = json.load(open(tmp_path / "pre/checkpoint/meta.json"))["step"]
     assert step >= 3
-    _finish([_train(tmp_path, *PREEMPTIBLE[:-4], "--decay-steps", "1000", "--steps", str(step + 3), "--out", "ref")])
+    _finish([_train(tmp_path, *PREEMPTIBLE[:-4], "--steps", str(step + 3), "--out", "ref")])
     out, _ = _finish([_train(tmp_path, "--resume", "pre", "--steps", str(step + 3))])[0]
     assert f"Resuming pre from step {step}" in out
-    resumed = [l for s, l in _losses(tmp_path / "pre/metrics.jsonl") if s > step]
-    straight = [l for s, l in _losses(tmp_path / "ref/metrics.jsonl") if s > step]
-    assert len(resumed) == len(straight) == 3
-    np.testing.assert_allclose(resumed, straight, rtol=1e-5)
+    both, one = _losses(tmp_path / "pre/metrics.jsonl"), _losses(tmp_path / "ref/metrics.jsonl")
+    assert [s for s, _ in both] == [s for s, _ in one] == list(range(1, step + 4))
+    np.testing.assert_allclose([l for _, l in both], [l for _, l in one], rtol=1e-5)
 
 
 def test_a_dead_process_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_path):

@@ -21,7 +21,7 @@ from minitx_fn import model
 from minitx_fn.config import ModelConfig
 from minitx_fn.layers import attention, block, dropout, embedding, feedforward, linear, norm, positional
 from tests.flax_reference import sinusoidal_table
-from tests.helpers import check_layer
+from tests.helpers import assert_close_scaled, check_layer
 
 # Small sets of sizes, so the compiled functions are reused across examples.
 WIDTHS = st.sampled_from([4, 8, 12])
@@ -163,7 +163,7 @@ def test_feedforward_acts_on_each_position_alone(d, t, seed, pos):
     others = np.arange(t) != pos
     np.testing.assert_array_equal(y[:, others], y2[:, others])
     # And equals the layer applied to that position alone.
-    np.testing.assert_allclose(feedforward_apply(p, x[:, pos:pos + 1])[:, 0], y[:, pos], rtol=1e-5, atol=1e-6)
+    assert_close_scaled(feedforward_apply(p, x[:, pos:pos + 1])[:, 0], y[:, pos], 1e-5, floor=1.0)
 
 
 @given(h=st.sampled_from([1, 2]), t=LENGTHS, seed=SEEDS)
@@ -187,8 +187,7 @@ def test_attention_first_position_returns_its_own_value_projection(key, rng):
     p = attention.init(key, d_model=8, n_heads=2, std=0.5)
     x = rng.standard_normal((1, 4, 8), np.float32)
     v0 = linear.apply(p["qkv"], x[:, :1])[..., 16:]
-    np.testing.assert_allclose(attention.apply(p, x, n_heads=2)[:, 0], linear.apply(p["out"], v0)[:, 0],
-                               rtol=1e-5, atol=1e-6)
+    assert_close_scaled(attention.apply(p, x, n_heads=2)[:, 0], linear.apply(p["out"], v0)[:, 0], 1e-5, floor=1.0)
 
 
 @pytest.mark.parametrize("impl", ["dot_product_attention"])
@@ -197,8 +196,8 @@ def test_attention_impls_agree(key, rng, impl):
     x = rng.standard_normal((2, 9, 12), np.float32)
     mask = attention.causal_mask(9)[None, None] & (jnp.arange(9) >= 2)[None, None, None, :]
     for m in (None, mask):
-        np.testing.assert_allclose(attention.apply(p, x, n_heads=3, mask=m, impl=impl),
-                                   attention.apply(p, x, n_heads=3, mask=m, impl="einsum"), rtol=1e-5, atol=1e-6)
+        assert_close_scaled(attention.apply(p, x, n_heads=3, mask=m, impl=impl),
+                            attention.apply(p, x, n_heads=3, mask=m, impl="einsum"), 1e-5, floor=1.0)
 
 
 @given(t=LENGTHS, block=st.sampled_from([0, 1, 2, 3, 8]), impl=st.sampled_from(["einsum", "dot_product_attention"]),
@@ -208,7 +207,7 @@ def test_causal_blockwise_equals_the_whole_score_matrix(t, block, impl, seed):
     size, dividing T or not (ragged last block), larger than T or 0 (one block)."""
     q, k, v = normal(seed, 3, 2, t, 2, 4, scale=2.0)
     whole = scaled_dot_product(q, k, v, attention.causal_mask(t)[None, None], impl=impl)
-    np.testing.assert_allclose(causal_blockwise(q, k, v, block=block, impl=impl), whole, rtol=1e-5, atol=1e-6)
+    assert_close_scaled(causal_blockwise(q, k, v, block=block, impl=impl), whole, 1e-5, floor=1.0)
 
 
 @given(t=st.integers(1, 40), block=st.integers(0, 12))

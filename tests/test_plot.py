@@ -17,7 +17,7 @@ def _uniform_maps(layers: int, heads: int, t: int) -> np.ndarray:
     return np.broadcast_to(np.tril(np.ones((t, t))) / np.arange(1, t + 1)[:, None], (layers, heads, t, t))
 
 
-@pytest.mark.parametrize("t", [5, 30, 120])
+@pytest.mark.parametrize("t", [5, 30])
 def test_attention_picture_is_sized_for_the_prompt(tmp_path, t):
     """At least ~24 px per token on each axis (legible labels), panels never shrunk
     below ~170 px, and a 2 x 4 grid of a 30-token prompt fits a laptop screen."""
