@@ -260,7 +260,9 @@ def _read_arrays(path: str, expected: dict) -> dict[str, np.ndarray]:
     name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
-            blob = f.read(expected["bytes"] + 1)
+            # The size first: meta.json may claim any number, and only a file of the
+            # recorded size is worth reading.
+            blob = f.read() if os.fstat(f.fileno()).st_size == expected["bytes"] else b""
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file {path!r} is missing; the checkpoint is incomplete") from None
     except OSError as e:

@@ -174,23 +174,29 @@ def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler:
     return state.tokens, state.token_logits, state.length
 
 
+def _token_ids(values, config: ModelConfig, what: str) -> np.ndarray:
+    """One sequence of token ids -> (n,) int32, or ValueError naming `what`."""
+    ids = np.asarray(values).reshape(-1)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{what} holds {ids.dtype} values; token ids are integers")
+    if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+        raise ValueError(f"{what} has token ids outside [0, {config.vocab_size})")
+    return ids.astype(np.int32)
+
+
 def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
     if not len(prompts):
         raise ValueError("no prompts given")
     out = []
     for i, p in enumerate(prompts):
-        p = np.asarray(p).reshape(-1)
+        p = _token_ids(p, config, f"prompt {i}")
         if p.size == 0:
             raise ValueError(f"prompt {i} is empty; give at least one token")
-        if not np.issubdtype(p.dtype, np.integer):
-            raise ValueError(f"prompt {i} holds {p.dtype} values; token ids are integers")
-        if p.min() < 0 or p.max() >= config.vocab_size:
-            raise ValueError(f"prompt {i} has token ids outside [0, {config.vocab_size})")
-        out.append(p[-config.max_len:].astype(np.int32))    # longer prompts: their last S tokens
+        out.append(p[-config.max_len:])                     # longer prompts: their last S tokens
     return out
 
 
-def generate(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_tokens: int,
+def generate(params, prompts, *, config: ModelConfig, key: jax.Array | None, max_new_tokens: int,
              sampler: Sampler = Sampler(temperature=0.0), stop: tuple[int, ...] = (),
              return_logits: bool = False):
     """Continue each prompt (a sequence of token ids) by up to max_new_tokens tokens.
@@ -202,6 +208,8 @@ def generate(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_to
     Rows are independent (module docstring): row b's tokens depend only on its
     prompt, `key` and b. Row b samples its n-th token with
     fold_in(fold_in(key, b), n), so the same prompts and key give the same tokens.
+    key may be None for a greedy sampler, which draws nothing. `stop` ids, like the
+    prompts', lie in [0, V).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
@@ -209,14 +217,19 @@ def generate(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_to
         >>> [t.shape for t in generate(p, [[1, 2], [3]], config=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number >= 1")
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+            or not 1 <= max_new_tokens < 2**31:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number in [1, 2**31)")
+    if key is None:
+        if not sampler.is_greedy:
+            raise ValueError("sampling needs a key: pass key=jax.random.key(seed)")
+        key = jax.random.key(0)                  # greedy draws nothing; the loop still takes a key
     prompts = _check_prompts(prompts, config)
+    stop = _token_ids(stop, config, "the stop sequence")
     lengths = np.array([len(p) for p in prompts], np.int32)                             # (B,)
     window = np.zeros((len(prompts), config.max_len), np.int32)                         # (B, S)
     for row, p in enumerate(prompts):
         window[row, :len(p)] = p
-    stop = np.asarray(stop, np.int32).reshape(-1)
     ids, logits, lengths = _decode(params, jnp.asarray(window), jnp.asarray(lengths), key, jnp.asarray(stop),
                                    config=config, sampler=sampler,
                                    prompt_len=bucket_length(int(lengths.max()), config.max_len),

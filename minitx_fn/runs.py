@@ -137,9 +137,10 @@ class Lock:
         try:
             with open(self.path) as f:
                 pid, host = f.read().split()
-            return int(pid), host
+            pid = int(pid)
         except (OSError, ValueError):
             return None
+        return (pid, host) if 0 < pid < 2**31 else None     # no process has another PID (0 and -n are groups)
 
     def __enter__(self) -> "Lock":
         me = f"{os.getpid()} {socket.gethostname()}\n"

@@ -16,6 +16,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from minitx_fn.errors import ConfigError
 
@@ -70,6 +71,11 @@ def top_p_mask(logits: jax.Array, p: float) -> jax.Array:
     return jnp.zeros(logits.shape, bool).at[rows, order].set(keep_sorted)
 
 
+# The smallest positive float32 that is not subnormal: a subnormal temperature is
+# flushed to zero on some devices, and x / 0 is not a distribution.
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """temperature == 0 is greedy; otherwise softmax(logits / temperature), truncated
@@ -87,8 +93,9 @@ class Sampler:
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
-        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")):
-            raise ConfigError("{t} is invalid: it must be a finite number >= 0 (0 means greedy)",
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")
+                and (t == 0 or t >= MIN_TEMPERATURE)):
+            raise ConfigError("{t} is invalid: it must be 0 (greedy) or a finite number >= %g" % MIN_TEMPERATURE,
                               t=("temperature", t))
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
             raise ConfigError("{k} is invalid: it must be a whole number >= 1", k=("top_k", k))
@@ -100,8 +107,13 @@ class Sampler:
         return self.temperature == 0 or self.top_k == 1
 
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
-        """(B, V) -> (B, V) float32: scaled by 1/temperature, dropped entries -inf."""
-        logits = logits.astype(jnp.float32) / self.temperature
+        """(B, V) -> (B, V) float32: scaled by 1/temperature, dropped entries -inf.
+
+        The row's largest logit is subtracted first (softmax does not change), so a
+        tiny temperature sends the others to -inf and the largest stays at 0: the
+        limit t -> 0 is greedy, never inf - inf = NaN."""
+        logits = logits.astype(jnp.float32)
+        logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / self.temperature
         if self.top_k is not None:
             logits = jnp.where(top_k_mask(logits, self.top_k), logits, -jnp.inf)
         if self.top_p is not None:

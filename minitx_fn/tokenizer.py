@@ -25,7 +25,9 @@ def code_points(text: str) -> np.ndarray:
         >>> code_points("hé").tolist()
         [104, 233]
     """
-    return np.frombuffer(text.encode("utf-32-le"), np.uint32)
+    # surrogatepass: a lone surrogate (how Python keeps a command-line byte that is not
+    # UTF-8) becomes its own code point, which no vocabulary holds, so encode names it.
+    return np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32)
 
 
 @dataclasses.dataclass(frozen=True)

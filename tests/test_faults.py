@@ -174,6 +174,11 @@ CASES = [
     ("meta.json says max_len 1e9", lambda w: _edit_meta("builtin", lambda m: m["model_config"].update(
         max_len=10**9)), ["generate", "--checkpoint", "builtin", "--prompt", "hello"],
      ["this generation needs at least", "--max-new-tokens"], None, 2),
+    ("meta.json claims a file of a petabyte", lambda w: _edit_meta("builtin", lambda m: m["files"]["params.npz"].update(
+        bytes=10**15)), ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["params.npz", "is damaged"],
+     None, 2),
+    ("a lock naming an impossible PID", lambda w: open("builtin/.lock", "w").write(f"{10**20} {socket.gethostname()}"),
+     ["train", "--resume", "builtin", "--steps", "30"], ["exists but is unreadable"], "builtin", 2),
     ("parameters with NaN and a matching checksum", lambda w: _resign_params(
         "builtin", lambda a: a["head/b"].__setitem__(0, np.nan)),
      ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["'head/b' holds non-finite values"], None, 2),
@@ -194,6 +199,10 @@ CASES = [
     ("an unknown flag", _nothing, ["train", "--bogus"], ["unrecognized arguments: --bogus"], None, 2),
     ("a prompt the model cannot encode, before training", _nothing, ["train", *RUN, "--prompt", "Zebra", "--out", "z"],
      ["'Zb'", "not in the vocabulary"], None, 2),
+    ("a prompt that is not UTF-8", _nothing, ["generate", "--checkpoint", "builtin", "--prompt", "h\udcff"],
+     ["'\\udcff'", "not in the vocabulary"], "builtin", 2),
+    ("a prompt that is not UTF-8, before training", _nothing, ["train", *RUN, "--prompt", "h\udcff", "--out", "u"],
+     ["not in the vocabulary"], None, 2),
     ("an empty prompt", _nothing, ["generate", "--checkpoint", "builtin", "--prompt", ""], ["the prompt is empty"],
      "builtin", 2),
     ("a stop string the model cannot encode", _nothing, ["generate", "--checkpoint", "builtin", "--prompt", "hello",

@@ -209,10 +209,25 @@ def test_bad_prompts(prompts, match):
         gen.generate(PARAMS, prompts, config=CFG, key=jax.random.key(0), max_new_tokens=2)
 
 
-@pytest.mark.parametrize("n", [0, -3, 2.5])
+@pytest.mark.parametrize("n", [0, -3, 2.5, True, 2**31])
 def test_bad_max_new_tokens(n):
     with pytest.raises(ValueError, match="max_new_tokens"):
         gen.generate(PARAMS, [[1]], config=CFG, key=jax.random.key(0), max_new_tokens=n)
+
+
+@pytest.mark.parametrize("stop, match", [((-1, 2), "outside"), ((99,), "outside"), ((2**40,), "outside"),
+                                         ((1.5,), "integers")])
+def test_bad_stop_ids(stop, match):
+    """-1 would match the padding before the first token; ids beyond V can never be drawn."""
+    with pytest.raises(ValueError, match=f"stop sequence.*{match}"):
+        gen.generate(PARAMS, [[1]], config=CFG, key=jax.random.key(0), max_new_tokens=2, stop=stop)
+
+
+def test_greedy_needs_no_key_and_sampling_does():
+    with_key = gen.generate(PARAMS, [[1, 2]], config=CFG, key=jax.random.key(5), max_new_tokens=4)[0]
+    np.testing.assert_array_equal(gen.generate(PARAMS, [[1, 2]], config=CFG, key=None, max_new_tokens=4)[0], with_key)
+    with pytest.raises(ValueError, match="sampling needs a key"):
+        gen.generate(PARAMS, [[1]], config=CFG, key=None, max_new_tokens=2, sampler=Sampler(temperature=1.0))
 
 
 def test_window_of_one_slot():

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn.sampling import GREEDY, Sampler, greedy, top_k_mask, top_p_mask
+from minitx_fn.sampling import GREEDY, MIN_TEMPERATURE, Sampler, greedy, top_k_mask, top_p_mask
 
 V_CHOICES = st.sampled_from([5, 17])
 SEEDS = st.integers(0, 2**31 - 1)
@@ -118,7 +118,16 @@ def test_frequencies_match_the_truncated_distribution(sampler):
     assert chi2 < 60.0, (counts, n * expected)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"temperature": -1.0}, "temperature"), ({"top_k": 0}, "top_k"),
+def test_the_smallest_temperature_is_greedy(rng):
+    """t -> 0 is the argmax: at the smallest temperature allowed (float32's smallest
+    normal number) every row draws greedy's token, never a NaN's id 0."""
+    logits = jnp.asarray(rng.standard_normal((64, 7)), jnp.float32)
+    cold = Sampler(temperature=MIN_TEMPERATURE)(logits, jax.random.key(0))
+    np.testing.assert_array_equal(cold, greedy(logits))
+
+
+@pytest.mark.parametrize("kwargs, match", [({"temperature": -1.0}, "temperature"),
+                                           ({"temperature": 1e-320}, "temperature"), ({"top_k": 0}, "top_k"),
                                            ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
