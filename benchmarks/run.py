@@ -278,6 +278,9 @@ def bench_scaling(*, steps: int, sweep: dict = SCALING, **model_options) -> list
 
 
 def _markdown_table(header: list[str], rows: list[list], out) -> None:
+    """A markdown table, or nothing for no rows (the scaling suite times no configs)."""
+    if not rows:
+        return
     print("\n| " + " | ".join(header) + " |", file=out)
     print("|" + "---|" * len(header), file=out)
     for row in rows:
