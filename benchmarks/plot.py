@@ -110,6 +110,8 @@ def main(argv=None) -> int:
         draw(result, args.out)
     except (OSError, ValueError) as e:
         p.error(str(e))
+    except (KeyError, TypeError, AttributeError, IndexError) as e:     # valid JSON of another shape
+        p.error(f"{args.json!r} is not a result of python -m benchmarks ({type(e).__name__}: {e})")
     print(f"Pictures: {args.out}")
     return 0
 

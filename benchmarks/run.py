@@ -350,9 +350,9 @@ def main(argv=None) -> int:
     options = {"attention": args.attention, "dtype": args.dtype, **dict(args.option)}
     check_options(p, names, options)
     if args.json:
-        check_output_path(p, args.json)
+        check_output_path(p, args.json, "--json")
     if args.plot:
-        check_output_path(p, args.plot)
+        check_output_path(p, args.plot, "--plot")
         if not args.plot.lower().endswith((".png", ".pdf", ".svg")):
             p.error(f"--plot {args.plot!r}: give a .png, .pdf or .svg file name")
     for name in names:
@@ -403,10 +403,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def check_output_path(parser: argparse.ArgumentParser, path: str) -> None:
-    """Exit through parser.error unless a file can be written at path (checked before hours of timing)."""
+def check_output_path(parser: argparse.ArgumentParser, path: str, flag: str) -> None:
+    """Exit through parser.error, naming flag, unless a file can be written at path
+    (checked before hours of timing)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        parser.error(f"--json {path!r} is a directory")
+        parser.error(f"{flag} {path!r} is a directory")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        parser.error(f"--json {path!r}: folder {folder!r} does not exist or is not writable")
+        parser.error(f"{flag} {path!r}: folder {folder!r} does not exist or is not writable")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import signal
 import sys
@@ -35,17 +34,19 @@ import numpy as np
 
 from minitx_fn.errors import Error, StorageError
 
+# No preset sets min_lr: it is --lr / 10 (nanoGPT's 1e-4 at lr 1e-3), so a lower --lr
+# brings the end of the cosine down with it.
 PRESETS = {
     # The built-in corpus: a small, fast model that learns the three-phrase cycle.
     "hello": {"width": 64, "layers": 2, "heads": 4, "context": 32, "dropout": 0.0, "batch_size": 16, "steps": 500,
               "lr": 3e-3, "warmup": 50, "eval_every": 250, "save_every": 500, "log_every": 100},
     # nanoGPT's CPU recipe for Tiny Shakespeare (its README, "baby GPT").
     "shakespeare-baby": {"width": 128, "layers": 4, "heads": 4, "context": 64, "dropout": 0.0, "batch_size": 12,
-                         "steps": 2000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250,
+                         "steps": 2000, "lr": 1e-3, "warmup": 100, "eval_every": 250,
                          "save_every": 500, "log_every": 100},
     # nanoGPT's GPU recipe (config/train_shakespeare_char.py): 10.7M parameters, hours on 2 CPU cores.
     "shakespeare-char": {"width": 384, "layers": 6, "heads": 6, "context": 256, "dropout": 0.2, "batch_size": 64,
-                         "steps": 5000, "lr": 1e-3, "min_lr": 1e-4, "warmup": 100, "eval_every": 250,
+                         "steps": 5000, "lr": 1e-3, "warmup": 100, "eval_every": 250,
                          "save_every": 1000, "log_every": 100},
 }
 # Flags that set a config field under another name; every other field's flag is its name.
@@ -116,12 +117,36 @@ def _float(text: str) -> float:
     return value
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    try:
-        return None if value is None else int(value)
-    except ValueError:
-        raise UsageError(f"environment variable {name}={value!r} is not a whole number") from None
+def _address(text: str) -> str:
+    """HOST:PORT, the port in [1, 65535]."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HOST:PORT with a port in [1, 65535]")
+    return text
+
+
+# The multi-process flags and the environment variables that stand in for them (a
+# scheduler sets these per process). Read by `minitx train` only when it starts, so a
+# stray variable never changes or breaks another command.
+MULTI_PROCESS_ENV = {"coordinator": ("MINITX_COORDINATOR", _address),
+                     "num_processes": ("MINITX_NUM_PROCESSES", _positive),
+                     "process_id": ("MINITX_PROCESS_ID", _int_in(0, INT32_MAX)),
+                     "heartbeat_timeout": ("MINITX_HEARTBEAT_TIMEOUT", _int_in(1, 86400))}
+
+
+def _with_environment(args) -> dict:
+    """Each multi-process setting from its flag, else from its environment variable;
+    the variables only once a coordinator is known (a run without one is one process)."""
+    settings = {}
+    for name, (variable, parse) in MULTI_PROCESS_ENV.items():
+        value, text = getattr(args, name), os.environ.get(variable)
+        if value is None and text is not None and (name == "coordinator" or settings["coordinator"] is not None):
+            try:
+                value = parse(text)
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"environment variable {variable}: {e}") from None
+        settings[name] = value
+    return settings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -204,15 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of that sample (default %(default)s)")
     t.add_argument("--devices", type=_positive, help="data-parallel over the first N devices (default: all)")
     t.add_argument("--fsdp", action="store_true", help="split parameters and optimiser state over the devices")
-    t.add_argument("--coordinator", metavar="HOST:PORT", default=os.environ.get("MINITX_COORDINATOR"),
+    t.add_argument("--coordinator", metavar="HOST:PORT", type=_address,
                    help="multi-process run: address of process 0 (or MINITX_COORDINATOR)")
-    t.add_argument("--num-processes", type=_positive, default=_env_int("MINITX_NUM_PROCESSES"),
+    t.add_argument("--num-processes", type=_positive,
                    help="multi-process run: how many processes (or MINITX_NUM_PROCESSES)")
-    t.add_argument("--process-id", type=_int_in(0, INT32_MAX), default=_env_int("MINITX_PROCESS_ID"),
+    t.add_argument("--process-id", type=_int_in(0, INT32_MAX),
                    help="multi-process run: this process's index, 0 .. N - 1 (or MINITX_PROCESS_ID)")
-    t.add_argument("--heartbeat-timeout", type=_int_in(1, 86400), default=_env_int("MINITX_HEARTBEAT_TIMEOUT"),
+    t.add_argument("--heartbeat-timeout", type=_int_in(1, 86400),
                    help="multi-process run: seconds after which the others stop when a process dies "
-                        "(or MINITX_HEARTBEAT_TIMEOUT; default 60)")
+                        "(or MINITX_HEARTBEAT_TIMEOUT, read only in multi-process runs; default 60)")
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model", epilog=GENERATE_EXAMPLES, **kw)
     g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -289,10 +314,13 @@ def _configs(settings: dict, vocab_size: int):
 
 
 def _start_processes(args) -> bool:
-    """Join a multi-process run when asked; True in the process that writes (process 0)."""
-    if args.heartbeat_timeout is not None and args.coordinator is None:
+    """Join a multi-process run when asked; True in the process that writes (process 0).
+    Fills args' multi-process settings from the environment where no flag gave them."""
+    settings = _with_environment(args)
+    if args.heartbeat_timeout is not None and settings["coordinator"] is None:
         raise UsageError("--heartbeat-timeout is for multi-process runs; give --coordinator, --num-processes and "
                          "--process-id too")
+    vars(args).update(settings)
     given = [args.coordinator, args.num_processes, args.process_id]
     if all(v is None for v in given):
         return True
@@ -605,16 +633,17 @@ def _draw_losses(metrics_path: str, png: str, out) -> str | None:
 
 
 def _next_steps(run_dir: str, prompt: str, picture: str | None, out) -> None:
-    quoted = json.dumps(prompt) if any(c in prompt for c in " '\"\\$`!") else prompt
+    """Commands to copy into a POSIX shell: every path and prompt shell-quoted."""
+    import shlex
+    run, quoted, attention_png = (shlex.quote(a) for a in (run_dir, prompt, os.path.join(run_dir, "attention.png")))
     print("\nNext:", file=out)
-    print(f"  minitx generate --checkpoint {run_dir} --prompt {quoted} --temperature 0.8", file=out)
-    print(f"  minitx attention --checkpoint {run_dir} --prompt {quoted} --out {os.path.join(run_dir, 'attention.png')}",
-          file=out)
+    print(f"  minitx generate --checkpoint {run} --prompt {quoted} --temperature 0.8", file=out)
+    print(f"  minitx attention --checkpoint {run} --prompt {quoted} --out {attention_png}", file=out)
     if picture is None:
-        print("  pip install -e \".[plot]\"    then: minitx plot " + run_dir, file=out)
+        print("  pip install -e \".[plot]\"    then: minitx plot " + run, file=out)
     else:
-        print(f"  minitx plot {run_dir} --log", file=out)
-    print(f"  minitx train --resume {run_dir} --steps N    to train further", file=out)
+        print(f"  minitx plot {run} --log", file=out)
+    print(f"  minitx train --resume {run} --steps N    to train further", file=out)
 
 
 def _generate_text(params, mc, tokenizer, prompt: str, max_new_tokens: int, key, sampler=None,

@@ -83,15 +83,27 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
         >>> download("file://" + src, dst, hashlib.sha256(b"to be").hexdigest()), open(dst).read()
         (True, 'to be')
     """
+    if not path:
+        raise DataError("the output path is empty; give a file path")
+    if os.path.isdir(path):
+        raise DataError(f"{path!r} is a directory; give a file path")
     if os.path.exists(path):
-        if _file_sha256(path) == sha256:
+        try:
+            same = _file_sha256(path) == sha256
+        except OSError as e:
+            raise DataError(f"cannot read {path!r}: {e.strerror}") from None
+        if same:
             return False
         raise DataError(f"{path!r} exists and is not the expected file (its SHA-256 differs); move it away or "
                         f"choose another path")
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    made_folder = not os.path.isdir(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".download-", dir=folder)
+    except OSError as e:
+        raise DataError(f"cannot write into {folder!r}: {e.strerror or e}; choose another path") from None
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix=".download-", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             try:
@@ -106,12 +118,20 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
         if digest.hexdigest() != sha256:
             raise DownloadError(f"the file at {url} has SHA-256 {digest.hexdigest()}, not the expected {sha256}; "
                                 f"nothing was written to {path}")
-        os.chmod(tmp, runs.file_mode())                   # mkstemp makes it 0600
-        os.replace(tmp, path)
+        try:
+            os.chmod(tmp, runs.file_mode())                   # mkstemp makes it 0600
+            os.replace(tmp, path)
+        except OSError as e:
+            raise DownloadError(f"cannot write {path!r}: {e.strerror or e}; nothing was written there") from None
         return True
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if made_folder and not os.path.exists(path):
+            try:
+                os.removedirs(folder)                         # the folders this call made, if still empty
+            except OSError:
+                pass
 
 
 def _file_sha256(path: str) -> str:

@@ -60,8 +60,9 @@ def plot_losses(metrics_path: str, png_path: str, *, log: bool = False) -> str |
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     if train:
-        ax.plot([r["step"] for r in train], [r["loss"] for r in train], "-", color="tab:blue", lw=1.6,
-                label="train (mean since the previous record)")
+        # Markers while there are few records: one record is a point, which a bare line never draws.
+        ax.plot([r["step"] for r in train], [r["loss"] for r in train], "o-" if len(train) < 30 else "-",
+                color="tab:blue", lw=1.6, ms=3, label="train (mean since the previous record)")
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", color="tab:orange", lw=1.6, ms=4,
                 label="validation")

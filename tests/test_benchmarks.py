@@ -19,7 +19,8 @@ DECODE_FIELDS = ["config", "batch", "mode", "tokens_per_s", "ms_per_token_early"
 
 
 @pytest.mark.parametrize("argv, fragment", [(["--blocks", "0"], "--blocks"), (["--steps", "-1"], "--steps"),
-                                            (["--json", "/no/such/folder/out.json"], "does not exist"),
+                                            (["--json", "/no/such/folder/out.json"], "--json '/no/such"),
+                                            (["--plot", "/no/such/folder/out.png"], "--plot '/no/such"),
                                             (["--option", "d_model=1048576", "--configs", "micro"], "memory")])
 def test_bad_arguments_stop_before_any_timing(argv, fragment, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -180,3 +181,15 @@ def test_scaling_sweep_and_pictures_from_a_saved_result(tmp_path):
                                  "scaling": rows}))
     assert plot.main(["--json", str(saved), "--out", str(tmp_path / "s.png")]) == 0
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"train": [{"config": "a"}]}', '{"train": [1]}',
+                                     '{"decode": [{"config": "a", "mode": "cached"}]}', '{"scaling": [{}]}'])
+def test_plot_of_json_that_is_no_result_is_one_usage_line(tmp_path, capsys, content):
+    from benchmarks import plot
+    saved = tmp_path / "r.json"
+    saved.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main(["--json", str(saved), "--out", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "is not a result of python -m benchmarks" in err and "Traceback" not in err

@@ -9,6 +9,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minitx_fn import checkpoint, data, plot, runs
 from minitx_fn.cli import PRESETS, build_parser
@@ -205,3 +207,32 @@ def test_shakespeare_char_preset_is_nanogpts_gpu_recipe(capsys, monkeypatch, rng
     assert (mc.n_layers, mc.n_heads, mc.d_model, mc.max_len, mc.dropout) == (6, 6, 384, 256, 0.2)
     assert (tc.batch_size, tc.steps, tc.lr, tc.warmup, tc.min_lr) == (64, 5000, 1e-3, 100, 1e-4)
     assert (tc.b1, tc.b2, tc.weight_decay, tc.grad_clip) == (0.9, 0.99, 0.1, 1.0)
+
+
+@pytest.mark.parametrize("preset", ["shakespeare-baby", "shakespeare-char"])
+def test_a_lower_lr_brings_the_presets_final_lr_down_with_it(capsys, monkeypatch, rng, preset):
+    """No preset fixes min_lr: it is --lr / 10, so --lr below the preset's floor is a
+    valid run, not an error about a flag the user never typed."""
+    from minitx_fn import cli
+    plans = []
+    monkeypatch.setattr(cli, "_run", lambda args, plan, *rest: plans.append(plan) or 0)
+    open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not"], 3000)))
+    code, _, err = run_main(capsys, "train", "--data", "text.txt", "--preset", preset, "--lr", "5e-5")
+    assert code == 0, err
+    assert (plans[0].train_config.lr, plans[0].train_config.min_lr) == (5e-5, 5e-5 / 10)
+
+
+@given(run_dir=st.text(min_size=1, max_size=12), prompt=st.text(min_size=1, max_size=12))
+def test_next_step_commands_are_shell_words_that_give_back_the_run_and_prompt(run_dir, prompt):
+    """Each printed command, split as a POSIX shell splits it, passes exactly this run
+    directory and this prompt (spaces, quotes, $, ;, newlines, any Unicode)."""
+    import io
+    import shlex
+
+    from minitx_fn.cli import _next_steps
+    out = io.StringIO()
+    _next_steps(run_dir, prompt, "loss.png", out)
+    text = out.getvalue()
+    generate = shlex.split(text[text.index("minitx generate"):text.index("minitx attention")])
+    assert generate[generate.index("--checkpoint") + 1] == run_dir
+    assert generate[generate.index("--prompt") + 1] == prompt

@@ -227,6 +227,10 @@ CASES = [
                                                      "--process-id", "2"], ["--process-id 2 must lie in [0, 2)"], None, 2),
     ("a heartbeat timeout without processes", _nothing, ["train", "--heartbeat-timeout", "5"],
      ["--heartbeat-timeout is for multi-process runs"], None, 2),
+    ("a coordinator without a port", _nothing, ["train", "--coordinator", "garbage", "--num-processes", "2",
+                                                "--process-id", "0"], ["--coordinator", "HOST:PORT"], None, 2),
+    ("a coordinator port beyond 65535", _nothing, ["train", "--coordinator", "127.0.0.1:99999"],
+     ["--coordinator", "a port in [1, 65535]"], None, 2),
     # --- downloads
     ("a download without a network", _nothing, ["data", "shakespeare", "--url", "http://127.0.0.1:1/input.txt",
                                                 "--out", "ts.txt"], ["cannot download", "put it at ts.txt"], None, 1),
@@ -235,6 +239,12 @@ CASES = [
      ["not the expected", "nothing was written to ts.txt"], None, 1),
     ("a download onto another file", lambda w: open("ts.txt", "w").write("mine"),
      ["data", "shakespeare", "--out", "ts.txt"], ["exists and is not the expected file"], None, 2),
+    ("a download onto a directory", lambda w: os.mkdir("d"), ["data", "shakespeare", "--out", "d"],
+     ["is a directory"], None, 2),
+    ("a download through a file", lambda w: open("f", "w").close(), ["data", "shakespeare", "--out", "f/ts.txt"],
+     ["cannot write into"], None, 2),
+    ("a download to an empty path", _nothing, ["data", "shakespeare", "--out", ""], ["the output path is empty"],
+     None, 2),
     # --- data files
     ("a missing data file", _nothing, ["train", "--data", "in.txt"], ["does not exist"], None, 2),
     ("a data directory", lambda w: os.mkdir("in.txt"), ["train", "--data", "in.txt"], ["is a directory"], None, 2),
@@ -259,6 +269,18 @@ def test_fault(work, capsys, name, setup, argv, fragments, keep, status):
     if argv[0] == "train" and "--out" in argv and keep is None:      # a refused new run trained nothing
         target = argv[argv.index("--out") + 1]
         assert not os.path.exists(os.path.join(target, "checkpoint")) or target in ("builtin", "text")
+
+
+def test_multi_process_variables_are_read_only_by_a_multi_process_run(work, capsys, monkeypatch):
+    """MINITX_HEARTBEAT_TIMEOUT exported for a cluster does not stop a one-process run,
+    a malformed variable breaks no other command, and one a run would use is named."""
+    monkeypatch.setenv("MINITX_HEARTBEAT_TIMEOUT", "60")
+    monkeypatch.setenv("MINITX_NUM_PROCESSES", "abc")
+    assert run_main(capsys, "train", "--resume", "builtin", "--steps", "21")[0] == 0
+    assert run_main(capsys, "generate", "--checkpoint", "builtin", "--prompt", "h", "--max-new-tokens", "2")[0] == 0
+    monkeypatch.setenv("MINITX_COORDINATOR", "127.0.0.1:1")
+    code, _, err = run_main(capsys, "train", "--resume", "builtin", "--steps", "22")
+    assert_one_error_line(code, err, "MINITX_NUM_PROCESSES", "'abc' is not a whole number", status=2)
 
 
 def test_catalogue_is_at_least_forty_cases():
