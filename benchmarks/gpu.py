@@ -18,7 +18,9 @@ ones after it:
                    (benchmarks/NOTES.md says why they were chosen on a CPU)
   7. summary       OUT/summary.md: the figures the README and NOTES quote
 
-OUT is --out, else $OUT (the device tool's folder), else ./gpu-results. The recipe
+OUT is --out, else $OUT (the device tool's folder), else ./gpu-results; give each
+run a fresh one, as the recipe's run directory OUT/shakespeare-char is never
+overwritten (a second run into the same OUT reports that step failed). The recipe
 reads --data, else ../shared/data/tinyshakespeare.txt, else data/tinyshakespeare.txt
 (`minitx data shakespeare` fetches it where there is a network).
 """
