@@ -5,7 +5,7 @@
 - `key`: a PRNG key derived from the test's own name, so no two tests share one;
   `rng`: a NumPy generator seeded the same way, for input data.
 - Hypothesis: profile "quick" (CI, default) or "thorough", chosen by the
-  environment variable MINITX_HYPOTHESIS_PROFILE. "quick" draws the same 6 examples
+  environment variable MINITX_HYPOTHESIS_PROFILE. "quick" draws the same 4 examples
   every run (derandomized), so a red run is a change in the code, never a new draw;
   "thorough" draws 200 fresh ones. Deadlines are off: the first example of a jitted
   property pays for compilation.
@@ -47,7 +47,7 @@ from hypothesis import HealthCheck, settings
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-settings.register_profile("quick", max_examples=6, deadline=None, derandomize=True,
+settings.register_profile("quick", max_examples=4, deadline=None, derandomize=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
 settings.register_profile("thorough", max_examples=200, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
