@@ -97,7 +97,11 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
         raise DataError(f"{path!r} exists and is not the expected file (its SHA-256 differs); move it away or "
                         f"choose another path")
     folder = os.path.dirname(os.path.abspath(path))
-    made_folder = not os.path.isdir(folder)
+    made = []                                                  # the folders this call creates, deepest first
+    missing = folder
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".download-", dir=folder)
@@ -127,11 +131,12 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if made_folder and not os.path.exists(path):
-            try:
-                os.removedirs(folder)                         # the folders this call made, if still empty
-            except OSError:
-                pass
+        if not os.path.exists(path):
+            for made_folder in made:                          # only what this call made, never a folder it found
+                try:
+                    os.rmdir(made_folder)
+                except OSError:
+                    break
 
 
 def _file_sha256(path: str) -> str:

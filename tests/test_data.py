@@ -71,3 +71,16 @@ def test_sample_batch_windows_lie_inside_the_text(key):
         x, y = sample(ids, jax.random.fold_in(key, i), batch_size=16, context=10)
         assert int(x.min()) >= 0 and int(y.max()) <= 29
         np.testing.assert_array_equal(np.diff(np.asarray(x), axis=1), 1)     # consecutive text
+
+
+def test_a_failed_download_removes_the_folders_it_made_and_no_other(tmp_path):
+    """A wrong checksum leaves nothing: no file, no temporary, none of the folders the
+    call created; a folder that was already there (even empty) stays."""
+    source = tmp_path / "wrong.txt"
+    source.write_text("not the file")
+    found = tmp_path / "found"
+    found.mkdir()
+    target = found / "new" / "deeper" / "ts.txt"
+    with pytest.raises(data.DownloadError, match="nothing was written"):
+        data.download(f"file://{source}", str(target), "0" * 64)
+    assert found.is_dir() and list(found.iterdir()) == []
