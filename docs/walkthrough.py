@@ -31,7 +31,7 @@ from minitx_fn import data, model, train
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.generate import generate
 from minitx_fn.layers import attention, block, embedding, linear, norm, positional
-from minitx_fn.tokenizer import Tokenizer
+from minitx_fn.tokenizer import CharTokenizer
 
 # %% [markdown]
 # ## 1. Text to token ids
@@ -39,7 +39,7 @@ from minitx_fn.tokenizer import Tokenizer
 
 # %%
 text = data.builtin_text()
-tok = Tokenizer.from_text(text)
+tok = CharTokenizer.from_text(text)
 ids = tok.encode(text)
 print("vocabulary:", repr(tok.chars), "V =", tok.vocab_size)
 print("first ids:", ids[:12].tolist(), "->", repr(tok.decode(ids[:12])))

@@ -2,7 +2,7 @@
 
 The names a reader starts from, all importable from here:
 
-    from minitx_fn import ModelConfig, TrainConfig, Tokenizer, generate, model, train
+    from minitx_fn import ModelConfig, TrainConfig, CharTokenizer, generate, model, train
 
     cfg = ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, max_len=64)
     params = model.init(key, cfg)                       # a plain dict of arrays
@@ -19,7 +19,8 @@ The names a reader starts from, all importable from here:
 | `train` | `TrainState`, `init_state`, `train_step`, `batch_at`, `evaluate`, `make_optimizer` |
 | `loop` | `fit`: the training loop (logging, checkpoints, signals) |
 | `generate`, `Sampler` | `generate.generate`: cached decoding in one compiled loop; `Sampler`: greedy, temperature, top-k, top-p |
-| `Tokenizer` | characters <-> ids |
+| `CharTokenizer`, `ByteTokenizer`, `BPETokenizer` | text <-> ids: one interface, three kinds (`tokenizer.py`) |
+| `corpus` | `prepare`: a text file streamed once into cached token ids, read back as a memory map |
 | `checkpoint` | `save`, `load` |
 
 Names load on first use (PEP 562), so `import minitx_fn.cli` does not import JAX.
@@ -31,9 +32,10 @@ import importlib
 
 # A submodule, once imported, is also an attribute of the package: so `generate` is
 # the module (its function is generate.generate), never sometimes one, sometimes the other.
-_MODULES = ("checkpoint", "config", "data", "distributed", "generate", "layers", "loop", "memory", "model", "runs",
-            "sampling", "train")
-_NAMES = {"ModelConfig": "config", "TrainConfig": "config", "Tokenizer": "tokenizer", "Sampler": "sampling"}
+_MODULES = ("checkpoint", "config", "corpus", "data", "distributed", "generate", "layers", "loop", "memory", "model",
+            "runs", "sampling", "tokenizer", "train")
+_NAMES = {"ModelConfig": "config", "TrainConfig": "config", "CharTokenizer": "tokenizer", "ByteTokenizer": "tokenizer",
+          "BPETokenizer": "tokenizer", "Sampler": "sampling"}
 
 __all__ = sorted(_MODULES + tuple(_NAMES))
 

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory `RUN/checkpoint/`:
 
-    meta.json       format version, step, model and train configs, vocabulary, the
-                    training text's path and SHA-256, and each array file's SHA-256
+    meta.json       format version, step, model and train configs, the tokenizer
+                    (kind and vocabulary, `tokenizer.to_meta`), the training text's path
+                    and SHA-256, and each array file's SHA-256
     params.npz      one array per parameter, named by its tree path ("blocks/attn/qkv/w")
     opt_state.npz   the optimiser state, named the same way ("1/0/mu/blocks/attn/qkv/w"
                     is Adam's first moment of that parameter; "1/0/count" its step count)
@@ -40,13 +41,15 @@ import numpy as np
 from minitx_fn import runs
 from minitx_fn.config import INT32_MAX, ModelConfig, TrainConfig
 from minitx_fn.errors import CheckpointError, Error
-from minitx_fn.tokenizer import Tokenizer
+from minitx_fn import tokenizer as tokenizers
+from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 from minitx_fn.train import TrainState, init_state
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3            # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens
+READABLE_VERSIONS = (2, 3)    # 2 had only char vocabularies, saved as "vocab"
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
-META_KEYS = {"format_version", "step", "vocab", "model_config", "train_config", "data", "files"}
+META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "files"}
 
 
 class Checkpoint(NamedTuple):
@@ -112,7 +115,7 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
     disk) leaves the previous checkpoint as it was.
 
     Example:
-        >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), Tokenizer('abc')
+        >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), CharTokenizer('abc')
         >>> run = tempfile.mkdtemp()
         >>> path = save(run, init_state(jax.random.key(0), cfg, tc), model_config=cfg, train_config=tc, tokenizer=tok)
         >>> sorted(os.listdir(path))
@@ -133,7 +136,7 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
             blob = _npz_bytes(named_arrays(tree))
             _write(os.path.join(tmp, name), blob)
             files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-        meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "vocab": tokenizer.chars,
+        meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "tokenizer": tokenizer.to_meta(),
                 "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
                 "data": data, "files": files}
         _write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, allow_nan=False).encode())
@@ -215,16 +218,19 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
     types, ranges and consistency. CheckpointError names the first problem.
 
     Example:
-        >>> validate_meta({"format_version": 2})
+        >>> validate_meta({"format_version": 3})
         Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: meta.json lacks ['data', 'files', 'model_config', 'step', 'train_config', 'vocab']
+        minitx_fn.errors.CheckpointError: meta.json lacks ['data', 'files', 'model_config', 'step', 'tokenizer', 'train_config']
     """
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} holds {type(meta).__name__}, not an object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"checkpoint format version {version!r} is not supported (this minitx_fn reads "
-                              f"version {FORMAT_VERSION}); train a new run, or load it with the version that wrote it")
+                              f"versions {READABLE_VERSIONS}); train a new run, or load it with the version that "
+                              f"wrote it")
+    if version == 2:
+        meta = _from_version_2(meta)
     unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
@@ -233,15 +239,13 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {INT32_MAX}]")
     model_config = _config(ModelConfig, meta["model_config"], where)
     train_config = _config(TrainConfig, meta["train_config"], where)
-    if not isinstance(meta["vocab"], str):
-        raise CheckpointError(f"{where}: vocab is {type(meta['vocab']).__name__}, not a string")
     try:
-        tokenizer = Tokenizer(meta["vocab"])
+        tokenizer = tokenizers.from_meta(meta["tokenizer"])
     except ValueError as e:
-        raise CheckpointError(f"{where}: vocab: {e}") from None
+        raise CheckpointError(f"{where}: tokenizer: {e}") from None
     if tokenizer.vocab_size != model_config.vocab_size:
-        raise CheckpointError(f"{where}: the vocabulary has {tokenizer.vocab_size} characters but model_config "
-                              f"says vocab_size={model_config.vocab_size}")
+        raise CheckpointError(f"{where}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
+                              f"model_config says vocab_size={model_config.vocab_size}")
     data = meta["data"]
     if data is not None and not (isinstance(data, dict) and set(data) == {"path", "sha256"}
                                  and isinstance(data["path"], str) and isinstance(data["sha256"], str)
@@ -253,6 +257,19 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
             and isinstance(f["sha256"], str) and _HEX64.fullmatch(f["sha256"]) for f in files.values())):
         raise CheckpointError(f"{where}: files must give bytes and sha256 of {list(ARRAY_FILES)}")
     return model_config, train_config, tokenizer
+
+
+def _from_version_2(meta: dict) -> dict:
+    """A version-2 meta.json as version 3: its "vocab" string is a char tokenizer, and its
+    runs evaluated the whole validation split."""
+    meta = dict(meta)
+    if "vocab" in meta:
+        if not isinstance(meta["vocab"], str):
+            raise CheckpointError(f"meta.json: vocab is {type(meta['vocab']).__name__}, not a string")
+        meta["tokenizer"] = {"kind": "char", "chars": meta.pop("vocab")}
+    if isinstance(meta.get("train_config"), dict):
+        meta["train_config"] = {"eval_tokens": None, **meta["train_config"]}
+    return meta
 
 
 def _read_arrays(path: str, expected: dict) -> dict[str, np.ndarray]:

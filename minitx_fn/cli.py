@@ -7,6 +7,7 @@
     minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.png
     minitx plot runs/input-001
     minitx data shakespeare                       download Tiny Shakespeare (checked by SHA-256)
+    minitx prepare --data big.txt --tokenizer bpe   tokenize a large text once (train does it too)
 
 Every input is checked before any work starts. Errors print one line
 `minitx: error: ...` and exit with status 2 (bad input: flags, data files, prompts,
@@ -56,12 +57,12 @@ MODEL_SETTINGS = ("width", "layers", "heads", "context", "dropout")
 TRAIN_SETTINGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
                   "eval_every", "save_every", "log_every")
 # May differ from the saved run when resuming.
-RESUMABLE = ("steps", "eval_every", "save_every", "log_every")
+RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "eval_tokens")
 # The one table from the names the library's messages use to the flags a user types.
 FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in FIELD_OF_FLAG.items()},
          **{name: "--" + name.replace("_", "-") for name in TRAIN_SETTINGS},
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
-                                                              "top_p")}}
+                                                              "top_p", "vocab_size", "eval_tokens")}}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 PICTURE_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
@@ -115,6 +116,11 @@ def _float(text: str) -> float:
     if not np.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
     return value
+
+
+def _eval_tokens(text: str) -> int | str:
+    """A positive whole number of tokens, or 'all'."""
+    return "all" if text == "all" else _positive(text)
 
 
 def _address(text: str) -> str:
@@ -176,6 +182,11 @@ ATTENTION_EXAMPLES = """examples:
   minitx attention --checkpoint runs/hello-001 --prompt "hello jax" --out attention.png
   minitx attention --checkpoint runs/input-001 --prompt "ROMEO:" --out attention.pdf
 """
+PREPARE_EXAMPLES = """examples:
+  minitx prepare --data big.txt                            char tokenizer, cached under ~/.cache/minitx
+  minitx prepare --data big.txt --tokenizer bpe --vocab-size 8192
+  minitx train --data big.txt --tokenizer bpe --vocab-size 8192   reuses that preparation
+"""
 DATA_EXAMPLES = """examples:
   minitx data shakespeare                      writes data/tinyshakespeare.txt (1,115,394 characters)
   minitx train --data data/tinyshakespeare.txt --preset shakespeare-baby
@@ -194,8 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (on the built-in corpus unless --data is given)",
                        epilog=TRAIN_EXAMPLES, **kw)
-    t.add_argument("--data", metavar="FILE", help="UTF-8 text file; 90%% trains, the last 10%% validates "
-                   "(default: the built-in corpus)")
+    _add_corpus_flags(t)
+    t.add_argument("--eval-tokens", type=_eval_tokens, metavar="N|all", help=f"validate on a fixed sample of about "
+                   f"N tokens, the same every time (default: all when the validation split has at most "
+                   f"{DEFAULT_EVAL_TOKENS:,}, else {DEFAULT_EVAL_TOKENS:,})")
+    t.add_argument("--batches", choices=("auto", "device", "memmap"), default="auto",
+                   help="where batches come from: the text held on the device, or gathered on the host from the "
+                        "memory-mapped token file and prefetched (default auto: the device up to "
+                        f"{DEVICE_RESIDENT_TOKENS:,} training tokens)")
     t.add_argument("--preset", choices=sorted(PRESETS), help="a set of defaults (default: hello without --data, "
                    "shakespeare-baby with it; shakespeare-char is nanoGPT's GPU recipe); any flag below overrides it")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
@@ -258,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--prompt", required=True, help="at most the model's context of known characters")
     a.add_argument("--out", required=True, metavar="FILE", help="picture to write: .png, .pdf, .svg or .jpg")
 
+    r = sub.add_parser("prepare", help="tokenize a text file once, streamed, into the cache that train reads",
+                       epilog=PREPARE_EXAMPLES, **kw)
+    _add_corpus_flags(r, required=True)
+
     d = sub.add_parser("data", help="download a dataset (Tiny Shakespeare) and check its SHA-256",
                        epilog=DATA_EXAMPLES, **kw)
     d.add_argument("name", choices=["shakespeare"], help="the dataset")
@@ -271,6 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE", help="picture to write (default RUN_DIR/loss.png)")
     p.add_argument("--log", action="store_true", help="logarithmic loss axis")
     return parser
+
+
+DEFAULT_EVAL_TOKENS = 1 << 17         # about Tiny Shakespeare's validation split (111,540 characters)
+DEVICE_RESIDENT_TOKENS = 1 << 26      # 256 MB of int32 ids on the device; more are memory-mapped
+
+
+def _add_corpus_flags(parser, required: bool = False) -> None:
+    parser.add_argument("--data", metavar="FILE", required=required,
+                        help="UTF-8 text file; 90%% trains, the last 10%% validates"
+                             + ("" if required else " (default: the built-in corpus)"))
+    parser.add_argument("--tokenizer", choices=("char", "byte", "bpe"), help="char: each character is a token "
+                        "(default); byte: UTF-8 bytes, 256 ids, any text; bpe: byte-level BPE learned from the "
+                        "training split (needs the bpe extra)")
+    parser.add_argument("--vocab-size", type=_int_in(256, 1 << 20), help="bpe only: ids in the vocabulary "
+                        "(default 4096)")
+    parser.add_argument("--cache-dir", metavar="DIR", help="where prepared data is kept (default: "
+                        "$MINITX_CACHE_DIR, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx)")
 
 
 def check_picture_path(path: str) -> None:
@@ -334,37 +372,40 @@ def _start_processes(args) -> bool:
     return args.process_id == 0
 
 
-def _read_data(path: str | None):
-    """(text, data record for the checkpoint, corpus name) of --data, or of the built-in corpus."""
-    from minitx_fn import data
+def _corpus(args, out, tokenizer=None, expected_sha256: str | None = None, path: str | None = None):
+    """(corpus, name) of --data (prepared, or read from the cache), or of the built-in corpus."""
+    from minitx_fn import corpus
+    path = path or args.data
     if path is None:
-        return data.builtin_text(), None, "hello"
-    text = data.read_text(path)
-    name = os.path.splitext(os.path.basename(path))[0] or "data"
-    return text, {"path": os.path.abspath(path), "sha256": data.text_sha256(text)}, name
+        from minitx_fn import data
+        return corpus.Corpus.from_text(data.builtin_text(), args.tokenizer or "char", args.vocab_size,
+                                       tokenizer), "hello"
+    prepared = corpus.prepare(path, args.tokenizer or "char", args.vocab_size, cache_dir=args.cache_dir,
+                              tokenizer=tokenizer, expected_sha256=expected_sha256, out=out)
+    return prepared, os.path.splitext(os.path.basename(path))[0] or "data"
 
 
-def _resume_data(args, saved: dict | None):
-    """The text a resumed run trains on: the same text as before, wherever it lies now."""
-    from minitx_fn import data
+def _resume_corpus(args, saved: dict | None, tokenizer, out):
+    """The corpus a resumed run trains on: the same text as before, wherever it lies now,
+    with the run's own tokenizer."""
+    from minitx_fn import corpus
+    if args.tokenizer is not None or args.vocab_size is not None:
+        raise UsageError("resuming keeps the run's tokenizer; drop --tokenizer and --vocab-size")
     if saved is None:
         if args.data:
             raise UsageError("this run trained on the built-in corpus; drop --data to resume it")
-        return data.builtin_text(), None
-    if args.data:
-        text, record, _ = _read_data(args.data)
-        if record["sha256"] != saved["sha256"]:
-            raise UsageError(f"--data {args.data!r} is not the text this run trained on (its SHA-256 differs from "
-                             f"that of {saved['path']!r}); give the run's own text, or start a new run")
-        return text, record
-    if not os.path.exists(saved["path"]):
+        return _corpus(args, out, tokenizer)[0]
+    if not args.data and not os.path.exists(saved["path"]):
         raise UsageError(f"the run's data file {saved['path']!r} is gone; if it moved, pass --data with its new "
                          f"path (the text must be the same)")
-    text, record, _ = _read_data(saved["path"])
-    if record["sha256"] != saved["sha256"]:
-        raise UsageError(f"the run's data file {saved['path']!r} changed since the run trained on it (its SHA-256 "
-                         f"differs); restore it, or pass --data with the original text")
-    return text, record
+    try:
+        return _corpus(args, out, tokenizer, saved["sha256"], args.data or saved["path"])[0]
+    except corpus.SourceChangedError as e:
+        if args.data:
+            raise UsageError(f"--data {args.data!r} is not the text this run trained on (its SHA-256 differs from "
+                             f"that of {saved['path']!r}); give the run's own text, or start a new run") from None
+        raise UsageError(f"the run's data file {e.path!r} changed since the run trained on it (its SHA-256 "
+                         f"differs); restore it, or pass --data with the original text") from None
 
 
 def _check_resume_flags(args, saved) -> None:
@@ -387,8 +428,12 @@ def _prompt_ids(tokenizer, prompt: str, what: str = "the prompt"):
     return tokenizer.encode(prompt)
 
 
-def _sample_prompt(args, text: str) -> str:
-    return args.prompt if args.prompt is not None else ("hello" if "hello" in text[:64] else text[0])
+def _sample_prompt(args, tokenizer, ids: np.ndarray) -> str:
+    """--prompt, else 'hello' if the text starts with it, else the text's first character."""
+    if args.prompt is not None:
+        return args.prompt
+    start = tokenizer.decode(ids[:64])
+    return "hello" if "hello" in start else start[0]
 
 
 class TrainPlan(NamedTuple):
@@ -398,10 +443,10 @@ class TrainPlan(NamedTuple):
     resuming: bool
     model_config: object
     train_config: object
-    tokenizer: object
-    data_record: dict | None        # {"path", "sha256"} of the text, None for the built-in corpus
-    train_ids: np.ndarray           # (N,) token ids to sample batches from
-    val_windows: np.ndarray | None  # (W, T + 1) validation windows, None without a held-out split
+    corpus: object                  # corpus.Corpus: the tokenizer, the ids, their source
+    train_ids: np.ndarray           # (N,) token ids to sample batches from (maybe memory-mapped)
+    val_windows: object | None      # data.Windows: (W, T + 1) validation windows, None without a held-out split
+    batches: str                    # "device" (the ids held there) or "memmap" (gathered on the host)
     state: object | None            # the saved TrainState when resuming
     prompt: str                     # the seed of the final sample
 
@@ -425,14 +470,14 @@ def cmd_train(args, out=None) -> int:
                 if removed:
                     print(f"Removed {len(removed)} unfinished checkpoint(s) a killed save left: "
                           f"{', '.join(removed)}", file=out)
-            plan = _plan_resume(args, run_dir)
+            plan = _plan_resume(args, run_dir, out)
         else:
-            plan = _plan_new_run(args)
+            plan = _plan_new_run(args, out)
             if is_main:
                 os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
                 _take_lock(stack, plan.run_dir, out)
                 runs.check_new_run_dir(plan.run_dir)                 # nobody slipped in before the lock
-        return _run(args, plan, is_main, out, signals)
+        return _run(args, plan, is_main, out, signals, stack)
 
 
 def _resume_dir(args) -> str:
@@ -455,59 +500,75 @@ def _take_lock(stack, run_dir: str, out) -> None:
         print(f"Took over the lock of process {lock.took_over}, which is no longer running", file=out)
 
 
-def _plan_new_run(args) -> TrainPlan:
+def _plan_new_run(args, out) -> TrainPlan:
     from minitx_fn import runs
-    from minitx_fn.tokenizer import Tokenizer
 
-    text, data_record, name = _read_data(args.data)
-    tokenizer = Tokenizer.from_text(text)
-    mc, tc = _configs(_settings(args), tokenizer.vocab_size)
-    run_dir = args.out or runs.new_run_name("runs", name)
+    run_dir = args.out or None
+    if run_dir is not None:
+        runs.check_new_run_dir(run_dir)                               # before preparing a large text
+    corpus, name = _corpus(args, out)
+    mc, tc = _configs(_settings(args), corpus.tokenizer.vocab_size)
+    run_dir = run_dir or runs.new_run_name("runs", name)
     runs.check_new_run_dir(run_dir)
-    return _plan(args, run_dir, False, mc, tc, tokenizer, text, data_record, None)
+    return _plan(args, run_dir, False, mc, tc, corpus, None)
 
 
-def _plan_resume(args, run_dir: str) -> TrainPlan:
+def _plan_resume(args, run_dir: str, out) -> TrainPlan:
     from minitx_fn import checkpoint
 
     ckpt = checkpoint.load(run_dir)
     _check_resume_flags(args, ckpt)
-    text, data_record = _resume_data(args, ckpt.data)
-    tc = ckpt.train_config.replace(**{k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None})
+    corpus = _resume_corpus(args, ckpt.data, ckpt.tokenizer, out)
+    changes = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
+    if changes.get("eval_tokens") == "all":
+        changes["eval_tokens"] = None
+    tc = ckpt.train_config.replace(**changes)
     if int(ckpt.state.step) >= tc.steps:
         raise UsageError(f"the run is already at step {int(ckpt.state.step)}; pass --steps N with N larger "
                          f"to train further")
-    return _plan(args, run_dir, True, ckpt.model_config, tc, ckpt.tokenizer, text, data_record, ckpt.state)
+    return _plan(args, run_dir, True, ckpt.model_config, tc, corpus, ckpt.state)
 
 
-def _plan(args, run_dir, resuming, mc, tc, tokenizer, text, data_record, state) -> TrainPlan:
-    """The checks both kinds of run share: the final sample's prompt, the data's length, memory."""
+def _plan(args, run_dir, resuming, mc, tc, corpus, state) -> TrainPlan:
+    """The checks both kinds of run share: the final sample's prompt, the data's length,
+    the validation sample, where batches come from, memory."""
     from minitx_fn import data, memory
 
-    prompt = _sample_prompt(args, text)
+    tokenizer = corpus.tokenizer
+    prompt = _sample_prompt(args, tokenizer, corpus.ids)
     _prompt_ids(tokenizer, prompt)                                   # before training, not after
-    ids = tokenizer.encode(text)
-    if data_record is not None:
-        train_ids, val_ids = data.split(ids)
+    if corpus.source is not None:
+        train_ids, val_ids = corpus.train, corpus.validation
         data.check_length(val_ids, mc.max_len, "validation (last 10% of the)")
-        val_windows = data.eval_windows(val_ids, mc.max_len)
+        if not resuming and args.eval_tokens is None:
+            tc = tc.replace(eval_tokens=None if len(val_ids) <= DEFAULT_EVAL_TOKENS else DEFAULT_EVAL_TOKENS)
+        elif not resuming:
+            tc = tc.replace(eval_tokens=None if args.eval_tokens == "all" else args.eval_tokens)
+        val_windows = data.eval_windows(val_ids, mc.max_len, tc.eval_tokens)
     else:
-        train_ids, val_windows = ids, None                          # the built-in cycle: no held-out split
+        train_ids, val_windows = corpus.ids, None                   # the built-in cycle: no held-out split
     data.check_length(train_ids, mc.max_len, "training")
+    if len(train_ids) > INT32_MAX:
+        raise UsageError(f"the training split has {len(train_ids):,} tokens; batches index it with 32-bit "
+                         f"offsets, so use a text of at most {INT32_MAX:,} tokens")
+    batches = args.batches
+    if batches == "auto":
+        batches = "device" if len(train_ids) <= DEVICE_RESIDENT_TOKENS else "memmap"
     memory.check(memory.training_bytes(mc, tc.batch_size), "training this model",
                  "try a smaller {b}, {w}, {c} or {l}", b=("batch_size", tc.batch_size), w=("d_model", mc.d_model),
                  c=("max_len", mc.max_len), l=("n_layers", mc.n_layers))
     memory.check(memory.generation_bytes(mc, 1, args.max_new_tokens), "the final sample",
                  "try a smaller {n}", n=("max_new_tokens", args.max_new_tokens))
-    return TrainPlan(run_dir, resuming, mc, tc, tokenizer, data_record, train_ids, val_windows, state, prompt)
+    return TrainPlan(run_dir, resuming, mc, tc, corpus, train_ids, val_windows, batches, state, prompt)
 
 
-def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
-    """Train as planned: the lock is held, every input was checked."""
+def _run(args, plan: TrainPlan, is_main: bool, out, signals, stack) -> int:
+    """Train as planned: the lock is held, every input was checked. stack (an ExitStack)
+    closes the batch prefetcher however the run ends."""
     import jax
     import jax.numpy as jnp
 
-    from minitx_fn import checkpoint, distributed, loop, model, runs, train
+    from minitx_fn import checkpoint, data, distributed, loop, model, runs, train
 
     run_dir, mc, tc = plan.run_dir, plan.model_config, plan.train_config
     metrics_path = os.path.join(run_dir, runs.METRICS) if is_main else None
@@ -525,7 +586,8 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
         distributed.check_batch(tc.batch_size, mesh)
         shardings = distributed.state_shardings(state, mesh, args.fsdp)
         state = distributed.put_global(jax.device_get(state), shardings)
-        train_data = distributed.put_global(plan.train_ids, distributed.replicated(mesh))
+        if plan.batches == "device":
+            train_data = distributed.put_global(np.asarray(plan.train_ids, np.int32), distributed.replicated(mesh))
         step = distributed.data_parallel(train.step_fn(mc, tc.step_config), mesh, shardings)
         sample = distributed.sharded_batch_at(mesh)
         # XLA:CPU runs each device's part of a step on a shared thread pool; with
@@ -534,12 +596,23 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
         # steps in flight still overlap dispatch with compute.
         max_in_flight = 2
     else:
-        train_data = jnp.asarray(plan.train_ids)
+        if plan.batches == "device":
+            train_data = jnp.asarray(np.asarray(plan.train_ids, np.int32))
         step = functools.partial(train.train_step, model_config=mc, train_config=tc.step_config)
         sample, max_in_flight = train.batch_at, None
 
-    def next_batch(step_number):
-        return sample(train_data, data_key, step_number, batch_size=tc.batch_size, context=mc.max_len)
+    if plan.batches == "device":
+        def next_batch(step_number):
+            return sample(train_data, data_key, step_number, batch_size=tc.batch_size, context=mc.max_len)
+        where = f"sampled on the device from the {len(plan.train_ids):,} training tokens held there"
+    else:
+        def host_batch(step_number):
+            return data.host_batch_at(plan.train_ids, data_key, step_number, batch_size=tc.batch_size,
+                                      context=mc.max_len, sharding=None if mesh is None else
+                                      distributed.batch_sharding(mesh))
+        next_batch = stack.enter_context(data.Prefetcher(host_batch, start=int(distributed.scalar(state.step))))
+        where = (f"gathered on the host from the memory-mapped {len(plan.train_ids):,} training tokens, "
+                 f"prefetched {data.Prefetcher.DEPTH} steps ahead")
 
     def evaluate(params):
         if mesh is not None:
@@ -550,8 +623,8 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
         host_state = distributed.to_host(s)                         # every process takes part in the gather
         if is_main:
             try:
-                checkpoint.save(run_dir, host_state, model_config=mc, train_config=tc, tokenizer=plan.tokenizer,
-                                data=plan.data_record)
+                checkpoint.save(run_dir, host_state, model_config=mc, train_config=tc,
+                                tokenizer=plan.corpus.tokenizer, data=plan.corpus.source)
             except OSError as e:
                 raise StorageError(os.path.join(run_dir, runs.CHECKPOINT), e) from None
 
@@ -562,7 +635,11 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
         print(f"Data-parallel over {mesh.devices.size} devices in {jax.process_count()} process(es)"
               + (", parameters split (FSDP)" if args.fsdp else ""), file=out)
     print(f"Model: {model.count_params(state.params):,} parameters, {mc.n_layers} layers, width {mc.d_model}, "
-          f"{mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size}", file=out)
+          f"{mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size} ({plan.corpus.tokenizer.kind})",
+          file=out)
+    print(f"Batches: {where}" + ("" if plan.val_windows is None else
+          f"; validation: {len(plan.val_windows):,} windows of {mc.max_len} tokens"
+          + ("" if tc.eval_tokens is None else " (a fixed sample)")), file=out)
     print("Starting training...", file=out, flush=True)
     started = time.perf_counter()
     try:
@@ -598,7 +675,7 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals) -> int:
              if result.last_record and "val_loss" in result.last_record else ""), file=out)
     picture = _draw_losses(metrics_path, os.path.join(run_dir, runs.LOSS_PNG), out)
     print("Generated text:", file=out)
-    print(plan.prompt + _generate_text(params, mc, plan.tokenizer, plan.prompt, args.max_new_tokens,
+    print(plan.prompt + _generate_text(params, mc, plan.corpus.tokenizer, plan.prompt, args.max_new_tokens,
                                        jax.random.key(0)), file=out)
     _next_steps(run_dir, plan.prompt, picture, out)
     return 0
@@ -632,10 +709,14 @@ def _draw_losses(metrics_path: str, png: str, out) -> str | None:
     return drawn
 
 
+def _quote(text: str) -> str:
+    import shlex
+    return shlex.quote(text)
+
+
 def _next_steps(run_dir: str, prompt: str, picture: str | None, out) -> None:
     """Commands to copy into a POSIX shell: every path and prompt shell-quoted."""
-    import shlex
-    run, quoted, attention_png = (shlex.quote(a) for a in (run_dir, prompt, os.path.join(run_dir, "attention.png")))
+    run, quoted, attention_png = (_quote(a) for a in (run_dir, prompt, os.path.join(run_dir, "attention.png")))
     print("\nNext:", file=out)
     print(f"  minitx generate --checkpoint {run} --prompt {quoted} --temperature 0.8", file=out)
     print(f"  minitx attention --checkpoint {run} --prompt {quoted} --out {attention_png}", file=out)
@@ -696,10 +777,10 @@ def cmd_attention(args, out=None) -> int:
     mc = ckpt.model_config
     ids = _prompt_ids(ckpt.tokenizer, args.prompt)
     if len(ids) > mc.max_len:
-        raise UsageError(f"the prompt has {len(ids)} characters; the model's context is {mc.max_len}")
+        raise UsageError(f"the prompt has {len(ids)} tokens; the model's context is {mc.max_len}")
     maps = np.asarray(model.attention_maps(ckpt.state.params, jnp.asarray(ids)[None, :], config=mc))[:, 0]
     try:
-        plot.plot_attention(maps, args.prompt, args.out)
+        plot.plot_attention(maps, [ckpt.tokenizer.decode([i]) for i in ids], args.out)
     except OSError as e:
         raise RunFailed(f"cannot write {args.out!r}: {e.strerror or e}") from None
     print(f"Attention maps ({mc.n_layers} layers x {mc.n_heads} heads): {args.out}", file=out or sys.stdout)
@@ -743,8 +824,19 @@ def cmd_data(args, out=None) -> int:
     return 0
 
 
+def cmd_prepare(args, out=None) -> int:
+    """`minitx prepare`: tokenize a text file into the cache `minitx train --data` reads."""
+    out = out or sys.stdout
+    _corpus(args, out)
+    print(f"Train on it with:\n  minitx train --data {_quote(args.data)}"
+          + (f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
+          + (f" --vocab-size {args.vocab_size}" if args.vocab_size else "")
+          + (f" --cache-dir {_quote(args.cache_dir)}" if args.cache_dir else ""), file=out)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot,
-            "data": cmd_data}
+            "data": cmd_data, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -196,10 +196,13 @@ class TrainConfig:
     eval_every: int = 250           # validation every N steps (and at the end)
     save_every: int = 500           # checkpoint every N steps (and at the end)
     log_every: int = 100            # print and record the loss every N steps
+    eval_tokens: int | None = None  # validate on a fixed sample of about N tokens; None: the whole split
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
             _positive_int(name, getattr(self, name))
+        if self.eval_tokens is not None:
+            _positive_int("eval_tokens", self.eval_tokens)
         _require(_number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
@@ -224,7 +227,7 @@ class TrainConfig:
     @property
     def step_config(self) -> "TrainConfig":
         """This config with the fields the train step does not read (the loop's cadence:
-        steps, batch_size, eval/save/log_every) set to fixed values: the static argument
+        steps, batch_size, eval/save/log_every, eval_tokens) set to fixed values: the static argument
         to give `train.train_step`, so runs that differ only there share one compiled step.
 
         Example:
@@ -232,7 +235,7 @@ class TrainConfig:
             True
         """
         return dataclasses.replace(self, steps=self.decay_steps, batch_size=1, eval_every=1, save_every=1,
-                                   log_every=1)
+                                   log_every=1, eval_tokens=None)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

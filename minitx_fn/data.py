@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import queue
 import tempfile
+import threading
 import urllib.error
 import urllib.request
 
@@ -12,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import runs
+from minitx_fn import corpus, runs
 from minitx_fn.errors import DataError
 
 # The built-in corpus is a cycle of three phrases. Training text is the cycle
@@ -43,12 +46,7 @@ def read_text(path: str) -> str:
         Traceback (most recent call last):
         minitx_fn.errors.DataError: data file '/no/such/file' does not exist; give the path of a UTF-8 text file
     """
-    if not os.path.exists(path):
-        raise DataError(f"data file {path!r} does not exist; give the path of a UTF-8 text file")
-    if os.path.isdir(path):
-        raise DataError(f"data path {path!r} is a directory; give the path of a text file inside it")
-    if not os.path.isfile(path):
-        raise DataError(f"data path {path!r} is not a regular file; give the path of a UTF-8 text file")
+    corpus.check_file(path)
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -197,15 +195,160 @@ def sample_batch(data: jax.Array, key: jax.Array, *, batch_size: int, context: i
     return data[idx], data[idx + 1]
 
 
-def eval_windows(ids: np.ndarray, context: int) -> np.ndarray:
-    """(N,) -> (W, T + 1): consecutive windows stepping by T, so every position of the
-    split (but a final stub shorter than T + 1) is predicted exactly once.
+EVAL_SAMPLE_SEED = 0      # one fixed sample of validation windows for every run, so curves compare
+
+
+class Windows:
+    """W windows of T + 1 ids of a token array (in memory or memory-mapped), gathered
+    only when a slice is asked for: (W, T + 1) int32 without ever holding all of them.
 
     Example:
-        >>> eval_windows(np.arange(9), 4)
+        >>> w = Windows(np.arange(20, dtype=np.uint8), np.array([0, 10]), 4)
+        >>> len(w), w[1:].tolist()
+        (2, [[10, 11, 12, 13, 14]])
+    """
+
+    def __init__(self, ids: np.ndarray, starts: np.ndarray, context: int):
+        self.ids, self.starts, self.context = ids, np.asarray(starts, np.int64), context
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        starts = self.starts[rows]
+        return np.asarray(self.ids[starts[:, None] + np.arange(self.context + 1)], np.int32)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self[:] if dtype is None else self[:].astype(dtype)
+
+
+def eval_windows(ids: np.ndarray, context: int, max_tokens: int | None = None) -> Windows:
+    """(N,) -> W windows of T + 1 ids. All of them (max_tokens None): consecutive windows
+    stepping by T, so every position of the split but a final stub is predicted exactly
+    once. Else a fixed sample (seed EVAL_SAMPLE_SEED, whatever the run's seed) of
+    ceil(max_tokens / T) of those windows, in order: the same windows at every
+    evaluation and in every run on this data, so the curves stay comparable.
+
+    Example:
+        >>> np.asarray(eval_windows(np.arange(9), 4))
         array([[0, 1, 2, 3, 4],
-               [4, 5, 6, 7, 8]])
+               [4, 5, 6, 7, 8]], dtype=int32)
+        >>> sample = eval_windows(np.arange(1000), 4, max_tokens=8)    # 2 of the 249 windows
+        >>> len(sample), bool((sample.starts % 4 == 0).all())
+        (2, True)
     """
     n_windows = (len(ids) - 1) // context
-    idx = np.arange(n_windows)[:, None] * context + np.arange(context + 1)[None, :]
-    return ids[idx]
+    chosen = np.arange(n_windows)
+    if max_tokens is not None and max_tokens < n_windows * context:
+        sample = -(-max_tokens // context)
+        chosen = np.sort(np.random.default_rng(EVAL_SAMPLE_SEED).choice(n_windows, sample, replace=False))
+    return Windows(ids, chosen * context, context)
+
+
+def batch_starts(data_key, step: int, *, n_tokens: int, batch_size: int, context: int) -> np.ndarray:
+    """(B,) the offsets of step t's windows in a text of n_tokens: the very offsets
+    `sample_batch` draws on the device, computed on the host's CPU.
+
+    Example:
+        >>> import jax
+        >>> starts = batch_starts(jax.random.key(0), 3, n_tokens=100, batch_size=2, context=4)
+        >>> x, _ = sample_batch(jnp.arange(100), jax.random.fold_in(jax.random.key(0), 3), batch_size=2, context=4)
+        >>> bool((starts == np.asarray(x[:, 0])).all())
+        True
+    """
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):
+        return np.asarray(_starts(data_key, step, n_tokens=n_tokens, batch_size=batch_size, context=context))
+
+
+@functools.partial(jax.jit, static_argnames=("n_tokens", "batch_size", "context"))
+def _starts(data_key, step, *, n_tokens: int, batch_size: int, context: int) -> jax.Array:
+    key = jax.random.fold_in(data_key, step)
+    return jax.random.randint(key, (batch_size, 1), 0, n_tokens - context)[:, 0]
+
+
+def host_batch_at(ids: np.ndarray, data_key, step: int, *, batch_size: int, context: int,
+                  sharding=None) -> tuple[jax.Array, jax.Array]:
+    """The batch of step t gathered on the host from ids (N,) (a memory map: only the
+    windows are read) and put on the device: equal, bit for bit, to
+    `train.batch_at(jnp.asarray(ids), data_key, t)`. With a sharding along B, each
+    process reads only the rows its own devices hold.
+
+    Example:
+        >>> import jax
+        >>> from minitx_fn import train
+        >>> ids = np.arange(100, dtype=np.uint16) % 7
+        >>> a = host_batch_at(ids, jax.random.key(0), 5, batch_size=3, context=4)
+        >>> b = train.batch_at(jnp.asarray(ids, jnp.int32), jax.random.key(0), 5, batch_size=3, context=4)
+        >>> all(bool((u == v).all()) for u, v in zip(a, b))
+        True
+    """
+    starts = batch_starts(data_key, step, n_tokens=len(ids), batch_size=batch_size, context=context)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    windows = Windows(ids, starts, context)
+    rows = {}
+
+    def part(index, offset):          # index: this device's (rows, columns) of the (B, T) batch
+        key = (index[0].start, index[0].stop)
+        if key not in rows:
+            rows[key] = windows[index[0]]
+        return rows[key][:, offset:offset + context]
+
+    return tuple(jax.make_array_from_callback((batch_size, context), sharding, functools.partial(part, offset=o))
+                 for o in (0, 1))
+
+
+class Prefetcher:
+    """next_batch(t) for t = start, start + 1, ...: each batch made by make(t) in a
+    background thread, up to `depth` steps ahead, so the step does not wait for the
+    host to read and copy it. Errors in the thread are raised by the call that
+    wanted the batch. Use as a context manager (the thread stops on exit).
+
+    Example:
+        >>> with Prefetcher(lambda t: t * t, start=3) as next_batch:
+        ...     [next_batch(t) for t in (3, 4, 5)]
+        [9, 16, 25]
+    """
+
+    DEPTH = 2
+
+    def __init__(self, make, start: int, depth: int = DEPTH):
+        self.make, self.expected = make, start
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._work, args=(start,), daemon=True, name="minitx-prefetch")
+        self.thread.start()
+
+    def _work(self, step: int) -> None:
+        while not self.stopping.is_set():
+            try:
+                item = (step, self.make(step))
+            except BaseException as e:          # handed to the consumer, raised there
+                item = (step, e)
+            while not self.stopping.is_set():
+                try:
+                    self.queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    pass
+            if isinstance(item[1], BaseException):
+                return
+            step += 1
+
+    def __call__(self, step: int):
+        if step != self.expected:
+            raise ValueError(f"batches are prefetched in order: expected step {self.expected}, got {step}")
+        made_for, batch = self.queue.get()
+        if isinstance(batch, BaseException):
+            raise batch
+        self.expected += 1
+        return batch
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

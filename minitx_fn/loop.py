@@ -2,7 +2,7 @@
 validation, checkpoints, and signals that stop a run cleanly.
 
     while step < steps:
-        state, metrics = train_step(state, next_batch(state.step))     asynchronous
+        state, metrics = train_step(state, next_batch(step))            asynchronous
         every few steps: fetch the losses, stop on NaN, log, evaluate, save
         on SIGINT, SIGTERM or SIGHUP: save at this step, and leave
 
@@ -45,7 +45,8 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
         train_config: TrainConfig, evaluate: Callable | None = None, metrics_path: str | None = None,
         save: Callable[[train.TrainState], None] | None = None, out=None, signals: StopSignals | None = None,
         max_in_flight: int | None = None) -> FitResult:
-    """Run step(state, next_batch(state.step)) from state.step up to train_config.steps.
+    """Run step(state, next_batch(t)) for t = state.step .. train_config.steps - 1 (t a
+    Python int, so a host-side batch source needs no device sync to know it).
 
     Losses stay on the device until a check point, where they are fetched together
     (one host sync per interval, not per step): a NaN or infinite loss raises
@@ -97,7 +98,7 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
 
     with signals.graceful():
         while at < tc.steps:
-            state, metrics = step(state, next_batch(state.step))
+            state, metrics = step(state, next_batch(at))
             at += 1
             pending.append((at, metrics["loss"]))
             if max_in_flight is not None and len(pending) > max_in_flight:

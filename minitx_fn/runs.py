@@ -104,7 +104,13 @@ def remove_temporaries(run_dir: str) -> list[str]:
 # ----------------------------------------------------------------------------- lock
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process with this PID (in [1, 2**31)) exists on this machine.
+
+    Example:
+        >>> alive(os.getpid())
+        True
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,7 +167,7 @@ class Lock:
                         raise RunDirError(f"{self.path!r} exists but is unreadable; if no process trains into "
                                           f"this directory, delete it") from None
                     pid, host = holder
-                    if host != socket.gethostname() or _alive(pid):
+                    if host != socket.gethostname() or alive(pid):
                         where = "" if host == socket.gethostname() else f" on {host}"
                         raise RunDirError(f"{os.path.dirname(self.path)!r} is in use by another process "
                                           f"(PID {pid}{where}); wait for it to finish, or choose another run "

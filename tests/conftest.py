@@ -25,6 +25,8 @@ import zlib
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="minitx-test-xla-"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Prepared data (minitx_fn.corpus) goes to a folder of the session's, not ~/.cache.
+os.environ.setdefault("MINITX_CACHE_DIR", tempfile.mkdtemp(prefix="minitx-test-data-"))
 # Compiling, not running, is what the suite spends its time on (the programs are
 # small, and every new shape of an eager operation is a program of its own). Two XLA
 # flags make the CPU compiler several times faster: LLVM at optimisation level 0, and

@@ -19,10 +19,10 @@ from hypothesis import strategies as st
 from minitx_fn import checkpoint, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.errors import CheckpointError
-from minitx_fn.tokenizer import Tokenizer
+from minitx_fn.tokenizer import CharTokenizer
 from tests.helpers import standard_promotion
 
-TOK = Tokenizer.from_text("abcdefg")
+TOK = CharTokenizer.from_text("abcdefg")
 MC = ModelConfig(vocab_size=TOK.vocab_size, d_model=8, n_heads=2, n_layers=2, max_len=8)
 TC = TrainConfig(steps=10, warmup=1)
 DATA = {"path": "/somewhere/text.txt", "sha256": "ab" * 32}
@@ -164,8 +164,12 @@ def test_an_array_of_the_wrong_shape_is_named(tmp_path, saved):
     (lambda m: m["model_config"].update(colour="blue"), r"unknown fields \['colour'\]"),
     (lambda m: m["model_config"].update(n_heads=3), "divisible by n_heads=3"),
     (lambda m: m["train_config"].update(lr=float("nan")), "lr=nan is invalid"),
-    (lambda m: m.update(vocab="abc"), "3 characters but model_config says vocab_size=7"),
-    (lambda m: m.update(vocab="aabcdef"), "repeats a character"),
+    (lambda m: m["tokenizer"].update(chars="abc"), "char tokenizer has 3 ids but model_config says vocab_size=7"),
+    (lambda m: m["tokenizer"].update(chars="aabcdef"), "repeats a character"),
+    (lambda m: m.update(tokenizer={"kind": "byte"}), "byte tokenizer has 256 ids but model_config says vocab_size=7"),
+    (lambda m: m.update(tokenizer={"kind": "words"}), "kind is one of"),
+    (lambda m: m["tokenizer"].update(json="{}"), "a char tokenizer is an object of the strings"),
+    (lambda m: m.update(tokenizer={"kind": "bpe", "json": "{not json"}), "not a valid tokenizers JSON|pip install"),
     (lambda m: m.update(data={"path": 3}), "data must be null"),
     (lambda m: m["files"].pop("params.npz"), "files must give"),
 ])
@@ -185,7 +189,7 @@ def _mutations(meta: dict):
     json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
                                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                            max_size=3), max_leaves=5)
-    paths = [(k,) for k in meta] + [(k, sub) for k in ("model_config", "train_config", "files", "data")
+    paths = [(k,) for k in meta] + [(k, sub) for k in ("model_config", "train_config", "files", "data", "tokenizer")
                                       if isinstance(meta[k], dict) for sub in meta[k]]
     return st.tuples(st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), json_values,
                      st.text(max_size=5))
@@ -238,3 +242,16 @@ def test_no_checkpoint_here(tmp_path):
         checkpoint.load(str(tmp_path))
     with pytest.raises(CheckpointError, match="no run directory"):
         checkpoint.load(str(tmp_path / "nope"))
+
+
+def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everything(tmp_path, saved):
+    """Runs saved before the tokenizer kinds (format 2: a "vocab" string, no eval_tokens)."""
+    files = dict(saved[1])
+    meta = json.loads(files["meta.json"])
+    meta["format_version"] = 2
+    meta["vocab"] = meta.pop("tokenizer")["chars"]
+    del meta["train_config"]["eval_tokens"]
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    loaded = checkpoint.load(str(tmp_path))
+    assert loaded.tokenizer == TOK and loaded.train_config.eval_tokens is None

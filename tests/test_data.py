@@ -52,7 +52,7 @@ def test_eval_windows_predict_every_position_once(n, t):
     if n < t + 1:
         return
     ids = np.arange(n)
-    windows = data.eval_windows(ids, t)
+    windows = np.asarray(data.eval_windows(ids, t))
     assert windows.shape == ((n - 1) // t, t + 1)
     np.testing.assert_array_equal(windows[:, 1:].ravel(), ids[1:len(windows) * t + 1])
     np.testing.assert_array_equal(windows[:, :-1].ravel(), ids[:len(windows) * t])

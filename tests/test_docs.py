@@ -51,7 +51,8 @@ def test_every_public_function_has_a_docstring(name):
 # Public functions whose docstring carries no runnable example, and why.
 NO_EXAMPLE = {
     # Commands: exercised end to end by tests/test_cli.py and tests/test_faults.py.
-    "minitx_fn.cli": {"build_parser", "cmd_train", "cmd_generate", "cmd_attention", "cmd_plot", "cmd_data", "main",
+    "minitx_fn.cli": {"build_parser", "cmd_train", "cmd_generate", "cmd_attention", "cmd_plot", "cmd_data", "cmd_prepare",
+                      "main",
                       "message", "check_picture_path"},
     # Need several devices or processes: tests/test_distributed.py.
     "minitx_fn.distributed": {"initialize", "batch_sharding", "replicated", "state_shardings", "check_batch",

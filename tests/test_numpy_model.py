@@ -62,13 +62,13 @@ def test_the_readme_snippet_reads_a_run_with_numpy_alone(tmp_path, monkeypatch, 
 
     from minitx_fn import checkpoint, data, train
     from minitx_fn.config import TrainConfig
-    from minitx_fn.tokenizer import Tokenizer
+    from minitx_fn.tokenizer import CharTokenizer
     from tests.helpers import standard_promotion
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = open(os.path.join(root, "README.md")).read()
     snippet = re.search(r"<!-- numpy-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
-    tok = Tokenizer.from_text(data.builtin_text())
+    tok = CharTokenizer.from_text(data.builtin_text())
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=2, max_len=16, init_std=0.5)
     with standard_promotion():
         state = train.init_state(key, cfg, TrainConfig())

@@ -8,12 +8,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn.tokenizer import Tokenizer, UnknownCharactersError
+from minitx_fn.tokenizer import CharTokenizer, UnknownCharactersError
 
 
 @given(text=st.text(min_size=1, max_size=200))
 def test_encode_is_the_sorted_vocabulary_index_and_decode_inverts_it(text):
-    tok = Tokenizer.from_text(text)
+    tok = CharTokenizer.from_text(text)
     assert tok.chars == "".join(sorted(set(text)))
     index = {c: i for i, c in enumerate(tok.chars)}                  # the definition, by hand
     ids = tok.encode(text)
@@ -23,7 +23,7 @@ def test_encode_is_the_sorted_vocabulary_index_and_decode_inverts_it(text):
 
 @given(known=st.text(min_size=1, max_size=30), extra=st.text(min_size=1, max_size=10))
 def test_unknown_characters_are_all_named(known, extra):
-    tok = Tokenizer.from_text(known)
+    tok = CharTokenizer.from_text(known)
     unknown = sorted(set(extra) - set(known))
     if not unknown:
         assert tok.decode(tok.encode(extra)) == extra
@@ -34,11 +34,11 @@ def test_unknown_characters_are_all_named(known, extra):
 
 
 def test_characters_outside_the_basic_plane():
-    tok = Tokenizer.from_text("a🙂b\U0010ffff")
+    tok = CharTokenizer.from_text("a🙂b\U0010ffff")
     assert tok.decode(tok.encode("🙂ab\U0010ffff🙂")) == "🙂ab\U0010ffff🙂"
 
 
 @pytest.mark.parametrize("chars, match", [("", "empty"), ("aba", "repeats")])
 def test_bad_vocabularies(chars, match):
     with pytest.raises(ValueError, match=match):
-        Tokenizer(chars)
+        CharTokenizer(chars)

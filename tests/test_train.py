@@ -104,7 +104,7 @@ def test_sample_batch_targets_are_inputs_shifted(key):
 def test_evaluate_averages_every_window_once(key, rng):
     params = model.init(key, MC)
     ids = rng.integers(0, 13, 8 * 10 + 1).astype(np.int32)
-    windows = data.eval_windows(ids, 8)
+    windows = np.asarray(data.eval_windows(ids, 8))
     assert windows.shape == (10, 9)
     np.testing.assert_array_equal(windows[1, 0], ids[8])
     loss = jax.jit(model.loss, static_argnames="config")
