@@ -9,11 +9,12 @@ sorted by path), concatenated and repeated to --size-mb (its SHA-256 is reported
 the same Python gives the same text). What is measured:
 
 1. `minitx prepare` per tokenizer, each in a fresh process: wall time, MB/s and the
-   process's peak resident memory (`os.wait4`'s ru_maxrss).
-2. `minitx train` once prepared (baby config, memory-mapped batches): seconds from
-   the process's start to "Starting training..." (imports, the text's and cache's
-   SHA-256, the memory map, the validation sample, initialisation), then to the first
-   step's line (compilation included), and the process's peak resident memory.
+   process's peak resident memory (its VmHWM, read by the process as it ends).
+2. `minitx train` once prepared (baby config, memory-mapped batches): the seconds
+   its data check takes (the text's SHA-256, the cache's manifest and token file),
+   the seconds from the process's start to "Starting training..." (imports, that
+   check, the memory map, the validation sample, initialisation), then to the first
+   step's line (the step's compilation included), and its peak resident memory.
 3. Training throughput at the baby config: the memory-mapped path (host gather +
    prefetch) against the device-resident path (the first 64M training tokens held on
    the device), the same compiled step, in alternating blocks; the ratio is paired.
@@ -29,6 +30,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -70,9 +72,20 @@ def write_corpus(path: str, size_mb: int) -> str:
     return digest.hexdigest()
 
 
+# `minitx ARGS` that ends by printing its own peak resident memory (VmHWM). Not the
+# rusage of the child: Linux starts a forked child's maximum at its parent's size.
+_MINITX_REPORTING_PEAK = ("import sys\nfrom minitx_fn.cli import main\ncode = main(sys.argv[1:])\n"
+                          "print('peak_rss_kb', *[line.split()[1] for line in open('/proc/self/status')\n"
+                          "      if line.startswith('VmHWM')], flush=True)\nsys.exit(code)")
+
+
+def _minitx(*args: str) -> list[str]:
+    return [sys.executable, "-c", _MINITX_REPORTING_PEAK, *args]
+
+
 def _timed_process(argv: list[str], marks: tuple[str, ...] = ()) -> dict:
-    """Run argv; wall seconds, the seconds at which each mark first appeared in its
-    output, exit status and peak resident MB (from os.wait4)."""
+    """Run argv (a `_minitx` command); wall seconds, the seconds at which each mark
+    first appeared in its output, and its peak resident MB."""
     started = time.perf_counter()
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     seen, lines = {}, []
@@ -81,19 +94,17 @@ def _timed_process(argv: list[str], marks: tuple[str, ...] = ()) -> dict:
         for mark in marks:
             if mark not in seen and line.startswith(mark):
                 seen[mark] = time.perf_counter() - started
-    _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed ({process.returncode}):\n{''.join(lines[-20:])}")
-    return {"wall_s": time.perf_counter() - started, "marks_s": seen, "peak_rss_mb": usage.ru_maxrss / 1024,
-            "output": "".join(lines)}
+    if process.wait() != 0:
+        raise SystemExit(f"{' '.join(argv[3:])} failed ({process.returncode}):\n{''.join(lines[-20:])}")
+    peak = [line.split()[1] for line in lines if line.startswith("peak_rss_kb")]
+    return {"wall_s": time.perf_counter() - started, "marks_s": seen,
+            "peak_rss_mb": int(peak[0]) / 1024 if peak else float("nan"), "output": "".join(lines)}
 
 
 def bench_prepare(path: str, cache: str, kinds: list[str], size_mb: float) -> list[dict]:
     rows = []
     for kind in kinds:
-        result = _timed_process([sys.executable, "-m", "minitx_fn", "prepare", "--data", path, "--tokenizer", kind,
-                                 "--cache-dir", cache])
+        result = _timed_process(_minitx("prepare", "--data", path, "--tokenizer", kind, "--cache-dir", cache))
         rows.append({"tokenizer": kind, "wall_s": round(result["wall_s"], 1),
                      "mb_per_s": round(size_mb / result["wall_s"], 1), "peak_rss_mb": round(result["peak_rss_mb"])})
         print(f"prepare {kind}: {rows[-1]}", flush=True)
@@ -101,12 +112,14 @@ def bench_prepare(path: str, cache: str, kinds: list[str], size_mb: float) -> li
 
 
 def bench_first_step(path: str, cache: str, out_dir: str) -> dict:
-    result = _timed_process([sys.executable, "-m", "minitx_fn", "train", "--data", path, "--cache-dir", cache,
-                             "--preset", "shakespeare-baby", "--steps", "20", "--log-every", "1", "--eval-every",
-                             "1000", "--save-every", "1000", "--max-new-tokens", "1", "--out", out_dir],
+    result = _timed_process(_minitx("train", "--data", path, "--cache-dir", cache, "--preset", "shakespeare-baby",
+                                    "--steps", "20", "--log-every", "1", "--eval-every", "1000", "--save-every",
+                                    "1000", "--max-new-tokens", "1", "--out", out_dir),
                             marks=("Starting training...", "Step 1,"))
     marks = result["marks_s"]
-    row = {"to_starting_s": round(marks["Starting training..."], 2), "to_first_step_s": round(marks["Step 1,"], 2),
+    checked = re.search(r"text and cache checked in ([0-9.]+) s", result["output"])
+    row = {"data_check_s": float(checked.group(1)) if checked else None,
+           "to_starting_s": round(marks["Starting training..."], 2), "to_first_step_s": round(marks["Step 1,"], 2),
            "peak_rss_mb": round(result["peak_rss_mb"]),
            "batches": next(line for line in result["output"].splitlines() if line.startswith("Batches:"))}
     print(f"train: {row}", flush=True)

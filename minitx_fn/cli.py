@@ -429,7 +429,7 @@ def _prompt_ids(tokenizer, prompt: str, what: str = "the prompt"):
 
 
 def _sample_prompt(args, tokenizer, ids: np.ndarray) -> str:
-    """--prompt, else 'hello' if the text starts with it, else the text's first character."""
+    """--prompt, else 'hello' if the text's first 64 tokens hold it, else its first character."""
     if args.prompt is not None:
         return args.prompt
     start = tokenizer.decode(ids[:64])
@@ -540,10 +540,9 @@ def _plan(args, run_dir, resuming, mc, tc, corpus, state) -> TrainPlan:
     if corpus.source is not None:
         train_ids, val_ids = corpus.train, corpus.validation
         data.check_length(val_ids, mc.max_len, "validation (last 10% of the)")
-        if not resuming and args.eval_tokens is None:
-            tc = tc.replace(eval_tokens=None if len(val_ids) <= DEFAULT_EVAL_TOKENS else DEFAULT_EVAL_TOKENS)
-        elif not resuming:
-            tc = tc.replace(eval_tokens=None if args.eval_tokens == "all" else args.eval_tokens)
+        if not resuming:                                             # a resumed run keeps its own
+            wanted = args.eval_tokens or ("all" if len(val_ids) <= DEFAULT_EVAL_TOKENS else DEFAULT_EVAL_TOKENS)
+            tc = tc.replace(eval_tokens=None if wanted == "all" else wanted)
         val_windows = data.eval_windows(val_ids, mc.max_len, tc.eval_tokens)
     else:
         train_ids, val_windows = corpus.ids, None                   # the built-in cycle: no held-out split
@@ -557,6 +556,9 @@ def _plan(args, run_dir, resuming, mc, tc, corpus, state) -> TrainPlan:
     memory.check(memory.training_bytes(mc, tc.batch_size), "training this model",
                  "try a smaller {b}, {w}, {c} or {l}", b=("batch_size", tc.batch_size), w=("d_model", mc.d_model),
                  c=("max_len", mc.max_len), l=("n_layers", mc.n_layers))
+    if batches == "device":
+        memory.check(memory.training_bytes(mc, tc.batch_size) + 4 * len(train_ids),
+                     "training this model with its text held on the device", "try --batches memmap")
     memory.check(memory.generation_bytes(mc, 1, args.max_new_tokens), "the final sample",
                  "try a smaller {n}", n=("max_new_tokens", args.max_new_tokens))
     return TrainPlan(run_dir, resuming, mc, tc, corpus, train_ids, val_windows, batches, state, prompt)

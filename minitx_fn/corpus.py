@@ -10,7 +10,7 @@ Numpy only, no JAX: preparing starts at once and takes little memory.
     pass 2   encode chunk by chunk, append the ids to tokens.bin (uint8, uint16 or uint32,
              the narrowest that holds the vocabulary)
     last     manifest.json: the source (path, size, SHA-256), the tokenizer, the token
-             count and file's SHA-256, the train/validation boundary
+             count and file's SHA-256 and modification time, the train/validation boundary
 
 Memory stays bounded by the chunk size whatever the file's size (the char vocabulary
 is a table of 1.1M flags; BPE learns from at most the first `BPE_TRAINING_BYTES` of
@@ -19,7 +19,7 @@ into place, so a killed preparation leaves no half-made cache, only a temporary
 folder the next preparation removes.
 
 A later run reuses the cache when the manifest, the source's SHA-256, the token
-file's size and SHA-256 and the tokenizer all match; anything else (the text was
+file's size and modification time and the tokenizer all match; anything else (the text was
 edited, tokens.bin truncated or changed, another tokenizer asked for, a foreign or
 damaged manifest) is said in one line and the cache is rebuilt.
 
@@ -113,8 +113,10 @@ def default_cache_dir(environ=os.environ) -> str:
     """$MINITX_CACHE_DIR, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx.
 
     Example:
-        >>> default_cache_dir({"MINITX_CACHE_DIR": "/c", "XDG_CACHE_HOME": "/x"}), default_cache_dir({"XDG_CACHE_HOME": "/x"})
-        ('/c', '/x/minitx')
+        >>> default_cache_dir({"MINITX_CACHE_DIR": "/c", "XDG_CACHE_HOME": "/x"})
+        '/c'
+        >>> default_cache_dir({"XDG_CACHE_HOME": "/x"})
+        '/x/minitx'
     """
     if environ.get(CACHE_ENV):
         return environ[CACHE_ENV]
@@ -162,8 +164,9 @@ def check_file(path: str) -> int:
 
 def chunks(path: str, chunk_bytes: int | None = None, start: int = 0, end: int | None = None):
     """Yield (offset, raw bytes) of the file's bytes [start, end) in pieces of about
-    chunk_bytes (default CHUNK_BYTES), each ending on a UTF-8 character boundary and checked to be UTF-8
-    (DataError naming the offset of a bad byte). start and end must be boundaries.
+    chunk_bytes (default CHUNK_BYTES), each ending on a UTF-8 character boundary and
+    checked to be UTF-8 (DataError naming the offset of a bad byte). start and end
+    must be character boundaries.
 
     Example:
         >>> p = os.path.join(tempfile.mkdtemp(), "t.txt"); _ = open(p, "w").write("héllo")
@@ -187,13 +190,13 @@ def chunks(path: str, chunk_bytes: int | None = None, start: int = 0, end: int |
                     if not block:                      # the file shrank while we read it
                         return
                     continue
-                for start, block in _blocks(piece):
-                    if not block.isascii():
+                for at, part in _blocks(piece):
+                    if not part.isascii():
                         try:
-                            block.decode("utf-8")
+                            part.decode("utf-8")
                         except UnicodeDecodeError as e:
                             raise DataError(f"data file {path!r} is not UTF-8 text (invalid byte at offset "
-                                            f"{offset + start + e.start}); convert it to UTF-8, e.g. with "
+                                            f"{offset + at + e.start}); convert it to UTF-8, e.g. with "
                                             f"iconv") from None
                 yield offset, piece
                 offset += len(piece)
@@ -246,18 +249,18 @@ def _new_tokenizer(kind: str, vocab_size: int | None, char_points, bpe_texts) ->
     return BPETokenizer.train(bpe_texts, vocab_size or DEFAULT_BPE_VOCAB)
 
 
-def _source_pass(path: str, size: int, progress) -> tuple[str, int]:
-    """Pass 1 (all a valid cache costs): the text's SHA-256, its UTF-8 checked, and the
-    byte offset of its 90% split."""
+def _source_sha256(path: str, size: int, progress) -> str:
+    """Pass 1, all that a valid cache costs: the text's SHA-256 (its UTF-8 is checked by
+    the passes that read characters, when there is something to prepare)."""
     digest = hashlib.sha256()
-    target = int(size * TRAIN_FRACTION)
-    split_at = 0
-    for offset, raw in chunks(path):
-        digest.update(raw)
-        if offset <= target:
-            split_at = offset + _char_boundary(raw, target - offset)
-        progress("checking", offset + len(raw), size)
-    return digest.hexdigest(), split_at
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(CHUNK_BYTES):
+                digest.update(block)
+                progress("checking", f.tell(), size)
+    except OSError as e:
+        raise DataError(f"cannot read data file {path!r}: {e.strerror}; check its permissions") from None
+    return digest.hexdigest()
 
 
 def _code_points_seen(path: str, size: int, progress) -> np.ndarray:
@@ -406,7 +409,7 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
     folder = cache_folder(path, kind, vocab_size, cache_dir)
     progress = _Progress(out)
     started = time.perf_counter()
-    sha256, split_at = _source_pass(path, size, progress)
+    sha256 = _source_sha256(path, size, progress)
     if expected_sha256 is not None and sha256 != expected_sha256:
         progress.done()
         raise SourceChangedError(path)
@@ -418,6 +421,7 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
         return corpus
     if problem:
         print(f"The cache {folder} {problem}; preparing again", file=out)
+    split_at = _char_boundary_in_file(path, int(size * TRAIN_FRACTION))
     if tokenizer is None:
         tokenizer = _new_tokenizer(kind, vocab_size, lambda: _code_points_seen(path, size, progress),
                                    _bpe_training_texts(path, split_at))
@@ -473,7 +477,8 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
                     "tokenizer": tokenizer.to_meta(),
                     "tokenizer_sha256": _sha256_text(tokenizers_.meta_json(tokenizer)),
                     "tokens": {"file": "tokens.bin", "dtype": dtype.name, "count": count,
-                               "sha256": digest.hexdigest()},
+                               "sha256": digest.hexdigest(),
+                               "mtime_ns": os.stat(os.path.join(tmp, "tokens.bin")).st_mtime_ns},
                     "boundary": boundary}
         with open(os.path.join(tmp, "manifest.json"), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=1)
@@ -494,7 +499,7 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
         for leftover in (tmp, aside):
             if leftover is not None:
                 shutil.rmtree(leftover, ignore_errors=True)
-    corpus, problem = _load(folder, path, size, sha256, tokenizer.kind, tokenizer, verify_tokens=False)
+    corpus, problem = _load(folder, path, size, sha256, tokenizer.kind, tokenizer)
     if corpus is None:
         raise DataError(f"the cache {folder} {problem} right after it was written; check the disk")
     return corpus
@@ -517,12 +522,11 @@ def _remove_abandoned(parent: str) -> None:
             shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _load(folder: str, path: str, size: int, sha256: str, kind: str, tokenizer: Tokenizer | None,
-          verify_tokens: bool = True) -> tuple[Corpus | None, str]:
+def _load(folder: str, path: str, size: int, sha256: str, kind: str,
+          tokenizer: Tokenizer | None) -> tuple[Corpus | None, str]:
     """(the cached corpus, "") when folder holds a valid preparation of this source by a
     tokenizer of this kind (equal to `tokenizer` when one is given), else (None, what is
-    wrong: "" when there is no cache at all). verify_tokens=False skips hashing
-    tokens.bin (just written, its hash just computed)."""
+    wrong: "" when there is no cache at all)."""
     manifest_path = os.path.join(folder, "manifest.json")
     if not os.path.exists(manifest_path):
         return None, ("holds no manifest (an unfinished or foreign cache)" if os.path.exists(folder) else "")
@@ -548,11 +552,13 @@ def _load(folder: str, path: str, size: int, sha256: str, kind: str, tokenizer: 
         return None, "was made with another tokenizer than this one"
     tokens_path = os.path.join(folder, tokens.get("file", ""))
     try:
-        if os.path.getsize(tokens_path) != count * dtype.itemsize:
+        stat = os.stat(tokens_path)
+        if stat.st_size != count * dtype.itemsize:
             return None, "has a truncated or overlong tokens.bin"
-        with open(tokens_path, "rb") as f:
-            if verify_tokens and hashlib.file_digest(f, "sha256").hexdigest() != tokens.get("sha256"):
-                return None, "has a tokens.bin that changed since it was written (its SHA-256 differs)"
+        # Its time, not its SHA-256 (recorded too): hashing 2 GB of ids at every start
+        # would cost seconds; any write to the file changes the time.
+        if stat.st_mtime_ns != tokens.get("mtime_ns"):
+            return None, "has a tokens.bin that changed since it was written (its modification time differs)"
         ids = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(count,))
     except (OSError, ValueError):
         return None, "has a missing or unreadable tokens.bin"

@@ -5,6 +5,7 @@ change what runs; never a speed."""
 from __future__ import annotations
 
 import json
+import os
 
 import importlib.util
 
@@ -193,3 +194,20 @@ def test_plot_of_json_that_is_no_result_is_one_usage_line(tmp_path, capsys, cont
         plot.main(["--json", str(saved), "--out", str(tmp_path / "p.png")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "is not a result of python -m benchmarks" in err and "Traceback" not in err
+
+
+def test_data_benchmark_writes_its_text_and_times_a_preparation(tmp_path, capsys):
+    """The data benchmark's code path at 1 MB with the byte tokenizer (no training: that
+    path is the one `minitx train` runs, tested in test_corpus.py): the deterministic
+    text is the same twice, and the result names each measured field."""
+    from benchmarks import data as data_bench
+    first = data_bench.write_corpus(str(tmp_path / "a.txt"), 1)
+    assert data_bench.write_corpus(str(tmp_path / "b.txt"), 1) == first
+    assert os.path.getsize(tmp_path / "a.txt") <= 1 << 20
+    (tmp_path / "a.txt").read_bytes().decode("utf-8")                     # whole characters only
+    assert data_bench.main(["--size-mb", "1", "--tokenizers", "byte", "--dir", str(tmp_path / "d"),
+                            "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    row = result["prepare"][0]
+    assert row["tokenizer"] == "byte" and row["peak_rss_mb"] > 0 and row["mb_per_s"] > 0
+    assert result["text"]["sha256"] == first

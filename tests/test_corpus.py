@@ -152,7 +152,10 @@ def test_the_cache_is_reused_when_valid_and_rebuilt_when_anything_is_off(tmp_pat
     def flip():
         raw = bytearray(open(tokens, "rb").read())
         raw[5] ^= 1
+        before = os.stat(tokens).st_mtime_ns
         open(tokens, "wb").write(bytes(raw))
+        # A file system's clock may tick coarser than this test runs: say the edit came a second later.
+        os.utime(tokens, ns=(before + 10**9, before + 10**9))
 
     def foreign_tokenizer():
         meta = json.load(open(manifest))
@@ -350,3 +353,10 @@ def test_an_unwritable_cache_is_one_line(_chdir, tmp_path, capsys):
     blocker = _write(tmp_path, "a file", "blocker")
     code, _, err = run_main(capsys, "prepare", "--data", path, "--cache-dir", os.path.join(blocker, "sub"))
     assert_one_error_line(code, err, "cannot write the cache")
+
+
+def test_bpe_without_its_library_is_one_line(_chdir, tmp_path, capsys, monkeypatch):
+    path = _write(tmp_path, TEXT)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)                   # import tokenizers -> ImportError
+    code, _, err = run_main(capsys, "prepare", "--data", path, "--tokenizer", "bpe")
+    assert_one_error_line(code, err, "pip install", ".[bpe]")
