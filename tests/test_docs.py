@@ -68,18 +68,11 @@ def test_every_public_function_has_an_example(name):
     assert not missing, f"{name}: no example in {sorted(missing)}"
 
 
-def test_walkthrough_runs_as_a_script():
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "docs", "walkthrough.py")], capture_output=True,
-                          text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    assert "head 0 by hand vs library" in done.stdout and "max |ours - flax|" in done.stdout
-    assert "rows sum to one: True" in done.stdout
-
-
 def test_walkthrough_runs_as_a_notebook_with_its_attention_explorer():
     """jupytext turns the script into a notebook and nbclient executes it in a kernel,
-    as `jupyter lab` would; the last cell builds the ipywidgets explorer. (Run after the
-    script test, it reads most compiled programs from the session's compilation cache.)"""
+    as `jupyter lab` would; the last cell builds the ipywidgets explorer. The script is
+    the notebook's code cell for cell, so this is also the script's test (`python
+    docs/walkthrough.py` runs the same lines, less the explorer's display)."""
     jupytext = pytest.importorskip("jupytext", reason="the notebook test needs the test extra's jupytext")
     nbclient = pytest.importorskip("nbclient", reason="the notebook test needs the test extra's nbclient")
     pytest.importorskip("ipykernel", reason="the notebook test needs the test extra's ipykernel")
@@ -102,6 +95,7 @@ def test_walkthrough_runs_as_a_notebook_with_its_attention_explorer():
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") for o in outputs)
     assert "head 0 by hand vs library" in text and "max |ours - flax|" in text
+    assert "rows sum to one: True" in text
     explorer = [o for o in outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
     assert explorer and "IntSlider" in explorer[0]["data"]["text/plain"], "the explorer should show its sliders"
     # interact draws into an Output widget: its first map is in the saved widget state.
