@@ -1,7 +1,7 @@
 """The data benchmark: preparing, training on and evaluating a corpus far larger than
 Tiny Shakespeare, on a deterministic text this script writes itself.
 
-    python -m benchmarks.data                          1 GB, every tokenizer (about 20 minutes on 2 cores)
+    python -m benchmarks.data                          1 GB, every tokenizer (about 35 minutes on 2 cores, 13 of them BPE)
     python -m benchmarks.data --size-mb 64 --tokenizers char,byte --json data.json
 
 The text: this Python's standard-library sources (`*.py` under `sysconfig`'s stdlib,
