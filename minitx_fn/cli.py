@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_corpus_flags(t)
     t.add_argument("--eval-tokens", type=_eval_tokens, metavar="N|all", help=f"validate on a fixed sample of about "
                    f"N tokens, the same every time (default: all when the validation split has at most "
-                   f"{DEFAULT_EVAL_TOKENS:,}, else {DEFAULT_EVAL_TOKENS:,})")
+                   f"{DEFAULT_EVAL_TOKENS:,}, else {DEFAULT_EVAL_TOKENS:,}); only with --data")
     t.add_argument("--batches", choices=("auto", "device", "memmap"), default="auto",
                    help="where batches come from: the text held on the device, or gathered on the host from the "
                         "memory-mapped token file and prefetched (default auto: the device up to "
@@ -828,8 +828,10 @@ def cmd_data(args, out=None) -> int:
 
 def cmd_prepare(args, out=None) -> int:
     """`minitx prepare`: tokenize a text file into the cache `minitx train --data` reads."""
+    from minitx_fn.signals import StopSignals
     out = out or sys.stdout
-    _corpus(args, out)
+    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: its temporary folder removed
+        _corpus(args, out)
     print(f"Train on it with:\n  minitx train --data {_quote(args.data)}"
           + (f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
           + (f" --vocab-size {args.vocab_size}" if args.vocab_size else "")

@@ -484,6 +484,9 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
             json.dump(manifest, f, indent=1)
         os.chmod(os.path.join(tmp, "manifest.json"), runs.file_mode())
         os.chmod(os.path.join(tmp, "tokens.bin"), runs.file_mode())
+        made_meanwhile, _ = _load(folder, path, size, sha256, tokenizer.kind, tokenizer)
+        if made_meanwhile is not None:                  # by another process of a multi-process run
+            return made_meanwhile
         if os.path.exists(folder):                      # the stale cache: aside, then gone
             aside = tempfile.mkdtemp(prefix=_temporary_prefix(), dir=parent)
             os.rename(folder, os.path.join(aside, "stale"))
