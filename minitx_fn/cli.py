@@ -123,6 +123,12 @@ def _eval_tokens(text: str) -> int | str:
     return "all" if text == "all" else _positive(text)
 
 
+def _nonempty(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("is empty; give a folder")
+    return text
+
+
 def _address(text: str) -> str:
     """HOST:PORT, the port in [1, 65535]."""
     host, _, port = text.rpartition(":")
@@ -307,7 +313,7 @@ def _add_corpus_flags(parser, required: bool = False) -> None:
                         "training split (needs the bpe extra)")
     parser.add_argument("--vocab-size", type=_int_in(256, 1 << 20), help="bpe only: ids in the vocabulary "
                         "(default 4096)")
-    parser.add_argument("--cache-dir", metavar="DIR", help="where prepared data is kept (default: "
+    parser.add_argument("--cache-dir", metavar="DIR", type=_nonempty, help="where prepared data is kept (default: "
                         "$MINITX_CACHE_DIR, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx)")
 
 
@@ -425,6 +431,12 @@ def _check_resume_flags(args, saved) -> None:
 def _prompt_ids(tokenizer, prompt: str, what: str = "the prompt"):
     if not prompt:
         raise UsageError(f"{what} is empty; give at least one character")
+    # A byte that is not UTF-8 reaches Python as a lone surrogate: no tokenizer may take it
+    # (byte would echo it back, BPE cannot encode it at all).
+    bad = sorted({c for c in prompt if "\ud800" <= c <= "\udfff"})
+    if bad and tokenizer.kind != "char":
+        raise UsageError(f"{what} holds bytes that are not UTF-8 text ({', '.join(repr(c) for c in bad)}); give "
+                         f"UTF-8 text")
     return tokenizer.encode(prompt)
 
 
@@ -641,7 +653,8 @@ def _run(args, plan: TrainPlan, is_main: bool, out, signals, stack) -> int:
           file=out)
     print(f"Batches: {where}" + ("" if plan.val_windows is None else
           f"; validation: {len(plan.val_windows):,} windows of {mc.max_len} tokens"
-          + ("" if tc.eval_tokens is None else " (a fixed sample)")), file=out)
+          + ("" if len(plan.val_windows) == data.windows_in(len(plan.corpus.validation), mc.max_len)
+             else " (a fixed sample)")), file=out)
     print("Starting training...", file=out, flush=True)
     started = time.perf_counter()
     try:

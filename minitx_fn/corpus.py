@@ -52,6 +52,7 @@ TRAIN_FRACTION = 0.9
 BPE_TRAINING_BYTES = 64 << 20      # the merges are learned from at most this much of the training split
 BPE_PIECE_CHARS = 1 << 16          # text handed to tokenizers.encode_batch in pieces of about this size
 BPE_PIECES_PER_BATCH = 16          # pieces per encode_batch call: bounds its memory
+BPE_HARD_CUT_CHARS = 4096          # a piece's length where the text has no newline or space to cut at
 DEFAULT_BPE_VOCAB = 4096
 MAX_BPE_VOCAB = 1 << 20
 CACHE_ENV = "MINITX_CACHE_DIR"
@@ -133,7 +134,9 @@ def cache_folder(path: str, kind: str, vocab_size: int | None, cache_dir: str | 
         '/cache/big.txt-8ef372f15de0/bpe-4096'
     """
     absolute = os.path.abspath(path)
-    name = os.path.basename(absolute) + "-" + hashlib.sha256(absolute.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+    # At most 100 characters of the file's name: a folder name must fit in 255 bytes.
+    name = (os.path.basename(absolute)[:100] + "-"
+            + hashlib.sha256(absolute.encode("utf-8", "surrogatepass")).hexdigest()[:12])
     spec = kind if kind != "bpe" else f"bpe-{vocab_size or DEFAULT_BPE_VOCAB}"
     return os.path.join(cache_dir or default_cache_dir(), name, spec)
 
@@ -325,11 +328,16 @@ def _char_boundary_in_file(path: str, at: int) -> int:
 
 
 def _bpe_pieces(text: str) -> list[str]:
-    """The text cut after newlines into pieces of about BPE_PIECE_CHARS, for encode_batch."""
+    """The text cut into pieces of about BPE_PIECE_CHARS for `tokenizers`: after a
+    newline, else after a space, within twice that; else (a text without either, where
+    BPE's time grows with the square of a word's length) every BPE_HARD_CUT_CHARS."""
     pieces, start = [], 0
     while start < len(text):
-        end = text.find("\n", start + BPE_PIECE_CHARS)
-        end = len(text) if end < 0 else end + 1
+        end = len(text)
+        if end - start > 2 * BPE_PIECE_CHARS:
+            window = (start + BPE_PIECE_CHARS, start + 2 * BPE_PIECE_CHARS)
+            cut = max(text.rfind("\n", *window), text.rfind(" ", *window))
+            end = cut + 1 if cut >= 0 else start + BPE_HARD_CUT_CHARS
         pieces.append(text[start:end])
         start = end
     return pieces
@@ -416,11 +424,11 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
     corpus, problem = _load(folder, path, size, sha256, kind, tokenizer)
     if corpus is not None:
         progress.done()
-        print(f"Data: {path}, prepared before ({describe(corpus)}); text and cache checked in "
+        print(f"Data: {_shown(path)}, prepared before ({describe(corpus)}); text and cache checked in "
               f"{time.perf_counter() - started:.1f} s", file=out)
         return corpus
     if problem:
-        print(f"The cache {folder} {problem}; preparing again", file=out)
+        print(f"The cache {_shown(folder)} {problem}; preparing again", file=out)
     split_at = _char_boundary_in_file(path, int(size * TRAIN_FRACTION))
     if tokenizer is None:
         tokenizer = _new_tokenizer(kind, vocab_size, lambda: _code_points_seen(path, size, progress),
@@ -428,9 +436,14 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
     corpus = _build(folder, path, size, sha256, split_at, tokenizer, progress)
     progress.done()
     elapsed = time.perf_counter() - started
-    print(f"Data: prepared {path} ({describe(corpus)}) in {elapsed:.2f} s, {size / 1e6 / elapsed:,.1f} MB/s; "
-          f"cached in {folder}", file=out)
+    print(f"Data: prepared {_shown(path)} ({describe(corpus)}) in {elapsed:.2f} s, {size / 1e6 / elapsed:,.1f} MB/s; "
+          f"cached in {_shown(folder)}", file=out)
     return corpus
+
+
+def _shown(path: str) -> str:
+    """A path for a message: a byte of its name that is not UTF-8 written as an escape."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def describe(corpus: Corpus) -> str:
@@ -536,8 +549,9 @@ def _load(folder: str, path: str, size: int, sha256: str, kind: str,
     try:
         with open(manifest_path, encoding="utf-8") as f:
             manifest = json.load(f)
-        tokens = manifest["tokens"]
-        source = manifest["source"]
+        tokens, source = manifest["tokens"], manifest["source"]
+        if not (isinstance(tokens, dict) and isinstance(source, dict) and tokens.get("file") == "tokens.bin"):
+            raise ValueError
         cached_tokenizer = tokenizers_.from_meta(manifest["tokenizer"])
         if manifest["tokenizer_sha256"] != _sha256_text(tokenizers_.meta_json(cached_tokenizer)):
             return None, "has a tokenizer that changed since it was written (its SHA-256 differs)"
@@ -546,8 +560,10 @@ def _load(folder: str, path: str, size: int, sha256: str, kind: str,
         if (manifest["version"] != MANIFEST_VERSION or dtype != ids_dtype(cached_tokenizer.vocab_size)
                 or not isinstance(count, int) or not isinstance(boundary, int) or not 0 <= boundary <= count):
             raise ValueError
-    except (OSError, ValueError, KeyError, TypeError, tokenizers_.MissingTokenizersError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, tokenizers_.MissingTokenizersError):
         return None, "has a damaged or foreign manifest"
+    if cached_tokenizer.kind != "bpe" and boundary != int(count * TRAIN_FRACTION):
+        return None, "has a damaged manifest (its train/validation boundary is not at 90%)"
     if source.get("sha256") != sha256 or source.get("bytes") != size:
         return None, f"was made from another version of {path} (its SHA-256 differs)"
     if cached_tokenizer.kind != kind or (

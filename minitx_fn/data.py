@@ -238,6 +238,16 @@ def _unmap_pages(ids: np.ndarray) -> None:
         mapped.madvise(mmap.MADV_DONTNEED)
 
 
+def windows_in(n_tokens: int, context: int) -> int:
+    """How many consecutive windows of T + 1 ids, stepping by T, a split of n_tokens holds.
+
+    Example:
+        >>> windows_in(9, 4), windows_in(8, 4)
+        (2, 1)
+    """
+    return max(n_tokens - 1, 0) // context
+
+
 def eval_windows(ids: np.ndarray, context: int, max_tokens: int | None = None) -> Windows:
     """(N,) -> W windows of T + 1 ids. All of them (max_tokens None): consecutive windows
     stepping by T, so every position of the split but a final stub is predicted exactly
@@ -253,7 +263,7 @@ def eval_windows(ids: np.ndarray, context: int, max_tokens: int | None = None) -
         >>> len(sample), bool((sample.starts % 4 == 0).all())
         (2, True)
     """
-    n_windows = (len(ids) - 1) // context
+    n_windows = windows_in(len(ids), context)
     chosen = np.arange(n_windows)
     if max_tokens is not None and max_tokens < n_windows * context:
         sample = -(-max_tokens // context)

@@ -166,6 +166,18 @@ def test_the_cache_is_reused_when_valid_and_rebuilt_when_anything_is_off(tmp_pat
     rebuilt(flip, "changed since it was written")
     rebuilt(lambda: open(manifest, "w").write("{not json"), "damaged or foreign manifest")
     rebuilt(foreign_tokenizer, "tokenizer that changed since it was written")
+
+    def edit_manifest(**changes):
+        def edit():
+            meta = json.load(open(manifest))
+            for key, value in changes.items():
+                meta[key] = value
+            json.dump(meta, open(manifest, "w"))
+        return edit
+
+    rebuilt(edit_manifest(source=None), "damaged or foreign manifest")
+    rebuilt(edit_manifest(tokens={"file": None}), "damaged or foreign manifest")
+    rebuilt(edit_manifest(boundary=5), "boundary is not at 90%")
     rebuilt(lambda: os.remove(manifest), "holds no manifest")
     rebuilt(lambda: open(path, "a").write("more text"), "another version of")
     # A resumed run's tokenizer that differs from the cached one: encoded again with it.
@@ -202,6 +214,24 @@ def test_bad_text_is_one_error_with_the_absolute_offset(tmp_path, content, said)
             _prepare(path, tmp_path / "cache")
     finally:
         corpus.CHUNK_BYTES = old
+
+
+@given(text=st.text(alphabet="ab \n", max_size=300), piece=st.sampled_from([4, 16]))
+def test_bpe_pieces_join_back_and_stay_bounded_without_newlines(text, piece):
+    old = corpus.BPE_PIECE_CHARS, corpus.BPE_HARD_CUT_CHARS
+    corpus.BPE_PIECE_CHARS, corpus.BPE_HARD_CUT_CHARS = piece, 3
+    try:
+        pieces = corpus._bpe_pieces(text)
+    finally:
+        corpus.BPE_PIECE_CHARS, corpus.BPE_HARD_CUT_CHARS = old
+    assert "".join(pieces) == text and all(pieces)
+    assert all(len(p) <= 2 * piece for p in pieces)
+
+
+def test_a_long_file_name_still_makes_a_cache_folder(tmp_path):
+    path = _write(tmp_path, TEXT, "a" * 250 + ".txt")
+    c, _ = _prepare(path, tmp_path / "cache")
+    assert len(os.path.basename(os.path.dirname(c.folder))) <= 113
 
 
 def test_the_vocab_size_is_for_bpe_only():
@@ -317,6 +347,10 @@ def test_prepare_then_train_byte_and_generate_any_text(tmp_path, capsys):
                               "--max-new-tokens", "7", "--top-k", "3")
     assert code == 0, err
     assert out.startswith("∑ never seen 🙂")
+    # A byte that is not UTF-8 (a lone surrogate in Python) in the prompt or stop string: one line.
+    for flags in (["--prompt", "ab\udcff"], ["--prompt", "a", "--stop", "\udcff"]):
+        code, _, err = run_main(capsys, "generate", "--checkpoint", "b", *flags)
+        assert_one_error_line(code, err, "not UTF-8")
     # Resuming keeps the run's tokenizer.
     code, _, err = run_main(capsys, "train", "--resume", "b", "--steps", "3", "--tokenizer", "char")
     assert_one_error_line(code, err, "keeps the run's tokenizer")
@@ -336,6 +370,7 @@ def checkpoint_kind(run_dir) -> str:
     (["train", "--eval-tokens", "some"], "is not a whole number"),
     (["train", "--batches", "disk"], "invalid choice: 'disk'"),
     (["train", "--tokenizer", "char", "--vocab-size", "300"], "--vocab-size 300 is for bpe"),
+    (["prepare", "--data", "x", "--cache-dir", ""], "--cache-dir: is empty"),
 ])
 def test_bad_data_flags_are_one_line(_chdir, capsys, argv, said):
     code, _, err = run_main(capsys, *argv)
