@@ -45,8 +45,10 @@ from minitx_fn import tokenizer as tokenizers
 from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 from minitx_fn.train import TrainState, init_state
 
-FORMAT_VERSION = 3            # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens
-READABLE_VERSIONS = (2, 3)    # 2 had only char vocabularies, saved as "vocab"
+# 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
+# 4: ModelConfig.positions and tie_embeddings.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (2, 3, 4)  # 2 had only char vocabularies, saved as "vocab"
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
 META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "files"}
@@ -231,6 +233,9 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
                               f"wrote it")
     if version == 2:
         meta = _from_version_2(meta)
+    if version in (2, 3) and isinstance(meta.get("model_config"), dict):
+        # Runs before version 4 had sinusoidal positions and an untied head.
+        meta = {**meta, "model_config": {"positions": "sinusoidal", "tie_embeddings": False, **meta["model_config"]}}
     unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))

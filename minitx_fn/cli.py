@@ -52,8 +52,10 @@ PRESETS = {
 }
 # Flags that set a config field under another name; every other field's flag is its name.
 FIELD_OF_FLAG = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len",
-                 "dropout": "dropout"}
-MODEL_SETTINGS = ("width", "layers", "heads", "context", "dropout")
+                 "dropout": "dropout", "positions": "positions", "tie_embeddings": "tie_embeddings"}
+MODEL_SETTINGS = ("width", "layers", "heads", "context", "dropout", "positions", "tie_embeddings")
+# Model settings no preset changes: ModelConfig's own defaults.
+COMMON_SETTINGS = {"seed": 0, "positions": "sinusoidal", "tie_embeddings": False}
 TRAIN_SETTINGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
                   "eval_every", "save_every", "log_every")
 # May differ from the saved run when resuming.
@@ -197,6 +199,12 @@ DATA_EXAMPLES = """examples:
   minitx data shakespeare                      writes data/tinyshakespeare.txt (1,115,394 characters)
   minitx train --data data/tinyshakespeare.txt --preset shakespeare-baby
 """
+GPT2_EXAMPLES = """examples:
+  minitx import-gpt2 gpt2 --out runs/gpt2              a folder with config.json, model.safetensors, tokenizer.json
+  minitx generate --checkpoint runs/gpt2 --prompt "The meaning of life is" --max-new-tokens 40
+  minitx train --data input.txt --tokenizer bpe --positions learned --tie-embeddings --out runs/mine
+  minitx export-gpt2 runs/mine --out mine-hf           loads with transformers.GPT2LMHeadModel.from_pretrained
+"""
 PLOT_EXAMPLES = """examples:
   minitx plot runs/hello-001                   writes runs/hello-001/loss.png
   minitx plot runs/input-001 --log --out curves.svg
@@ -231,6 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=_positive, help=f"attention heads, H ({_defaults('heads')})")
     t.add_argument("--width", type=_positive, help=f"model width D, a multiple of --heads ({_defaults('width')})")
     t.add_argument("--dropout", type=_float, help=f"dropout rate in training, in [0, 1) ({_defaults('dropout')})")
+    t.add_argument("--positions", choices=("sinusoidal", "learned"), help="fixed sinusoidal positions, or a "
+                   "learned table as in GPT-2 (default sinusoidal)")
+    t.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, help="the output head reuses the "
+                   "token embedding, with no bias, as in GPT-2 (default: a head of its own)")
     t.add_argument("--lr", type=_float, help=f"peak learning rate ({_defaults('lr')})")
     t.add_argument("--min-lr", type=_float, help="final learning rate of the cosine decay (default: --lr / 10)")
     t.add_argument("--warmup", type=_int_in(0, INT32_MAX), help=f"linear warm-up steps ({_defaults('warmup')}; "
@@ -292,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to put it (default %(default)s)")
     d.add_argument("--url", help=argparse.SUPPRESS)          # another source of the same file (tests, mirrors)
 
+    i = sub.add_parser("import-gpt2", help="a Hugging Face GPT-2 folder -> a run that generate uses",
+                       epilog=GPT2_EXAMPLES, **kw)
+    i.add_argument("hf_dir", metavar="HF_DIR", help="config.json, model.safetensors, and tokenizer.json or "
+                   "vocab.json + merges.txt")
+    i.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory to write")
+    e = sub.add_parser("export-gpt2", help="a run with learned positions and tied embeddings -> a Hugging Face "
+                       "GPT-2 folder", epilog=GPT2_EXAMPLES, **kw)
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+    e.add_argument("--out", required=True, metavar="HF_DIR", help="new folder to write")
+
     p = sub.add_parser("plot", help="draw the loss curves of a run from its metrics.jsonl", epilog=PLOT_EXAMPLES,
                        **kw)
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -338,7 +360,7 @@ def check_picture_path(path: str) -> None:
 def _settings(args) -> dict:
     """Preset defaults overridden by the flags given."""
     preset = args.preset or ("shakespeare-baby" if args.data else "hello")
-    settings = dict(PRESETS[preset], seed=0)
+    settings = {**PRESETS[preset], **COMMON_SETTINGS}
     given = _given(args)
     settings.update(given)
     if "warmup" not in given:       # a short run keeps the preset's warm-up from exceeding it
@@ -852,8 +874,56 @@ def cmd_prepare(args, out=None) -> int:
     return 0
 
 
+def cmd_import_gpt2(args, out=None) -> int:
+    """`minitx import-gpt2`: a Hugging Face GPT-2 directory -> a run directory (step 0, Adam's state at zero)."""
+    import jax
+
+    from minitx_fn import checkpoint, gpt2, model, runs
+    from minitx_fn.config import TrainConfig
+    from minitx_fn.signals import StopSignals
+    from minitx_fn.train import TrainState, make_optimizer
+    out = out or sys.stdout
+    runs.check_new_run_dir(args.out)
+    mc, params, tokenizer = gpt2.import_dir(args.hf_dir)
+    params = jax.tree.map(jax.numpy.asarray, params)
+    tc = TrainConfig()
+    state = TrainState(params, make_optimizer(tc).init(params), jax.numpy.zeros((), jax.numpy.int32))
+    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: no half-written checkpoint
+        try:
+            checkpoint.save(args.out, state, model_config=mc, train_config=tc, tokenizer=tokenizer)
+        except OSError as e:
+            raise StorageError(args.out, e) from None
+    print(f"Imported GPT-2 ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "
+          f"{mc.vocab_size:,} ids; {model.count_params(params):,} parameters) into {args.out}. Generate with:\n"
+          f"  minitx generate --checkpoint {_quote(args.out)} --prompt \"Hello, I'm a language model,\"", file=out)
+    return 0
+
+
+def cmd_export_gpt2(args, out=None) -> int:
+    """`minitx export-gpt2`: a run -> a Hugging Face GPT-2 directory."""
+    import jax
+
+    from minitx_fn import checkpoint, gpt2
+    from minitx_fn.signals import StopSignals
+    out = out or sys.stdout
+    ckpt = checkpoint.load(args.run_dir)
+    files = gpt2.export_files(jax.device_get(ckpt.state.params), ckpt.model_config, ckpt.tokenizer)
+    with StopSignals():
+        try:
+            gpt2.write_dir(args.out, files)
+        except OSError as e:
+            raise StorageError(args.out, e) from None
+    print(f"Wrote {', '.join(sorted(files))} to {args.out} (step {int(ckpt.state.step)}). Load it with:\n"
+          f"  transformers.GPT2LMHeadModel.from_pretrained({args.out!r})", file=out)
+    if "tokenizer.json" not in files:
+        print(f"The {ckpt.tokenizer.kind} tokenizer has no Hugging Face form, so no tokenizer.json: feed the model "
+              f"ids from minitx_fn.checkpoint.load({args.run_dir!r}).tokenizer", file=out)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot,
-            "data": cmd_data, "prepare": cmd_prepare}
+            "data": cmd_data, "prepare": cmd_prepare, "import-gpt2": cmd_import_gpt2,
+            "export-gpt2": cmd_export_gpt2}
 
 
 def main(argv: list[str] | None = None) -> int:

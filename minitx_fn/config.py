@@ -20,6 +20,7 @@ from minitx_fn.layers import at_least_float32, attention
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
 INT32_MAX = 2**31 - 1      # step counters and token ids are int32
 FLOAT32_MAX = 3.4028234663852886e38   # numbers the device sees as float32 must stay below this
+POSITIONS = ("sinusoidal", "learned")   # ModelConfig.positions
 SEED_MAX = 2**32 - 1       # jax.random.key keeps 32 bits of the seed: larger seeds would repeat smaller ones
 
 # What the backward pass may keep from the forward pass of a block; everything else
@@ -104,6 +105,13 @@ class ModelConfig:
     # Dropout rate in training (embeddings, attention weights, both residual branches);
     # evaluation and generation never drop. 0 is bit for bit the model without it.
     dropout: float = 0.0
+    # How the model knows word order: "sinusoidal" adds the fixed table of
+    # layers/positional.py (no parameters); "learned" adds a trained (S, D) table, one
+    # row per position, initialised at init_std (GPT-2's choice).
+    positions: str = "sinusoidal"
+    # True: the output head is the token embedding read backwards, logits = x E^T, with
+    # no head parameters and no bias (GPT-2's choice); False: a (D, V) matrix and bias.
+    tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
@@ -133,6 +141,8 @@ class ModelConfig:
             self.attention in attention.IMPLS, "attention", self.attention,
             f"choose one of {list(attention.IMPLS)}",
         )
+        _require(self.positions in POSITIONS, "positions", self.positions, f"choose one of {list(POSITIONS)}")
+        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "it must be True or False")
         _require(_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "it must lie in [0, 1)")
         _require(
             self.dropout == 0 or self.attention == "einsum", "dropout", self.dropout,

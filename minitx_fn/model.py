@@ -4,11 +4,16 @@
     x      = Block_L(... Block_1(x))                 (B, T, D), blocks run with lax.scan
     logits = LayerNorm_f(x) W_head + b_head          (B, T, V), float32
 
+PE is the fixed sinusoidal table, or with `positions="learned"` a trained (S, D)
+table looked up by position. With `tie_embeddings` the head is the token table
+read backwards, logits = LayerNorm_f(x) E^T, with no bias (GPT-2 makes both choices).
+
 Params:
     {"embed":  {"table": (V, D)},
+     "pos":    {"table": (S, D)},          only with positions="learned"
      "blocks": one block's tree with every leaf stacked on a leading L axis,
      "ln_f":   {"scale": (D,), "bias": (D,)},
-     "head":   {"w": (D, V), "b": (V,)}}
+     "head":   {"w": (D, V), "b": (V,)}}   only without tie_embeddings
 
 Stacking the L blocks lets `jax.lax.scan` run them as one loop body, so the
 compiled program (and its compile time) does not grow with depth.
@@ -41,7 +46,9 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
         (2, 8, 24)
     """
     c = config
-    k_embed, k_blocks, k_head = jax.random.split(key, 3)
+    # Four keys whether or not "pos" and "head" exist, so each part's draw depends on
+    # the key alone, not on the other options.
+    k_embed, k_blocks, k_head, k_pos = jax.random.split(key, 4)
     block_keys = jax.random.split(k_blocks, c.n_layers)                    # (L,) keys
     # GPT-2: the projections that write into the residual stream start smaller, by
     # 1/sqrt(2 L), so the stream's variance does not grow with depth.
@@ -51,14 +58,20 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
         return block.init(k, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, std=c.init_std, out_std=out_std,
                           dtype=c.storage_dtype)
 
-    return {
+    params = {
         "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, std=c.embed_std,
                                 dtype=c.storage_dtype),
         # vmap over the keys stacks every leaf of the block tree on a leading L axis.
         "blocks": jax.vmap(init_block)(block_keys),
         "ln_f": norm.init(d_model=c.d_model, dtype=c.storage_dtype),
-        "head": linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std, dtype=c.storage_dtype),
     }
+    if c.positions == "learned":       # an embedding of the positions 0 .. S - 1
+        params["pos"] = embedding.init(k_pos, vocab_size=c.max_len, d_model=c.d_model, std=c.init_std,
+                                       dtype=c.storage_dtype)
+    if not c.tie_embeddings:
+        params["head"] = linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std,
+                                     dtype=c.storage_dtype)
+    return params
 
 
 def block_args(config: ModelConfig) -> dict:
@@ -128,12 +141,18 @@ def check_tokens(tokens, config: ModelConfig, *, max_len: int | None = None) -> 
 def _embed(params: dict, tokens: jax.Array, positions: jax.Array, c: ModelConfig) -> jax.Array:
     """(B, T) ids and (B|1, T) positions -> (B, T, D) in the residual dtype."""
     x = embedding.apply(params["embed"], tokens).astype(c.residual_dtype)         # (B, T, D)
-    return x + positional.encode(positions, c.d_model, dtype=c.residual_dtype)    # (B|1, T, D) broadcasts
+    if c.positions == "learned":
+        pe = embedding.apply(params["pos"], positions)                            # (B|1, T, D): row per position
+    else:
+        pe = positional.encode(positions, c.d_model, dtype=c.residual_dtype)      # (B|1, T, D)
+    return x + pe.astype(c.residual_dtype)                                        # broadcasts over B
 
 
 def _logits(params: dict, x: jax.Array, c: ModelConfig) -> jax.Array:
     """(B, T, D) -> (B, T, V) logits in at least float32, for a stable softmax and loss."""
     x = norm.apply(params["ln_f"], x, eps=c.ln_eps)
+    if c.tie_embeddings:
+        return embedding.attend(params["embed"], x, dtype=c.compute_dtype).astype(c.residual_dtype)
     return linear.apply(params["head"], x, dtype=c.compute_dtype).astype(c.residual_dtype)
 
 

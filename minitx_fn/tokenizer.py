@@ -209,6 +209,22 @@ class BPETokenizer:
         except Exception as e:             # tokenizers raises its own Exception for a bad file
             raise ValueError(f"not a valid tokenizers JSON ({str(e)[:100]})") from None
 
+    @classmethod
+    def from_vocab_and_merges(cls, vocab_path: str, merges_path: str) -> "BPETokenizer":
+        """GPT-2's original files: vocab.json (token -> id) and merges.txt (one merge a
+        line). "<|endoftext|>", where the vocabulary has it, is a special token: it
+        encodes whole, never from the characters of its name."""
+        tk = require_tokenizers()
+        try:
+            hf = tk.Tokenizer(tk.models.BPE.from_file(vocab_path, merges_path))
+        except Exception as e:             # tokenizers raises its own Exception for a bad file
+            raise ValueError(f"not a valid vocabulary and merge list ({str(e)[:100]})") from None
+        hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tk.decoders.ByteLevel()
+        if hf.token_to_id("<|endoftext|>") is not None:
+            hf.add_special_tokens(["<|endoftext|>"])
+        return cls(hf)
+
     def to_json(self) -> str:
         return self._hf.to_str()
 

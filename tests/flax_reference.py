@@ -2,7 +2,8 @@
 
 Only the sinusoidal table is written by hand (in numpy float64, with explicit
 even/odd assignment rather than our interleaving reshape). Everything else is
-Flax's: `nn.Embed`, `nn.LayerNorm`, `nn.Dense`, `nn.MultiHeadDotProductAttention`,
+Flax's: `nn.Embed` (tokens, learned positions, and `Embed.attend` as the tied
+head), `nn.LayerNorm`, `nn.Dense`, `nn.MultiHeadDotProductAttention`,
 `nn.make_causal_mask`, `nn.gelu`.
 
 The `to_flax_*` converters map our parameter trees into Flax's variable trees.
@@ -87,12 +88,19 @@ class FlaxLM(nn.Module):
         c = self.config
         work = c.residual_dtype
         t = tokens.shape[1]
-        x = nn.Embed(c.vocab_size, c.d_model, name="embed", param_dtype=c.storage_dtype)(tokens).astype(work)
-        x = x + jnp.asarray(sinusoidal_table(t, c.d_model), work)[None]
+        embed = nn.Embed(c.vocab_size, c.d_model, name="embed", param_dtype=c.storage_dtype)
+        x = embed(tokens).astype(work)
+        if c.positions == "learned":
+            pe = nn.Embed(c.max_len, c.d_model, name="pos", param_dtype=c.storage_dtype)(jnp.arange(t))
+        else:
+            pe = sinusoidal_table(t, c.d_model)
+        x = x + jnp.asarray(pe, work)[None]
         mask = nn.make_causal_mask(tokens)                                    # (B, 1, T, T)
         for i in range(c.n_layers):
             x = FlaxBlock(c, name=f"block_{i}")(x, mask)
         x = _layer_norm(c, "ln_f")(x)
+        if c.tie_embeddings:
+            return embed.attend(x.astype(c.compute_dtype)).astype(work)
         return nn.Dense(c.vocab_size, name="head", **_kw(c))(x).astype(work)
 
 
@@ -136,8 +144,11 @@ def to_flax_block(p: dict, n_heads: int) -> dict:
 
 def to_flax_model(params: dict, config: ModelConfig) -> dict:
     """Our model tree -> {"params": Flax's tree}; the stacked blocks become block_0 .. block_{L-1}."""
-    tree = {"embed": {"embedding": params["embed"]["table"]}, "ln_f": to_flax_norm(params["ln_f"]),
-            "head": to_flax_linear(params["head"])}
+    tree = {"embed": {"embedding": params["embed"]["table"]}, "ln_f": to_flax_norm(params["ln_f"])}
+    if "pos" in params:
+        tree["pos"] = {"embedding": params["pos"]["table"]}
+    if "head" in params:
+        tree["head"] = to_flax_linear(params["head"])
     for i in range(config.n_layers):
         block_i = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
         tree[f"block_{i}"] = to_flax_block(block_i, config.n_heads)

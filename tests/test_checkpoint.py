@@ -251,7 +251,27 @@ def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everyth
     meta["format_version"] = 2
     meta["vocab"] = meta.pop("tokenizer")["chars"]
     del meta["train_config"]["eval_tokens"]
+    for name in ("positions", "tie_embeddings"):
+        del meta["model_config"][name]
     files["meta.json"] = json.dumps(meta).encode()
     _write(tmp_path, files)
     loaded = checkpoint.load(str(tmp_path))
     assert loaded.tokenizer == TOK and loaded.train_config.eval_tokens is None
+    assert loaded.model_config == MC
+
+
+@pytest.mark.parametrize("version, accepted", [(3, True), (4, False)])
+def test_a_config_without_positions_and_tie_embeddings_is_a_version_3_run(tmp_path, saved, version, accepted):
+    """Format 3 knew only sinusoidal positions and an untied head; format 4 must say which."""
+    files = dict(saved[1])
+    meta = json.loads(files["meta.json"])
+    meta["format_version"] = version
+    for name in ("positions", "tie_embeddings"):
+        del meta["model_config"][name]
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    if accepted:
+        assert checkpoint.load(str(tmp_path)).model_config == MC
+    else:
+        with pytest.raises(CheckpointError, match=r"lacks \['positions', 'tie_embeddings'\]"):
+            checkpoint.load(str(tmp_path))

@@ -38,10 +38,10 @@ def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
     dt = c.storage_dtype
     x = jnp.asarray(rng.standard_normal((2, 7, c.d_model)), dt)          # (B, T, D)
     tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 7)), jnp.int32)   # (B, T)
-    def flax_apply(module, inputs):
+    def flax_apply(module, inputs, method="__call__"):
         def run(flax_params):
             with standard_promotion():
-                return module.apply({"params": flax_params}, *inputs)
+                return module.apply({"params": flax_params}, *inputs, method=method)
         return run
     if name == "linear":
         p = linear.init(k_init, d_in=c.d_model, d_out=5, std=0.5, dtype=dt)
@@ -50,6 +50,11 @@ def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
         p = embedding.init(k_init, vocab_size=c.vocab_size, d_model=c.d_model, dtype=dt)
         return (p, lambda p: embedding.apply(p, tokens),
                 flax_apply(nn.Embed(c.vocab_size, c.d_model, param_dtype=dt), (tokens,)),
+                lambda p: {"embedding": p["table"]})
+    if name == "embedding_attend":          # the tied head: scores of x against every row
+        p = embedding.init(k_init, vocab_size=c.vocab_size, d_model=c.d_model, dtype=dt)
+        return (p, lambda p: embedding.attend(p, x),
+                flax_apply(nn.Embed(c.vocab_size, c.d_model, param_dtype=dt), (x,), method="attend"),
                 lambda p: {"embedding": p["table"]})
     if name == "norm":
         p = norm.init(d_model=c.d_model, dtype=dt)
@@ -134,7 +139,7 @@ def adam_step(params, grads):
     return optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
 
 
-LAYERS = ["linear", "embedding", "norm", "feedforward", "attention", "block"]
+LAYERS = ["linear", "embedding", "embedding_attend", "norm", "feedforward", "attention", "block"]
 
 
 @pytest.mark.parametrize("name, impl", [(name, "einsum") for name in LAYERS] + [
@@ -159,23 +164,31 @@ def _model_case(c: ModelConfig, key: jax.Array, rng: np.random.Generator):
     return params, data[:, :-1], data[:, 1:]
 
 
-@pytest.mark.parametrize("dtype, impl, block, remat", [
-    ("float32", "einsum", 0, "none"),                         # the formulas as written, nothing recomputed
-    ("float32", "einsum", 3, "matmuls"),                      # the defaults, with blocks at this T
-    ("float64", "einsum", 3, "matmuls"),
-    ("float32", "dot_product_attention", 3, "dots"),
-    ("float32", "einsum", 5, "full"),
+GPT2 = {"positions": "learned", "tie_embeddings": True}
+
+
+@pytest.mark.parametrize("dtype, impl, block, remat, options", [
+    ("float32", "einsum", 0, "none", {}),                     # the formulas as written, nothing recomputed
+    ("float32", "einsum", 3, "matmuls", {}),                  # the defaults, with blocks at this T
+    ("float64", "einsum", 3, "matmuls", {}),
+    ("float32", "dot_product_attention", 3, "dots", {}),
+    ("float32", "einsum", 5, "full", {}),
+    ("float32", "einsum", 3, "matmuls", GPT2),                # GPT-2's learned positions and tied head
+    ("float64", "einsum", 3, "matmuls", GPT2),
+    ("float32", "einsum", 3, "matmuls", {"positions": "learned"}),
+    ("float64", "einsum", 0, "none", {"tie_embeddings": True}),
 ])
-def test_model_matches_flax(dtype, impl, block, remat, key, rng):
+def test_model_matches_flax(dtype, impl, block, remat, options, key, rng):
     """Logits, loss, every gradient and one Adam update of the whole model.
 
     Attention blocks (3 and 5 rows over T = 8) and every rematerialisation policy
-    must change nothing but rounding. No float64 case for impl="dot_product_attention": `jax.nn.dot_product_attention`
+    must change nothing but rounding. With a tied head the token table's gradient
+    is the sum of what the lookup and the head send it, on both sides. No float64 case for impl="dot_product_attention": `jax.nn.dot_product_attention`
     always computes its softmax in float32, so it agrees with float64 maths only to
     about 1e-7, not 1e-10.
     """
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
-        c = _config(dtype).replace(attention=impl, attention_block=block, remat=remat)
+        c = _config(dtype).replace(attention=impl, attention_block=block, remat=remat, **options)
         tol = TOLERANCE[dtype]
         params, tokens, targets = _model_case(c, key, rng)
         to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731
@@ -192,10 +205,11 @@ def test_model_matches_flax(dtype, impl, block, remat, key, rng):
         _compare_grads_and_adam_step(params, grads, fvars, flax_grads, to_flax, tol)
 
 
-def test_converter_places_every_parameter_once(key):
+@pytest.mark.parametrize("options", [{}, GPT2], ids=["sinusoidal-untied", "learned-tied"])
+def test_converter_places_every_parameter_once(key, options):
     """The converter is a bijection on leaves: Flax's tree has the same number of
     values, and marking each of our leaves with its index shows up exactly once."""
-    c = _config("float32")
+    c = _config("float32").replace(**options)
     params = model.init(key, c)
     # Shapes and dtypes only: eval_shape traces Flax's init without running it.
     flax_vars = jax.eval_shape(lambda: ref.FlaxLM(c).init(key, jnp.zeros((1, 4), jnp.int32)))

@@ -124,6 +124,22 @@ def test_embedding_is_one_hot_times_table(v, d, t, seed):
     np.testing.assert_allclose(jax.jit(embedding.apply)(p, ids), expected, rtol=1e-6, atol=1e-6)
 
 
+@given(v=st.sampled_from([3, 10]), d=WIDTHS, t=LENGTHS, seed=SEEDS)
+def test_embedding_attend_scores_every_row(v, d, t, seed):
+    """attend(x)[..., v] = <x, table[v]>, in float64 by numpy; and the tied head is the
+    transpose of the lookup: <one_hot(i), attend(x)> = <embedding(i), x>."""
+    p = {"table": normal(seed, v, d)}
+    x = normal(seed + 1, 2, t, d)
+    scores = jax.jit(embedding.attend)(p, x)
+    chex.assert_shape(scores, (2, t, v))
+    np.testing.assert_allclose(scores, x.astype(np.float64) @ p["table"].astype(np.float64).T, rtol=1e-5,
+                               atol=1e-5 * d)
+    ids = np.random.default_rng(seed).integers(0, v, (2, t)).astype(np.int32)
+    lhs = np.take_along_axis(np.asarray(scores), ids[..., None], -1)[..., 0]
+    rhs = (np.asarray(embedding.apply(p, ids)) * x).sum(-1)
+    np.testing.assert_allclose(lhs, rhs, rtol=1e-5, atol=1e-5 * d)
+
+
 @given(length=st.sampled_from([1, 7, 50]), d=st.sampled_from([2, 5, 16, 64]), start=st.sampled_from([0, 1000]))
 def test_positional_matches_formula_and_is_bounded(length, d, start):
     """Equals the paper's formula evaluated in numpy float64; all entries in [-1, 1]."""

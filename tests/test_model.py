@@ -37,6 +37,35 @@ def test_param_tree_shapes():
         expected, is_leaf=lambda x: isinstance(x, tuple)))
 
 
+def test_learned_positions_and_tied_head_change_only_their_parameters(key):
+    """positions="learned" adds one (S, D) table "pos"; tie_embeddings drops "head";
+    every other leaf is drawn as before, so the options share the rest of the tree."""
+    gpt2 = CFG.replace(positions="learned", tie_embeddings=True)
+    params = model.init(jax.random.key(7), gpt2)
+    shapes = model.param_shapes(params)
+    assert shapes["pos"] == {"table": (CFG.max_len, CFG.d_model)} and "head" not in shapes
+    assert {k: v for k, v in shapes.items() if k != "pos"} == {
+        k: v for k, v in model.param_shapes(PARAMS).items() if k != "head"}
+    for name in ("embed", "blocks", "ln_f"):
+        chex.assert_trees_all_equal(params[name], PARAMS[name])
+    assert float(jnp.std(params["pos"]["table"])) == pytest.approx(gpt2.init_std, rel=0.2)
+
+
+def test_learned_positions_and_tied_head_by_hand(rng):
+    """The learned model is written out with the layers: the position table's rows
+    added to the tokens' rows, and the logits are LayerNorm(x) @ E^T with no bias."""
+    gpt2 = CFG.replace(positions="learned", tie_embeddings=True)
+    params = model.init(jax.random.key(3), gpt2.replace(init_std=0.3))
+    tokens = rng.integers(0, CFG.vocab_size, (2, 6)).astype(np.int32)
+    from minitx_fn.layers import norm
+
+    x = params["embed"]["table"][tokens] + params["pos"]["table"][:6][None]
+    for i in range(CFG.n_layers):
+        x = block.apply(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), x, **model.block_args(gpt2))
+    expected = norm.apply(params["ln_f"], x) @ params["embed"]["table"].T
+    np.testing.assert_allclose(apply_jit(params, tokens, config=gpt2), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_scan_equals_blocks_one_by_one(rng):
     """lax.scan over the stacked blocks = applying block 0, then block 1, by hand."""
     tokens = rng.integers(0, CFG.vocab_size, (2, 6)).astype(np.int32)

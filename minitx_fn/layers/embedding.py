@@ -1,6 +1,10 @@
 """Token embedding: a lookup of one row of a (V, D) table per token id.
 
 Params: {"table": (V, D)}.
+
+The same layer holds learned positions (a table with one row per position, looked
+up by position instead of by token id, GPT-2's `wpe`), and `attend` reads the table
+backwards as a tied output head.
 """
 
 from __future__ import annotations
@@ -37,3 +41,20 @@ def apply(params: dict, ids: jax.Array) -> jax.Array:
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
     return jnp.take(params["table"], ids, axis=0)
+
+
+def attend(params: dict, x: jax.Array, *, dtype=None) -> jax.Array:
+    """(..., D) -> (..., V): x E^T, the score of every table row against x.
+
+    The output head of a model with tied embeddings (GPT-2): the table that turns an
+    id into a vector also turns a vector back into one score per id, so logit v is
+    the dot product of x with token v's embedding. `dtype` is the compute dtype, as
+    in `linear.apply`; None keeps the table's.
+
+    Example:
+        >>> p = init(jax.random.key(0), vocab_size=10, d_model=4)
+        >>> attend(p, jnp.ones((2, 3, 4))).shape
+        (2, 3, 10)
+    """
+    dtype = dtype or params["table"].dtype
+    return jnp.einsum("...d,vd->...v", x.astype(dtype), params["table"].astype(dtype))

@@ -1,0 +1,401 @@
+"""GPT-2 in our own layers: import a Hugging Face GPT-2 directory, export a run as one.
+
+GPT-2 is this model with `positions="learned"` and `tie_embeddings=True`: pre-norm
+blocks, tanh GELU, layer-norm epsilon 1e-5, one fused QKV matrix stored (in, out)
+(Hugging Face's `Conv1D`), so every tensor maps onto one leaf of our tree without a
+transpose. Block i's tensors become row i of our stacked (L, ...) leaves:
+
+    Hugging Face name                our tree path           shape
+    wte.weight                       embed/table             (V, D)
+    wpe.weight                       pos/table               (S, D)
+    h.{i}.ln_1.weight, .bias         blocks/ln1/scale, bias  (D,)      -> (L, D)
+    h.{i}.attn.c_attn.weight, .bias  blocks/attn/qkv/w, b    (D, 3D), (3D,)
+    h.{i}.attn.c_proj.weight, .bias  blocks/attn/out/w, b    (D, D), (D,)
+    h.{i}.ln_2.weight, .bias         blocks/ln2/scale, bias  (D,)
+    h.{i}.mlp.c_fc.weight, .bias     blocks/mlp/up/w, b      (D, F), (F,)
+    h.{i}.mlp.c_proj.weight, .bias   blocks/mlp/down/w, b    (F, D), (D,)
+    ln_f.weight, .bias               ln_f/scale, bias        (D,)
+    lm_head.weight (untied only)     head/w (transposed)     (V, D) -> (D, V); head/b = 0
+
+The columns of c_attn are [Q | K | V], and head h owns columns h*K .. h*K + K - 1 of
+each: the same layout as `layers.attention`. Names may carry the prefix
+"transformer." (what `save_pretrained` writes) or not (the original checkpoints);
+the causal-mask buffers `attn.bias` and `attn.masked_bias` of old files are not
+weights and are skipped.
+
+Files are read and written with `safetensors` (its NumPy backend: no torch) and the
+tokenizer with Hugging Face's `tokenizers`: the optional extra `gpt2`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+
+from minitx_fn import runs
+from minitx_fn.config import ModelConfig
+from minitx_fn.errors import Error
+from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, require_tokenizers
+
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PREFIX = "transformer."
+# GPT-2's activation is the tanh approximation of GELU, which Hugging Face calls by
+# these names; the exact "gelu" differs in the fourth digit and is not this model.
+TANH_GELU = ("gelu_new", "gelu_pytorch_tanh")
+# Per block: Hugging Face's name -> (our path under blocks/, transpose?)
+BLOCK_TENSORS = {
+    "ln_1.weight": "ln1/scale", "ln_1.bias": "ln1/bias",
+    "attn.c_attn.weight": "attn/qkv/w", "attn.c_attn.bias": "attn/qkv/b",
+    "attn.c_proj.weight": "attn/out/w", "attn.c_proj.bias": "attn/out/b",
+    "ln_2.weight": "ln2/scale", "ln_2.bias": "ln2/bias",
+    "mlp.c_fc.weight": "mlp/up/w", "mlp.c_fc.bias": "mlp/up/b",
+    "mlp.c_proj.weight": "mlp/down/w", "mlp.c_proj.bias": "mlp/down/b",
+}
+TOP_TENSORS = {"wte.weight": "embed/table", "wpe.weight": "pos/table", "ln_f.weight": "ln_f/scale",
+               "ln_f.bias": "ln_f/bias"}
+BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")   # causal masks saved by old versions, not weights
+
+
+class GPT2Error(Error):
+    """A directory is not a GPT-2 minitx can import, or a run cannot be exported as one."""
+
+
+def require_safetensors():
+    """The `safetensors.numpy` module, or GPT2Error saying how to install it."""
+    try:
+        import safetensors.numpy
+    except ImportError:
+        raise GPT2Error("reading and writing GPT-2 files needs the safetensors library: "
+                        "pip install -e \".[gpt2]\"") from None
+    return safetensors.numpy
+
+
+# ----------------------------------------------------------------------------- names and shapes
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Hugging Face name (without prefix) -> shape, for every weight of a GPT-2 of this config.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=1, max_len=4, positions="learned",
+        ...                   tie_embeddings=True)
+        >>> expected_shapes(cfg)["h.0.attn.c_attn.weight"], expected_shapes(cfg)["wpe.weight"]
+        ((8, 24), (4, 8))
+    """
+    v, d, f, s = config.vocab_size, config.d_model, config.d_ff, config.max_len
+    block = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
+             "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
+             "mlp.c_fc.weight": (d, f), "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,)}
+    shapes = {"wte.weight": (v, d), "wpe.weight": (s, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
+    for i in range(config.n_layers):
+        shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (v, d)
+    return shapes
+
+
+def _set(tree: dict, path: str, value) -> None:
+    *parents, leaf = path.split("/")
+    for name in parents:
+        tree = tree.setdefault(name, {})
+    tree[leaf] = value
+
+
+def _get(tree: dict, path: str):
+    for name in path.split("/"):
+        tree = tree[name]
+    return tree
+
+
+def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
+    """Hugging Face's tensors (names with or without "transformer.") -> our parameter
+    tree of NumPy arrays in config.param_dtype. GPT2Error names every missing,
+    unexpected or misshapen tensor.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=4, positions="learned",
+        ...                   tie_embeddings=True)
+        >>> tensors = {name: np.zeros(shape, np.float32) for name, shape in expected_shapes(cfg).items()}
+        >>> params_from_hf(tensors, cfg)["blocks"]["attn"]["qkv"]["w"].shape      # (L, D, 3D)
+        (3, 8, 24)
+        >>> del tensors["h.2.ln_1.bias"]
+        >>> params_from_hf(tensors, cfg)
+        Traceback (most recent call last):
+        minitx_fn.gpt2.GPT2Error: the weights do not match config.json: missing h.2.ln_1.bias
+    """
+    tensors = {name.removeprefix(PREFIX): array for name, array in tensors.items()}
+    tensors = {name: array for name, array in tensors.items() if not BUFFERS.fullmatch(name)}
+    want = expected_shapes(config)
+    missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+    wrong = [f"{name} {tuple(tensors[name].shape)} (needs {want[name]})" for name in sorted(want.keys() & tensors.keys())
+             if tuple(tensors[name].shape) != want[name]]
+    if missing or unexpected or wrong:
+        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
+                 f"wrong shapes: {_few(wrong)}" if wrong else ""]
+        raise GPT2Error("the weights do not match config.json: " + "; ".join(p for p in parts if p))
+    bad = [name for name in sorted(tensors) if not np.isfinite(tensors[name]).all()]
+    if bad:
+        raise GPT2Error(f"tensors {_few(bad)} hold NaN or infinite values; this model cannot be used")
+    dtype = np.dtype(config.param_dtype)
+    tree: dict = {}
+    for hf_name, path in TOP_TENSORS.items():
+        _set(tree, path, tensors[hf_name].astype(dtype))
+    for hf_name, path in BLOCK_TENSORS.items():          # stack block i's tensor as row i: (L, ...)
+        _set(tree, "blocks/" + path, np.stack([tensors[f"h.{i}.{hf_name}"] for i in range(config.n_layers)])
+             .astype(dtype))
+    if not config.tie_embeddings:                        # GPT-2's head has no bias: ours is zero
+        tree["head"] = {"w": tensors["lm_head.weight"].T.astype(dtype), "b": np.zeros(config.vocab_size, dtype)}
+    return tree
+
+
+def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Our tree (learned positions, tied head) -> Hugging Face's tensors, named as
+    `save_pretrained` names them ("transformer." prefix), C-contiguous NumPy arrays.
+
+    Example:
+        >>> import jax
+        >>> from minitx_fn import model
+        >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=4, positions="learned",
+        ...                   tie_embeddings=True)
+        >>> tensors = params_to_hf(jax.device_get(model.init(jax.random.key(0), cfg)), cfg)
+        >>> tensors["transformer.h.2.mlp.c_fc.weight"].shape, len(tensors)      # (D, F); 4 + 12 per block
+        ((8, 32), 40)
+    """
+    tensors = {hf_name: np.asarray(_get(params, path)) for hf_name, path in TOP_TENSORS.items()}
+    for hf_name, path in BLOCK_TENSORS.items():
+        stacked = np.asarray(_get(params, "blocks/" + path))                     # (L, ...)
+        tensors.update({f"h.{i}.{hf_name}": stacked[i] for i in range(config.n_layers)})
+    return {PREFIX + name: np.ascontiguousarray(array) for name, array in tensors.items()}
+
+
+def _few(names: list[str], n: int = 6) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
+    """Hugging Face's GPT-2 config.json (a dict) -> our ModelConfig; GPT2Error for a
+    model that is not GPT-2 or uses an option this model does not have.
+
+    Example:
+        >>> cfg = config_from_hf({"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768,
+        ...                       "n_layer": 12, "n_head": 12})
+        >>> cfg.d_ff, cfg.positions, cfg.tie_embeddings
+        (3072, 'learned', True)
+    """
+    if not isinstance(hf, dict):
+        raise GPT2Error("config.json must hold a JSON object")
+    if hf.get("model_type") != "gpt2":
+        raise GPT2Error(f"config.json says model_type {hf.get('model_type')!r}; only \"gpt2\" models can be imported")
+    unsupported = {"activation_function": (hf.get("activation_function", "gelu_new") in TANH_GELU,
+                                           f"must be one of {list(TANH_GELU)}"),
+                   "scale_attn_weights": (hf.get("scale_attn_weights", True) is True, "must be true"),
+                   "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False) is False,
+                                                       "must be false"),
+                   "add_cross_attention": (hf.get("add_cross_attention", False) is False, "must be false")}
+    for name, (ok, need) in unsupported.items():
+        if not ok:
+            raise GPT2Error(f"config.json: {name} = {hf.get(name)!r} {need} for this model")
+    sizes = {}
+    for hf_name, ours in (("vocab_size", "vocab_size"), ("n_embd", "d_model"), ("n_head", "n_heads"),
+                          ("n_layer", "n_layers"), ("n_positions", "max_len")):
+        value = hf.get(hf_name)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            raise GPT2Error(f"config.json: {hf_name} = {value!r} must be a positive whole number")
+        sizes[ours] = value
+    inner = hf.get("n_inner")
+    std = hf.get("initializer_range", 0.02)
+    try:
+        return ModelConfig(**sizes, d_ff=inner, ln_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
+                           tie_embeddings=hf.get("tie_word_embeddings", True), init_std=std, embed_std=std,
+                           dtype=param_dtype, param_dtype=param_dtype)
+    except Error as e:
+        raise GPT2Error(f"config.json does not make a valid model: {e}") from None
+
+
+def config_to_hf(config: ModelConfig) -> dict:
+    """Our ModelConfig (learned positions, tied head) -> a config.json that
+    `transformers.GPT2Config` reads. Dropout rates are the training dropout.
+
+    Example:
+        >>> hf = config_to_hf(ModelConfig(vocab_size=10, d_model=8, n_heads=2, positions="learned",
+        ...                               tie_embeddings=True))
+        >>> hf["n_embd"], hf["n_inner"], hf["activation_function"]
+        (8, 32, 'gelu_new')
+    """
+    c = config
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+            "n_positions": c.max_len, "n_embd": c.d_model, "n_layer": c.n_layers, "n_head": c.n_heads,
+            "n_inner": c.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": c.ln_eps,
+            "initializer_range": c.init_std, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
+            "attn_pdrop": c.dropout, "scale_attn_weights": True, "tie_word_embeddings": True,
+            "bos_token_id": None, "eos_token_id": None, "dtype": c.param_dtype}
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _read_json(path: str, what: str):
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise GPT2Error(f"{path!r} is missing; {what}") from None
+    except OSError as e:
+        raise GPT2Error(f"cannot read {path!r}: {e.strerror}") from None
+    except (ValueError, RecursionError) as e:
+        raise GPT2Error(f"{path!r} is not valid JSON ({type(e).__name__})") from None
+
+
+def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
+    """Every tensor of model.safetensors, or of the shards model.safetensors.index.json lists."""
+    st = require_safetensors()
+    index_path = os.path.join(hf_dir, WEIGHTS_INDEX)
+    if os.path.exists(os.path.join(hf_dir, WEIGHTS)):
+        files = [WEIGHTS]
+    elif os.path.exists(index_path):
+        index = _read_json(index_path, "")
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise GPT2Error(f"{index_path!r} has no weight_map of file names")
+        files = sorted(set(weight_map.values()))
+    else:
+        other = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
+                 if os.path.exists(os.path.join(hf_dir, n))]
+        hint = (f" (it has {', '.join(other)}: download the repository's model.safetensors, or convert with "
+                f"transformers' save_pretrained)") if other else ""
+        raise GPT2Error(f"{hf_dir!r} has no {WEIGHTS}{hint}")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        try:
+            tensors.update(st.load_file(path))
+        except FileNotFoundError:
+            raise GPT2Error(f"{path!r} is missing") from None
+        except OSError as e:
+            raise GPT2Error(f"cannot read {path!r}: {e.strerror}") from None
+        except Exception as e:           # safetensors raises its own error for a damaged or unknown-dtype file
+            raise GPT2Error(f"{path!r} is not a safetensors file NumPy can read ({str(e)[:120]}); a bfloat16 "
+                            f"file needs converting to float32 first") from None
+    bad = sorted(n for n, a in tensors.items() if not np.issubdtype(a.dtype, np.floating))
+    if bad:
+        raise GPT2Error(f"tensors {_few(bad)} are not floating point")
+    return tensors
+
+
+def read_tokenizer(hf_dir: str) -> BPETokenizer:
+    """tokenizer.json, or else vocab.json + merges.txt (GPT-2's byte-level BPE)."""
+    path = os.path.join(hf_dir, "tokenizer.json")
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return BPETokenizer.from_json(f.read())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise GPT2Error(f"cannot use {path!r}: {e}") from None
+    vocab, merges = (os.path.join(hf_dir, n) for n in ("vocab.json", "merges.txt"))
+    if not (os.path.exists(vocab) and os.path.exists(merges)):
+        raise GPT2Error(f"{hf_dir!r} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt")
+    try:
+        return BPETokenizer.from_vocab_and_merges(vocab, merges)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise GPT2Error(f"cannot use {vocab!r} and {merges!r}: {e}") from None
+
+
+def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, BPETokenizer]:
+    """A Hugging Face GPT-2 directory -> (config, parameter tree of NumPy arrays, tokenizer)."""
+    if not os.path.isdir(hf_dir):
+        raise GPT2Error(f"{hf_dir!r} is not a directory; give the folder that holds config.json and "
+                        f"model.safetensors")
+    config = config_from_hf(_read_json(os.path.join(hf_dir, "config.json"), "a GPT-2 directory needs one"),
+                            param_dtype=param_dtype)
+    tokenizer = read_tokenizer(hf_dir)
+    if tokenizer.vocab_size != config.vocab_size:
+        raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size:,} ids but config.json says vocab_size "
+                        f"{config.vocab_size:,}; minitx needs them equal")
+    return config, params_from_hf(read_tensors(hf_dir), config), tokenizer
+
+
+def byte_tokenizer_json() -> str:
+    """Our byte tokenizer as a `tokenizers` JSON: byte-level BPE with no merges, where
+    byte b (written as GPT-2's printable stand-in for b) is id b."""
+    tk = require_tokenizers()
+    alphabet = bytes_to_unicode()
+    hf = tk.Tokenizer(tk.models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+    hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tk.decoders.ByteLevel()
+    return hf.to_str()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (its encoder.py): printable
+    Latin-1 bytes stand for themselves, the other 68 for code points 256 .. 323.
+
+    Example:
+        >>> m = bytes_to_unicode()
+        >>> m[ord("a")], m[ord(" ")], len(set(m.values()))
+        ('a', 'Ġ', 256)
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dict[str, bytes]:
+    """The files of a Hugging Face GPT-2 directory: config.json, model.safetensors and,
+    for a bpe or byte tokenizer, tokenizer.json. GPT2Error unless the model is GPT-2's
+    shape (learned positions, tied embeddings)."""
+    if config.positions != "learned" or not config.tie_embeddings:
+        raise GPT2Error("only a model with positions=learned and tie_embeddings=True has GPT-2's shape; this one has "
+                        "{positions} and {tie}: train one with --positions learned --tie-embeddings",
+                        positions=("positions", config.positions), tie=("tie_embeddings", config.tie_embeddings))
+    st = require_safetensors()
+    files = {"config.json": json.dumps(config_to_hf(config), indent=2).encode(),
+             WEIGHTS: st.save(params_to_hf(params, config), metadata={"format": "pt"})}
+    if isinstance(tokenizer, BPETokenizer):
+        files["tokenizer.json"] = tokenizer.to_json().encode()
+    elif isinstance(tokenizer, ByteTokenizer):
+        files["tokenizer.json"] = byte_tokenizer_json().encode()
+    return files
+
+
+def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
+    """Write files into a new folder out_dir: in a temporary sibling first, renamed into
+    place, so a full disk or a signal never leaves half a directory. GPT2Error if
+    out_dir exists and is not empty."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise GPT2Error(f"{out_dir!r} already exists and is not an empty folder; choose a new --out")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        for name, blob in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, runs.dir_mode())          # mkdtemp makes it 0700
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)                  # empty, checked above
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+__all__ = ["BLOCK_TENSORS", "GPT2Error", "TOP_TENSORS", "bytes_to_unicode", "config_from_hf", "config_to_hf",
+           "expected_shapes", "export_files", "import_dir", "params_from_hf", "params_to_hf", "read_tensors",
+           "read_tokenizer", "write_dir"]

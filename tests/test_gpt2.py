@@ -1,0 +1,351 @@
+"""GPT-2 import and export (minitx_fn.gpt2, `minitx import-gpt2` / `export-gpt2`).
+
+The first part needs `safetensors` and `tokenizers` (the `test` extra): the name
+mapping as a property (round trips, every tensor placed once), the refusals, and the
+command line. The second part, parity with Hugging Face's own GPT2LMHeadModel, needs
+torch and transformers (the `parity` extra) and skips, saying so, without them: a
+small GPT-2 with random weights is built and saved by transformers itself, offline,
+with a byte-level BPE trained here on a few KB of text, then imported and compared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minitx_fn import checkpoint, gpt2, model
+from minitx_fn.config import ModelConfig
+from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer
+from tests.helpers import TINY, assert_close_scaled, assert_one_error_line, enable_x64, run_main, \
+    standard_promotion
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy", reason="the GPT-2 tests need safetensors: "
+                                        "pip install -e \".[test]\"")
+pytest.importorskip("tokenizers", reason="the GPT-2 tests need tokenizers: pip install -e \".[test]\"")
+
+# A few KB of English for the BPE the tests train (no download).
+TEXT = ("The quick brown fox jumps over the lazy dog. A language model reads text one token at a time and "
+        "guesses the next one; GPT-2 learned its positions and tied its output head to the token embedding.\n"
+        "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness. Call me Ishmael. In the beginning was the Word.\n") * 8
+
+
+def _gpt2_config(**changes) -> ModelConfig:
+    return ModelConfig(**{"vocab_size": 300, "d_model": 16, "n_heads": 2, "n_layers": 2, "max_len": 32,
+                          "positions": "learned", "tie_embeddings": True, "init_std": 0.2, **changes})
+
+
+def _random_tensors(config: ModelConfig, seed: int) -> dict[str, np.ndarray]:
+    """Hugging Face names -> random float32 arrays of the shapes the config needs,
+    built from the shapes table alone (not from our tree)."""
+    rng = np.random.default_rng(seed)
+    return {gpt2.PREFIX + name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in gpt2.expected_shapes(config).items()}
+
+
+def _write_hf_dir(path, config: ModelConfig, tensors: dict, tokenizer: BPETokenizer) -> str:
+    os.makedirs(path, exist_ok=True)
+    hf_config = {**gpt2.config_to_hf(config), "tie_word_embeddings": config.tie_embeddings}
+    (path / "config.json").write_text(json.dumps(hf_config))
+    safetensors_numpy.save_file(tensors, str(path / gpt2.WEIGHTS), metadata={"format": "pt"})
+    (path / "tokenizer.json").write_text(tokenizer.to_json())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bpe() -> BPETokenizer:
+    tok = BPETokenizer.train([TEXT], vocab_size=300)
+    assert tok.vocab_size <= 300
+    return tok
+
+
+# ----------------------------------------------------------------------------- the mapping
+
+
+@given(layers=st.sampled_from([1, 3]), width=st.sampled_from([(8, 2), (12, 3)]), tied=st.booleans(),
+       prefix=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_every_tensor_lands_on_its_leaf_and_comes_back(layers, width, tied, prefix, seed):
+    """Hugging Face tensors -> our tree -> Hugging Face tensors is the identity, with or
+    without the "transformer." prefix; block i's tensors are row i of our stacks; the
+    untied head is lm_head transposed with a zero bias; old mask buffers are skipped."""
+    d, h = width
+    c = ModelConfig(vocab_size=7, d_model=d, n_heads=h, n_layers=layers, max_len=5, positions="learned",
+                    tie_embeddings=tied)
+    tensors = _random_tensors(c, seed)
+    given_names = {(k if prefix else k.removeprefix(gpt2.PREFIX)): v for k, v in tensors.items()}
+    given_names["h.0.attn.bias"] = np.tril(np.ones((5, 5), np.float32))       # a causal-mask buffer, not a weight
+    tree = gpt2.params_from_hf(given_names, c)
+    assert model.param_shapes(tree) == model.param_shapes(jax.eval_shape(lambda: model.init(jax.random.key(0), c)))
+    for i in range(layers):
+        np.testing.assert_array_equal(tree["blocks"]["attn"]["qkv"]["w"][i], tensors[f"transformer.h.{i}.attn.c_attn.weight"])
+        np.testing.assert_array_equal(tree["blocks"]["mlp"]["down"]["b"][i], tensors[f"transformer.h.{i}.mlp.c_proj.bias"])
+    np.testing.assert_array_equal(tree["pos"]["table"], tensors["transformer.wpe.weight"])
+    if tied:
+        assert "head" not in tree
+        assert gpt2.params_to_hf(tree, c).keys() == tensors.keys()
+        for name, array in gpt2.params_to_hf(tree, c).items():
+            np.testing.assert_array_equal(array, tensors[name])
+    else:
+        np.testing.assert_array_equal(tree["head"]["w"], tensors["transformer.lm_head.weight"].T)
+        assert not tree["head"]["b"].any()
+
+
+def test_mismatched_tensors_are_named_all_at_once():
+    c = _gpt2_config()
+    tensors = _random_tensors(c, 0)
+    del tensors["transformer.h.1.mlp.c_fc.bias"]
+    tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((16, 17), np.float32)
+    tensors["transformer.h.2.ln_1.weight"] = np.zeros(16, np.float32)
+    with pytest.raises(gpt2.GPT2Error) as e:
+        gpt2.params_from_hf(tensors, c)
+    message = str(e.value)
+    assert "missing h.1.mlp.c_fc.bias" in message and "unexpected h.2.ln_1.weight" in message
+    assert "h.0.attn.c_proj.weight (16, 17) (needs (16, 16))" in message
+    tensors = _random_tensors(c, 0)
+    tensors["transformer.ln_f.bias"][3] = np.nan
+    with pytest.raises(gpt2.GPT2Error, match="ln_f.bias hold NaN"):
+        gpt2.params_from_hf(tensors, c)
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"model_type": "llama"}, "only \"gpt2\""),
+    ({"activation_function": "gelu"}, "activation_function = 'gelu' must be one of"),
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True must be false"),
+    ({"n_head": 3}, "d_model"),
+    ({"n_layer": 0}, "n_layer = 0 must be a positive whole number"),
+    ({"n_embd": "768"}, "n_embd = '768'"),
+    ({"layer_norm_epsilon": -1}, "ln_eps"),
+])
+def test_configs_this_model_cannot_be_are_refused(change, fragment):
+    hf = {**gpt2.config_to_hf(_gpt2_config()), **change}
+    with pytest.raises(gpt2.GPT2Error, match="config.json") as e:
+        gpt2.config_from_hf(hf)
+    assert fragment in str(e.value)
+
+
+def test_config_round_trip_and_gpt2_small_sizes():
+    c = _gpt2_config(ln_eps=1e-6)
+    assert gpt2.config_from_hf(gpt2.config_to_hf(c)) == c.replace(embed_std=c.init_std)
+    # GPT-2 small as its config.json gives it: 124,439,808 parameters (the paper's "117M" counted differently).
+    small = gpt2.config_from_hf({"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024, "n_embd": 768,
+                                 "n_layer": 12, "n_head": 12, "n_inner": None})
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), small))
+    assert model.count_params(shapes) == 124_439_808
+
+
+def test_gpt2_byte_alphabet_by_its_definition():
+    """GPT-2's encoder.py: printable Latin-1 bytes map to themselves, the other 68 in
+    byte order to U+0100 ... U+0143."""
+    table = gpt2.bytes_to_unicode()
+    assert table[ord("A")] == "A" and table[0] == "\u0100" and table[ord(" ")] == "\u0120"
+    assert table[127] == chr(256 + 33) and table[255] == "\u00ff"        # 0..32 are the first 33 stand-ins
+    assert sorted(ord(table[b]) for b in range(256) if ord(table[b]) >= 256) == list(range(256, 324))
+
+
+@given(st.text(max_size=40))
+def test_exported_byte_tokenizer_gives_each_byte_its_own_id(text):
+    import tokenizers
+    hf = tokenizers.Tokenizer.from_str(gpt2.byte_tokenizer_json())
+    ids = hf.encode(text).ids
+    assert ids == ByteTokenizer().encode(text).tolist()
+    assert hf.decode(ids) == text
+
+
+def test_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path, bpe):
+    """GPT-2's original pair of files and the single tokenizer.json give the same ids."""
+    import tokenizers
+    hf = tokenizers.Tokenizer.from_str(bpe.to_json())
+    hf.model.save(str(tmp_path))                                   # writes vocab.json and merges.txt
+    from_pair = gpt2.read_tokenizer(str(tmp_path))
+    sample = TEXT[:300] + " naïve 東京 \u00e9t\u00e9"
+    np.testing.assert_array_equal(from_pair.encode(sample), bpe.encode(sample))
+    assert from_pair.decode(from_pair.encode(sample)) == sample
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture
+def hf_dir(tmp_path, bpe):
+    c = _gpt2_config(vocab_size=bpe.vocab_size)
+    return _write_hf_dir(tmp_path / "hf", c, _random_tensors(c, 1), bpe)
+
+
+def test_import_then_generate_from_the_command_line(tmp_path, capsys, hf_dir, bpe):
+    code, out, err = run_main(capsys, "import-gpt2", hf_dir, "--out", tmp_path / "run")
+    assert code == 0, err
+    assert "Imported GPT-2 (2 layers, 2 heads, width 16, context 32" in out
+    ck = checkpoint.load(str(tmp_path / "run"))
+    assert ck.tokenizer == bpe and ck.model_config.positions == "learned" and ck.model_config.tie_embeddings
+    tensors = safetensors_numpy.load_file(os.path.join(hf_dir, gpt2.WEIGHTS))
+    np.testing.assert_array_equal(ck.state.params["embed"]["table"], tensors["transformer.wte.weight"])
+    code, out, err = run_main(capsys, "generate", "--checkpoint", tmp_path / "run", "--prompt", "The quick",
+                              "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("The quick"), err
+
+
+def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir):
+    def refused(*fragments, hf=hf_dir):
+        out_dir = tmp_path / "never"
+        code, _, err = run_main(capsys, "import-gpt2", hf, "--out", out_dir)
+        assert_one_error_line(code, err, *fragments)
+        assert not out_dir.exists()
+
+    refused("is not a directory", hf=tmp_path / "nope")
+    weights = os.path.join(hf_dir, gpt2.WEIGHTS)
+    blob = open(weights, "rb").read()
+    open(weights, "wb").write(blob[: len(blob) // 2])                      # a truncated download
+    refused("is not a safetensors file")
+    os.remove(weights)
+    refused("has no model.safetensors")
+    open(weights, "wb").write(blob)
+    config_path = os.path.join(hf_dir, "config.json")
+    hf_config = json.load(open(config_path))
+    open(config_path, "w").write(json.dumps(hf_config)[:-3])
+    refused("config.json", "is not valid JSON")
+    open(config_path, "w").write(json.dumps({**hf_config, "vocab_size": hf_config["vocab_size"] + 1}))
+    refused("the tokenizer has", "minitx needs them equal")
+    open(config_path, "w").write(json.dumps({**hf_config, "n_layer": 3}))
+    refused("missing h.2.attn.c_attn.bias")
+    open(config_path, "w").write(json.dumps(hf_config))
+    os.remove(os.path.join(hf_dir, "tokenizer.json"))
+    refused("has no tokenizer", "vocab.json and merges.txt")
+
+
+def test_import_never_overwrites_a_run(tmp_path, capsys, hf_dir):
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    code, _, err = run_main(capsys, "import-gpt2", hf_dir, "--out", tmp_path / "run")
+    assert_one_error_line(code, err, "already holds a run")
+
+
+@pytest.fixture(scope="module")
+def gpt2_shaped_run(tmp_path_factory):
+    """A TINY run with learned positions and a tied head, byte tokenizer, a few steps."""
+    root = tmp_path_factory.mktemp("gpt2run")
+    from minitx_fn.cli import main
+    with standard_promotion():
+        assert main(["train", *TINY, "--steps", "3", "--tokenizer", "byte", "--positions", "learned",
+                     "--tie-embeddings", "--out", str(root / "r")]) == 0
+    return root / "r"
+
+
+def test_export_then_import_gives_back_the_same_model(tmp_path, capsys, gpt2_shaped_run):
+    code, out, err = run_main(capsys, "export-gpt2", gpt2_shaped_run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    assert sorted(os.listdir(tmp_path / "hf")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert run_main(capsys, "import-gpt2", tmp_path / "hf", "--out", tmp_path / "back")[0] == 0
+    original, back = checkpoint.load(str(gpt2_shaped_run)), checkpoint.load(str(tmp_path / "back"))
+    jax.tree.map(np.testing.assert_array_equal, back.state.params, original.state.params)
+    assert back.tokenizer.encode("héllo").tolist() == ByteTokenizer().encode("héllo").tolist()
+    assert back.model_config == original.model_config.replace(embed_std=original.model_config.init_std)
+
+
+def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run):
+    code, _, err = run_main(capsys, "export-gpt2", gpt2_shaped_run, "--out", gpt2_shaped_run)
+    assert_one_error_line(code, err, "already exists and is not an empty folder")
+    ck = checkpoint.load(str(gpt2_shaped_run))
+    for options in ({"positions": "sinusoidal"}, {"tie_embeddings": False}):
+        with pytest.raises(gpt2.GPT2Error, match="--positions learned --tie-embeddings"):
+            gpt2.export_files(ck.state.params, ck.model_config.replace(**options), ck.tokenizer)
+    assert not (tmp_path / "hf").exists()
+
+
+# ----------------------------------------------------------------------------- parity with Hugging Face
+
+PARITY_REASON = "the parity tests need torch and transformers: pip install -e \".[test,parity]\""
+
+
+@pytest.fixture(scope="module")
+def hf():
+    torch = pytest.importorskip("torch", reason=PARITY_REASON)
+    transformers = pytest.importorskip("transformers", reason=PARITY_REASON)
+    transformers.logging.set_verbosity_error()
+    return torch, transformers
+
+
+@pytest.fixture(scope="module")
+def hf_model_dir(hf, tmp_path_factory, bpe):
+    """transformers' own GPT-2 (random weights, initializer_range 0.2 so the logits
+    spread and greedy choices are clear), saved by save_pretrained with our BPE."""
+    torch, transformers = hf
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=bpe.vocab_size, n_positions=32, n_embd=16, n_layer=2, n_head=2,
+                                     initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    path = tmp_path_factory.mktemp("hf") / "gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(path))
+    (path / "tokenizer.json").write_text(bpe.to_json())
+    return path
+
+
+def _hf_logits(torch, hf_model, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return hf_model(torch.from_numpy(ids.astype(np.int64))).logits.numpy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_imported_logits_and_loss_equal_hugging_face(hf, hf_model_dir, bpe, dtype):
+    torch, transformers = hf
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(hf_model_dir), attn_implementation="eager").eval()
+    tol = {"float32": 1e-5, "float64": 1e-10}[dtype]
+    ids = np.stack([bpe.encode(TEXT)[:24], bpe.encode(TEXT[200:])[:24]])             # (2, 24)
+    with enable_x64() if dtype == "float64" else contextlib.nullcontext():
+        if dtype == "float64":
+            hf_model = hf_model.double()
+        c, params, _ = gpt2.import_dir(str(hf_model_dir), param_dtype=dtype)
+        with standard_promotion():
+            logits = jax.jit(model.apply, static_argnames="config")(params, jnp.asarray(ids), config=c)
+        theirs = _hf_logits(torch, hf_model, ids)
+        assert theirs.dtype == np.dtype(dtype)
+        assert_close_scaled(logits, theirs, tol)
+        inputs = torch.from_numpy(ids[:, :-1].astype(np.int64))
+        with torch.no_grad():
+            out = hf_model(inputs, labels=inputs)
+            # The same cross-entropy by torch in the model's dtype: transformers computes
+            # its own .loss in float32 whatever the model's dtype.
+            by_torch = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, c.vocab_size),
+                                                         inputs[:, 1:].reshape(-1)).item()
+        # Hugging Face shifts the labels itself: its loss on ids[:, :-1] predicts ids[:, 1:-1].
+        with standard_promotion():
+            ours = float(model.loss(params, jnp.asarray(ids[:, :-2]), jnp.asarray(ids[:, 1:-1]), config=c))
+        assert abs(ours - by_torch) <= tol * abs(by_torch)
+        assert abs(ours - out.loss.item()) <= 1e-5 * abs(by_torch)
+
+
+def test_greedy_tokens_equal_hugging_face_generate(hf, hf_model_dir, tmp_path, capsys, bpe):
+    torch, transformers = hf
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(hf_model_dir)).eval()
+    prompt = "The quick brown"
+    ids = bpe.encode(prompt)
+    with torch.no_grad():
+        expected = hf_model.generate(torch.from_numpy(ids[None].astype(np.int64)), do_sample=False,
+                                     max_new_tokens=20, pad_token_id=0)[0, len(ids):].numpy()
+    assert run_main(capsys, "import-gpt2", hf_model_dir, "--out", tmp_path / "run")[0] == 0
+    code, out, err = run_main(capsys, "generate", "--checkpoint", tmp_path / "run", "--prompt", prompt,
+                              "--max-new-tokens", "20")
+    assert code == 0, err
+    assert out.rstrip("\n") == prompt + bpe.decode(expected)
+    from minitx_fn.generate import generate
+    ck = checkpoint.load(str(tmp_path / "run"))
+    with standard_promotion():
+        ours = generate(ck.state.params, [ids], config=ck.model_config, key=None, max_new_tokens=20)[0]
+    np.testing.assert_array_equal(ours, expected)
+
+
+def test_exported_run_loads_in_transformers_with_the_same_logits(hf, tmp_path, capsys, gpt2_shaped_run):
+    torch, transformers = hf
+    assert run_main(capsys, "export-gpt2", gpt2_shaped_run, "--out", tmp_path / "hf")[0] == 0
+    hf_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "hf")).eval()
+    ck = checkpoint.load(str(gpt2_shaped_run))
+    ids = ck.tokenizer.encode("hello jax! hello")[None]                                    # (1, 16)
+    with standard_promotion():
+        ours = jax.jit(model.apply, static_argnames="config")(ck.state.params, jnp.asarray(ids),
+                                                              config=ck.model_config)
+    assert_close_scaled(ours, _hf_logits(torch, hf_model, ids), 1e-5)
