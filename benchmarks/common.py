@@ -32,7 +32,9 @@ CONFIGS = {
     "tiny": dict(vocab_size=65, d_model=64, n_layers=2, n_heads=4, max_len=64, batch=16),
     "baby": dict(vocab_size=65, d_model=128, n_layers=4, n_heads=4, max_len=64, batch=12),
     "medium": dict(vocab_size=65, d_model=384, n_layers=6, n_heads=6, max_len=256, batch=8),
-    "gpt2-small": dict(vocab_size=65, d_model=768, n_layers=12, n_heads=12, max_len=1024, batch=8),
+    # GPT-2 124M as `minitx import-gpt2` builds it: its vocabulary, learned positions, tied head.
+    "gpt2-small": dict(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, max_len=1024, batch=8,
+                       positions="learned", tie_embeddings=True),
 }
 
 

@@ -1,11 +1,11 @@
 """The same model in PyTorch eager, nanoGPT style, for the benchmark's third column.
 
 Optional: `pip install torch` (the benchmark skips these rows, saying so, when it
-is missing). Same architecture as minitx_fn: fixed sinusoidal positions added to a
-token embedding, pre-norm blocks with one fused QKV projection, causal attention
+is missing). Same architecture as minitx_fn: fixed sinusoidal positions (or a learned table)
+added to a token embedding, pre-norm blocks with one fused QKV projection, causal attention
 through `F.scaled_dot_product_attention` (PyTorch's fused kernel; `fused=False`
 writes softmax(QK^T/sqrt(K) + M)V out instead), tanh-GELU MLP, final layer norm and
-a linear head; AdamW with the same betas, clipping and decay mask (at a constant
+a linear head (or the embedding, tied); AdamW with the same betas, clipping and decay mask (at a constant
 learning rate: the schedule is one scalar per step).
 
 `from_minitx` copies a minitx_fn parameter tree into the module, so both start
@@ -53,14 +53,23 @@ class Block(nn.Module):
 class TorchLM(nn.Module):
     def __init__(self, c: ModelConfig, fused: bool = True):
         super().__init__()
+        self.c = c
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.register_buffer("pe", torch.from_numpy(np.array(positional.table(c.max_len, c.d_model))))
+        if c.positions == "learned":
+            self.pos = nn.Embedding(c.max_len, c.d_model)
+        else:
+            self.register_buffer("pe", torch.from_numpy(np.array(positional.table(c.max_len, c.d_model))))
         self.blocks = nn.ModuleList(Block(c, fused) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
-        self.head = nn.Linear(c.d_model, c.vocab_size)
+        # Tied as nanoGPT ties it: the head's weight is the embedding's (one tensor), no bias.
+        self.head = nn.Linear(c.d_model, c.vocab_size, bias=not c.tie_embeddings)
+        if c.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens) + self.pe[: tokens.shape[1]]
+        t = tokens.shape[1]
+        pe = self.pos.weight[:t] if self.c.positions == "learned" else self.pe[:t]
+        x = self.embed(tokens) + pe
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.ln_f(x))
@@ -72,8 +81,11 @@ class TorchLM(nn.Module):
         self.embed.weight.copy_(t(params["embed"]["table"]))
         self.ln_f.weight.copy_(t(params["ln_f"]["scale"]))
         self.ln_f.bias.copy_(t(params["ln_f"]["bias"]))
-        self.head.weight.copy_(t(params["head"]["w"]).T)
-        self.head.bias.copy_(t(params["head"]["b"]))
+        if "pos" in params:
+            self.pos.weight.copy_(t(params["pos"]["table"]))
+        if "head" in params:
+            self.head.weight.copy_(t(params["head"]["w"]).T)
+            self.head.bias.copy_(t(params["head"]["b"]))
         stacked = params["blocks"]
         for i, blk in enumerate(self.blocks):
             for ln in ("ln1", "ln2"):

@@ -878,12 +878,16 @@ def cmd_import_gpt2(args, out=None) -> int:
     """`minitx import-gpt2`: a Hugging Face GPT-2 directory -> a run directory (step 0, Adam's state at zero)."""
     import jax
 
-    from minitx_fn import checkpoint, gpt2, model, runs
+    from minitx_fn import checkpoint, gpt2, memory, model, runs
     from minitx_fn.config import TrainConfig
     from minitx_fn.signals import StopSignals
     from minitx_fn.train import TrainState, make_optimizer
     out = out or sys.stdout
     runs.check_new_run_dir(args.out)
+    # Before reading the weights: the tensors as read, our tree, Adam's two moments,
+    # and the bytes of the files a save builds in memory, about 6 copies in all.
+    memory.check(6 * 4 * memory.param_count(gpt2.read_config(args.hf_dir)), "importing this model",
+                 "import it on a machine with more memory")
     mc, params, tokenizer = gpt2.import_dir(args.hf_dir)
     params = jax.tree.map(jax.numpy.asarray, params)
     tc = TrainConfig()

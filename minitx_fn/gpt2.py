@@ -309,13 +309,18 @@ def read_tokenizer(hf_dir: str) -> BPETokenizer:
         raise GPT2Error(f"cannot use {vocab!r} and {merges!r}: {e}") from None
 
 
-def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, BPETokenizer]:
-    """A Hugging Face GPT-2 directory -> (config, parameter tree of NumPy arrays, tokenizer)."""
+def read_config(hf_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
+    """The ModelConfig of a Hugging Face GPT-2 directory's config.json."""
     if not os.path.isdir(hf_dir):
         raise GPT2Error(f"{hf_dir!r} is not a directory; give the folder that holds config.json and "
                         f"model.safetensors")
-    config = config_from_hf(_read_json(os.path.join(hf_dir, "config.json"), "a GPT-2 directory needs one"),
-                            param_dtype=param_dtype)
+    return config_from_hf(_read_json(os.path.join(hf_dir, "config.json"), "a GPT-2 directory needs one"),
+                          param_dtype=param_dtype)
+
+
+def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, BPETokenizer]:
+    """A Hugging Face GPT-2 directory -> (config, parameter tree of NumPy arrays, tokenizer)."""
+    config = read_config(hf_dir, param_dtype=param_dtype)
     tokenizer = read_tokenizer(hf_dir)
     if tokenizer.vocab_size != config.vocab_size:
         raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size:,} ids but config.json says vocab_size "
@@ -397,5 +402,5 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
 
 
 __all__ = ["BLOCK_TENSORS", "GPT2Error", "TOP_TENSORS", "bytes_to_unicode", "config_from_hf", "config_to_hf",
-           "expected_shapes", "export_files", "import_dir", "params_from_hf", "params_to_hf", "read_tensors",
-           "read_tokenizer", "write_dir"]
+           "expected_shapes", "export_files", "import_dir", "params_from_hf", "params_to_hf", "read_config",
+           "read_tensors", "read_tokenizer", "write_dir"]

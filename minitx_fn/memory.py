@@ -29,7 +29,9 @@ def param_count(config: ModelConfig) -> int:
     c = config
     d, f, v = c.d_model, c.d_ff, c.vocab_size
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
-    return v * d + c.n_layers * block + 2 * d + d * v + v
+    positions = c.max_len * d if c.positions == "learned" else 0
+    head = 0 if c.tie_embeddings else d * v + v
+    return v * d + positions + c.n_layers * block + 2 * d + head
 
 
 def training_bytes(config: ModelConfig, batch_size: int) -> int:

@@ -48,16 +48,22 @@ def attention(x, p, n_heads):
 
 
 def logits(params, ids, *, n_heads, eps=1e-5):
-    """ids (T,) -> logits (T, V), float64."""
+    """ids (T,) -> logits (T, V), float64. A "pos" table is a learned position per row
+    (GPT-2), else the sinusoids; without "head" the embedding is the head, no bias."""
     params = to_float64(params)
-    x = params["embed"]["table"][np.asarray(ids)] + positions(len(ids), params["embed"]["table"].shape[1])
+    table = params["embed"]["table"]                                               # (V, D)
+    pe = params["pos"]["table"][:len(ids)] if "pos" in params else positions(len(ids), table.shape[1])
+    x = table[np.asarray(ids)] + pe
     n_layers = params["blocks"]["ln1"]["scale"].shape[0]
     for layer in range(n_layers):
         p = _index(params["blocks"], layer)
         x = x + attention(layer_norm(x, p["ln1"], eps), p["attn"], n_heads)
         h = gelu(layer_norm(x, p["ln2"], eps) @ p["mlp"]["up"]["w"] + p["mlp"]["up"]["b"])
         x = x + h @ p["mlp"]["down"]["w"] + p["mlp"]["down"]["b"]
-    return layer_norm(x, params["ln_f"], eps) @ params["head"]["w"] + params["head"]["b"]
+    x = layer_norm(x, params["ln_f"], eps)
+    if "head" not in params:
+        return x @ table.T
+    return x @ params["head"]["w"] + params["head"]["b"]
 
 
 def greedy(params, prompt, n_new, *, n_heads, max_len, eps=1e-5):

@@ -37,8 +37,11 @@ def test_unknown_model_option_is_a_clear_error(capsys):
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="PyTorch is not installed; the benchmark's torch rows are optional")
-def test_torch_reference_computes_our_loss_and_gradients(key):
-    """Same weights, same batch: PyTorch's loss and gradients equal minitx_fn's (to float32 rounding)."""
+@pytest.mark.parametrize("options", [{}, {"positions": "learned", "tie_embeddings": True}],
+                         ids=["sinusoidal-untied", "gpt2-learned-tied"])
+def test_torch_reference_computes_our_loss_and_gradients(key, options):
+    """Same weights, same batch: PyTorch's loss and gradients equal minitx_fn's (to float32 rounding);
+    tied, the embedding's gradient sums the lookup's and the head's on both sides."""
     import jax
     import numpy as np
     import torch
@@ -48,11 +51,11 @@ def test_torch_reference_computes_our_loss_and_gradients(key):
     from minitx_fn import model
     from minitx_fn.config import ModelConfig
 
-    c = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.2)
+    c = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.2, **options)
     params = model.init(key, c)
     data = jax.random.randint(jax.random.fold_in(key, 1), (3, 9), 0, 11)
     x, y = data[:, :-1], data[:, 1:]
-    loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=c)
+    loss, grads = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")(params, x, y, config=c)
     for fused in (True, False):
         lm = TorchLM(c, fused).from_minitx(params)
         logits = lm(torch.from_numpy(np.array(x)).long())
@@ -62,6 +65,8 @@ def test_torch_reference_computes_our_loss_and_gradients(key):
         np.testing.assert_allclose(lm.blocks[1].qkv.weight.grad.numpy().T, grads["blocks"]["attn"]["qkv"]["w"][1],
                                    rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(lm.embed.weight.grad.numpy(), grads["embed"]["table"], rtol=1e-4, atol=1e-6)
+        if "pos" in grads:
+            np.testing.assert_allclose(lm.pos.weight.grad.numpy(), grads["pos"]["table"], rtol=1e-4, atol=1e-6)
 
 
 def test_variants_times_each_config_variant(capsys):

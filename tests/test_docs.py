@@ -55,7 +55,7 @@ NO_EXAMPLE = {
                       "cmd_import_gpt2", "cmd_export_gpt2", "main",
                       "message", "check_picture_path"},
     # Read or write files with the optional safetensors and tokenizers: tests/test_gpt2.py.
-    "minitx_fn.gpt2": {"require_safetensors", "read_tensors", "read_tokenizer", "import_dir", "byte_tokenizer_json",
+    "minitx_fn.gpt2": {"require_safetensors", "read_config", "read_tensors", "read_tokenizer", "import_dir", "byte_tokenizer_json",
                        "export_files", "write_dir"},
     # Need several devices or processes: tests/test_distributed.py.
     "minitx_fn.distributed": {"initialize", "batch_sharding", "replicated", "state_shardings", "check_batch",

@@ -15,9 +15,11 @@ from minitx_fn.errors import MemoryBudgetError
 
 
 @given(v=st.integers(1, 300), heads=st.integers(1, 4), per_head=st.integers(1, 8), layers=st.integers(1, 4),
-       d_ff=st.one_of(st.none(), st.integers(1, 64)))
-def test_param_count_equals_the_initialised_model(v, heads, per_head, layers, d_ff):
-    cfg = ModelConfig(vocab_size=v, d_model=heads * per_head, n_heads=heads, n_layers=layers, d_ff=d_ff)
+       d_ff=st.one_of(st.none(), st.integers(1, 64)), positions=st.sampled_from(["sinusoidal", "learned"]),
+       tied=st.booleans(), max_len=st.integers(1, 100))
+def test_param_count_equals_the_initialised_model(v, heads, per_head, layers, d_ff, positions, tied, max_len):
+    cfg = ModelConfig(vocab_size=v, d_model=heads * per_head, n_heads=heads, n_layers=layers, d_ff=d_ff,
+                      positions=positions, tie_embeddings=tied, max_len=max_len)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), cfg))              # no arrays built
     assert memory.param_count(cfg) == sum(int(np.prod(a.shape)) for a in jax.tree.leaves(shapes))
 

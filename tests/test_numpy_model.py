@@ -14,19 +14,20 @@ from tests import numpy_model
 from tests.helpers import enable_x64
 
 
-@pytest.mark.parametrize("d_model, n_heads, max_len, t, attention_block, impl", [
-    (12, 3, 16, 1, 128, "einsum"),                      # one token
-    (12, 3, 16, 16, 128, "einsum"),                     # T = max_len, one attention block
-    (12, 3, 16, 16, 5, "einsum"),                       # blocks of 5, 5, 5, 1 query rows
-    (9, 3, 12, 7, 3, "einsum"),                         # odd width: the sinusoid table's last pair is cut
-    (10, 5, 8, 8, 0, "einsum"),                         # the whole score matrix at once, K = 2
-    (12, 3, 16, 11, 4, "dot_product_attention"),
+@pytest.mark.parametrize("d_model, n_heads, max_len, t, attention_block, impl, options", [
+    (12, 3, 16, 1, 128, "einsum", {}),                  # one token
+    (12, 3, 16, 16, 128, "einsum", {}),                 # T = max_len, one attention block
+    (12, 3, 16, 16, 5, "einsum", {}),                   # blocks of 5, 5, 5, 1 query rows
+    (9, 3, 12, 7, 3, "einsum", {}),                     # odd width: the sinusoid table's last pair is cut
+    (10, 5, 8, 8, 0, "einsum", {}),                     # the whole score matrix at once, K = 2
+    (12, 3, 16, 11, 4, "dot_product_attention", {}),
+    (12, 3, 16, 16, 5, "einsum", {"positions": "learned", "tie_embeddings": True}),   # GPT-2's choices
 ])
-def test_model_apply_equals_the_numpy_model(d_model, n_heads, max_len, t, attention_block, impl, key):
+def test_model_apply_equals_the_numpy_model(d_model, n_heads, max_len, t, attention_block, impl, options, key):
     with enable_x64():
         cfg = ModelConfig(vocab_size=13, d_model=d_model, n_heads=n_heads, n_layers=3, max_len=max_len,
                           attention_block=attention_block, attention=impl, dtype="float64", param_dtype="float64",
-                          init_std=0.3)
+                          init_std=0.3, **options)
         params = model.init(key, cfg)
         tokens = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (2, t), 0, cfg.vocab_size))
         ours = np.asarray(jax.jit(model.apply, static_argnames="config")(params, tokens, config=cfg))
@@ -38,12 +39,14 @@ def test_model_apply_equals_the_numpy_model(d_model, n_heads, max_len, t, attent
         assert np.abs(ours[row] - expected).max() <= tol * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("lengths", [[3], [1, 8, 5]])
-def test_greedy_generation_equals_numpy_argmax_over_full_recompute(lengths, key):
-    """40 new tokens with S = 8: every row's window slides several times."""
+@pytest.mark.parametrize("lengths, options", [([3], {}), ([1, 8, 5], {}),
+                                              ([1, 8, 5], {"positions": "learned", "tie_embeddings": True})])
+def test_greedy_generation_equals_numpy_argmax_over_full_recompute(lengths, options, key):
+    """40 new tokens with S = 8: every row's window slides several times (and with
+    learned positions, goes back to the table's first rows each time)."""
     with enable_x64():
         cfg = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.5,
-                          dtype="float64", param_dtype="float64")
+                          dtype="float64", param_dtype="float64", **options)
         params = model.init(key, cfg)
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, 11, n) for n in lengths]
