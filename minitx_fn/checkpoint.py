@@ -46,12 +46,12 @@ from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTok
 from minitx_fn.train import TrainState, init_state
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
-# 4: ModelConfig.positions and tie_embeddings.
+# 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from).
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (2, 3, 4)  # 2 had only char vocabularies, saved as "vocab"
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
-META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "files"}
+META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "origin", "files"}
 
 
 class Checkpoint(NamedTuple):
@@ -111,10 +111,11 @@ def _sync_dir(path: str) -> None:
 
 
 def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_config: TrainConfig,
-         tokenizer: Tokenizer, data: dict | None = None) -> str:
+         tokenizer: Tokenizer, data: dict | None = None, origin: dict | None = None) -> str:
     """Write RUN/checkpoint atomically; returns its path. `data` is {"path", "sha256"}
-    of the training text (None for the built-in corpus). OSError (a full or read-only
-    disk) leaves the previous checkpoint as it was.
+    of the training text (None for the built-in corpus); `origin` is None for a run
+    trained here, {"gpt2": path} for one `minitx import-gpt2` wrote. OSError (a full or
+    read-only disk) leaves the previous checkpoint as it was.
 
     Example:
         >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), CharTokenizer('abc')
@@ -140,7 +141,7 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
             files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "tokenizer": tokenizer.to_meta(),
                 "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-                "data": data, "files": files}
+                "data": data, "origin": origin, "files": files}
         _write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, allow_nan=False).encode())
         _sync_dir(tmp)
         old = final + ".old"
@@ -233,9 +234,11 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
                               f"wrote it")
     if version == 2:
         meta = _from_version_2(meta)
-    if version in (2, 3) and isinstance(meta.get("model_config"), dict):
-        # Runs before version 4 had sinusoidal positions and an untied head.
-        meta = {**meta, "model_config": {"positions": "sinusoidal", "tie_embeddings": False, **meta["model_config"]}}
+    if version in (2, 3):
+        # Runs before version 4 were trained here, with sinusoidal positions and an untied head.
+        meta = {"origin": None, **meta}
+        if isinstance(meta.get("model_config"), dict):
+            meta["model_config"] = {"positions": "sinusoidal", "tie_embeddings": False, **meta["model_config"]}
     unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
@@ -256,6 +259,10 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
                                  and isinstance(data["path"], str) and isinstance(data["sha256"], str)
                                  and _HEX64.fullmatch(data["sha256"])):
         raise CheckpointError(f"{where}: data must be null or {{\"path\": string, \"sha256\": 64 hex digits}}")
+    origin = meta["origin"]
+    if origin is not None and not (isinstance(origin, dict) and set(origin) == {"gpt2"}
+                                   and isinstance(origin["gpt2"], str)):
+        raise CheckpointError(f"{where}: origin must be null or {{\"gpt2\": string}}")
     files = meta["files"]
     if not (isinstance(files, dict) and set(files) == set(ARRAY_FILES) and all(
             isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _matches(f["bytes"], int) and f["bytes"] >= 0

@@ -551,6 +551,10 @@ def _plan_resume(args, run_dir: str, out) -> TrainPlan:
     from minitx_fn import checkpoint
 
     ckpt = checkpoint.load(run_dir)
+    if ckpt.meta["origin"] is not None:
+        raise UsageError(f"{run_dir!r} holds a model imported from {ckpt.meta['origin']['gpt2']!r}, with no training "
+                         f"text or schedule of its own, so there is nothing to resume; generate with it or export "
+                         f"it (fine-tuning an imported model is not supported yet)")
     _check_resume_flags(args, ckpt)
     corpus = _resume_corpus(args, ckpt.data, ckpt.tokenizer, out)
     changes = {k: getattr(args, k) for k in RESUMABLE if getattr(args, k) is not None}
@@ -894,7 +898,8 @@ def cmd_import_gpt2(args, out=None) -> int:
     state = TrainState(params, make_optimizer(tc).init(params), jax.numpy.zeros((), jax.numpy.int32))
     with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: no half-written checkpoint
         try:
-            checkpoint.save(args.out, state, model_config=mc, train_config=tc, tokenizer=tokenizer)
+            checkpoint.save(args.out, state, model_config=mc, train_config=tc, tokenizer=tokenizer,
+                            origin={"gpt2": os.path.abspath(args.hf_dir)})
         except OSError as e:
             raise StorageError(args.out, e) from None
     print(f"Imported GPT-2 ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "

@@ -190,6 +190,9 @@ def test_import_then_generate_from_the_command_line(tmp_path, capsys, hf_dir, bp
     code, out, err = run_main(capsys, "generate", "--checkpoint", tmp_path / "run", "--prompt", "The quick",
                               "--max-new-tokens", "5")
     assert code == 0 and out.startswith("The quick"), err
+    # No training text and no schedule of its own: resuming it is refused, not run on the built-in corpus.
+    code, _, err = run_main(capsys, "train", "--resume", tmp_path / "run", "--steps", "5")
+    assert_one_error_line(code, err, "imported from", "nothing to resume")
 
 
 def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir):
