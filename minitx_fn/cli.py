@@ -77,9 +77,11 @@ def flag_name(field: str, value) -> str:
     """How a message mentions a field: as the flag that sets it, where there is one.
 
     Example:
-        >>> flag_name("d_model", 30), flag_name("remat", "bogus")
-        ('--width 30', "remat='bogus'")
+        >>> flag_name("d_model", 30), flag_name("remat", "bogus"), flag_name("tie_embeddings", False)
+        ('--width 30', "remat='bogus'", '--no-tie-embeddings')
     """
+    if field in FLAGS and isinstance(value, bool):      # a switch: --tie-embeddings or --no-tie-embeddings
+        return FLAGS[field] if value else "--no-" + FLAGS[field][2:]
     if field in FLAGS:
         return f"{FLAGS[field]} {value}"
     return f"{field}={value!r}"
@@ -276,13 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="continue a prompt with a trained model", epilog=GENERATE_EXAMPLES, **kw)
     g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
-    g.add_argument("--prompt", required=True, help="the text to continue; every character must be in the "
-                   "model's vocabulary")
-    g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS), default=100, help="characters to generate "
-                   "(default %(default)s)")
+    g.add_argument("--prompt", required=True, help="the text to continue (a char model: every character must be "
+                   "in its vocabulary; byte and bpe models take any text)")
+    g.add_argument("--max-new-tokens", type=_int_in(1, MAX_NEW_TOKENS), default=100, help="tokens to generate "
+                   "(characters for a char model; default %(default)s)")
     g.add_argument("--temperature", type=_float, help="0 is greedy (default: 0, or 1 when --top-k or --top-p "
                    "is given)")
-    g.add_argument("--top-k", type=_positive, help="sample among the k most likely characters")
+    g.add_argument("--top-k", type=_positive, help="sample among the k most likely tokens")
     g.add_argument("--top-p", type=_float, help="nucleus sampling: the smallest set reaching this mass, in (0, 1]")
     g.add_argument("--seed", type=_int_in(0, 2**32 - 1), default=0, help="seeds sampling (default %(default)s)")
     g.add_argument("--stop", help="stop after generating this string")
@@ -290,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("attention", help="draw the attention maps of every layer and head for a prompt",
                        epilog=ATTENTION_EXAMPLES, **kw)
     a.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
-    a.add_argument("--prompt", required=True, help="at most the model's context of known characters")
+    a.add_argument("--prompt", required=True, help="text of at most the model's context in tokens (known "
+                   "characters for a char model)")
     a.add_argument("--out", required=True, metavar="FILE", help="picture to write: .png, .pdf, .svg or .jpg")
 
     r = sub.add_parser("prepare", help="tokenize a text file once, streamed, into the cache that train reads",
@@ -308,11 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=GPT2_EXAMPLES, **kw)
     i.add_argument("hf_dir", metavar="HF_DIR", help="config.json, model.safetensors, and tokenizer.json or "
                    "vocab.json + merges.txt")
-    i.add_argument("--out", required=True, metavar="RUN_DIR", help="new run directory to write")
+    i.add_argument("--out", required=True, metavar="RUN_DIR", type=_nonempty, help="new run directory to write")
     e = sub.add_parser("export-gpt2", help="a run with learned positions and tied embeddings -> a Hugging Face "
                        "GPT-2 folder", epilog=GPT2_EXAMPLES, **kw)
     e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
-    e.add_argument("--out", required=True, metavar="HF_DIR", help="new folder to write")
+    e.add_argument("--out", required=True, metavar="HF_DIR", type=_nonempty, help="new folder to write (or an empty "
+                   "one)")
 
     p = sub.add_parser("plot", help="draw the loss curves of a run from its metrics.jsonl", epilog=PLOT_EXAMPLES,
                        **kw)
@@ -441,7 +445,8 @@ def _check_resume_flags(args, saved) -> None:
     mc, tc = saved.model_config, saved.train_config
     current = {**{flag: getattr(mc, FIELD_OF_FLAG[flag]) for flag in MODEL_SETTINGS},
                **{name: getattr(tc, name) for name in TRAIN_SETTINGS}}
-    conflicts = [f"--{k.replace('_', '-')} {v} (saved: {current[k]})" for k, v in _given(args).items()
+    field = {**FIELD_OF_FLAG, **{name: name for name in TRAIN_SETTINGS}}
+    conflicts = [f"{flag_name(field[k], v)} (saved: {flag_name(field[k], current[k])})" for k, v in _given(args).items()
                  if k not in RESUMABLE and v != current[k]]
     if args.preset:
         conflicts.append(f"--preset {args.preset}")
@@ -880,6 +885,8 @@ def cmd_prepare(args, out=None) -> int:
 
 def cmd_import_gpt2(args, out=None) -> int:
     """`minitx import-gpt2`: a Hugging Face GPT-2 directory -> a run directory (step 0, Adam's state at zero)."""
+    import contextlib
+
     import jax
 
     from minitx_fn import checkpoint, gpt2, memory, model, runs
@@ -887,7 +894,8 @@ def cmd_import_gpt2(args, out=None) -> int:
     from minitx_fn.signals import StopSignals
     from minitx_fn.train import TrainState, make_optimizer
     out = out or sys.stdout
-    runs.check_new_run_dir(args.out)
+    # An import that was killed mid-save leaves a temporary folder: removed below, under the lock.
+    runs.check_new_run_dir(args.out, ignore_temporaries=True)
     # Before reading the weights: the tensors as read, our tree, Adam's two moments,
     # and the bytes of the files a save builds in memory, about 6 copies in all.
     memory.check(6 * 4 * memory.param_count(gpt2.read_config(args.hf_dir)), "importing this model",
@@ -896,16 +904,33 @@ def cmd_import_gpt2(args, out=None) -> int:
     params = jax.tree.map(jax.numpy.asarray, params)
     tc = TrainConfig()
     state = TrainState(params, make_optimizer(tc).init(params), jax.numpy.zeros((), jax.numpy.int32))
-    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: no half-written checkpoint
-        try:
+    created = not os.path.exists(args.out)
+    try:
+        with StopSignals(), contextlib.ExitStack() as stack:   # SIGTERM, SIGHUP: like Ctrl-C, no half-written run
+            os.makedirs(args.out, mode=runs.dir_mode(), exist_ok=True)
+            _take_lock(stack, args.out, out)
+            runs.remove_temporaries(args.out)
+            runs.check_new_run_dir(args.out)                        # another process may have written it meanwhile
             checkpoint.save(args.out, state, model_config=mc, train_config=tc, tokenizer=tokenizer,
                             origin={"gpt2": os.path.abspath(args.hf_dir)})
-        except OSError as e:
+    except BaseException as e:
+        _remove_if_empty(args.out, created)
+        if isinstance(e, OSError) and not isinstance(e, StorageError):
             raise StorageError(args.out, e) from None
+        raise
     print(f"Imported GPT-2 ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "
           f"{mc.vocab_size:,} ids; {model.count_params(params):,} parameters) into {args.out}. Generate with:\n"
           f"  minitx generate --checkpoint {_quote(args.out)} --prompt \"Hello, I'm a language model,\"", file=out)
     return 0
+
+
+def _remove_if_empty(path: str, created: bool) -> None:
+    """Remove a folder this command created, if nothing is in it (a failed first write)."""
+    if created:
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
 
 
 def cmd_export_gpt2(args, out=None) -> int:

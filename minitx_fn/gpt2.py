@@ -29,6 +29,7 @@ tokenizer with Hugging Face's `tokenizers`: the optional extra `gpt2`.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -59,6 +60,11 @@ BLOCK_TENSORS = {
 }
 TOP_TENSORS = {"wte.weight": "embed/table", "wpe.weight": "pos/table", "ln_f.weight": "ln_f/scale",
                "ln_f.bias": "ln_f/bias"}
+# Our ModelConfig's fields as config.json names them, for messages.
+HF_FIELDS = {"vocab_size": "vocab_size", "d_model": "n_embd", "n_heads": "n_head", "n_layers": "n_layer",
+             "max_len": "n_positions", "d_ff": "n_inner", "ln_eps": "layer_norm_epsilon",
+             "init_std": "initializer_range", "embed_std": "initializer_range",
+             "tie_embeddings": "tie_word_embeddings"}
 BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")   # causal masks saved by old versions, not weights
 
 
@@ -129,8 +135,20 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
         Traceback (most recent call last):
         minitx_fn.gpt2.GPT2Error: the weights do not match config.json: missing h.2.ln_1.bias
     """
+    short = [name.removeprefix(PREFIX) for name in tensors]
+    twice = sorted({name for name in short if short.count(name) > 1})
+    if twice:           # "wte.weight" beside "transformer.wte.weight": which one transformers uses is its business
+        raise GPT2Error(f"tensors {_few(twice)} appear both with and without the prefix {PREFIX!r}; keep one of each")
     tensors = {name.removeprefix(PREFIX): array for name, array in tensors.items()}
     tensors = {name: array for name, array in tensors.items() if not BUFFERS.fullmatch(name)}
+    dtype = np.dtype(config.param_dtype)
+    if config.tie_embeddings and "lm_head.weight" in tensors:
+        # Some files store the tied head anyway: a copy of wte is the same model.
+        if "wte.weight" in tensors and np.array_equal(tensors["lm_head.weight"], tensors["wte.weight"]):
+            del tensors["lm_head.weight"]
+        else:
+            raise GPT2Error("lm_head.weight differs from wte.weight, but config.json says tie_word_embeddings is "
+                            "true; set it to false to import the head as it is")
     want = expected_shapes(config)
     missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
     wrong = [f"{name} {tuple(tensors[name].shape)} (needs {want[name]})" for name in sorted(want.keys() & tensors.keys())
@@ -139,24 +157,27 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
         parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
                  f"wrong shapes: {_few(wrong)}" if wrong else ""]
         raise GPT2Error("the weights do not match config.json: " + "; ".join(p for p in parts if p))
+    with np.errstate(over="ignore"):    # a float64 value beyond float32's range becomes inf: caught below
+        tensors = {name: array.astype(dtype) for name, array in tensors.items()}
     bad = [name for name in sorted(tensors) if not np.isfinite(tensors[name]).all()]
     if bad:
-        raise GPT2Error(f"tensors {_few(bad)} hold NaN or infinite values; this model cannot be used")
+        raise GPT2Error(f"tensors {_few(bad)} hold NaN or infinite values in {config.param_dtype}; this model cannot "
+                        f"be used")
     dtype = np.dtype(config.param_dtype)
     tree: dict = {}
     for hf_name, path in TOP_TENSORS.items():
-        _set(tree, path, tensors[hf_name].astype(dtype))
+        _set(tree, path, tensors[hf_name])
     for hf_name, path in BLOCK_TENSORS.items():          # stack block i's tensor as row i: (L, ...)
-        _set(tree, "blocks/" + path, np.stack([tensors[f"h.{i}.{hf_name}"] for i in range(config.n_layers)])
-             .astype(dtype))
+        _set(tree, "blocks/" + path, np.stack([tensors[f"h.{i}.{hf_name}"] for i in range(config.n_layers)]))
     if not config.tie_embeddings:                        # GPT-2's head has no bias: ours is zero
-        tree["head"] = {"w": tensors["lm_head.weight"].T.astype(dtype), "b": np.zeros(config.vocab_size, dtype)}
+        tree["head"] = {"w": np.ascontiguousarray(tensors["lm_head.weight"].T), "b": np.zeros(config.vocab_size, dtype)}
     return tree
 
 
 def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Our tree (learned positions, tied head) -> Hugging Face's tensors, named as
-    `save_pretrained` names them ("transformer." prefix), C-contiguous NumPy arrays.
+    """Our tree (learned positions) -> Hugging Face's tensors, named as `save_pretrained`
+    names them ("transformer." prefix), C-contiguous NumPy arrays. An untied head
+    becomes lm_head.weight (its bias is dropped: `export_files` checks it is zero).
 
     Example:
         >>> import jax
@@ -171,7 +192,10 @@ def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     for hf_name, path in BLOCK_TENSORS.items():
         stacked = np.asarray(_get(params, "blocks/" + path))                     # (L, ...)
         tensors.update({f"h.{i}.{hf_name}": stacked[i] for i in range(config.n_layers)})
-    return {PREFIX + name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    named = {PREFIX + name: np.ascontiguousarray(array) for name, array in tensors.items()}
+    if not config.tie_embeddings:
+        named["lm_head.weight"] = np.ascontiguousarray(np.asarray(params["head"]["w"]).T)
+    return named
 
 
 def _few(names: list[str], n: int = 6) -> str:
@@ -217,12 +241,13 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
         return ModelConfig(**sizes, d_ff=inner, ln_eps=hf.get("layer_norm_epsilon", 1e-5), positions="learned",
                            tie_embeddings=hf.get("tie_word_embeddings", True), init_std=std, embed_std=std,
                            dtype=param_dtype, param_dtype=param_dtype)
-    except Error as e:
-        raise GPT2Error(f"config.json does not make a valid model: {e}") from None
+    except Error as e:                   # named as config.json names them
+        message = e.render(lambda field, value: f"{HF_FIELDS.get(field, field)} = {value!r}")
+        raise GPT2Error(f"config.json does not make a valid model: {message}") from None
 
 
 def config_to_hf(config: ModelConfig) -> dict:
-    """Our ModelConfig (learned positions, tied head) -> a config.json that
+    """Our ModelConfig (learned positions) -> a config.json that
     `transformers.GPT2Config` reads. Dropout rates are the training dropout.
 
     Example:
@@ -236,7 +261,7 @@ def config_to_hf(config: ModelConfig) -> dict:
             "n_positions": c.max_len, "n_embd": c.d_model, "n_layer": c.n_layers, "n_head": c.n_heads,
             "n_inner": c.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": c.ln_eps,
             "initializer_range": c.init_std, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
-            "attn_pdrop": c.dropout, "scale_attn_weights": True, "tie_word_embeddings": True,
+            "attn_pdrop": c.dropout, "scale_attn_weights": True, "tie_word_embeddings": c.tie_embeddings,
             "bos_token_id": None, "eos_token_id": None, "dtype": c.param_dtype}
 
 
@@ -282,12 +307,13 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
             raise GPT2Error(f"{path!r} is missing") from None
         except OSError as e:
             raise GPT2Error(f"cannot read {path!r}: {e.strerror}") from None
-        except Exception as e:           # safetensors raises its own error for a damaged or unknown-dtype file
-            raise GPT2Error(f"{path!r} is not a safetensors file NumPy can read ({str(e)[:120]}); a bfloat16 "
-                            f"file needs converting to float32 first") from None
-    bad = sorted(n for n, a in tensors.items() if not np.issubdtype(a.dtype, np.floating))
+        except Exception as e:           # safetensors raises its own error for a damaged file
+            raise GPT2Error(f"{path!r} is not a safetensors file that can be read ({str(e)[:120]}); download it "
+                            f"again") from None
+    # bfloat16 arrives as ml_dtypes' bfloat16, which NumPy does not count as floating point.
+    bad = sorted(n for n, a in tensors.items() if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"))
     if bad:
-        raise GPT2Error(f"tensors {_few(bad)} are not floating point")
+        raise GPT2Error(f"tensors {_few(bad)} are not floating point ({tensors[bad[0]].dtype}); a GPT-2's weights are")
     return tensors
 
 
@@ -362,10 +388,13 @@ def bytes_to_unicode() -> dict[int, str]:
 def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dict[str, bytes]:
     """The files of a Hugging Face GPT-2 directory: config.json, model.safetensors and,
     for a bpe or byte tokenizer, tokenizer.json. GPT2Error unless the model is GPT-2's
-    shape (learned positions, tied embeddings)."""
-    if config.positions != "learned" or not config.tie_embeddings:
-        raise GPT2Error("only a model with positions=learned and tie_embeddings=True has GPT-2's shape; this one has "
-                        "{positions} and {tie}: train one with --positions learned --tie-embeddings",
+    shape: learned positions, and tied embeddings (or an untied head with a zero bias,
+    as an imported untied GPT-2 has)."""
+    head_bias = np.asarray(params["head"]["b"]) if "head" in params else None
+    if config.positions != "learned" or not (config.tie_embeddings or (head_bias is not None and not head_bias.any())):
+        raise GPT2Error("only a model with positions=learned and tie_embeddings=True has GPT-2's shape (an untied head "
+                        "is exported only when its bias is zero, as in an imported GPT-2); this one has {positions} "
+                        "and {tie}: train one with --positions learned --tie-embeddings",
                         positions=("positions", config.positions), tie=("tie_embeddings", config.tie_embeddings))
     st = require_safetensors()
     files = {"config.json": json.dumps(config_to_hf(config), indent=2).encode(),
@@ -377,15 +406,24 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
     return files
 
 
+TEMPORARY_PREFIX = ".export-"
+
+
 def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
-    """Write files into a new folder out_dir: in a temporary sibling first, renamed into
-    place, so a full disk or a signal never leaves half a directory. GPT2Error if
-    out_dir exists and is not empty."""
+    """Write files into a new folder out_dir: in a temporary sibling first
+    (`.export-<pid>-*`), renamed into place, so a full disk or a signal never leaves
+    half a directory; such a folder that a killed export left (its process gone) is
+    removed. GPT2Error if out_dir exists and is not an empty folder."""
+    out_dir = os.path.realpath(out_dir)         # a link to an empty folder: write where it points
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise GPT2Error(f"{out_dir!r} already exists and is not an empty folder; choose a new --out")
-    parent = os.path.dirname(os.path.abspath(out_dir))
+    parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    for stale in glob.glob(os.path.join(glob.escape(parent), TEMPORARY_PREFIX + "*-*")):
+        pid = os.path.basename(stale)[len(TEMPORARY_PREFIX):].split("-")[0]
+        if pid.isdigit() and 0 < int(pid) < 2**31 and not runs.alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", dir=parent)
     try:
         for name, blob in files.items():
             with open(os.path.join(tmp, name), "wb") as f:

@@ -46,16 +46,18 @@ def artifacts(run_dir: str) -> list[str]:
     return [n for n in names if n in RUN_FILES or n.startswith(TEMPORARY_PREFIX)]
 
 
-def check_new_run_dir(run_dir: str) -> None:
+def check_new_run_dir(run_dir: str, *, ignore_temporaries: bool = False) -> None:
     """RunDirError unless a new run can be written to run_dir: it is not a file, holds
-    nothing of another run, and it (or the nearest existing parent) is writable.
+    nothing of another run (but, with ignore_temporaries, the temporary folders of a
+    killed save, which the caller removes under the lock), and it (or the nearest
+    existing parent) is writable.
 
     Example:
         >>> check_new_run_dir(os.path.join(tempfile.mkdtemp(), "new-run"))
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"{run_dir!r} is a file, not a directory; choose another run directory")
-    found = artifacts(run_dir)
+    found = [n for n in artifacts(run_dir) if not (ignore_temporaries and n.startswith(TEMPORARY_PREFIX))]
     if found:
         raise RunDirError(f"{run_dir!r} already holds a run ({', '.join(found)}); resume it, or choose another "
                           f"run directory")

@@ -186,6 +186,11 @@ class BPETokenizer:
     kind = "bpe"
 
     def __init__(self, hf_tokenizer):
+        ids = set(hf_tokenizer.get_vocab(with_added_tokens=True).values())
+        if ids != set(range(hf_tokenizer.get_vocab_size())):
+            # A model has one row per id 0 .. V - 1: an id beyond them would reach no row.
+            raise ValueError(f"the tokenizer's ids are not 0 .. {hf_tokenizer.get_vocab_size() - 1} without gaps "
+                             f"(largest {max(ids, default=-1)})")
         self._hf = hf_tokenizer
 
     @classmethod
@@ -205,9 +210,10 @@ class BPETokenizer:
     def from_json(cls, text: str) -> "BPETokenizer":
         tk = require_tokenizers()
         try:
-            return cls(tk.Tokenizer.from_str(text))
+            hf = tk.Tokenizer.from_str(text)
         except Exception as e:             # tokenizers raises its own Exception for a bad file
             raise ValueError(f"not a valid tokenizers JSON ({str(e)[:100]})") from None
+        return cls(hf)
 
     @classmethod
     def from_vocab_and_merges(cls, vocab_path: str, merges_path: str) -> "BPETokenizer":

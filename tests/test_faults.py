@@ -140,7 +140,7 @@ CASES = [
     ("resume a directory without a checkpoint", lambda w: os.mkdir("empty"), ["train", "--resume", "empty"],
      ["holds no checkpoint"], None, 2),
     ("resume with another width", _nothing, ["train", "--resume", "builtin", "--width", "64"],
-     ["--width 64 (saved: 32)"], "builtin", 2),
+     ["--width 64 (saved: --width 32)"], "builtin", 2),
     ("resume with a preset", _nothing, ["train", "--resume", "builtin", "--preset", "hello"], ["--preset hello"],
      "builtin", 2),
     ("resume a finished run", _nothing, ["train", "--resume", "builtin", "--steps", "20"], ["already at step 20"],

@@ -47,8 +47,8 @@ def _random_tensors(config: ModelConfig, seed: int) -> dict[str, np.ndarray]:
     """Hugging Face names -> random float32 arrays of the shapes the config needs,
     built from the shapes table alone (not from our tree)."""
     rng = np.random.default_rng(seed)
-    return {gpt2.PREFIX + name: rng.standard_normal(shape).astype(np.float32)
-            for name, shape in gpt2.expected_shapes(config).items()}
+    return {("" if name == "lm_head.weight" else gpt2.PREFIX) + name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in gpt2.expected_shapes(config).items()}           # as save_pretrained names them
 
 
 def _write_hf_dir(path, config: ModelConfig, tensors: dict, tokenizer: BPETokenizer) -> str:
@@ -94,7 +94,7 @@ def test_every_tensor_lands_on_its_leaf_and_comes_back(layers, width, tied, pref
         for name, array in gpt2.params_to_hf(tree, c).items():
             np.testing.assert_array_equal(array, tensors[name])
     else:
-        np.testing.assert_array_equal(tree["head"]["w"], tensors["transformer.lm_head.weight"].T)
+        np.testing.assert_array_equal(tree["head"]["w"], tensors["lm_head.weight"].T)
         assert not tree["head"]["b"].any()
 
 
@@ -113,16 +113,55 @@ def test_mismatched_tensors_are_named_all_at_once():
     tensors["transformer.ln_f.bias"][3] = np.nan
     with pytest.raises(gpt2.GPT2Error, match="ln_f.bias hold NaN"):
         gpt2.params_from_hf(tensors, c)
+    tensors = _random_tensors(c, 0)                  # float64 beyond float32's range: infinite once cast
+    tensors["transformer.ln_f.weight"] = np.full(16, 1e39)
+    with pytest.raises(gpt2.GPT2Error, match="ln_f.weight hold NaN or infinite values in float32"):
+        gpt2.params_from_hf(tensors, c)
+    tensors = _random_tensors(c, 0)                  # the same tensor under both names: refused, not a guess
+    tensors["wte.weight"] = 3 * tensors["transformer.wte.weight"]
+    with pytest.raises(gpt2.GPT2Error, match="wte.weight appear both with and without the prefix"):
+        gpt2.params_from_hf(tensors, c)
+
+
+def test_a_stored_tied_head_is_accepted_only_as_a_copy_of_the_embedding():
+    c = _gpt2_config()
+    tensors = _random_tensors(c, 0)
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
+    gpt2.params_from_hf(tensors, c)
+    tensors["lm_head.weight"][0, 0] += 1
+    with pytest.raises(gpt2.GPT2Error, match="lm_head.weight differs from wte.weight"):
+        gpt2.params_from_hf(tensors, c)
+
+
+def test_bfloat16_and_float16_files_are_read_into_float32():
+    import ml_dtypes
+    c = _gpt2_config()
+    tensors = _random_tensors(c, 0)
+    for dtype in (ml_dtypes.bfloat16, np.float16):
+        narrow = {name: array.astype(dtype) for name, array in tensors.items()}
+        tree = gpt2.params_from_hf(narrow, c)
+        assert {a.dtype for a in jax.tree.leaves(tree)} == {np.dtype(np.float32)}
+        np.testing.assert_array_equal(tree["embed"]["table"], narrow["transformer.wte.weight"].astype(np.float32))
+
+
+def test_a_tokenizer_whose_ids_leave_gaps_is_refused(bpe):
+    """An id beyond 0 .. V - 1 would reach no row of the model: refused when read."""
+    meta = json.loads(bpe.to_json())
+    vocab = meta["model"]["vocab"]
+    vocab[max(vocab, key=vocab.get)] = 5000
+    with pytest.raises(ValueError, match="not 0 .. 2\\d\\d without gaps \\(largest 5000\\)"):
+        BPETokenizer.from_json(json.dumps(meta))
 
 
 @pytest.mark.parametrize("change, fragment", [
     ({"model_type": "llama"}, "only \"gpt2\""),
     ({"activation_function": "gelu"}, "activation_function = 'gelu' must be one of"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True must be false"),
-    ({"n_head": 3}, "d_model"),
+    ({"n_head": 3}, "n_embd = 16 is invalid: it must be divisible by n_head = 3"),
     ({"n_layer": 0}, "n_layer = 0 must be a positive whole number"),
     ({"n_embd": "768"}, "n_embd = '768'"),
-    ({"layer_norm_epsilon": -1}, "ln_eps"),
+    ({"layer_norm_epsilon": -1}, "layer_norm_epsilon = -1"),
+    ({"n_inner": -5}, "n_inner = -5"),
 ])
 def test_configs_this_model_cannot_be_are_refused(change, fragment):
     hf = {**gpt2.config_to_hf(_gpt2_config()), **change}
@@ -229,6 +268,23 @@ def test_import_never_overwrites_a_run(tmp_path, capsys, hf_dir):
     assert_one_error_line(code, err, "already holds a run")
 
 
+def test_a_killed_import_is_redone_and_a_failed_one_leaves_nothing(tmp_path, capsys, hf_dir, monkeypatch):
+    """A save killed mid-way leaves a temporary folder: the next import removes it and
+    succeeds. A full disk: one line, exit 1, and no empty --out folder left."""
+    leftover = tmp_path / "run" / ".checkpoint.tmp-killed"
+    leftover.mkdir(parents=True)
+    (leftover / "params.npz").write_bytes(b"half")
+    assert run_main(capsys, "import-gpt2", hf_dir, "--out", tmp_path / "run")[0] == 0
+    assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint"]
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "save", full_disk)
+    code, _, err = run_main(capsys, "import-gpt2", hf_dir, "--out", tmp_path / "second")
+    assert_one_error_line(code, err, "No space left on device", status=1)
+    assert not (tmp_path / "second").exists()
+
+
 @pytest.fixture(scope="module")
 def gpt2_shaped_run(tmp_path_factory):
     """A TINY run with learned positions and a tied head, byte tokenizer, a few steps."""
@@ -249,6 +305,34 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, capsys, gpt2_sha
     jax.tree.map(np.testing.assert_array_equal, back.state.params, original.state.params)
     assert back.tokenizer.encode("héllo").tolist() == ByteTokenizer().encode("héllo").tolist()
     assert back.model_config == original.model_config.replace(embed_std=original.model_config.init_std)
+
+
+def test_an_untied_gpt2_goes_back_out_as_it_came_in(tmp_path, capsys, bpe):
+    """tie_word_embeddings false: lm_head.weight becomes our head (bias zero) and is
+    exported again as lm_head.weight, bit for bit."""
+    c = _gpt2_config(vocab_size=bpe.vocab_size, tie_embeddings=False)
+    tensors = _random_tensors(c, 2)
+    hf = _write_hf_dir(tmp_path / "hf", c, tensors, bpe)
+    assert run_main(capsys, "import-gpt2", hf, "--out", tmp_path / "run")[0] == 0
+    assert run_main(capsys, "export-gpt2", tmp_path / "run", "--out", tmp_path / "again")[0] == 0
+    again = safetensors_numpy.load_file(str(tmp_path / "again" / gpt2.WEIGHTS))
+    assert again.keys() == tensors.keys()
+    for name, array in tensors.items():
+        np.testing.assert_array_equal(again[name], array)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_a_killed_export_leaves_nothing_the_next_one_keeps(tmp_path):
+    """write_dir's temporary folder carries its PID: the next export removes those of
+    processes that are gone, and leaves a live one's alone."""
+    dead = tmp_path / f"{gpt2.TEMPORARY_PREFIX}{2**31 - 2}-x"      # no process has this PID here
+    live = tmp_path / f"{gpt2.TEMPORARY_PREFIX}{os.getpid()}-y"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"partial")
+    gpt2.write_dir(str(tmp_path / "out"), {"config.json": b"{}"})
+    assert not dead.exists() and live.exists()
+    assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
 
 
 def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run):
