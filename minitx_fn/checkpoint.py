@@ -60,7 +60,12 @@ class Checkpoint(NamedTuple):
     train_config: TrainConfig
     tokenizer: Tokenizer
     data: dict | None          # {"path", "sha256"} of the training text, None for the built-in corpus
-    meta: dict
+    meta: dict                 # meta.json as saved (a run before format 4 has no "origin")
+
+    @property
+    def origin(self) -> dict | None:
+        """{"gpt2": folder} for a model `minitx import-gpt2` wrote; None for a run trained here."""
+        return self.meta.get("origin")
 
 
 def path_name(path) -> str:
@@ -203,7 +208,8 @@ def _config(cls, value: Any, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown, missing = sorted(set(value) - names), sorted(names - set(value))
     if unknown or missing:
-        raise CheckpointError(f"{where}: {cls.__name__} has unknown fields {unknown} and lacks {missing}")
+        problems = [f"unknown fields {unknown}" if unknown else "", f"lacks {missing}" if missing else ""]
+        raise CheckpointError(f"{where}: {cls.__name__} " + " and ".join(p for p in problems if p))
     for name in sorted(names):
         if not _matches(value[name], hints[name]):
             raise CheckpointError(f"{where}: {cls.__name__}.{name} = {value[name]!r} is not of type {hints[name]}")
@@ -228,17 +234,22 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} holds {type(meta).__name__}, not an object")
     version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
+    if type(version) is not int or version not in READABLE_VERSIONS:     # 4.0 and True are not versions
         raise CheckpointError(f"checkpoint format version {version!r} is not supported (this minitx_fn reads "
                               f"versions {READABLE_VERSIONS}); train a new run, or load it with the version that "
                               f"wrote it")
     if version == 2:
         meta = _from_version_2(meta)
     if version in (2, 3):
-        # Runs before version 4 were trained here, with sinusoidal positions and an untied head.
-        meta = {"origin": None, **meta}
+        # Runs before version 4 were trained here, with sinusoidal positions and an untied
+        # head; those versions have none of the three fields, and may not claim them.
+        newer = sorted({"origin"} & set(meta)) + sorted({"positions", "tie_embeddings"} & set(
+            meta["model_config"] if isinstance(meta.get("model_config"), dict) else ()))
+        if newer:
+            raise CheckpointError(f"{where}: format version {version} has no {newer}; they came with version 4")
+        meta = {**meta, "origin": None}
         if isinstance(meta.get("model_config"), dict):
-            meta["model_config"] = {"positions": "sinusoidal", "tie_embeddings": False, **meta["model_config"]}
+            meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
     unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
@@ -261,8 +272,9 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         raise CheckpointError(f"{where}: data must be null or {{\"path\": string, \"sha256\": 64 hex digits}}")
     origin = meta["origin"]
     if origin is not None and not (isinstance(origin, dict) and set(origin) == {"gpt2"}
-                                   and isinstance(origin["gpt2"], str)):
-        raise CheckpointError(f"{where}: origin must be null or {{\"gpt2\": string}}")
+                                   and isinstance(origin["gpt2"], str) and origin["gpt2"]
+                                   and "\0" not in origin["gpt2"]):
+        raise CheckpointError(f"{where}: origin must be null or {{\"gpt2\": the path of a folder}}")
     files = meta["files"]
     if not (isinstance(files, dict) and set(files) == set(ARRAY_FILES) and all(
             isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _matches(f["bytes"], int) and f["bytes"] >= 0

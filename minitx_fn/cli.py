@@ -556,8 +556,8 @@ def _plan_resume(args, run_dir: str, out) -> TrainPlan:
     from minitx_fn import checkpoint
 
     ckpt = checkpoint.load(run_dir)
-    if ckpt.meta["origin"] is not None:
-        raise UsageError(f"{run_dir!r} holds a model imported from {ckpt.meta['origin']['gpt2']!r}, with no training "
+    if ckpt.origin is not None:
+        raise UsageError(f"{run_dir!r} holds a model imported from {ckpt.origin['gpt2']!r}, with no training "
                          f"text or schedule of its own, so there is nothing to resume; generate with it or export "
                          f"it (fine-tuning an imported model is not supported yet)")
     _check_resume_flags(args, ckpt)

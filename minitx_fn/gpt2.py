@@ -292,6 +292,9 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
             raise GPT2Error(f"{index_path!r} has no weight_map of file names")
         files = sorted(set(weight_map.values()))
+        outside = [name for name in files if os.path.basename(name) != name or name in ("", ".", "..")]
+        if outside:                      # shards lie beside the index, as Hugging Face writes them
+            raise GPT2Error(f"{index_path!r} names shard files outside its folder: {_few(outside)}")
     else:
         other = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack")
                  if os.path.exists(os.path.join(hf_dir, n))]
@@ -418,6 +421,11 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise GPT2Error(f"{out_dir!r} already exists and is not an empty folder; choose a new --out")
     parent = os.path.dirname(out_dir)
+    ancestor = parent
+    while not os.path.isdir(ancestor):
+        if os.path.exists(ancestor):
+            raise GPT2Error(f"cannot create {out_dir!r}: {ancestor!r} is a file")
+        ancestor = os.path.dirname(ancestor)
     os.makedirs(parent, exist_ok=True)
     for stale in glob.glob(os.path.join(glob.escape(parent), TEMPORARY_PREFIX + "*-*")):
         pid = os.path.basename(stale)[len(TEMPORARY_PREFIX):].split("-")[0]

@@ -253,6 +253,7 @@ def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everyth
     del meta["train_config"]["eval_tokens"]
     for name in ("positions", "tie_embeddings"):
         del meta["model_config"][name]
+    del meta["origin"]
     files["meta.json"] = json.dumps(meta).encode()
     _write(tmp_path, files)
     loaded = checkpoint.load(str(tmp_path))
@@ -260,18 +261,27 @@ def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everyth
     assert loaded.model_config == MC
 
 
-@pytest.mark.parametrize("version, accepted", [(3, True), (4, False)])
-def test_a_config_without_positions_and_tie_embeddings_is_a_version_3_run(tmp_path, saved, version, accepted):
-    """Format 3 knew only sinusoidal positions and an untied head; format 4 must say which."""
+@pytest.mark.parametrize("version, drop, error", [
+    (3, ("positions", "tie_embeddings", "origin"), None),
+    (4, ("positions", "tie_embeddings"), r"ModelConfig lacks \['positions', 'tie_embeddings'\]"),
+    (4, ("origin",), r"lacks \['origin'\]"),
+    (3, ("positions", "tie_embeddings"), r"format version 3 has no \['origin'\]"),
+    (3, ("origin",), r"format version 3 has no \['positions', 'tie_embeddings'\]"),
+    (4.0, (), "version 4.0 is not supported"),
+])
+def test_the_fields_of_version_4_are_there_exactly_when_it_says_4(tmp_path, saved, version, drop, error):
+    """Format 3 knew only sinusoidal positions, an untied head and runs trained here:
+    it loads as such, and may not claim the fields of 4; format 4 must have them."""
     files = dict(saved[1])
     meta = json.loads(files["meta.json"])
     meta["format_version"] = version
-    for name in ("positions", "tie_embeddings"):
-        del meta["model_config"][name]
+    for name in drop:
+        del (meta if name == "origin" else meta["model_config"])[name]
     files["meta.json"] = json.dumps(meta).encode()
     _write(tmp_path, files)
-    if accepted:
-        assert checkpoint.load(str(tmp_path)).model_config == MC
+    if error is None:
+        loaded = checkpoint.load(str(tmp_path))
+        assert loaded.model_config == MC and loaded.origin is None
     else:
-        with pytest.raises(CheckpointError, match=r"lacks \['positions', 'tie_embeddings'\]"):
+        with pytest.raises(CheckpointError, match=error):
             checkpoint.load(str(tmp_path))

@@ -74,6 +74,19 @@ def test_resumed_run_logs_the_same_losses_bit_for_bit(capsys):
     np.testing.assert_array_equal(a["head"]["w"], b["head"]["w"])
 
 
+def test_a_run_saved_in_format_3_resumes_and_is_saved_in_format_4(capsys):
+    """Runs saved before learned positions, tied heads and imports (format 3) go on."""
+    import json
+    assert run_main(capsys, "train", *TINY, "--steps", "2", "--out", "old")[0] == 0
+    meta = json.load(open("old/checkpoint/meta.json"))
+    meta["format_version"] = 3
+    del meta["origin"], meta["model_config"]["positions"], meta["model_config"]["tie_embeddings"]
+    json.dump(meta, open("old/checkpoint/meta.json", "w"))
+    code, out, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
+    assert code == 0, err
+    assert json.load(open("old/checkpoint/meta.json"))["format_version"] == checkpoint.FORMAT_VERSION == 4
+
+
 def test_generate_command(capsys, hello_run):
     code, out, _ = run_main(capsys, "generate", "--checkpoint", hello_run, "--prompt", "hello", "--max-new-tokens", "20")
     assert code == 0 and out.startswith("hello") and len(out.strip()) == 25

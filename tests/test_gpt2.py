@@ -258,6 +258,12 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     open(config_path, "w").write(json.dumps({**hf_config, "n_layer": 3}))
     refused("missing h.2.attn.c_attn.bias")
     open(config_path, "w").write(json.dumps(hf_config))
+    os.rename(weights, os.path.join(hf_dir, "shard.safetensors"))              # shards must lie beside their index
+    index = {"weight_map": {"transformer.wte.weight": "../elsewhere/model.safetensors"}}
+    open(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX), "w").write(json.dumps(index))
+    refused("names shard files outside its folder")
+    os.remove(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX))
+    os.rename(os.path.join(hf_dir, "shard.safetensors"), weights)
     os.remove(os.path.join(hf_dir, "tokenizer.json"))
     refused("has no tokenizer", "vocab.json and merges.txt")
 
@@ -338,6 +344,9 @@ def test_a_killed_export_leaves_nothing_the_next_one_keeps(tmp_path):
 def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run):
     code, _, err = run_main(capsys, "export-gpt2", gpt2_shaped_run, "--out", gpt2_shaped_run)
     assert_one_error_line(code, err, "already exists and is not an empty folder")
+    (tmp_path / "a-file").write_text("x")
+    code, _, err = run_main(capsys, "export-gpt2", gpt2_shaped_run, "--out", tmp_path / "a-file" / "hf")
+    assert_one_error_line(code, err, "a-file' is a file")
     ck = checkpoint.load(str(gpt2_shaped_run))
     for options in ({"positions": "sinusoidal"}, {"tie_embeddings": False}):
         with pytest.raises(gpt2.GPT2Error, match="--positions learned --tie-embeddings"):
