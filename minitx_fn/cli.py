@@ -885,15 +885,19 @@ def cmd_prepare(args, out=None) -> int:
 
 def cmd_import_gpt2(args, out=None) -> int:
     """`minitx import-gpt2`: a Hugging Face GPT-2 directory -> a run directory (step 0, Adam's state at zero)."""
+    from minitx_fn.signals import StopSignals
+    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: one line, no half-written run
+        return _import_gpt2(args, out or sys.stdout)
+
+
+def _import_gpt2(args, out) -> int:
     import contextlib
 
     import jax
 
     from minitx_fn import checkpoint, gpt2, memory, model, runs
     from minitx_fn.config import TrainConfig
-    from minitx_fn.signals import StopSignals
     from minitx_fn.train import TrainState, make_optimizer
-    out = out or sys.stdout
     # An import that was killed mid-save leaves a temporary folder: removed below, under the lock.
     runs.check_new_run_dir(args.out, ignore_temporaries=True)
     # Before reading the weights: the tensors as read, our tree, Adam's two moments,
@@ -906,7 +910,7 @@ def cmd_import_gpt2(args, out=None) -> int:
     state = TrainState(params, make_optimizer(tc).init(params), jax.numpy.zeros((), jax.numpy.int32))
     created = not os.path.exists(args.out)
     try:
-        with StopSignals(), contextlib.ExitStack() as stack:   # SIGTERM, SIGHUP: like Ctrl-C, no half-written run
+        with contextlib.ExitStack() as stack:
             os.makedirs(args.out, mode=runs.dir_mode(), exist_ok=True)
             _take_lock(stack, args.out, out)
             runs.remove_temporaries(args.out)
@@ -940,9 +944,9 @@ def cmd_export_gpt2(args, out=None) -> int:
     from minitx_fn import checkpoint, gpt2
     from minitx_fn.signals import StopSignals
     out = out or sys.stdout
-    ckpt = checkpoint.load(args.run_dir)
-    files = gpt2.export_files(jax.device_get(ckpt.state.params), ckpt.model_config, ckpt.tokenizer)
-    with StopSignals():
+    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: one line, no half-written folder
+        ckpt = checkpoint.load(args.run_dir)
+        files = gpt2.export_files(jax.device_get(ckpt.state.params), ckpt.model_config, ckpt.tokenizer)
         try:
             gpt2.write_dir(args.out, files)
         except OSError as e:

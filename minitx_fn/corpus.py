@@ -461,8 +461,8 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
     parent = os.path.dirname(folder)
     try:
         os.makedirs(parent, mode=runs.dir_mode(), exist_ok=True)
-        _remove_abandoned(parent)
-        tmp = tempfile.mkdtemp(prefix=_temporary_prefix(), dir=parent)
+        runs.remove_abandoned(parent, "prepare")        # folders of killed preparations
+        tmp = tempfile.mkdtemp(prefix=runs.owned_prefix("prepare"), dir=parent)
     except OSError as e:
         raise DataError(f"cannot write the cache in {parent!r}: {e.strerror or e}; give --cache-dir a writable "
                         f"folder") from None
@@ -501,7 +501,7 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
         if made_meanwhile is not None:                  # by another process of a multi-process run
             return made_meanwhile
         if os.path.exists(folder):                      # the stale cache: aside, then gone
-            aside = tempfile.mkdtemp(prefix=_temporary_prefix(), dir=parent)
+            aside = tempfile.mkdtemp(prefix=runs.owned_prefix("prepare"), dir=parent)
             os.rename(folder, os.path.join(aside, "stale"))
         try:
             os.rename(tmp, folder)
@@ -523,19 +523,6 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
 
 def _sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _temporary_prefix(pid: int | None = None) -> str:
-    return f".prepare-{pid or os.getpid()}-"
-
-
-def _remove_abandoned(parent: str) -> None:
-    """Delete the temporary folders of preparations whose process is gone (killed);
-    another process's preparation in progress is left alone."""
-    for name in os.listdir(parent):
-        pid = name.split("-")[1] if name.startswith(".prepare-") else ""
-        if pid.isdigit() and 0 < int(pid) < 2**31 and not runs.alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _load(folder: str, path: str, size: int, sha256: str, kind: str,

@@ -29,7 +29,7 @@ tokenizer with Hugging Face's `tokenizers`: the optional extra `gpt2`.
 
 from __future__ import annotations
 
-import glob
+import collections
 import json
 import os
 import re
@@ -135,8 +135,8 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
         Traceback (most recent call last):
         minitx_fn.gpt2.GPT2Error: the weights do not match config.json: missing h.2.ln_1.bias
     """
-    short = [name.removeprefix(PREFIX) for name in tensors]
-    twice = sorted({name for name in short if short.count(name) > 1})
+    counts = collections.Counter(name.removeprefix(PREFIX) for name in tensors)
+    twice = sorted(name for name, n in counts.items() if n > 1)
     if twice:           # "wte.weight" beside "transformer.wte.weight": which one transformers uses is its business
         raise GPT2Error(f"tensors {_few(twice)} appear both with and without the prefix {PREFIX!r}; keep one of each")
     tensors = {name.removeprefix(PREFIX): array for name, array in tensors.items()}
@@ -158,7 +158,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
                  f"wrong shapes: {_few(wrong)}" if wrong else ""]
         raise GPT2Error("the weights do not match config.json: " + "; ".join(p for p in parts if p))
     with np.errstate(over="ignore"):    # a float64 value beyond float32's range becomes inf: caught below
-        tensors = {name: array.astype(dtype) for name, array in tensors.items()}
+        tensors = {name: array.astype(dtype, copy=False) for name, array in tensors.items()}
     bad = [name for name in sorted(tensors) if not np.isfinite(tensors[name]).all()]
     if bad:
         raise GPT2Error(f"tensors {_few(bad)} hold NaN or infinite values in {config.param_dtype}; this model cannot "
@@ -409,7 +409,7 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
     return files
 
 
-TEMPORARY_PREFIX = ".export-"
+TEMPORARY_KIND = "export"          # temporary folders: runs.owned_prefix("export"), .export-PID-*
 
 
 def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
@@ -427,11 +427,8 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
             raise GPT2Error(f"cannot create {out_dir!r}: {ancestor!r} is a file")
         ancestor = os.path.dirname(ancestor)
     os.makedirs(parent, exist_ok=True)
-    for stale in glob.glob(os.path.join(glob.escape(parent), TEMPORARY_PREFIX + "*-*")):
-        pid = os.path.basename(stale)[len(TEMPORARY_PREFIX):].split("-")[0]
-        if pid.isdigit() and 0 < int(pid) < 2**31 and not runs.alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = tempfile.mkdtemp(prefix=f"{TEMPORARY_PREFIX}{os.getpid()}-", dir=parent)
+    runs.remove_abandoned(parent, TEMPORARY_KIND)      # folders of killed exports
+    tmp = tempfile.mkdtemp(prefix=runs.owned_prefix(TEMPORARY_KIND), dir=parent)
     try:
         for name, blob in files.items():
             with open(os.path.join(tmp, name), "wb") as f:

@@ -103,6 +103,37 @@ def remove_temporaries(run_dir: str) -> list[str]:
     return [os.path.basename(p) for p in found]
 
 
+def owned_prefix(kind: str, pid: int | None = None) -> str:
+    """`.KIND-PID-`: the start of a temporary folder's name that says which process
+    made it, so a later one can tell an abandoned folder from one in progress.
+
+    Example:
+        >>> owned_prefix("export", 42)
+        '.export-42-'
+    """
+    return f".{kind}-{pid or os.getpid()}-"
+
+
+def remove_abandoned(parent: str, kind: str) -> list[str]:
+    """Delete the `owned_prefix(kind)` folders in parent whose process is gone (killed);
+    another process's folder, still in progress, is left alone. Returns their names.
+
+    Example:
+        >>> parent = tempfile.mkdtemp()
+        >>> os.mkdir(os.path.join(parent, owned_prefix("export", 2**31 - 2) + "x"))   # no such process
+        >>> os.mkdir(os.path.join(parent, owned_prefix("export") + "y"))              # this one
+        >>> remove_abandoned(parent, "export"), len(os.listdir(parent))
+        (['.export-2147483646-x'], 1)
+    """
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        pid = name[len(kind) + 2:].split("-")[0] if name.startswith(f".{kind}-") else ""
+        if pid.isdigit() and 0 < int(pid) < 2**31 and not alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
 # ----------------------------------------------------------------------------- lock
 
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, gpt2, model
+from minitx_fn import checkpoint, gpt2, model, runs
 from minitx_fn.config import ModelConfig
 from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer
 from tests.helpers import TINY, assert_close_scaled, assert_one_error_line, enable_x64, run_main, \
@@ -264,8 +264,38 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     refused("names shard files outside its folder")
     os.remove(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX))
     os.rename(os.path.join(hf_dir, "shard.safetensors"), weights)
-    os.remove(os.path.join(hf_dir, "tokenizer.json"))
+    tokenizer_path = os.path.join(hf_dir, "tokenizer.json")
+    tokenizer_json = open(tokenizer_path).read()
+    open(tokenizer_path, "w").write(tokenizer_json[: len(tokenizer_json) // 2])    # truncated
+    refused("tokenizer.json", "not a valid tokenizers JSON")
+    open(tokenizer_path, "wb").write(b"\xff\xfe garbage")                         # not UTF-8 at all
+    refused("tokenizer.json")
+    os.remove(tokenizer_path)
     refused("has no tokenizer", "vocab.json and merges.txt")
+    open(os.path.join(hf_dir, "vocab.json"), "w").write('{"a": 0')                 # the pair, one of them cut
+    open(os.path.join(hf_dir, "merges.txt"), "w").write("#version: 0.2\n")
+    refused("vocab.json", "not a valid vocabulary and merge list")
+    open(tokenizer_path, "w").write(tokenizer_json)
+    open(config_path, "w").write(json.dumps({**hf_config, "n_layer": 10**6}))          # absurd: refused unread
+    refused("importing this model needs at least", "GB of memory")
+
+
+@pytest.mark.parametrize("command", ["import-gpt2", "export-gpt2"])
+def test_sigterm_while_reading_is_one_line_and_writes_nothing(tmp_path, capsys, hf_dir, monkeypatch, command,
+                                                             gpt2_shaped_run):
+    """SIGTERM arrives while the weights are read: exit 143, one line, no folder."""
+    import signal
+    real = gpt2.import_dir if command == "import-gpt2" else gpt2.export_files
+
+    def read_then_signalled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return result
+    monkeypatch.setattr(gpt2, "import_dir" if command == "import-gpt2" else "export_files", read_then_signalled)
+    source = hf_dir if command == "import-gpt2" else gpt2_shaped_run
+    code, _, err = run_main(capsys, command, source, "--out", tmp_path / "out")
+    assert code == 128 + signal.SIGTERM and err.strip() == "minitx: interrupted by SIGTERM; nothing saved was lost"
+    assert not (tmp_path / "out").exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".")]
 
 
 def test_import_never_overwrites_a_run(tmp_path, capsys, hf_dir):
@@ -331,8 +361,8 @@ def test_an_untied_gpt2_goes_back_out_as_it_came_in(tmp_path, capsys, bpe):
 def test_a_killed_export_leaves_nothing_the_next_one_keeps(tmp_path):
     """write_dir's temporary folder carries its PID: the next export removes those of
     processes that are gone, and leaves a live one's alone."""
-    dead = tmp_path / f"{gpt2.TEMPORARY_PREFIX}{2**31 - 2}-x"      # no process has this PID here
-    live = tmp_path / f"{gpt2.TEMPORARY_PREFIX}{os.getpid()}-y"
+    dead = tmp_path / (runs.owned_prefix(gpt2.TEMPORARY_KIND, 2**31 - 2) + "x")      # no process has this PID here
+    live = tmp_path / (runs.owned_prefix(gpt2.TEMPORARY_KIND) + "y")
     for folder in (dead, live):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"partial")
