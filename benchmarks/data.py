@@ -72,8 +72,9 @@ def write_corpus(path: str, size_mb: int) -> str:
     return digest.hexdigest()
 
 
-# `minitx ARGS` that ends by printing its own peak resident memory (VmHWM). Not the
-# rusage of the child: Linux starts a forked child's maximum at its parent's size.
+# `minitx ARGS`, the command as a user runs it, in a process of its own that ends by
+# printing its peak resident memory (VmHWM). Not the rusage of the child: Linux starts
+# a forked child's maximum at its parent's size.
 _MINITX_REPORTING_PEAK = ("import sys\nfrom minitx_fn.cli import main\ncode = main(sys.argv[1:])\n"
                           "print('peak_rss_kb', *[line.split()[1] for line in open('/proc/self/status')\n"
                           "      if line.startswith('VmHWM')], flush=True)\nsys.exit(code)")
@@ -141,8 +142,8 @@ def bench_throughput(ids: np.ndarray, boundary: int, vocab_size: int, *, blocks:
     train_ids = ids[:boundary]
     resident = jnp.asarray(np.asarray(train_ids[:1 << 26], np.int32))
     key = train.keys(0).data
-    step = functools.partial(train.train_step, model_config=mc, train_config=tc.step_config)
-    states = {name: train.init_state(jax.random.key(0), mc, tc.step_config) for name in ("memmap", "device")}
+    step = functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer)
+    states = {name: train.init_state(jax.random.key(0), mc, tc.optimizer) for name in ("memmap", "device")}
     at = {"memmap": 0, "device": 0}
     prefetch = data.Prefetcher(lambda s: data.host_batch_at(train_ids, key, s, batch_size=b, context=t), start=0)
 
@@ -175,7 +176,7 @@ def bench_eval(ids: np.ndarray, vocab_size: int, sizes_mb: list[int], reps: int)
     import jax
 
     from minitx_fn import data, model, train
-    from minitx_fn.cli import DEFAULT_EVAL_TOKENS
+    from minitx_fn.defaults import DEFAULT_EVAL_TOKENS
 
     mc = common.model_config({**common.CONFIGS["baby"], "vocab_size": vocab_size})
     params = model.init(jax.random.key(0), mc)

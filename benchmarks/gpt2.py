@@ -81,8 +81,7 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     import torch
     import transformers
 
-    from minitx_fn import checkpoint, model
-    from minitx_fn.cli import main as minitx
+    from minitx_fn import checkpoint, gpt2, model
     from minitx_fn.generate import generate
     transformers.logging.set_verbosity_error()
 
@@ -97,12 +96,10 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     built = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if minitx(["import-gpt2", hf_dir, "--out", run_dir]) != 0:
-        raise SystemExit("import-gpt2 failed")
+    gpt2.import_run(hf_dir, run_dir)                                     # what `minitx import-gpt2` runs
     imported = time.perf_counter() - t0
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run_dir) for f in fs)
-    ck = checkpoint.load(run_dir)
-    params, c, tok = ck.state.params, ck.model_config, ck.tokenizer
+    params, c, tok, _ = checkpoint.load_model(run_dir)
 
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
     ids = np.random.default_rng(0).integers(0, c.vocab_size, (1, min(window, c.max_len)))

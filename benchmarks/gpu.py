@@ -50,12 +50,13 @@ def _bench_args(smoke: bool, dtype: str, out: str) -> list[str]:
             "--plot", os.path.join(out, f"bench-{dtype}.png")]
 
 
-def _recipe_args(smoke: bool, data: str, out: str) -> list[str]:
-    args = ["train", "--data", data, "--preset", "shakespeare-char", "--out", os.path.join(out, "shakespeare-char")]
-    if smoke:   # the preset's wiring at toy sizes: every flag below overrides one of it
-        args += ["--steps", "4", "--batch-size", "2", "--width", "24", "--layers", "1", "--context", "32",
-                 "--eval-every", "4", "--max-new-tokens", "20"]
-    return args
+def _recipe(smoke: bool, out: str) -> dict:
+    """The settings of `job.train` for nanoGPT's GPU recipe (`minitx train --data DATA --preset shakespeare-char`)."""
+    settings = {"preset": "shakespeare-char", "run_dir": os.path.join(out, "shakespeare-char")}
+    if smoke:   # the preset's wiring at toy sizes: every setting below overrides one of it
+        settings.update(model={"d_model": 24, "n_layers": 1, "max_len": 32},
+                        training={"steps": 4, "batch_size": 2, "eval_every": 4}, sample_tokens=20)
+    return settings
 
 
 def _env() -> dict:
@@ -113,7 +114,7 @@ def main(argv=None) -> int:
 
     from benchmarks import run as bench
     from benchmarks import variants
-    from minitx_fn import cli
+    from minitx_fn import job
 
     def write_env():
         with open(os.path.join(out, "env.json"), "w") as f:
@@ -132,9 +133,8 @@ def main(argv=None) -> int:
     def recipe():
         if data is None:
             raise RuntimeError("no Tiny Shakespeare here; pass --data (minitx data shakespeare fetches it)")
-        code = cli.main(_recipe_args(args.smoke, data, out))
-        if code:
-            raise RuntimeError(f"minitx train exited {code}")
+        result = job.train(data, **_recipe(args.smoke, out))
+        print(f"Generated text:\n{result.prompt}{result.sample}")
 
     steps = {
         "env": write_env,

@@ -33,7 +33,7 @@ def _bars(ax, groups: list[str], series: dict[str, list[float | None]], ylabel: 
 
 def draw(result: dict, path: str) -> str:
     """Every panel the result has data for, in one figure written to path."""
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     panels = []
     if result.get("train"):
         panels += ["step", "mfu"]
@@ -45,7 +45,8 @@ def draw(result: dict, path: str) -> str:
         raise ValueError("the result holds no rows to draw")
     cols = 2
     rows = (len(panels) + 1) // 2
-    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+    fig = figure(figsize=(6.2 * cols, 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
     device = result.get("device", {})
     fig.suptitle(f"{device.get('kind', '?')} ({device.get('platform', '?')}), jax {result.get('versions', {}).get('jax')},"
                  f" {result.get('date', '')}, dtype {result.get('options', {}).get('dtype', 'float32')}")
@@ -95,7 +96,6 @@ def draw(result: dict, path: str) -> str:
     for ax in axes.ravel()[len(panels):]:
         ax.set_visible(False)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -59,9 +59,9 @@ def main(argv=None) -> int:
     key = jax.random.key(0)
     tokens = jax.random.randint(key, (spec["batch"], mc.max_len + 1), 0, mc.vocab_size)
     batch = (tokens[:, :-1], tokens[:, 1:])
-    state = [train.init_state(key, mc, tc)]
+    state = [train.init_state(key, mc, tc.optimizer)]
     with jax.numpy_dtype_promotion("standard"):
-        step = train.train_step.lower(state[0], batch, model_config=mc, train_config=tc).compile()
+        step = train.train_step.lower(state[0], batch, model_config=mc, optimizer_config=tc.optimizer).compile()
 
     def one():
         state[0], metrics = step(state[0], batch)

@@ -54,7 +54,7 @@ def _flax_step_fn(mc, tc: TrainConfig):
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(lambda p, _: p[-1].key in ("kernel", "embedding"), params)
 
-    opt = train.make_optimizer(tc, mask=decay_mask)
+    opt = train.make_optimizer(tc.optimizer, mask=decay_mask)
 
     def step(state, x, y):
         variables, opt_state = state
@@ -94,11 +94,11 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
     tokens = jax.random.randint(key, (b, t + 1), 0, mc.vocab_size)
     x, y = tokens[:, :-1], tokens[:, 1:]
 
-    ours_state = train.init_state(key, mc, tc)
+    ours_state = train.init_state(key, mc, tc.optimizer)
     flops = flops_per_step(mc, b)
     torch_step = _torch_step(mc, tc, ours_state.params, x, y) if with_torch and mc.dtype == "float32" else None
     t0 = time.perf_counter()
-    compiled_ours = train.train_step.lower(ours_state, (x, y), model_config=mc, train_config=tc).compile()
+    compiled_ours = train.train_step.lower(ours_state, (x, y), model_config=mc, optimizer_config=tc.optimizer).compile()
     compile_s = {"minitx": time.perf_counter() - t0}
 
     flax_step, flax_opt, ref = _flax_step_fn(mc, tc)
@@ -158,7 +158,7 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
     data = jax.random.randint(data_key, (100_000,), 0, mc.vocab_size)
 
     def step(state, batch):
-        return train.train_step(state, batch, model_config=mc, train_config=tc.step_config)   # as minitx train
+        return train.train_step(state, batch, model_config=mc, optimizer_config=tc.optimizer)   # as minitx train
 
     def next_batch(step_number):
         return train.batch_at(data, data_key, step_number, batch_size=tc.batch_size, context=mc.max_len)
@@ -169,11 +169,12 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
         return metrics["loss"]
 
     def fitted(state, n: int):
-        return loop.fit(state, step=step, next_batch=next_batch, model_config=mc, train_config=tc,
+        return loop.fit(state, step=step, next_batch=next_batch, steps=tc.steps, log_every=tc.log_every,
+                        eval_every=tc.eval_every, save_every=tc.save_every, tokens_per_step=tc.batch_size * mc.max_len,
                         out=io.StringIO()).state.step
 
     def fresh():
-        return train.init_state(init_key, mc, tc)
+        return train.init_state(init_key, mc, tc.optimizer)
 
     sync(bare(fresh(), 1))                                                  # compile (both share train_step)
     times = {"bare": [], "loop": []}
@@ -254,8 +255,8 @@ def bench_scaling(*, steps: int, sweep: dict = SCALING, **model_options) -> list
             tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
             tokens = jax.random.randint(jax.random.key(0), (spec["batch"], mc.max_len + 1), 0, mc.vocab_size)
             batch = (tokens[:, :-1], tokens[:, 1:])
-            state = {"s": train.init_state(jax.random.key(0), mc, tc)}
-            compiled = train.train_step.lower(state["s"], batch, model_config=mc, train_config=tc).compile()
+            state = {"s": train.init_state(jax.random.key(0), mc, tc.optimizer)}
+            compiled = train.train_step.lower(state["s"], batch, model_config=mc, optimizer_config=tc.optimizer).compile()
 
             def one():
                 state["s"], metrics = compiled(state["s"], batch)

@@ -48,9 +48,9 @@ def main(argv=None) -> int:
         for changes in args.variants:
             label = ",".join(f"{k}={v}" for k, v in changes.items()) or "defaults"
             mc = model_config(spec, **changes)
-            state = train.init_state(key, mc, tc)
+            state = train.init_state(key, mc, tc.optimizer)
             t0 = time.perf_counter()
-            compiled = train.train_step.lower(state, batch, model_config=mc, train_config=tc).compile()
+            compiled = train.train_step.lower(state, batch, model_config=mc, optimizer_config=tc.optimizer).compile()
             compile_s[label] = time.perf_counter() - t0
             holder = {"state": state}
 

@@ -21,6 +21,7 @@
 
 # %%
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -121,15 +122,15 @@ print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) =
 
 # %%
 tc = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0)   # no warm-up: step 0 already moves
-opt = train.make_optimizer(tc)
+opt = train.make_optimizer(tc.optimizer)
 first_update = jax.jit(lambda g, p: opt.update(g, opt.init(p), p)[0])        # the optimiser's first step
 updates = first_update(grads, params)
 print("one update moved the parameters by", float(jnp.sqrt(sum(jnp.sum(u ** 2) for u in jax.tree.leaves(updates)))))
 
-state = train.init_state(init_key, cfg, tc)
+state = train.init_state(init_key, cfg, tc.optimizer)
 for _ in range(tc.steps):
     batch = train.batch_at(jnp.asarray(ids), data_key, state.step, batch_size=tc.batch_size, context=cfg.max_len)
-    state, metrics = train.train_step(state, batch, model_config=cfg, train_config=tc)
+    state, metrics = train.train_step(state, batch, model_config=cfg, optimizer_config=tc.optimizer)
 print(f"after {tc.steps} steps: loss {float(metrics['loss']):.3f}")
 
 # %% [markdown]
@@ -151,14 +152,35 @@ new = generate(state.params, [tok.encode("hello")], config=cfg, key=jax.random.k
 print(repr("hello" + tok.decode(new)))
 
 # %% [markdown]
-# ## 10. How equality with Flax is checked
+# ## 10. The same in one call, and back from disk
+# `job.train` is everything above (and what `minitx train` runs): data, configs, the
+# jitted step, evaluation, checkpoints, signals, into a run directory that `minitx
+# generate`, `plot` and `--resume` read. `checkpoint.load_model` reads a run's
+# parameters, config and tokenizer back; `generate.complete` continues a text.
+
+# %%
+import io
+import tempfile
+
+from minitx_fn import checkpoint, job
+from minitx_fn.generate import complete
+
+run_dir = os.path.join(tempfile.mkdtemp(), "hello")
+result = job.train(model={"d_model": 32, "n_heads": 4, "n_layers": 2, "max_len": 16},
+                   training={"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup": 0}, run_dir=run_dir,
+                   sample_tokens=0, log=io.StringIO())
+print("job.train:", result.records[-1])
+loaded = checkpoint.load_model(run_dir)
+print("loaded from disk:", repr("hello" + complete(loaded, "hello", max_new_tokens=40)))
+
+# %% [markdown]
+# ## 11. How equality with Flax is checked
 # `tests/flax_reference.py` builds the same model from Flax's own layers and maps our
 # parameter tree into Flax's; `tests/test_equivalence.py` compares outputs, losses,
 # gradients and an Adam step. Here, the same check for the whole model (Flax is a
 # test dependency, so this cell runs only where it is installed).
 
 # %%
-import os
 import sys
 
 here = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else os.getcwd()   # script or notebook
@@ -175,7 +197,7 @@ else:
     print("max |ours - flax| =", float(np.abs(np.asarray(model.apply(state.params, x, config=cfg)) - flax_logits).max()))
 
 # %% [markdown]
-# ## 11. What each head attends to, interactively
+# ## 12. What each head attends to, interactively
 # Row t of a map is the distribution query t puts over keys 0 .. t. In Jupyter the
 # sliders pick the layer and the head, and the box the prompt (`pip install -e
 # ".[docs]"` brings ipywidgets); run as a script, this draws layer 0, head 0 once.

@@ -2,26 +2,32 @@
 
 The names a reader starts from, all importable from here:
 
-    from minitx_fn import ModelConfig, TrainConfig, CharTokenizer, generate, model, train
+    from minitx_fn import job, checkpoint, generate
+    result = job.train("input.txt", model={"d_model": 128}, training={"steps": 2000})   # the whole job
+    m = checkpoint.load_model(result.run_dir)                                         # params, config, tokenizer
+    print(generate.complete(m, "ROMEO:"))                                             # text in, text out
 
+    from minitx_fn import ModelConfig, TrainConfig, model, train                       # the pieces
     cfg = ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, max_len=64)
     params = model.init(key, cfg)                       # a plain dict of arrays
     logits = model.apply(params, tokens, config=cfg)    # (B, T) ids -> (B, T, V)
-    state = train.init_state(key, cfg, TrainConfig())
-    state, metrics = train.train_step(state, (x, y), model_config=cfg, train_config=tc)
-    new_ids = generate.generate(params, [prompt_ids], config=cfg, key=key, max_new_tokens=100)
+    tc = TrainConfig(steps=1000)
+    state = train.init_state(key, cfg, tc.optimizer)
+    state, metrics = train.train_step(state, (x, y), model_config=cfg, optimizer_config=tc.optimizer)
 
 | name | what it is |
 |---|---|
-| `ModelConfig`, `TrainConfig` | frozen, hashable, validated configs (`config.py`) |
+| `job` | `train`: the whole job (`minitx train`) as one function of values; `plan`, `run` its halves |
+| `ModelConfig`, `TrainConfig`, `OptimizerConfig` | frozen, hashable, validated configs (`config.py`); `defaults`: presets and limits |
 | `layers` | one init/apply pair per layer (`layers/`) |
 | `model` | `init`, `apply`, `loss`, `apply_cached`, `init_cache` |
-| `train` | `TrainState`, `init_state`, `train_step`, `batch_at`, `evaluate`, `make_optimizer` |
-| `loop` | `fit`: the training loop (logging, checkpoints, signals) |
-| `generate`, `Sampler` | `generate.generate`: cached decoding in one compiled loop; `Sampler`: greedy, temperature, top-k, top-p |
+| `train` | `TrainState`, `init_state`, `new_state`, `make_step` (any loss, any optax), `train_step`, `batch_at`, `evaluate` |
+| `loop` | `fit`: the training loop around any step (logging, checkpoints, signals) |
+| `generate`, `Sampler` | `generate.complete`: text in, text out; `generate.generate`: ids, cached decoding in one compiled loop |
 | `CharTokenizer`, `ByteTokenizer`, `BPETokenizer` | text <-> ids: one interface, three kinds (`tokenizer.py`) |
-| `corpus` | `prepare`: a text file streamed once into cached token ids, read back as a memory map |
-| `checkpoint` | `save`, `load` |
+| `corpus` | `Corpus` (`from_text`, `from_ids`, `builtin`), `prepare`: a text file streamed once into cached ids |
+| `checkpoint` | `save`, `load`, `load_model` (parameters only), `save_params` / `load_params` (any tree) |
+| `testing` | the layer-test helpers (`check_layer`, `assert_close_scaled`; needs the test extra) |
 
 Names load on first use (PEP 562), so `import minitx_fn.cli` does not import JAX.
 """
@@ -32,10 +38,10 @@ import importlib
 
 # A submodule, once imported, is also an attribute of the package: so `generate` is
 # the module (its function is generate.generate), never sometimes one, sometimes the other.
-_MODULES = ("checkpoint", "config", "corpus", "data", "distributed", "generate", "layers", "loop", "memory", "model",
-            "runs", "sampling", "tokenizer", "train")
-_NAMES = {"ModelConfig": "config", "TrainConfig": "config", "CharTokenizer": "tokenizer", "ByteTokenizer": "tokenizer",
-          "BPETokenizer": "tokenizer", "Sampler": "sampling"}
+_MODULES = ("checkpoint", "config", "corpus", "data", "defaults", "distributed", "generate", "job", "layers", "loop",
+            "memory", "model", "runs", "sampling", "testing", "tokenizer", "train")
+_NAMES = {"ModelConfig": "config", "TrainConfig": "config", "OptimizerConfig": "config", "CharTokenizer": "tokenizer",
+          "ByteTokenizer": "tokenizer", "BPETokenizer": "tokenizer", "Sampler": "sampling"}
 
 __all__ = sorted(_MODULES + tuple(_NAMES))
 

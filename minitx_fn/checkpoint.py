@@ -3,14 +3,21 @@
 A checkpoint is a directory `RUN/checkpoint/`:
 
     meta.json       format version, step, model and train configs, the tokenizer
-                    (kind and vocabulary, `tokenizer.to_meta`), the training text's path
-                    and SHA-256, and each array file's SHA-256
+                    (kind and vocabulary, `tokenizer.to_meta`), what the run trained on
+                    (`data`, below), and each array file's SHA-256
     params.npz      one array per parameter, named by its tree path ("blocks/attn/qkv/w")
     opt_state.npz   the optimiser state, named the same way ("1/0/mu/blocks/attn/qkv/w"
                     is Adam's first moment of that parameter; "1/0/count" its step count)
 
 No pickle: JSON and numpy's npz, so numpy alone can read a run (the README shows
 how). The batch key is not stored: it is `train.keys(seed).data`.
+
+`data` says what the run trained on, so `--resume` trains on the same text:
+    {"builtin": true}               the built-in corpus
+    {"path": PATH, "sha256": HEX}   a text file (its absolute path and SHA-256)
+    {"path": null, "sha256": HEX}   a text or ids given in memory (`corpus.Corpus.source`)
+    null                            not recorded: resuming needs the data given again
+Formats before 5 wrote null for the built-in corpus, and are read so.
 
 Saving writes everything into a temporary directory and renames it into place
 (the previous checkpoint is `checkpoint.old` for the instant between the two
@@ -23,6 +30,7 @@ dtype and finiteness; every failure is one CheckpointError saying what is wrong.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
@@ -38,7 +46,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from minitx_fn import runs
+from minitx_fn import model, runs
 from minitx_fn.config import INT32_MAX, ModelConfig, TrainConfig
 from minitx_fn.errors import CheckpointError, Error
 from minitx_fn import tokenizer as tokenizers
@@ -46,9 +54,11 @@ from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTok
 from minitx_fn.train import TrainState, init_state
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
-# 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from).
-FORMAT_VERSION = 4
-READABLE_VERSIONS = (2, 3, 4)  # 2 had only char vocabularies, saved as "vocab"
+# 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from);
+# 5: "data" is explicit: {"builtin": true} for the built-in corpus, null only when not recorded.
+FORMAT_VERSION = 5
+READABLE_VERSIONS = (2, 3, 4, 5)  # 2 had only char vocabularies, saved as "vocab"
+BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
 META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "origin", "files"}
@@ -59,7 +69,7 @@ class Checkpoint(NamedTuple):
     model_config: ModelConfig
     train_config: TrainConfig
     tokenizer: Tokenizer
-    data: dict | None          # {"path", "sha256"} of the training text, None for the built-in corpus
+    data: dict | None          # what the run trained on (the module docstring), None if not recorded
     meta: dict                 # meta.json as saved (a run before format 4 has no "origin")
 
     @property
@@ -116,32 +126,50 @@ def _sync_dir(path: str) -> None:
 
 
 def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_config: TrainConfig,
-         tokenizer: Tokenizer, data: dict | None = None, origin: dict | None = None) -> str:
-    """Write RUN/checkpoint atomically; returns its path. `data` is {"path", "sha256"}
-    of the training text (None for the built-in corpus); `origin` is None for a run
-    trained here, {"gpt2": path} for one `minitx import-gpt2` wrote. OSError (a full or
-    read-only disk) leaves the previous checkpoint as it was.
+         tokenizer: Tokenizer, data, origin: dict | None = None) -> str:
+    """Write RUN/checkpoint atomically; returns its path.
+
+    `data` says what the run trained on (the module docstring): pass the training
+    corpus's `source` (`corpus.Corpus.source`, or the Corpus itself), `BUILTIN`, or None
+    when it is not known (a later resume then needs the data given again). `origin` is
+    None for a run trained here, {"gpt2": path} for one imported from Hugging Face.
+    What `load` would refuse is refused here, before anything is written: a state
+    whose parameters or optimiser state are not those of `model_config` and
+    `make_optimizer(train_config.optimizer)` (CheckpointError naming the arrays).
+    OSError (a full or read-only disk) leaves the previous checkpoint as it was.
 
     Example:
         >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), CharTokenizer('abc')
         >>> run = tempfile.mkdtemp()
-        >>> path = save(run, init_state(jax.random.key(0), cfg, tc), model_config=cfg, train_config=tc, tokenizer=tok)
+        >>> state = init_state(jax.random.key(0), cfg, tc.optimizer)
+        >>> path = save(run, state, model_config=cfg, train_config=tc, tokenizer=tok, data=BUILTIN)
         >>> sorted(os.listdir(path))
         ['meta.json', 'opt_state.npz', 'params.npz']
         >>> ck = load(run)
-        >>> int(ck.state.step), ck.tokenizer.chars, ck.model_config == cfg
-        (0, 'abc', True)
+        >>> int(ck.state.step), ck.tokenizer.chars, ck.model_config == cfg, ck.data
+        (0, 'abc', True, {'builtin': True})
     """
+    data = getattr(data, "source", data)                 # a Corpus stands for its source
+    problem = _data_problem(data) or _origin_problem(origin)
+    if problem:
+        raise CheckpointError(f"cannot save: {problem}")
+    if tokenizer.vocab_size != model_config.vocab_size:
+        raise CheckpointError(f"cannot save: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
+                              f"model_config says vocab_size={model_config.vocab_size}")
+    template = _template(model_config, train_config)
+    host = jax.device_get(state)
+    arrays = {name: named_arrays(tree) for name, tree in zip(ARRAY_FILES, (host.params, host.opt_state))}
+    for name, t in zip(ARRAY_FILES, (template.params, template.opt_state)):
+        _check_arrays(t, arrays[name], f"cannot save {name}")
     os.makedirs(run_dir, mode=runs.dir_mode(), exist_ok=True)
     runs.remove_temporaries(run_dir)                                   # left by a killed save
     final = os.path.join(run_dir, NAME)
     tmp = tempfile.mkdtemp(prefix=runs.TEMPORARY_PREFIX, dir=run_dir)
     try:
         os.chmod(tmp, runs.dir_mode())                                  # mkdtemp makes it 0700
-        host = jax.device_get(state)
         files = {}
-        for name, tree in zip(ARRAY_FILES, (host.params, host.opt_state)):
-            blob = _npz_bytes(named_arrays(tree))
+        for name in ARRAY_FILES:
+            blob = _npz_bytes(arrays[name])
             _write(os.path.join(tmp, name), blob)
             files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "tokenizer": tokenizer.to_meta(),
@@ -222,6 +250,30 @@ def _config(cls, value: Any, where: str):
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
+def _data_problem(data: Any) -> str:
+    """What is wrong with a checkpoint's `data` (the module docstring), or ""."""
+    if data is None or data == BUILTIN:
+        return ""
+    if (isinstance(data, dict) and set(data) == {"path", "sha256"} and isinstance(data["sha256"], str)
+            and _HEX64.fullmatch(data["sha256"])
+            and (data["path"] is None or (isinstance(data["path"], str) and data["path"] and "\0" not in data["path"]))):
+        return ""
+    return ('data must be null, {"builtin": true} or {"path": a path or null, "sha256": 64 hex digits} '
+            '(pass the training corpus\'s .source)')
+
+
+def _origin_problem(origin: Any) -> str:
+    if origin is None or (isinstance(origin, dict) and set(origin) == {"gpt2"} and isinstance(origin["gpt2"], str)
+                          and origin["gpt2"] and "\0" not in origin["gpt2"]):
+        return ""
+    return 'origin must be null or {"gpt2": the path of a folder}'
+
+
+def _template(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
+    """The shapes and dtypes of a run's state (jax.ShapeDtypeStruct leaves, nothing computed)."""
+    return jax.eval_shape(lambda: init_state(jax.random.key(0), model_config, train_config.optimizer))
+
+
 def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, TrainConfig, Tokenizer]:
     """The configs and tokenizer of a checkpoint's meta.json, after checking every field:
     types, ranges and consistency. CheckpointError names the first problem.
@@ -250,6 +302,9 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         meta = {**meta, "origin": None}
         if isinstance(meta.get("model_config"), dict):
             meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
+    if version < 5 and isinstance(meta.get("data"), dict) and not isinstance(meta["data"].get("path"), str):
+        raise CheckpointError(f"{where}: format version {version} has only null or a file as data; the rest came "
+                              f"with version 5")
     unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
@@ -265,16 +320,9 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(f"{where}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
                               f"model_config says vocab_size={model_config.vocab_size}")
-    data = meta["data"]
-    if data is not None and not (isinstance(data, dict) and set(data) == {"path", "sha256"}
-                                 and isinstance(data["path"], str) and isinstance(data["sha256"], str)
-                                 and _HEX64.fullmatch(data["sha256"])):
-        raise CheckpointError(f"{where}: data must be null or {{\"path\": string, \"sha256\": 64 hex digits}}")
-    origin = meta["origin"]
-    if origin is not None and not (isinstance(origin, dict) and set(origin) == {"gpt2"}
-                                   and isinstance(origin["gpt2"], str) and origin["gpt2"]
-                                   and "\0" not in origin["gpt2"]):
-        raise CheckpointError(f"{where}: origin must be null or {{\"gpt2\": the path of a folder}}")
+    problem = _data_problem(meta["data"]) or _origin_problem(meta["origin"])
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
     files = meta["files"]
     if not (isinstance(files, dict) and set(files) == set(ARRAY_FILES) and all(
             isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _matches(f["bytes"], int) and f["bytes"] >= 0
@@ -298,7 +346,6 @@ def _from_version_2(meta: dict) -> dict:
 
 def _read_arrays(path: str, expected: dict) -> dict[str, np.ndarray]:
     """An npz file's arrays, after checking its size and SHA-256 against meta.json."""
-    name = os.path.basename(path)
     try:
         with open(path, "rb") as f:
             # The size first: meta.json may claim any number, and only a file of the
@@ -318,15 +365,14 @@ def _read_arrays(path: str, expected: dict) -> dict[str, np.ndarray]:
         raise CheckpointError(f"checkpoint file {path!r} is not a valid npz file ({type(e).__name__})") from None
 
 
-def _build(template, arrays: dict[str, np.ndarray], what: str):
-    """The tree of `template` from arrays named by tree path, each checked for shape,
-    dtype and finiteness."""
+def _check_arrays(template, arrays: dict[str, np.ndarray], what: str) -> None:
+    """CheckpointError unless arrays (named by tree path) are exactly the leaves of
+    template, each of its shape and dtype, and finite."""
     named = [(path_name(p), want) for p, want in jax.tree_util.tree_leaves_with_path(template)]
     missing, unknown = sorted({n for n, _ in named} - arrays.keys()), sorted(arrays.keys() - {n for n, _ in named})
     if missing or unknown:
         raise CheckpointError(f"{what} does not match the saved config: missing {missing[:5]}, unexpected "
                               f"{unknown[:5]}")
-    leaves = []
     for name, want in named:
         got = arrays[name]
         if got.shape != want.shape or got.dtype != want.dtype:
@@ -335,18 +381,17 @@ def _build(template, arrays: dict[str, np.ndarray], what: str):
         if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
             raise CheckpointError(f"{what}: array {name!r} holds non-finite values (NaN or infinity); this "
                                   f"checkpoint cannot be used")
-        leaves.append(jax.numpy.asarray(got))
+
+
+def _build(template, arrays: dict[str, np.ndarray], what: str):
+    """The tree of `template` from arrays named by tree path, each checked (`_check_arrays`)."""
+    _check_arrays(template, arrays, what)
+    leaves = [jax.numpy.asarray(arrays[path_name(p)]) for p, _ in jax.tree_util.tree_leaves_with_path(template)]
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
-def load(run_dir: str) -> Checkpoint:
-    """Read and validate a checkpoint; CheckpointError says exactly what is wrong.
-
-    Example:
-        >>> load('/no/such/run')
-        Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
-    """
+def _read_meta(run_dir: str) -> tuple[str, dict, ModelConfig, TrainConfig, Tokenizer]:
+    """(checkpoint folder, meta.json, its configs and tokenizer), every field checked."""
     path = locate(run_dir)
     meta_path = os.path.join(path, "meta.json")
     try:
@@ -357,9 +402,116 @@ def load(run_dir: str) -> Checkpoint:
     except (ValueError, RecursionError) as e:          # JSONDecodeError, bad UTF-8, absurd nesting
         raise CheckpointError(f"checkpoint metadata {meta_path!r} is corrupt ({type(e).__name__})") from None
     model_config, train_config, tokenizer = validate_meta(meta, meta_path)
-    template = jax.eval_shape(lambda: init_state(jax.random.key(0), model_config, train_config))
+    if meta["format_version"] < 5 and meta["data"] is None:
+        meta = {**meta, "data": BUILTIN}       # before format 5 only the built-in corpus was null
+    return path, meta, model_config, train_config, tokenizer
+
+
+def saved_step(run_dir: str) -> int:
+    """The step of a run's checkpoint, from its meta.json alone (checked, no array read).
+
+    Example:
+        >>> saved_step('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
+    """
+    return int(_read_meta(run_dir)[1]["step"])
+
+
+def load(run_dir: str) -> Checkpoint:
+    """Read and validate a checkpoint; CheckpointError says exactly what is wrong.
+
+    Example:
+        >>> load('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
+    """
+    path, meta, model_config, train_config, tokenizer = _read_meta(run_dir)
+    template = _template(model_config, train_config)
     params, opt_state = (
         _build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
         for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
     state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
     return Checkpoint(state, model_config, train_config, tokenizer, meta["data"], meta)
+
+
+class Model(NamedTuple):
+    """A trained model, ready to use: what `load_model` reads (no optimiser state)."""
+
+    params: dict               # the parameter tree, on the device
+    config: ModelConfig
+    tokenizer: Tokenizer
+    meta: dict                 # the checkpoint's meta.json (its step, what it trained on, ...)
+
+
+def load_model(run_dir: str) -> Model:
+    """The parameters, model config and tokenizer of a run: only params.npz is read and
+    checked (its checksum, names, shapes, dtypes, finiteness), no optimiser state is
+    built. `generate.complete(model, prompt)` continues a text with it.
+
+    Example:
+        >>> cfg, tc = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig()
+        >>> run = tempfile.mkdtemp()
+        >>> _ = save(run, init_state(jax.random.key(0), cfg, tc.optimizer), model_config=cfg, train_config=tc,
+        ...          tokenizer=CharTokenizer('abc'), data=BUILTIN)
+        >>> m = load_model(run)
+        >>> m.config == cfg, m.tokenizer.chars, m.params["embed"]["table"].shape
+        (True, 'abc', (3, 8))
+    """
+    path, meta, model_config, train_config, tokenizer = _read_meta(run_dir)
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), model_config))
+    params = _build(template, _read_arrays(os.path.join(path, ARRAY_FILES[0]), meta["files"][ARRAY_FILES[0]]),
+                    ARRAY_FILES[0])
+    return Model(params, model_config, tokenizer, meta)
+
+
+def save_params(path: str, params) -> str:
+    """Any pytree of arrays (a model of one's own) -> one npz file at path, each array
+    named by its tree path, written under a temporary name and renamed into place.
+    `load_params(path, like=...)` reads it back. Returns path.
+
+    Example:
+        >>> path = os.path.join(tempfile.mkdtemp(), "mine.npz")
+        >>> _ = save_params(path, {"w": np.ones((2, 3), np.float32), "layers": [{"b": np.zeros(3, np.float32)}]})
+        >>> sorted(np.load(path).files)
+        ['layers/0/b', 'w']
+    """
+    blob = _npz_bytes(named_arrays(jax.device_get(params)))
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".params-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, runs.file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def load_params(path: str, *, like):
+    """The pytree `save_params` wrote, with the structure of `like` (a tree of arrays or
+    of jax.ShapeDtypeStruct: `jax.eval_shape(my_init, key)` builds one without
+    computing anything). CheckpointError for a missing, damaged or foreign file, or
+    arrays whose names, shapes, dtypes or finiteness differ from `like`'s.
+
+    Example:
+        >>> path = save_params(os.path.join(tempfile.mkdtemp(), "p.npz"), {"w": np.ones(2, np.float32)})
+        >>> load_params(path, like={"w": jax.ShapeDtypeStruct((2,), np.float32)})["w"].tolist()
+        [1.0, 1.0]
+        >>> load_params(path, like={"w": jax.ShapeDtypeStruct((3,), np.float32)})
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: ...: array 'w' has shape (2,) and dtype float32, but the saved config needs shape (3,) and dtype float32
+    """
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise CheckpointError(f"{path!r} does not exist; give a file save_params wrote") from None
+    except Exception as e:           # a truncated or edited file: zip's own checksums fail, or it is no npz
+        raise CheckpointError(f"{path!r} is not a whole npz file ({type(e).__name__}); save it again") from None
+    return _build(like, arrays, repr(path))

@@ -1,8 +1,15 @@
 """Model and training configuration: frozen, hashable, validated on construction.
 
-Both configs are frozen dataclasses, so they hash by value and can be passed as
+The configs are frozen dataclasses, so they hash by value and can be passed as
 static arguments to `jax.jit`: two equal configs reuse one compiled function.
 Sizes and flags live here, never as leaves of the parameter pytree.
+
+    ModelConfig       the model's sizes and choices
+    OptimizerConfig   what the train step reads: AdamW, its schedule, clipping
+    TrainConfig       a run: its steps, batch, seed and cadence, and its OptimizerConfig's fields
+
+No JAX is imported here (nor in `defaults.py`): the command line reads these
+defaults for its help without starting JAX.
 """
 
 from __future__ import annotations
@@ -11,31 +18,9 @@ import dataclasses
 import math
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
+from minitx_fn import defaults
+from minitx_fn.defaults import FLOAT32_MAX, INT32_MAX, POSITIONS, SEED_MAX  # noqa: F401  (re-exported)
 from minitx_fn.errors import ConfigError
-from minitx_fn.layers import at_least_float32, attention
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float64": jnp.float64}
-INT32_MAX = 2**31 - 1      # step counters and token ids are int32
-FLOAT32_MAX = 3.4028234663852886e38   # numbers the device sees as float32 must stay below this
-POSITIONS = ("sinusoidal", "learned")   # ModelConfig.positions
-SEED_MAX = 2**32 - 1       # jax.random.key keeps 32 bits of the seed: larger seeds would repeat smaller ones
-
-# What the backward pass may keep from the forward pass of a block; everything else
-# it recomputes (`jax.checkpoint`). Keeping only the outputs of the weight matmuls
-# ("matmuls") recomputes layer norms, GELU and attention in the backward pass, and
-# on a CPU is much faster than keeping everything ("none", no rematerialisation):
-# every kept (B, T, ...) tensor is written into an (L, ...) stack by the layer scan
-# and read back, and that traffic costs more than the arithmetic saved
-# (benchmarks/NOTES.md).
-REMAT_POLICIES = {
-    "none": jax.checkpoint_policies.everything_saveable,
-    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 
 def x64_enabled() -> bool:
@@ -45,6 +30,8 @@ def x64_enabled() -> bool:
         >>> x64_enabled()
         False
     """
+    import jax
+    import jax.numpy as jnp
     return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
 
 
@@ -94,7 +81,11 @@ class ModelConfig:
     attention_block: int = 128
     # What a block's backward pass keeps from its forward pass rather than recomputes:
     # "matmuls" (outputs of the weight matmuls), "dots" (also attention's), "full"
-    # (nothing), "none" (everything); REMAT_POLICIES says why "matmuls".
+    # (nothing), "none" (everything). Keeping only the outputs of the weight
+    # matmuls recomputes layer norms, GELU and attention in the backward pass, and on
+    # a CPU is much faster than keeping everything: every kept (B, T, ...) tensor is
+    # written into an (L, ...) stack by the layer scan and read back, and that traffic
+    # costs more than the arithmetic saved (benchmarks/NOTES.md; model.REMAT_POLICIES).
     remat: str = "matmuls"
     init_std: float = 0.02          # std of the normal initialisation of weight matrices
     # std of the token-embedding initialisation. The sinusoidal positions added to the
@@ -128,18 +119,18 @@ class ModelConfig:
             _whole(self.attention_block) and 0 <= self.attention_block <= INT32_MAX, "attention_block",
             self.attention_block, "it must be a whole number >= 0 (0: no blocks)",
         )
-        _require(self.remat in REMAT_POLICIES, "remat", self.remat, f"choose one of {list(REMAT_POLICIES)}")
+        _require(self.remat in defaults.REMAT, "remat", self.remat, f"choose one of {list(defaults.REMAT)}")
         for name in ("ln_eps", "init_std", "embed_std"):
             _require(_number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
                      "it must be a number in (0, 3.4e38]")
-        _require(self.dtype in DTYPES, "dtype", self.dtype, f"choose one of {sorted(DTYPES)}")
+        _require(self.dtype in defaults.DTYPES, "dtype", self.dtype, f"choose one of {sorted(defaults.DTYPES)}")
         _require(
-            self.param_dtype in ("float32", "float64"), "param_dtype", self.param_dtype,
+            self.param_dtype in defaults.PARAM_DTYPES, "param_dtype", self.param_dtype,
             "choose float32 or float64",
         )
         _require(
-            self.attention in attention.IMPLS, "attention", self.attention,
-            f"choose one of {list(attention.IMPLS)}",
+            self.attention in defaults.ATTENTION_IMPLS, "attention", self.attention,
+            f"choose one of {list(defaults.ATTENTION_IMPLS)}",
         )
         _require(self.positions in POSITIONS, "positions", self.positions, f"choose one of {list(POSITIONS)}")
         _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "it must be True or False")
@@ -164,16 +155,19 @@ class ModelConfig:
     @property
     def compute_dtype(self):
         """The jnp dtype named by the field `dtype`: what the matmuls compute in."""
-        return DTYPES[self.dtype]
+        import jax.numpy as jnp
+        return getattr(jnp, self.dtype)
 
     @property
     def storage_dtype(self):
         """The jnp dtype named by the field `param_dtype`: what parameters are stored in."""
-        return DTYPES[self.param_dtype]
+        import jax.numpy as jnp
+        return getattr(jnp, self.param_dtype)
 
     @property
     def residual_dtype(self):
         """dtype of the residual stream, layer norms and logits: at least float32."""
+        from minitx_fn.layers import at_least_float32
         return at_least_float32(self.storage_dtype)
 
     def to_dict(self) -> dict:
@@ -184,40 +178,28 @@ class ModelConfig:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """Optimisation settings: AdamW with linear warm-up, cosine decay and clipping.
+class OptimizerConfig:
+    """What the train step reads: AdamW with linear warm-up, cosine decay and clipping
+    (`train.make_optimizer`, `train.learning_rate_schedule`).
 
     Example:
-        >>> TrainConfig(steps=100).decay_steps
-        100
+        >>> OptimizerConfig(decay_steps=100).min_lr
+        0.0001
     """
 
-    steps: int = 500                # train steps to run in total
-    batch_size: int = 16            # B: sequences per step
+    decay_steps: int                # length of the schedule: the cosine ends at min_lr here
     lr: float = 1e-3                # peak learning rate, reached after warm-up
     min_lr: float | None = None     # final learning rate of the cosine decay; None means lr / 10
     warmup: int = 50                # linear warm-up steps from 0 to lr
-    decay_steps: int | None = None  # length of the schedule; None means `steps`
     b1: float = 0.9                 # Adam first-moment decay
     b2: float = 0.99                # Adam second-moment decay
-    weight_decay: float = 0.1       # decoupled weight decay, on weight matrices only
+    weight_decay: float = 0.1       # decoupled weight decay, on weight matrices and the embedding only
     grad_clip: float = 1.0          # clip the global gradient norm to this value
-    seed: int = 0                   # seeds initialisation and batch sampling
-    eval_every: int = 250           # validation every N steps (and at the end)
-    save_every: int = 500           # checkpoint every N steps (and at the end)
-    log_every: int = 100            # print and record the loss every N steps
-    eval_tokens: int | None = None  # validate on a fixed sample of about N tokens; None: the whole split
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
-            _positive_int(name, getattr(self, name))
-        if self.eval_tokens is not None:
-            _positive_int("eval_tokens", self.eval_tokens)
         _require(_number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
-        if self.decay_steps is None:
-            object.__setattr__(self, "decay_steps", self.steps)
         _positive_int("decay_steps", self.decay_steps)
         _require(
             _whole(self.warmup) and 0 <= self.warmup < self.decay_steps, "warmup", self.warmup,
@@ -231,21 +213,61 @@ class TrainConfig:
                  "it must be a number in [0, 3.4e38]")
         _require(_number(self.grad_clip) and self.grad_clip > 0, "grad_clip", self.grad_clip,
                  "it must be a number in (0, 3.4e38]")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """A training run: its length, batch, seed and cadence, and the optimiser's settings
+    (`.optimizer`, the part the train step reads; the defaults are OptimizerConfig's).
+
+    Example:
+        >>> tc = TrainConfig(steps=100)
+        >>> tc.decay_steps, tc.warmup, tc.optimizer == TrainConfig(steps=100, log_every=5).optimizer
+        (100, 10, True)
+    """
+
+    steps: int = 500                # train steps to run in total
+    batch_size: int = 16            # B: sequences per step
+    seed: int = 0                   # seeds initialisation, batch sampling and dropout
+    eval_every: int = 250           # validation every N steps (and at the end)
+    save_every: int = 500           # checkpoint every N steps (and at the end)
+    log_every: int = 100            # print and record the loss every N steps
+    eval_tokens: int | None = None  # validate on a fixed sample of about N tokens; None: the whole split
+    # The optimiser (OptimizerConfig's fields and defaults; decay_steps None means `steps`,
+    # warmup None OptimizerConfig's, but at most a tenth of decay_steps).
+    lr: float = OptimizerConfig.lr
+    min_lr: float | None = None
+    warmup: int | None = None
+    decay_steps: int | None = None
+    b1: float = OptimizerConfig.b1
+    b2: float = OptimizerConfig.b2
+    weight_decay: float = OptimizerConfig.weight_decay
+    grad_clip: float = OptimizerConfig.grad_clip
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
+            _positive_int(name, getattr(self, name))
+        if self.eval_tokens is not None:
+            _positive_int("eval_tokens", self.eval_tokens)
         _require(_whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
                  f"it must be a whole number in [0, {SEED_MAX}]")
+        if self.decay_steps is None:
+            object.__setattr__(self, "decay_steps", self.steps)
+        if self.warmup is None and _whole(self.decay_steps):
+            object.__setattr__(self, "warmup", min(OptimizerConfig.warmup, self.decay_steps // 10))
+        object.__setattr__(self, "min_lr", self.optimizer.min_lr)        # validates the optimiser's fields
 
     @property
-    def step_config(self) -> "TrainConfig":
-        """This config with the fields the train step does not read (the loop's cadence:
-        steps, batch_size, eval/save/log_every, eval_tokens) set to fixed values: the static argument
-        to give `train.train_step`, so runs that differ only there share one compiled step.
-
-        Example:
-            >>> TrainConfig(steps=100, log_every=5).step_config == TrainConfig(steps=100, log_every=50).step_config
-            True
-        """
-        return dataclasses.replace(self, steps=self.decay_steps, batch_size=1, eval_every=1, save_every=1,
-                                   log_every=1, eval_tokens=None)
+    def optimizer(self) -> OptimizerConfig:
+        """The settings the train step reads: runs that differ only in their cadence
+        (steps, batch_size, eval/save/log_every, eval_tokens) share one compiled step."""
+        return OptimizerConfig(**{name: getattr(self, name) for name in OPTIMIZER_FIELDS})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

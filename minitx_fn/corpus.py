@@ -43,36 +43,73 @@ import time
 import numpy as np
 
 from minitx_fn import runs, tokenizer as tokenizers_
+from minitx_fn.defaults import CACHE_ENV, DEFAULT_BPE_VOCAB, MAX_BPE_VOCAB, MIN_BPE_VOCAB, TRAIN_FRACTION
 from minitx_fn.errors import DataError
-from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, Tokenizer
+from minitx_fn.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 
-MANIFEST_VERSION = 1
+# 2: "learned" says whether the tokenizer was learned from this text (what a plain
+# `--data FILE` reuses) or given (a resumed or fine-tuned run's own).
+MANIFEST_VERSION = 2
 CHUNK_BYTES = 16 << 20
-TRAIN_FRACTION = 0.9
 BPE_TRAINING_BYTES = 64 << 20      # the merges are learned from at most this much of the training split
-BPE_PIECE_CHARS = 1 << 16          # text handed to tokenizers.encode_batch in pieces of about this size
-BPE_PIECES_PER_BATCH = 16          # pieces per encode_batch call: bounds its memory
-BPE_HARD_CUT_CHARS = 4096          # a piece's length where the text has no newline or space to cut at
-DEFAULT_BPE_VOCAB = 4096
-MAX_BPE_VOCAB = 1 << 20
-CACHE_ENV = "MINITX_CACHE_DIR"
+
+# The built-in corpus is a cycle of three phrases. Training text is the cycle
+# repeated, so the model also sees the wrap from "flax! " back to "hello world!".
+BUILTIN_CORPUS = "hello world! hello jax! hello flax! "
+BUILTIN_REPEATS = 8
+BUILTIN_SOURCE = {"builtin": True}      # Corpus.source (and a checkpoint's data) of the built-in corpus
+
+
+def builtin_text() -> str:
+    """The built-in training text: the corpus cycle repeated.
+
+    Example:
+        >>> builtin_text()[:24]
+        'hello world! hello jax! '
+    """
+    return BUILTIN_CORPUS * BUILTIN_REPEATS
+
+
+def train_boundary(n_tokens: int) -> int:
+    """Where the training part of n_tokens ids ends: the first 90% train, the rest
+    validates (char and byte; bpe splits the text's bytes instead, `_bpe_split`).
+
+    Example:
+        >>> train_boundary(100), train_boundary(11)
+        (90, 9)
+    """
+    return int(n_tokens * TRAIN_FRACTION)
+
+
+def sha256_text(text: str) -> str:
+    """SHA-256 of the text's UTF-8 bytes, in hex: what a run records of a text in memory.
+
+    Example:
+        >>> sha256_text("hello")[:16]
+        '2cf24dba5fb0a30e'
+    """
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
 class Corpus:
     """Token ids of a text with its tokenizer: ids[:boundary] train, ids[boundary:] validate.
 
+    `source` is what a run records of its training data (`checkpoint.save`'s `data`):
+    {"path", "sha256"} of a text file, {"path": None, "sha256"} of a text or ids given
+    in memory, or BUILTIN_SOURCE.
+
     Example:
         >>> c = Corpus.from_text("hello world", "char")
-        >>> c.tokenizer.kind, len(c.ids), c.boundary, c.train.dtype
-        ('char', 11, 9, dtype('uint8'))
+        >>> c.tokenizer.kind, len(c.ids), c.boundary, c.train.dtype, c.source["path"]
+        ('char', 11, 9, dtype('uint8'), None)
     """
 
     tokenizer: Tokenizer
     ids: np.ndarray                # (N,) uint8/uint16/uint32: in memory, or a read-only memory map
     boundary: int
+    source: dict                   # what the ids were made from (above)
     folder: str | None = None      # the cache folder, None for a text prepared in memory
-    source: dict | None = None     # {"path", "sha256"} of the text file, None for a text in memory
 
     @property
     def train(self) -> np.ndarray:
@@ -82,22 +119,71 @@ class Corpus:
     def validation(self) -> np.ndarray:
         return self.ids[self.boundary:]
 
+    @property
+    def name(self) -> str:
+        """A short name for run directories: the file's name without its extension,
+        "hello" for the built-in corpus, "text" for one in memory.
+
+        Example:
+            >>> builtin().name, Corpus.from_text("abc").name
+            ('hello', 'text')
+        """
+        if self.source == BUILTIN_SOURCE:
+            return "hello"
+        if self.source.get("path") is None:
+            return "text"
+        return os.path.splitext(os.path.basename(self.source["path"]))[0] or "data"
+
     @classmethod
     def from_text(cls, text: str, kind: str = "char", vocab_size: int | None = None,
                   tokenizer: Tokenizer | None = None) -> "Corpus":
-        """A text in memory (the built-in corpus), tokenized and split like a file."""
+        """A text in memory, tokenized and split like a file: with a tokenizer of `kind`
+        learned from it, or with `tokenizer` (a run's own)."""
+        if not text:
+            raise DataError("the text is empty; give it some text to learn from")
         if tokenizer is None:
             check_choice(kind, vocab_size)
-            tokenizer = _new_tokenizer(kind, vocab_size, lambda: tokenizers_.code_points(text),
-                                       [text[:_bpe_split(text)]])
+            tokenizer = tokenizers_.learn(kind, tokenizers_.Source(lambda: tokenizers_.code_points(text),
+                                                                  lambda: [text[:_bpe_split(text)]]), vocab_size)
         if tokenizer.kind == "bpe":
             cut = _bpe_split(text)
             parts = [tokenizer.encode(text[:cut]), tokenizer.encode(text[cut:])]
             ids, boundary = np.concatenate(parts), len(parts[0])
         else:
             ids = tokenizer.encode(text)
-            boundary = int(len(ids) * TRAIN_FRACTION)
-        return cls(tokenizer, ids.astype(ids_dtype(tokenizer.vocab_size)), boundary)
+            boundary = train_boundary(len(ids))
+        return cls(tokenizer, ids.astype(ids_dtype(tokenizer.vocab_size)), boundary,
+                   {"path": None, "sha256": sha256_text(text)})
+
+    @classmethod
+    def from_ids(cls, ids, tokenizer: Tokenizer) -> "Corpus":
+        """Token ids already made with `tokenizer`, split 90% / 10%; DataError for ids
+        outside its vocabulary.
+
+        Example:
+            >>> c = Corpus.from_ids(np.arange(20) % 3, CharTokenizer("abc"))
+            >>> c.boundary, c.tokenizer.decode(c.validation)
+            (18, 'ab')
+        """
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or not len(ids) or not np.issubdtype(ids.dtype, np.integer):
+            raise DataError(f"ids must be a non-empty 1-D array of integers, not {ids.dtype} of shape {ids.shape}")
+        if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
+            raise DataError(f"ids must lie in [0, {tokenizer.vocab_size}) for the {tokenizer.kind} tokenizer; found "
+                            f"[{ids.min()}, {ids.max()}]")
+        ids = ids.astype(ids_dtype(tokenizer.vocab_size))
+        return cls(tokenizer, ids, train_boundary(len(ids)),
+                   {"path": None, "sha256": hashlib.sha256(ids.astype("<u4").tobytes()).hexdigest()})
+
+
+def builtin(kind: str = "char", vocab_size: int | None = None, tokenizer: Tokenizer | None = None) -> Corpus:
+    """The built-in corpus `builtin_text()`, tokenized like any text; its source says so.
+
+    Example:
+        >>> builtin().source, builtin().tokenizer.vocab_size
+        ({'builtin': True}, 13)
+    """
+    return dataclasses.replace(Corpus.from_text(builtin_text(), kind, vocab_size, tokenizer), source=BUILTIN_SOURCE)
 
 
 def ids_dtype(vocab_size: int) -> np.dtype:
@@ -110,8 +196,9 @@ def ids_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint8 if vocab_size <= 256 else np.uint16 if vocab_size <= 65536 else np.uint32)
 
 
-def default_cache_dir(environ=os.environ) -> str:
-    """$MINITX_CACHE_DIR, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx.
+def default_cache_dir(environ: dict | None = None) -> str:
+    """$MINITX_CACHE_DIR, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx (environ:
+    the process's environment, or a dict standing in for it).
 
     Example:
         >>> default_cache_dir({"MINITX_CACHE_DIR": "/c", "XDG_CACHE_HOME": "/x"})
@@ -119,26 +206,56 @@ def default_cache_dir(environ=os.environ) -> str:
         >>> default_cache_dir({"XDG_CACHE_HOME": "/x"})
         '/x/minitx'
     """
+    environ = os.environ if environ is None else environ
     if environ.get(CACHE_ENV):
         return environ[CACHE_ENV]
     base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "minitx")
 
 
-def cache_folder(path: str, kind: str, vocab_size: int | None, cache_dir: str | None = None) -> str:
-    """Where the preparation of this file with this tokenizer lives:
-    CACHE/<file name>-<hash of its absolute path>/<kind>[-<vocab size>].
+def cache_folder(path: str, kind: str, vocab_size: int | None = None, cache_dir: str | None = None, *,
+                 tokenizer: Tokenizer | None = None) -> str:
+    """Where the preparation of this file lives: CACHE/<file name>-<hash of its absolute
+    path>/<spec>. A tokenizer learned from the text has spec <kind>[-<vocab size asked>];
+    a given one (a resumed or fine-tuned run's) lives where a preparation made with it
+    already is, else under <kind>-given-<hash of the tokenizer>: the cache is keyed by
+    the tokenizer itself, so two tokenizers of one file never overwrite each other.
 
     Example:
         >>> cache_folder("/data/big.txt", "bpe", None, "/cache")
         '/cache/big.txt-8ef372f15de0/bpe-4096'
+        >>> os.path.basename(cache_folder("/data/big.txt", "char", cache_dir="/cache", tokenizer=CharTokenizer("ab")))
+        'char-given-...'
+
     """
     absolute = os.path.abspath(path)
     # At most 100 characters of the file's name: a folder name must fit in 255 bytes.
     name = (os.path.basename(absolute)[:100] + "-"
             + hashlib.sha256(absolute.encode("utf-8", "surrogatepass")).hexdigest()[:12])
-    spec = kind if kind != "bpe" else f"bpe-{vocab_size or DEFAULT_BPE_VOCAB}"
-    return os.path.join(cache_dir or default_cache_dir(), name, spec)
+    parent = os.path.join(cache_dir or default_cache_dir(), name)
+    if tokenizer is None:
+        return os.path.join(parent, kind if kind != "bpe" else f"bpe-{vocab_size or DEFAULT_BPE_VOCAB}")
+    identity = _tokenizer_sha256(tokenizer)
+    return _folder_holding(parent, tokenizer.kind, identity) or os.path.join(
+        parent, f"{tokenizer.kind}-given-{identity[:12]}")
+
+
+def _folder_holding(parent: str, kind: str, tokenizer_sha256: str) -> str | None:
+    """The cache folder under parent whose manifest names this tokenizer (by the SHA-256
+    of its description), if any: a run finds the preparation its tokenizer came from."""
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        return None
+    for name in names:
+        if name == kind or name.startswith(kind + "-"):
+            try:
+                with open(os.path.join(parent, name, "manifest.json"), encoding="utf-8") as f:
+                    if json.load(f).get("tokenizer_sha256") == tokenizer_sha256:
+                        return os.path.join(parent, name)
+            except (OSError, ValueError, AttributeError):
+                continue
+    return None
 
 
 # ----------------------------------------------------------------------------- reading a file in chunks
@@ -193,7 +310,7 @@ def chunks(path: str, chunk_bytes: int | None = None, start: int = 0, end: int |
                     if not block:                      # the file shrank while we read it
                         return
                     continue
-                for at, part in _blocks(piece):
+                for at, part in tokenizers_.utf8_blocks(piece):
                     if not part.isascii():
                         try:
                             part.decode("utf-8")
@@ -235,21 +352,11 @@ def check_choice(kind: str, vocab_size: int | None) -> None:
     if vocab_size is not None and kind != "bpe":
         raise DataError(f"the {kind} tokenizer has a fixed vocabulary; {{vocab_size}} is for bpe",
                         vocab_size=("vocab_size", vocab_size))
-    if vocab_size is not None and not 256 <= vocab_size <= MAX_BPE_VOCAB:
-        raise DataError(f"{{vocab_size}} must lie in [256, {MAX_BPE_VOCAB:,}]: the 256 bytes, then merges",
+    if vocab_size is not None and not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
+        raise DataError(f"{{vocab_size}} must lie in [{MIN_BPE_VOCAB}, {MAX_BPE_VOCAB:,}]: the 256 bytes, then merges",
                         vocab_size=("vocab_size", vocab_size))
     if kind == "bpe":
         tokenizers_.require_tokenizers()
-
-
-def _new_tokenizer(kind: str, vocab_size: int | None, char_points, bpe_texts) -> Tokenizer:
-    """A tokenizer made from the data: char_points() -> the code points seen (char);
-    bpe_texts, an iterable of the training text (bpe)."""
-    if kind == "byte":
-        return ByteTokenizer()
-    if kind == "char":
-        return CharTokenizer.from_code_points(char_points())
-    return BPETokenizer.train(bpe_texts, vocab_size or DEFAULT_BPE_VOCAB)
 
 
 def _source_sha256(path: str, size: int, progress) -> str:
@@ -270,45 +377,16 @@ def _code_points_seen(path: str, size: int, progress) -> np.ndarray:
     """The sorted distinct code points of the text: a flag per Unicode code point."""
     seen = np.zeros(tokenizers_.MAX_CODE_POINT + 1, bool)
     for offset, raw in chunks(path):
-        for points in _points(raw):
+        for points in tokenizers_.utf8_code_points(raw):
             seen[points] = True
         progress("reading the characters", offset + len(raw), size)
     return np.flatnonzero(seen)
 
 
-def _char_boundary(raw: bytes, end: int) -> int:
-    """The largest cut <= end that does not fall inside a UTF-8 character of raw."""
-    cut = max(0, min(end, len(raw)))
-    while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:      # a continuation byte
-        cut -= 1
-    return cut
-
-
 def _bpe_split(text: str) -> int:
     """The character index before which 90% of the text's UTF-8 bytes lie."""
     raw = text.encode("utf-8")
-    return len(raw[:_char_boundary(raw, int(len(raw) * TRAIN_FRACTION))].decode("utf-8"))
-
-
-BLOCK_BYTES = 1 << 16
-
-
-def _blocks(raw: bytes):
-    """(offset, block) of raw in blocks of about BLOCK_BYTES, cut between characters.
-    Most blocks of most texts are ASCII: those take the fast paths."""
-    start = 0
-    while start < len(raw):
-        end = _char_boundary(raw, start + BLOCK_BYTES) if start + BLOCK_BYTES < len(raw) else len(raw)
-        end = end if end > start else min(start + BLOCK_BYTES, len(raw))
-        yield start, raw[start:end]
-        start = end
-
-
-def _points(raw: bytes):
-    """UTF-8 bytes (whole characters) -> code points, a block at a time: the bytes
-    themselves for an ASCII block, decoded to UTF-32 otherwise."""
-    for _, block in _blocks(raw):
-        yield np.frombuffer(block, np.uint8) if block.isascii() else tokenizers_.code_points(block.decode("utf-8"))
+    return len(raw[:tokenizers_.char_boundary(raw, train_boundary(len(raw)))].decode("utf-8"))
 
 
 def _bpe_training_texts(path: str, split_at: int):
@@ -317,52 +395,14 @@ def _bpe_training_texts(path: str, split_at: int):
     for _, raw in chunks(path, end=end):
         # In pieces: tokenizers holds a whole string's pre-tokenization while it counts,
         # so 16 MB strings took 1.35 GB of memory to learn from 15 MB; 64 KB ones, 150 MB.
-        yield from _bpe_pieces(raw.decode("utf-8"))
+        yield from BPETokenizer.pieces(raw.decode("utf-8"))
 
 
 def _char_boundary_in_file(path: str, at: int) -> int:
     with open(path, "rb") as f:
         f.seek(max(at - 3, 0))
         raw = f.read(6)
-    return max(at - 3, 0) + _char_boundary(raw, min(at, 3))
-
-
-def _bpe_pieces(text: str) -> list[str]:
-    """The text cut into pieces of about BPE_PIECE_CHARS for `tokenizers`: after a
-    newline, else after a space, within twice that; else (a text without either, where
-    BPE's time grows with the square of a word's length) every BPE_HARD_CUT_CHARS."""
-    pieces, start = [], 0
-    while start < len(text):
-        end = len(text)
-        if end - start > 2 * BPE_PIECE_CHARS:
-            window = (start + BPE_PIECE_CHARS, start + 2 * BPE_PIECE_CHARS)
-            cut = max(text.rfind("\n", *window), text.rfind(" ", *window))
-            end = cut + 1 if cut >= 0 else start + BPE_HARD_CUT_CHARS
-        pieces.append(text[start:end])
-        start = end
-    return pieces
-
-
-def _encode_chunk(tokenizer: Tokenizer, raw: bytes, dtype: np.dtype) -> np.ndarray:
-    """Whole UTF-8 characters -> ids of dtype, the fastest way each kind allows."""
-    if tokenizer.kind == "byte":
-        return np.frombuffer(raw, np.uint8)
-    if tokenizer.kind == "char":
-        ids, n = np.empty(len(raw), dtype), 0                 # at most one character per byte
-        for points in _points(raw):
-            block = tokenizer.lookup(points)
-            if block.min() < 0:                 # a given tokenizer (a resumed run's) lacks a character
-                tokenizer.encode(raw.decode("utf-8"))      # raises, naming the characters
-            ids[n:n + len(block)] = block
-            n += len(block)
-        return ids[:n]
-    # A few pieces at a time: tokenizers keeps ~100 bytes of offsets and strings per token
-    # until a batch returns, so a whole 16 MB chunk at once would take a gigabyte.
-    pieces = _bpe_pieces(raw.decode("utf-8"))
-    ids = [np.zeros(0, np.int32)]
-    for start in range(0, len(pieces), BPE_PIECES_PER_BATCH):
-        ids += tokenizer.encode_batch(pieces[start:start + BPE_PIECES_PER_BATCH])
-    return np.concatenate(ids).astype(dtype)
+    return max(at - 3, 0) + tokenizers_.char_boundary(raw, min(at, 3))
 
 
 class _Progress:
@@ -411,17 +451,17 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
     """
     out = out if out is not None else sys.stdout
     if tokenizer is not None:
-        kind, vocab_size = tokenizer.kind, (tokenizer.vocab_size if tokenizer.kind == "bpe" else None)
+        kind, vocab_size = tokenizer.kind, None
     check_choice(kind, vocab_size)
     size = check_file(path)
-    folder = cache_folder(path, kind, vocab_size, cache_dir)
+    folder = cache_folder(path, kind, vocab_size, cache_dir, tokenizer=tokenizer)
     progress = _Progress(out)
     started = time.perf_counter()
     sha256 = _source_sha256(path, size, progress)
     if expected_sha256 is not None and sha256 != expected_sha256:
         progress.done()
         raise SourceChangedError(path)
-    corpus, problem = _load(folder, path, size, sha256, kind, tokenizer)
+    corpus, problem = _load(folder, path, size, sha256, kind, tokenizer, tokenizer is None)
     if corpus is not None:
         progress.done()
         print(f"Data: {_shown(path)}, prepared before ({describe(corpus)}); text and cache checked in "
@@ -429,11 +469,12 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
         return corpus
     if problem:
         print(f"The cache {_shown(folder)} {problem}; preparing again", file=out)
-    split_at = _char_boundary_in_file(path, int(size * TRAIN_FRACTION))
-    if tokenizer is None:
-        tokenizer = _new_tokenizer(kind, vocab_size, lambda: _code_points_seen(path, size, progress),
-                                   _bpe_training_texts(path, split_at))
-    corpus = _build(folder, path, size, sha256, split_at, tokenizer, progress)
+    split_at = _char_boundary_in_file(path, train_boundary(size))
+    learned = tokenizer is None
+    if learned:
+        tokenizer = tokenizers_.learn(kind, tokenizers_.Source(lambda: _code_points_seen(path, size, progress),
+                                                              lambda: _bpe_training_texts(path, split_at)), vocab_size)
+    corpus = _build(folder, path, size, sha256, split_at, tokenizer, progress, learned)
     progress.done()
     elapsed = time.perf_counter() - started
     print(f"Data: prepared {_shown(path)} ({describe(corpus)}) in {elapsed:.2f} s, {size / 1e6 / elapsed:,.1f} MB/s; "
@@ -455,8 +496,10 @@ def describe(corpus: Corpus) -> str:
             f"{corpus.boundary:,} train, {len(corpus.ids) - corpus.boundary:,} validate")
 
 
-def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokenizer: Tokenizer, progress) -> Corpus:
-    """Pass 2: encode the file into a new cache folder, renamed into place when complete."""
+def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokenizer: Tokenizer, progress,
+           learned: bool) -> Corpus:
+    """Pass 2: encode the file into a new cache folder, renamed into place when complete.
+    learned: the tokenizer was learned from this text (else given: a run's own)."""
     dtype = ids_dtype(tokenizer.vocab_size)
     parent = os.path.dirname(folder)
     try:
@@ -475,7 +518,7 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
         with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
             for start, end in ranges:
                 for offset, raw in chunks(path, start=start, end=end):
-                    blob = _encode_chunk(tokenizer, raw, dtype).tobytes()
+                    blob = tokenizer.encode_utf8(raw).astype(dtype).tobytes()
                     f.write(blob)
                     digest.update(blob)
                     count += len(blob) // dtype.itemsize
@@ -484,11 +527,11 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
             f.flush()
             os.fsync(f.fileno())
         if tokenizer.kind != "bpe":
-            boundary = int(count * TRAIN_FRACTION)          # as data.split: the char path is unchanged
+            boundary = train_boundary(count)
         manifest = {"version": MANIFEST_VERSION,
                     "source": {"path": os.path.abspath(path), "bytes": size, "sha256": sha256},
                     "tokenizer": tokenizer.to_meta(),
-                    "tokenizer_sha256": _sha256_text(tokenizers_.meta_json(tokenizer)),
+                    "tokenizer_sha256": _tokenizer_sha256(tokenizer), "learned": learned,
                     "tokens": {"file": "tokens.bin", "dtype": dtype.name, "count": count,
                                "sha256": digest.hexdigest(),
                                "mtime_ns": os.stat(os.path.join(tmp, "tokens.bin")).st_mtime_ns},
@@ -497,7 +540,7 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
             json.dump(manifest, f, indent=1)
         os.chmod(os.path.join(tmp, "manifest.json"), runs.file_mode())
         os.chmod(os.path.join(tmp, "tokens.bin"), runs.file_mode())
-        made_meanwhile, _ = _load(folder, path, size, sha256, tokenizer.kind, tokenizer)
+        made_meanwhile, _ = _load(folder, path, size, sha256, tokenizer.kind, tokenizer, learned)
         if made_meanwhile is not None:                  # by another process of a multi-process run
             return made_meanwhile
         if os.path.exists(folder):                      # the stale cache: aside, then gone
@@ -515,21 +558,22 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
         for leftover in (tmp, aside):
             if leftover is not None:
                 shutil.rmtree(leftover, ignore_errors=True)
-    corpus, problem = _load(folder, path, size, sha256, tokenizer.kind, tokenizer)
+    corpus, problem = _load(folder, path, size, sha256, tokenizer.kind, tokenizer, learned)
     if corpus is None:
         raise DataError(f"the cache {folder} {problem} right after it was written; check the disk")
     return corpus
 
 
-def _sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def _tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """The tokenizer's identity: the SHA-256 of its canonical description."""
+    return sha256_text(tokenizers_.meta_json(tokenizer))
 
 
-def _load(folder: str, path: str, size: int, sha256: str, kind: str,
-          tokenizer: Tokenizer | None) -> tuple[Corpus | None, str]:
+def _load(folder: str, path: str, size: int, sha256: str, kind: str, tokenizer: Tokenizer | None,
+          learned: bool) -> tuple[Corpus | None, str]:
     """(the cached corpus, "") when folder holds a valid preparation of this source by a
-    tokenizer of this kind (equal to `tokenizer` when one is given), else (None, what is
-    wrong: "" when there is no cache at all)."""
+    tokenizer of this kind (equal to `tokenizer` when one is given; learned from the
+    text when `learned`), else (None, what is wrong: "" when there is no cache at all)."""
     manifest_path = os.path.join(folder, "manifest.json")
     if not os.path.exists(manifest_path):
         return None, ("holds no manifest (an unfinished or foreign cache)" if os.path.exists(folder) else "")
@@ -540,20 +584,21 @@ def _load(folder: str, path: str, size: int, sha256: str, kind: str,
         if not (isinstance(tokens, dict) and isinstance(source, dict) and tokens.get("file") == "tokens.bin"):
             raise ValueError
         cached_tokenizer = tokenizers_.from_meta(manifest["tokenizer"])
-        if manifest["tokenizer_sha256"] != _sha256_text(tokenizers_.meta_json(cached_tokenizer)):
+        if manifest["tokenizer_sha256"] != _tokenizer_sha256(cached_tokenizer):
             return None, "has a tokenizer that changed since it was written (its SHA-256 differs)"
         dtype = np.dtype(tokens["dtype"])
         count, boundary = tokens["count"], manifest["boundary"]
         if (manifest["version"] != MANIFEST_VERSION or dtype != ids_dtype(cached_tokenizer.vocab_size)
+                or not isinstance(manifest["learned"], bool)
                 or not isinstance(count, int) or not isinstance(boundary, int) or not 0 <= boundary <= count):
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError, AttributeError, tokenizers_.MissingTokenizersError):
         return None, "has a damaged or foreign manifest"
-    if cached_tokenizer.kind != "bpe" and boundary != int(count * TRAIN_FRACTION):
+    if cached_tokenizer.kind != "bpe" and boundary != train_boundary(count):
         return None, "has a damaged manifest (its train/validation boundary is not at 90%)"
     if source.get("sha256") != sha256 or source.get("bytes") != size:
         return None, f"was made from another version of {path} (its SHA-256 differs)"
-    if cached_tokenizer.kind != kind or (
+    if cached_tokenizer.kind != kind or (learned and not manifest["learned"]) or (
             tokenizer is not None and tokenizers_.meta_json(cached_tokenizer) != tokenizers_.meta_json(tokenizer)):
         return None, "was made with another tokenizer than this one"
     tokens_path = os.path.join(folder, tokens.get("file", ""))
@@ -568,4 +613,4 @@ def _load(folder: str, path: str, size: int, sha256: str, kind: str,
         ids = np.memmap(tokens_path, dtype=dtype, mode="r", shape=(count,))
     except (OSError, ValueError):
         return None, "has a missing or unreadable tokens.bin"
-    return Corpus(cached_tokenizer, ids, boundary, folder, {"path": os.path.abspath(path), "sha256": sha256}), ""
+    return Corpus(cached_tokenizer, ids, boundary, {"path": os.path.abspath(path), "sha256": sha256}, folder), ""

@@ -1,4 +1,4 @@
-"""Text in, token ids out: the built-in corpus, reading files, splits and batches."""
+"""Token ids to batches: device-sampled or memory-mapped, validation windows, prefetch; and the download of Tiny Shakespeare."""
 
 from __future__ import annotations
 
@@ -16,51 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import corpus, runs
+from minitx_fn import runs
+from minitx_fn.corpus import BUILTIN_CORPUS, BUILTIN_REPEATS, builtin_text  # noqa: F401  (re-exported)
 from minitx_fn.errors import DataError
-
-# The built-in corpus is a cycle of three phrases. Training text is the cycle
-# repeated, so the model also sees the wrap from "flax! " back to "hello world!".
-BUILTIN_CORPUS = "hello world! hello jax! hello flax! "
-BUILTIN_REPEATS = 8
 
 # Tiny Shakespeare, as nanoGPT and char-rnn use it.
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"   # 1,115,394 characters
-
-
-def builtin_text() -> str:
-    """The built-in training text: the corpus cycle repeated.
-
-    Example:
-        >>> builtin_text()[:24]
-        'hello world! hello jax! '
-    """
-    return BUILTIN_CORPUS * BUILTIN_REPEATS
-
-
-def read_text(path: str) -> str:
-    """The whole file as text; DataError for a missing, unreadable, non-UTF-8 or empty file.
-
-    Example:
-        >>> read_text('/no/such/file')
-        Traceback (most recent call last):
-        minitx_fn.errors.DataError: data file '/no/such/file' does not exist; give the path of a UTF-8 text file
-    """
-    corpus.check_file(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise DataError(f"cannot read data file {path!r}: {e.strerror}; check its permissions") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file {path!r} is not UTF-8 text (invalid byte at offset {e.start}); "
-                        f"convert it to UTF-8, e.g. with iconv") from None
-    if not text:
-        raise DataError(f"data file {path!r} is empty; give it some text to learn from")
-    return text
 
 
 class DownloadError(Exception):
@@ -144,27 +106,6 @@ def _file_sha256(path: str) -> str:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def text_sha256(text: str) -> str:
-    """SHA-256 of the text's UTF-8 bytes, in hex: what a checkpoint records of its data.
-
-    Example:
-        >>> text_sha256("hello")[:16]
-        '2cf24dba5fb0a30e'
-    """
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def split(ids: np.ndarray, train_fraction: float = 0.9) -> tuple[np.ndarray, np.ndarray]:
-    """(N,) -> first 90% for training, last 10% for validation.
-
-    Example:
-        >>> [len(a) for a in split(np.arange(100))]
-        [90, 10]
-    """
-    n = int(len(ids) * train_fraction)
-    return ids[:n], ids[n:]
 
 
 def check_length(ids: np.ndarray, context: int, what: str) -> None:
@@ -363,7 +304,7 @@ class Prefetcher:
     def __call__(self, step: int):
         if step != self.expected:
             raise ValueError(f"batches are prefetched in order: expected step {self.expected}, got {step}")
-        made_for, batch = self.queue.get()
+        _, batch = self.queue.get()
         if isinstance(batch, BaseException):
             raise batch
         self.expected += 1

@@ -19,18 +19,101 @@ global arrays; each device computes only its rows of every global batch.
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from minitx_fn.defaults import HEARTBEAT_TIMEOUT_MAX, HEARTBEAT_TIMEOUT_S, INT32_MAX
 from minitx_fn.errors import ConfigError
 
 DATA_AXIS = "data"
 
+# The environment variables that stand in for `join`'s arguments (a scheduler sets
+# these per process), and the range of each. Read only once a coordinator is known,
+# so a stray variable never makes a one-process run multi-process or breaks it.
+ENVIRONMENT = {"coordinator": "MINITX_COORDINATOR", "num_processes": "MINITX_NUM_PROCESSES",
+               "process_id": "MINITX_PROCESS_ID", "heartbeat_timeout": "MINITX_HEARTBEAT_TIMEOUT"}
+_RANGES = {"num_processes": (1, INT32_MAX), "process_id": (0, INT32_MAX), "heartbeat_timeout": (1, HEARTBEAT_TIMEOUT_MAX)}
+FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in ENVIRONMENT}   # how messages name them
 
-HEARTBEAT_TIMEOUT_S = 60     # a dead peer is noticed within this; steps may take longer, heartbeats go on
+
+class ProcessesError(ConfigError):
+    """Multi-process settings that do not make a run: the message names the flags."""
+
+
+def check_address(text: str) -> str:
+    """HOST:PORT with a port in [1, 65535], else ProcessesError.
+
+    Example:
+        >>> check_address("10.0.0.1:1234")
+        '10.0.0.1:1234'
+        >>> check_address("10.0.0.1")
+        Traceback (most recent call last):
+        minitx_fn.distributed.ProcessesError: --coordinator '10.0.0.1' is not HOST:PORT with a port in [1, 65535]
+    """
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ProcessesError(f"{FLAG_NAMES['coordinator']} {text!r} is not HOST:PORT with a port in [1, 65535]")
+    return text
+
+
+def _from_environment(name: str, environ) -> int | str | None:
+    text = environ.get(ENVIRONMENT[name])
+    if text is None:
+        return None
+    try:
+        if name == "coordinator":
+            return check_address(text)
+        value, (low, high) = int(text), _RANGES[name]
+        if not low <= value <= high:
+            raise ValueError
+        return value
+    except (ValueError, ProcessesError):
+        raise ProcessesError(f"environment variable {ENVIRONMENT[name]}: {text!r} is not a valid "
+                             f"{FLAG_NAMES[name]}" + (" (HOST:PORT)" if name == "coordinator" else
+                                                      f" (a whole number in {list(_RANGES[name])})")) from None
+
+
+def join(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+         heartbeat_timeout: int | None = None, *, environ=None) -> bool:
+    """Join a multi-process run (`initialize`) when these settings, or the environment
+    variables standing in for those not given (`ENVIRONMENT`, read only once a
+    coordinator is known), say so; True if it did. ProcessesError for a partial or
+    inconsistent set.
+
+    Example:
+        >>> join(environ={})                          # no coordinator: one process
+        False
+        >>> join(heartbeat_timeout=5, environ={})
+        Traceback (most recent call last):
+        minitx_fn.distributed.ProcessesError: --heartbeat-timeout is for multi-process runs; give --coordinator, --num-processes and --process-id too
+    """
+    environ = os.environ if environ is None else environ
+    given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id,
+             "heartbeat_timeout": heartbeat_timeout}
+    if given["coordinator"] is None:
+        given["coordinator"] = _from_environment("coordinator", environ)
+    else:
+        check_address(given["coordinator"])
+    if given["coordinator"] is not None:
+        given = {name: value if value is not None else _from_environment(name, environ)
+                 for name, value in given.items()}
+    if given["heartbeat_timeout"] is not None and given["coordinator"] is None:
+        raise ProcessesError("--heartbeat-timeout is for multi-process runs; give --coordinator, --num-processes "
+                             "and --process-id too")
+    needed = [given["coordinator"], given["num_processes"], given["process_id"]]
+    if all(v is None for v in needed):
+        return False
+    if any(v is None for v in needed):
+        raise ProcessesError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+    if not 0 <= given["process_id"] < given["num_processes"]:
+        raise ProcessesError(f"--process-id {given['process_id']} must lie in [0, {given['num_processes']})")
+    initialize(given["coordinator"], given["num_processes"], given["process_id"],
+               heartbeat_timeout=given["heartbeat_timeout"] or HEARTBEAT_TIMEOUT_S)
+    return True
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, *,

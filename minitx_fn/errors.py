@@ -71,6 +71,11 @@ class MemoryBudgetError(Error):
     """What was asked for would need more memory than the machine has."""
 
 
+class RunFailed(Error):
+    """The run itself failed (a non-finite loss, a full disk, a lost peer); what was
+    saved before is kept, and the message says which checkpoint and what to try."""
+
+
 class StorageError(OSError):
     """Writing a run's files failed (a full or read-only disk, a permission): which file, and why."""
 

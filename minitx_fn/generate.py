@@ -40,8 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import model
+from minitx_fn import memory, model
 from minitx_fn.config import ModelConfig
+from minitx_fn.defaults import SAMPLE_TOKENS
+from minitx_fn.errors import Error
 from minitx_fn.layers.attention import KVCache
 from minitx_fn.sampling import Sampler
 
@@ -196,10 +198,11 @@ def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
     return out
 
 
-def generate(params, prompts, *, config: ModelConfig, key: jax.Array | None, max_new_tokens: int,
+def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: jax.Array | None = None,
              sampler: Sampler = Sampler(temperature=0.0), stop: tuple[int, ...] = (),
              return_logits: bool = False):
-    """Continue each prompt (a sequence of token ids) by up to max_new_tokens tokens.
+    """Continue each prompt (a sequence of token ids) by up to max_new_tokens tokens:
+    ids in, ids out (`complete` takes and returns text).
 
     Returns a list of (n_b,) int32 arrays, one per prompt: the new tokens, ending
     after `stop` if it was generated. With return_logits, also the (n_b, V) logits
@@ -241,21 +244,23 @@ def generate(params, prompts, *, config: ModelConfig, key: jax.Array | None, max
     return tokens
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _last_logits(params, window, lengths, *, config: ModelConfig):
+@functools.partial(jax.jit, static_argnames="apply_fn")
+def _last_logits(params, window, lengths, *, apply_fn):
     """window (B, S) right-padded, lengths (B,) -> logits at slot lengths[b] - 1 of each row (B, V).
 
     A fixed shape, so the recompute loop compiles once; causal masking makes the
     padding after a row's length invisible to the slots before it."""
-    logits = model.apply(params, window, config=config)                                 # (B, S, V)
+    logits = apply_fn(params, window)                                                   # (B, S, V)
     return logits[jnp.arange(window.shape[0]), lengths - 1]
 
 
-def generate_recompute(params, prompts, *, config: ModelConfig, key: jax.Array, max_new_tokens: int,
-                       sampler: Sampler = Sampler(temperature=0.0)):
+def generate_recompute(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: jax.Array | None = None,
+                       sampler: Sampler = Sampler(temperature=0.0), apply_fn=None):
     """The reference: a Python loop that recomputes every row's full, cropped context
     for every token (prompts of any lengths). Same sampling keys and window policy as
     `generate`, no stop sequence. Returns ids (B, N) and logits (B, N, V) as numpy arrays.
+    The model is the library's for `config`, or any causal `apply_fn(params, tokens (B, S))
+    -> logits (B, S, V)` of one's own (config then gives the context S and the vocabulary).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
@@ -264,6 +269,8 @@ def generate_recompute(params, prompts, *, config: ModelConfig, key: jax.Array, 
         >>> ids.shape, logits.shape
         ((2, 3), (2, 3, 5))
     """
+    apply_fn = apply_fn or model.apply_fn(config)
+    key = jax.random.key(0) if key is None and sampler.is_greedy else key      # greedy draws nothing
     s, keep = config.max_len, slide_keep(config.max_len)
     contexts = [list(p) for p in _check_prompts(prompts, config)]
     keys = row_keys(key, len(contexts))
@@ -273,7 +280,7 @@ def generate_recompute(params, prompts, *, config: ModelConfig, key: jax.Array, 
         for row, context in enumerate(contexts):
             window[row, :len(context)] = context
         lengths = jnp.asarray([len(c) for c in contexts], jnp.int32)
-        logits = _last_logits(params, jnp.asarray(window), lengths, config=config)      # (B, V)
+        logits = _last_logits(params, jnp.asarray(window), lengths, apply_fn=apply_fn)  # (B, V)
         token = np.asarray(sample_rows(sampler, logits, keys, n))
         ids.append(token)
         all_logits.append(np.asarray(logits))
@@ -282,3 +289,66 @@ def generate_recompute(params, prompts, *, config: ModelConfig, key: jax.Array, 
             if len(context) > s:
                 del context[:len(context) - (keep + 1)]
     return np.stack(ids, axis=1), np.stack(all_logits, axis=1)
+
+
+class PromptError(Error):
+    """A prompt or stop string the model cannot take (empty, unknown characters, not UTF-8)."""
+
+
+def encode_prompt(tokenizer, text: str, what: str = "the prompt") -> np.ndarray:
+    """text -> (T,) int32 ids; PromptError for an empty text, for bytes that are not
+    UTF-8 (a command line's lone surrogates) with a byte or BPE tokenizer, and (from
+    the char tokenizer) for characters it does not know, naming them.
+
+    Example:
+        >>> from minitx_fn.tokenizer import CharTokenizer
+        >>> encode_prompt(CharTokenizer("ab"), "ba").tolist()
+        [1, 0]
+        >>> encode_prompt(CharTokenizer("ab"), "")
+        Traceback (most recent call last):
+        minitx_fn.generate.PromptError: the prompt is empty; give at least one character
+    """
+    if not isinstance(text, str) or not text:
+        raise PromptError(f"{what} is empty; give at least one character" if text == "" else
+                          f"{what} must be a str, not {type(text).__name__}")
+    # A byte that is not UTF-8 reaches Python as a lone surrogate: no tokenizer may take it
+    # (byte would echo it back, BPE cannot encode it at all).
+    bad = sorted({c for c in text if "\ud800" <= c <= "\udfff"})
+    if bad and tokenizer.kind != "char":
+        raise PromptError(f"{what} holds bytes that are not UTF-8 text ({', '.join(repr(c) for c in bad)}); give "
+                          f"UTF-8 text")
+    try:
+        return tokenizer.encode(text)
+    except Error as e:                           # the char tokenizer names the characters it lacks
+        raise PromptError(f"{what}: {e}") from None
+
+
+def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, temperature: float | None = None,
+             top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
+             stop: str | None = None) -> str:
+    """The text that follows `prompt`: run_model is anything with .params, .config and
+    .tokenizer (`checkpoint.load_model`'s Model, `job.train`'s result). Greedy by default
+    (and at temperature 0), which needs no key; with a temperature, top_k or top_p it
+    samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
+    PromptError for a prompt or stop string the tokenizer cannot take; MemoryBudgetError
+    if the generation cannot fit in memory.
+
+    Example:
+        >>> from minitx_fn import checkpoint
+        >>> from minitx_fn.tokenizer import CharTokenizer
+        >>> cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2, max_len=8)
+        >>> m = checkpoint.Model(model.init(jax.random.key(0), cfg), cfg, CharTokenizer("abc"), {})
+        >>> len(complete(m, "ab", max_new_tokens=5))
+        5
+    """
+    params, config, tokenizer = run_model.params, run_model.config, run_model.tokenizer
+    if temperature is None:
+        temperature = 1.0 if (top_k is not None or top_p is not None) else 0.0
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    ids = encode_prompt(tokenizer, prompt)
+    stop_ids = () if stop is None else encode_prompt(tokenizer, stop, "the stop string")
+    memory.check(memory.generation_bytes(config, 1, max_new_tokens), "this generation", "try a smaller {n}",
+                 n=("max_new_tokens", max_new_tokens))
+    new = generate(params, [ids], config=config, key=key, max_new_tokens=max_new_tokens, sampler=sampler,
+                   stop=stop_ids)[0]
+    return tokenizer.decode(new)

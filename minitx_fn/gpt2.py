@@ -94,15 +94,15 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         >>> expected_shapes(cfg)["h.0.attn.c_attn.weight"], expected_shapes(cfg)["wpe.weight"]
         ((8, 24), (4, 8))
     """
-    v, d, f, s = config.vocab_size, config.d_model, config.d_ff, config.max_len
-    block = {"ln_1.weight": (d,), "ln_1.bias": (d,), "attn.c_attn.weight": (d, 3 * d), "attn.c_attn.bias": (3 * d,),
-             "attn.c_proj.weight": (d, d), "attn.c_proj.bias": (d,), "ln_2.weight": (d,), "ln_2.bias": (d,),
-             "mlp.c_fc.weight": (d, f), "mlp.c_fc.bias": (f,), "mlp.c_proj.weight": (f, d), "mlp.c_proj.bias": (d,)}
-    shapes = {"wte.weight": (v, d), "wpe.weight": (s, d), "ln_f.weight": (d,), "ln_f.bias": (d,)}
-    for i in range(config.n_layers):
-        shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
+    import jax
+
+    from minitx_fn import model
+    tree = jax.eval_shape(model.init, jax.random.key(0), config)          # our shapes, nothing computed
+    shapes = {hf_name: _get(tree, path).shape for hf_name, path in TOP_TENSORS.items()}
+    for hf_name, path in BLOCK_TENSORS.items():                            # row i of an (L, ...) leaf
+        shapes.update({f"h.{i}.{hf_name}": _get(tree, "blocks/" + path).shape[1:] for i in range(config.n_layers)})
     if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (v, d)
+        shapes["lm_head.weight"] = tree["head"]["w"].shape[::-1]           # Hugging Face's (V, D)
     return shapes
 
 
@@ -444,6 +444,40 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
         raise
 
 
+def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int]:
+    """A Hugging Face GPT-2 directory -> a new run at step 0 (`job.new_run`, its origin
+    recorded), after a memory check made before any weight is read. Returns the
+    model's config and parameter count."""
+    import jax
+
+    from minitx_fn import job, memory, model
+    # Before reading the weights: the tensors as read, our tree, Adam's two moments,
+    # and the bytes of the files a save builds in memory, about 6 copies in all.
+    memory.check(6 * 4 * memory.param_count(read_config(hf_dir)), "importing this model",
+                 "import it on a machine with more memory")
+    config, params, tokenizer = import_dir(hf_dir)
+    params = jax.tree.map(jax.numpy.asarray, params)
+    job.new_run(run_dir, params, model_config=config, tokenizer=tokenizer, origin={"gpt2": os.path.abspath(hf_dir)},
+                log=log)
+    return config, model.count_params(params)
+
+
+def export_run(run_dir: str, out_dir: str):
+    """A run -> a new Hugging Face GPT-2 directory (`export_files`, `write_dir`).
+    Returns the names of the files written and the run's `checkpoint.Model`."""
+    import jax
+
+    from minitx_fn import checkpoint
+    from minitx_fn.errors import StorageError
+    loaded = checkpoint.load_model(run_dir)
+    files = export_files(jax.device_get(loaded.params), loaded.config, loaded.tokenizer)
+    try:
+        write_dir(out_dir, files)
+    except OSError as e:
+        raise StorageError(out_dir, e) from None
+    return sorted(files), loaded
+
+
 __all__ = ["BLOCK_TENSORS", "GPT2Error", "TOP_TENSORS", "bytes_to_unicode", "config_from_hf", "config_to_hf",
-           "expected_shapes", "export_files", "import_dir", "params_from_hf", "params_to_hf", "read_config",
+           "expected_shapes", "export_files", "export_run", "import_dir", "import_run", "params_from_hf", "params_to_hf", "read_config",
            "read_tensors", "read_tokenizer", "write_dir"]

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from minitx_fn import distributed, runs, train
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.config import ModelConfig, TrainConfig  # noqa: F401  (the doctests)
 from minitx_fn.errors import StorageError
 from minitx_fn.signals import StopSignals
 
@@ -41,20 +41,24 @@ class FitResult(NamedTuple):
     last_record: dict | None    # the last record logged
 
 
-def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_config: ModelConfig,
-        train_config: TrainConfig, evaluate: Callable | None = None, metrics_path: str | None = None,
+def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, steps: int, log_every: int = 100,
+        eval_every: int | None = None, save_every: int | None = None, tokens_per_step: int | None = None,
+        evaluate: Callable | None = None, metrics_path: str | None = None,
         save: Callable[[train.TrainState], None] | None = None, out=None, signals: StopSignals | None = None,
         max_in_flight: int | None = None) -> FitResult:
-    """Run step(state, next_batch(t)) for t = state.step .. train_config.steps - 1 (t a
-    Python int, so a host-side batch source needs no device sync to know it).
+    """Run step(state, next_batch(t)) for t = state.step .. steps - 1 (t a Python int,
+    so a host-side batch source needs no device sync to know it). step is any
+    (state, batch) -> (state, metrics) with a "loss" metric (`train.train_step`,
+    `jax.jit(train.make_step(...))`); a TrainConfig's fields give the cadence.
 
     Losses stay on the device until a check point, where they are fetched together
     (one host sync per interval, not per step): a NaN or infinite loss raises
     NonFiniteError naming the first bad step. Every log_every steps a record
-    {step, loss (mean since the last record), lr, tokens_per_s} is printed and
-    appended to metrics_path; every eval_every steps `evaluate(params)` adds
+    {step, loss (mean since the last record), lr (the step's own "lr" metric, when it
+    reports one), tokens_per_s (with tokens_per_step)} is printed and appended to
+    metrics_path; every eval_every steps (default: log_every) `evaluate(params)` adds
     val_loss to that step's record (so every evaluation is logged). Every save_every
-    steps, at the end, and when a stop signal arrives (`signals` in one process; in a
+    steps (default: only at the end), at the end, and when a stop signal arrives (`signals` in one process; in a
     multi-process run, the step every process agrees on after a SIGTERM to any of
     them, `distributed.reached_preemption_sync_point`), the state is checked finite
     (NonFiniteError "parameters" otherwise: nothing non-finite reaches disk) and
@@ -69,25 +73,26 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
         >>> tc = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=0, log_every=10)
         >>> init_key, data_key, _ = train.keys(0)
         >>> out = io.StringIO()
-        >>> result = fit(train.init_state(init_key, cfg, tc), step=partial(train.train_step, model_config=cfg,
-        ...              train_config=tc), next_batch=lambda s: train.batch_at(jnp.arange(40) % 5, data_key, s,
-        ...              batch_size=4, context=4), model_config=cfg, train_config=tc, out=out)
+        >>> result = fit(train.init_state(init_key, cfg, tc.optimizer), step=partial(train.train_step,
+        ...              model_config=cfg, optimizer_config=tc.optimizer), next_batch=lambda s: train.batch_at(
+        ...              jnp.arange(40) % 5, data_key, s, batch_size=4, context=4), steps=tc.steps,
+        ...              log_every=tc.log_every, out=out)
         >>> [line.split(',')[0] for line in out.getvalue().splitlines()]
         ['Step 10', 'Step 20']
         >>> int(result.state.step), result.stopped_by
         (20, None)
     """
-    mc, tc = model_config, train_config
     out = out or sys.stdout
     signals = signals or StopSignals()
+    eval_every = eval_every or log_every
+    save_every = save_every or steps
     at = int(distributed.scalar(state.step))
     tty = hasattr(out, "isatty") and out.isatty()
-    check_every = min(10, tc.log_every) if tty else tc.log_every
-    schedule = train.learning_rate_schedule(tc)
+    check_every = min(10, log_every) if tty else log_every
     pending: list[tuple[int, jax.Array]] = []           # (step, loss) not yet fetched
     losses_since_record: list[float] = []
+    lr = None                                           # the latest step's own "lr" metric, if it reports one
     window_start, window_step = time.perf_counter(), at
-    tokens_per_step = tc.batch_size * mc.max_len
     record = None
 
     def checked_save(state):
@@ -97,10 +102,11 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
             save(state)
 
     with signals.graceful():
-        while at < tc.steps:
+        while at < steps:
             state, metrics = step(state, next_batch(at))
             at += 1
             pending.append((at, metrics["loss"]))
+            lr = metrics.get("lr")
             if max_in_flight is not None and len(pending) > max_in_flight:
                 pending[-max_in_flight - 1][1].block_until_ready()
             # Read once: a signal that lands after this line is seen at the next step, so
@@ -108,10 +114,10 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
             if distributed.reached_preemption_sync_point(at):
                 signals.requested = signal.SIGTERM       # every process, at this same step
             signalled = signals.requested is not None
-            due = {"log": at % tc.log_every == 0, "eval": evaluate is not None and at % tc.eval_every == 0,
-                   "save": save is not None and at % tc.save_every == 0}
-            if signalled or at == tc.steps:
-                due = {"log": True, "eval": evaluate is not None and at == tc.steps, "save": save is not None}
+            due = {"log": at % log_every == 0, "eval": evaluate is not None and at % eval_every == 0,
+                   "save": save is not None and at % save_every == 0}
+            if signalled or at == steps:
+                due = {"log": True, "eval": evaluate is not None and at == steps, "save": save is not None}
             if not (any(due.values()) or at % check_every == 0):
                 continue
             losses = np.array([distributed.scalar(loss) for _, loss in pending], np.float64)
@@ -121,12 +127,16 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
             losses_since_record += losses.tolist()
             pending.clear()
             now = time.perf_counter()
-            tokens_per_s = (at - window_step) * tokens_per_step / max(now - window_start, 1e-9)
+            tokens_per_s = (None if tokens_per_step is None
+                            else (at - window_step) * tokens_per_step / max(now - window_start, 1e-9))
             if tty:
-                _progress(out, at, tc.steps, float(losses[-1]), tokens_per_s)
+                _progress(out, at, steps, float(losses[-1]), tokens_per_s)
             if due["log"] or due["eval"]:
-                record = {"step": at, "loss": float(np.mean(losses_since_record)), "lr": float(schedule(at - 1)),
-                          "tokens_per_s": round(tokens_per_s, 1)}
+                record = {"step": at, "loss": float(np.mean(losses_since_record))}
+                if lr is not None:
+                    record["lr"] = distributed.scalar(lr)
+                if tokens_per_s is not None:
+                    record["tokens_per_s"] = round(tokens_per_s, 1)
                 losses_since_record = []
                 if due["eval"]:
                     record["val_loss"] = float(evaluate(state.params))
@@ -148,9 +158,10 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, model_
     return FitResult(state, signals.requested, record)
 
 
-def _progress(out, step: int, steps: int, loss: float, tokens_per_s: float) -> None:
+def _progress(out, step: int, steps: int, loss: float, tokens_per_s: float | None) -> None:
     width = 30
     filled = int(width * step / steps)
     bar = "#" * filled + "-" * (width - filled)
-    out.write(f"\r\033[K[{bar}] {step}/{steps} loss {loss:.4f} {tokens_per_s:,.0f} tok/s")
+    speed = "" if tokens_per_s is None else f" {tokens_per_s:,.0f} tok/s"
+    out.write(f"\r\033[K[{bar}] {step}/{steps} loss {loss:.4f}{speed}")
     out.flush()

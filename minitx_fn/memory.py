@@ -15,23 +15,21 @@ import os
 import jax
 import numpy as np
 
+from minitx_fn import model
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import MemoryBudgetError
 
 
 def param_count(config: ModelConfig) -> int:
-    """Parameters of the model, from the config alone (no arrays built).
+    """Parameters of the model, from the config alone: the shapes `model.init` would
+    make (`jax.eval_shape`: traced, no arrays built, whatever the size).
 
     Example:
         >>> param_count(ModelConfig(vocab_size=13, d_model=64, n_heads=4, n_layers=2))   # the README's tree
         101773
     """
-    c = config
-    d, f, v = c.d_model, c.d_ff, c.vocab_size
-    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d)
-    positions = c.max_len * d if c.positions == "learned" else 0
-    head = 0 if c.tie_embeddings else d * v + v
-    return v * d + positions + c.n_layers * block + 2 * d + head
+    shapes = jax.eval_shape(model.init, jax.random.key(0), config)
+    return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
 
 def training_bytes(config: ModelConfig, batch_size: int) -> int:

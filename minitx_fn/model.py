@@ -28,9 +28,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn.config import REMAT_POLICIES, ModelConfig
+from minitx_fn.config import ModelConfig
 from minitx_fn.layers import attention, block, dropout, embedding, linear, norm, positional
 from minitx_fn.layers.attention import KVCache
+
+# ModelConfig.remat's choices (defaults.REMAT): what the backward pass may keep of a
+# block's forward pass; everything else it recomputes (`jax.checkpoint`).
+REMAT_POLICIES = {
+    "none": jax.checkpoint_policies.everything_saveable,
+    "matmuls": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
 
 
 @functools.partial(jax.jit, static_argnames="config")
@@ -185,11 +194,27 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
         return block.apply(block_params, x, mask=mask, key=block_key, **block_args(c)), None
 
     # What the backward pass keeps of each block's forward pass, and what it
-    # recomputes (config.REMAT_POLICIES). prevent_cse=False: inside a scan the loop
+    # recomputes (REMAT_POLICIES; ModelConfig.remat says why). prevent_cse=False: inside a scan the loop
     # already keeps XLA from merging the recomputation into the forward pass.
     body = jax.checkpoint(body, policy=REMAT_POLICIES[c.remat], prevent_cse=False)
     x, _ = jax.lax.scan(body, x, (params["blocks"], block_keys))         # the L stacked blocks, in order
     return _logits(params, x, c)                                         # (B, T, V)
+
+
+@functools.lru_cache(maxsize=None)
+def apply_fn(config: ModelConfig):
+    """`apply` for `config` as a function (params, tokens) -> logits, the form evaluation
+    and generation take any model in: one function object per config, so what is jitted
+    with it as a static argument compiles once per config, not once per call.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
+        >>> f = apply_fn(cfg)
+        >>> f is apply_fn(ModelConfig(vocab_size=5, d_model=8, n_heads=2)), f(init(jax.random.key(0), cfg),
+        ...     jnp.zeros((1, 3), jnp.int32)).shape
+        (True, (1, 3, 5))
+    """
+    return functools.partial(apply, config=config)
 
 
 def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
@@ -302,5 +327,5 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
     return cross_entropy(apply(params, tokens, config=config, key=key), targets)
 
 
-__all__ = ["KVCache", "apply", "apply_cached", "attention_maps", "block_args", "check_tokens", "count_params",
+__all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "check_tokens", "count_params",
            "cross_entropy", "init", "init_cache", "loss", "param_shapes", "token_losses"]

@@ -22,19 +22,20 @@ class MissingMatplotlibError(Error):
 
 
 def require_matplotlib():
-    """matplotlib.pyplot on the Agg backend (files, no window), or MissingMatplotlibError.
+    """matplotlib's `Figure` class, or MissingMatplotlibError. A Figure made directly
+    (not through pyplot) draws to a file with no window and leaves pyplot's state and
+    backend alone, so drawing from a notebook does not change how it shows its own plots.
 
     Example:
         >>> require_matplotlib().__name__
-        'matplotlib.pyplot'
+        'Figure'
     """
     try:
-        import matplotlib
+        import matplotlib  # noqa: F401  (first: it fails when matplotlib is absent, even if a submodule was cached)
+        from matplotlib.figure import Figure
     except ImportError:
         raise MissingMatplotlibError(INSTALL_HINT) from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return Figure
 
 
 def plot_losses(metrics_path: str, png_path: str, *, log: bool = False) -> str | None:
@@ -52,13 +53,14 @@ def plot_losses(metrics_path: str, png_path: str, *, log: bool = False) -> str |
         >>> os.path.getsize(png) > 0
         True
     """
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     records = runs.read_records(metrics_path).records
     train = [r for r in records if isinstance(r.get("loss"), (int, float))]
     val = [r for r in records if isinstance(r.get("val_loss"), (int, float))]
     if not train and not val:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = figure(figsize=(7, 4.2))
+    ax = fig.subplots()
     if train:
         # Markers while there are few records: one record is a point, which a bare line never draws.
         ax.plot([r["step"] for r in train], [r["loss"] for r in train], "o-" if len(train) < 30 else "-",
@@ -78,7 +80,6 @@ def plot_losses(metrics_path: str, png_path: str, *, log: bool = False) -> str |
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
-    plt.close(fig)
     return png_path
 
 
@@ -98,12 +99,12 @@ def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndar
         >>> len(drawn), drawn[0][2].tolist()
         (2, [0.3333333333333333, 0.3333333333333333, 0.3333333333333333])
     """
-    plt = require_matplotlib()
+    figure = require_matplotlib()
     n_layers, n_heads, t, _ = maps.shape
     panel = max(1.6, 0.22 * t + 0.6)
     fontsize = 9 if t <= 24 else 7
-    fig, axes = plt.subplots(n_layers, n_heads, figsize=(panel * n_heads + 1.2, panel * n_layers + 0.6),
-                             squeeze=False, layout="constrained")
+    fig = figure(figsize=(panel * n_heads + 1.2, panel * n_layers + 0.6), layout="constrained")
+    axes = fig.subplots(n_layers, n_heads, squeeze=False)
     ticks = ["\u2423" if c == " " else repr(c)[1:-1] for c in labels]     # a space as ␣, "\n" as \n
     shown = range(0, t, max(1, math.ceil(t / 48)))          # at most 48 labels an axis
     image = None
@@ -123,5 +124,31 @@ def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndar
     fig.savefig(png_path, dpi=110)
     drawn = [np.asarray(axes[layer, head].images[0].get_array()) for layer in range(n_layers)
              for head in range(n_heads)]
-    plt.close(fig)
     return drawn
+
+
+def plot_model_attention(run_model, prompt: str, png_path: str) -> list[np.ndarray]:
+    """The attention maps of every layer and head of a model (anything with .params,
+    .config and .tokenizer: `checkpoint.load_model`) for a prompt of at most its
+    context, drawn by `plot_attention`. PromptError for a prompt it cannot take.
+
+    Example:
+        >>> import os, tempfile, jax
+        >>> from minitx_fn import checkpoint, model
+        >>> from minitx_fn.config import ModelConfig
+        >>> from minitx_fn.tokenizer import CharTokenizer
+        >>> cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2, n_layers=1)
+        >>> m = checkpoint.Model(model.init(jax.random.key(0), cfg), cfg, CharTokenizer("abc"), {})
+        >>> len(plot_model_attention(m, "abc", os.path.join(tempfile.mkdtemp(), "a.png")))    # 1 layer x 2 heads
+        2
+    """
+    import jax.numpy as jnp
+
+    from minitx_fn import generate, model
+    require_matplotlib()
+    ids = generate.encode_prompt(run_model.tokenizer, prompt)
+    if len(ids) > run_model.config.max_len:
+        raise generate.PromptError(f"the prompt has {len(ids)} tokens; the model's context is "
+                                   f"{run_model.config.max_len}")
+    maps = np.asarray(model.attention_maps(run_model.params, jnp.asarray(ids)[None, :], config=run_model.config))
+    return plot_attention(maps[:, 0], [run_model.tokenizer.decode([i]) for i in ids], png_path)

@@ -126,5 +126,3 @@ class Sampler:
             return greedy(logits)
         return jax.random.categorical(key, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
 
-
-GREEDY = Sampler(temperature=0.0)

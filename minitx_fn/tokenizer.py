@@ -5,8 +5,10 @@
     byte    the 256 byte values of UTF-8             none: any text         nothing
     bpe     bytes merged by byte-level BPE           none: any text         the training split (`tokenizers`)
 
-Every kind has `kind`, `vocab_size`, `encode(text) -> (T,) int32`, `decode(ids) -> str`
-and `to_meta() -> dict` (what a checkpoint stores; `from_meta` reads it back).
+Every kind has `kind`, `vocab_size`, `encode(text) -> (T,) int32`, `decode(ids) -> str`,
+`encode_utf8(raw bytes) -> (T,) int32` (a chunk of a file, the fastest way the kind
+allows), `to_meta() -> dict` (what a checkpoint stores; `from_meta` reads it back) and
+`learn(source, vocab_size)`, how it is made from a text (`learn(kind, ...)` picks the kind).
 `decode` never fails: a byte or BPE sample that stops inside a multi-byte character
 ends in U+FFFD (the replacement character) instead of raising.
 """
@@ -16,14 +18,19 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from typing import Iterable, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
 
+from minitx_fn.defaults import DEFAULT_BPE_VOCAB, TOKENIZERS
 from minitx_fn.errors import Error
 
-KINDS = ("char", "byte", "bpe")
+KINDS = TOKENIZERS
 MAX_CODE_POINT = 0x10FFFF
+UTF8_BLOCK_BYTES = 1 << 16         # text is turned into code points a block of about this size at a time
+BPE_PIECE_CHARS = 1 << 16          # text handed to tokenizers.encode_batch in pieces of about this size
+BPE_PIECES_PER_BATCH = 16          # pieces per encode_batch call: bounds its memory
+BPE_HARD_CUT_CHARS = 4096          # a piece's length where the text has no newline or space to cut at
 
 
 class UnknownCharactersError(Error):
@@ -37,6 +44,13 @@ class MissingTokenizersError(Error):
         super().__init__("the bpe tokenizer needs Hugging Face's tokenizers library: pip install -e \".[bpe]\"")
 
 
+class Source(NamedTuple):
+    """What a tokenizer may learn from, each part made only when asked for."""
+
+    code_points: Callable[[], np.ndarray]         # the distinct code points of the whole text (char)
+    training_texts: Callable[[], Iterable[str]]   # the training split's text, in pieces (bpe)
+
+
 class Tokenizer(Protocol):
     kind: str
 
@@ -45,9 +59,62 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
+    def encode_utf8(self, raw: bytes) -> np.ndarray: ...
+
     def decode(self, ids) -> str: ...
 
     def to_meta(self) -> dict: ...
+
+
+def learn(kind: str, source: Source, vocab_size: int | None = None) -> Tokenizer:
+    """A tokenizer of `kind` made from a text (`vocab_size`: bpe only).
+
+    Example:
+        >>> learn("char", Source(lambda: code_points("hello"), lambda: ["hello"])).chars
+        'ehlo'
+    """
+    return {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}[kind].learn(source, vocab_size)
+
+
+def char_boundary(raw: bytes, end: int) -> int:
+    """The largest cut <= end that does not fall inside a UTF-8 character of raw.
+
+    Example:
+        >>> char_boundary("hé".encode(), 2)          # byte 2 is inside 'é'
+        1
+    """
+    cut = max(0, min(end, len(raw)))
+    while 0 < cut < len(raw) and raw[cut] & 0xC0 == 0x80:      # a continuation byte
+        cut -= 1
+    return cut
+
+
+def utf8_blocks(raw: bytes):
+    """(offset, block) of raw in blocks of about UTF8_BLOCK_BYTES, cut between characters.
+    Most blocks of most texts are ASCII: those take the fast paths.
+
+    Example:
+        >>> [block for _, block in utf8_blocks(b"abc")]
+        [b'abc']
+    """
+    start = 0
+    while start < len(raw):
+        end = char_boundary(raw, start + UTF8_BLOCK_BYTES) if start + UTF8_BLOCK_BYTES < len(raw) else len(raw)
+        end = end if end > start else min(start + UTF8_BLOCK_BYTES, len(raw))
+        yield start, raw[start:end]
+        start = end
+
+
+def utf8_code_points(raw: bytes):
+    """UTF-8 bytes (whole characters) -> code points, a block at a time: the bytes
+    themselves for an ASCII block, decoded to UTF-32 otherwise.
+
+    Example:
+        >>> [p.tolist() for p in utf8_code_points("hé".encode())]
+        [[104, 233]]
+    """
+    for _, block in utf8_blocks(raw):
+        yield np.frombuffer(block, np.uint8) if block.isascii() else code_points(block.decode("utf-8"))
 
 
 def code_points(text: str) -> np.ndarray:
@@ -91,6 +158,11 @@ class CharTokenizer:
         """The vocabulary of a set of code points (any order, repeats allowed)."""
         return cls(np.unique(points).astype(np.uint32).tobytes().decode("utf-32-le", "surrogatepass"))
 
+    @classmethod
+    def learn(cls, source: Source, vocab_size: int | None = None) -> "CharTokenizer":
+        """Every character the whole text holds, in code-point order."""
+        return cls.from_code_points(source.code_points())
+
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
@@ -124,6 +196,15 @@ class CharTokenizer:
                 f"(the model knows {self.vocab_size}: {self.chars!r})")
         return ids
 
+    def encode_utf8(self, raw: bytes) -> np.ndarray:
+        """Whole UTF-8 characters -> (T,) int32 ids: one table look-up per code point,
+        a block at a time (ASCII blocks without decoding)."""
+        blocks = [self.lookup(points) for points in utf8_code_points(raw)]
+        ids = np.concatenate(blocks) if blocks else np.zeros(0, np.int32)
+        if ids.size and ids.min() < 0:                     # a character this vocabulary lacks
+            self.encode(raw.decode("utf-8"))               # raises, naming the characters
+        return ids
+
     def decode(self, ids) -> str:
         """(T,) ids -> str."""
         return self._points[np.asarray(ids, np.int64)].tobytes().decode("utf-32-le", "surrogatepass")
@@ -152,6 +233,14 @@ class ByteTokenizer:
         # surrogatepass keeps a lone surrogate (a non-UTF-8 command-line byte) as bytes
         # instead of failing; decoding turns it into U+FFFD.
         return np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8).astype(np.int32)
+
+    def encode_utf8(self, raw: bytes) -> np.ndarray:
+        return np.frombuffer(raw, np.uint8).astype(np.int32)
+
+    @classmethod
+    def learn(cls, source: Source, vocab_size: int | None = None) -> "ByteTokenizer":
+        """Nothing to learn: the 256 byte values."""
+        return cls()
 
     def decode(self, ids) -> str:
         return np.asarray(ids, np.int64).astype(np.uint8).tobytes().decode("utf-8", "replace")
@@ -207,6 +296,35 @@ class BPETokenizer:
         return cls(hf)
 
     @classmethod
+    def learn(cls, source: Source, vocab_size: int | None = None) -> "BPETokenizer":
+        """Merges learned from the training split's text, to vocab_size ids (default DEFAULT_BPE_VOCAB)."""
+        return cls.train(source.training_texts(), vocab_size or DEFAULT_BPE_VOCAB)
+
+    @staticmethod
+    def pieces(text: str) -> list[str]:
+        """The text cut into pieces of about BPE_PIECE_CHARS for `tokenizers`: after a
+        newline, else after a space, within twice that; else (a text without either,
+        where BPE's time grows with the square of a word's length) every
+        BPE_HARD_CUT_CHARS. Learning from pieces bounds its memory: tokenizers holds a
+        whole string's pre-tokenization while it counts (16 MB strings took 1.35 GB to
+        learn from 15 MB; 64 KB ones, 150 MB).
+
+        Example:
+            >>> BPETokenizer.pieces("short text")
+            ['short text']
+        """
+        pieces, start = [], 0
+        while start < len(text):
+            end = len(text)
+            if end - start > 2 * BPE_PIECE_CHARS:
+                window = (start + BPE_PIECE_CHARS, start + 2 * BPE_PIECE_CHARS)
+                cut = max(text.rfind("\n", *window), text.rfind(" ", *window))
+                end = cut + 1 if cut >= 0 else start + BPE_HARD_CUT_CHARS
+            pieces.append(text[start:end])
+            start = end
+        return pieces
+
+    @classmethod
     def from_json(cls, text: str) -> "BPETokenizer":
         tk = require_tokenizers()
         try:
@@ -244,6 +362,16 @@ class BPETokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Several texts at once, on every core."""
         return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(texts)]
+
+    def encode_utf8(self, raw: bytes) -> np.ndarray:
+        """Whole UTF-8 characters -> (T,) int32 ids, a few pieces at a time: tokenizers
+        keeps ~100 bytes of offsets and strings per token until a batch returns, so a
+        whole 16 MB chunk at once would take a gigabyte."""
+        pieces = self.pieces(raw.decode("utf-8"))
+        ids = [np.zeros(0, np.int32)]
+        for start in range(0, len(pieces), BPE_PIECES_PER_BATCH):
+            ids += self.encode_batch(pieces[start:start + BPE_PIECES_PER_BATCH])
+        return np.concatenate(ids)
 
     def decode(self, ids) -> str:
         return self._hf.decode([int(i) for i in np.asarray(ids).reshape(-1)])

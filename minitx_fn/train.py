@@ -6,7 +6,8 @@
     params'    = AdamW(clip(g)) with warm-up + cosine learning rate
 
 `train_step(state, batch) -> (state, metrics)` does the last two lines in one jitted
-function that donates the old state, so XLA updates parameters and optimiser
+function that donates the old state (`make_step` builds the same step for any loss
+function and optax optimizer: a model of one's own trains through it), so XLA updates parameters and optimiser
 moments in place. Where the batch comes from is the caller's business: `batch_at`
 samples it on the device from text kept there. Because the batch key is a function
 of the step alone, a resumed run sees exactly the batches an uninterrupted one
@@ -25,7 +26,7 @@ import numpy as np
 import optax
 
 from minitx_fn import model
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.config import ModelConfig, OptimizerConfig, TrainConfig  # noqa: F401  (TrainConfig: the doctests)
 from minitx_fn.data import sample_batch
 
 Batch = tuple[jax.Array, jax.Array]        # x, y: (B, T) inputs and next-token targets
@@ -37,15 +38,15 @@ class TrainState(NamedTuple):
     step: jax.Array   # () int32, steps taken so far
 
 
-def learning_rate_schedule(tc: TrainConfig) -> optax.Schedule:
+def learning_rate_schedule(oc: OptimizerConfig) -> optax.Schedule:
     """Linear warm-up from 0 to lr over `warmup` steps, then cosine decay to min_lr at `decay_steps`.
 
     Example:
-        >>> f = learning_rate_schedule(TrainConfig(steps=100, lr=1.0, warmup=10))
+        >>> f = learning_rate_schedule(OptimizerConfig(decay_steps=100, lr=1.0, warmup=10))
         >>> [round(float(f(s)), 3) for s in (0, 5, 10, 100)]
         [0.0, 0.5, 1.0, 0.1]
     """
-    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, tc.warmup, tc.decay_steps, end_value=tc.min_lr)
+    return optax.warmup_cosine_decay_schedule(0.0, oc.lr, oc.warmup, oc.decay_steps, end_value=oc.min_lr)
 
 
 def decay_mask(params: dict) -> dict:
@@ -59,21 +60,21 @@ def decay_mask(params: dict) -> dict:
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "table"), params)
 
 
-def make_optimizer(tc: TrainConfig, mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
+def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (decoupled weight decay on what `mask` marks) on the schedule.
 
     The benchmarks pass a mask for the Flax reference's parameter names, so both
     models train with this one optimiser.
 
     Example:
-        >>> opt = make_optimizer(TrainConfig())
+        >>> opt = make_optimizer(OptimizerConfig(decay_steps=100))
         >>> state = opt.init({'w': jnp.zeros((2, 2))})
         >>> type(opt).__name__
         'GradientTransformationExtraArgs'
     """
     return optax.chain(
-        optax.clip_by_global_norm(tc.grad_clip),
-        optax.adamw(learning_rate_schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=mask),
+        optax.clip_by_global_norm(oc.grad_clip),
+        optax.adamw(learning_rate_schedule(oc), b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=mask),
     )
 
 
@@ -96,17 +97,33 @@ def keys(seed: int) -> RunKeys:
     return RunKeys(*jax.random.split(jax.random.key(seed), 3))
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "train_config"))
-def init_state(key: jax.Array, model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
+def new_state(params: dict, optimizer: optax.GradientTransformation) -> TrainState:
+    """Step 0 of training `params` with `optimizer` (any optax transformation): the
+    parameters copied, so a train step, which donates its state, never deletes the
+    arrays the caller passed in (a loaded run's, another model's) and they stay usable.
+
+    Example:
+        >>> params = {"w": jnp.ones((2, 2))}
+        >>> state = new_state(params, optax.adam(1e-3))
+        >>> int(state.step), state.params["w"] is params["w"]
+        (0, False)
+    """
+    params = jax.tree.map(lambda a: jnp.array(a, copy=True), params)
+    return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config"))
+def init_state(key: jax.Array, model_config: ModelConfig, optimizer_config: OptimizerConfig) -> TrainState:
     """Fresh parameters, the optimiser's initial state, and step 0 (jitted, like `model.init`).
 
     Example:
-        >>> s = init_state(jax.random.key(0), ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig())
+        >>> s = init_state(jax.random.key(0), ModelConfig(vocab_size=5, d_model=8, n_heads=2),
+        ...                OptimizerConfig(decay_steps=100))
         >>> int(s.step), s.params['head']['w'].shape
         (0, (8, 5))
     """
     params = model.init(key, model_config)
-    return TrainState(params, make_optimizer(train_config).init(params), jnp.zeros((), jnp.int32))
+    return TrainState(params, make_optimizer(optimizer_config).init(params), jnp.zeros((), jnp.int32))
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size", "context"))
@@ -124,52 +141,94 @@ def batch_at(data: jax.Array, data_key: jax.Array, step: jax.Array, *, batch_siz
     return sample_batch(data, jax.random.fold_in(data_key, step), batch_size=batch_size, context=context)
 
 
-def step_fn(model_config: ModelConfig, train_config: TrainConfig) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-    """The step for these configs as a plain function (state, batch) -> (state, metrics),
-    metrics {"loss", "grad_norm"}: what `train_step` jits, and what
-    `distributed.data_parallel` jits with shardings.
+LossFn = Callable[[dict, Batch, jax.Array], jax.Array]     # (params, (x, y), step) -> () mean loss
+
+
+def model_loss(model_config: ModelConfig, seed: int = 0) -> LossFn:
+    """The library model's loss as a LossFn: next-token cross-entropy, with dropout
+    masks from fold_in(keys(seed).dropout, step) when config.dropout > 0, so a resumed
+    run draws the masks an uninterrupted one would.
 
     Example:
-        >>> mc, tc = ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig()
-        >>> state = init_state(jax.random.key(0), mc, tc)
-        >>> x = jnp.zeros((2, 4), jnp.int32)
-        >>> new, metrics = jax.eval_shape(step_fn(mc, tc), state, (x, x))   # traced, not run: shapes only
-        >>> new.step.shape, sorted(metrics)
-        ((), ['grad_norm', 'loss'])
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
+        >>> x = jnp.zeros((1, 4), jnp.int32)
+        >>> float(model_loss(cfg)(model.init(jax.random.key(0), cfg), (x, x), jnp.int32(0))) > 0
+        True
     """
-    optimizer = make_optimizer(train_config)
-
-    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+    def loss(params: dict, batch: Batch, step: jax.Array) -> jax.Array:
         x, y = batch
-        # Dropout masks from fold_in(dropout_key, step): fresh each step, and a resumed
-        # run draws the masks an uninterrupted one would. No key at all at rate 0.
-        key = jax.random.fold_in(keys(train_config.seed).dropout, state.step) if model_config.dropout else None
-        loss, grads = jax.value_and_grad(model.loss)(state.params, x, y, config=model_config, key=key)
+        key = jax.random.fold_in(keys(seed).dropout, step) if model_config.dropout else None
+        return model.loss(params, x, y, config=model_config, key=key)
+    return loss
+
+
+def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+              schedule: optax.Schedule | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The train step as a plain function (state, batch) -> (state, metrics), for any
+    loss function of (params, batch, step) and any optax optimizer: jit it at the
+    boundary (`jax.jit(make_step(...), donate_argnums=0)`). metrics: "loss", "grad_norm"
+    (before clipping) and, with `schedule`, "lr" (the rate this step applied).
+
+    Example:
+        >>> def loss_fn(params, batch, step):
+        ...     x, y = batch
+        ...     return jnp.mean((params["w"] * x - y) ** 2)
+        >>> step = jax.jit(make_step(loss_fn, optax.sgd(0.1)))
+        >>> state, metrics = step(new_state({"w": jnp.float32(0.0)}, optax.sgd(0.1)), (jnp.ones(3), 2 * jnp.ones(3)))
+        >>> round(float(state.params["w"]), 6), float(metrics["loss"])    # w - 0.1 * d/dw mean((w x - y)^2)
+        (0.4, 4.0)
+    """
+    def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))     # before clipping
-        return TrainState(params, opt_state, state.step + 1), {"loss": loss, "grad_norm": grad_norm}
+        metrics = {"loss": loss, "grad_norm": grad_norm}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+        return TrainState(params, opt_state, state.step + 1), metrics
 
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "train_config"), donate_argnums=0)
-def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig,
-               train_config: TrainConfig) -> tuple[TrainState, dict]:
-    """One step on batch = (x, y), each (B, T): returns the new state and {"loss", "grad_norm"}.
+def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: int = 0
+            ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+    """The library model's step for these settings, (state, batch) -> (state, metrics)
+    with metrics {"loss", "grad_norm", "lr"}: what `train_step` jits, and what
+    `distributed.data_parallel` jits with shardings. `seed` seeds dropout (`model_loss`).
 
-    The old state is donated: do not use it after the call. The configs are static
-    (hashed into the compilation cache): pass `train_config.step_config` to share one
-    compiled step between runs that differ only in their loop's cadence.
+    Example:
+        >>> mc, oc = ModelConfig(vocab_size=5, d_model=8, n_heads=2), OptimizerConfig(decay_steps=100)
+        >>> state = init_state(jax.random.key(0), mc, oc)
+        >>> x = jnp.zeros((2, 4), jnp.int32)
+        >>> new, metrics = jax.eval_shape(step_fn(mc, oc), state, (x, x))   # traced, not run: shapes only
+        >>> new.step.shape, sorted(metrics)
+        ((), ['grad_norm', 'loss', 'lr'])
+    """
+    return make_step(model_loss(model_config, seed), make_optimizer(optimizer_config),
+                     schedule=learning_rate_schedule(optimizer_config))
+
+
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config", "seed"), donate_argnums=0)
+def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, optimizer_config: OptimizerConfig,
+               seed: int = 0) -> tuple[TrainState, dict]:
+    """One step on batch = (x, y), each (B, T): returns the new state and {"loss", "grad_norm", "lr"}.
+
+    Donated: the old state's arrays (parameters, optimiser state, step) are freed by
+    the call, so XLA updates them in place; do not use `state` after it. To train
+    arrays you still need (a loaded run's parameters), start from `new_state`, which
+    copies them. The configs and seed are static (hashed into the compilation cache);
+    pass `train_config.optimizer`, so runs that differ in cadence share one compiled step.
 
     Example:
         >>> mc, tc = ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig()
         >>> x = jnp.zeros((2, 4), jnp.int32)
-        >>> state, metrics = train_step(init_state(jax.random.key(0), mc, tc), (x, x), model_config=mc, train_config=tc)
+        >>> state, metrics = train_step(init_state(jax.random.key(0), mc, tc.optimizer), (x, x), model_config=mc,
+        ...                             optimizer_config=tc.optimizer)
         >>> int(state.step)
         1
     """
-    return step_fn(model_config, train_config)(state, batch)
+    return step_fn(model_config, optimizer_config, seed)(state, batch)
 
 
 def is_finite(tree) -> jax.Array:
@@ -183,16 +242,23 @@ def is_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-@functools.partial(jax.jit, static_argnames="config")
-def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, config: ModelConfig) -> jax.Array:
+ApplyFn = Callable[[dict, jax.Array], jax.Array]        # (params, tokens (B, T)) -> logits (B, T, V)
+
+
+@functools.partial(jax.jit, static_argnames="apply_fn")
+def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, apply_fn: ApplyFn) -> jax.Array:
     """windows (B, T + 1), weights (B,) -> sum over rows of weight * mean token loss of the row."""
-    logits = model.apply(params, windows[:, :-1], config=config)                       # (B, T, V)
+    logits = apply_fn(params, windows[:, :-1])                                        # (B, T, V)
     return jnp.sum(model.token_losses(logits, windows[:, 1:]).mean(axis=1) * weights)
 
 
-def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig, batch_size: int = 64) -> float:
+def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig | None = None, apply_fn: ApplyFn | None = None,
+             batch_size: int = 64) -> float:
     """Mean next-token loss over all windows (W, T + 1), in fixed-size batches (the last
     one padded with zero-weight rows, so one compiled shape serves every batch).
+
+    The model is the library's for `config`, or any `apply_fn(params, tokens) -> logits`
+    (a model of one's own; pass the same function object each time, or it compiles again).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
@@ -200,11 +266,14 @@ def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig, batch_si
         >>> evaluate(model.init(jax.random.key(0), cfg), windows, config=cfg, batch_size=2) > 0
         True
     """
+    if (config is None) == (apply_fn is None):
+        raise TypeError("evaluate needs exactly one of config= (the library's model) and apply_fn=")
+    apply_fn = apply_fn or model.apply_fn(config)
     total = 0.0
     for start in range(0, len(windows), batch_size):
-        chunk = windows[start:start + batch_size]
+        chunk = np.asarray(windows[start:start + batch_size])
         weights = np.zeros(batch_size, np.float32)
         weights[:len(chunk)] = 1.0
         chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), chunk.dtype)])
-        total += float(_window_loss_sum(params, jnp.asarray(chunk), jnp.asarray(weights), config=config))
+        total += float(_window_loss_sum(params, jnp.asarray(chunk), jnp.asarray(weights), apply_fn=apply_fn))
     return total / len(windows)

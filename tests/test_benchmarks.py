@@ -119,13 +119,13 @@ def test_gpu_script_runs_every_step_at_toy_sizes_and_every_field_and_option_arri
     real_step, real_generate = run.train.train_step, run.gen.generate
 
     class Spy:
-        def lower(self, state, batch, *, model_config, train_config):
+        def lower(self, state, batch, *, model_config, **settings):
             seen.append(model_config)
-            return real_step.lower(state, batch, model_config=model_config, train_config=train_config)
+            return real_step.lower(state, batch, model_config=model_config, **settings)
 
-        def __call__(self, state, batch, *, model_config, train_config):
+        def __call__(self, state, batch, *, model_config, **settings):
             seen.append(model_config)
-            return real_step(state, batch, model_config=model_config, train_config=train_config)
+            return real_step(state, batch, model_config=model_config, **settings)
 
     def generate(*args, config, **kwargs):
         seen.append(config)

@@ -35,7 +35,7 @@ def _optax_promotion():
 
 
 def _save(run_dir, key, step=3):
-    state = train.init_state(key, MC, TC)._replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    state = train.init_state(key, MC, TC.optimizer)._replace(step=jax.numpy.asarray(step, jax.numpy.int32))
     checkpoint.save(str(run_dir), state, model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
     return state
 

@@ -3,6 +3,7 @@ help. Every bad input is in tests/test_faults.py."""
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minitx_fn import checkpoint, data, plot, runs
-from minitx_fn.cli import PRESETS, build_parser
+from minitx_fn.cli import build_parser
+from minitx_fn.defaults import PRESETS
 from tests.helpers import TINY, assert_one_error_line, run_main, user_env
 
 @pytest.fixture(autouse=True)
@@ -74,17 +76,18 @@ def test_resumed_run_logs_the_same_losses_bit_for_bit(capsys):
     np.testing.assert_array_equal(a["head"]["w"], b["head"]["w"])
 
 
-def test_a_run_saved_in_format_3_resumes_and_is_saved_in_format_4(capsys):
+def test_a_run_saved_in_format_3_resumes_and_is_saved_in_format_5(capsys):
     """Runs saved before learned positions, tied heads and imports (format 3) go on."""
     import json
     assert run_main(capsys, "train", *TINY, "--steps", "2", "--out", "old")[0] == 0
     meta = json.load(open("old/checkpoint/meta.json"))
-    meta["format_version"] = 3
+    meta["format_version"], meta["data"] = 3, None          # format 3 wrote null for the built-in corpus
     del meta["origin"], meta["model_config"]["positions"], meta["model_config"]["tie_embeddings"]
     json.dump(meta, open("old/checkpoint/meta.json", "w"))
     code, out, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
     assert code == 0, err
-    assert json.load(open("old/checkpoint/meta.json"))["format_version"] == checkpoint.FORMAT_VERSION == 4
+    meta = json.load(open("old/checkpoint/meta.json"))
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 5 and meta["data"] == {"builtin": True}
 
 
 def test_generate_command(capsys, hello_run):
@@ -152,7 +155,8 @@ def test_every_flag_has_help_with_its_default_and_every_command_has_examples():
                 continue
             assert action.help, f"{name} {action.option_strings} has no help"
     helps = {a.option_strings[0]: a.help for a in commands["train"]._actions if a.option_strings}
-    for flag, value in (("--steps", PRESETS["hello"]["steps"]), ("--batch-size", PRESETS["shakespeare-baby"]["batch_size"]),
+    for flag, value in (("--steps", PRESETS["hello"]["train"]["steps"]),
+                        ("--batch-size", PRESETS["shakespeare-baby"]["train"]["batch_size"]),
                         ("--layers", 2), ("--seed", 0), ("--eval-every", 250), ("--log-every", 100)):
         assert "default" in helps[flag] and str(value) in helps[flag], (flag, helps[flag])
     assert "--steps" in commands["train"].format_help() and "examples:" in commands["generate"].format_help()
@@ -207,39 +211,32 @@ def test_the_recorded_checksum_is_tiny_shakespeares(capsys):
     assert len(open("ts.txt", encoding="utf-8").read()) == 1_115_394
 
 
-def test_shakespeare_char_preset_is_nanogpts_gpu_recipe(capsys, monkeypatch, rng):
+def test_shakespeare_char_preset_is_nanogpts_gpu_recipe(rng):
     """The preset's configs, as planned (the run itself is the GPU script's job: on two
     CPU cores its 5000 steps take hours)."""
-    from minitx_fn import cli
-    plans = []
-    monkeypatch.setattr(cli, "_run", lambda args, plan, *rest: plans.append(plan) or 0)
+    from minitx_fn import job
     open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not"], 3000)))
-    code, _, err = run_main(capsys, "train", "--data", "text.txt", "--preset", "shakespeare-char")
-    assert code == 0, err
-    mc, tc = plans[0].model_config, plans[0].train_config
+    plan = job.plan("text.txt", preset="shakespeare-char", log=io.StringIO())
+    mc, tc = plan.model_config, plan.train_config
     assert (mc.n_layers, mc.n_heads, mc.d_model, mc.max_len, mc.dropout) == (6, 6, 384, 256, 0.2)
     assert (tc.batch_size, tc.steps, tc.lr, tc.warmup, tc.min_lr) == (64, 5000, 1e-3, 100, 1e-4)
     assert (tc.b1, tc.b2, tc.weight_decay, tc.grad_clip) == (0.9, 0.99, 0.1, 1.0)
 
 
 @pytest.mark.parametrize("preset", ["shakespeare-baby", "shakespeare-char"])
-def test_a_lower_lr_brings_the_presets_final_lr_down_with_it(capsys, monkeypatch, rng, preset):
-    """No preset fixes min_lr: it is --lr / 10, so --lr below the preset's floor is a
-    valid run, not an error about a flag the user never typed."""
-    from minitx_fn import cli
-    plans = []
-    monkeypatch.setattr(cli, "_run", lambda args, plan, *rest: plans.append(plan) or 0)
+def test_a_lower_lr_brings_the_presets_final_lr_down_with_it(rng, preset):
+    """No preset fixes min_lr: it is lr / 10, so an lr below the preset's floor is a
+    valid run, not an error about a setting the user never gave."""
+    from minitx_fn import job
     open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not"], 3000)))
-    code, _, err = run_main(capsys, "train", "--data", "text.txt", "--preset", preset, "--lr", "5e-5")
-    assert code == 0, err
-    assert (plans[0].train_config.lr, plans[0].train_config.min_lr) == (5e-5, 5e-5 / 10)
+    plan = job.plan("text.txt", preset=preset, training={"lr": 5e-5}, log=io.StringIO())
+    assert (plan.train_config.lr, plan.train_config.min_lr) == (5e-5, 5e-5 / 10)
 
 
 @given(run_dir=st.text(min_size=1, max_size=12), prompt=st.text(min_size=1, max_size=12))
 def test_next_step_commands_are_shell_words_that_give_back_the_run_and_prompt(run_dir, prompt):
     """Each printed command, split as a POSIX shell splits it, passes exactly this run
     directory and this prompt (spaces, quotes, $, ;, newlines, any Unicode)."""
-    import io
     import shlex
 
     from minitx_fn.cli import _next_steps

@@ -7,6 +7,7 @@ round-trip properties."""
 from __future__ import annotations
 
 import io
+import hashlib
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from minitx_fn import corpus, data, runs, train
 from minitx_fn.errors import DataError
-from minitx_fn.tokenizer import ByteTokenizer, CharTokenizer
+from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
 from tests.helpers import TINY, assert_one_error_line, run_main
 
 try:
@@ -119,10 +120,10 @@ def test_streamed_preparation_equals_encoding_the_whole_text(tmp_path_factory, k
     finally:
         corpus.CHUNK_BYTES = old
     tok = CharTokenizer.from_text(text) if kind == "char" else ByteTokenizer()
-    whole = tok.encode(data.read_text(path))
+    whole = tok.encode(_read(path))
     assert c.tokenizer == tok and c.ids.tolist() == whole.tolist()
-    assert c.boundary == len(data.split(whole)[0]) or len(whole) < 2
-    assert c.ids.dtype == np.uint8 and c.source["sha256"] == data.text_sha256(text)
+    assert c.boundary == (len(whole) * 9) // 10
+    assert c.ids.dtype == np.uint8 and c.source["sha256"] == hashlib.sha256(text.encode()).hexdigest()
 
 
 def test_the_cache_is_reused_when_valid_and_rebuilt_when_anything_is_off(tmp_path):
@@ -141,7 +142,7 @@ def test_the_cache_is_reused_when_valid_and_rebuilt_when_anything_is_off(tmp_pat
         edit()
         c, out = _prepare(path, cache)
         assert said in out and "preparing again" in out, out
-        expected = CharTokenizer.from_text(data.read_text(path)).encode(data.read_text(path))
+        expected = CharTokenizer.from_text(_read(path)).encode(_read(path))
         assert c.ids.tolist() == expected.tolist()
         assert "prepared before" in _prepare(path, cache)[1]
 
@@ -180,11 +181,24 @@ def test_the_cache_is_reused_when_valid_and_rebuilt_when_anything_is_off(tmp_pat
     rebuilt(edit_manifest(boundary=5), "boundary is not at 90%")
     rebuilt(lambda: os.remove(manifest), "holds no manifest")
     rebuilt(lambda: open(path, "a").write("more text"), "another version of")
-    # A resumed run's tokenizer that differs from the cached one: encoded again with it.
+    # A run's own tokenizer that differs from the one learned from the text (a fine-tuned
+    # run's): encoded with it into a folder of its own, beside the learned one, which a
+    # plain preparation still finds whole (it was overwritten before, and a later
+    # `--data FILE` trained with the other vocabulary).
     own = CharTokenizer.from_text(TEXT + "more text" + "#")
     c, out = _prepare(path, cache, tokenizer=own)
-    assert "another tokenizer" in out and c.tokenizer == own
-    assert c.ids.tolist() == own.encode(data.read_text(path)).tolist()
+    assert "Data: prepared" in out and c.tokenizer == own and c.folder != folder
+    assert c.ids.tolist() == own.encode(_read(path)).tolist()
+    plain, out = _prepare(path, cache)
+    assert "prepared before" in out and plain.folder == folder
+    assert plain.tokenizer == CharTokenizer.from_text(_read(path)) != own
+    assert "prepared before" in _prepare(path, cache, tokenizer=own)[1]          # found again, by its identity
+
+
+def _read(path) -> str:
+    """The whole file as text: the reference the streamed preparation must equal."""
+    with open(path, encoding="utf-8", newline="") as f:
+        return f.read()
 
 
 def test_a_killed_preparation_leaves_nothing_the_next_one_uses_and_is_cleared(tmp_path):
@@ -218,12 +232,13 @@ def test_bad_text_is_one_error_with_the_absolute_offset(tmp_path, content, said)
 
 @given(text=st.text(alphabet="ab \n", max_size=300), piece=st.sampled_from([4, 16]))
 def test_bpe_pieces_join_back_and_stay_bounded_without_newlines(text, piece):
-    old = corpus.BPE_PIECE_CHARS, corpus.BPE_HARD_CUT_CHARS
-    corpus.BPE_PIECE_CHARS, corpus.BPE_HARD_CUT_CHARS = piece, 3
+    from minitx_fn import tokenizer as ours
+    old = ours.BPE_PIECE_CHARS, ours.BPE_HARD_CUT_CHARS
+    ours.BPE_PIECE_CHARS, ours.BPE_HARD_CUT_CHARS = piece, 3
     try:
-        pieces = corpus._bpe_pieces(text)
+        pieces = BPETokenizer.pieces(text)
     finally:
-        corpus.BPE_PIECE_CHARS, corpus.BPE_HARD_CUT_CHARS = old
+        ours.BPE_PIECE_CHARS, ours.BPE_HARD_CUT_CHARS = old
     assert "".join(pieces) == text and all(pieces)
     assert all(len(p) <= 2 * piece for p in pieces)
 

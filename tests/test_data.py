@@ -1,8 +1,6 @@
-"""Reading text, splitting it, batches and validation windows."""
+"""The built-in corpus, the train/validation split, batches and validation windows."""
 
 from __future__ import annotations
-
-import hashlib
 
 import jax
 import numpy as np
@@ -10,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import data
+from minitx_fn import corpus, data
 from minitx_fn.errors import DataError
 
 
@@ -20,29 +18,12 @@ def test_builtin_text_is_the_corpus_cycle():
     assert data.BUILTIN_CORPUS == "hello world! hello jax! hello flax! "
 
 
-def test_read_text_and_its_errors(tmp_path):
-    (tmp_path / "a.txt").write_text("héllo", encoding="utf-8")
-    assert data.read_text(str(tmp_path / "a.txt")) == "héllo"
-    for path, match in ((tmp_path / "missing", "does not exist"), (tmp_path, "is a directory")):
-        with pytest.raises(DataError, match=match):
-            data.read_text(str(path))
-    (tmp_path / "empty").write_text("")
-    with pytest.raises(DataError, match="is empty"):
-        data.read_text(str(tmp_path / "empty"))
-    (tmp_path / "latin1").write_bytes(b"caf\xe9")
-    with pytest.raises(DataError, match="not UTF-8.*offset 3"):
-        data.read_text(str(tmp_path / "latin1"))
-
-
-def test_text_sha256_is_the_sha256_of_the_utf8_bytes():
-    assert data.text_sha256("héllo") == hashlib.sha256("héllo".encode()).hexdigest()
-
-
 @given(n=st.integers(1, 500))
-def test_split_keeps_every_token_once_in_order(n):
-    ids = np.arange(n)
-    train, val = data.split(ids)
-    assert len(train) == int(0.9 * n) and np.array_equal(np.concatenate([train, val]), ids)
+def test_the_training_part_is_the_largest_at_most_nine_tenths(n):
+    """corpus.train_boundary(n) = b: b / n <= 0.9 < (b + 1) / n, in exact rationals."""
+    from fractions import Fraction
+    b = corpus.train_boundary(n)
+    assert Fraction(b, n) <= Fraction(9, 10) < Fraction(b + 1, n)
 
 
 @given(n=st.integers(2, 300), t=st.integers(1, 20))

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--width", "32", "--layers", "2", "--heads", "2", "--context", "16", "--batch-size", "8", "--warmup", "0", "--lr", "1e-3",
-        "--log-every", "1", "--save-every", "3", "--decay-steps", "100"]
+MODEL = ["--width", "32", "--layers", "2", "--heads", "2", "--context", "16"]
+OPTIMISER = ["--batch-size", "8", "--warmup", "0", "--lr", "1e-3"]
+TINY = [*MODEL, *OPTIMISER, "--log-every", "1", "--save-every", "3", "--decay-steps", "100"]
 
 
 def _env(devices: int) -> dict:
@@ -50,13 +51,13 @@ def test_four_devices_equal_one_device_after_three_steps():
         init_key, data_key, _ = train.keys(0)
 
         def run(mesh, fsdp):
-            state = train.init_state(init_key, mc, tc)
-            d, step, sample = ids, functools.partial(train.train_step, model_config=mc, train_config=tc), train.batch_at
+            state = train.init_state(init_key, mc, tc.optimizer)
+            d, step, sample = ids, functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer), train.batch_at
             if mesh is not None:
                 shardings = distributed.state_shardings(state, mesh, fsdp)
                 state = distributed.put_global(jax.device_get(state), shardings)
                 d = distributed.put_global(np.asarray(ids), distributed.replicated(mesh))
-                step = distributed.data_parallel(train.step_fn(mc, tc), mesh, shardings)
+                step = distributed.data_parallel(train.step_fn(mc, tc.optimizer), mesh, shardings)
                 sample = distributed.sharded_batch_at(mesh)
             for _ in range(3):
                 state, _ = step(state, sample(d, data_key, state.step, batch_size=8, context=16))
@@ -106,13 +107,13 @@ def _losses(path):
 
 
 def test_devices_must_divide_the_batch(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "minitx_fn", "train", *TINY[:8], "--batch-size", "6", "--devices", "4",
+    done = subprocess.run([sys.executable, "-m", "minitx_fn", "train", *MODEL, "--batch-size", "6", "--devices", "4",
                            "--steps", "2"], env=_env(4), cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "must be divisible by the 4 devices" in done.stderr
 
 
-PREEMPTIBLE = [*TINY[:-6], "--log-every", "1", "--save-every", "1000", "--decay-steps", "1000", "--steps", "100000",
-               "--heartbeat-timeout", "5"]
+RUN_LONG = [*MODEL, *OPTIMISER, "--log-every", "1", "--save-every", "1000", "--decay-steps", "1000"]
+PREEMPTIBLE = [*RUN_LONG, "--steps", "100000", "--heartbeat-timeout", "5"]
 
 
 def _start_pair(tmp_path, out: str):
@@ -151,7 +152,7 @@ def test_two_processes_equal_one_and_sigterm_to_one_preempts_both_at_one_step(tm
     assert "Step" not in procs[1].stdout.read()           # only process 0 reports
     step = json.load(open(tmp_path / "pre/checkpoint/meta.json"))["step"]
     assert step >= 3
-    _finish([_train(tmp_path, *PREEMPTIBLE[:-4], "--steps", str(step + 3), "--out", "ref")])
+    _finish([_train(tmp_path, *RUN_LONG, "--steps", str(step + 3), "--out", "ref")])
     out, _ = _finish([_train(tmp_path, "--resume", "pre", "--steps", str(step + 3))])[0]
     assert f"Resuming pre from step {step}" in out
     both, one = _losses(tmp_path / "pre/metrics.jsonl"), _losses(tmp_path / "ref/metrics.jsonl")
@@ -160,8 +161,9 @@ def test_two_processes_equal_one_and_sigterm_to_one_preempts_both_at_one_step(tm
 
 
 def test_a_dead_process_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_path):
-    """kill -9 of process 1: process 0 stops within the heartbeat timeout (5 s here) plus
-    a margin, with its last checkpoint whole; one process resumes it."""
+    """kill -9 of process 1: process 0 stops on its own (within the heartbeat timeout, 5 s
+    here; a survivor still running when _wait's limit ends fails the test), with its
+    last checkpoint whole; one process resumes it."""
     argv = [a if a != "1000" else "2" for a in PREEMPTIBLE]                  # save every 2 steps
     port = _free_port()
     procs = [_train(tmp_path, *argv, "--out", "dead", devices=2, process_id=i, port=port) for i in range(2)]
@@ -169,9 +171,7 @@ def test_a_dead_process_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_
         if line.startswith("Step 4,"):
             break
     procs[1].kill()
-    killed_at = time.monotonic()
-    code, err = _wait(procs[:1], timeout=120)[0]
-    assert time.monotonic() - killed_at < 5 + 60, "the survivor did not stop in bounded time"
+    code, err = _wait(procs[:1], timeout=120)[0]           # subprocess.TimeoutExpired if it never stops
     assert code != 0
     step = json.load(open(tmp_path / "dead/checkpoint/meta.json"))["step"]
     out, _ = _finish([_train(tmp_path, "--resume", "dead", "--steps", str(step + 2))])[0]   # loads: checksums hold

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, cli, data, plot, runs
+from minitx_fn import checkpoint, cli, data, generate, job, plot, runs
 from tests.helpers import TINY, assert_one_error_line, run_main, standard_promotion
 
 RUN = [*TINY, "--log-every", "10", "--save-every", "20", "--max-new-tokens", "5"]
@@ -146,7 +147,7 @@ CASES = [
     ("resume a finished run", _nothing, ["train", "--resume", "builtin", "--steps", "20"], ["already at step 20"],
      "builtin", 2),
     ("resume when the data file is gone", lambda w: os.rename("text.txt", "moved.txt"),
-     ["train", "--resume", "text", "--steps", "30"], ["is gone", "pass --data with its new path"], "text", 2),
+     ["train", "--resume", "text", "--steps", "30"], ["is gone", "if it moved, pass --data NEW_PATH"], "text", 2),
     ("resume when the data file was edited", lambda w: open("text.txt", "a").write(" more"),
      ["train", "--resume", "text", "--steps", "30"], ["changed since the run trained on it"], "text", 2),
     ("resume with other data", lambda w: open("other.txt", "w").write("to be " * 200),
@@ -280,11 +281,7 @@ def test_multi_process_variables_are_read_only_by_a_multi_process_run(work, caps
     assert run_main(capsys, "generate", "--checkpoint", "builtin", "--prompt", "h", "--max-new-tokens", "2")[0] == 0
     monkeypatch.setenv("MINITX_COORDINATOR", "127.0.0.1:1")
     code, _, err = run_main(capsys, "train", "--resume", "builtin", "--steps", "22")
-    assert_one_error_line(code, err, "MINITX_NUM_PROCESSES", "'abc' is not a whole number", status=2)
-
-
-def test_catalogue_is_at_least_forty_cases():
-    assert len(CASES) >= 40
+    assert_one_error_line(code, err, "MINITX_NUM_PROCESSES", "'abc' is not a valid --num-processes", status=2)
 
 
 # ----------------------------------------------------------------------------- faults during training
@@ -301,7 +298,7 @@ def test_a_full_disk_during_a_save_keeps_the_last_good_checkpoint(work, capsys, 
     monkeypatch.setattr(checkpoint, "_write", full)
     code, _, err = run_main(capsys, "train", "--resume", "builtin", "--steps", "40")
     assert_one_error_line(code, err, "No space left on device", "last good checkpoint (step 20)",
-                          "minitx train --resume builtin", status=1)
+                          "continue with --resume builtin", status=1)
     monkeypatch.setattr(checkpoint, "_write", real)
     intact.assert_unchanged()
     assert not [n for n in os.listdir("builtin") if n.startswith(runs.TEMPORARY_PREFIX)]
@@ -492,7 +489,7 @@ def test_fuzzed_train_flags_exit_zero_or_two_never_a_traceback(tmp_path, capsys,
     """Random values for random flags of `minitx train`: every check runs; where all pass,
     the run itself is replaced by a stub (exit 0), so the fuzzing trains nothing."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(cli, "_run", lambda *args: 0)
+    monkeypatch.setattr(job, "run", lambda *args, **kwargs: types.SimpleNamespace(stopped_by=None, sample=None))
     argv = ["train"] + [part for flag, value in flags for part in (flag, value)]
     code, _, err = run_main(capsys, *argv)
     assert code in (0, 2), (argv, err)
@@ -507,7 +504,7 @@ def test_fuzzed_train_flags_exit_zero_or_two_never_a_traceback(tmp_path, capsys,
 @given(flags=st.lists(st.tuples(st.sampled_from(["--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed",
                                                  "--stop", "--prompt"]), FLAG_VALUES), max_size=4))
 def test_fuzzed_generate_flags_exit_zero_or_two_never_a_traceback(saved_runs, capsys, monkeypatch, flags):
-    monkeypatch.setattr(cli, "_generate_text", lambda *args: "")
+    monkeypatch.setattr(generate, "generate", lambda *args, **kwargs: [np.zeros(0, np.int32)])
     argv = ["generate", "--checkpoint", str(saved_runs / "builtin"), "--prompt", "hello"]
     argv += [part for flag, value in flags for part in (flag, value)]
     code, _, err = run_main(capsys, *argv)

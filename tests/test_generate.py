@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from minitx_fn import generate as gen
 from minitx_fn import model
 from minitx_fn.config import ModelConfig
-from minitx_fn.sampling import GREEDY, Sampler
-from tests.helpers import enable_x64
+from minitx_fn.sampling import Sampler
+from tests.helpers import count_calls, enable_x64
 
 CFG = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.5)
 PARAMS = model.init(jax.random.key(11), CFG)
@@ -83,16 +83,25 @@ def test_cached_sampling_equals_recompute_with_the_same_keys(dtype, key):
 # ----------------------------------------------------------------------------- rows are independent
 
 
-def test_float64_generation_runs():
-    """Reproduction of issue 13: generate failed whenever jax_enable_x64 was on."""
+def test_float64_generation_is_the_numpy_model_and_x64_leaves_float32_alone():
+    """Issue 13: generate failed whenever jax_enable_x64 was on. In float64 every logit a
+    token was drawn from equals the NumPy model's over the whole context (1e-12 of its
+    scale); a float32 model decodes the same tokens with 64-bit JAX on as off."""
+    from tests import numpy_model
+    f32 = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8, init_std=0.5)
     with enable_x64():
-        cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8, dtype="float64", param_dtype="float64")
-        out = gen.generate(model.init(jax.random.key(0), cfg), [[1, 2]], config=cfg, key=jax.random.key(1),
-                           max_new_tokens=4)
-        f32 = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)          # x64 on, float32 model
-        out32 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], config=f32, key=jax.random.key(1),
-                             max_new_tokens=4)
-    assert out[0].shape == out32[0].shape == (4,)
+        cfg = f32.replace(dtype="float64", param_dtype="float64")
+        params = model.init(jax.random.key(0), cfg)
+        [out], [logits] = gen.generate(params, [[1, 2]], config=cfg, max_new_tokens=4, return_logits=True)
+        out32_x64 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], config=f32, max_new_tokens=4)[0]
+    out32 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], config=f32, max_new_tokens=4)[0]
+    np.testing.assert_array_equal(out32_x64, out32)
+    host, context = jax.device_get(params), [1, 2]
+    for token, row in zip(out, logits):
+        expected = numpy_model.logits(host, context, n_heads=2)[-1]
+        assert np.abs(row - expected).max() <= 1e-12 * np.abs(expected).max()
+        assert token == expected.argmax()
+        context.append(int(token))
 
 
 def test_short_row_keeps_its_context_when_a_long_row_slides():
@@ -166,7 +175,7 @@ def test_sampling_is_a_function_of_the_key(key):
 
 
 def test_greedy_ignores_the_key(key):
-    a = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=5, sampler=GREEDY)
+    a = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=5, sampler=Sampler(temperature=0.0))
     b = gen.generate(PARAMS, [[1, 2]], config=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=5)
     np.testing.assert_array_equal(a[0], b[0])
 
@@ -183,18 +192,18 @@ def test_stop_sequence_ends_a_row_and_the_loop(key):
     np.testing.assert_array_equal(stopped, first[:first_end])
 
 
-def test_one_compiled_loop_for_every_token_position_and_prompt_in_a_bucket(key):
+def test_one_compiled_loop_for_every_token_position_and_prompt_in_a_bucket(key, monkeypatch):
     """The decode loop compiles once per (batch size, prompt bucket, settings): prompts
     at the start and at the end of the window, and 20 tokens that slide it, reuse it."""
     cfg = CFG.replace(init_std=0.49)                       # a config no other test uses: a fresh jit cache entry
     params = model.init(key, cfg)
-    before = gen._decode._cache_size()
+    traces = count_calls(monkeypatch, gen, "row_keys")     # called once in the body of _decode: once per trace
     gen.generate(params, [[1, 2, 3]], config=cfg, key=key, max_new_tokens=20)
     gen.generate(params, [[4, 5, 6, 7, 1]], config=cfg, key=key, max_new_tokens=20)       # same bucket (8)
     gen.generate(params, [[1] * 8], config=cfg, key=key, max_new_tokens=20)                # a full window
-    assert gen._decode._cache_size() - before == 1
+    assert len(traces) == 1
     gen.generate(params, [[1, 2], [3, 4, 5]], config=cfg, key=key, max_new_tokens=20)      # batch 2: a new shape
-    assert gen._decode._cache_size() - before == 2
+    assert len(traces) == 2
 
 
 def test_bucket_lengths():

@@ -32,14 +32,16 @@ def _optax_promotion():
 def run(tc=TC, state=None, step=None, mc=MC, **kwargs):
     """fit on the 13-token cycle from a fresh state (or `state`), with train_step (or `step`)."""
     init_key, data_key, _ = train.keys(tc.seed)
-    state = train.init_state(init_key, mc, tc) if state is None else state
-    step = step or functools.partial(train.train_step, model_config=mc, train_config=tc.step_config)
+    state = train.init_state(init_key, mc, tc.optimizer) if state is None else state
+    step = step or functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer)
 
     def next_batch(s):
         return train.batch_at(DATA, data_key, s, batch_size=tc.batch_size, context=mc.max_len)
 
     kwargs.setdefault("out", io.StringIO())
-    return loop.fit(state, step=step, next_batch=next_batch, model_config=mc, train_config=tc, **kwargs)
+    return loop.fit(state, step=step, next_batch=next_batch, steps=tc.steps, log_every=tc.log_every,
+                    eval_every=tc.eval_every, save_every=tc.save_every, tokens_per_step=tc.batch_size * mc.max_len,
+                    **kwargs)
 
 
 def test_every_evaluation_reaches_the_log_and_the_metrics(tmp_path):
@@ -64,7 +66,7 @@ def test_the_loss_of_a_record_is_the_mean_since_the_previous_record():
     losses = []
 
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, train_config=TC)
+        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.optimizer)
         losses.append(float(metrics["loss"]))
         return state, metrics
 
@@ -86,7 +88,7 @@ def test_non_finite_parameters_never_reach_a_save():
     (issue 12: --lr 1e300 saved infinities and called them the last good checkpoint):
     the save of that step is refused, and the one before it stands."""
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, train_config=TC)
+        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.optimizer)
         if int(state.step) == 3:
             params = jax.tree.map(lambda a: a, state.params)
             params["head"]["b"] = params["head"]["b"].at[0].set(jnp.inf)
@@ -102,7 +104,7 @@ def test_non_finite_parameters_never_reach_a_save():
 def _signal_at(step_number: int, signum: int):
     """A step function that sends `signum` to this process after step `step_number`."""
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, train_config=TC.replace(steps=1000))
+        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.replace(steps=1000).optimizer)
         if int(state.step) == step_number:
             os.kill(os.getpid(), signum)
         return state, metrics

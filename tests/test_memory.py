@@ -26,7 +26,7 @@ def test_param_count_equals_the_initialised_model(v, heads, per_head, layers, d_
 
 def test_estimates_are_lower_bounds_of_the_real_arrays():
     cfg = ModelConfig(vocab_size=13, d_model=32, n_heads=2, n_layers=2, max_len=16)
-    state = jax.eval_shape(lambda: train.init_state(jax.random.key(0), cfg, TrainConfig()))
+    state = jax.eval_shape(lambda: train.init_state(jax.random.key(0), cfg, TrainConfig().optimizer))
     state_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(state))
     # params + two Adam moments exist for certain; gradients and activations come on top.
     assert memory.training_bytes(cfg, 8) >= state_bytes

@@ -54,33 +54,3 @@ def test_greedy_generation_equals_numpy_argmax_over_full_recompute(lengths, opti
     host = jax.device_get(params)
     for prompt, row in zip(prompts, ids):
         assert row.tolist() == numpy_model.greedy(host, prompt.tolist(), 40, n_heads=2, max_len=8)
-
-
-def test_the_readme_snippet_reads_a_run_with_numpy_alone(tmp_path, monkeypatch, capsys, key):
-    """The README's checkpoint snippet, run as written, on a saved run: its logits equal
-    model.apply's, so its printed next character is the model's greedy choice."""
-    import os
-    import re
-    import sys
-
-    from minitx_fn import checkpoint, data, train
-    from minitx_fn.config import TrainConfig
-    from minitx_fn.tokenizer import CharTokenizer
-    from tests.helpers import standard_promotion
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme = open(os.path.join(root, "README.md")).read()
-    snippet = re.search(r"<!-- numpy-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
-    tok = CharTokenizer.from_text(data.builtin_text())
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=2, max_len=16, init_std=0.5)
-    with standard_promotion():
-        state = train.init_state(key, cfg, TrainConfig())
-    checkpoint.save(str(tmp_path / "runs" / "hello-001"), state, model_config=cfg, train_config=TrainConfig(),
-                    tokenizer=tok)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(root)
-    exec(compile(snippet, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    ids = np.asarray(tok.encode("hello"))[None]
-    expected = tok.chars[int(np.argmax(np.asarray(model.apply(state.params, ids, config=cfg))[0, -1]))]
-    assert printed.strip() == f"after 'hello' comes {expected!r}"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn.sampling import GREEDY, MIN_TEMPERATURE, Sampler, greedy, top_k_mask, top_p_mask
+from minitx_fn.sampling import MIN_TEMPERATURE, Sampler, greedy, top_k_mask, top_p_mask
 
 V_CHOICES = st.sampled_from([5, 17])
 SEEDS = st.integers(0, 2**31 - 1)
@@ -24,7 +24,7 @@ def _logits(seed: int, v: int, b: int = 3, ties: bool = False) -> jax.Array:
 def test_greedy_is_argmax(v, seed):
     logits = _logits(seed, v)
     np.testing.assert_array_equal(greedy(logits, None), np.argmax(np.asarray(logits), axis=-1))
-    np.testing.assert_array_equal(GREEDY(logits, jax.random.key(seed)), greedy(logits))
+    np.testing.assert_array_equal(Sampler(temperature=0.0)(logits, jax.random.key(seed)), greedy(logits))
 
 
 @given(v=V_CHOICES, k=st.sampled_from([1, 2, 4]), seed=SEEDS, ties=st.booleans())

@@ -11,7 +11,7 @@ import pytest
 
 from minitx_fn import data, model, train
 from minitx_fn.config import ModelConfig, TrainConfig
-from tests.helpers import standard_promotion
+from tests.helpers import count_calls, standard_promotion
 
 MC = ModelConfig(vocab_size=13, d_model=16, n_heads=2, n_layers=1, max_len=8)
 TC = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=2, log_every=5, eval_every=10, save_every=10)
@@ -25,7 +25,7 @@ def _optax_promotion():
 
 def test_schedule_by_hand():
     tc = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup=10)
-    f = train.learning_rate_schedule(tc)
+    f = train.learning_rate_schedule(tc.optimizer)
     assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5) and float(f(10)) == pytest.approx(1.0)
     # Cosine from 1 to 0.1 over steps 10..100: halfway (step 55) is 0.55.
     assert float(f(55)) == pytest.approx(0.55, abs=1e-6) and float(f(100)) == pytest.approx(0.1)
@@ -37,18 +37,20 @@ def test_weight_decay_only_on_matrices_and_embedding():
     assert not mask["head"]["b"] and not mask["ln_f"]["scale"] and not mask["blocks"]["ln1"]["bias"]
 
 
-def test_train_step_compiles_once_and_learns(key):
+def test_train_step_compiles_once_and_learns(key, monkeypatch):
     ids = jnp.asarray(np.tile(np.arange(13, dtype=np.int32), 20))          # a cycle: perfectly learnable
     init_key, data_key = jax.random.split(key)
-    tc = TC.replace(steps=60)
-    state = train.init_state(init_key, MC, tc)
+    tc = TC.replace(steps=60, batch_size=5, lr=1.1e-2)     # settings no other test compiles: traced here
+    state = train.init_state(init_key, MC, tc.optimizer)
+    # Traced once each: train_step calls step_fn, batch_at calls sample_batch, while tracing only.
+    step_traces, batch_traces = count_calls(monkeypatch, train, "step_fn"), count_calls(monkeypatch, train, "sample_batch")
     losses, compiled = [], []
     for _ in range(60):
         batch = train.batch_at(ids, data_key, state.step, batch_size=tc.batch_size, context=MC.max_len)
-        state, metrics = train.train_step(state, batch, model_config=MC, train_config=tc)
+        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=tc.optimizer)
         losses.append(float(metrics["loss"]))
-        compiled.append((train.train_step._cache_size(), train.batch_at._cache_size()))
-    assert len(set(compiled)) == 1                      # nothing compiled after the first step
+        compiled.append((len(step_traces), len(batch_traces)))
+    assert set(compiled) == {(1, 1)}                    # traced at the first step, never again
     assert int(state.step) == 60
     assert losses[0] > math.log(13) - 0.5 and losses[-1] < 0.5 * losses[0]
 
@@ -56,19 +58,19 @@ def test_train_step_compiles_once_and_learns(key):
 def test_train_step_equals_value_and_grad_plus_optax(key, rng):
     """The jitted step is exactly loss -> grad -> the optimiser, written out by hand here."""
     import optax
-    state = train.init_state(key, MC, TC)
+    state = train.init_state(key, MC, TC.optimizer)
     x = rng.integers(0, 13, (4, 8)).astype(np.int32)
     y = np.roll(x, -1, axis=1)
 
     @jax.jit                              # jitted only for speed; jit == no jit is tested elsewhere
     def by_hand(params):
         loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=MC)
-        opt = train.make_optimizer(TC)
+        opt = train.make_optimizer(TC.optimizer)
         updates, _ = opt.update(grads, opt.init(params), params)
         return loss, optax.apply_updates(params, updates), optax.tree.norm(grads)
 
     loss, expected, grad_norm = by_hand(state.params)
-    new_state, metrics = train.train_step(jax.tree.map(jnp.copy, state), (x, y), model_config=MC, train_config=TC)
+    new_state, metrics = train.train_step(jax.tree.map(jnp.copy, state), (x, y), model_config=MC, optimizer_config=TC.optimizer)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state.params, expected)
@@ -124,7 +126,7 @@ def test_dropout_is_off_without_a_rate_and_fresh_at_every_step(key, rng):
     np.testing.assert_array_equal(apply(params, x, config=MC, key=key), apply(params, x, config=MC))
     dropped = MC.replace(dropout=0.3)
     np.testing.assert_array_equal(apply(params, x, config=dropped), apply(params, x, config=MC))   # no key: no drop
-    step = jax.jit(train.step_fn(dropped, TC))
-    state = train.init_state(key, dropped, TC)
+    step = jax.jit(train.step_fn(dropped, TC.optimizer))
+    state = train.init_state(key, dropped, TC.optimizer)
     at = [float(step(state._replace(step=jnp.int32(s)), (x, y))[1]["loss"]) for s in (0, 1, 0)]
     assert at[0] != at[1] and at[0] == at[2]

@@ -29,9 +29,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from minitx_fn import defaults
 from minitx_fn.layers import at_least_float32, dropout, linear
 
-IMPLS = ("einsum", "dot_product_attention")
+IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "dot_product_attention"
 
 
 class KVCache(NamedTuple):

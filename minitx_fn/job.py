@@ -1,0 +1,580 @@
+"""The whole training job as one function of values: what `minitx train` runs.
+
+    result = job.train("input.txt", model={"d_model": 128, "n_layers": 4}, training={"steps": 2000})
+    result.run_dir, result.records, result.sample          # the run directory, its metrics, a sample
+    generate.complete(result, "ROMEO:")                     # continue a text with the trained model
+
+`train` = `run(plan(...))`. `plan` checks every input and prepares the data before
+anything of a run is written: the tokenizer and token ids (a text file prepared once
+into the cache, a text or ids in memory, or the built-in corpus), the model and
+training configs (a preset's values, overridden by what is given), a new run
+directory or the run to resume, the validation sample, where batches come from, and
+memory. `run` trains as planned into the run directory that `minitx generate`,
+`plot` and `--resume` read: it holds the run's lock, saves checkpoints, appends
+metrics.jsonl, draws loss.png (with matplotlib), and stops cleanly on SIGINT,
+SIGTERM or SIGHUP (a checkpoint at the current step; `Result.stopped_by`). It uses
+every device JAX sees (data-parallel; `devices`, `fsdp`), and several processes once
+`distributed.initialize` has joined them.
+
+Errors: bad input is an `errors.Error` naming the setting (the CLI renders it as a
+flag); a run that fails (a non-finite loss, a full disk) is `errors.RunFailed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from minitx_fn import checkpoint, corpus, data, defaults, distributed, generate, loop, memory, model, runs
+from minitx_fn import train as trainer          # the module; `train` below is the whole job
+from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.errors import ConfigError, DataError, Error, RunDirError, RunFailed, StorageError
+from minitx_fn.signals import StopSignals
+from minitx_fn.tokenizer import Tokenizer
+
+# What a resumed run may change; every other setting is the saved run's.
+RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "eval_tokens")
+RUNS_ROOT = "runs"                     # new runs go to RUNS_ROOT/<corpus name>-NNN unless run_dir says otherwise
+
+
+class Plan(NamedTuple):
+    """Everything a run will do, checked before anything of it is written."""
+
+    run_dir: str
+    resuming: bool
+    model_config: ModelConfig
+    train_config: TrainConfig
+    corpus: corpus.Corpus           # the tokenizer, the ids, their source
+    train_ids: np.ndarray           # (N,) token ids to sample batches from (maybe memory-mapped)
+    val_windows: data.Windows | None  # (W, T + 1) validation windows, None without a held-out split
+    batches: str                    # "device" (the ids held there) or "memmap" (gathered on the host)
+    state: trainer.TrainState | None  # the saved state when resuming
+    prompt: str | None              # the seed of the final sample, None for none
+    sample_tokens: int
+    devices: int | None             # data-parallel over the first N devices (None: all of them)
+    fsdp: bool                      # parameters and optimiser state split over the devices
+
+
+class Result(NamedTuple):
+    """What a run gives back. `params`, `config` and `tokenizer` make it a model that
+    `generate.complete(result, prompt)` continues."""
+
+    run_dir: str
+    state: trainer.TrainState         # the final state (gathered to every process in a multi-process run)
+    config: ModelConfig
+    train_config: TrainConfig
+    tokenizer: Tokenizer
+    records: list[dict]             # metrics.jsonl as it stands (empty in processes other than 0)
+    stopped_by: int | None          # the signal that stopped the run (after its checkpoint), or None
+    elapsed: float                  # seconds of training
+    prompt: str | None              # the seed of the final sample
+    sample: str | None              # the text generated after the prompt at the end (process 0)
+    picture: str | None             # loss.png, when matplotlib drew it
+
+    @property
+    def params(self) -> dict:
+        return self.state.params
+
+
+def train(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: str | None = None,
+          log=None, **settings) -> Result:
+    """Plan and run a training job (`plan` lists the settings), with SIGINT, SIGTERM and
+    SIGHUP as requests to save and stop from the first moment: `run(plan(...))`.
+
+    Example:
+        >>> import io, tempfile
+        >>> r = train(model={"d_model": 16, "n_layers": 1, "n_heads": 2, "max_len": 8},
+        ...           training={"steps": 20, "log_every": 10, "batch_size": 4}, run_dir=tempfile.mkdtemp() + "/r",
+        ...           sample_tokens=5, log=io.StringIO())
+        >>> int(r.state.step), [rec["step"] for rec in r.records], len(r.sample)
+        (20, [10, 20], 5)
+    """
+    log = log or sys.stdout
+    with StopSignals(forward_to_sigterm=jax.process_count() > 1) as signals:
+        return run(plan(data_path, text=text, log=log, **settings), log=log, signals=signals)
+
+
+def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: str | None = None,
+         model: ModelConfig | dict | None = None, training: TrainConfig | dict | None = None,
+         preset: str | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
+         cache_dir: str | None = None, run_dir: str | None = None, resume: str | None = None,
+         batches: str = "auto", devices: int | None = None, fsdp: bool = False, prompt: str | None = None,
+         sample_tokens: int = defaults.SAMPLE_TOKENS, log=None) -> Plan:
+    """Check every setting and prepare the data; nothing of a run is written yet.
+
+    Data (one of): `data_path`, a UTF-8 text file (prepared once into the cache,
+    `corpus.prepare`; `tokenizer` "char", "byte" or "bpe", `vocab_size` for bpe,
+    `cache_dir`), or a `corpus.Corpus` (`Corpus.from_ids` for ids of one's own); `text`,
+    a string; neither: the built-in corpus. A text's first 90% trains, the rest
+    validates (the built-in corpus has no held-out part).
+
+    Settings: `model`, a dict of ModelConfig fields (vocab_size comes from the
+    tokenizer) or a ModelConfig; `training`, a dict of TrainConfig fields or a
+    TrainConfig (eval_tokens "all" or None: the whole validation split; unset: all of
+    it up to defaults.DEFAULT_EVAL_TOKENS). A dict overrides the `preset`'s values
+    (defaults.PRESETS; default "hello" on the built-in corpus, "shakespeare-baby" on a
+    text), and an unset warm-up is at most a tenth of the run.
+
+    Run: `run_dir` for a new run (default runs/<corpus>-NNN, never one that holds a
+    run), or `resume` a saved run (the same data, wherever it lies now; `training` may
+    change only RESUMABLE fields, `model` must agree). `batches` "auto", "device" or
+    "memmap"; `devices`, `fsdp` (distributed.py). The final sample: `sample_tokens`
+    tokens after `prompt` (default: "hello" if the text's start holds it, else its
+    first character), checked before training; 0 for none.
+    """
+    log = log or sys.stdout
+    if data_path is not None and text is not None:
+        raise DataError("give the data as a path or a Corpus, or as text=, not both")
+    if batches not in defaults.BATCH_SOURCES:
+        raise ConfigError(f"{{batches}} is invalid: choose one of {list(defaults.BATCH_SOURCES)}",
+                          batches=("batches", batches))
+    if not (isinstance(sample_tokens, int) and 0 <= sample_tokens <= defaults.MAX_NEW_TOKENS):
+        raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
+                          n=("max_new_tokens", sample_tokens))
+    if resume is not None:
+        return _plan_resume(resume, data_path, text, model, training, preset, tokenizer, vocab_size, cache_dir,
+                            run_dir, batches, devices, fsdp, prompt, sample_tokens, log)
+    if run_dir is not None:
+        runs.check_new_run_dir(run_dir)                               # before preparing a large text
+    source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log)
+    mc, tc = configs(model, training, preset, vocab_size=source.tokenizer.vocab_size,
+                     has_data=source.source != corpus.BUILTIN_SOURCE)
+    run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
+    runs.check_new_run_dir(run_dir)
+    default_eval = training is None or (isinstance(training, dict) and "eval_tokens" not in training)
+    return _checked(run_dir, False, mc, tc, source, None, batches, devices, fsdp, prompt, sample_tokens,
+                    default_eval=default_eval)
+
+
+def configs(model: ModelConfig | dict | None, training: TrainConfig | dict | None, preset: str | None, *,
+            vocab_size: int, has_data: bool) -> tuple[ModelConfig, TrainConfig]:
+    """The configs of a new run: a preset's values overridden by the dicts given (or the
+    configs given, as they are). An unset warm-up is at most a tenth of the schedule.
+
+    Example:
+        >>> mc, tc = configs({"d_model": 32}, {"steps": 100}, None, vocab_size=13, has_data=False)
+        >>> mc.d_model, mc.n_layers, tc.steps, tc.warmup, tc.lr      # the rest from the preset "hello"
+        (32, 2, 100, 10, 0.003)
+    """
+    values = defaults.preset(preset, has_data=has_data)
+    if isinstance(model, ModelConfig):
+        if model.vocab_size != vocab_size:
+            raise ConfigError("{v} differs from the tokenizer's {t} ids; give the model as a dict of fields, and "
+                              "vocab_size comes from the tokenizer", v=("vocab_size", model.vocab_size),
+                              t=("vocab_size", vocab_size))
+        mc = model
+    else:
+        given = dict(model or {})
+        if "vocab_size" in given:
+            raise ConfigError("{v} comes from the tokenizer; leave it out of the model's fields",
+                              v=("vocab_size", given["vocab_size"]))
+        _known(given, ModelConfig, "the model")
+        mc = ModelConfig(vocab_size=vocab_size, **{**values["model"], **given})
+    if isinstance(training, TrainConfig):
+        return mc, training
+    given = dict(training or {})
+    _known(given, TrainConfig, "the training")
+    settings = {**values["train"], **given}
+    if settings.get("eval_tokens") == "all":
+        settings["eval_tokens"] = None
+    if "warmup" not in given:                    # a short run keeps the preset's warm-up from exceeding it
+        settings["warmup"] = min(settings["warmup"], (settings.get("decay_steps") or settings["steps"]) // 10)
+    return mc, TrainConfig(**settings)
+
+
+def _known(given: dict, cls, what: str) -> None:
+    unknown = sorted(set(given) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"{what} has no settings {unknown}; {cls.__name__}'s fields are "
+                          f"{[f.name for f in dataclasses.fields(cls)]}")
+
+
+def _corpus(data_path, text, kind, vocab_size, cache_dir, log, tokenizer: Tokenizer | None = None,
+            expected_sha256: str | None = None) -> corpus.Corpus:
+    """The corpus of data_path (prepared, or read from the cache), text, or the built-in one."""
+    if isinstance(data_path, corpus.Corpus):
+        if tokenizer is not None and tokenizer != data_path.tokenizer:
+            raise DataError("this Corpus was made with another tokenizer than the run's own; build it with "
+                            "the run's tokenizer (checkpoint.load(run).tokenizer)")
+        return data_path
+    if data_path is None and text is None:
+        corpus.check_choice(kind or "char", vocab_size)
+        return corpus.builtin(kind or "char", vocab_size, tokenizer)
+    if text is not None:
+        corpus.check_choice(kind or "char", vocab_size)
+        return corpus.Corpus.from_text(text, kind or "char", vocab_size, tokenizer)
+    return corpus.prepare(os.fspath(data_path), kind or "char", vocab_size, cache_dir=cache_dir,
+                          tokenizer=tokenizer, expected_sha256=expected_sha256, out=log)
+
+
+def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_size, cache_dir, out_dir, batches,
+                 devices, fsdp, prompt, sample_tokens, log) -> Plan:
+    if out_dir is not None:
+        raise RunDirError("{resume} continues a run in its own directory; drop {out} (to branch a run, copy its "
+                          "directory first)", resume=("resume", run_dir), out=("run_dir", out_dir))
+    run_dir = os.path.normpath(run_dir)
+    if os.path.basename(run_dir) == runs.CHECKPOINT:
+        run_dir = os.path.dirname(run_dir) or "."
+    if not os.path.isdir(run_dir):
+        raise RunDirError(f"no run directory {run_dir!r}; give the directory of a training run")
+    ckpt = checkpoint.load(run_dir)
+    if ckpt.origin is not None:
+        raise RunDirError(f"{run_dir!r} holds a model imported from {ckpt.origin['gpt2']!r}, with no training "
+                          f"text or schedule of its own, so there is nothing to resume; generate with it or export "
+                          f"it (fine-tuning an imported model is not supported yet)")
+    if kind is not None or vocab_size is not None:
+        raise ConfigError("resuming keeps the run's tokenizer; drop {t}", t=("tokenizer", kind or "bpe"))
+    given_model = model.to_dict() if isinstance(model, ModelConfig) else dict(model or {})
+    given_training = training.to_dict() if isinstance(training, TrainConfig) else dict(training or {})
+    _known(given_model, ModelConfig, "the model")
+    _known(given_training, TrainConfig, "the training")
+    mc, saved_tc = ckpt.model_config, ckpt.train_config
+    conflicts = [(field, value, getattr(mc, field)) for field, value in given_model.items()
+                 if field != "vocab_size" and value != getattr(mc, field)]
+    conflicts += [(field, value, getattr(saved_tc, field)) for field, value in given_training.items()
+                  if field not in RESUMABLE and value != getattr(saved_tc, field)]
+    mentions = {}
+    for i, (field, value, saved) in enumerate(conflicts):
+        mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, saved)
+    parts = [f"{{g{i}}} (saved: {{s{i}}})" for i in range(len(conflicts))]
+    if preset is not None:
+        parts.append("{preset}")
+        mentions["preset"] = ("preset", preset)
+    if parts:
+        raise ConfigError(f"resuming keeps the run's settings, but these differ: {', '.join(parts)}; drop them, or "
+                          f"start a new run with {{out}}", out=("run_dir", "DIR"), **mentions)
+    source = _resume_corpus(ckpt, data_path, text, cache_dir, log)
+    changes = {k: given_training[k] for k in RESUMABLE if k in given_training}
+    if changes.get("eval_tokens") == "all":
+        changes["eval_tokens"] = None
+    tc = saved_tc.replace(**changes)
+    if int(ckpt.state.step) >= tc.steps:
+        raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; pass {{steps}} with N larger to "
+                          f"train further", steps=("steps", "N"))
+    return _checked(run_dir, True, mc, tc, source, ckpt.state, batches, devices, fsdp, prompt, sample_tokens,
+                    default_eval=False)
+
+
+def _resume_corpus(ckpt: checkpoint.Checkpoint, data_path, text, cache_dir, log) -> corpus.Corpus:
+    """The corpus a resumed run trains on: the same data as before, wherever it lies now,
+    with the run's own tokenizer."""
+    saved, tokenizer = ckpt.data, ckpt.tokenizer
+    given = data_path if data_path is not None else text
+    if saved == corpus.BUILTIN_SOURCE:
+        if given is not None:
+            raise DataError("this run trained on the built-in corpus; drop {data} to resume it",
+                            data=("data", data_path if text is None else "TEXT"))
+        return corpus.builtin(tokenizer=tokenizer)
+    if saved is None:                        # not recorded: whatever is given, encoded with the run's tokenizer
+        if given is None:
+            raise DataError("this run does not record what it trained on (it was saved with data=None); pass "
+                            "{data} to resume it", data=("data", "FILE"))
+        return _corpus(data_path, text, None, None, cache_dir, log, tokenizer)
+    if saved["path"] is None:                # a text or ids given in memory: the same again
+        if given is None or isinstance(data_path, (str, os.PathLike)):
+            raise DataError("this run trained on a text or ids given in memory; pass the same again (text= or a "
+                            "Corpus) to resume it")
+        source = _corpus(data_path, text, None, None, cache_dir, log, tokenizer)
+        if source.source["sha256"] != saved["sha256"]:
+            raise DataError("the data given is not what this run trained on (its SHA-256 differs); give the same "
+                            "text or ids, or start a new run")
+        return source
+    if isinstance(data_path, corpus.Corpus) or text is not None:
+        raise DataError("this run trained on the text file {data}; pass its path", data=("data", saved["path"]))
+    if data_path is None and not os.path.exists(saved["path"]):
+        raise DataError(f"the run's data file {saved['path']!r} is gone; if it moved, pass {{data}} (the text must "
+                        f"be the same)", data=("data", "NEW_PATH"))
+    try:
+        return _corpus(data_path or saved["path"], None, None, None, cache_dir, log, tokenizer, saved["sha256"])
+    except corpus.SourceChangedError as e:
+        if data_path is not None:
+            raise DataError(f"{{data}} is not the text this run trained on (its SHA-256 differs from that of "
+                            f"{saved['path']!r}); give the run's own text, or start a new run",
+                            data=("data", os.fspath(data_path))) from None
+        raise DataError(f"the run's data file {e.path!r} changed since the run trained on it (its SHA-256 differs); "
+                        f"restore it, or pass {{data}} with the original text", data=("data", "FILE")) from None
+
+
+def _sample_prompt(prompt: str | None, tokenizer: Tokenizer, ids: np.ndarray) -> str:
+    """prompt, else 'hello' if the text's first 64 tokens hold it, else its first character."""
+    if prompt is not None:
+        return prompt
+    start = tokenizer.decode(ids[:64])
+    return "hello" if "hello" in start else start[0]
+
+
+def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, devices, fsdp, prompt,
+             sample_tokens, *, default_eval: bool) -> Plan:
+    """The checks every run shares: the final sample's prompt, the data's length, the
+    validation sample, where batches come from, memory."""
+    tokenizer = source.tokenizer
+    if sample_tokens:
+        prompt = _sample_prompt(prompt, tokenizer, source.ids)
+        generate.encode_prompt(tokenizer, prompt)                    # before training, not after
+    if source.source != corpus.BUILTIN_SOURCE:
+        train_ids, val_ids = source.train, source.validation
+        data.check_length(val_ids, mc.max_len, "validation (last 10% of the)")
+        if default_eval:                                             # a resumed run keeps its own
+            tc = tc.replace(eval_tokens=None if len(val_ids) <= defaults.DEFAULT_EVAL_TOKENS
+                            else defaults.DEFAULT_EVAL_TOKENS)
+        val_windows = data.eval_windows(val_ids, mc.max_len, tc.eval_tokens)
+    else:
+        train_ids, val_windows = source.ids, None                    # the built-in cycle: no held-out split
+    data.check_length(train_ids, mc.max_len, "training")
+    if len(train_ids) > defaults.INT32_MAX:
+        raise DataError(f"the training split has {len(train_ids):,} tokens; batches index it with 32-bit offsets, "
+                        f"so use a text of at most {defaults.INT32_MAX:,} tokens")
+    if batches == "auto":
+        batches = "device" if len(train_ids) <= defaults.DEVICE_RESIDENT_TOKENS else "memmap"
+    memory.check(memory.training_bytes(mc, tc.batch_size), "training this model",
+                 "try a smaller {b}, {w}, {c} or {l}", b=("batch_size", tc.batch_size), w=("d_model", mc.d_model),
+                 c=("max_len", mc.max_len), l=("n_layers", mc.n_layers))
+    if batches == "device":
+        memory.check(memory.training_bytes(mc, tc.batch_size) + 4 * len(train_ids),
+                     "training this model with its text held on the device", "try {batches}",
+                     batches=("batches", "memmap"))
+    if sample_tokens:
+        memory.check(memory.generation_bytes(mc, 1, sample_tokens), "the final sample", "try a smaller {n}",
+                     n=("max_new_tokens", sample_tokens))
+    return Plan(run_dir, resuming, mc, tc, source, train_ids, val_windows, batches, state,
+                prompt if sample_tokens else None, sample_tokens, devices, fsdp)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def run(plan: Plan, *, log=None, signals: StopSignals | None = None) -> Result:
+    """Train as planned, into plan.run_dir: its lock held (a killed save's leftovers
+    removed first), metrics appended, checkpoints saved, loss.png drawn, the final
+    sample generated. A stop signal (inside `signals`, which `train` installs) saves
+    a checkpoint at the current step and returns with `stopped_by` set."""
+    log = log or sys.stdout
+    is_main = jax.process_index() == 0
+    if not is_main:
+        log = open(os.devnull, "w")
+    signals = signals or StopSignals(forward_to_sigterm=jax.process_count() > 1)
+    with contextlib.ExitStack() as stack:
+        if is_main:
+            os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
+            lock = stack.enter_context(runs.Lock(plan.run_dir))
+            if lock.took_over is not None:
+                print(f"Took over the lock of process {lock.took_over}, which is no longer running", file=log)
+            if plan.resuming:
+                removed = runs.remove_temporaries(plan.run_dir)
+                if removed:
+                    print(f"Removed {len(removed)} unfinished checkpoint(s) a killed save left: "
+                          f"{', '.join(removed)}", file=log)
+                if checkpoint.saved_step(plan.run_dir) != int(plan.state.step):
+                    raise RunDirError(f"{plan.run_dir!r} changed while this run was planned; plan it again")
+            else:
+                runs.check_new_run_dir(plan.run_dir)                   # nobody slipped in before the lock
+        return _train(plan, is_main, log, signals, stack)
+
+
+def _train(plan: Plan, is_main: bool, log, signals: StopSignals, stack: contextlib.ExitStack) -> Result:
+    run_dir, mc, tc = plan.run_dir, plan.model_config, plan.train_config
+    metrics_path = os.path.join(run_dir, runs.METRICS) if is_main else None
+    if plan.resuming and is_main and os.path.exists(metrics_path):
+        if runs.read_records(metrics_path).torn:
+            print(f"{metrics_path} ended in a half-written line (a process killed mid-write); it is dropped", file=log)
+        runs.truncate_records(metrics_path, int(plan.state.step))
+    keys = trainer.keys(tc.seed)
+    state = plan.state if plan.resuming else trainer.init_state(keys.init, mc, tc.optimizer)
+
+    mesh = None
+    if plan.devices or jax.device_count() > 1:
+        mesh = distributed.make_mesh(plan.devices)
+        distributed.check_batch(tc.batch_size, mesh)
+        shardings = distributed.state_shardings(state, mesh, plan.fsdp)
+        state = distributed.put_global(jax.device_get(state), shardings)
+        if plan.batches == "device":
+            train_data = distributed.put_global(np.asarray(plan.train_ids, np.int32), distributed.replicated(mesh))
+        step = distributed.data_parallel(trainer.step_fn(mc, tc.optimizer, tc.seed), mesh, shardings)
+        sample = distributed.sharded_batch_at(mesh)
+        # XLA:CPU runs each device's part of a step on a shared thread pool; with
+        # dozens of multi-device steps queued, the parts of different steps can hold
+        # every thread while waiting at an all-reduce, and deadlock. At most two
+        # steps in flight still overlap dispatch with compute.
+        max_in_flight = 2
+    else:
+        if plan.batches == "device":
+            train_data = jnp.asarray(np.asarray(plan.train_ids, np.int32))
+
+        def step(s, batch):
+            return trainer.train_step(s, batch, model_config=mc, optimizer_config=tc.optimizer, seed=tc.seed)
+        sample, max_in_flight = trainer.batch_at, None
+
+    if plan.batches == "device":
+        def next_batch(step_number):
+            return sample(train_data, keys.data, step_number, batch_size=tc.batch_size, context=mc.max_len)
+        where = f"sampled on the device from the {len(plan.train_ids):,} training tokens held there"
+    else:
+        def host_batch(step_number):
+            return data.host_batch_at(plan.train_ids, keys.data, step_number, batch_size=tc.batch_size,
+                                      context=mc.max_len, sharding=None if mesh is None else
+                                      distributed.batch_sharding(mesh))
+        next_batch = stack.enter_context(data.Prefetcher(host_batch, start=int(distributed.scalar(state.step))))
+        where = (f"gathered on the host from the memory-mapped {len(plan.train_ids):,} training tokens, "
+                 f"prefetched {data.Prefetcher.DEPTH} steps ahead")
+
+    def evaluate(params):
+        if mesh is not None:
+            params = jax.device_put(distributed.to_host(params), jax.local_devices()[0])
+        return trainer.evaluate(params, plan.val_windows, config=mc)
+
+    def save(s):
+        host_state = distributed.to_host(s)                         # every process takes part in the gather
+        if is_main:
+            try:
+                checkpoint.save(run_dir, host_state, model_config=mc, train_config=tc,
+                                tokenizer=plan.corpus.tokenizer, data=plan.corpus.source)
+            except OSError as e:
+                raise StorageError(os.path.join(run_dir, runs.CHECKPOINT), e) from None
+
+    if plan.resuming:
+        print(f"Resuming {run_dir} from step {int(state.step)}", file=log)
+    print(f"Run directory: {run_dir}", file=log)
+    if mesh is not None:
+        print(f"Data-parallel over {mesh.devices.size} devices in {jax.process_count()} process(es)"
+              + (", parameters split (FSDP)" if plan.fsdp else ""), file=log)
+    print(f"Model: {model.count_params(state.params):,} parameters, {mc.n_layers} layers, width {mc.d_model}, "
+          f"{mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size} ({plan.corpus.tokenizer.kind})",
+          file=log)
+    print(f"Batches: {where}" + ("" if plan.val_windows is None else
+          f"; validation: {len(plan.val_windows):,} windows of {mc.max_len} tokens"
+          + ("" if len(plan.val_windows) == data.windows_in(len(plan.corpus.validation), mc.max_len)
+             else " (a fixed sample)")), file=log)
+    print("Starting training...", file=log, flush=True)
+    started = time.perf_counter()
+    try:
+        result = loop.fit(state, step=step, next_batch=next_batch, steps=tc.steps, log_every=tc.log_every,
+                          eval_every=tc.eval_every, save_every=tc.save_every,
+                          tokens_per_step=tc.batch_size * mc.max_len,
+                          evaluate=evaluate if plan.val_windows is not None else None, metrics_path=metrics_path,
+                          save=save, out=log, signals=signals, max_in_flight=max_in_flight)
+    except loop.NonFiniteError as e:
+        raise RunFailed(f"{e}; training stopped and {kept(run_dir)}; try a lower {{lr}} or more {{warmup}}",
+                        lr=("lr", tc.lr), warmup=("warmup", tc.warmup)) from None
+    except StorageError as e:
+        raise RunFailed(f"{e.strerror}; training stopped and {kept(run_dir)}; free some space or fix the "
+                        f"permissions, then continue with {{resume}}", resume=("resume", run_dir)) from None
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        first = str(e).strip().splitlines()[0][:200]
+        raise RunFailed(f"the multi-process run broke off, most likely because another process died ({first}); "
+                        f"{kept(run_dir) if is_main else 'process 0 keeps the last checkpoint'}; continue with "
+                        f"{{resume}}, in any number of processes", resume=("resume", run_dir)) from None
+    elapsed = time.perf_counter() - started
+    final_step = int(distributed.scalar(result.state.step))
+    # Gathering is a collective: every process takes part before the others leave.
+    state = result.state if mesh is None else jax.device_put(distributed.to_host(result.state),
+                                                             jax.local_devices()[0])
+    records = runs.read_records(metrics_path).records if is_main and os.path.exists(metrics_path) else []
+    result_args = dict(run_dir=run_dir, state=state, config=mc, train_config=tc, tokenizer=plan.corpus.tokenizer,
+                       records=records, stopped_by=result.stopped_by, elapsed=elapsed, prompt=plan.prompt, sample=None,
+                       picture=None)
+    if result.stopped_by is not None or not is_main:
+        return Result(**result_args)
+    print(f"Finished {final_step} steps in {elapsed:.1f} s"
+          + (f"; validation loss {result.last_record['val_loss']:.4f}"
+             if result.last_record and "val_loss" in result.last_record else ""), file=log)
+    picture = draw_losses(run_dir, log)
+    done = Result(**{**result_args, "picture": picture})
+    if plan.sample_tokens:
+        done = done._replace(sample=generate.complete(done, plan.prompt, max_new_tokens=plan.sample_tokens))
+    return done
+
+
+def kept(run_dir: str) -> str:
+    """Which checkpoint survives a failure, in words.
+
+    Example:
+        >>> import tempfile
+        >>> kept(tempfile.mkdtemp())
+        'no checkpoint had been saved yet'
+    """
+    try:
+        step = int(checkpoint.load(run_dir).meta["step"])
+    except (Error, OSError):
+        return "no checkpoint had been saved yet"
+    return f"the last good checkpoint (step {step}) is kept in {run_dir}"
+
+
+def draw_losses(run_dir: str, log=None) -> str | None:
+    """RUN/loss.png from RUN/metrics.jsonl: its path, or None without matplotlib or
+    records (said on log). RunFailed if the picture cannot be written.
+
+    Example:
+        >>> import io, tempfile
+        >>> draw_losses(tempfile.mkdtemp(), io.StringIO()) is None       # no records yet
+        True
+    """
+    from minitx_fn import plot
+    log = log or sys.stdout
+    metrics_path, png = os.path.join(run_dir, runs.METRICS), os.path.join(run_dir, runs.LOSS_PNG)
+    if not os.path.exists(metrics_path):
+        return None
+    try:
+        drawn = plot.plot_losses(metrics_path, png)
+    except plot.MissingMatplotlibError:
+        print("(No loss.png: matplotlib is not installed; pip install -e \".[plot]\" adds the pictures.)", file=log)
+        return None
+    except OSError as e:
+        raise RunFailed(f"cannot write {png!r}: {e.strerror or e}; the checkpoint is saved") from None
+    if drawn:
+        print(f"Loss curves: {drawn}", file=log)
+    return drawn
+
+
+def new_run(run_dir: str, params: dict, *, model_config: ModelConfig, tokenizer: Tokenizer,
+            train_config: TrainConfig | None = None, data: Any = None, origin: dict | None = None,
+            log=None) -> str:
+    """Write a run at step 0 from parameters made elsewhere (an imported model): a new
+    run directory (refused if it holds a run), its lock held, the optimiser's state
+    fresh (`trainer.new_state`), one checkpoint. A run that fails leaves no empty folder.
+    Returns the checkpoint's path.
+
+    Example:
+        >>> import io, tempfile
+        >>> from minitx_fn.tokenizer import CharTokenizer
+        >>> cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2)
+        >>> run = tempfile.mkdtemp() + "/imported"
+        >>> path = new_run(run, model.init(jax.random.key(0), cfg), model_config=cfg, tokenizer=CharTokenizer("abc"))
+        >>> checkpoint.load_model(run).config == cfg
+        True
+    """
+    log = log or sys.stdout
+    tc = train_config or TrainConfig()
+    # A run that was killed mid-save leaves a temporary folder: removed below, under the lock.
+    runs.check_new_run_dir(run_dir, ignore_temporaries=True)
+    state = trainer.new_state(params, trainer.make_optimizer(tc.optimizer))
+    created = not os.path.exists(run_dir)
+    try:
+        with contextlib.ExitStack() as stack:
+            os.makedirs(run_dir, mode=runs.dir_mode(), exist_ok=True)
+            lock = stack.enter_context(runs.Lock(run_dir))
+            if lock.took_over is not None:
+                print(f"Took over the lock of process {lock.took_over}, which is no longer running", file=log)
+            runs.remove_temporaries(run_dir)
+            runs.check_new_run_dir(run_dir)                        # another process may have written it meanwhile
+            return checkpoint.save(run_dir, state, model_config=model_config, train_config=tc, tokenizer=tokenizer,
+                                   data=data, origin=origin)
+    except BaseException as e:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)                                  # only if nothing is in it
+        if isinstance(e, OSError) and not isinstance(e, StorageError):
+            raise StorageError(run_dir, e) from None
+        raise
+
+
+__all__ = ["Plan", "RESUMABLE", "Result", "configs", "draw_losses", "kept", "new_run", "plan", "run", "train"]

@@ -1,0 +1,183 @@
+"""The whole job from Python (`minitx_fn.job`), and the seams where a user's own code
+meets the library's files and defaults: each of these once went silently wrong."""
+
+from __future__ import annotations
+
+import io
+import os
+import pydoc
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from minitx_fn import checkpoint, corpus, generate, job, loop, model, runs, train
+from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.errors import CheckpointError, ConfigError, DataError
+from tests.helpers import assert_one_error_line, run_main, standard_promotion
+
+SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 16}
+TEXT = "to be or not to be, that is the question. " * 40
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with standard_promotion():
+        yield
+
+
+def _train(*args, **settings):
+    settings.setdefault("model", SMALL)
+    settings.setdefault("training", {"steps": 4, "batch_size": 8, "log_every": 2})
+    settings.setdefault("sample_tokens", 0)
+    return job.train(*args, log=io.StringIO(), **settings)
+
+
+def test_a_run_trained_from_python_on_text_resumes_on_that_text_only(capsys):
+    """A text given in memory is recorded as such (its SHA-256, no path): resuming asks
+    for it again and refuses another. (A run saved from Python without data= used to be
+    recorded as the built-in corpus and resumed on `hello world!` without a word.)"""
+    first = _train(text=TEXT, run_dir="mem")
+    assert first.records[-1]["step"] == 4 and "val_loss" in first.records[-1]
+    saved = checkpoint.load("mem").data
+    assert saved["path"] is None and saved == corpus.Corpus.from_text(TEXT).source
+    code, _, err = run_main(capsys, "train", "--resume", "mem", "--steps", "6")
+    assert_one_error_line(code, err, "a text or ids given in memory", "pass the same again")
+    with pytest.raises(DataError, match="not what this run trained on"):
+        _train(text=TEXT + "to be", resume="mem", training={"steps": 6})
+    again = _train(text=TEXT, resume="mem", training={"steps": 6})
+    assert int(again.state.step) == 6 and [r["step"] for r in again.records] == [2, 4, 6]
+
+
+def test_checkpoint_save_wants_to_be_told_what_the_run_trained_on(capsys):
+    """data= has no default; None says "not recorded", and --resume then asks for --data
+    instead of taking the built-in corpus."""
+    mc = ModelConfig(vocab_size=13, **SMALL)
+    tc = TrainConfig(steps=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    tok = corpus.builtin().tokenizer
+    with pytest.raises(TypeError, match="data"):
+        checkpoint.save("r", state, model_config=mc, train_config=tc, tokenizer=tok)
+    checkpoint.save("r", state, model_config=mc, train_config=tc, tokenizer=tok, data=None)
+    code, _, err = run_main(capsys, "train", "--resume", "r", "--steps", "6")
+    assert_one_error_line(code, err, "does not record what it trained on", "--data")
+    with pytest.raises(CheckpointError, match="data must be"):
+        checkpoint.save("r", state, model_config=mc, train_config=tc, tokenizer=tok, data={"path": "x"})
+    # Saved with the corpus itself (or its .source): the built-in corpus, said explicitly.
+    checkpoint.save("b", state, model_config=mc, train_config=tc, tokenizer=tok, data=corpus.builtin())
+    assert checkpoint.load("b").data == {"builtin": True}
+    code, out, err = run_main(capsys, "train", "--resume", "b", "--steps", "6", "--max-new-tokens", "3")
+    assert code == 0, err
+
+
+def test_save_refuses_what_load_would_refuse_before_writing_anything():
+    """A model variant's parameters, or an optimiser state of another shape
+    (optax.MultiSteps), were written and then refused by load."""
+    mc = ModelConfig(vocab_size=13, **SMALL)
+    tc = TrainConfig(steps=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    tok = corpus.builtin().tokenizer
+    variant = state._replace(params={**state.params, "extra": {"w": jnp.zeros(3)}})
+    multi = optax.MultiSteps(train.make_optimizer(tc.optimizer), every_k_schedule=2)
+    accumulating = train.new_state(state.params, multi)
+    for bad, named in ((variant, "unexpected ['extra/w']"), (accumulating, "opt_state.npz")):
+        with pytest.raises(CheckpointError, match=r"cannot save .*" + named.replace("[", r"\[").replace("]", r"\]")):
+            checkpoint.save("r", bad, model_config=mc, train_config=tc, tokenizer=tok, data=None)
+        assert not os.path.exists("r/checkpoint") and runs.artifacts("r") == []
+
+
+def test_fit_logs_the_rate_the_step_ran_with_and_needs_no_model_config(tmp_path):
+    """With one's own optax.adam(1e-4), metrics.jsonl said 3.17e-4 (TrainConfig's
+    schedule). Now the record's lr is the step's own report, and absent without one."""
+    mc = ModelConfig(vocab_size=13, **SMALL)
+    ids = jnp.asarray(corpus.builtin().ids, jnp.int32)
+
+    def next_batch(t):
+        return train.batch_at(ids, jax.random.key(1), t, batch_size=4, context=mc.max_len)
+
+    loss_fn = train.model_loss(mc)
+    for schedule, expected in ((optax.constant_schedule(1e-4), 1e-4), (None, None)):
+        optimizer = optax.adam(schedule or 1e-4)
+        step = jax.jit(train.make_step(loss_fn, optimizer, schedule=schedule), donate_argnums=0)
+        state = train.new_state(model.init(jax.random.key(0), mc), optimizer)
+        metrics = str(tmp_path / f"{expected}.jsonl")
+        loop.fit(state, step=step, next_batch=next_batch, steps=4, log_every=2, metrics_path=metrics,
+                 out=io.StringIO())
+        records = runs.read_records(metrics).records
+        assert [r.get("lr") for r in records] == [pytest.approx(expected, rel=1e-6) if expected else None] * 2
+        assert all("tokens_per_s" not in r for r in records)             # no tokens_per_step given
+    # The library's own step reports its schedule's rate at each step.
+    tc = TrainConfig(steps=10, lr=1.0, warmup=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    rates = []
+    for t in range(5):
+        state, m = train.train_step(state, next_batch(t), model_config=mc, optimizer_config=tc.optimizer)
+        rates.append(float(m["lr"]))
+    assert rates == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_training_loaded_parameters_leaves_them_usable():
+    """train_step donates its state: `new_state` copies the parameters it starts from, so
+    the loaded ones stay alive (taking ck.state.params and training on deleted them)."""
+    mc = ModelConfig(vocab_size=13, **SMALL)
+    tc = TrainConfig(steps=4)
+    params = model.init(jax.random.key(0), mc)
+    state = train.new_state(params, train.make_optimizer(tc.optimizer))
+    x = jnp.zeros((2, mc.max_len), jnp.int32)
+    state, _ = train.train_step(state, (x, x), model_config=mc, optimizer_config=tc.optimizer)
+    assert np.isfinite(np.asarray(params["embed"]["table"])).all()           # not deleted
+    assert not np.array_equal(np.asarray(params["embed"]["table"]), np.asarray(state.params["embed"]["table"]))
+
+
+def test_load_and_generate_text_greedy_needs_no_key():
+    result = _train(run_dir="r", training={"steps": 4, "batch_size": 8, "log_every": 2})
+    loaded = checkpoint.load_model("r")
+    assert loaded.config == result.config and loaded.meta["step"] == 4
+    text = generate.complete(loaded, "hello", max_new_tokens=12)
+    assert text == generate.complete(result, "hello", max_new_tokens=12) and len(text) == 12
+    ids = generate.generate(loaded.params, [loaded.tokenizer.encode("hello")], config=loaded.config,
+                            max_new_tokens=12)[0]
+    assert loaded.tokenizer.decode(ids) == text
+    with pytest.raises(ValueError, match="needs a key"):
+        generate.complete(loaded, "hello", temperature=0.8)
+    with pytest.raises(generate.PromptError, match="not in the vocabulary"):
+        generate.complete(loaded, "Zebra")
+
+
+def test_help_of_the_corpus_module_shows_no_environment(monkeypatch):
+    """A default argument environ=os.environ printed every variable of the process in help()."""
+    monkeypatch.setenv("MINITX_TEST_SECRET", "s3cr3t-value")
+    assert "s3cr3t-value" not in pydoc.render_doc(corpus)
+
+
+def test_settings_a_run_does_not_have_are_named():
+    with pytest.raises(ConfigError, match="no settings \\['widht'\\]"):
+        job.plan(model={"widht": 3})
+    with pytest.raises(ConfigError, match="vocab_size"):
+        job.plan(model={"vocab_size": 3})
+    with pytest.raises(ConfigError, match="preset"):
+        job.plan(preset="nope")
+    with pytest.raises(DataError, match="not both"):
+        job.plan("a.txt", text="abc")
+
+
+def test_the_plan_writes_nothing_and_the_run_writes_what_the_cli_writes(capsys):
+    """plan: checks and data only; run: the run directory `minitx train --out` makes
+    (checkpoint, metrics, picture, no lock left)."""
+    open("t.txt", "w").write(TEXT)
+    plan = job.plan("t.txt", model=SMALL, training={"steps": 4, "batch_size": 8, "log_every": 2}, run_dir="p",
+                    sample_tokens=5, log=io.StringIO())
+    assert not os.path.exists("p") and plan.prompt == "t"               # the text's first character
+    result = job.run(plan, log=io.StringIO())
+    code, out, err = run_main(capsys, "train", "--data", "t.txt", "--width", "32", "--layers", "1", "--heads", "2",
+                              "--context", "16", "--batch-size", "8", "--steps", "4", "--log-every", "2",
+                              "--max-new-tokens", "5", "--out", "c")
+    assert code == 0, err
+    assert sorted(os.listdir("p")) == sorted(os.listdir("c")) == ["checkpoint", "loss.png", "metrics.jsonl"]
+    a, b = checkpoint.load("p"), checkpoint.load("c")
+    assert a.data == b.data and a.model_config == b.model_config and a.train_config == b.train_config
+    np.testing.assert_array_equal(a.state.params["embed"]["table"], b.state.params["embed"]["table"])
+    assert f"Generated text:\n{result.prompt}{result.sample}\n" in out
