@@ -51,7 +51,6 @@ FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.
                                                               "batches", "preset")},
          "run_dir": "--out"}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
-PICTURE_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 class UsageError(Error):
@@ -283,21 +282,6 @@ def _add_corpus_flags(parser, required: bool = False) -> None:
                         f"${defaults.CACHE_ENV}, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx)")
 
 
-def check_picture_path(path: str) -> None:
-    """UsageError unless a picture can be written at path: a known extension, an existing
-    writable folder, not a directory."""
-    if not path.lower().endswith(PICTURE_EXTENSIONS):
-        raise UsageError(f"cannot write picture {path!r}: give a file name ending in "
-                         f"{', '.join(PICTURE_EXTENSIONS)}")
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"cannot write picture {path!r}: it is a directory")
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write picture {path!r}: folder {folder!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write picture {path!r}: folder {folder!r} is not writable")
-
-
 # ----------------------------------------------------------------------------- commands
 
 
@@ -363,7 +347,7 @@ def cmd_generate(args, out=None) -> int:
 def cmd_attention(args, out=None) -> int:
     """`minitx attention`: a picture of the attention maps (L rows, H columns) for a prompt."""
     from minitx_fn import checkpoint, plot
-    check_picture_path(args.out)
+    plot.check_picture_path(args.out)
     plot.require_matplotlib()
     loaded = checkpoint.load_model(args.checkpoint)
     try:
@@ -376,23 +360,13 @@ def cmd_attention(args, out=None) -> int:
 
 
 def cmd_plot(args, out=None) -> int:
-    """`minitx plot`: the loss curves of a run from its metrics.jsonl."""
-    from minitx_fn import plot, runs
+    """`minitx plot`: the loss curves of a run from its metrics.jsonl (`plot.plot_run`)."""
+    from minitx_fn import plot
     out = out or sys.stdout
-    png = args.out or os.path.join(args.run_dir, runs.LOSS_PNG)
-    check_picture_path(png)
-    metrics = os.path.join(args.run_dir, runs.METRICS)
-    if not os.path.isfile(metrics):
-        raise UsageError(f"{metrics!r} does not exist; give the directory of a training run")
-    plot.require_matplotlib()
-    if runs.read_records(metrics).torn:
-        print(f"{metrics} ends in a half-written line (a process killed mid-write); it is left out", file=out)
     try:
-        drawn = plot.plot_losses(metrics, png, log=args.log)
+        drawn = plot.plot_run(args.run_dir, args.out, log=args.log, out=out)
     except OSError as e:
-        raise RunFailed(f"cannot write {png!r}: {e.strerror or e}") from None
-    if drawn is None:
-        raise UsageError(f"{metrics!r} has no records yet; train for at least --log-every steps")
+        raise RunFailed(f"cannot write the picture: {e.strerror or e}") from None
     print(f"Loss curves: {drawn}", file=out)
     return 0
 

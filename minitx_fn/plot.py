@@ -7,6 +7,7 @@ MissingMatplotlibError, whose message says how to install it.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -19,6 +20,61 @@ INSTALL_HINT = ("matplotlib is not installed; install the plot extra: pip instal
 
 class MissingMatplotlibError(Error):
     """The picture needs matplotlib, which is not installed."""
+
+
+class PicturePathError(Error):
+    """A picture cannot be written where asked (a bad extension, a missing folder, a directory)."""
+
+
+PICTURE_EXTENSIONS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+def check_picture_path(path: str) -> None:
+    """PicturePathError unless a picture can be written at path: a known extension, an
+    existing writable folder, not a directory.
+
+    Example:
+        >>> check_picture_path("a.bogus")
+        Traceback (most recent call last):
+        minitx_fn.plot.PicturePathError: cannot write picture 'a.bogus': give a file name ending in .png, .pdf, .svg, .jpg, .jpeg
+    """
+    if not path.lower().endswith(PICTURE_EXTENSIONS):
+        raise PicturePathError(f"cannot write picture {path!r}: give a file name ending in "
+                               f"{', '.join(PICTURE_EXTENSIONS)}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise PicturePathError(f"cannot write picture {path!r}: it is a directory")
+    if not os.path.isdir(folder):
+        raise PicturePathError(f"cannot write picture {path!r}: folder {folder!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise PicturePathError(f"cannot write picture {path!r}: folder {folder!r} is not writable")
+
+
+def plot_run(run_dir: str, png_path: str | None = None, *, log: bool = False, out=None) -> str:
+    """The loss curves of a run (RUN/metrics.jsonl) to png_path (default RUN/loss.png),
+    checked before anything is drawn; a torn last line is said on out and left out.
+    Error for a path that cannot take a picture, a run without metrics or records.
+
+    Example:
+        >>> import json, tempfile
+        >>> run = tempfile.mkdtemp()
+        >>> _ = open(os.path.join(run, 'metrics.jsonl'), 'w').write(json.dumps({'step': 1, 'loss': 2.0}) + chr(10))
+        >>> os.path.basename(plot_run(run))
+        'loss.png'
+    """
+    png_path = png_path or os.path.join(run_dir, runs.LOSS_PNG)
+    check_picture_path(png_path)
+    metrics = os.path.join(run_dir, runs.METRICS)
+    if not os.path.isfile(metrics):
+        raise Error(f"{metrics!r} does not exist; give the directory of a training run")
+    require_matplotlib()
+    if runs.read_records(metrics).torn and out is not None:
+        print(f"{metrics} ends in a half-written line (a process killed mid-write); it is left out", file=out)
+    drawn = plot_losses(metrics, png_path, log=log)
+    if drawn is None:
+        raise Error(f"{metrics!r} has no records yet; train for at least {{log_every}} steps",
+                    log_every=("log_every", "N"))
+    return drawn
 
 
 def require_matplotlib():
@@ -145,6 +201,7 @@ def plot_model_attention(run_model, prompt: str, png_path: str) -> list[np.ndarr
     import jax.numpy as jnp
 
     from minitx_fn import generate, model
+    check_picture_path(png_path)
     require_matplotlib()
     ids = generate.encode_prompt(run_model.tokenizer, prompt)
     if len(ids) > run_model.config.max_len:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -54,6 +55,10 @@ class StopSignals:
 
     def __enter__(self) -> "StopSignals":
         handled = [s for s in STOP_SIGNALS if not (self._forward and s == signal.SIGTERM)]
+        # Python runs handlers only in the main thread, and installs them only from it: in
+        # another thread (a job started in a thread of one's own) signals keep their handlers.
+        if threading.current_thread() is not threading.main_thread():
+            handled = []
         self._previous = {s: signal.signal(s, self._handle) for s in handled}
         return self
 
