@@ -300,7 +300,9 @@ def cmd_train(args, out=None) -> int:
     _join_processes(args)
     import jax
 
-    from minitx_fn import job
+    from minitx_fn import job, signals
+    if jax.process_count() > 1 and signals.active():
+        signals.active().forward_sigterm()                # SIGTERM is now JAX's preemption notice
     out = (out or sys.stdout) if jax.process_index() == 0 else open(os.devnull, "w")
     model = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
     training = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
@@ -386,10 +388,8 @@ def cmd_data(args, out=None) -> int:
 def cmd_prepare(args, out=None) -> int:
     """`minitx prepare`: tokenize a text file into the cache `minitx train --data` reads (`corpus.prepare`)."""
     from minitx_fn import corpus
-    from minitx_fn.signals import StopSignals
     out = out or sys.stdout
-    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: its temporary folder removed
-        corpus.prepare(args.data, args.tokenizer or "char", args.vocab_size, cache_dir=args.cache_dir, out=out)
+    corpus.prepare(args.data, args.tokenizer or "char", args.vocab_size, cache_dir=args.cache_dir, out=out)
     print(f"Train on it with:\n  minitx train --data {shlex.quote(args.data)}"
           + (f" --tokenizer {args.tokenizer}" if args.tokenizer else "")
           + (f" --vocab-size {args.vocab_size}" if args.vocab_size else "")
@@ -399,11 +399,9 @@ def cmd_prepare(args, out=None) -> int:
 
 def cmd_import_gpt2(args, out=None) -> int:
     """`minitx import-gpt2`: a Hugging Face GPT-2 directory -> a run (`gpt2.import_run`)."""
-    from minitx_fn.signals import StopSignals
+    from minitx_fn import gpt2
     out = out or sys.stdout
-    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: one line, no half-written run
-        from minitx_fn import gpt2
-        mc, n_params = gpt2.import_run(args.hf_dir, args.out, log=out)
+    mc, n_params = gpt2.import_run(args.hf_dir, args.out, log=out)
     print(f"Imported GPT-2 ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "
           f"{mc.vocab_size:,} ids; {n_params:,} parameters) into {args.out}. Generate with:\n"
           f"  minitx generate --checkpoint {shlex.quote(args.out)} --prompt \"Hello, I'm a language model,\"", file=out)
@@ -412,11 +410,9 @@ def cmd_import_gpt2(args, out=None) -> int:
 
 def cmd_export_gpt2(args, out=None) -> int:
     """`minitx export-gpt2`: a run -> a Hugging Face GPT-2 directory (`gpt2.export_run`)."""
-    from minitx_fn.signals import StopSignals
+    from minitx_fn import gpt2
     out = out or sys.stdout
-    with StopSignals():               # SIGTERM and SIGHUP end it like Ctrl-C: one line, no half-written folder
-        from minitx_fn import gpt2
-        written, loaded = gpt2.export_run(args.run_dir, args.out)
+    written, loaded = gpt2.export_run(args.run_dir, args.out)
     print(f"Wrote {', '.join(written)} to {args.out} (step {loaded.meta['step']}). Load it with:\n"
           f"  transformers.GPT2LMHeadModel.from_pretrained({args.out!r})", file=out)
     if "tokenizer.json" not in written:
@@ -432,12 +428,15 @@ COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_atten
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `minitx`: bad input prints one line and returns 2, a failed run 1,
-    a signal 128 + its number; never a traceback."""
-    from minitx_fn.signals import Interrupted
+    a signal 128 + its number; never a traceback. SIGINT, SIGTERM and SIGHUP are
+    recorded from the first moment (before JAX is imported) and acted on at safe points."""
+    from minitx_fn import signals
 
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with signals.StopSignals():
+            args = build_parser().parse_args(argv)
+            signals.check()
+            return COMMANDS[args.command](args)
     except RunFailed as e:
         print(f"minitx: error: {message(e)}", file=sys.stderr)
         return EXIT_FAILED
@@ -447,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:                 # before training started: nothing was written
         print(f"minitx: error: {e.strerror}; nothing was changed", file=sys.stderr)
         return EXIT_FAILED
-    except Interrupted as e:
+    except signals.Interrupted as e:
         print(f"minitx: {e}; nothing saved was lost", file=sys.stderr)
         return 128 + e.signum
     except KeyboardInterrupt:

@@ -42,7 +42,7 @@ import time
 
 import numpy as np
 
-from minitx_fn import runs, tokenizer as tokenizers_
+from minitx_fn import runs, signals, tokenizer as tokenizers_
 from minitx_fn.defaults import CACHE_ENV, DEFAULT_BPE_VOCAB, MAX_BPE_VOCAB, MIN_BPE_VOCAB, TRAIN_FRACTION
 from minitx_fn.errors import DataError
 from minitx_fn.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
@@ -319,6 +319,7 @@ def chunks(path: str, chunk_bytes: int | None = None, start: int = 0, end: int |
                                             f"{offset + at + e.start}); convert it to UTF-8, e.g. with "
                                             f"iconv") from None
                 yield offset, piece
+                signals.check()                           # a stop signal: between two chunks
                 offset += len(piece)
                 if not block:
                     return
@@ -368,6 +369,7 @@ def _source_sha256(path: str, size: int, progress) -> str:
             while block := f.read(CHUNK_BYTES):
                 digest.update(block)
                 progress("checking", f.tell(), size)
+                signals.check()
     except OSError as e:
         raise DataError(f"cannot read data file {path!r}: {e.strerror}; check its permissions") from None
     return digest.hexdigest()

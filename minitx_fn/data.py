@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import runs
+from minitx_fn import runs, signals
 from minitx_fn.corpus import BUILTIN_CORPUS, BUILTIN_REPEATS, builtin_text  # noqa: F401  (re-exported)
 from minitx_fn.errors import DataError
 
@@ -76,6 +76,7 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
                     while chunk := response.read(1 << 20):
                         digest.update(chunk)
                         f.write(chunk)
+                        signals.check()               # a stop signal: the partial file is removed below
             except (urllib.error.URLError, OSError, ValueError) as e:
                 reason = getattr(e, "reason", None) or e
                 raise DownloadError(f"cannot download {url}: {reason}. Without a network, fetch the file elsewhere "

@@ -38,7 +38,7 @@ import tempfile
 
 import numpy as np
 
-from minitx_fn import runs
+from minitx_fn import runs, signals
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import Error
 from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, require_tokenizers
@@ -303,6 +303,7 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         raise GPT2Error(f"{hf_dir!r} has no {WEIGHTS}{hint}")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
+        signals.check()                                  # a stop signal: between two files, nothing written
         path = os.path.join(hf_dir, name)
         try:
             tensors.update(st.load_file(path))
@@ -457,6 +458,7 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
                  "import it on a machine with more memory")
     config, params, tokenizer = import_dir(hf_dir)
     params = jax.tree.map(jax.numpy.asarray, params)
+    signals.check()
     job.new_run(run_dir, params, model_config=config, tokenizer=tokenizer, origin={"gpt2": os.path.abspath(hf_dir)},
                 log=log)
     return config, model.count_params(params)
@@ -471,6 +473,7 @@ def export_run(run_dir: str, out_dir: str):
     from minitx_fn.errors import StorageError
     loaded = checkpoint.load_model(run_dir)
     files = export_files(jax.device_get(loaded.params), loaded.config, loaded.tokenizer)
+    signals.check()
     try:
         write_dir(out_dir, files)
     except OSError as e:

@@ -37,6 +37,7 @@ from minitx_fn import checkpoint, corpus, data, defaults, distributed, generate,
 from minitx_fn import train as trainer          # the module; `train` below is the whole job
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.errors import ConfigError, DataError, Error, RunDirError, RunFailed, StorageError
+from minitx_fn import signals
 from minitx_fn.signals import StopSignals
 from minitx_fn.tokenizer import Tokenizer
 
@@ -98,8 +99,9 @@ def train(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: s
         (20, [10, 20], 5)
     """
     log = log or sys.stdout
-    with StopSignals(forward_to_sigterm=jax.process_count() > 1) as signals:
-        return run(plan(data_path, text=text, log=log, **settings), log=log, signals=signals)
+    outer = signals.active()                     # the command line's, installed before JAX was imported
+    with contextlib.nullcontext(outer) if outer else StopSignals(forward_to_sigterm=jax.process_count() > 1) as stops:
+        return run(plan(data_path, text=text, log=log, **settings), log=log, stops=stops)
 
 
 def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: str | None = None,
@@ -351,16 +353,17 @@ def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, d
 # ----------------------------------------------------------------------------- run
 
 
-def run(plan: Plan, *, log=None, signals: StopSignals | None = None) -> Result:
+def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
     """Train as planned, into plan.run_dir: its lock held (a killed save's leftovers
     removed first), metrics appended, checkpoints saved, loss.png drawn, the final
-    sample generated. A stop signal (inside `signals`, which `train` installs) saves
+    sample generated. A stop signal (inside `stops`, which `train` installs) saves
     a checkpoint at the current step and returns with `stopped_by` set."""
     log = log or sys.stdout
     is_main = jax.process_index() == 0
     if not is_main:
         log = open(os.devnull, "w")
-    signals = signals or StopSignals(forward_to_sigterm=jax.process_count() > 1)
+    stops = stops or signals.active() or StopSignals(forward_to_sigterm=jax.process_count() > 1)
+    signals.check()                                       # a signal while planning: nothing written yet
     with contextlib.ExitStack() as stack:
         if is_main:
             os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
@@ -376,10 +379,10 @@ def run(plan: Plan, *, log=None, signals: StopSignals | None = None) -> Result:
                     raise RunDirError(f"{plan.run_dir!r} changed while this run was planned; plan it again")
             else:
                 runs.check_new_run_dir(plan.run_dir)                   # nobody slipped in before the lock
-        return _train(plan, is_main, log, signals, stack)
+        return _train(plan, is_main, log, stops, stack)
 
 
-def _train(plan: Plan, is_main: bool, log, signals: StopSignals, stack: contextlib.ExitStack) -> Result:
+def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib.ExitStack) -> Result:
     run_dir, mc, tc = plan.run_dir, plan.model_config, plan.train_config
     metrics_path = os.path.join(run_dir, runs.METRICS) if is_main else None
     if plan.resuming and is_main and os.path.exists(metrics_path):
@@ -459,7 +462,7 @@ def _train(plan: Plan, is_main: bool, log, signals: StopSignals, stack: contextl
                           eval_every=tc.eval_every, save_every=tc.save_every,
                           tokens_per_step=tc.batch_size * mc.max_len,
                           evaluate=evaluate if plan.val_windows is not None else None, metrics_path=metrics_path,
-                          save=save, out=log, signals=signals, max_in_flight=max_in_flight)
+                          save=save, out=log, signals=stops, max_in_flight=max_in_flight)
     except loop.NonFiniteError as e:
         raise RunFailed(f"{e}; training stopped and {kept(run_dir)}; try a lower {{lr}} or more {{warmup}}",
                         lr=("lr", tc.lr), warmup=("warmup", tc.warmup)) from None

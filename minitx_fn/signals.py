@@ -1,7 +1,8 @@
 """Signals that stop a run: SIGINT (Ctrl-C), SIGTERM (what schedulers and `docker stop`
 send before they kill) and SIGHUP (a closed terminal) all mean "save and leave".
 
-No JAX here: the command line catches `Interrupted` before it imports JAX.
+No JAX here: the command line installs these handlers before it imports JAX, so a
+signal in the first second of a command is one line and an exit status, like any other.
 """
 
 from __future__ import annotations
@@ -23,14 +24,42 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_ACTIVE: list["StopSignals"] = []       # the StopSignals blocks entered, innermost last
+
+
+def active() -> "StopSignals | None":
+    """The innermost StopSignals block this process is in, or None.
+
+    Example:
+        >>> active() is None
+        True
+    """
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
+def check() -> None:
+    """A safe point: raise `Interrupted` if a stop signal arrived outside a training
+    loop's graceful section and no one has acted on it yet. Long work outside the loop
+    (preparing data, reading or writing files) calls this between its pieces.
+
+    Example:
+        >>> check()            # no signal: nothing happens
+    """
+    for stops in _ACTIVE:
+        stops.check()
+
+
 class StopSignals:
     """SIGINT, SIGTERM and SIGHUP as requests to stop, for the `with` block.
 
-    Inside `graceful()`, the first signal only sets `requested` (its number), and the
-    loop saves and leaves at the next step boundary; a second one raises
-    `Interrupted` at once, except inside `critical()` (a checkpoint being written),
-    where it waits until the write is done. Outside `graceful()`, a signal raises
-    `Interrupted` at once. The previous handlers come back at the end.
+    A handler never raises from wherever the interpreter happens to be (a garbage
+    collector's callback, JAX's import, a compiler callback: an exception there is lost,
+    or leaves half-built state behind): it records the signal, and the code acts on it
+    at a safe point. Inside `graceful()` (the training loop), the first signal sets
+    `requested` and the loop saves and leaves at the next step boundary; a second one
+    raises `Interrupted` at once, except inside `critical()` (a checkpoint being
+    written), where it waits until the write is done. Outside `graceful()`, the signal
+    raises `Interrupted` at the next `check()`. The previous handlers come back at the end.
     """
 
     def __init__(self, *, forward_to_sigterm: bool = False):
@@ -41,7 +70,9 @@ class StopSignals:
         self._forward = forward_to_sigterm
         self._graceful = False
         self._critical = 0
-        self._pending: int | None = None
+        self._pending: int | None = None         # arrived inside critical(): raised after it
+        self._unhandled: int | None = None       # arrived outside graceful(): raised at the next check()
+        self._previous: dict = {}
 
     def _handle(self, signum, frame):
         if self._forward and self._graceful:
@@ -50,8 +81,24 @@ class StopSignals:
             self.requested = signum
         elif self._critical:
             self._pending = signum
-        else:
+        elif self._graceful:                              # a second signal in the loop: stop now
             raise Interrupted(signum)
+        else:
+            self.requested = self.requested or signum
+            self._unhandled = self._unhandled or signum
+
+    def check(self) -> None:
+        """Raise `Interrupted` for a signal that arrived outside graceful() (see `check`)."""
+        if self._unhandled is not None and not self._critical:
+            signum, self._unhandled = self._unhandled, None
+            raise Interrupted(signum)
+
+    def forward_sigterm(self) -> None:
+        """From now on the run is multi-process: SIGTERM is JAX's coordination
+        service's (installed by `jax.distributed.initialize`, after this block began),
+        and SIGINT or SIGHUP in the loop are passed on to it."""
+        self._forward = True
+        self._previous.pop(signal.SIGTERM, None)          # never put back over JAX's own handler
 
     def __enter__(self) -> "StopSignals":
         handled = [s for s in STOP_SIGNALS if not (self._forward and s == signal.SIGTERM)]
@@ -60,16 +107,19 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             handled = []
         self._previous = {s: signal.signal(s, self._handle) for s in handled}
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
     @contextlib.contextmanager
     def graceful(self):
-        """The training loop's section: the first signal is a request, not an exception."""
-        self._graceful = True
+        """The training loop's section: the first signal is a request, not an exception.
+        One that arrived just before (after the last check) is that request."""
+        self._graceful, self._unhandled = True, None
         try:
             yield
         finally:
