@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -201,3 +202,17 @@ def peak_memory_mb() -> float:
     if stats and "peak_bytes_in_use" in stats:
         return stats["peak_bytes_in_use"] / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # KiB on Linux -> MiB
+
+
+def check_output_path(parser: argparse.ArgumentParser, path: str, flag: str) -> None:
+    """Exit through parser.error, naming flag, unless a file can be written at path
+    (checked before hours of timing).
+
+    Example:
+        >>> check_output_path(argparse.ArgumentParser(), "out.json", "--json")      # the current folder: fine
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"{flag} {path!r} is a directory")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        parser.error(f"{flag} {path!r}: folder {folder!r} does not exist or is not writable")

@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from benchmarks.common import check_output_path, positive_int
+
 SIZES = {
     # GPT-2 small, as its config.json gives it.
     "small": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
@@ -141,11 +143,14 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpt2", description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
-    parser.add_argument("--reps", type=int, default=3, help="timed generations of each side (default 3)")
-    parser.add_argument("--window", type=int, default=128, help="positions of the logits compared (default 128)")
-    parser.add_argument("--new-tokens", type=int, default=20, help="greedy tokens compared (default 20)")
+    parser.add_argument("--reps", type=positive_int, default=3, help="timed generations of each side (default 3)")
+    parser.add_argument("--window", type=positive_int, default=128, help="positions of the logits compared "
+                        "(default 128)")
+    parser.add_argument("--new-tokens", type=positive_int, default=20, help="greedy tokens compared (default 20)")
     parser.add_argument("--json", metavar="FILE", help="also write the result here")
     args = parser.parse_args(argv)
+    if args.json:                                 # before the work, not after it
+        check_output_path(parser, args.json, "--json")
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401

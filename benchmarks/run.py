@@ -16,6 +16,7 @@ the same run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import os
@@ -29,8 +30,8 @@ import numpy as np
 import optax
 
 from benchmarks.common import (CONFIGS, alternate, check_options, copy_bandwidth_gbs, device_info, flops_per_step,
-                               matmul_peak_gflops, median_ms, model_config, model_option, paired_ratio,
-                               peak_memory_mb, positive_int, sync, timed, versions)
+                               check_output_path, matmul_peak_gflops, median_ms, model_config, model_option,
+                               paired_ratio, peak_memory_mb, positive_int, sync, timed, versions)
 from minitx_fn import generate as gen
 from minitx_fn import loop, memory, model, train
 from minitx_fn.config import TrainConfig
@@ -345,6 +346,9 @@ def main(argv=None) -> int:
     p.add_argument("--peak-n", type=positive_int, help="size of the matmul that measures the peak (default 1024 on "
                    "a CPU, 8192 on a GPU)")
     args = p.parse_args(argv)
+    if importlib.util.find_spec("tests") is None or importlib.util.find_spec("tests.flax_reference") is None:
+        p.error("the Flax rows need the repository's tests/flax_reference.py: run python -m benchmarks from the "
+                "repository's root folder")
 
     on_gpu = jax.devices()[0].platform == "gpu"
     names = args.configs or SUITES[args.suite] + (["gpt2-small"] if on_gpu and args.suite == "full" else [])
@@ -402,13 +406,3 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
         os.replace(tmp, args.json)
     return 0
-
-
-def check_output_path(parser: argparse.ArgumentParser, path: str, flag: str) -> None:
-    """Exit through parser.error, naming flag, unless a file can be written at path
-    (checked before hours of timing)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        parser.error(f"{flag} {path!r} is a directory")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        parser.error(f"{flag} {path!r}: folder {folder!r} does not exist or is not writable")

@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multi-process run: seconds after which the others stop when a process dies "
                         f"(or MINITX_HEARTBEAT_TIMEOUT, read only in multi-process runs; default "
                         f"{defaults.HEARTBEAT_TIMEOUT_S})")
+    t.add_argument("--start-timeout", type=_int_in(1, defaults.HEARTBEAT_TIMEOUT_MAX),
+                   help="multi-process run: seconds to wait for every process to join before giving up "
+                        f"(or MINITX_START_TIMEOUT; default {defaults.START_TIMEOUT_S})")
 
     g = command("generate", "continue a prompt with a trained model")
     g.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -290,7 +293,8 @@ def _join_processes(args) -> None:
     (MINITX_COORDINATOR, ...) stand in for flags not given, once a coordinator is known."""
     from minitx_fn import distributed
     try:
-        distributed.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout)
+        distributed.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
+                         args.start_timeout)
     except distributed.ProcessesError as e:
         raise UsageError(str(e)) from None
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import mmap
 import os
 import queue
 import tempfile
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import runs, signals
+from minitx_fn import corpus, runs, signals
 from minitx_fn.corpus import BUILTIN_CORPUS, BUILTIN_REPEATS, builtin_text  # noqa: F401  (re-exported)
 from minitx_fn.errors import DataError
 
@@ -59,14 +58,11 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
                         f"choose another path")
     folder = os.path.dirname(os.path.abspath(path))
     made = []                                                  # the folders this call creates, deepest first
-    missing = folder
-    while not os.path.exists(missing):
-        made.append(missing)
-        missing = os.path.dirname(missing)
     try:
-        os.makedirs(folder, exist_ok=True)
+        made = runs.make_dirs(folder)
         fd, tmp = tempfile.mkstemp(prefix=".download-", dir=folder)
     except OSError as e:
+        runs.remove_made(made)
         raise DataError(f"cannot write into {folder!r}: {e.strerror or e}; choose another path") from None
     digest = hashlib.sha256()
     try:
@@ -94,11 +90,7 @@ def download(url: str, path: str, sha256: str, *, timeout: float = 60.0) -> bool
         if os.path.exists(tmp):
             os.remove(tmp)
         if not os.path.exists(path):
-            for made_folder in made:                          # only what this call made, never a folder it found
-                try:
-                    os.rmdir(made_folder)
-                except OSError:
-                    break
+            runs.remove_made(made)                            # only what this call made, never a folder it found
 
 
 def _file_sha256(path: str) -> str:
@@ -160,24 +152,11 @@ class Windows:
     def __getitem__(self, rows: slice) -> np.ndarray:
         starts = self.starts[rows]
         windows = np.asarray(self.ids[starts[:, None] + np.arange(self.context + 1)], np.int32)
-        _unmap_pages(self.ids)
+        corpus.unmap_pages(self.ids)
         return windows
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return self[:] if dtype is None else self[:].astype(dtype)
-
-
-def _unmap_pages(ids: np.ndarray) -> None:
-    """Drop a memory map's pages from this process's resident memory (they stay in the
-    OS's page cache, so nothing is read again from disk unless memory is short).
-
-    Without it the resident size grows with the corpus: each window read maps the
-    whole neighbourhood the kernel read around it (measured: 2048 random 65-byte
-    windows of a 1 GB map added 900 MB of resident memory; after this call, 18 MB).
-    """
-    mapped = getattr(ids, "_mmap", None)                     # np.memmap, and its slices
-    if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def windows_in(n_tokens: int, context: int) -> int:

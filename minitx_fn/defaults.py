@@ -38,6 +38,7 @@ BATCH_SOURCES = ("auto", "device", "memmap")
 SAMPLE_TOKENS = 100                    # the sample printed at the end of a run
 HEARTBEAT_TIMEOUT_S = 60               # a dead peer of a multi-process run is noticed within this
 HEARTBEAT_TIMEOUT_MAX = 86400          # seconds: a day
+START_TIMEOUT_S = 120                  # how long the processes of a run wait for each other to join
 
 # Presets: a model (ModelConfig fields but vocab_size, which the tokenizer gives) and
 # its training (TrainConfig fields). No preset sets min_lr: it is lr / 10 (nanoGPT's

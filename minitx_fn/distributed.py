@@ -19,14 +19,21 @@ global arrays; each device computes only its rows of every global batch.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
 import os
+import socket
+import sys
+import threading
 from typing import Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from minitx_fn.defaults import HEARTBEAT_TIMEOUT_MAX, HEARTBEAT_TIMEOUT_S, INT32_MAX
+from minitx_fn.defaults import HEARTBEAT_TIMEOUT_MAX, HEARTBEAT_TIMEOUT_S, INT32_MAX, START_TIMEOUT_S
 from minitx_fn.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -35,8 +42,10 @@ DATA_AXIS = "data"
 # these per process), and the range of each. Read only once a coordinator is known,
 # so a stray variable never makes a one-process run multi-process or breaks it.
 ENVIRONMENT = {"coordinator": "MINITX_COORDINATOR", "num_processes": "MINITX_NUM_PROCESSES",
-               "process_id": "MINITX_PROCESS_ID", "heartbeat_timeout": "MINITX_HEARTBEAT_TIMEOUT"}
-_RANGES = {"num_processes": (1, INT32_MAX), "process_id": (0, INT32_MAX), "heartbeat_timeout": (1, HEARTBEAT_TIMEOUT_MAX)}
+               "process_id": "MINITX_PROCESS_ID", "heartbeat_timeout": "MINITX_HEARTBEAT_TIMEOUT",
+               "start_timeout": "MINITX_START_TIMEOUT"}
+_RANGES = {"num_processes": (1, INT32_MAX), "process_id": (0, INT32_MAX), "heartbeat_timeout": (1, HEARTBEAT_TIMEOUT_MAX),
+           "start_timeout": (1, HEARTBEAT_TIMEOUT_MAX)}
 FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in ENVIRONMENT}   # how messages name them
 
 
@@ -78,7 +87,7 @@ def _from_environment(name: str, environ) -> int | str | None:
 
 
 def join(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-         heartbeat_timeout: int | None = None, *, environ=None) -> bool:
+         heartbeat_timeout: int | None = None, start_timeout: int | None = None, *, environ=None, log=None) -> bool:
     """Join a multi-process run (`initialize`) when these settings, or the environment
     variables standing in for those not given (`ENVIRONMENT`, read only once a
     coordinator is known), say so; True if it did. ProcessesError for a partial or
@@ -93,7 +102,7 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
     """
     environ = os.environ if environ is None else environ
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id,
-             "heartbeat_timeout": heartbeat_timeout}
+             "heartbeat_timeout": heartbeat_timeout, "start_timeout": start_timeout}
     if given["coordinator"] is None:
         given["coordinator"] = _from_environment("coordinator", environ)
     else:
@@ -101,9 +110,10 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
     if given["coordinator"] is not None:
         given = {name: value if value is not None else _from_environment(name, environ)
                  for name, value in given.items()}
-    if given["heartbeat_timeout"] is not None and given["coordinator"] is None:
-        raise ProcessesError("--heartbeat-timeout is for multi-process runs; give --coordinator, --num-processes "
-                             "and --process-id too")
+    for name in ("heartbeat_timeout", "start_timeout"):
+        if given[name] is not None and given["coordinator"] is None:
+            raise ProcessesError(f"{FLAG_NAMES[name]} is for multi-process runs; give --coordinator, "
+                                 f"--num-processes and --process-id too")
     needed = [given["coordinator"], given["num_processes"], given["process_id"]]
     if all(v is None for v in needed):
         return False
@@ -112,14 +122,21 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
     if not 0 <= given["process_id"] < given["num_processes"]:
         raise ProcessesError(f"--process-id {given['process_id']} must lie in [0, {given['num_processes']})")
     initialize(given["coordinator"], given["num_processes"], given["process_id"],
-               heartbeat_timeout=given["heartbeat_timeout"] or HEARTBEAT_TIMEOUT_S)
+               heartbeat_timeout=given["heartbeat_timeout"] or HEARTBEAT_TIMEOUT_S,
+               start_timeout=given["start_timeout"] or START_TIMEOUT_S, log=log)
     return True
 
 
 def initialize(coordinator: str, num_processes: int, process_id: int, *,
-               heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S) -> None:
+               heartbeat_timeout: int = HEARTBEAT_TIMEOUT_S, start_timeout: int = START_TIMEOUT_S, log=None) -> None:
     """Join a multi-process run (`jax.distributed.initialize`). On CPUs the
     collectives go through gloo, which needs no extra setup.
+
+    start_timeout (seconds): how long to wait for every process to join. Process 0
+    says once that it is waiting (on log), and first checks that the coordinator's
+    port is free (ProcessesError otherwise). A run whose processes have not all joined
+    by then ends, in every process that waits, with one line on stderr and exit status
+    1 (JAX's own time-out would abort with a C++ stack trace).
 
     heartbeat_timeout (seconds): when a process dies (kill -9, a lost machine), the
     others are stopped by JAX's runtime within about this long. That stop is a
@@ -134,11 +151,63 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *,
     Example (in each of two processes, with process_id 0 and 1):
         initialize("10.0.0.1:1234", num_processes=2, process_id=0)
     """
+    if process_id == 0:
+        _check_port_free(coordinator)
+        print(f"Waiting for {num_processes} processes at {coordinator} (up to {start_timeout} s)", file=log or sys.stdout,
+              flush=True)
+
+    def give_up():           # the main thread is inside JAX's C++ start, which Python cannot interrupt
+        print(f"minitx: error: gave up after {start_timeout} s: not all {num_processes} processes joined the run at "
+              f"{coordinator}; start the missing ones, or give them longer (--start-timeout)", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    watchdog = threading.Timer(start_timeout, give_up)
+    watchdog.daemon = True
     # Only the CPU client reads this setting; GPU runs use NCCL whatever it says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id,
-                               heartbeat_timeout_seconds=heartbeat_timeout,
-                               shutdown_timeout_seconds=heartbeat_timeout)
+    watchdog.start()
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, heartbeat_timeout_seconds=heartbeat_timeout,
+                                   shutdown_timeout_seconds=heartbeat_timeout,
+                                   initialization_timeout=start_timeout + 60)     # ours fires first
+    finally:
+        watchdog.cancel()
+
+
+def _check_port_free(coordinator: str) -> None:
+    """ProcessesError if the coordinator's port is already taken on this machine (JAX's
+    service would crash on it with a segmentation fault)."""
+    host, _, port = coordinator.rpartition(":")
+    with contextlib.closing(socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)) as probe:
+        try:
+            probe.bind(("", int(port)))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ProcessesError(f"--coordinator {coordinator}: port {port} is already in use on this machine; "
+                                     f"choose a free one") from None
+
+
+def agree(settings: dict) -> None:
+    """Every process of a multi-process run holds the same settings (any JSON values,
+    by name), checked with one small collective before any step: ProcessesError in
+    every process, naming the settings that differ. A no-op in one process.
+
+    Example:
+        >>> agree({"seed": 0})                   # one process: nothing to compare
+    """
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+    names = sorted(settings)
+    digests = np.array([np.frombuffer(hashlib.sha256(json.dumps(settings[n], sort_keys=True, default=str).encode())
+                                      .digest()[:8], np.uint8) for n in names])                  # (F, 8)
+    every = np.asarray(multihost_utils.process_allgather(digests))                               # (P, F, 8)
+    differ = [n for i, n in enumerate(names) if not (every[:, i] == every[0, i]).all()]
+    if differ:
+        raise ProcessesError(f"the {jax.process_count()} processes disagree on {', '.join(differ)}; start every "
+                             f"process with the same flags and data (only --process-id differs)")
 
 
 def reached_preemption_sync_point(step: int) -> bool:

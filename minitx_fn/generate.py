@@ -351,4 +351,8 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
                  n=("max_new_tokens", max_new_tokens))
     new = generate(params, [ids], config=config, key=key, max_new_tokens=max_new_tokens, sampler=sampler,
                    stop=stop_ids)[0]
-    return tokenizer.decode(new)
+    text = tokenizer.decode(new)
+    # The loop stops on the stop string's own ids; a tokenizer that merges (bpe) may
+    # write the same text with other ids, so the text is cut at its first occurrence.
+    at = -1 if stop is None else text.find(stop)
+    return text if at < 0 else text[:at + len(stop)]

@@ -30,6 +30,7 @@ tokenizer with Hugging Face's `tokenizers`: the optional extra `gpt2`.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import re
@@ -305,12 +306,14 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     for name in files:
         signals.check()                                  # a stop signal: between two files, nothing written
         path = os.path.join(hf_dir, name)
+        if os.path.isdir(path):
+            raise GPT2Error(f"{path!r} is a directory, not a safetensors file; download the model's file again")
         try:
             tensors.update(st.load_file(path))
         except FileNotFoundError:
             raise GPT2Error(f"{path!r} is missing") from None
         except OSError as e:
-            raise GPT2Error(f"cannot read {path!r}: {e.strerror}") from None
+            raise GPT2Error(f"cannot read {path!r}: {e.strerror or e}") from None
         except Exception as e:           # safetensors raises its own error for a damaged file
             raise GPT2Error(f"{path!r} is not a safetensors file that can be read ({str(e)[:120]}); download it "
                             f"again") from None
@@ -417,17 +420,21 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
     """Write files into a new folder out_dir: in a temporary sibling first
     (`.export-<pid>-*`), renamed into place, so a full disk or a signal never leaves
     half a directory; such a folder that a killed export left (its process gone) is
-    removed. GPT2Error if out_dir exists and is not an empty folder."""
+    removed. An existing empty folder is written in place (renaming a folder over it
+    would swap the folder a shell stands in): each file under a temporary name, then
+    renamed, config.json last, so a folder that has it is whole. GPT2Error if out_dir
+    exists and is not an empty folder."""
     out_dir = os.path.realpath(out_dir)         # a link to an empty folder: write where it points
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise GPT2Error(f"{out_dir!r} already exists and is not an empty folder; choose a new --out")
-    parent = os.path.dirname(out_dir)
+    in_place = os.path.isdir(out_dir)
+    parent = out_dir if in_place else os.path.dirname(out_dir)
     ancestor = parent
     while not os.path.isdir(ancestor):
         if os.path.exists(ancestor):
             raise GPT2Error(f"cannot create {out_dir!r}: {ancestor!r} is a file")
         ancestor = os.path.dirname(ancestor)
-    os.makedirs(parent, exist_ok=True)
+    made = runs.make_dirs(parent)
     runs.remove_abandoned(parent, TEMPORARY_KIND)      # folders of killed exports
     tmp = tempfile.mkdtemp(prefix=runs.owned_prefix(TEMPORARY_KIND), dir=parent)
     try:
@@ -437,11 +444,19 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, runs.dir_mode())          # mkdtemp makes it 0700
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)                  # empty, checked above
-        os.rename(tmp, out_dir)
+        if in_place:
+            for name in sorted(files, key=lambda n: n == "config.json"):
+                os.rename(os.path.join(tmp, name), os.path.join(out_dir, name))
+            os.rmdir(tmp)
+        else:
+            os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if in_place:
+            for name in files:
+                with contextlib.suppress(OSError):
+                    os.remove(os.path.join(out_dir, name))
+        runs.remove_made(made)
         raise
 
 

@@ -147,8 +147,12 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     if run_dir is not None:
         runs.check_new_run_dir(run_dir)                               # before preparing a large text
     source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log)
-    mc, tc = configs(model, training, preset, vocab_size=source.tokenizer.vocab_size,
-                     has_data=source.source != corpus.BUILTIN_SOURCE)
+    held_out = source.source != corpus.BUILTIN_SOURCE
+    for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
+        if not held_out and isinstance(training, dict) and name in training:
+            raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give data",
+                              setting=(name, training[name]))
+    mc, tc = configs(model, training, preset, vocab_size=source.tokenizer.vocab_size, has_data=held_out)
     run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
     runs.check_new_run_dir(run_dir)
     default_eval = training is None or (isinstance(training, dict) and "eval_tokens" not in training)
@@ -364,6 +368,7 @@ def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
         log = open(os.devnull, "w")
     stops = stops or signals.active() or StopSignals(forward_to_sigterm=jax.process_count() > 1)
     signals.check()                                       # a signal while planning: nothing written yet
+    distributed.agree(_settings_to_agree_on(plan))        # several processes: the same run in each, before any step
     with contextlib.ExitStack() as stack:
         if is_main:
             os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
@@ -380,6 +385,15 @@ def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
             else:
                 runs.check_new_run_dir(plan.run_dir)                   # nobody slipped in before the lock
         return _train(plan, is_main, log, stops, stack)
+
+
+def _settings_to_agree_on(plan: Plan) -> dict:
+    """What every process of a multi-process run must plan alike (`distributed.agree`)."""
+    return {"model": plan.model_config.to_dict(), "training": plan.train_config.to_dict(),
+            "seed": plan.train_config.seed, "steps": plan.train_config.steps, "data": plan.corpus.source,
+            "tokenizer": corpus.tokenizer_sha256(plan.corpus.tokenizer), "run directory": os.path.abspath(plan.run_dir),
+            "resumed from step": None if plan.state is None else int(plan.state.step), "batches": plan.batches,
+            "devices": plan.devices, "fsdp": plan.fsdp}
 
 
 def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib.ExitStack) -> Result:

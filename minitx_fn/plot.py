@@ -72,6 +72,10 @@ def plot_run(run_dir: str, png_path: str | None = None, *, log: bool = False, ou
         print(f"{metrics} ends in a half-written line (a process killed mid-write); it is left out", file=out)
     drawn = plot_losses(metrics, png_path, log=log)
     if drawn is None:
+        records = runs.read_records(metrics).records
+        if records:                                       # records, but no number to draw: an edited log
+            raise Error(f"{metrics!r} has {len(records)} record(s) but no numeric loss or val_loss in any; "
+                        f"repair the file or train again")
         raise Error(f"{metrics!r} has no records yet; train for at least {{log_every}} steps",
                     log_every=("log_every", "N"))
     return drawn

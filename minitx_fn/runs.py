@@ -13,6 +13,7 @@ Nothing here imports JAX, so the commands that only read a run start fast.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -101,6 +102,44 @@ def remove_temporaries(run_dir: str) -> list[str]:
     for path in found:
         shutil.rmtree(path, ignore_errors=True)
     return [os.path.basename(p) for p in found]
+
+
+def make_dirs(path: str) -> list[str]:
+    """os.makedirs(path) with this process's umask; returns the folders it created, deepest
+    first, so that a failed write can remove exactly those (`remove_made`) and never a
+    folder that was there before.
+
+    Example:
+        >>> root = tempfile.mkdtemp()
+        >>> [os.path.relpath(p, root) for p in make_dirs(os.path.join(root, "a", "b"))]
+        ['a/b', 'a']
+    """
+    made, missing = [], os.path.abspath(path)
+    while not os.path.exists(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(path, mode=dir_mode(), exist_ok=True)
+    return made
+
+
+def remove_made(made: list[str]) -> None:
+    """Remove the folders `make_dirs` created that are still empty, deepest first.
+
+    Example:
+        >>> root = tempfile.mkdtemp()
+        >>> remove_made(make_dirs(os.path.join(root, "a", "b"))); os.listdir(root)
+        []
+    """
+    for folder in made:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            break
+
+
+# errno values that mean the storage itself failed (full, read-only, broken): exit status 1, not bad input.
+STORAGE_ERRNOS = frozenset(getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG")
+                           if hasattr(errno, name))
 
 
 def owned_prefix(kind: str, pid: int | None = None) -> str:

@@ -30,6 +30,28 @@ def test_bad_arguments_stop_before_any_timing(argv, fragment, capsys):
     assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("argv, fragment", [(["--reps", "0"], "--reps"), (["--new-tokens", "0"], "--new-tokens"),
+                                            (["--window", "0"], "--window"),
+                                            (["--json", "/no/such/folder/x.json"], "--json '/no/such")])
+def test_the_gpt2_benchmark_checks_its_flags_before_any_work(argv, fragment, capsys):
+    from benchmarks import gpt2
+    with pytest.raises(SystemExit) as exit_info:
+        gpt2.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
+
+
+def test_outside_the_repository_the_benchmark_says_what_it_needs_before_timing(tmp_path, monkeypatch, capsys):
+    """Its Flax rows need tests/flax_reference.py, which an installed package lacks: one
+    line, exit 2, no timing (it was a ModuleNotFoundError after timing began)."""
+    import sys
+    monkeypatch.setitem(sys.modules, "tests", None)                  # as where the repository's tests/ is absent
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--configs", "micro"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "repository's root folder" in err and "Traceback" not in err
+
+
 def test_unknown_model_option_is_a_clear_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--option", "colour=blue"])

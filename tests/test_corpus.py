@@ -404,3 +404,73 @@ def test_bpe_without_its_library_is_one_line(_chdir, tmp_path, capsys, monkeypat
     monkeypatch.setitem(sys.modules, "tokenizers", None)                   # import tokenizers -> ImportError
     code, _, err = run_main(capsys, "prepare", "--data", path, "--tokenizer", "bpe")
     assert_one_error_line(code, err, "pip install", ".[bpe]")
+
+
+def test_a_tokens_file_with_ids_beyond_the_vocabulary_is_rebuilt(tmp_path):
+    """A tokens.bin copied in from elsewhere with its time kept (cp -p, rsync -a): the
+    size and time match, the ids do not fit the tokenizer. Said, naming the cache, and
+    rebuilt (it used to end in an IndexError, or a non-finite loss)."""
+    path = _write(tmp_path, TEXT)
+    first, _ = _prepare(path, tmp_path / "cache")
+    tokens = os.path.join(first.folder, "tokens.bin")
+    stat = os.stat(tokens)
+    raw = bytearray(open(tokens, "rb").read())
+    raw[7] = 250                                                   # the char vocabulary is far smaller
+    open(tokens, "wb").write(bytes(raw))
+    os.utime(tokens, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again, out = _prepare(path, tmp_path / "cache")
+    assert f"The cache {first.folder} has token ids up to 250, beyond its tokenizer's" in out
+    expected = CharTokenizer.from_text(TEXT).encode(TEXT)
+    assert int(again.ids.max()) < again.tokenizer.vocab_size and again.ids.tolist() == expected.tolist()
+
+
+def test_a_file_that_changes_while_it_is_prepared_is_refused_or_recorded_as_encoded(tmp_path, monkeypatch):
+    """The SHA-256 a cache records is that of exactly the bytes it encoded: a file that
+    grows meanwhile is prepared as it was (its later bytes are for the next run, which
+    sees another file); one edited meanwhile is one line, and nothing is cached."""
+    path = _write(tmp_path, TEXT)
+    real = corpus._source_sha256
+    edit = {}
+
+    def then_changes(*args):
+        digest = real(*args)
+        with open(path, "r+b" if edit["how"] == "edit" else "ab") as f:
+            f.write(b"X" if edit["how"] == "edit" else b"more text appended meanwhile")
+        return digest
+
+    monkeypatch.setattr(corpus, "_source_sha256", then_changes)
+    edit["how"] = "grow"
+    c, _ = _prepare(path, tmp_path / "cache")
+    assert c.source["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest() and len(c.ids) == len(TEXT)
+    _write(tmp_path, TEXT)
+    edit["how"] = "edit"
+    with pytest.raises(DataError, match="changed while it was being prepared"):
+        _prepare(path, tmp_path / "cache2")
+    assert not os.path.exists(tmp_path / "cache2")
+
+
+def test_a_full_cache_disk_is_a_storage_failure_that_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    """Exit 1 (the disk failed), not 2 (bad input), and the folders it made are gone."""
+    import errno
+    path = _write(tmp_path, TEXT)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(corpus.json, "dump", full)
+    code, _, err = run_main(capsys, "prepare", "--data", path, "--cache-dir", str(tmp_path / "cache"))
+    assert_one_error_line(code, err, "No space left on device", status=1)
+    assert not os.path.exists(tmp_path / "cache")                  # every folder it made, removed
+
+
+@needs_tokenizers
+def test_a_bpe_run_whose_vocabulary_came_out_smaller_finds_its_own_cache(tmp_path):
+    """Asked for 300 ids, BPE learns fewer from a small text; a resumed run gives that
+    tokenizer back, and its cache is found by the tokenizer itself, not prepared again
+    into a second folder."""
+    path = _write(tmp_path, TEXT)
+    learned, _ = _prepare(path, tmp_path / "cache", kind="bpe", vocab_size=2000)
+    assert learned.tokenizer.vocab_size < 2000
+    again, out = _prepare(path, tmp_path / "cache", tokenizer=learned.tokenizer)
+    assert "prepared before" in out and again.folder == learned.folder
+    assert len(os.listdir(os.path.dirname(learned.folder))) == 1

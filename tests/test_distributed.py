@@ -176,3 +176,34 @@ def test_a_dead_process_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_
     step = json.load(open(tmp_path / "dead/checkpoint/meta.json"))["step"]
     out, _ = _finish([_train(tmp_path, "--resume", "dead", "--steps", str(step + 2))])[0]   # loads: checksums hold
     assert f"Resuming dead from step {step}" in out
+
+
+def test_processes_that_disagree_a_peer_that_never_comes_and_a_taken_port_are_one_line_each(tmp_path):
+    """Two processes with different seeds (once silently wrong) or widths (once a C++
+    abort in gloo): both refuse before any step, naming what differs, exit 2. A peer
+    that never starts: process 0 says it waits, then gives up after --start-timeout with
+    one line (JAX's own time-out aborts). The coordinator's port already taken (once a
+    segmentation fault): one line, exit 2."""
+    short = [*MODEL, *OPTIMISER, "--steps", "3", "--start-timeout", "60"]
+    port = _free_port()
+    pair = [_train(tmp_path, *short, "--seed", str(i), "--width", str(32 + 16 * i), "--out", "split",
+                   process_id=i, port=port) for i in range(2)]
+    alone_port = _free_port()
+    alone = _train(tmp_path, *MODEL, "--start-timeout", "3", "--out", "alone", process_id=0, port=alone_port)
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        busy = _train(tmp_path, *MODEL, "--out", "busy", process_id=0, port=taken.getsockname()[1])
+        results = _wait([*pair, alone, busy], timeout=180)
+    for code, err in results[:2]:
+        assert code == 2, err[-2000:]
+        line = err.strip().splitlines()[-1]
+        assert line.startswith("minitx: error: the 2 processes disagree on ") and "seed" in line and "model" in line
+    code, err = results[2]
+    assert code == 1 and err.strip().splitlines() == [
+        f"minitx: error: gave up after 3 s: not all 2 processes joined the run at 127.0.0.1:{alone_port}"
+        "; start the missing ones, or give them longer (--start-timeout)"], err[-2000:]
+    assert "Waiting for 2 processes at 127.0.0.1:" in alone.stdout.read()
+    code, err = results[3]
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "is already in use" in err, err[-2000:]
+    assert not os.path.exists(tmp_path / "split") and not os.path.exists(tmp_path / "alone")

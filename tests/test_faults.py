@@ -255,6 +255,14 @@ CASES = [
      ["train", "--data", "in.txt"], ["not UTF-8", "offset 3"], None, 2),
     ("a data file shorter than the context", lambda w: open("in.txt", "w").write("short"),
      ["train", "--data", "in.txt"], ["fewer than the context plus one", "--context 64"], None, 2),
+    ("a loop of symbolic links as data", lambda w: os.symlink("loop.txt", "loop.txt"),
+     ["train", "--data", "loop.txt"], ["cannot be opened", "symbolic links"], None, 2),
+    ("a validation setting without data", _nothing, ["train", *RUN, "--eval-every", "5", "--out", "e"],
+     ["--eval-every 5 needs data with a held-out part"], None, 2),
+    ("a validation sample without data", _nothing, ["train", *RUN, "--eval-tokens", "all", "--out", "e"],
+     ["--eval-tokens all needs data"], None, 2),
+    ("a metrics log without a number to draw", lambda w: (os.mkdir("m"), open("m/metrics.jsonl", "w").write(
+        '{"step": 1, "loss": "x"}\n')), ["plot", "m"], ["1 record(s) but no numeric loss"], None, 2),
 ]
 
 

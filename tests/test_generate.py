@@ -246,3 +246,18 @@ def test_window_of_one_slot():
     ids = gen.generate(params, [[3]], config=cfg, key=jax.random.key(0), max_new_tokens=5)[0]
     ref, _ = gen.generate_recompute(params, [[3]], config=cfg, key=jax.random.key(0), max_new_tokens=5)
     np.testing.assert_array_equal(ids, ref[0])
+
+
+@pytest.mark.parametrize("cut", [(1, 3), (2, 3), (4, 7)])
+def test_a_stop_string_ends_the_text_wherever_the_tokenizer_put_its_boundaries(key, cut):
+    """BPE writes one text with many id sequences: the stop string is found in the text,
+    not matched on ids (it ran past a stop whose ids differed from the tokens drawn)."""
+    pytest.importorskip("tokenizers", reason="the bpe tokenizer needs the test extra's tokenizers")
+    from minitx_fn import checkpoint
+    from minitx_fn.tokenizer import BPETokenizer
+    tok = BPETokenizer.train(["hello world, hello there " * 40], vocab_size=290)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, max_len=32, init_std=0.5)
+    m = checkpoint.Model(model.init(key, cfg), cfg, tok, {})
+    full = gen.complete(m, "hello", max_new_tokens=24)
+    stop = full[cut[0]:cut[1]]
+    assert stop and gen.complete(m, "hello", max_new_tokens=24, stop=stop) == full[:full.find(stop) + len(stop)]

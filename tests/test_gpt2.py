@@ -248,6 +248,9 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     refused("is not a safetensors file")
     os.remove(weights)
     refused("has no model.safetensors")
+    os.mkdir(weights)                                                      # a folder where the file should be
+    refused("model.safetensors' is a directory")
+    os.rmdir(weights)
     open(weights, "wb").write(blob)
     config_path = os.path.join(hf_dir, "config.json")
     hf_config = json.load(open(config_path))
@@ -382,6 +385,21 @@ def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run)
         with pytest.raises(gpt2.GPT2Error, match="--positions learned --tie-embeddings"):
             gpt2.export_files(ck.state.params, ck.model_config.replace(**options), ck.tokenizer)
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_into_the_folder_one_stands_in_writes_it_in_place(tmp_path, capsys, monkeypatch, gpt2_shaped_run):
+    """`export-gpt2 RUN --out .` from an empty folder: the files appear in that very
+    folder (its inode kept: renaming a new folder over it left the shell in an empty,
+    deleted one)."""
+    here = tmp_path / "empty"
+    here.mkdir()
+    inode = os.stat(here).st_ino
+    monkeypatch.chdir(here)
+    code, out, err = run_main(capsys, "export-gpt2", gpt2_shaped_run, "--out", ".")
+    assert code == 0, err
+    assert os.stat(".").st_ino == inode == os.stat(here).st_ino
+    assert sorted(os.listdir(".")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path)) == ["empty"]                           # no temporary folder left
 
 
 # ----------------------------------------------------------------------------- parity with Hugging Face
