@@ -439,18 +439,26 @@ def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path):
     assert not [n for n in os.listdir(tmp_path / "k") if n.startswith(runs.TEMPORARY_PREFIX) or n == runs.LOCK]
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(offset=st.floats(0.25, 4.0), signum=st.sampled_from([signal.SIGTERM, signal.SIGINT, signal.SIGHUP]))
-def test_a_signal_at_any_moment_of_train_is_a_clean_finish_or_one_line(tmp_path_factory, offset, signum):
-    """`minitx train` signalled at any offset from its start (importing JAX, preparing,
-    compiling, training, saving, generating): exit 0 after a clean finish, or exit
-    128 + N with one line on stderr; never a lost signal, a traceback or a crash; and
-    whatever run it left loads and has no half-written files. (From 0.25 s: before
-    that the interpreter is still starting, and a signal there ends it as the default
-    action does, with no word; the README says so.)"""
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(command=st.sampled_from(["train", "generate", "prepare"]), offset=st.floats(0.25, 4.0),
+       signum=st.sampled_from([signal.SIGTERM, signal.SIGINT, signal.SIGHUP]))
+def test_a_signal_at_any_moment_of_a_command_is_a_clean_finish_or_one_line(saved_runs, tmp_path_factory, command,
+                                                                           offset, signum):
+    """`minitx train`, `generate` or `prepare` signalled at any offset from its start
+    (importing JAX, preparing, compiling, training, saving, generating): exit 0 after a
+    clean finish, or exit 128 + N with one line on stderr; never a lost signal, a
+    traceback or a crash; and whatever it left (a run, a cache) loads and has no
+    half-written files. (From 0.25 s: before that the interpreter is still starting, and
+    a signal there ends it as the default action does, with no word; the README says so.)"""
     tmp = tmp_path_factory.mktemp("signal")
-    proc = subprocess.Popen([sys.executable, "-m", "minitx_fn", "train", *TINY, "--steps", "60", "--log-every", "20",
-                             "--save-every", "20", "--max-new-tokens", "5", "--out", "r"], stdout=subprocess.PIPE,
+    text = tmp / "big.txt"
+    text.write_text("".join(chr(0x4e00 + i % 5000) for i in range(300_000)), encoding="utf-8")   # 900 KB, 5000 ids
+    argv = {"train": ["train", *TINY, "--steps", "60", "--log-every", "20", "--save-every", "20",
+                      "--max-new-tokens", "5", "--out", "r"],
+            "generate": ["generate", "--checkpoint", str(saved_runs / "builtin"), "--prompt", "hello",
+                         "--max-new-tokens", "200"],
+            "prepare": ["prepare", "--data", str(text), "--cache-dir", "cache"]}[command]
+    proc = subprocess.Popen([sys.executable, "-m", "minitx_fn", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp)
     try:
         time.sleep(offset)
@@ -458,7 +466,7 @@ def test_a_signal_at_any_moment_of_train_is_a_clean_finish_or_one_line(tmp_path_
         out, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode in (0, 128 + signum), (offset, proc.returncode, err[-2000:])
+    assert proc.returncode in (0, 128 + signum), (command, offset, proc.returncode, err[-2000:])
     assert "Traceback" not in err and "Exception ignored" not in err, err
     run = tmp / "r"
     if proc.returncode and err:                               # before training: one line, nothing written
@@ -470,6 +478,9 @@ def test_a_signal_at_any_moment_of_train_is_a_clean_finish_or_one_line(tmp_path_
             checkpoint.load(str(run))                         # whole: sizes and checksums hold
     if run.exists():
         assert not [n for n in os.listdir(run) if n.startswith(runs.TEMPORARY_PREFIX) or n == runs.LOCK]
+    for folder, names, files in os.walk(tmp / "cache"):
+        assert not [n for n in names if n.startswith(".prepare-")], names      # no unfinished preparation left
+        assert "tokens.bin" not in files or "manifest.json" in files           # a cache is whole or absent
 
 
 def test_a_signal_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch):
