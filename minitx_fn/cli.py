@@ -288,23 +288,15 @@ def _add_corpus_flags(parser, required: bool = False) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def _join_processes(args) -> None:
-    """`distributed.join` with the multi-process flags; their environment variables
-    (MINITX_COORDINATOR, ...) stand in for flags not given, once a coordinator is known."""
-    from minitx_fn import distributed
-    try:
-        distributed.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
-                         args.start_timeout)
-    except distributed.ProcessesError as e:
-        raise UsageError(str(e)) from None
-
-
 def cmd_train(args, out=None) -> int:
-    """`minitx train`: a new run, or --resume of a saved one (`job.train`); returns the exit status."""
-    _join_processes(args)
+    """`minitx train`: a new run, or --resume of a saved one (`job.train`); returns the exit status.
+    The multi-process flags (or, once a coordinator is known, their environment variables
+    MINITX_COORDINATOR, ...) join the processes first (`distributed.join`)."""
     import jax
 
-    from minitx_fn import job, signals
+    from minitx_fn import distributed, job, signals
+    distributed.join(args.coordinator, args.num_processes, args.process_id, args.heartbeat_timeout,
+                     args.start_timeout, log=out)
     if jax.process_count() > 1 and signals.active():
         signals.active().forward_sigterm()                # SIGTERM is now JAX's preemption notice
     out = (out or sys.stdout) if jax.process_index() == 0 else open(os.devnull, "w")
