@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import types
 import typing
 from typing import Any, NamedTuple
@@ -95,7 +96,14 @@ def named_arrays(tree) -> dict[str, np.ndarray]:
         >>> named_arrays({"w": np.zeros(2)})
         {'w': array([0., 0.])}
     """
-    return {path_name(p): np.asarray(a) for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+    arrays = {}
+    for p, a in jax.tree_util.tree_leaves_with_path(tree):
+        name = path_name(p)
+        if name in arrays:          # {"a/b": x, "a": {"b": y}}: one name, two arrays; a file would keep one
+            raise CheckpointError(f"two arrays of the tree are both named {name!r}; rename a key so that tree paths "
+                                  f"are unique")
+        arrays[name] = np.asarray(a)
+    return arrays
 
 
 def _write(path: str, data: bytes) -> None:
@@ -156,8 +164,14 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(f"cannot save: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
                               f"model_config says vocab_size={model_config.vocab_size}")
+    if not isinstance(state, TrainState):
+        raise CheckpointError(f"cannot save: the state must be a train.TrainState, not {type(state).__name__}")
     template = _template(model_config, train_config)
     host = jax.device_get(state)
+    step = np.asarray(host.step)
+    if not (step.shape == () and np.issubdtype(step.dtype, np.integer) and 0 <= int(step) <= INT32_MAX):
+        raise CheckpointError(f"cannot save: the step must be a whole number in [0, {INT32_MAX}], not "
+                              f"{step.tolist()!r} ({step.dtype})")
     arrays = {name: named_arrays(tree) for name, tree in zip(ARRAY_FILES, (host.params, host.opt_state))}
     for name, t in zip(ARRAY_FILES, (template.params, template.opt_state)):
         _check_arrays(t, arrays[name], f"cannot save {name}")
@@ -407,6 +421,32 @@ def _read_meta(run_dir: str) -> tuple[str, dict, ModelConfig, TrainConfig, Token
     return path, meta, model_config, train_config, tokenizer
 
 
+READ_TRIES = 5      # a checkpoint read while a live run replaces it is read again, up to this many times
+
+
+def _consistently(run_dir: str, read):
+    """read(path, meta, configs..., tokenizer) on one whole checkpoint: a save by a live
+    run can replace the checkpoint while it is read (meta.json of one save, arrays of
+    the next, or a folder renamed away mid-read); then it is read again, while what is
+    on disk keeps changing, up to READ_TRIES times. A checkpoint that is damaged and
+    stays so is reported as it is."""
+    for attempt in range(READ_TRIES):
+        seen = None
+        try:
+            path, meta, model_config, train_config, tokenizer = _read_meta(run_dir)
+            seen = (path, meta)
+            return read(path, meta, model_config, train_config, tokenizer)
+        except CheckpointError:
+            try:
+                now = _read_meta(run_dir)[:2]
+            except CheckpointError:
+                now = None
+            if attempt == READ_TRIES - 1 or (now is not None and now == seen) or (now is None and seen is None
+                                                                                 and attempt >= 1):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
 def saved_step(run_dir: str) -> int:
     """The step of a run's checkpoint, from its meta.json alone (checked, no array read).
 
@@ -426,13 +466,14 @@ def load(run_dir: str) -> Checkpoint:
         Traceback (most recent call last):
         minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
     """
-    path, meta, model_config, train_config, tokenizer = _read_meta(run_dir)
-    template = _template(model_config, train_config)
-    params, opt_state = (
-        _build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
-        for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
-    state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
-    return Checkpoint(state, model_config, train_config, tokenizer, meta["data"], meta)
+    def read(path, meta, model_config, train_config, tokenizer):
+        template = _template(model_config, train_config)
+        params, opt_state = (
+            _build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
+            for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
+        state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
+        return Checkpoint(state, model_config, train_config, tokenizer, meta["data"], meta)
+    return _consistently(run_dir, read)
 
 
 class Model(NamedTuple):
@@ -458,11 +499,12 @@ def load_model(run_dir: str) -> Model:
         >>> m.config == cfg, m.tokenizer.chars, m.params["embed"]["table"].shape
         (True, 'abc', (3, 8))
     """
-    path, meta, model_config, train_config, tokenizer = _read_meta(run_dir)
-    template = jax.eval_shape(lambda: model.init(jax.random.key(0), model_config))
-    params = _build(template, _read_arrays(os.path.join(path, ARRAY_FILES[0]), meta["files"][ARRAY_FILES[0]]),
-                    ARRAY_FILES[0])
-    return Model(params, model_config, tokenizer, meta)
+    def read(path, meta, model_config, train_config, tokenizer):
+        template = jax.eval_shape(lambda: model.init(jax.random.key(0), model_config))
+        params = _build(template, _read_arrays(os.path.join(path, ARRAY_FILES[0]), meta["files"][ARRAY_FILES[0]]),
+                        ARRAY_FILES[0])
+        return Model(params, model_config, tokenizer, meta)
+    return _consistently(run_dir, read)
 
 
 def save_params(path: str, params) -> str:
@@ -476,7 +518,14 @@ def save_params(path: str, params) -> str:
         >>> sorted(np.load(path).files)
         ['layers/0/b', 'w']
     """
-    blob = _npz_bytes(named_arrays(jax.device_get(params)))
+    arrays = named_arrays(jax.device_get(params))
+    for name, array in arrays.items():             # what load_params would refuse, refused before writing
+        if not (array.dtype.kind in "biuf" and array.dtype.isnative or array.dtype == np.bool_):
+            raise CheckpointError(f"cannot save {name!r}: dtype {array.dtype} has no npz form numpy reads back "
+                                  f"(bfloat16: cast to float32 first)")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise CheckpointError(f"cannot save {name!r}: it holds non-finite values (NaN or infinity)")
+    blob = _npz_bytes(arrays)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".params-", dir=folder)
     try:
@@ -514,4 +563,5 @@ def load_params(path: str, *, like):
         raise CheckpointError(f"{path!r} does not exist; give a file save_params wrote") from None
     except Exception as e:           # a truncated or edited file: zip's own checksums fail, or it is no npz
         raise CheckpointError(f"{path!r} is not a whole npz file ({type(e).__name__}); save it again") from None
+    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.result_type(a)), like)   # arrays or structs
     return _build(like, arrays, repr(path))

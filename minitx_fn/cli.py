@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"without --data, {defaults.PRESET_TEXT} with it; shakespeare-char is nanoGPT's GPU recipe); any "
                    f"flag below overrides it")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
-    t.add_argument("--out", metavar="DIR", help="new run directory (default: runs/<corpus>-NNN, a new one)")
+    t.add_argument("--out", metavar="DIR", type=_nonempty, help="new run directory (default: runs/<corpus>-NNN, a "
+                   "new one)")
     t.add_argument("--steps", type=_positive, help=f"train until this many steps in total ({_defaults('steps')})")
     t.add_argument("--batch-size", type=_positive, help=f"sequences per step, B ({_defaults('batch_size')})")
     t.add_argument("--context", type=_positive, help=f"context window T, the model's max_len "

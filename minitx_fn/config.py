@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 from minitx_fn import defaults
@@ -33,6 +34,17 @@ def x64_enabled() -> bool:
     import jax
     import jax.numpy as jnp
     return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
+
+
+def _plain_numbers(config) -> None:
+    """NumPy scalars (np.int64(5), np.float32(1e-3)) as the Python numbers they stand
+    for: a config is hashed, compared and written to JSON, which numpy scalars spoil."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+            object.__setattr__(config, field.name, int(value))
+        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+            object.__setattr__(config, field.name, float(value))
 
 
 def _require(ok: bool, field: str, value: Any, fix: str, **mentions: tuple[str, Any]) -> None:
@@ -105,6 +117,7 @@ class ModelConfig:
     tie_embeddings: bool = False
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
             _positive_int(name, getattr(self, name))
         if self.d_ff is None:
@@ -197,6 +210,7 @@ class OptimizerConfig:
     grad_clip: float = 1.0          # clip the global gradient norm to this value
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         _require(_number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
@@ -251,6 +265,7 @@ class TrainConfig:
     grad_clip: float = OptimizerConfig.grad_clip
 
     def __post_init__(self) -> None:
+        _plain_numbers(self)
         for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
             _positive_int(name, getattr(self, name))
         if self.eval_tokens is not None:

@@ -140,8 +140,14 @@ class Corpus:
                   tokenizer: Tokenizer | None = None) -> "Corpus":
         """A text in memory, tokenized and split like a file: with a tokenizer of `kind`
         learned from it, or with `tokenizer` (a run's own)."""
-        if not text:
-            raise DataError("the text is empty; give it some text to learn from")
+        if not isinstance(text, str) or not text:
+            raise DataError("the text is empty; give it some text to learn from" if text == "" else
+                            f"the text must be a str, not {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:            # a lone surrogate: no Unicode text, and no file could hold it
+            raise DataError(f"the text is not valid Unicode (a lone surrogate {text[e.start]!r} at index "
+                            f"{e.start}); give text that UTF-8 can encode") from None
         if tokenizer is None:
             check_choice(kind, vocab_size)
             tokenizer = tokenizers_.learn(kind, tokenizers_.Source(lambda: tokenizers_.code_points(text),
@@ -356,6 +362,8 @@ def check_choice(kind: str, vocab_size: int | None) -> None:
     """
     if kind not in tokenizers_.KINDS:
         raise DataError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizers_.KINDS)}")
+    if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)):
+        raise DataError("{vocab_size} must be a whole number", vocab_size=("vocab_size", vocab_size))
     if vocab_size is not None and kind != "bpe":
         raise DataError(f"the {kind} tokenizer has a fixed vocabulary; {{vocab_size}} is for bpe",
                         vocab_size=("vocab_size", vocab_size))

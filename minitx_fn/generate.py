@@ -186,6 +186,12 @@ def _token_ids(values, config: ModelConfig, what: str) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def _check_length(max_new_tokens) -> None:
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
+            or not 1 <= max_new_tokens < 2**31:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number in [1, 2**31)")
+
+
 def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
     if not len(prompts):
         raise ValueError("no prompts given")
@@ -220,9 +226,7 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
         >>> [t.shape for t in generate(p, [[1, 2], [3]], config=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
-    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
-            or not 1 <= max_new_tokens < 2**31:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a whole number in [1, 2**31)")
+    _check_length(max_new_tokens)
     if key is None:
         if not sampler.is_greedy:
             raise ValueError("sampling needs a key: pass key=jax.random.key(seed)")
@@ -269,8 +273,12 @@ def generate_recompute(params, prompts, *, config: ModelConfig, max_new_tokens: 
         >>> ids.shape, logits.shape
         ((2, 3), (2, 3, 5))
     """
+    _check_length(max_new_tokens)
     apply_fn = apply_fn or model.apply_fn(config)
-    key = jax.random.key(0) if key is None and sampler.is_greedy else key      # greedy draws nothing
+    if key is None:
+        if not sampler.is_greedy:
+            raise ValueError("sampling needs a key: pass key=jax.random.key(seed)")
+        key = jax.random.key(0)                  # greedy draws nothing
     s, keep = config.max_len, slide_keep(config.max_len)
     contexts = [list(p) for p in _check_prompts(prompts, config)]
     keys = row_keys(key, len(contexts))

@@ -39,7 +39,7 @@ from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.errors import ConfigError, DataError, Error, RunDirError, RunFailed, StorageError
 from minitx_fn import signals
 from minitx_fn.signals import StopSignals
-from minitx_fn.tokenizer import Tokenizer
+from minitx_fn.tokenizer import Tokenizer, UnknownCharactersError
 
 # What a resumed run may change; every other setting is the saved run's.
 RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "eval_tokens")
@@ -135,10 +135,24 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     log = log or sys.stdout
     if data_path is not None and text is not None:
         raise DataError("give the data as a path or a Corpus, or as text=, not both")
+    if data_path is not None and not isinstance(data_path, corpus.Corpus):
+        path = os.fspath(data_path) if isinstance(data_path, (str, os.PathLike)) else None
+        if not isinstance(path, str):
+            raise DataError(f"the data must be a path (a str) or a corpus.Corpus, not {type(data_path).__name__}")
+        data_path = path
+    if run_dir is not None:
+        run_dir = os.fspath(run_dir) if isinstance(run_dir, (str, os.PathLike)) else None
+        if not isinstance(run_dir, str) or not run_dir:
+            raise RunDirError("{run_dir} is empty or not a path; give a folder", run_dir=("run_dir", "''"))
+    if devices is not None and not (isinstance(devices, int) and not isinstance(devices, bool)
+                                    and 1 <= devices <= jax.device_count()):
+        raise ConfigError(f"{{devices}} is not available: this run has {jax.device_count()} device(s)",
+                          devices=("devices", devices))
     if batches not in defaults.BATCH_SOURCES:
         raise ConfigError(f"{{batches}} is invalid: choose one of {list(defaults.BATCH_SOURCES)}",
                           batches=("batches", batches))
-    if not (isinstance(sample_tokens, int) and 0 <= sample_tokens <= defaults.MAX_NEW_TOKENS):
+    if not (isinstance(sample_tokens, int) and not isinstance(sample_tokens, bool)
+            and 0 <= sample_tokens <= defaults.MAX_NEW_TOKENS):
         raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
                           n=("max_new_tokens", sample_tokens))
     if resume is not None:
@@ -150,8 +164,8 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     held_out = source.source != corpus.BUILTIN_SOURCE
     for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
         if not held_out and isinstance(training, dict) and name in training:
-            raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give data",
-                              setting=(name, training[name]))
+            raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
+                              setting=(name, training[name]), data=("data", "FILE"))
     mc, tc = configs(model, training, preset, vocab_size=source.tokenizer.vocab_size, has_data=held_out)
     run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
     runs.check_new_run_dir(run_dir)
@@ -171,6 +185,10 @@ def configs(model: ModelConfig | dict | None, training: TrainConfig | dict | Non
         (32, 2, 100, 10, 0.003)
     """
     values = defaults.preset(preset, has_data=has_data)
+    for name, value, cls in (("model", model, ModelConfig), ("training", training, TrainConfig)):
+        if value is not None and not isinstance(value, (dict, cls)):
+            raise ConfigError(f"{{{name}}} must be a dict of {cls.__name__} fields or a {cls.__name__}, not "
+                              f"{type(value).__name__}", **{name: (name, value)})
     if isinstance(model, ModelConfig):
         if model.vocab_size != vocab_size:
             raise ConfigError("{v} differs from the tokenizer's {t} ids; give the model as a dict of fields, and "
@@ -191,8 +209,9 @@ def configs(model: ModelConfig | dict | None, training: TrainConfig | dict | Non
     settings = {**values["train"], **given}
     if settings.get("eval_tokens") == "all":
         settings["eval_tokens"] = None
-    if "warmup" not in given:                    # a short run keeps the preset's warm-up from exceeding it
-        settings["warmup"] = min(settings["warmup"], (settings.get("decay_steps") or settings["steps"]) // 10)
+    length = settings.get("decay_steps") or settings["steps"]
+    if "warmup" not in given and isinstance(length, int):   # a short run keeps the preset's warm-up within it
+        settings["warmup"] = min(settings["warmup"], length // 10)
     return mc, TrainConfig(**settings)
 
 
@@ -217,8 +236,12 @@ def _corpus(data_path, text, kind, vocab_size, cache_dir, log, tokenizer: Tokeni
     if text is not None:
         corpus.check_choice(kind or "char", vocab_size)
         return corpus.Corpus.from_text(text, kind or "char", vocab_size, tokenizer)
-    return corpus.prepare(os.fspath(data_path), kind or "char", vocab_size, cache_dir=cache_dir,
-                          tokenizer=tokenizer, expected_sha256=expected_sha256, out=log)
+    try:
+        return corpus.prepare(os.fspath(data_path), kind or "char", vocab_size, cache_dir=cache_dir,
+                              tokenizer=tokenizer, expected_sha256=expected_sha256, out=log)
+    except UnknownCharactersError as e:               # a run's own char tokenizer and a text it cannot encode
+        raise DataError(f"data file {os.fspath(data_path)!r} holds characters the run's char tokenizer lacks: "
+                        f"{e}") from None
 
 
 def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_size, cache_dir, out_dir, batches,
@@ -284,15 +307,19 @@ def _resume_corpus(ckpt: checkpoint.Checkpoint, data_path, text, cache_dir, log)
             raise DataError("this run does not record what it trained on (it was saved with data=None); pass "
                             "{data} to resume it", data=("data", "FILE"))
         return _corpus(data_path, text, None, None, cache_dir, log, tokenizer)
-    if saved["path"] is None:                # a text or ids given in memory: the same again
-        if given is None or isinstance(data_path, (str, os.PathLike)):
-            raise DataError("this run trained on a text or ids given in memory; pass the same again (text= or a "
-                            "Corpus) to resume it")
-        source = _corpus(data_path, text, None, None, cache_dir, log, tokenizer)
-        if source.source["sha256"] != saved["sha256"]:
+    if saved["path"] is None:                # a text or ids given in memory: the same again, or a file holding it
+        if given is None:
+            raise DataError("this run trained on a text or ids given in memory; to resume it, give the same again "
+                            "(text= or a Corpus), or {data} holding that text", data=("data", "FILE"))
+        try:
+            source = _corpus(data_path, text, None, None, cache_dir, log, tokenizer,
+                             saved["sha256"] if isinstance(data_path, (str, os.PathLike)) else None)
+        except corpus.SourceChangedError:
+            source = None
+        if source is None or source.source["sha256"] != saved["sha256"]:
             raise DataError("the data given is not what this run trained on (its SHA-256 differs); give the same "
                             "text or ids, or start a new run")
-        return source
+        return source                        # a file holding the text: recorded as that file from now on
     if isinstance(data_path, corpus.Corpus) or text is not None:
         raise DataError("this run trained on the text file {data}; pass its path", data=("data", saved["path"]))
     if data_path is None and not os.path.exists(saved["path"]):
@@ -340,6 +367,8 @@ def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, d
                         f"so use a text of at most {defaults.INT32_MAX:,} tokens")
     if batches == "auto":
         batches = "device" if len(train_ids) <= defaults.DEVICE_RESIDENT_TOKENS else "memmap"
+    if devices or jax.device_count() > 1:                # the batch is split over them: before anything is written
+        distributed.check_batch(tc.batch_size, distributed.make_mesh(devices))
     memory.check(memory.training_bytes(mc, tc.batch_size), "training this model",
                  "try a smaller {b}, {w}, {c} or {l}", b=("batch_size", tc.batch_size), w=("d_model", mc.d_model),
                  c=("max_len", mc.max_len), l=("n_layers", mc.n_layers))
@@ -371,7 +400,13 @@ def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
     distributed.agree(_settings_to_agree_on(plan))        # several processes: the same run in each, before any step
     with contextlib.ExitStack() as stack:
         if is_main:
-            os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
+            try:
+                os.makedirs(plan.run_dir, mode=runs.dir_mode(), exist_ok=True)
+            except OSError as e:
+                if e.errno in runs.STORAGE_ERRNOS:
+                    raise StorageError(plan.run_dir, e) from None
+                raise RunDirError(f"cannot create {plan.run_dir!r}: {e.strerror or e}; choose another run "
+                                  f"directory") from None
             lock = stack.enter_context(runs.Lock(plan.run_dir))
             if lock.took_over is not None:
                 print(f"Took over the lock of process {lock.took_over}, which is no longer running", file=log)
@@ -507,7 +542,9 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     picture = draw_losses(run_dir, log)
     done = Result(**{**result_args, "picture": picture})
     if plan.sample_tokens:
+        signals.check()                    # a signal after the last save: the sample is skipped, the run kept
         done = done._replace(sample=generate.complete(done, plan.prompt, max_new_tokens=plan.sample_tokens))
+        signals.check()                    # one during the sample (a single compiled loop): acted on after it
     return done
 
 

@@ -13,6 +13,7 @@ through the same code.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -24,7 +25,7 @@ import numpy as np
 from minitx_fn import distributed, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig  # noqa: F401  (the doctests)
 from minitx_fn.errors import StorageError
-from minitx_fn.signals import StopSignals
+from minitx_fn.signals import StopSignals, active
 
 
 class NonFiniteError(RuntimeError):
@@ -83,7 +84,15 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, steps:
         (20, None)
     """
     out = out or sys.stdout
-    signals = signals or StopSignals()
+    with contextlib.ExitStack() as stack:
+        if signals is None:               # nobody installed handlers (a loop of one's own): this call does
+            signals = active() or stack.enter_context(StopSignals())
+        return _fit(state, step, next_batch, steps, log_every, eval_every, save_every, tokens_per_step, evaluate,
+                    metrics_path, save, out, signals, max_in_flight)
+
+
+def _fit(state, step, next_batch, steps, log_every, eval_every, save_every, tokens_per_step, evaluate, metrics_path,
+         save, out, signals, max_in_flight) -> FitResult:
     eval_every = eval_every or log_every
     save_every = save_every or steps
     at = int(distributed.scalar(state.step))

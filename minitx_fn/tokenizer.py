@@ -148,6 +148,8 @@ class CharTokenizer:
             raise ValueError("the vocabulary is empty: build it from a non-empty text")
         if len(set(self.chars)) != len(self.chars):
             raise ValueError("the vocabulary repeats a character")
+        if list(self.chars) != sorted(self.chars):       # ids follow code points: an edited order is another model
+            raise ValueError("the vocabulary is not in code-point order")
 
     @classmethod
     def from_text(cls, text: str) -> "CharTokenizer":

@@ -285,3 +285,33 @@ def test_the_fields_of_version_4_are_there_exactly_when_it_says_4(tmp_path, save
     else:
         with pytest.raises(CheckpointError, match=error):
             checkpoint.load(str(tmp_path))
+
+
+def test_a_checkpoint_read_while_a_live_run_replaces_it_is_one_whole_checkpoint(tmp_path, key):
+    """A reader racing a writer that saves again and again (generate, or a resume
+    refused by the lock, while a run trains): every read is one save's meta.json with
+    that save's arrays, never "damaged" (meta of one save, arrays of the next)."""
+    import threading
+    base = train.init_state(key, MC, TC.optimizer)
+    states = [base._replace(step=jax.numpy.int32(s), params=jax.tree.map(lambda a, s=s: a * 0 + s, base.params))
+              for s in range(1, 4)]
+    checkpoint.save(str(tmp_path), states[0], model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
+    stop = threading.Event()
+
+    def writer():
+        with standard_promotion():
+            while not stop.is_set():
+                for state in states:
+                    checkpoint.save(str(tmp_path), state, model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(40):
+            model = checkpoint.load_model(str(tmp_path))
+            assert float(model.params["ln_f"]["scale"][0]) == model.meta["step"]     # arrays of that very save
+            ck = checkpoint.load(str(tmp_path))
+            assert float(ck.state.params["ln_f"]["scale"][0]) == int(ck.state.step)
+    finally:
+        stop.set()
+        thread.join()

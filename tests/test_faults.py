@@ -261,6 +261,11 @@ CASES = [
      ["--eval-every 5 needs data with a held-out part"], None, 2),
     ("a validation sample without data", _nothing, ["train", *RUN, "--eval-tokens", "all", "--out", "e"],
      ["--eval-tokens all needs data"], None, 2),
+    ("out that cannot be created", _nothing, ["train", *RUN, "--out", "/proc/minitx-test/r"],
+     ["cannot create '/proc/minitx-test/r'"], None, 2),
+    ("more devices than there are", _nothing, ["train", *RUN, "--devices", "3", "--out", "d"],
+     ["--devices 3 is not available"], None, 2),
+    ("an empty out", _nothing, ["train", *RUN, "--out", ""], ["--out", "is empty"], None, 2),
     ("a metrics log without a number to draw", lambda w: (os.mkdir("m"), open("m/metrics.jsonl", "w").write(
         '{"step": 1, "loss": "x"}\n')), ["plot", "m"], ["1 record(s) but no numeric loss"], None, 2),
 ]
@@ -275,9 +280,10 @@ def test_fault(work, capsys, name, setup, argv, fragments, keep, status):
     assert_one_error_line(code, err, *fragments, status=status)
     if intact:
         intact.assert_unchanged()
-    if argv[0] == "train" and "--out" in argv and keep is None:      # a refused new run trained nothing
+    if argv[0] == "train" and "--out" in argv and keep is None:      # a refused new run wrote nothing
         target = argv[argv.index("--out") + 1]
         assert not os.path.exists(os.path.join(target, "checkpoint")) or target in ("builtin", "text")
+        assert not os.path.exists("runs")                            # nor took a default run directory
 
 
 def test_multi_process_variables_are_read_only_by_a_multi_process_run(work, capsys, monkeypatch):

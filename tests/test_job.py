@@ -45,7 +45,7 @@ def test_a_run_trained_from_python_on_text_resumes_on_that_text_only(capsys):
     saved = checkpoint.load("mem").data
     assert saved["path"] is None and saved == corpus.Corpus.from_text(TEXT).source
     code, _, err = run_main(capsys, "train", "--resume", "mem", "--steps", "6")
-    assert_one_error_line(code, err, "a text or ids given in memory", "pass the same again")
+    assert_one_error_line(code, err, "a text or ids given in memory", "give the same again", "--data FILE")
     with pytest.raises(DataError, match="not what this run trained on"):
         _train(text=TEXT + "to be", resume="mem", training={"steps": 6})
     again = _train(text=TEXT, resume="mem", training={"steps": 6})
@@ -181,3 +181,56 @@ def test_the_plan_writes_nothing_and_the_run_writes_what_the_cli_writes(capsys):
     assert a.data == b.data and a.model_config == b.model_config and a.train_config == b.train_config
     np.testing.assert_array_equal(a.state.params["embed"]["table"], b.state.params["embed"]["table"])
     assert f"Generated text:\n{result.prompt}{result.sample}\n" in out
+
+
+def test_a_run_trained_on_text_resumes_from_a_file_holding_that_text(capsys):
+    """From the command line, where no text= exists: a file whose bytes are the text
+    (the same SHA-256) resumes it; another file is refused."""
+    _train(text=TEXT, run_dir="mem")
+    open("same.txt", "w").write(TEXT)
+    open("other.txt", "w").write(TEXT + "to be")
+    code, _, err = run_main(capsys, "train", "--resume", "mem", "--data", "other.txt", "--steps", "6")
+    assert_one_error_line(code, err, "not what this run trained on")
+    code, out, err = run_main(capsys, "train", "--resume", "mem", "--data", "same.txt", "--steps", "6",
+                              "--max-new-tokens", "3")
+    assert code == 0, err
+    assert checkpoint.load("mem").data["path"] == os.path.abspath("same.txt")           # recorded from now on
+
+
+@pytest.mark.parametrize("settings, error", [
+    ({"training": {"steps": "100"}}, "steps='100'"), ({"training": {"decay_steps": "9"}}, "decay_steps='9'"),
+    ({"model": "tiny"}, "model"), ({"training": "fast"}, "training"), ({"text": b"abc"}, "must be a str"),
+    ({"text": "ab\ud800c " * 20}, "lone surrogate"), ({"data_path": 3}, "must be a path"),
+    ({"tokenizer": "bpe", "vocab_size": "300"}, "vocab_size='300'"), ({"devices": "2"}, "devices='2'"),
+    ({"sample_tokens": True}, "max_new_tokens=True"), ({"run_dir": ""}, "is empty"),
+])
+def test_wrong_types_are_one_error_naming_the_setting(settings, error):
+    from minitx_fn.errors import Error
+    data_path = settings.pop("data_path", None)
+    with pytest.raises(Error, match=error.replace("(", r"\(").replace(")", r"\)")):
+        job.plan(data_path, log=io.StringIO(), **settings)
+
+
+def test_numpy_numbers_are_the_numbers_they_stand_for():
+    tc = TrainConfig(steps=np.int64(40), lr=np.float32(2e-3))
+    assert tc.steps == 40 and type(tc.steps) is int and type(tc.lr) is float and tc == TrainConfig(steps=40, lr=tc.lr)
+
+
+def test_save_refuses_steps_and_trees_that_would_not_come_back():
+    mc = ModelConfig(vocab_size=13, **SMALL)
+    tc = TrainConfig(steps=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    tok = corpus.builtin().tokenizer
+    for step in (jnp.int32(-5), jnp.float32(3.7)):
+        with pytest.raises(CheckpointError, match="the step must be a whole number"):
+            checkpoint.save("r", state._replace(step=step), model_config=mc, train_config=tc, tokenizer=tok, data=None)
+    with pytest.raises(CheckpointError, match="train.TrainState"):
+        checkpoint.save("r", {"params": state.params}, model_config=mc, train_config=tc, tokenizer=tok, data=None)
+    assert not os.path.exists("r/checkpoint")
+    for tree, said in (({"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}, "both named 'a/b'"),
+                       ({"w": jnp.ones(2, jnp.bfloat16)}, "bfloat16"), ({"w": jnp.array([1.0, jnp.nan])}, "non-finite")):
+        with pytest.raises(CheckpointError, match=said):
+            checkpoint.save_params("p.npz", tree)
+        assert not os.path.exists("p.npz")
+    checkpoint.save_params("p.npz", {"w": np.ones(2), "n": 3.0})
+    assert checkpoint.load_params("p.npz", like={"w": np.zeros(2), "n": 0.0})["n"] == 3.0     # plain numbers as like

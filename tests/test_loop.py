@@ -157,3 +157,12 @@ def test_stopping_and_resuming_with_dropout_changes_nothing():
     first = run(tc.replace(steps=6), mc=mc).state
     resumed = run(tc, state=jax.tree.map(jnp.copy, first), mc=mc).state
     jax.tree.map(np.testing.assert_array_equal, resumed.params, straight.params)
+
+
+def test_fit_alone_installs_its_own_handlers(tmp_path):
+    """A loop of one's own calls fit without a StopSignals: SIGTERM at step 3 still saves
+    that step and returns stopped_by (it killed the process before)."""
+    saved, before = [], signal.getsignal(signal.SIGTERM)
+    result = run(TC, step=_signal_at(3, signal.SIGTERM), save=lambda s: saved.append(int(s.step)))
+    assert result.stopped_by == signal.SIGTERM and saved == [int(result.state.step)] and 3 <= saved[0] <= 4
+    assert signal.getsignal(signal.SIGTERM) is before                               # put back afterwards
