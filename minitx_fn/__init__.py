@@ -20,12 +20,13 @@ The names a reader starts from, all importable from here:
 | `job` | `train`: the whole job (`minitx train`) as one function of values; `plan`, `run` its halves |
 | `ModelConfig`, `TrainConfig`, `OptimizerConfig` | frozen, hashable, validated configs (`config.py`); `defaults`: presets and limits |
 | `layers` | one init/apply pair per layer (`layers/`) |
-| `model` | `init`, `apply`, `loss`, `apply_cached`, `init_cache` |
+| `model` | `init`, `apply`, `loss`, `cross_entropy`, `block_args` (a config as a block's arguments), `apply_cached`, `init_cache` |
 | `train` | `TrainState`, `init_state`, `new_state`, `make_step` (any loss, any optax), `train_step`, `batch_at`, `evaluate` |
 | `loop` | `fit`: the training loop around any step (logging, checkpoints, signals) |
 | `generate`, `Sampler` | `generate.complete`: text in, text out; `generate.generate`: ids, cached decoding in one compiled loop |
 | `CharTokenizer`, `ByteTokenizer`, `BPETokenizer` | text <-> ids: one interface, three kinds (`tokenizer.py`) |
 | `corpus` | `Corpus` (`from_text`, `from_ids`, `builtin`), `prepare`: a text file streamed once into cached ids |
+| `data` | batches (`sample_batch`, memory-mapped `host_batch_at`), validation windows (`eval_windows`) |
 | `checkpoint` | `save`, `load`, `load_model` (parameters only), `save_params` / `load_params` (any tree) |
 | `testing` | the layer-test helpers (`check_layer`, `assert_close_scaled`; needs the test extra) |
 

@@ -174,7 +174,7 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
                               f"{step.tolist()!r} ({step.dtype})")
     arrays = {name: named_arrays(tree) for name, tree in zip(ARRAY_FILES, (host.params, host.opt_state))}
     for name, t in zip(ARRAY_FILES, (template.params, template.opt_state)):
-        _check_arrays(t, arrays[name], f"cannot save {name}")
+        _check_arrays(t, arrays[name], f"cannot save: {name}")
     os.makedirs(run_dir, mode=runs.dir_mode(), exist_ok=True)
     runs.remove_temporaries(run_dir)                                   # left by a killed save
     final = os.path.join(run_dir, NAME)
@@ -385,13 +385,13 @@ def _check_arrays(template, arrays: dict[str, np.ndarray], what: str) -> None:
     named = [(path_name(p), want) for p, want in jax.tree_util.tree_leaves_with_path(template)]
     missing, unknown = sorted({n for n, _ in named} - arrays.keys()), sorted(arrays.keys() - {n for n, _ in named})
     if missing or unknown:
-        raise CheckpointError(f"{what} does not match the saved config: missing {missing[:5]}, unexpected "
+        raise CheckpointError(f"{what} does not match its config: missing {missing[:5]}, unexpected "
                               f"{unknown[:5]}")
     for name, want in named:
         got = arrays[name]
         if got.shape != want.shape or got.dtype != want.dtype:
             raise CheckpointError(f"{what}: array {name!r} has shape {got.shape} and dtype {got.dtype}, "
-                                  f"but the saved config needs shape {want.shape} and dtype {want.dtype}")
+                                  f"but its config needs shape {want.shape} and dtype {want.dtype}")
         if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
             raise CheckpointError(f"{what}: array {name!r} holds non-finite values (NaN or infinity); this "
                                   f"checkpoint cannot be used")
@@ -554,7 +554,7 @@ def load_params(path: str, *, like):
         [1.0, 1.0]
         >>> load_params(path, like={"w": jax.ShapeDtypeStruct((3,), np.float32)})
         Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: ...: array 'w' has shape (2,) and dtype float32, but the saved config needs shape (3,) and dtype float32
+        minitx_fn.errors.CheckpointError: ...: array 'w' has shape (2,) and dtype float32, but its config needs shape (3,) and dtype float32
     """
     try:
         with np.load(path, allow_pickle=False) as f:

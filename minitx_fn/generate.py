@@ -186,6 +186,19 @@ def _token_ids(values, config: ModelConfig, what: str) -> np.ndarray:
     return ids.astype(np.int32)
 
 
+def _check_key(key, sampler: Sampler) -> jax.Array:
+    """The key sampling draws from: ValueError for none (when sampling) or for something
+    that is no JAX key (an int, say); greedy draws nothing and needs none."""
+    if key is None:
+        if not sampler.is_greedy:
+            raise ValueError("sampling needs a key: pass key=jax.random.key(seed)")
+        return jax.random.key(0)                 # greedy draws nothing; the loop still takes a key
+    if not (isinstance(key, jax.Array) and (jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                                            or (key.dtype == jnp.uint32 and key.shape == (2,)))):
+        raise ValueError(f"key must be a JAX key, jax.random.key(seed), not {type(key).__name__}")
+    return key
+
+
 def _check_length(max_new_tokens) -> None:
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
             or not 1 <= max_new_tokens < 2**31:
@@ -227,10 +240,7 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
         [(4,), (4,)]
     """
     _check_length(max_new_tokens)
-    if key is None:
-        if not sampler.is_greedy:
-            raise ValueError("sampling needs a key: pass key=jax.random.key(seed)")
-        key = jax.random.key(0)                  # greedy draws nothing; the loop still takes a key
+    key = _check_key(key, sampler)
     prompts = _check_prompts(prompts, config)
     stop = _token_ids(stop, config, "the stop sequence")
     lengths = np.array([len(p) for p in prompts], np.int32)                             # (B,)
@@ -275,10 +285,7 @@ def generate_recompute(params, prompts, *, config: ModelConfig, max_new_tokens: 
     """
     _check_length(max_new_tokens)
     apply_fn = apply_fn or model.apply_fn(config)
-    if key is None:
-        if not sampler.is_greedy:
-            raise ValueError("sampling needs a key: pass key=jax.random.key(seed)")
-        key = jax.random.key(0)                  # greedy draws nothing
+    key = _check_key(key, sampler)
     s, keep = config.max_len, slide_keep(config.max_len)
     contexts = [list(p) for p in _check_prompts(prompts, config)]
     keys = row_keys(key, len(contexts))

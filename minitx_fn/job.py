@@ -127,10 +127,12 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
 
     Run: `run_dir` for a new run (default runs/<corpus>-NNN, never one that holds a
     run), or `resume` a saved run (the same data, wherever it lies now; `training` may
-    change only RESUMABLE fields, `model` must agree). `batches` "auto", "device" or
+    change only RESUMABLE fields, `model` must agree; `steps` is the total to reach,
+    and the learning-rate schedule, decay_steps included, stays the first run's). `batches` "auto", "device" or
     "memmap"; `devices`, `fsdp` (distributed.py). The final sample: `sample_tokens`
     tokens after `prompt` (default: "hello" if the text's start holds it, else its
-    first character), checked before training; 0 for none.
+    first character), checked before training; 0 for none. `log`: where progress
+    lines go (default sys.stdout; io.StringIO() to keep them quiet).
     """
     log = log or sys.stdout
     if data_path is not None and text is not None:
@@ -163,7 +165,7 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
         if not held_out and isinstance(training, dict) and name in training:
             raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
-                              setting=(name, training[name]), data=("data", "FILE"))
+                              setting=(name, training[name]), data=("data_path", "FILE"))
     mc, tc = configs(model, training, preset, vocab_size=source.tokenizer.vocab_size, has_data=held_out)
     run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
     runs.check_new_run_dir(run_dir)
@@ -284,8 +286,8 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
         changes["eval_tokens"] = None
     tc = saved_tc.replace(**changes)
     if int(ckpt.state.step) >= tc.steps:
-        raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; pass {{steps}} with N larger to "
-                          f"train further", steps=("steps", "N"))
+        raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; steps is the total to reach: pass "
+                          f"{{steps}} or more to train further", steps=("steps", int(ckpt.state.step) + 1))
     return _checked(run_dir, True, mc, tc, source, ckpt.state, batches, devices, fsdp, prompt, sample_tokens,
                     default_eval=False)
 
@@ -298,17 +300,17 @@ def _resume_corpus(ckpt: checkpoint.Checkpoint, data_path, text, cache_dir, log)
     if saved == corpus.BUILTIN_SOURCE:
         if given is not None:
             raise DataError("this run trained on the built-in corpus; drop {data} to resume it",
-                            data=("data", data_path if text is None else "TEXT"))
+                            data=("data_path", data_path if text is None else "TEXT"))
         return corpus.builtin(tokenizer=tokenizer)
     if saved is None:                        # not recorded: whatever is given, encoded with the run's tokenizer
         if given is None:
             raise DataError("this run does not record what it trained on (it was saved with data=None); pass "
-                            "{data} to resume it", data=("data", "FILE"))
+                            "{data} to resume it", data=("data_path", "FILE"))
         return _corpus(data_path, text, None, None, cache_dir, log, tokenizer)
     if saved["path"] is None:                # a text or ids given in memory: the same again, or a file holding it
         if given is None:
             raise DataError("this run trained on a text or ids given in memory; to resume it, give the same again "
-                            "(text= or a Corpus), or {data} holding that text", data=("data", "FILE"))
+                            "(text= or a Corpus), or {data} holding that text", data=("data_path", "FILE"))
         try:
             source = _corpus(data_path, text, None, None, cache_dir, log, tokenizer,
                              saved["sha256"] if isinstance(data_path, (str, os.PathLike)) else None)
@@ -319,19 +321,19 @@ def _resume_corpus(ckpt: checkpoint.Checkpoint, data_path, text, cache_dir, log)
                             "text or ids, or start a new run")
         return source                        # a file holding the text: recorded as that file from now on
     if isinstance(data_path, corpus.Corpus) or text is not None:
-        raise DataError("this run trained on the text file {data}; pass its path", data=("data", saved["path"]))
+        raise DataError("this run trained on the text file {data}; pass its path", data=("data_path", saved["path"]))
     if data_path is None and not os.path.exists(saved["path"]):
         raise DataError(f"the run's data file {saved['path']!r} is gone; if it moved, pass {{data}} (the text must "
-                        f"be the same)", data=("data", "NEW_PATH"))
+                        f"be the same)", data=("data_path", "NEW_PATH"))
     try:
         return _corpus(data_path or saved["path"], None, None, None, cache_dir, log, tokenizer, saved["sha256"])
     except corpus.SourceChangedError as e:
         if data_path is not None:
             raise DataError(f"{{data}} is not the text this run trained on (its SHA-256 differs from that of "
                             f"{saved['path']!r}); give the run's own text, or start a new run",
-                            data=("data", os.fspath(data_path))) from None
+                            data=("data_path", os.fspath(data_path))) from None
         raise DataError(f"the run's data file {e.path!r} changed since the run trained on it (its SHA-256 differs); "
-                        f"restore it, or pass {{data}} with the original text", data=("data", "FILE")) from None
+                        f"restore it, or pass {{data}} with the original text", data=("data_path", "FILE")) from None
 
 
 def _sample_prompt(prompt: str | None, tokenizer: Tokenizer, ids: np.ndarray) -> str:
@@ -503,6 +505,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
           + ("" if len(plan.val_windows) == data.windows_in(len(plan.corpus.validation), mc.max_len)
              else " (a fixed sample)")), file=log)
     print("Starting training...", file=log, flush=True)
+    first_step = int(distributed.scalar(state.step))          # read now: the step donates the state
     started = time.perf_counter()
     try:
         result = loop.fit(state, step=step, next_batch=next_batch, steps=tc.steps, log_every=tc.log_every,
@@ -534,7 +537,8 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
                        picture=None)
     if result.stopped_by is not None or not is_main:
         return Result(**result_args)
-    print(f"Finished {final_step} steps in {elapsed:.1f} s"
+    ran = final_step - first_step
+    print(f"Finished at step {final_step} ({ran} steps) in {elapsed:.1f} s"
           + (f"; validation loss {result.last_record['val_loss']:.4f}"
              if result.last_record and "val_loss" in result.last_record else ""), file=log)
     picture = draw_losses(run_dir, log)

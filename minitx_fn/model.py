@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitx_fn.config import ModelConfig
+from minitx_fn.errors import ConfigError
 from minitx_fn.layers import attention, block, dropout, embedding, linear, norm, positional
 from minitx_fn.layers.attention import KVCache
 
@@ -55,6 +56,7 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
         (2, 8, 24)
     """
     c = config
+    require_dtypes(c)
     # Four keys whether or not "pos" and "head" exist, so each part's draw depends on
     # the key alone, not on the other options.
     k_embed, k_blocks, k_head, k_pos = jax.random.split(key, 4)
@@ -81,6 +83,24 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
         params["head"] = linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std,
                                      dtype=c.storage_dtype)
     return params
+
+
+def require_dtypes(config: ModelConfig) -> None:
+    """ConfigError if the config asks for float64 while 64-bit JAX is off: a config built
+    inside `jax.enable_x64` and used outside it would otherwise run in float32 without a
+    word (JAX truncates float64 requests with only a warning). Checked when a function
+    that reads the config is traced.
+
+    Example:
+        >>> require_dtypes(ModelConfig(vocab_size=5))          # float32: nothing to check
+    """
+    from minitx_fn.config import x64_enabled
+    for name in ("dtype", "param_dtype"):
+        if getattr(config, name) == "float64" and not x64_enabled():
+            raise ConfigError(f"{{field}} needs 64-bit JAX, which is off here: use the model inside the same "
+                              f"`with jax.enable_x64(True):` block that built its config, or turn 64-bit JAX on at "
+                              f"start-up (jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1)",
+                              field=(name, "float64"))
 
 
 def block_args(config: ModelConfig) -> dict:
@@ -182,6 +202,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
         (2, 5, 5)
     """
     c = config
+    require_dtypes(c)
     check_tokens(tokens, c)
     if positions is None:
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # (1, T)
@@ -270,6 +291,7 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
         True
     """
     c = config
+    require_dtypes(c)
     check_tokens(tokens, c)
     t, s = tokens.shape[1], cache.k.shape[2]
     index = index.astype(jnp.int32)
@@ -328,4 +350,4 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
 
 
 __all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "check_tokens", "count_params",
-           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "token_losses"]
+           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses"]

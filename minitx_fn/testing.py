@@ -61,7 +61,8 @@ def assert_param_shapes(params, expected_shapes: dict, dtype) -> None:
 
 
 def check_layer(init_fn, apply_fn, *, expected_shapes: dict, x, out_shape, dtype=jnp.float32, out_dtype=None):
-    """The one layer-contract check: init's parameters have the expected shapes and
+    """The one layer-contract check (init_fn takes no arguments: close over the key and
+    sizes, `lambda: my_layer.init(key, d=8)`): init's parameters have the expected shapes and
     dtype, apply accepts exactly them (eval_shape, no FLOPs), returns out_shape, and
     the jitted apply equals the plain one. Returns (params, y).
 
