@@ -97,9 +97,9 @@ def require_dtypes(config: ModelConfig) -> None:
     from minitx_fn.config import x64_enabled
     for name in ("dtype", "param_dtype"):
         if getattr(config, name) == "float64" and not x64_enabled():
-            raise ConfigError(f"{{field}} needs 64-bit JAX, which is off here: use the model inside the same "
-                              f"`with jax.enable_x64(True):` block that built its config, or turn 64-bit JAX on at "
-                              f"start-up (jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1)",
+            raise ConfigError("{field} needs 64-bit JAX, which is off here: use the model inside the same "
+                              "`with jax.enable_x64(True):` block that built its config, or turn 64-bit JAX on at "
+                              "start-up (jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1)",
                               field=(name, "float64"))
 
 
