@@ -26,6 +26,7 @@ JAX is imported inside the commands, not at the top: `minitx --help` and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shlex
@@ -283,7 +284,8 @@ def _add_corpus_flags(parser, required: bool = False) -> None:
     parser.add_argument("--vocab-size", type=_int_in(defaults.MIN_BPE_VOCAB, defaults.MAX_BPE_VOCAB),
                         help=f"bpe only: ids in the vocabulary (default {defaults.DEFAULT_BPE_VOCAB})")
     parser.add_argument("--cache-dir", metavar="DIR", type=_nonempty, help="where prepared data is kept (default: "
-                        f"${defaults.CACHE_ENV}, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx)")
+                        f"${defaults.CACHE_ENV}, else $XDG_CACHE_HOME/minitx, else ~/.cache/minitx; not saved with a "
+                        f"run: give it again with --resume)")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -335,10 +337,13 @@ def cmd_generate(args, out=None) -> int:
     """`minitx generate`: continue a prompt from a checkpoint (`generate.complete`)."""
     import jax
 
-    from minitx_fn import checkpoint, generate
+    from minitx_fn import checkpoint, generate, signals
     loaded = checkpoint.load_model(args.checkpoint)
-    text = generate.complete(loaded, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed), stop=args.stop)
+    stops = signals.active()
+    with stops.exit_at_once() if stops else contextlib.nullcontext():   # reads only: a signal ends it at once
+        text = generate.complete(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                 key=jax.random.key(args.seed), stop=args.stop)
     print(args.prompt + text, file=out or sys.stdout)
     return 0
 
@@ -430,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     from minitx_fn import signals
 
     try:
-        with signals.StopSignals():
+        # Called as the program (argv None): the handlers stay until the process ends, so a
+        # signal while the interpreter shuts down cannot change a finished command's status.
+        with signals.StopSignals(restore=argv is not None):
             args = build_parser().parse_args(argv)
             signals.check()
             return COMMANDS[args.command](args)

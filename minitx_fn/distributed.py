@@ -24,9 +24,12 @@ import errno
 import hashlib
 import json
 import os
+import select
+import signal
 import socket
 import sys
 import threading
+import time
 from typing import Callable
 
 import jax
@@ -34,6 +37,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from minitx_fn.defaults import HEARTBEAT_TIMEOUT_MAX, HEARTBEAT_TIMEOUT_S, INT32_MAX, START_TIMEOUT_S
+from minitx_fn import signals
 from minitx_fn.errors import ConfigError
 
 DATA_AXIS = "data"
@@ -151,19 +155,36 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *,
     Example (in each of two processes, with process_id 0 and 1):
         initialize("10.0.0.1:1234", num_processes=2, process_id=0)
     """
+    signals.check()                       # one that came before the wait: act on it now
     if process_id == 0:
         _check_port_free(coordinator)
         print(f"Waiting for {num_processes} processes at {coordinator} (up to {start_timeout} s)", file=log or sys.stdout,
               flush=True)
 
-    def give_up():           # the main thread is inside JAX's C++ start, which Python cannot interrupt
-        print(f"minitx: error: gave up after {start_timeout} s: not all {num_processes} processes joined the run at "
-              f"{coordinator}; start the missing ones, or give them longer (--start-timeout)", file=sys.stderr,
-              flush=True)
-        os._exit(1)
+    # The main thread waits inside JAX's C++ start, where Python runs no signal handler and
+    # JAX's own time-out aborts: a watchdog thread ends the wait, on the time-out or on a
+    # stop signal (the C-level handler writes its number to the wakeup socket).
+    wake_read, wake_write = socket.socketpair()
+    wake_read.setblocking(False)
+    wake_write.setblocking(False)
+    done = threading.Event()
+    started = time.monotonic()
 
-    watchdog = threading.Timer(start_timeout, give_up)
-    watchdog.daemon = True
+    def watch():
+        while not done.is_set():
+            left = start_timeout - (time.monotonic() - started)
+            if left <= 0:
+                _leave(1, f"minitx: error: gave up after {start_timeout} s: not all {num_processes} processes joined "
+                          f"the run at {coordinator}; start the missing ones, or give them longer (--start-timeout)")
+            ready, _, _ = select.select([wake_read], [], [], min(left, 1.0))
+            stops = [b for b in (wake_read.recv(64) if ready else b"") if b in signals.STOP_SIGNALS]
+            if stops and not done.is_set():
+                _leave(128 + stops[0], f"minitx: interrupted by {signal.Signals(stops[0]).name} while waiting for "
+                                       f"the other processes; nothing was written")
+
+    main_thread = threading.current_thread() is threading.main_thread()      # only it may set the wakeup socket
+    previous = signal.set_wakeup_fd(wake_write.fileno(), warn_on_full_buffer=False) if main_thread else None
+    watchdog = threading.Thread(target=watch, daemon=True, name="minitx-start-watchdog")
     # Only the CPU client reads this setting; GPU runs use NCCL whatever it says.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     watchdog.start()
@@ -173,7 +194,19 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *,
                                    shutdown_timeout_seconds=heartbeat_timeout,
                                    initialization_timeout=start_timeout + 60)     # ours fires first
     finally:
-        watchdog.cancel()
+        done.set()
+        if main_thread:
+            signal.set_wakeup_fd(previous)
+        wake_write.close()
+        watchdog.join()
+        wake_read.close()
+
+
+def _leave(status: int, line: str) -> None:
+    """One line on stderr, then the process ends at once (the main thread is in C++)."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _check_port_free(coordinator: str) -> None:
@@ -181,6 +214,7 @@ def _check_port_free(coordinator: str) -> None:
     service would crash on it with a segmentation fault)."""
     host, _, port = coordinator.rpartition(":")
     with contextlib.closing(socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET)) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)    # a port in TIME-WAIT is free to listen on
         try:
             probe.bind(("", int(port)))
         except OSError as e:

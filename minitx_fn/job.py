@@ -424,8 +424,7 @@ def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
 
 def _settings_to_agree_on(plan: Plan) -> dict:
     """What every process of a multi-process run must plan alike (`distributed.agree`)."""
-    return {"model": plan.model_config.to_dict(), "training": plan.train_config.to_dict(),
-            "seed": plan.train_config.seed, "steps": plan.train_config.steps, "data": plan.corpus.source,
+    return {**plan.model_config.to_dict(), **plan.train_config.to_dict(), "data": plan.corpus.source,
             "tokenizer": corpus.tokenizer_sha256(plan.corpus.tokenizer), "run directory": os.path.abspath(plan.run_dir),
             "resumed from step": None if plan.state is None else int(plan.state.step), "batches": plan.batches,
             "devices": plan.devices, "fsdp": plan.fsdp}
@@ -544,9 +543,12 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     picture = draw_losses(run_dir, log)
     done = Result(**{**result_args, "picture": picture})
     if plan.sample_tokens:
-        signals.check()                    # a signal after the last save: the sample is skipped, the run kept
-        done = done._replace(sample=generate.complete(done, plan.prompt, max_new_tokens=plan.sample_tokens))
-        signals.check()                    # one during the sample (a single compiled loop): acted on after it
+        # The run is saved: the sample writes nothing, so under the command line's handlers a
+        # signal ends it at once (one compiled loop has no safe point); a library caller's
+        # own process is never ended, and the signal is acted on after it.
+        with stops.exit_at_once():
+            done = done._replace(sample=generate.complete(done, plan.prompt, max_new_tokens=plan.sample_tokens))
+        signals.check()
     return done
 
 

@@ -62,12 +62,17 @@ class StopSignals:
     raises `Interrupted` at the next `check()`. The previous handlers come back at the end.
     """
 
-    def __init__(self, *, forward_to_sigterm: bool = False):
+    def __init__(self, *, forward_to_sigterm: bool = False, restore: bool = True):
         """forward_to_sigterm: a multi-process run, whose SIGTERM belongs to JAX's
         coordination service (it makes every process stop at one agreed step). Then
-        SIGTERM is left alone, and SIGINT or SIGHUP are passed on to it as SIGTERM."""
+        SIGTERM is left alone, and SIGINT or SIGHUP are passed on to it as SIGTERM.
+        restore=False leaves the handlers installed after the block (a program's
+        entry point: a signal while the interpreter shuts down, the work done, is
+        recorded and the exit status stays the work's)."""
         self.requested: int | None = None
         self._forward = forward_to_sigterm
+        self._restore = restore
+        self._exit_at_once = False
         self._graceful = False
         self._critical = 0
         self._pending: int | None = None         # arrived inside critical(): raised after it
@@ -75,6 +80,9 @@ class StopSignals:
         self._previous: dict = {}
 
     def _handle(self, signum, frame):
+        if self._exit_at_once:                            # nothing is being written (see exit_at_once)
+            os.write(2, f"minitx: interrupted by {signal.Signals(signum).name}; nothing saved was lost\n".encode())
+            os._exit(128 + signum)
         if self._forward and self._graceful:
             os.kill(os.getpid(), signal.SIGTERM)          # to JAX's handler: every process will stop
         elif self._graceful and self.requested is None:
@@ -112,8 +120,25 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         _ACTIVE.remove(self)
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
+        if self._restore:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+        else:
+            self._graceful, self._exit_at_once, self._unhandled = False, False, None     # record, and that is all
+
+    @contextlib.contextmanager
+    def exit_at_once(self, allowed: bool = True):
+        """A section that writes nothing and that no safe point interrupts (a long
+        generation, one compiled loop): inside it a signal ends the process at once,
+        with one line and 128 + its number. Only for a program's own handlers (the
+        command line's): a library must not end its caller's process. allowed=False
+        makes it a plain section."""
+        self._exit_at_once = allowed and not self._restore
+        try:
+            check()
+            yield
+        finally:
+            self._exit_at_once = False
 
     @contextlib.contextmanager
     def graceful(self):
