@@ -423,9 +423,11 @@ def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
 
 
 def _settings_to_agree_on(plan: Plan) -> dict:
-    """What every process of a multi-process run must plan alike (`distributed.agree`)."""
-    return {**plan.model_config.to_dict(), **plan.train_config.to_dict(), "data": plan.corpus.source,
-            "tokenizer": corpus.tokenizer_sha256(plan.corpus.tokenizer), "run directory": os.path.abspath(plan.run_dir),
+    """What every process of a multi-process run must plan alike (`distributed.agree`):
+    not paths, which may differ from host to host, but what they hold."""
+    source = plan.corpus.source
+    return {**plan.model_config.to_dict(), **plan.train_config.to_dict(),
+            "data": source.get("sha256", source), "tokenizer": corpus.tokenizer_sha256(plan.corpus.tokenizer),
             "resumed from step": None if plan.state is None else int(plan.state.step), "batches": plan.batches,
             "devices": plan.devices, "fsdp": plan.fsdp}
 
@@ -442,8 +444,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
 
     mesh = None
     if plan.devices or jax.device_count() > 1:
-        mesh = distributed.make_mesh(plan.devices)
-        distributed.check_batch(tc.batch_size, mesh)
+        mesh = distributed.make_mesh(plan.devices)                 # the batch splits over it: checked by plan
         shardings = distributed.state_shardings(state, mesh, plan.fsdp)
         state = distributed.put_global(jax.device_get(state), shardings)
         if plan.batches == "device":

@@ -59,9 +59,11 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, steps:
     reports one), tokens_per_s (with tokens_per_step)} is printed and appended to
     metrics_path; every eval_every steps (default: log_every) `evaluate(params)` adds
     val_loss to that step's record (so every evaluation is logged). Every save_every
-    steps (default: only at the end), at the end, and when a stop signal arrives (`signals` in one process; in a
-    multi-process run, the step every process agrees on after a SIGTERM to any of
-    them, `distributed.reached_preemption_sync_point`), the state is checked finite
+    steps (default: none), at the end, and when a stop signal arrives (SIGINT, SIGTERM
+    or SIGHUP, through `signals`: by default the StopSignals block the caller is in,
+    else one of this call's own; in a multi-process run, the step every process agrees
+    on after a SIGTERM to any of them, `distributed.reached_preemption_sync_point`),
+    the state is checked finite
     (NonFiniteError "parameters" otherwise: nothing non-finite reaches disk) and
     `save(state)` runs as a critical section. A failed write of the metrics log
     raises StorageError (an OSError); `save` should raise it too. On a terminal a progress line is
