@@ -56,7 +56,8 @@ from minitx_fn.train import TrainState, init_state
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
 # 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from);
-# 5: "data" is explicit: {"builtin": true} for the built-in corpus, null only when not recorded.
+# 5: "data" is explicit: {"builtin": true} for the built-in corpus, null only when not recorded;
+#    TrainConfig.grad_accum.
 FORMAT_VERSION = 5
 READABLE_VERSIONS = (2, 3, 4, 5)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
@@ -316,6 +317,8 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         meta = {**meta, "origin": None}
         if isinstance(meta.get("model_config"), dict):
             meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
+    if version < 5 and isinstance(meta.get("train_config"), dict):          # runs before 5 did not accumulate
+        meta = {**meta, "train_config": {"grad_accum": 1, **meta["train_config"]}}
     if version < 5 and isinstance(meta.get("data"), dict) and not isinstance(meta["data"].get("path"), str):
         raise CheckpointError(f"{where}: format version {version} has only null or a file as data; the rest came "
                               f"with version 5")

@@ -43,7 +43,7 @@ from minitx_fn.errors import Error, RunFailed, StorageError
 MODEL_FLAGS = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len",
                "dropout": "dropout", "positions": "positions", "tie_embeddings": "tie_embeddings"}
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
-               "eval_every", "save_every", "log_every", "eval_tokens")
+               "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum")
 # The one table from the names the library's messages use to the flags a user types.
 FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.items()},
          **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "new one)")
     t.add_argument("--steps", type=_positive, help=f"train until this many steps in total ({_defaults('steps')})")
     t.add_argument("--batch-size", type=_positive, help=f"sequences per step, B ({_defaults('batch_size')})")
+    t.add_argument("--grad-accum", type=_positive, metavar="K", help="run each step's batch as K micro-batches of "
+                   "B / K and average their gradients: the same update in less memory (default 1)")
     t.add_argument("--context", type=_positive, help=f"context window T, the model's max_len "
                    f"({_defaults('context')})")
     t.add_argument("--layers", type=_positive, help=f"residual blocks, L ({_defaults('layers')})")

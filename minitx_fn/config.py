@@ -253,6 +253,10 @@ class TrainConfig:
     save_every: int = 500           # checkpoint every N steps (and at the end)
     log_every: int = 100            # print and record the loss every N steps
     eval_tokens: int | None = None  # validate on a fixed sample of about N tokens; None: the whole split
+    # Gradient accumulation: the batch of B sequences runs as this many micro-batches of
+    # B / grad_accum, their gradients averaged before one update (the same update, in
+    # less memory; dropout masks are drawn per micro-batch).
+    grad_accum: int = 1
     # The optimiser (OptimizerConfig's fields and defaults; decay_steps None means `steps`,
     # warmup None OptimizerConfig's, but at most a tenth of decay_steps).
     lr: float = OptimizerConfig.lr
@@ -270,6 +274,10 @@ class TrainConfig:
             _positive_int(name, getattr(self, name))
         if self.eval_tokens is not None:
             _positive_int("eval_tokens", self.eval_tokens)
+        _positive_int("grad_accum", self.grad_accum)
+        _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
+                 "it must divide {batch}: each micro-batch has batch_size / grad_accum sequences",
+                 batch=("batch_size", self.batch_size))
         _require(_whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
                  f"it must be a whole number in [0, {SEED_MAX}]")
         if self.decay_steps is None:

@@ -42,7 +42,7 @@ from minitx_fn.signals import StopSignals
 from minitx_fn.tokenizer import Tokenizer, UnknownCharactersError
 
 # What a resumed run may change; every other setting is the saved run's.
-RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "eval_tokens")
+RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum")
 RUNS_ROOT = "runs"                     # new runs go to RUNS_ROOT/<corpus name>-NNN unless run_dir says otherwise
 
 
@@ -369,11 +369,13 @@ def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, d
         batches = "device" if len(train_ids) <= defaults.DEVICE_RESIDENT_TOKENS else "memmap"
     if devices or jax.device_count() > 1:                # the batch is split over them: before anything is written
         distributed.check_batch(tc.batch_size, distributed.make_mesh(devices))
-    memory.check(memory.training_bytes(mc, tc.batch_size), "training this model",
-                 "try a smaller {b}, {w}, {c} or {l}", b=("batch_size", tc.batch_size), w=("d_model", mc.d_model),
-                 c=("max_len", mc.max_len), l=("n_layers", mc.n_layers))
+    micro_batch = tc.batch_size // tc.grad_accum                 # what one pass holds activations for
+    memory.check(memory.training_bytes(mc, micro_batch), "training this model",
+                 "try a smaller {b}, {w}, {c} or {l}, or more {k}", b=("batch_size", tc.batch_size),
+                 w=("d_model", mc.d_model), c=("max_len", mc.max_len), l=("n_layers", mc.n_layers),
+                 k=("grad_accum", tc.grad_accum))
     if batches == "device":
-        memory.check(memory.training_bytes(mc, tc.batch_size) + 4 * len(train_ids),
+        memory.check(memory.training_bytes(mc, micro_batch) + 4 * len(train_ids),
                      "training this model with its text held on the device", "try {batches}",
                      batches=("batches", "memmap"))
     if sample_tokens:
@@ -449,7 +451,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
         state = distributed.put_global(jax.device_get(state), shardings)
         if plan.batches == "device":
             train_data = distributed.put_global(np.asarray(plan.train_ids, np.int32), distributed.replicated(mesh))
-        step = distributed.data_parallel(trainer.step_fn(mc, tc.optimizer, tc.seed), mesh, shardings)
+        step = distributed.data_parallel(trainer.step_fn(mc, tc.optimizer, tc.seed, tc.grad_accum), mesh, shardings)
         sample = distributed.sharded_batch_at(mesh)
         # XLA:CPU runs each device's part of a step on a shared thread pool; with
         # dozens of multi-device steps queued, the parts of different steps can hold
@@ -461,7 +463,8 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
             train_data = jnp.asarray(np.asarray(plan.train_ids, np.int32))
 
         def step(s, batch):
-            return trainer.train_step(s, batch, model_config=mc, optimizer_config=tc.optimizer, seed=tc.seed)
+            return trainer.train_step(s, batch, model_config=mc, optimizer_config=tc.optimizer, seed=tc.seed,
+                                      accumulate=tc.grad_accum)
         sample, max_in_flight = trainer.batch_at, None
 
     if plan.batches == "device":

@@ -162,12 +162,18 @@ def model_loss(model_config: ModelConfig, seed: int = 0) -> LossFn:
     return loss
 
 
-def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
-              schedule: optax.Schedule | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, schedule: optax.Schedule | None = None,
+              accumulate: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The train step as a plain function (state, batch) -> (state, metrics), for any
     loss function of (params, batch, step) and any optax optimizer: jit it at the
     boundary (`jax.jit(make_step(...), donate_argnums=0)`). metrics: "loss", "grad_norm"
     (before clipping) and, with `schedule`, "lr" (the rate this step applied).
+
+    accumulate = K: the batch's B rows run as K micro-batches of B / K (rows k, k + K,
+    k + 2K, ...: each spread over the devices like the whole batch), under `lax.scan`,
+    so activations are held for B / K rows at a time; their mean losses and gradients
+    are averaged, which is the whole batch's mean loss and gradient, and one update
+    follows. K = 1 is the plain step.
 
     Example:
         >>> def loss_fn(params, batch, step):
@@ -178,8 +184,23 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         >>> round(float(state.params["w"]), 6), float(metrics["loss"])    # w - 0.1 * d/dw mean((w x - y)^2)
         (0.4, 4.0)
     """
+    def loss_and_grads(params, batch, step):
+        if accumulate == 1:
+            return jax.value_and_grad(loss_fn)(params, batch, step)
+        micro = jax.tree.map(lambda a: a.reshape(a.shape[0] // accumulate, accumulate, *a.shape[1:]).swapaxes(0, 1),
+                             batch)                                                   # (K, B / K, ...)
+
+        def add(total, part):                                                          # one micro-batch
+            loss, grads = jax.value_and_grad(loss_fn)(params, part, step)
+            return jax.tree.map(jnp.add, total, (loss, grads)), None
+
+        loss_shape = jax.eval_shape(loss_fn, params, jax.tree.map(lambda a: a[0], micro), step)
+        zero = (jnp.zeros(loss_shape.shape, loss_shape.dtype), jax.tree.map(jnp.zeros_like, params))
+        (loss, grads), _ = jax.lax.scan(add, zero, micro)
+        return jax.tree.map(lambda a: a / accumulate, (loss, grads))
+
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, state.step)
+        loss, grads = loss_and_grads(state.params, batch, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))     # before clipping
@@ -191,7 +212,7 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     return step
 
 
-def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: int = 0
+def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1
             ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
     """The library model's step for these settings, (state, batch) -> (state, metrics)
     with metrics {"loss", "grad_norm", "lr"}: what `train_step` jits, and what
@@ -206,12 +227,13 @@ def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: 
         ((), ['grad_norm', 'loss', 'lr'])
     """
     return make_step(model_loss(model_config, seed), make_optimizer(optimizer_config),
-                     schedule=learning_rate_schedule(optimizer_config))
+                     schedule=learning_rate_schedule(optimizer_config), accumulate=accumulate)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config", "seed"), donate_argnums=0)
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config", "seed", "accumulate"),
+                   donate_argnums=0)
 def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, optimizer_config: OptimizerConfig,
-               seed: int = 0) -> tuple[TrainState, dict]:
+               seed: int = 0, accumulate: int = 1) -> tuple[TrainState, dict]:
     """One step on batch = (x, y), each (B, T): returns the new state and {"loss", "grad_norm", "lr"}.
 
     Donated: the old state's arrays (parameters, optimiser state, step) are freed by
@@ -228,7 +250,7 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, op
         >>> int(state.step)
         1
     """
-    return step_fn(model_config, optimizer_config, seed)(state, batch)
+    return step_fn(model_config, optimizer_config, seed, accumulate)(state, batch)
 
 
 def is_finite(tree) -> jax.Array:

@@ -50,14 +50,14 @@ def test_four_devices_equal_one_device_after_three_steps():
         ids = jnp.asarray(np.arange(300, dtype=np.int32) % 13)
         init_key, data_key, _ = train.keys(0)
 
-        def run(mesh, fsdp):
+        def run(mesh, fsdp, accumulate=1):
             state = train.init_state(init_key, mc, tc.optimizer)
             d, step, sample = ids, functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer), train.batch_at
             if mesh is not None:
                 shardings = distributed.state_shardings(state, mesh, fsdp)
                 state = distributed.put_global(jax.device_get(state), shardings)
                 d = distributed.put_global(np.asarray(ids), distributed.replicated(mesh))
-                step = distributed.data_parallel(train.step_fn(mc, tc.optimizer), mesh, shardings)
+                step = distributed.data_parallel(train.step_fn(mc, tc.optimizer, accumulate=accumulate), mesh, shardings)
                 sample = distributed.sharded_batch_at(mesh)
             for _ in range(3):
                 state, _ = step(state, sample(d, data_key, state.step, batch_size=8, context=16))
@@ -72,15 +72,15 @@ def test_four_devices_equal_one_device_after_three_steps():
         # last-bit differences of near-zero gradient entries.
         scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(one))
         mesh = distributed.make_mesh(4)
-        for fsdp in (False, True):
-            four = run(mesh, fsdp)
+        for fsdp, accumulate in ((False, 1), (True, 1), (False, 2)):    # gradient accumulation: the same update
+            four = run(mesh, fsdp, accumulate)
             err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)))
-            print("fsdp" if fsdp else "replicated", err, scale)
+            print("fsdp" if fsdp else "replicated", "accumulate", accumulate, err, scale)
             assert err <= 1e-6 * scale, (err, scale)
     """)
     done = subprocess.run([sys.executable, "-c", script], env=_env(4), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "replicated" in done.stdout and "fsdp" in done.stdout
+    assert "replicated accumulate 1" in done.stdout and "fsdp" in done.stdout and "accumulate 2" in done.stdout
 
 
 def _train(tmp_path, *args, devices=1, process_id=None, port=None, nproc=2):

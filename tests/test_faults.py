@@ -265,6 +265,8 @@ CASES = [
      ["cannot create '/proc/minitx-test/r'"], None, 2),
     ("more devices than there are", _nothing, ["train", *RUN, "--devices", "3", "--out", "d"],
      ["--devices 3 is not available"], None, 2),
+    ("micro-batches that do not divide the batch", _nothing, ["train", *RUN, "--grad-accum", "3", "--out", "g"],
+     ["--grad-accum 3 is invalid", "divide --batch-size 8"], None, 2),
     ("an empty out", _nothing, ["train", *RUN, "--out", ""], ["--out", "is empty"], None, 2),
     ("a metrics log without a number to draw", lambda w: (os.mkdir("m"), open("m/metrics.jsonl", "w").write(
         '{"step": 1, "loss": "x"}\n')), ["plot", "m"], ["1 record(s) but no numeric loss"], None, 2),

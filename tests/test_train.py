@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from minitx_fn import data, model, train
 from minitx_fn.config import ModelConfig, TrainConfig
-from tests.helpers import count_calls, standard_promotion
+from minitx_fn.errors import ConfigError
+from tests.helpers import assert_close_scaled, count_calls, enable_x64, standard_promotion
 
 MC = ModelConfig(vocab_size=13, d_model=16, n_heads=2, n_layers=1, max_len=8)
 TC = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=2, log_every=5, eval_every=10, save_every=10)
@@ -130,3 +134,30 @@ def test_dropout_is_off_without_a_rate_and_fresh_at_every_step(key, rng):
     state = train.init_state(key, dropped, TC.optimizer)
     at = [float(step(state._replace(step=jnp.int32(s)), (x, y))[1]["loss"]) for s in (0, 1, 0)]
     assert at[0] != at[1] and at[0] == at[2]
+
+
+@given(accumulate=st.sampled_from([2, 4]), dtype=st.sampled_from(["float32", "float64"]))
+def test_gradient_accumulation_is_the_big_batch(accumulate, dtype):
+    """K micro-batches of B / K, their gradients averaged, then one update: the same
+    losses and parameters as the batch of B at once, over three steps (float64 to
+    1e-12, float32 to round-off, of each leaf's scale)."""
+    tol = {"float32": 2e-5, "float64": 1e-12}[dtype]
+    with (enable_x64() if dtype == "float64" else contextlib.nullcontext()):
+        mc = MC.replace(dtype=dtype, param_dtype=dtype)
+        ids = jnp.asarray(np.tile(np.arange(13, dtype=np.int32), 20))
+        runs = {}
+        for k in (1, accumulate):
+            state, losses = train.init_state(jax.random.key(7), mc, TC.optimizer), []
+            for t in range(3):
+                batch = train.batch_at(ids, train.keys(0).data, t, batch_size=8, context=mc.max_len)
+                state, metrics = train.train_step(state, batch, model_config=mc, optimizer_config=TC.optimizer,
+                                                  accumulate=k)
+                losses.append(float(metrics["loss"]))
+            runs[k] = (jax.device_get(state.params), losses)
+    assert_close_scaled(runs[accumulate][0], runs[1][0], tol)
+    np.testing.assert_allclose(runs[accumulate][1], runs[1][1], rtol=tol)
+
+
+def test_a_batch_the_micro_batches_do_not_divide_is_refused():
+    with pytest.raises(ConfigError, match="grad_accum=3 is invalid: it must divide batch_size=8"):
+        TrainConfig(batch_size=8, grad_accum=3)
