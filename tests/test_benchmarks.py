@@ -238,3 +238,16 @@ def test_data_benchmark_writes_its_text_and_times_a_preparation(tmp_path, capsys
     row = result["prepare"][0]
     assert row["tokenizer"] == "byte" and row["peak_rss_mb"] > 0 and row["mb_per_s"] > 0
     assert result["text"]["sha256"] == first
+
+
+def test_the_accumulation_benchmark_shrinks_the_temporaries_and_checks_its_flags(tmp_path, capsys):
+    from benchmarks import accumulate
+    from tests.helpers import standard_promotion
+    with pytest.raises(SystemExit) as exit_info:
+        accumulate.main(["--batch", "8", "--accumulate", "3"])
+    assert exit_info.value.code == 2 and "must divide --batch 8" in capsys.readouterr().err
+    with standard_promotion():
+        assert accumulate.main(["--config", "micro", "--batch", "8", "--accumulate", "1", "4", "--reps", "1",
+                                "--json", str(tmp_path / "a.json")]) == 0
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert [r["micro_batch"] for r in rows] == [8, 2] and rows[1]["temp_mb"] < rows[0]["temp_mb"]
