@@ -151,6 +151,8 @@ EXAMPLES = {
   minitx generate --checkpoint runs/gpt2 --prompt "The meaning of life is" --max-new-tokens 40
   minitx train --data input.txt --tokenizer bpe --positions learned --tie-embeddings --out runs/mine
   minitx export-gpt2 runs/mine --out mine-hf           loads with transformers.GPT2LMHeadModel.from_pretrained""",
+    "eval": """  minitx eval --checkpoint runs/input-001 --data other.txt
+  minitx eval --checkpoint runs/gpt2 --data big.txt --eval-tokens 1000000 --json eval.json""",
     "plot": """  minitx plot runs/hello-001                   writes runs/hello-001/loss.png
   minitx plot runs/input-001 --log --out curves.svg""",
 }
@@ -243,6 +245,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_int_in(0, defaults.SEED_MAX), default=0, help="seeds sampling (default "
                    "%(default)s)")
     g.add_argument("--stop", help="stop after generating this string")
+
+    v = command("eval", "the loss, perplexity and bits per byte of a text under a trained model")
+    v.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
+    v.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, all of it (prepared once into the "
+                   "cache with the run's tokenizer; larger than memory is fine)")
+    v.add_argument("--eval-tokens", type=_eval_tokens, metavar="N|all", default="all", help="a fixed sample of about "
+                   "N tokens instead of all of them (default all)")
+    v.add_argument("--json", metavar="FILE", help="also write {loss, perplexity, bits_per_byte, tokens} here")
+    v.add_argument("--cache-dir", metavar="DIR", type=_nonempty, help="where prepared data is kept (as for train)")
 
     a = command("attention", "draw the attention maps of every layer and head for a prompt")
     a.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -350,6 +361,27 @@ def cmd_generate(args, out=None) -> int:
     return 0
 
 
+def cmd_eval(args, out=None) -> int:
+    """`minitx eval`: a text's loss under a run (`job.evaluate`), printed and, with --json, written."""
+    import json
+
+    from minitx_fn import job, runs
+    out = out or sys.stdout
+    if args.json is not None:                             # before the work, not after it
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not args.json or os.path.isdir(args.json) or not os.path.isdir(folder):
+            raise UsageError(f"--json {args.json!r}: give a file name in an existing folder")
+    result = job.evaluate(args.checkpoint, args.data, eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, log=out)
+    print(f"Loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
+          f"{result.bits_per_byte:.4f} bits per byte, over {result.tokens:,} tokens of {args.data}", file=out)
+    if args.json is not None:
+        try:
+            runs.write_whole(args.json, json.dumps(result._asdict(), indent=1) + "\n")
+        except OSError as e:
+            raise RunFailed(f"cannot write {args.json!r}: {e.strerror or e}") from None
+    return 0
+
+
 def cmd_attention(args, out=None) -> int:
     """`minitx attention`: a picture of the attention maps (L rows, H columns) for a prompt."""
     from minitx_fn import checkpoint, plot
@@ -425,7 +457,7 @@ def cmd_export_gpt2(args, out=None) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "attention": cmd_attention, "plot": cmd_plot,
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "attention": cmd_attention, "plot": cmd_plot,
             "data": cmd_data, "prepare": cmd_prepare, "import-gpt2": cmd_import_gpt2,
             "export-gpt2": cmd_export_gpt2}
 

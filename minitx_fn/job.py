@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -556,6 +557,62 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     return done
 
 
+class Evaluation(NamedTuple):
+    """A model's loss on a text (`evaluate`)."""
+
+    loss: float             # mean next-token cross-entropy, nats per token
+    perplexity: float       # exp(loss)
+    bits_per_byte: float    # the same loss per byte of the text: comparable across tokenizers
+    tokens: int             # tokens predicted
+
+
+def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cache_dir: str | None = None,
+             log=None) -> Evaluation:
+    """The loss of a model (a run directory, or anything with .params, .config and
+    .tokenizer) on a whole text file under the model's own tokenizer: the file is
+    prepared once into the cache (`corpus.prepare`, streamed) and read back as a memory
+    map in windows of the model's context stepping by it, so every token after the
+    first is predicted once (`data.eval_windows`; eval_tokens N: a fixed sample of
+    about N tokens, "all" or None: every window). The windows are evaluated by
+    `train.evaluate`, the function that validates during training, a batch at a time
+    (memory stays bounded), with a progress line on a terminal.
+
+    Example:
+        >>> import io, tempfile, os
+        >>> from minitx_fn.tokenizer import CharTokenizer
+        >>> cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2, max_len=4)
+        >>> m = checkpoint.Model(model.init(jax.random.key(0), cfg), cfg, CharTokenizer("abc"), {})
+        >>> path = os.path.join(tempfile.mkdtemp(), "t.txt"); _ = open(path, "w").write("abcab" * 5)
+        >>> e = evaluate(m, path, cache_dir=tempfile.mkdtemp(), log=io.StringIO())
+        >>> e.tokens, round(e.perplexity / float(np.exp(e.loss)), 6)
+        (24, 1.0)
+    """
+    log = log or sys.stdout
+    loaded = run if hasattr(run, "params") else checkpoint.load_model(run)
+    mc, tokenizer = loaded.config, loaded.tokenizer
+    if eval_tokens not in (None, "all") and not (isinstance(eval_tokens, int) and not isinstance(eval_tokens, bool)
+                                                 and eval_tokens >= 1):
+        raise ConfigError("{n} must be a whole number >= 1, or 'all'", n=("eval_tokens", eval_tokens))
+    source = _corpus(os.fspath(data_path), None, None, None, cache_dir, log, tokenizer)
+    data.check_length(source.ids, mc.max_len, "evaluated")
+    windows = data.eval_windows(source.ids, mc.max_len, None if eval_tokens in (None, "all") else eval_tokens)
+    sizes, nbytes = tokenizer.token_bytes(), 0
+    for start in range(0, len(windows), 4096):                  # the bytes the predicted tokens stand for
+        nbytes += int(sizes[windows[start:start + 4096][:, 1:]].sum())
+    tty = hasattr(log, "isatty") and log.isatty()
+
+    def progress(done: int, total: int) -> None:
+        if tty:
+            log.write(f"\r\033[Kevaluating: {done:,} / {total:,} windows of {mc.max_len} tokens")
+            log.flush()
+
+    loss = trainer.evaluate(loaded.params, windows, config=mc, progress=progress)
+    if tty:
+        log.write("\r\033[K")
+    tokens = len(windows) * mc.max_len
+    return Evaluation(loss, math.exp(min(loss, 700.0)), loss * tokens / (max(nbytes, 1) * math.log(2)), tokens)
+
+
 def kept(run_dir: str) -> str:
     """Which checkpoint survives a failure, in words.
 
@@ -639,4 +696,5 @@ def new_run(run_dir: str, params: dict, *, model_config: ModelConfig, tokenizer:
         raise
 
 
-__all__ = ["Plan", "RESUMABLE", "Result", "configs", "draw_losses", "kept", "new_run", "plan", "run", "train"]
+__all__ = ["Evaluation", "Plan", "RESUMABLE", "Result", "configs", "draw_losses", "evaluate", "kept", "new_run", "plan",
+           "run", "train"]

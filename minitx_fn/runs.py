@@ -347,6 +347,29 @@ def truncate_records(path: str, last_step: int) -> None:
         raise
 
 
+def write_whole(path: str, text: str) -> None:
+    """Write a text file whole or not at all: under a temporary name beside it, synced,
+    then renamed into place (a signal or full disk never leaves half of it).
+
+    Example:
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.json")
+        >>> write_whole(path, "{}"); open(path).read()
+        '{}'
+    """
+    fd, tmp = tempfile.mkstemp(prefix=".write-", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def _umask() -> int:
     umask = os.umask(0)        # reading the umask means setting it: put it straight back
     os.umask(umask)

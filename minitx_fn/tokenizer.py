@@ -65,6 +65,8 @@ class Tokenizer(Protocol):
 
     def to_meta(self) -> dict: ...
 
+    def token_bytes(self) -> np.ndarray: ...
+
 
 def learn(kind: str, source: Source, vocab_size: int | None = None) -> Tokenizer:
     """A tokenizer of `kind` made from a text (`vocab_size`: bpe only).
@@ -211,6 +213,10 @@ class CharTokenizer:
         """(T,) ids -> str."""
         return self._points[np.asarray(ids, np.int64)].tobytes().decode("utf-32-le", "surrogatepass")
 
+    def token_bytes(self) -> np.ndarray:
+        """(V,) the UTF-8 bytes each id stands for (bits per byte count them)."""
+        return np.array([len(c.encode("utf-8", "surrogatepass")) for c in self.chars], np.int64)
+
     def to_meta(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
 
@@ -243,6 +249,10 @@ class ByteTokenizer:
     def learn(cls, source: Source, vocab_size: int | None = None) -> "ByteTokenizer":
         """Nothing to learn: the 256 byte values."""
         return cls()
+
+    def token_bytes(self) -> np.ndarray:
+        """(V,) the bytes each id stands for: one."""
+        return np.ones(256, np.int64)
 
     def decode(self, ids) -> str:
         return np.asarray(ids, np.int64).astype(np.uint8).tobytes().decode("utf-8", "replace")
@@ -353,6 +363,12 @@ class BPETokenizer:
 
     def to_json(self) -> str:
         return self._hf.to_str()
+
+    def token_bytes(self) -> np.ndarray:
+        """(V,) the bytes each id stands for: byte-level BPE writes each byte of a token
+        as one character of GPT-2's printable alphabet, so a token's length in characters
+        is its length in bytes (a special token such as <|endoftext|> counts its name)."""
+        return np.array([len(self._hf.id_to_token(i) or "") for i in range(self.vocab_size)], np.int64)
 
     @property
     def vocab_size(self) -> int:

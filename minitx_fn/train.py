@@ -275,9 +275,11 @@ def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, ap
 
 
 def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig | None = None, apply_fn: ApplyFn | None = None,
-             batch_size: int = 64) -> float:
+             batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> float:
     """Mean next-token loss over all windows (W, T + 1), in fixed-size batches (the last
-    one padded with zero-weight rows, so one compiled shape serves every batch).
+    one padded with zero-weight rows, so one compiled shape serves every batch). The
+    windows may be a `data.Windows` over a memory map: each batch is gathered when it
+    is needed, so a text larger than memory is fine. progress(done, W) after each batch.
 
     The model is the library's for `config`, or any `apply_fn(params, tokens) -> logits`
     (a model of one's own; pass the same function object each time, or it compiles again).
@@ -298,4 +300,6 @@ def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig | None = 
         weights[:len(chunk)] = 1.0
         chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), chunk.dtype)])
         total += float(_window_loss_sum(params, jnp.asarray(chunk), jnp.asarray(weights), apply_fn=apply_fn))
+        if progress is not None:
+            progress(min(start + batch_size, len(windows)), len(windows))
     return total / len(windows)

@@ -4,6 +4,7 @@ meets the library's files and defaults: each of these once went silently wrong."
 from __future__ import annotations
 
 import io
+import json
 import os
 import pydoc
 
@@ -234,3 +235,37 @@ def test_save_refuses_steps_and_trees_that_would_not_come_back():
         assert not os.path.exists("p.npz")
     checkpoint.save_params("p.npz", {"w": np.ones(2), "n": 3.0})
     assert checkpoint.load_params("p.npz", like={"w": np.zeros(2), "n": 0.0})["n"] == 3.0     # plain numbers as like
+
+
+def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(capsys):
+    """`minitx eval` / `job.evaluate` on a whole file: the loss equals the NumPy model's
+    mean next-token loss over the windows of the text (written from the formulas, not
+    from the library), perplexity is its exponential, and bits per byte is the loss in
+    bits over the bytes predicted (one per character of an ASCII text)."""
+    from tests import numpy_model
+    result = _train(run_dir="r", training={"steps": 30, "batch_size": 8, "log_every": 10})
+    text = "hello jax! hello world! hello flax! " * 12
+    open("t.txt", "w").write(text)
+    code, out, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "e.json")
+    assert code == 0, err
+    got = json.load(open("e.json"))
+    ids = result.tokenizer.encode(text)
+    t = result.config.max_len
+    host = numpy_model.to_float64(jax.device_get(result.params))
+    losses = []
+    for start in range(0, len(ids) - t, t):                              # windows of T + 1 stepping by T
+        window = ids[start:start + t + 1]
+        logits = numpy_model.logits(host, window[:-1].tolist(), n_heads=SMALL["n_heads"])
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        losses.append(-logp[np.arange(t), window[1:]].mean())
+    assert got["tokens"] == len(losses) * t
+    assert got["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    assert got["perplexity"] == pytest.approx(np.exp(got["loss"]), rel=1e-9)
+    assert got["bits_per_byte"] == pytest.approx(got["loss"] / np.log(2), rel=1e-9)
+    assert f"Loss {got['loss']:.4f} nats per token" in out
+    open("odd.txt", "w").write("Zebra! " * 40)
+    code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "odd.txt")
+    assert_one_error_line(code, err, "odd.txt", "char tokenizer lacks", "'Zb'")
+    code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "no/e.json")
+    assert_one_error_line(code, err, "--json 'no/e.json'")
