@@ -76,7 +76,9 @@ class Checkpoint(NamedTuple):
 
     @property
     def origin(self) -> dict | None:
-        """{"gpt2": folder} for a model `minitx import-gpt2` wrote; None for a run trained here."""
+        """{"gpt2": folder} for a model `minitx import-gpt2` wrote; {"init_from": {"path",
+        "sha256"}} for a run started from another run's parameters; None for a run trained
+        here from scratch."""
         return self.meta.get("origin")
 
 
@@ -277,11 +279,22 @@ def _data_problem(data: Any) -> str:
             '(pass the training corpus\'s .source)')
 
 
+def _path_problem(path: Any) -> bool:
+    return not (isinstance(path, str) and path and "\0" not in path)
+
+
 def _origin_problem(origin: Any) -> str:
-    if origin is None or (isinstance(origin, dict) and set(origin) == {"gpt2"} and isinstance(origin["gpt2"], str)
-                          and origin["gpt2"] and "\0" not in origin["gpt2"]):
+    """What is wrong with a checkpoint's `origin`, or "": null (trained here from scratch),
+    {"gpt2": folder} (imported), or {"init_from": {"path", "sha256"}} (started from
+    another run's parameters, the SHA-256 of its params.npz)."""
+    if origin is None or (isinstance(origin, dict) and set(origin) == {"gpt2"} and not _path_problem(origin["gpt2"])):
         return ""
-    return 'origin must be null or {"gpt2": the path of a folder}'
+    source = origin.get("init_from") if isinstance(origin, dict) and set(origin) == {"init_from"} else None
+    if (isinstance(source, dict) and set(source) == {"path", "sha256"} and not _path_problem(source["path"])
+            and isinstance(source["sha256"], str) and _HEX64.fullmatch(source["sha256"])):
+        return ""
+    return ('origin must be null, {"gpt2": the path of a folder} or {"init_from": {"path": a run, "sha256": 64 hex '
+            'digits}}')
 
 
 def _template(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:

@@ -49,7 +49,7 @@ FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.
          **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
                                                               "top_p", "vocab_size", "tokenizer", "data", "resume",
-                                                              "batches", "preset")},
+                                                              "batches", "preset", "init_from")},
          "run_dir": "--out", "data_path": "--data"}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -136,7 +136,8 @@ EXAMPLES = {
     "train": """  minitx train                                            the built-in corpus (preset hello)
   minitx train --data input.txt                           any UTF-8 text (preset shakespeare-baby)
   minitx train --data input.txt --steps 5000 --out runs/mine
-  minitx train --resume runs/mine --steps 8000            continue a run""",
+  minitx train --resume runs/mine --steps 8000            continue a run
+  minitx train --init-from runs/gpt2 --data input.txt --lr 1e-4 --steps 500   fine-tune""",
     "generate": """  minitx generate --checkpoint runs/hello-001 --prompt hello
   minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --temperature 0.8 --top-k 20
   minitx generate --checkpoint runs/input-001 --prompt "ROMEO:" --top-p 0.9 --stop "\\n\\n\"""",
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"without --data, {defaults.PRESET_TEXT} with it; shakespeare-char is nanoGPT's GPU recipe); any "
                    f"flag below overrides it")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
+    t.add_argument("--init-from", metavar="RUN", help="a new run from RUN's parameters and tokenizer (trained, "
+                   "imported or fine-tuned): fine-tuning, with a fresh optimiser and schedule")
     t.add_argument("--out", metavar="DIR", type=_nonempty, help="new run directory (default: runs/<corpus>-NNN, a "
                    "new one)")
     t.add_argument("--steps", type=_positive, help=f"train until this many steps in total ({_defaults('steps')})")
@@ -321,7 +324,7 @@ def cmd_train(args, out=None) -> int:
     result = job.train(args.data, model=model, training=training, preset=args.preset, tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, cache_dir=args.cache_dir, run_dir=args.out, resume=args.resume,
                        batches=args.batches, devices=args.devices, fsdp=args.fsdp, prompt=args.prompt,
-                       sample_tokens=args.max_new_tokens, log=out)
+                       sample_tokens=args.max_new_tokens, init_from=args.init_from, log=out)
     if result.stopped_by is not None:                    # every process of a run leaves with this status
         print(f"\nStopped by {signal.Signals(result.stopped_by).name} at step {int(result.state.step)}; checkpoint "
               f"saved. Continue with: minitx train --resume {result.run_dir}", file=out)

@@ -63,6 +63,7 @@ class Plan(NamedTuple):
     sample_tokens: int
     devices: int | None             # data-parallel over the first N devices (None: all of them)
     fsdp: bool                      # parameters and optimiser state split over the devices
+    origin: dict | None = None      # where a run started from another's parameters came from (checkpoint.save)
 
 
 class Result(NamedTuple):
@@ -110,7 +111,7 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
          preset: str | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
          cache_dir: str | None = None, run_dir: str | None = None, resume: str | None = None,
          batches: str = "auto", devices: int | None = None, fsdp: bool = False, prompt: str | None = None,
-         sample_tokens: int = defaults.SAMPLE_TOKENS, log=None) -> Plan:
+         sample_tokens: int = defaults.SAMPLE_TOKENS, init_from: str | None = None, log=None) -> Plan:
     """Check every setting and prepare the data; nothing of a run is written yet.
 
     Data (one of): `data_path`, a UTF-8 text file (prepared once into the cache,
@@ -134,6 +135,13 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     tokens after `prompt` (default: "hello" if the text's start holds it, else its
     first character), checked before training; 0 for none. `log`: where progress
     lines go (default sys.stdout; io.StringIO() to keep them quiet).
+
+    Fine-tuning: `init_from` a run (trained, imported or itself fine-tuned) starts a new
+    run at step 0 from its parameters and with its tokenizer (the data is encoded with
+    it): a fresh optimiser and schedule, this run's own seed, data and cadence. Its
+    model is the source's; `model` may only lower max_len (learned positions keep their
+    first rows) and set dropout. The source's path and the SHA-256 of its parameters are
+    recorded (`origin`), and the new run resumes like any other.
     """
     log = log or sys.stdout
     if data_path is not None and text is not None:
@@ -157,11 +165,22 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
         raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
                           n=("max_new_tokens", sample_tokens))
     if resume is not None:
+        if init_from is not None:
+            raise ConfigError("{resume} continues a run and {init_from} starts a new one from another's parameters; "
+                              "give one of them", resume=("resume", resume), init_from=("init_from", init_from))
         return _plan_resume(resume, data_path, text, model, training, preset, tokenizer, vocab_size, cache_dir,
                             run_dir, batches, devices, fsdp, prompt, sample_tokens, log)
     if run_dir is not None:
         runs.check_new_run_dir(run_dir)                               # before preparing a large text
-    source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log)
+    start = None
+    if init_from is not None:
+        start = checkpoint.load_model(init_from)
+        if tokenizer is not None or vocab_size is not None:
+            raise ConfigError("a run started from another keeps its tokenizer; drop {t}",
+                              t=("tokenizer", tokenizer or "bpe"))
+        model = _fine_tuned_model(start.config, model)
+    source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log,
+                     None if start is None else start.tokenizer)
     held_out = source.source != corpus.BUILTIN_SOURCE
     for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
         if not held_out and isinstance(training, dict) and name in training:
@@ -171,8 +190,33 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
     runs.check_new_run_dir(run_dir)
     default_eval = training is None or (isinstance(training, dict) and "eval_tokens" not in training)
-    return _checked(run_dir, False, mc, tc, source, None, batches, devices, fsdp, prompt, sample_tokens,
-                    default_eval=default_eval)
+    state, origin = None, None
+    if start is not None:
+        params = start.params
+        if "pos" in params:                                       # a shorter context: the first rows of positions
+            params = {**params, "pos": {"table": params["pos"]["table"][:mc.max_len]}}
+        state = trainer.new_state(params, trainer.make_optimizer(tc.optimizer))
+        origin = {"init_from": {"path": os.path.abspath(init_from), "sha256": start.meta["files"]["params.npz"]["sha256"]}}
+    return _checked(run_dir, False, mc, tc, source, state, batches, devices, fsdp, prompt, sample_tokens,
+                    default_eval=default_eval)._replace(origin=origin)
+
+
+def _fine_tuned_model(source: ModelConfig, model: ModelConfig | dict | None) -> ModelConfig:
+    """The model of a run started from `source`: the source's, with at most a shorter
+    context and another dropout rate; any other difference is one error naming them."""
+    given = model.to_dict() if isinstance(model, ModelConfig) else dict(model or {})
+    _known(given, ModelConfig, "the model")
+    allowed = {"dropout"} | ({"max_len"} if given.get("max_len", source.max_len) <= source.max_len else set())
+    conflicts = [(f, v, getattr(source, f)) for f, v in given.items()
+                 if f not in allowed and f != "vocab_size" and v != getattr(source, f)]
+    if conflicts:
+        mentions = {}
+        for i, (field, value, had) in enumerate(conflicts):
+            mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, had)
+        parts = ", ".join(f"{{g{i}}} (its own: {{s{i}}})" for i in range(len(conflicts)))
+        raise ConfigError(f"a run started from another has that run's model, but these differ: {parts}; drop them "
+                          f"(only a shorter context and dropout may change)", **mentions)
+    return source.replace(**{f: v for f, v in given.items() if f in allowed})
 
 
 def configs(model: ModelConfig | dict | None, training: TrainConfig | dict | None, preset: str | None, *,
@@ -256,10 +300,10 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
     if not os.path.isdir(run_dir):
         raise RunDirError(f"no run directory {run_dir!r}; give the directory of a training run")
     ckpt = checkpoint.load(run_dir)
-    if ckpt.origin is not None:
+    if ckpt.origin is not None and "gpt2" in ckpt.origin:
         raise RunDirError(f"{run_dir!r} holds a model imported from {ckpt.origin['gpt2']!r}, with no training "
-                          f"text or schedule of its own, so there is nothing to resume; generate with it or export "
-                          f"it (fine-tuning an imported model is not supported yet)")
+                          f"text or schedule of its own, so there is nothing to resume; start a new run from it "
+                          f"with {{init_from}}", init_from=("init_from", run_dir))
     if kind is not None or vocab_size is not None:
         raise ConfigError("resuming keeps the run's tokenizer; drop {t}", t=("tokenizer", kind or "bpe"))
     given_model = model.to_dict() if isinstance(model, ModelConfig) else dict(model or {})
@@ -290,7 +334,7 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
         raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; steps is the total to reach: pass "
                           f"{{steps}} or more to train further", steps=("steps", int(ckpt.state.step) + 1))
     return _checked(run_dir, True, mc, tc, source, ckpt.state, batches, devices, fsdp, prompt, sample_tokens,
-                    default_eval=False)
+                    default_eval=False)._replace(origin=ckpt.origin)
 
 
 def _resume_corpus(ckpt: checkpoint.Checkpoint, data_path, text, cache_dir, log) -> corpus.Corpus:
@@ -431,7 +475,9 @@ def _settings_to_agree_on(plan: Plan) -> dict:
     source = plan.corpus.source
     return {**plan.model_config.to_dict(), **plan.train_config.to_dict(),
             "data": source.get("sha256", source), "tokenizer": corpus.tokenizer_sha256(plan.corpus.tokenizer),
-            "resumed from step": None if plan.state is None else int(plan.state.step), "batches": plan.batches,
+            "resumed from step": int(plan.state.step) if plan.resuming else None,
+            "started from": (plan.origin or {}).get("init_from", {}).get("sha256"),
+            "batches": plan.batches,
             "devices": plan.devices, "fsdp": plan.fsdp}
 
 
@@ -443,7 +489,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
             print(f"{metrics_path} ended in a half-written line (a process killed mid-write); it is dropped", file=log)
         runs.truncate_records(metrics_path, int(plan.state.step))
     keys = trainer.keys(tc.seed)
-    state = plan.state if plan.resuming else trainer.init_state(keys.init, mc, tc.optimizer)
+    state = plan.state if plan.state is not None else trainer.init_state(keys.init, mc, tc.optimizer)
 
     mesh = None
     if plan.devices or jax.device_count() > 1:
@@ -491,7 +537,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
         if is_main:
             try:
                 checkpoint.save(run_dir, host_state, model_config=mc, train_config=tc,
-                                tokenizer=plan.corpus.tokenizer, data=plan.corpus.source)
+                                tokenizer=plan.corpus.tokenizer, data=plan.corpus.source, origin=plan.origin)
             except OSError as e:
                 raise StorageError(os.path.join(run_dir, runs.CHECKPOINT), e) from None
 

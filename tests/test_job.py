@@ -269,3 +269,41 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(ca
     assert_one_error_line(code, err, "odd.txt", "char tokenizer lacks", "'Zb'")
     code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "no/e.json")
     assert_one_error_line(code, err, "--json 'no/e.json'")
+
+
+def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_source(capsys):
+    """--init-from (#26, part 1): a GPT-2-shaped run exported and imported back (as a
+    Hugging Face GPT-2 would be) starts a new run at step 0 from exactly its parameters,
+    with its tokenizer and a shorter context (the learned positions' first rows), a
+    fresh optimiser; the source is recorded, and the run resumes like any other."""
+    pytest.importorskip("safetensors", reason="export and import need the test extra's safetensors")
+    from minitx_fn import gpt2
+    gpt = {**SMALL, "positions": "learned", "tie_embeddings": True}
+    _train(run_dir="mine", tokenizer="byte", model=gpt)
+    gpt2.export_run("mine", "hf")
+    gpt2.import_run("hf", "imported", log=io.StringIO())
+    open("t.txt", "w").write(TEXT)
+    plan = job.plan("t.txt", init_from="imported", model={"max_len": 8}, run_dir="tuned",
+                    training={"steps": 4, "batch_size": 8, "log_every": 2, "lr": 1e-3}, log=io.StringIO())
+    source = checkpoint.load_model("imported")
+    assert plan.model_config == source.config.replace(max_len=8) and plan.corpus.tokenizer == source.tokenizer
+    assert int(plan.state.step) == 0 and not jax.tree.leaves(plan.state.opt_state)[1].any()       # a fresh Adam
+    np.testing.assert_array_equal(plan.state.params["pos"]["table"], source.params["pos"]["table"][:8])
+    np.testing.assert_array_equal(plan.state.params["embed"]["table"], source.params["embed"]["table"])
+    job.run(plan, log=io.StringIO())
+    tuned = checkpoint.load("tuned")
+    assert tuned.origin == {"init_from": {"path": os.path.abspath("imported"),
+                                          "sha256": source.meta["files"]["params.npz"]["sha256"]}}
+    code, _, err = run_main(capsys, "train", "--resume", "tuned", "--steps", "6", "--max-new-tokens", "3")
+    assert code == 0, err
+    assert checkpoint.load("tuned").origin == tuned.origin and checkpoint.saved_step("tuned") == 6
+    # What a start from another run refuses, in one line each.
+    for argv, said in ((["--init-from", "imported", "--width", "64"], "--width 64 (its own: --width 32)"),
+                       (["--init-from", "imported", "--context", "64"], "--context 64 (its own: --context 16)"),
+                       (["--init-from", "imported", "--resume", "tuned"], "give one of them"),
+                       (["--init-from", "imported", "--tokenizer", "char"], "keeps its tokenizer"),
+                       (["--init-from", "nowhere"], "no run directory 'nowhere'")):
+        code, _, err = run_main(capsys, "train", "--data", "t.txt", *argv, "--out", "x")
+        assert_one_error_line(code, err, said)
+    code, _, err = run_main(capsys, "train", "--resume", "imported", "--steps", "3")
+    assert_one_error_line(code, err, "start a new run from it with --init-from imported")
