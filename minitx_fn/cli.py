@@ -254,7 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--data", required=True, metavar="FILE", help="UTF-8 text file, all of it (prepared once into the "
                    "cache with the run's tokenizer; larger than memory is fine)")
     v.add_argument("--eval-tokens", type=_eval_tokens, metavar="N|all", default="all", help="a fixed sample of about "
-                   "N tokens instead of all of them (default all)")
+                   "N tokens (whole windows of the model's context) instead of all of them (default all)")
     v.add_argument("--json", metavar="FILE", help="also write {loss, perplexity, bits_per_byte, tokens} here")
     v.add_argument("--cache-dir", metavar="DIR", type=_nonempty, help="where prepared data is kept (as for train)")
 

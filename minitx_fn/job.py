@@ -277,7 +277,11 @@ def _corpus(data_path, text, kind, vocab_size, cache_dir, log, tokenizer: Tokeni
         return data_path
     if data_path is None and text is None:
         corpus.check_choice(kind or "char", vocab_size)
-        return corpus.builtin(kind or "char", vocab_size, tokenizer)
+        try:
+            return corpus.builtin(kind or "char", vocab_size, tokenizer)
+        except UnknownCharactersError as e:           # a run's own char tokenizer, and no data given
+            raise DataError(f"the built-in corpus holds characters the run's char tokenizer lacks ({e}); give "
+                            f"{{data}}", data=("data_path", "FILE")) from None
     if text is not None:
         corpus.check_choice(kind or "char", vocab_size)
         return corpus.Corpus.from_text(text, kind or "char", vocab_size, tokenizer)
@@ -639,8 +643,12 @@ def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cach
     if eval_tokens not in (None, "all") and not (isinstance(eval_tokens, int) and not isinstance(eval_tokens, bool)
                                                  and eval_tokens >= 1):
         raise ConfigError("{n} must be a whole number >= 1, or 'all'", n=("eval_tokens", eval_tokens))
+    if not isinstance(data_path, (str, os.PathLike)):
+        raise DataError(f"the data must be a path (a str), not {type(data_path).__name__}")
     source = _corpus(os.fspath(data_path), None, None, None, cache_dir, log, tokenizer)
-    data.check_length(source.ids, mc.max_len, "evaluated")
+    if len(source.ids) < mc.max_len + 1:
+        raise DataError(f"the text has {len(source.ids)} tokens; this model reads windows of {mc.max_len} tokens and "
+                        f"their next one, so give it at least {mc.max_len + 1}")
     windows = data.eval_windows(source.ids, mc.max_len, None if eval_tokens in (None, "all") else eval_tokens)
     sizes, nbytes = tokenizer.token_bytes(), 0
     for start in range(0, len(windows), 4096):                  # the bytes the predicted tokens stand for
@@ -648,6 +656,7 @@ def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cach
     tty = hasattr(log, "isatty") and log.isatty()
 
     def progress(done: int, total: int) -> None:
+        signals.check()                                   # between two batches: a stop signal ends it here
         if tty:
             log.write(f"\r\033[Kevaluating: {done:,} / {total:,} windows of {mc.max_len} tokens")
             log.flush()

@@ -269,6 +269,15 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(ca
     assert_one_error_line(code, err, "odd.txt", "char tokenizer lacks", "'Zb'")
     code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "no/e.json")
     assert_one_error_line(code, err, "--json 'no/e.json'")
+    open("short.txt", "w").write("hello")
+    code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "short.txt")
+    assert_one_error_line(code, err, "the text has 5 tokens", "at least 17")
+
+
+def test_a_char_run_started_from_without_data_names_the_built_in_corpus():
+    _train(text=TEXT, run_dir="words")                        # its characters: TEXT's, no '!' or 'h'
+    with pytest.raises(DataError, match="the built-in corpus holds characters the run's char tokenizer lacks"):
+        job.plan(init_from="words", log=io.StringIO())
 
 
 def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_source(capsys):
