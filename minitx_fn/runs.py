@@ -320,7 +320,7 @@ def read_records(path: str) -> Records:
 
 def truncate_records(path: str, last_step: int) -> None:
     """Keep the records up to last_step (a run resumed from that step's checkpoint
-    logs the later ones again). Rewritten under a temporary name and renamed.
+    logs the later ones again). Rewritten whole (`write_whole`).
 
     Example:
         >>> path = os.path.join(tempfile.mkdtemp(), METRICS)
@@ -333,18 +333,7 @@ def truncate_records(path: str, last_step: int) -> None:
     if not os.path.exists(path):
         return
     kept = [r for r in read_records(path).records if r["step"] <= last_step]
-    fd, tmp = tempfile.mkstemp(prefix=".metrics.", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_whole(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 def write_whole(path: str, text: str) -> None:
