@@ -210,13 +210,19 @@ def _fine_tuned_model(source: ModelConfig, model: ModelConfig | dict | None) -> 
     conflicts = [(f, v, getattr(source, f)) for f, v in given.items()
                  if f not in allowed and f != "vocab_size" and v != getattr(source, f)]
     if conflicts:
-        mentions = {}
-        for i, (field, value, had) in enumerate(conflicts):
-            mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, had)
-        parts = ", ".join(f"{{g{i}}} (its own: {{s{i}}})" for i in range(len(conflicts)))
-        raise ConfigError(f"a run started from another has that run's model, but these differ: {parts}; drop them "
-                          f"(only a shorter context and dropout may change)", **mentions)
+        parts, mentions = _differences(conflicts, "its own")
+        raise ConfigError(f"a run started from another has that run's model, but these differ: {', '.join(parts)}; "
+                          f"drop them (only a shorter context and dropout may change)", **mentions)
     return source.replace(**{f: v for f, v in given.items() if f in allowed})
+
+
+def _differences(conflicts: list[tuple[str, Any, Any]], kept: str) -> tuple[list[str], dict]:
+    """(field, given, kept value) triples -> message parts "{gI} (KEPT: {sI})" and their
+    mentions, so the CLI renders each as its flag."""
+    mentions = {}
+    for i, (field, value, had) in enumerate(conflicts):
+        mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, had)
+    return [f"{{g{i}}} ({kept}: {{s{i}}})" for i in range(len(conflicts))], mentions
 
 
 def configs(model: ModelConfig | dict | None, training: TrainConfig | dict | None, preset: str | None, *,
@@ -319,10 +325,7 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
                  if field != "vocab_size" and value != getattr(mc, field)]
     conflicts += [(field, value, getattr(saved_tc, field)) for field, value in given_training.items()
                   if field not in RESUMABLE and value != getattr(saved_tc, field)]
-    mentions = {}
-    for i, (field, value, saved) in enumerate(conflicts):
-        mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, saved)
-    parts = [f"{{g{i}}} (saved: {{s{i}}})" for i in range(len(conflicts))]
+    parts, mentions = _differences(conflicts, "saved")
     if preset is not None:
         parts.append("{preset}")
         mentions["preset"] = ("preset", preset)
