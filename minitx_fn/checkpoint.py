@@ -47,19 +47,24 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from minitx_fn import model, runs
+from minitx_fn import lora, model, runs
 from minitx_fn.config import INT32_MAX, ModelConfig, TrainConfig
 from minitx_fn.errors import CheckpointError, Error
 from minitx_fn import tokenizer as tokenizers
 from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
-from minitx_fn.train import TrainState, init_state
+from minitx_fn.train import TrainState, init_state, lora_state
+
+# TrainConfig fields a format version added, with the value every earlier run had.
+ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attn"}}
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
 # 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from);
 # 5: "data" is explicit: {"builtin": true} for the built-in corpus, null only when not recorded;
-#    TrainConfig.grad_accum.
-FORMAT_VERSION = 5
-READABLE_VERSIONS = (2, 3, 4, 5)  # 2 had only char vocabularies, saved as "vocab"
+#    TrainConfig.grad_accum;
+# 6: TrainConfig.lora_rank, lora_alpha and lora_targets: a LoRA run's params.npz holds its
+#    adapters, and its origin {"init_from": ...} is the base they apply to.
+FORMAT_VERSION = 6
+READABLE_VERSIONS = (2, 3, 4, 5, 6)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
@@ -161,7 +166,7 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
         (0, 'abc', True, {'builtin': True})
     """
     data = getattr(data, "source", data)                 # a Corpus stands for its source
-    problem = _data_problem(data) or _origin_problem(origin)
+    problem = _data_problem(data) or _origin_problem(origin) or _lora_problem(train_config, origin)
     if problem:
         raise CheckpointError(f"cannot save: {problem}")
     if tokenizer.vocab_size != model_config.vocab_size:
@@ -297,9 +302,20 @@ def _origin_problem(origin: Any) -> str:
             'digits}}')
 
 
+def _lora_problem(train_config: TrainConfig, origin: Any) -> str:
+    """A LoRA run's adapters mean nothing without their base: its origin must name it."""
+    if train_config.lora is not None and not (isinstance(origin, dict) and "init_from" in origin):
+        return 'a LoRA run (lora_rank > 0) needs origin {"init_from": ...}, the run its adapters apply to'
+    return ""
+
+
 def _template(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
-    """The shapes and dtypes of a run's state (jax.ShapeDtypeStruct leaves, nothing computed)."""
-    return jax.eval_shape(lambda: init_state(jax.random.key(0), model_config, train_config.optimizer))
+    """The shapes and dtypes of a run's state (jax.ShapeDtypeStruct leaves, nothing computed):
+    a LoRA run's parameters are its adapters."""
+    key, oc = jax.random.key(0), train_config.optimizer
+    if train_config.lora is None:
+        return jax.eval_shape(lambda: init_state(key, model_config, oc))
+    return jax.eval_shape(lambda: lora_state(key, model.init(key, model_config), oc, train_config.lora))
 
 
 def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, TrainConfig, Tokenizer]:
@@ -330,8 +346,9 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         meta = {**meta, "origin": None}
         if isinstance(meta.get("model_config"), dict):
             meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
-    if version < 5 and isinstance(meta.get("train_config"), dict):          # runs before 5 did not accumulate
-        meta = {**meta, "train_config": {"grad_accum": 1, **meta["train_config"]}}
+    if isinstance(meta.get("train_config"), dict):                  # what earlier versions did not record
+        for added in range(version + 1, FORMAT_VERSION + 1):
+            meta = {**meta, "train_config": {**ADDED_TRAIN_FIELDS.get(added, {}), **meta["train_config"]}}
     if version < 5 and isinstance(meta.get("data"), dict) and not isinstance(meta["data"].get("path"), str):
         raise CheckpointError(f"{where}: format version {version} has only null or a file as data; the rest came "
                               f"with version 5")
@@ -350,7 +367,8 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
     if tokenizer.vocab_size != model_config.vocab_size:
         raise CheckpointError(f"{where}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
                               f"model_config says vocab_size={model_config.vocab_size}")
-    problem = _data_problem(meta["data"]) or _origin_problem(meta["origin"])
+    problem = (_data_problem(meta["data"]) or _origin_problem(meta["origin"])
+               or _lora_problem(train_config, meta["origin"]))
     if problem:
         raise CheckpointError(f"{where}: {problem}")
     files = meta["files"]
@@ -501,10 +519,11 @@ class Model(NamedTuple):
     meta: dict                 # the checkpoint's meta.json (its step, what it trained on, ...)
 
 
-def load_model(run_dir: str) -> Model:
+def load_model(run_dir: str, *, _seen: frozenset = frozenset()) -> Model:
     """The parameters, model config and tokenizer of a run: only params.npz is read and
     checked (its checksum, names, shapes, dtypes, finiteness), no optimiser state is
-    built. `generate.complete(model, prompt)` continues a text with it.
+    built. `generate.complete(model, prompt)` continues a text with it. A LoRA run's
+    adapters come merged into its base (`base_params`), so it is an ordinary model.
 
     Example:
         >>> cfg, tc = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig()
@@ -516,11 +535,45 @@ def load_model(run_dir: str) -> Model:
         (True, 'abc', (3, 8))
     """
     def read(path, meta, model_config, train_config, tokenizer):
-        template = jax.eval_shape(lambda: model.init(jax.random.key(0), model_config))
+        template = _template(model_config, train_config).params
         params = _build(template, _read_arrays(os.path.join(path, ARRAY_FILES[0]), meta["files"][ARRAY_FILES[0]]),
                         ARRAY_FILES[0])
+        if train_config.lora is not None:
+            base = base_params(meta, model_config, _seen | {os.path.realpath(path)})
+            params = lora.merge(base, params, scale=train_config.lora.scale)
         return Model(params, model_config, tokenizer, meta)
     return _consistently(run_dir, read)
+
+
+def base_params(meta: dict, model_config: ModelConfig, _seen: frozenset = frozenset()) -> dict:
+    """The parameters a run started from (its origin "init_from"), as that run used them:
+    loaded (`load_model`, so a base that is itself a LoRA run comes merged), checked
+    against the SHA-256 recorded when the run started, and cut to its context
+    (`model.with_context`). What a LoRA run's adapters apply to.
+
+    Example:
+        >>> base_params({"origin": None}, ModelConfig(vocab_size=3))
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: this run did not start from another run's parameters; it has no base
+    """
+    source = (meta.get("origin") or {}).get("init_from")
+    if source is None:
+        raise CheckpointError("this run did not start from another run's parameters; it has no base")
+    where = source["path"]
+    try:
+        if os.path.realpath(locate(where)) in _seen:
+            raise CheckpointError("through its own bases, it is the run itself")
+        base = load_model(where, _seen=_seen)
+    except CheckpointError as e:
+        raise CheckpointError(f"the base this run's adapters apply to, {where!r}, cannot be loaded: {e}") from None
+    if base.meta["files"][ARRAY_FILES[0]]["sha256"] != source["sha256"]:
+        raise CheckpointError(f"the base this run's adapters apply to, {where!r}, has changed since the run started "
+                              f"(its parameters' SHA-256 differs from the one recorded); restore that run as it was")
+    fitted = base.config.replace(max_len=model_config.max_len, dropout=model_config.dropout)
+    if fitted != model_config:
+        raise CheckpointError(f"the base {where!r} holds another model than this run's (its config differs beyond "
+                              f"context and dropout)")
+    return model.with_context(base.params, model_config.max_len)
 
 
 def save_params(path: str, params) -> str:

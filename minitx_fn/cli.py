@@ -43,7 +43,8 @@ from minitx_fn.errors import Error, RunFailed, StorageError
 MODEL_FLAGS = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len",
                "dropout": "dropout", "positions": "positions", "tie_embeddings": "tie_embeddings"}
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
-               "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum")
+               "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum", "lora_rank", "lora_alpha",
+               "lora_targets")
 # The one table from the names the library's messages use to the flags a user types.
 FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.items()},
          **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
@@ -183,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     t.add_argument("--init-from", metavar="RUN", help="a new run from RUN's parameters and tokenizer (trained, "
                    "imported or fine-tuned): fine-tuning, with a fresh optimiser and schedule")
+    t.add_argument("--lora-rank", type=_int_in(0, INT32_MAX), metavar="R", help="with --init-from: train rank-R "
+                   "adapters W + (alpha / R) A B on the frozen weights instead of every parameter (default 0: all)")
+    t.add_argument("--lora-alpha", type=_float, help="the adapters' update is scaled by alpha / R (default: R)")
+    t.add_argument("--lora-targets", choices=sorted(defaults.LORA_TARGETS), help="which matrices of every block get "
+                   "adapters: the attention projections (default attn), the MLP's, or all")
     t.add_argument("--out", metavar="DIR", type=_nonempty, help="new run directory (default: runs/<corpus>-NNN, a "
                    "new one)")
     t.add_argument("--steps", type=_positive, help=f"train until this many steps in total ({_defaults('steps')})")

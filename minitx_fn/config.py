@@ -236,6 +236,41 @@ OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (`lora.py`): every targeted weight W (D_in, D_out) of every
+    block becomes W + (alpha / rank) A B, with A (D_in, rank) and B (rank, D_out)
+    trained and W frozen.
+
+    Example:
+        >>> c = LoraConfig(rank=8, alpha=16.0)
+        >>> c.scale, c.paths
+        (2.0, ('attn/qkv', 'attn/out'))
+    """
+
+    rank: int                       # R: the adapters' inner width
+    alpha: float | None = None      # the update is scaled by alpha / rank; None means alpha = rank (a scale of 1)
+    targets: str = "attn"           # which linear layers: a key of defaults.LORA_TARGETS
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        _positive_int("lora_rank", self.rank)
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(self.rank))
+        _require(_number(self.alpha) and self.alpha > 0, "lora_alpha", self.alpha, "it must be a number in (0, 3.4e38]")
+        _require(self.targets in defaults.LORA_TARGETS, "lora_targets", self.targets,
+                 f"choose one of {list(defaults.LORA_TARGETS)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        """The targeted linear layers, as paths inside one block's parameter tree."""
+        return defaults.LORA_TARGETS[self.targets]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """A training run: its length, batch, seed and cadence, and the optimiser's settings
     (`.optimizer`, the part the train step reads; the defaults are OptimizerConfig's).
@@ -257,6 +292,11 @@ class TrainConfig:
     # B / grad_accum, their gradients averaged before one update (the same update, in
     # less memory; dropout masks are drawn per micro-batch).
     grad_accum: int = 1
+    # LoRA: lora_rank > 0 trains low-rank adapters on a frozen copy of the parameters of the
+    # run it starts from (LoraConfig says what each field means); 0 trains every parameter.
+    lora_rank: int = 0
+    lora_alpha: float | None = None
+    lora_targets: str = "attn"
     # The optimiser (OptimizerConfig's fields and defaults; decay_steps None means `steps`,
     # warmup None OptimizerConfig's, but at most a tenth of decay_steps).
     lr: float = OptimizerConfig.lr
@@ -275,6 +315,9 @@ class TrainConfig:
         if self.eval_tokens is not None:
             _positive_int("eval_tokens", self.eval_tokens)
         _positive_int("grad_accum", self.grad_accum)
+        _require(_whole(self.lora_rank) and 0 <= self.lora_rank <= INT32_MAX, "lora_rank", self.lora_rank,
+                 "it must be a whole number: 0 for none, or the adapters' rank")
+        self.lora                                                          # validates the LoRA fields
         _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
                  "it must divide {batch}: each micro-batch has batch_size / grad_accum sequences",
                  batch=("batch_size", self.batch_size))
@@ -291,6 +334,16 @@ class TrainConfig:
         """The settings the train step reads: runs that differ only in their cadence
         (steps, batch_size, eval/save/log_every, eval_tokens) share one compiled step."""
         return OptimizerConfig(**{name: getattr(self, name) for name in OPTIMIZER_FIELDS})
+
+    @property
+    def lora(self) -> LoraConfig | None:
+        """The adapters this run trains, or None when it trains every parameter."""
+        if self.lora_rank == 0:
+            _require(self.lora_alpha is None and self.lora_targets == "attn", "lora_alpha" if self.lora_alpha
+                     is not None else "lora_targets", self.lora_alpha if self.lora_alpha is not None
+                     else self.lora_targets, "it needs {rank}", rank=("lora_rank", "R"))
+            return None
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -40,6 +40,10 @@ HEARTBEAT_TIMEOUT_S = 60               # a dead peer of a multi-process run is n
 HEARTBEAT_TIMEOUT_MAX = 86400          # seconds: a day
 START_TIMEOUT_S = 120                  # how long the processes of a run wait for each other to join
 
+# LoRA (TrainConfig.lora_*): which linear layers of every block get adapters.
+LORA_TARGETS = {"attn": ("attn/qkv", "attn/out"), "mlp": ("mlp/up", "mlp/down"),
+                "all": ("attn/qkv", "attn/out", "mlp/up", "mlp/down")}
+
 # Presets: a model (ModelConfig fields but vocab_size, which the tokenizer gives) and
 # its training (TrainConfig fields). No preset sets min_lr: it is lr / 10 (nanoGPT's
 # 1e-4 at lr 1e-3), so a lower lr brings the end of the cosine down with it.

@@ -314,14 +314,16 @@ def sharded_batch_at(mesh: Mesh) -> Callable:
                    out_shardings=batch_sharding(mesh))
 
 
-def data_parallel(step: Callable, mesh: Mesh, state_shardings) -> Callable:
+def data_parallel(step: Callable, mesh: Mesh, state_shardings, frozen_shardings=None) -> Callable:
     """The plain step (state, batch) -> (state, metrics), jitted for the mesh: the batch
     (x, y) split along B, the state laid out by state_shardings (replicated or FSDP)
-    in and out, the old state donated. XLA inserts the gradient all-reduce.
+    in and out, the old state donated. XLA inserts the gradient all-reduce. With
+    `frozen_shardings`, the step is (state, batch, frozen) -> ..., the frozen tree (a
+    LoRA run's base) laid out by them and neither donated nor returned.
     """
     batch = batch_sharding(mesh)
-    return jax.jit(step, in_shardings=(state_shardings, (batch, batch)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+    ins = (state_shardings, (batch, batch)) + (() if frozen_shardings is None else (frozen_shardings,))
+    return jax.jit(step, in_shardings=ins, out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
 
 
 def put_global(tree, shardings):

@@ -34,10 +34,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import checkpoint, corpus, data, defaults, distributed, generate, loop, memory, model, runs
+from minitx_fn import checkpoint, corpus, data, defaults, distributed, generate, lora, loop, memory, model, runs
 from minitx_fn import train as trainer          # the module; `train` below is the whole job
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.errors import ConfigError, DataError, Error, RunDirError, RunFailed, StorageError
+from minitx_fn.model import with_context
 from minitx_fn import signals
 from minitx_fn.signals import StopSignals
 from minitx_fn.tokenizer import Tokenizer, UnknownCharactersError
@@ -64,6 +65,7 @@ class Plan(NamedTuple):
     devices: int | None             # data-parallel over the first N devices (None: all of them)
     fsdp: bool                      # parameters and optimiser state split over the devices
     origin: dict | None = None      # where a run started from another's parameters came from (checkpoint.save)
+    base: dict | None = None        # a LoRA run's frozen parameters, which its adapters (state.params) apply to
 
 
 class Result(NamedTuple):
@@ -81,10 +83,14 @@ class Result(NamedTuple):
     prompt: str | None              # the seed of the final sample
     sample: str | None              # the text generated after the prompt at the end (process 0)
     picture: str | None             # loss.png, when matplotlib drew it
+    base: dict | None = None        # a LoRA run's frozen parameters (state.params are its adapters)
 
     @property
     def params(self) -> dict:
-        return self.state.params
+        """The model's parameters: a LoRA run's adapters merged into its base."""
+        if self.base is None:
+            return self.state.params
+        return lora.merge(self.base, self.state.params, scale=self.train_config.lora.scale)
 
 
 def train(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: str | None = None,
@@ -190,15 +196,27 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
     runs.check_new_run_dir(run_dir)
     default_eval = training is None or (isinstance(training, dict) and "eval_tokens" not in training)
-    state, origin = None, None
+    state, origin, base = None, None, None
+    if tc.lora is not None and start is None:
+        raise ConfigError("{rank} trains adapters on the frozen parameters of another run; give that run with "
+                          "{init_from}", rank=("lora_rank", tc.lora_rank), init_from=("init_from", "RUN"))
     if start is not None:
-        params = start.params
-        if "pos" in params:                                       # a shorter context: the first rows of positions
-            params = {**params, "pos": {"table": params["pos"]["table"][:mc.max_len]}}
-        state = trainer.new_state(params, trainer.make_optimizer(tc.optimizer))
+        params = with_context(start.params, mc.max_len)
+        if tc.lora is None:
+            state = trainer.new_state(params, trainer.make_optimizer(tc.optimizer))
+        else:
+            _check_rank(tc, mc)
+            state, base = trainer.lora_state(trainer.keys(tc.seed).init, params, tc.optimizer, tc.lora), params
         origin = {"init_from": {"path": os.path.abspath(init_from), "sha256": start.meta["files"]["params.npz"]["sha256"]}}
     return _checked(run_dir, False, mc, tc, source, state, batches, devices, fsdp, prompt, sample_tokens,
-                    default_eval=default_eval)._replace(origin=origin)
+                    default_eval=default_eval)._replace(origin=origin, base=base)
+
+
+def _check_rank(tc: TrainConfig, mc: ModelConfig) -> None:
+    """An adapter's rank above the width it adapts is no longer low: refuse it."""
+    if tc.lora_rank > mc.d_model:
+        raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter has a rank below it",
+                          rank=("lora_rank", tc.lora_rank), d=("d_model", mc.d_model))
 
 
 def _fine_tuned_model(source: ModelConfig, model: ModelConfig | dict | None) -> ModelConfig:
@@ -340,8 +358,9 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
     if int(ckpt.state.step) >= tc.steps:
         raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; steps is the total to reach: pass "
                           f"{{steps}} or more to train further", steps=("steps", int(ckpt.state.step) + 1))
+    base = None if tc.lora is None else checkpoint.base_params(ckpt.meta, mc)
     return _checked(run_dir, True, mc, tc, source, ckpt.state, batches, devices, fsdp, prompt, sample_tokens,
-                    default_eval=False)._replace(origin=ckpt.origin)
+                    default_eval=False)._replace(origin=ckpt.origin, base=base)
 
 
 def _resume_corpus(ckpt: checkpoint.Checkpoint, data_path, text, cache_dir, log) -> corpus.Corpus:
@@ -505,7 +524,16 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
         state = distributed.put_global(jax.device_get(state), shardings)
         if plan.batches == "device":
             train_data = distributed.put_global(np.asarray(plan.train_ids, np.int32), distributed.replicated(mesh))
-        step = distributed.data_parallel(trainer.step_fn(mc, tc.optimizer, tc.seed, tc.grad_accum), mesh, shardings)
+        parallel = trainer.step_fn(mc, tc.optimizer, tc.seed, tc.grad_accum, tc.lora)
+        if plan.base is None:
+            step = distributed.data_parallel(parallel, mesh, shardings)
+        else:
+            base_shardings = distributed.state_shardings(plan.base, mesh, plan.fsdp)
+            base = distributed.put_global(jax.device_get(plan.base), base_shardings)
+            adapted = distributed.data_parallel(parallel, mesh, shardings, base_shardings)
+
+            def step(s, batch):
+                return adapted(s, batch, base)
         sample = distributed.sharded_batch_at(mesh)
         # XLA:CPU runs each device's part of a step on a shared thread pool; with
         # dozens of multi-device steps queued, the parts of different steps can hold
@@ -517,8 +545,8 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
             train_data = jnp.asarray(np.asarray(plan.train_ids, np.int32))
 
         def step(s, batch):
-            return trainer.train_step(s, batch, model_config=mc, optimizer_config=tc.optimizer, seed=tc.seed,
-                                      accumulate=tc.grad_accum)
+            return trainer.train_step(s, batch, plan.base, model_config=mc, optimizer_config=tc.optimizer,
+                                      seed=tc.seed, accumulate=tc.grad_accum, lora=tc.lora)
         sample, max_in_flight = trainer.batch_at, None
 
     if plan.batches == "device":
@@ -537,6 +565,8 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     def evaluate(params):
         if mesh is not None:
             params = jax.device_put(distributed.to_host(params), jax.local_devices()[0])
+        if plan.base is not None:                                   # adapters: the model is base + A B
+            params = lora.merge(plan.base, params, scale=tc.lora.scale)
         return trainer.evaluate(params, plan.val_windows, config=mc)
 
     def save(s):
@@ -554,9 +584,12 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     if mesh is not None:
         print(f"Data-parallel over {mesh.devices.size} devices in {jax.process_count()} process(es)"
               + (", parameters split (FSDP)" if plan.fsdp else ""), file=log)
-    print(f"Model: {model.count_params(state.params):,} parameters, {mc.n_layers} layers, width {mc.d_model}, "
-          f"{mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size} ({plan.corpus.tokenizer.kind})",
-          file=log)
+    print(f"Model: {model.count_params(plan.base or state.params):,} parameters, {mc.n_layers} layers, width "
+          f"{mc.d_model}, {mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size} "
+          f"({plan.corpus.tokenizer.kind})", file=log)
+    if plan.base is not None:
+        print(f"LoRA: rank {tc.lora.rank}, alpha {tc.lora.alpha:g} on {', '.join(tc.lora.paths)}: "
+              f"{lora.count(state.params):,} trained parameters; the model's own are frozen", file=log)
     print(f"Batches: {where}" + ("" if plan.val_windows is None else
           f"; validation: {len(plan.val_windows):,} windows of {mc.max_len} tokens"
           + ("" if len(plan.val_windows) == data.windows_in(len(plan.corpus.validation), mc.max_len)
@@ -591,7 +624,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     records = runs.read_records(metrics_path).records if is_main and os.path.exists(metrics_path) else []
     result_args = dict(run_dir=run_dir, state=state, config=mc, train_config=tc, tokenizer=plan.corpus.tokenizer,
                        records=records, stopped_by=result.stopped_by, elapsed=elapsed, prompt=plan.prompt, sample=None,
-                       picture=None)
+                       picture=None, base=plan.base)
     if result.stopped_by is not None or not is_main:
         return Result(**result_args)
     ran = final_step - first_step

@@ -85,6 +85,19 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
     return params
 
 
+def with_context(params: dict, max_len: int) -> dict:
+    """The same model's parameters for a context of at most `max_len` (the source's or
+    shorter): learned positions keep their first max_len rows; nothing else depends on it.
+
+    Example:
+        >>> with_context({"pos": {"table": jnp.zeros((16, 4))}}, 8)["pos"]["table"].shape
+        (8, 4)
+    """
+    if "pos" not in params:
+        return params
+    return {**params, "pos": {"table": params["pos"]["table"][:max_len]}}
+
+
 def require_dtypes(config: ModelConfig) -> None:
     """ConfigError if the config asks for float64 while 64-bit JAX is off: a config built
     inside `jax.enable_x64` and used outside it would otherwise run in float32 without a
@@ -350,4 +363,4 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
 
 
 __all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "check_tokens", "count_params",
-           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses"]
+           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses", "with_context"]

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minitx_fn import model
-from minitx_fn.config import ModelConfig, OptimizerConfig, TrainConfig  # noqa: F401  (TrainConfig: the doctests)
+from minitx_fn import lora as adapters_lib, model
+from minitx_fn.config import LoraConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: F401  (TrainConfig: the doctests)
 from minitx_fn.data import sample_batch
 
 Batch = tuple[jax.Array, jax.Array]        # x, y: (B, T) inputs and next-token targets
@@ -51,13 +51,18 @@ def learning_rate_schedule(oc: OptimizerConfig) -> optax.Schedule:
 
 def decay_mask(params: dict) -> dict:
     """True for the leaves weight decay applies to: weight matrices and the embedding
-    table, not biases or norms.
+    table, not biases or norms; both matrices of a LoRA adapter {"a", "b"} (`lora.py`),
+    so the update A B decays towards the base.
 
     Example:
         >>> decay_mask({"w": 0, "b": 0, "table": 0})
-        {'b': False, 'table': True, 'w': True}
+        {'w': True, 'b': False, 'table': True}
+        >>> decay_mask({"qkv": {"a": 0, "b": 0}})
+        {'qkv': {'a': True, 'b': True}}
     """
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("w", "table"), params)
+    if set(params) == {"a", "b"}:
+        return {"a": True, "b": True}
+    return {k: decay_mask(v) if isinstance(v, dict) else k in ("w", "table") for k, v in params.items()}
 
 
 def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
@@ -212,11 +217,16 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, sched
     return step
 
 
-def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1
-            ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1,
+            lora: LoraConfig | None = None) -> Callable[..., tuple[TrainState, dict]]:
     """The library model's step for these settings, (state, batch) -> (state, metrics)
     with metrics {"loss", "grad_norm", "lr"}: what `train_step` jits, and what
     `distributed.data_parallel` jits with shardings. `seed` seeds dropout (`model_loss`).
+
+    With `lora`, the step is (state, batch, base) -> (state, metrics): state.params are
+    the adapters, the only thing differentiated and updated, and the loss is the
+    model's at lora.merge(base, adapters); `base` is an argument, not a constant baked
+    into the compiled step, and is neither donated nor changed.
 
     Example:
         >>> mc, oc = ModelConfig(vocab_size=5, d_model=8, n_heads=2), OptimizerConfig(decay_steps=100)
@@ -226,15 +236,25 @@ def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: 
         >>> new.step.shape, sorted(metrics)
         ((), ['grad_norm', 'loss', 'lr'])
     """
-    return make_step(model_loss(model_config, seed), make_optimizer(optimizer_config),
-                     schedule=learning_rate_schedule(optimizer_config), accumulate=accumulate)
+    loss = model_loss(model_config, seed)
+    settings = dict(schedule=learning_rate_schedule(optimizer_config), accumulate=accumulate)
+    if lora is None:
+        return make_step(loss, make_optimizer(optimizer_config), **settings)
+
+    def step(state: TrainState, batch: Batch, base: dict) -> tuple[TrainState, dict]:
+        def adapted_loss(adapters, batch, t):
+            return loss(adapters_lib.merge(base, adapters, scale=lora.scale), batch, t)
+        return make_step(adapted_loss, make_optimizer(optimizer_config), **settings)(state, batch)
+    return step
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config", "seed", "accumulate"),
+@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config", "seed", "accumulate", "lora"),
                    donate_argnums=0)
-def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, optimizer_config: OptimizerConfig,
-               seed: int = 0, accumulate: int = 1) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: Batch, base: dict | None = None, *, model_config: ModelConfig,
+               optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1,
+               lora: LoraConfig | None = None) -> tuple[TrainState, dict]:
     """One step on batch = (x, y), each (B, T): returns the new state and {"loss", "grad_norm", "lr"}.
+    With `lora`, state.params are adapters on the frozen `base` (`step_fn`).
 
     Donated: the old state's arrays (parameters, optimiser state, step) are freed by
     the call, so XLA updates them in place; do not use `state` after it. To train
@@ -250,7 +270,25 @@ def train_step(state: TrainState, batch: Batch, *, model_config: ModelConfig, op
         >>> int(state.step)
         1
     """
-    return step_fn(model_config, optimizer_config, seed, accumulate)(state, batch)
+    if (lora is None) != (base is None):
+        raise TypeError("train_step: a LoRA step needs base= (the frozen parameters), and only a LoRA step takes it")
+    step = step_fn(model_config, optimizer_config, seed, accumulate, lora)
+    return step(state, batch) if lora is None else step(state, batch, base)
+
+
+def lora_state(key: jax.Array, base: dict, optimizer_config: OptimizerConfig, lora: LoraConfig) -> TrainState:
+    """Step 0 of training fresh adapters on `base` (a parameter tree, or its
+    jax.eval_shape): the adapters (`lora.init`) and their optimiser state only.
+
+    Example:
+        >>> mc = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
+        >>> s = lora_state(jax.random.key(0), model.init(jax.random.key(1), mc), OptimizerConfig(decay_steps=100),
+        ...                LoraConfig(rank=2))
+        >>> jax.tree.map(lambda a: a.shape, s.params)["blocks"]["attn"]["out"]
+        {'a': (2, 8, 2), 'b': (2, 2, 8)}
+    """
+    adapters = adapters_lib.init(key, base, lora)
+    return TrainState(adapters, make_optimizer(optimizer_config).init(adapters), jnp.zeros((), jnp.int32))
 
 
 def is_finite(tree) -> jax.Array:

@@ -32,11 +32,21 @@ def positions(t, d):
     return np.where(np.arange(d)[None, :] % 2 == 0, np.sin(angle), np.cos(angle))
 
 
-def attention(x, p, n_heads):
+def linear(x, p, adapter=None, scale=0.0):
+    """x W + b, plus a LoRA adapter's scale (x A) B when one is given: unmerged, the
+    weight itself never changed."""
+    y = x @ p["w"] + p["b"]
+    if adapter is not None:
+        y = y + scale * ((x @ adapter["a"]) @ adapter["b"])
+    return y
+
+
+def attention(x, p, n_heads, adapters=None, scale=0.0):
     """(T, D) -> (T, D): causal multi-head self-attention with fused [Q | K | V] weights."""
     t, d = x.shape
     k = d // n_heads
-    q_, k_, v_ = np.split(x @ p["qkv"]["w"] + p["qkv"]["b"], 3, axis=-1)          # 3 x (T, D)
+    adapters = adapters or {}
+    q_, k_, v_ = np.split(linear(x, p["qkv"], adapters.get("qkv"), scale), 3, axis=-1)     # 3 x (T, D)
     heads = []
     for h in range(n_heads):
         cols = slice(h * k, (h + 1) * k)
@@ -44,22 +54,26 @@ def attention(x, p, n_heads):
         scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)        # query i sees keys 0 .. i
         w = np.exp(scores - scores.max(-1, keepdims=True))
         heads.append((w / w.sum(-1, keepdims=True)) @ v_[:, cols])                # (T, K)
-    return np.concatenate(heads, axis=-1) @ p["out"]["w"] + p["out"]["b"]
+    return linear(np.concatenate(heads, axis=-1), p["out"], adapters.get("out"), scale)
 
 
-def logits(params, ids, *, n_heads, eps=1e-5):
+def logits(params, ids, *, n_heads, eps=1e-5, adapters=None, scale=0.0):
     """ids (T,) -> logits (T, V), float64. A "pos" table is a learned position per row
-    (GPT-2), else the sinusoids; without "head" the embedding is the head, no bias."""
+    (GPT-2), else the sinusoids; without "head" the embedding is the head, no bias.
+    adapters: LoRA's {"blocks": {"attn": {"qkv": {"a", "b"}, ...}, "mlp": ...}} (stacked
+    on L), each added unmerged as scale (x A) B to its linear layer's output."""
     params = to_float64(params)
+    blocks_adapters = to_float64(adapters)["blocks"] if adapters else {}
     table = params["embed"]["table"]                                               # (V, D)
     pe = params["pos"]["table"][:len(ids)] if "pos" in params else positions(len(ids), table.shape[1])
     x = table[np.asarray(ids)] + pe
     n_layers = params["blocks"]["ln1"]["scale"].shape[0]
     for layer in range(n_layers):
-        p = _index(params["blocks"], layer)
-        x = x + attention(layer_norm(x, p["ln1"], eps), p["attn"], n_heads)
-        h = gelu(layer_norm(x, p["ln2"], eps) @ p["mlp"]["up"]["w"] + p["mlp"]["up"]["b"])
-        x = x + h @ p["mlp"]["down"]["w"] + p["mlp"]["down"]["b"]
+        p, ad = _index(params["blocks"], layer), _index(blocks_adapters, layer)
+        x = x + attention(layer_norm(x, p["ln1"], eps), p["attn"], n_heads, ad.get("attn"), scale)
+        mlp = ad.get("mlp", {})
+        h = gelu(linear(layer_norm(x, p["ln2"], eps), p["mlp"]["up"], mlp.get("up"), scale))
+        x = x + linear(h, p["mlp"]["down"], mlp.get("down"), scale)
     x = layer_norm(x, params["ln_f"], eps)
     if "head" not in params:
         return x @ table.T

@@ -76,7 +76,7 @@ def test_resumed_run_logs_the_same_losses_bit_for_bit(capsys):
     np.testing.assert_array_equal(a["head"]["w"], b["head"]["w"])
 
 
-def test_a_run_saved_in_format_3_resumes_and_is_saved_in_format_5(capsys):
+def test_a_run_saved_in_format_3_resumes_and_is_saved_in_the_current_format(capsys):
     """Runs saved before learned positions, tied heads and imports (format 3) go on."""
     import json
     assert run_main(capsys, "train", *TINY, "--steps", "2", "--out", "old")[0] == 0
@@ -87,7 +87,7 @@ def test_a_run_saved_in_format_3_resumes_and_is_saved_in_format_5(capsys):
     code, out, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
     assert code == 0, err
     meta = json.load(open("old/checkpoint/meta.json"))
-    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 5 and meta["data"] == {"builtin": True}
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 6 and meta["data"] == {"builtin": True}
 
 
 def test_generate_command(capsys, hello_run):

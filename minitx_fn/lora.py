@@ -1,0 +1,93 @@
+"""Low-rank adapters (LoRA) as a transform of the parameter tree.
+
+    W' = W + (alpha / R) A B        A (D_in, R), B (R, D_out); W (D_in, D_out) frozen
+
+Adapters are a pytree of their own that mirrors the targeted linear layers of the
+blocks (stacked on the leading L axis like the blocks themselves):
+
+    {"blocks": {"attn": {"qkv": {"a": (L, D, R), "b": (L, R, 3D)},
+                         "out": {"a": (L, D, R), "b": (L, R, D)}}}}      targets "attn"
+
+`merge(params, adapters, scale=)` returns an ordinary parameter tree, so the model
+and its layers never learn that LoRA exists: training differentiates
+`loss(merge(base, adapters))` with respect to the adapters alone, so the base gets no
+gradient and no optimiser state, and a trained run's adapters fold into the weights
+once for generation, evaluation and export. B starts at zero, so a fresh adapter
+leaves the model exactly as it was.
+
+The cost of merging in front of the model instead of inside each layer: the backward
+pass forms the gradient of every targeted W' (the size of those weights, once) before
+it reduces it to the gradients of A and B. Adapted layers computing x W + s (x A) B
+would avoid it, at the price of every layer knowing about LoRA. The base's optimiser
+state and full gradient, the larger part, are saved either way;
+`python -m benchmarks.finetune` measures both.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from minitx_fn.config import LoraConfig
+
+
+def _get(tree: dict, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def init(key: jax.Array, params: dict, config: LoraConfig) -> dict:
+    """Fresh adapters for `params` (a model's tree, or its jax.eval_shape): for each
+    targeted layer of the stacked blocks, A ~ Normal(0, 1 / D_in) and B = 0, in the
+    weight's dtype. One subkey per targeted layer.
+
+    Example:
+        >>> params = {"blocks": {"attn": {"qkv": {"w": jnp.ones((2, 8, 24))}, "out": {"w": jnp.ones((2, 8, 8))}}}}
+        >>> ad = init(jax.random.key(0), params, LoraConfig(rank=4))
+        >>> ad["blocks"]["attn"]["qkv"]["a"].shape, ad["blocks"]["attn"]["qkv"]["b"].shape
+        ((2, 8, 4), (2, 4, 24))
+    """
+    adapters: dict = {}
+    for path, k in zip(config.paths, jax.random.split(key, len(config.paths))):
+        w = _get(params["blocks"], path)["w"]                                  # (L, D_in, D_out)
+        *lead, d_in, d_out = w.shape
+        a = jax.random.normal(k, (*lead, d_in, config.rank), w.dtype) / jnp.sqrt(jnp.asarray(d_in, w.dtype))
+        node = adapters.setdefault("blocks", {})
+        for part in path.split("/"):
+            node = node.setdefault(part, {})
+        node.update(a=a, b=jnp.zeros((*lead, config.rank, d_out), w.dtype))
+    return adapters
+
+
+def merge(params: dict, adapters: dict, *, scale: float) -> dict:
+    """The parameter tree with every adapted weight W replaced by W + scale A B (in W's
+    dtype); every other leaf is the same array. Shapes: W (..., D_in, D_out), A (..., D_in, R),
+    B (..., R, D_out); the leading axes (the L blocks) are batched.
+
+    Example:
+        >>> params = {"blocks": {"attn": {"out": {"w": jnp.zeros((1, 2, 2)), "b": jnp.ones((1, 2))}}}}
+        >>> ad = {"blocks": {"attn": {"out": {"a": jnp.ones((1, 2, 1)), "b": jnp.full((1, 1, 2), 3.0)}}}}
+        >>> merge(params, ad, scale=0.5)["blocks"]["attn"]["out"]["w"].tolist()     # 0 + 0.5 * 1 * 3
+        [[[1.5, 1.5], [1.5, 1.5]]]
+    """
+    def walk(p, a):
+        if "a" in a and "b" in a:                                             # an adapted linear layer
+            w = p["w"]
+            delta = jnp.einsum("...ir,...ro->...io", a["a"], a["b"], preferred_element_type=w.dtype)
+            return {**p, "w": w + jnp.asarray(scale, w.dtype) * delta.astype(w.dtype)}
+        return {**p, **{k: walk(p[k], v) for k, v in a.items()}}
+    return walk(params, adapters)
+
+
+def count(adapters: dict) -> int:
+    """Trained scalars in the adapters.
+
+    Example:
+        >>> count({"blocks": {"out": {"a": jnp.zeros((2, 8, 4)), "b": jnp.zeros((2, 4, 8))}}})
+        128
+    """
+    return sum(int(a.size) for a in jax.tree.leaves(adapters))
+
+
+__all__ = ["count", "init", "merge"]
