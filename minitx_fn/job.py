@@ -147,7 +147,10 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     it): a fresh optimiser and schedule, this run's own seed, data and cadence. Its
     model is the source's; `model` may only lower max_len (learned positions keep their
     first rows) and set dropout. The source's path and the SHA-256 of its parameters are
-    recorded (`origin`), and the new run resumes like any other.
+    recorded (`origin`), and the new run resumes like any other. With `training`'s
+    lora_rank > 0 it trains LoRA adapters on those parameters, frozen (`lora.py`): the
+    checkpoint holds the adapters, the source is their base, and `Result.params` (like
+    `checkpoint.load_model`) is the merged model.
     """
     log = log or sys.stdout
     if data_path is not None and text is not None:

@@ -141,13 +141,13 @@ def test_gpu_script_runs_every_step_at_toy_sizes_and_every_field_and_option_arri
     real_step, real_generate = run.train.train_step, run.gen.generate
 
     class Spy:
-        def lower(self, state, batch, *, model_config, **settings):
+        def lower(self, *args, model_config, **settings):          # args: state, batch (and a LoRA base)
             seen.append(model_config)
-            return real_step.lower(state, batch, model_config=model_config, **settings)
+            return real_step.lower(*args, model_config=model_config, **settings)
 
-        def __call__(self, state, batch, *, model_config, **settings):
+        def __call__(self, *args, model_config, **settings):
             seen.append(model_config)
-            return real_step(state, batch, model_config=model_config, **settings)
+            return real_step(*args, model_config=model_config, **settings)
 
     def generate(*args, config, **kwargs):
         seen.append(config)
@@ -251,3 +251,29 @@ def test_the_accumulation_benchmark_shrinks_the_temporaries_and_checks_its_flags
                                 "--json", str(tmp_path / "a.json")]) == 0
     rows = json.loads((tmp_path / "a.json").read_text())["rows"]
     assert [r["micro_batch"] for r in rows] == [8, 2] and rows[1]["temp_mb"] < rows[0]["temp_mb"]
+
+
+def test_the_fine_tuning_recipe_runs_end_to_end_at_toy_sizes_and_checks_its_flags(tmp_path, capsys):
+    """benchmarks.finetune (#26, part 5): pretrain, export, import, then scratch, full and
+    LoRA runs on the second half; LoRA trains fewer parameters and saves a smaller
+    checkpoint, and a fine-tune starts where the imported model stands."""
+    pytest.importorskip("safetensors", reason="export and import need the test extra's safetensors")
+    from benchmarks import finetune
+    from tests.helpers import standard_promotion
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main(["--data", str(tmp_path / "none.txt")])
+    assert exit_info.value.code == 2 and "--data" in capsys.readouterr().err
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be, that is the question. " * 60)
+    with standard_promotion():
+        assert finetune.main(["--data", str(text), "--config", "micro", "--pretrain-steps", "2", "--steps", "2",
+                              "--eval-every", "1", "--lora-rank", "2", "--memory-config", "micro",
+                              "--memory-context", "16", "--work", str(tmp_path / "w"),
+                              "--json", str(tmp_path / "f.json")]) == 0
+    result = json.loads((tmp_path / "f.json").read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["scratch"]["val_loss_start"] is None
+    assert rows["full"]["val_loss_start"] == rows["lora"]["val_loss_start"]
+    assert rows["lora"]["trained_parameters"] < rows["full"]["trained_parameters"]
+    assert rows["lora"]["checkpoint_mb"] < rows["full"]["checkpoint_mb"]
+    assert [r["mode"] for r in result["memory"]["rows"]] == ["full", "lora attn", "lora all"]
