@@ -127,7 +127,7 @@ def measure(text_path: str, work: str, config: str, pretrain_steps: int, steps: 
         curve = [(r["step"], r["val_loss"]) for r in result.records if "val_loss" in r]
         rows[mode] = {"mode": mode, "lr": lr[mode], "val_loss_start": start_loss, "val_loss": curve[-1][1],
                       "curve": curve, "seconds": round(result.elapsed, 1),
-                      "trained_parameters": sum(int(a.size) for a in jax.tree.leaves(result.state.params)),
+                      "trained_parameters": model.count_params(result.state.params),
                       "checkpoint_mb": checkpoint_mb(result.run_dir), **step_memory_mb(result)}
         print(json.dumps({k: v for k, v in rows[mode].items() if k != "curve"}), file=log, flush=True)
     return {"data": os.path.abspath(text_path), "config": config, "model": shape, "pretrain_steps": pretrain_steps,

@@ -592,7 +592,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
           f"({plan.corpus.tokenizer.kind})", file=log)
     if plan.base is not None:
         print(f"LoRA: rank {tc.lora.rank}, alpha {tc.lora.alpha:g} on {', '.join(tc.lora.paths)}: "
-              f"{lora.count(state.params):,} trained parameters; the model's own are frozen", file=log)
+              f"{model.count_params(state.params):,} trained parameters; the model's own are frozen", file=log)
     print(f"Batches: {where}" + ("" if plan.val_windows is None else
           f"; validation: {len(plan.val_windows):,} windows of {mc.max_len} tokens"
           + ("" if len(plan.val_windows) == data.windows_in(len(plan.corpus.validation), mc.max_len)

@@ -80,14 +80,4 @@ def merge(params: dict, adapters: dict, *, scale: float) -> dict:
     return walk(params, adapters)
 
 
-def count(adapters: dict) -> int:
-    """Trained scalars in the adapters.
-
-    Example:
-        >>> count({"blocks": {"out": {"a": jnp.zeros((2, 8, 4)), "b": jnp.zeros((2, 4, 8))}}})
-        128
-    """
-    return sum(int(a.size) for a in jax.tree.leaves(adapters))
-
-
-__all__ = ["count", "init", "merge"]
+__all__ = ["init", "merge"]

@@ -97,7 +97,7 @@ def test_a_lora_step_changes_only_the_adapters_and_keeps_no_state_for_the_base(t
         oc = OptimizerConfig(decay_steps=10, warmup=0, lr=0.05)
         state = train.lora_state(jax.random.fold_in(key, 1), base, oc, config)
         moments = sum(a.size for a in jax.tree.leaves(state.opt_state) if a.ndim)
-        assert moments == 2 * lora.count(state.params)           # Adam's two moments, of the adapters only
+        assert moments == 2 * model.count_params(state.params)           # Adam's two moments, of the adapters only
         x = jax.random.randint(key, (4, 8), 0, 11)
         for _ in range(2):                                        # the first step moves B only (A B = 0)
             state, metrics = train.train_step(state, (x, jnp.roll(x, 1, axis=1)), base, model_config=mc,
