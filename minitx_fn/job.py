@@ -444,12 +444,13 @@ def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, d
     if devices or jax.device_count() > 1:                # the batch is split over them: before anything is written
         distributed.check_batch(tc.batch_size, distributed.make_mesh(devices))
     micro_batch = tc.batch_size // tc.grad_accum                 # what one pass holds activations for
-    memory.check(memory.training_bytes(mc, micro_batch), "training this model",
+    step_bytes = memory.training_bytes(mc, micro_batch, tc.lora)
+    memory.check(step_bytes, "training this model",
                  "try a smaller {b}, {w}, {c} or {l}, or more {k}", b=("batch_size", tc.batch_size),
                  w=("d_model", mc.d_model), c=("max_len", mc.max_len), l=("n_layers", mc.n_layers),
                  k=("grad_accum", tc.grad_accum))
     if batches == "device":
-        memory.check(memory.training_bytes(mc, micro_batch) + 4 * len(train_ids),
+        memory.check(step_bytes + 4 * len(train_ids),
                      "training this model with its text held on the device", "try {batches}",
                      batches=("batches", "memmap"))
     if sample_tokens:

@@ -31,10 +31,18 @@ import jax.numpy as jnp
 from minitx_fn.config import LoraConfig
 
 
-def _get(tree: dict, path: str):
+def weight(params: dict, path: str):
+    """The stacked weight W (L, D_in, D_out) of the blocks' layer at `path` (a
+    LoraConfig.paths entry, e.g. "attn/qkv").
+
+    Example:
+        >>> weight({"blocks": {"attn": {"qkv": {"w": jnp.ones((2, 8, 24))}}}}, "attn/qkv").shape
+        (2, 8, 24)
+    """
+    tree = params["blocks"]
     for key in path.split("/"):
         tree = tree[key]
-    return tree
+    return tree["w"]
 
 
 def init(key: jax.Array, params: dict, config: LoraConfig) -> dict:
@@ -50,7 +58,7 @@ def init(key: jax.Array, params: dict, config: LoraConfig) -> dict:
     """
     adapters: dict = {}
     for path, k in zip(config.paths, jax.random.split(key, len(config.paths))):
-        w = _get(params["blocks"], path)["w"]                                  # (L, D_in, D_out)
+        w = weight(params, path)                                              # (L, D_in, D_out)
         *lead, d_in, d_out = w.shape
         a = jax.random.normal(k, (*lead, d_in, config.rank), w.dtype) / jnp.sqrt(jnp.asarray(d_in, w.dtype))
         node = adapters.setdefault("blocks", {})
@@ -80,4 +88,4 @@ def merge(params: dict, adapters: dict, *, scale: float) -> dict:
     return walk(params, adapters)
 
 
-__all__ = ["init", "merge"]
+__all__ = ["init", "merge", "weight"]

@@ -15,8 +15,9 @@ import os
 import jax
 import numpy as np
 
+from minitx_fn import lora as lora_lib
 from minitx_fn import model
-from minitx_fn.config import ModelConfig
+from minitx_fn.config import LoraConfig, ModelConfig
 from minitx_fn.errors import MemoryBudgetError
 
 
@@ -28,24 +29,41 @@ def param_count(config: ModelConfig) -> int:
         >>> param_count(ModelConfig(vocab_size=13, d_model=64, n_heads=4, n_layers=2))   # the README's tree
         101773
     """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), config)
+    return _count(jax.eval_shape(model.init, jax.random.key(0), config))
+
+
+def _count(shapes) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
 
-def training_bytes(config: ModelConfig, batch_size: int) -> int:
+def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None = None) -> int:
     """Parameters, gradients and two Adam moments, plus one layer's activations and the
     logits of a batch: what one train step must hold at once.
 
+    With `lora`, the weights part is the frozen base once, the gradient of every adapted
+    weight (merging in front of the model forms it, `lora.py`) and the adapters with
+    their gradient and two moments.
+
     Example:
-        >>> training_bytes(ModelConfig(vocab_size=13, d_model=64, n_heads=4, max_len=32), 16) > 4 * 101773 * 4
+        >>> cfg = ModelConfig(vocab_size=13, d_model=64, n_heads=4, max_len=32)
+        >>> training_bytes(cfg, 16) > 4 * 101773 * 4
+        True
+        >>> training_bytes(cfg, 16, LoraConfig(rank=4)) < training_bytes(cfg, 16)
         True
     """
     c = config
     word = np.dtype(c.param_dtype).itemsize
+    shapes = jax.eval_shape(model.init, jax.random.key(0), c)
+    if lora is None:
+        weights = 4 * _count(shapes)
+    else:
+        adapters = jax.eval_shape(lambda k: lora_lib.init(k, shapes, lora), jax.random.key(0))
+        adapted = sum(math.prod(lora_lib.weight(shapes, path).shape) for path in lora.paths)
+        weights = _count(shapes) + adapted + 4 * _count(adapters)
     b, t = batch_size, c.max_len
     scores = b * c.n_heads * t * min(t, c.attention_block or t)        # one block of attention scores
     activations = b * t * (6 * c.d_model + c.d_ff) + scores + 2 * b * t * c.vocab_size
-    return 4 * param_count(c) * word + activations * 4
+    return weights * word + activations * 4
 
 
 def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> int:

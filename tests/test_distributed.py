@@ -42,29 +42,48 @@ def test_four_devices_equal_one_device_after_three_steps():
     script = textwrap.dedent("""
         import functools
         import jax, jax.numpy as jnp, numpy as np
-        from minitx_fn import data, distributed, train
-        from minitx_fn.config import ModelConfig, TrainConfig
+        from minitx_fn import data, distributed, model, train
+        from minitx_fn.config import LoraConfig, ModelConfig, TrainConfig
         assert jax.device_count() == 4
         mc = ModelConfig(vocab_size=13, d_model=32, n_heads=2, n_layers=2, max_len=16)
         tc = TrainConfig(steps=3, batch_size=8, warmup=0, lr=1e-3)
         ids = jnp.asarray(np.arange(300, dtype=np.int32) % 13)
         init_key, data_key, _ = train.keys(0)
 
-        def run(mesh, fsdp, accumulate=1):
-            state = train.init_state(init_key, mc, tc.optimizer)
-            d, step, sample = ids, functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer), train.batch_at
+        base = model.init(jax.random.key(7), mc)           # a LoRA run's frozen base
+        adapters = LoraConfig(rank=2, targets="all")
+
+        def run(mesh, fsdp, accumulate=1, lora=None):
+            if lora is None:
+                state, args = train.init_state(init_key, mc, tc.optimizer), ()
+            else:
+                state, args = train.lora_state(init_key, base, tc.optimizer, lora), (base,)
+            d, sample = ids, train.batch_at
+            step = functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer, lora=lora)
             if mesh is not None:
                 shardings = distributed.state_shardings(state, mesh, fsdp)
                 state = distributed.put_global(jax.device_get(state), shardings)
                 d = distributed.put_global(np.asarray(ids), distributed.replicated(mesh))
-                step = distributed.data_parallel(train.step_fn(mc, tc.optimizer, accumulate=accumulate), mesh, shardings)
+                frozen = None if lora is None else distributed.state_shardings(base, mesh, fsdp)
+                args = () if lora is None else (distributed.put_global(base, frozen),)
+                step = distributed.data_parallel(train.step_fn(mc, tc.optimizer, accumulate=accumulate, lora=lora),
+                                                 mesh, shardings, frozen)
                 sample = distributed.sharded_batch_at(mesh)
             for _ in range(3):
-                state, _ = step(state, sample(d, data_key, state.step, batch_size=8, context=16))
+                state, _ = step(state, sample(d, data_key, state.step, batch_size=8, context=16), *args)
             if mesh is not None:
                 shards = {len(a.sharding.device_set) for a in jax.tree.leaves(state.params)}
                 assert shards == {4}, shards
             return jax.device_get(state.params)
+
+        # LoRA: the adapters trained on 4 devices (the base split too with FSDP) equal one device's
+        lora_one = run(None, False, lora=adapters)
+        for fsdp in (False, True):
+            four = run(distributed.make_mesh(4), fsdp, lora=adapters)
+            err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(lora_one), jax.tree.leaves(four)))
+            scale = max(float(np.abs(a).max()) for a in jax.tree.leaves(lora_one))
+            print("lora fsdp" if fsdp else "lora replicated", err, scale)
+            assert 0 < scale and err <= 1e-6 * scale, (err, scale)
 
         one = run(None, False)
         # Measured on the scale of the parameters (max |p| is about 2): the all-reduce sums
@@ -80,7 +99,8 @@ def test_four_devices_equal_one_device_after_three_steps():
     """)
     done = subprocess.run([sys.executable, "-c", script], env=_env(4), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "replicated accumulate 1" in done.stdout and "fsdp" in done.stdout and "accumulate 2" in done.stdout
+    for case in ("replicated accumulate 1", "fsdp accumulate 1", "accumulate 2", "lora replicated", "lora fsdp"):
+        assert case in done.stdout, done.stdout
 
 
 def _train(tmp_path, *args, devices=1, process_id=None, port=None, nproc=2):
