@@ -54,8 +54,10 @@ from minitx_fn import tokenizer as tokenizers
 from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 from minitx_fn.train import TrainState, init_state, lora_state
 
-# TrainConfig fields a format version added, with the value every earlier run had.
+# Config fields a format version added, with the value every earlier run had.
 ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attn"}}
+ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None, "rope_theta": 10000.0,
+                          "bias": True, "qkv_bias": None}}
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
 # 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from);
@@ -63,8 +65,10 @@ ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": No
 #    TrainConfig.grad_accum;
 # 6: TrainConfig.lora_rank, lora_alpha and lora_targets: a LoRA run's params.npz holds its
 #    adapters, and its origin {"init_from": ...} is the base they apply to.
-FORMAT_VERSION = 6
-READABLE_VERSIONS = (2, 3, 4, 5, 6)  # 2 had only char vocabularies, saved as "vocab"
+# 7: ModelConfig.norm, mlp, n_kv_heads, rope_theta, bias and qkv_bias (Llama's choices;
+#    positions may be "rotary").
+FORMAT_VERSION = 7
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
@@ -346,9 +350,10 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         meta = {**meta, "origin": None}
         if isinstance(meta.get("model_config"), dict):
             meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
-    if isinstance(meta.get("train_config"), dict):                  # what earlier versions did not record
-        for added in range(version + 1, FORMAT_VERSION + 1):
-            meta = {**meta, "train_config": {**ADDED_TRAIN_FIELDS.get(added, {}), **meta["train_config"]}}
+    for added in range(version + 1, FORMAT_VERSION + 1):               # what earlier versions did not record
+        for part, fields in (("train_config", ADDED_TRAIN_FIELDS), ("model_config", ADDED_MODEL_FIELDS)):
+            if isinstance(meta.get(part), dict):
+                meta = {**meta, part: {**fields.get(added, {}), **meta[part]}}
     if version < 5 and isinstance(meta.get("data"), dict) and not isinstance(meta["data"].get("path"), str):
         raise CheckpointError(f"{where}: format version {version} has only null or a file as data; the rest came "
                               f"with version 5")

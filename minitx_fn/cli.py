@@ -41,7 +41,9 @@ from minitx_fn.errors import Error, RunFailed, StorageError
 # The flags of `minitx train` that set a ModelConfig field, and that field; every
 # TrainConfig flag is its field's name.
 MODEL_FLAGS = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len",
-               "dropout": "dropout", "positions": "positions", "tie_embeddings": "tie_embeddings"}
+               "dropout": "dropout", "positions": "positions", "tie_embeddings": "tie_embeddings", "norm": "norm",
+               "mlp": "mlp", "kv_heads": "n_kv_heads", "rope_theta": "rope_theta", "bias": "bias",
+               "qkv_bias": "qkv_bias"}
 TRAIN_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
                "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum", "lora_rank", "lora_alpha",
                "lora_targets")
@@ -50,7 +52,7 @@ FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.
          **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
                                                               "top_p", "vocab_size", "tokenizer", "data", "resume",
-                                                              "batches", "preset", "init_from")},
+                                                              "batches", "preset", "init_from", "arch")},
          "run_dir": "--out", "data_path": "--data"}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -201,10 +203,26 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=_positive, help=f"attention heads, H ({_defaults('heads')})")
     t.add_argument("--width", type=_positive, help=f"model width D, a multiple of --heads ({_defaults('width')})")
     t.add_argument("--dropout", type=_float, help=f"dropout rate in training, in [0, 1) ({_defaults('dropout')})")
-    t.add_argument("--positions", choices=defaults.POSITIONS, help=f"fixed sinusoidal positions, or a learned "
-                   f"table as in GPT-2 ({_defaults('positions')})")
+    t.add_argument("--arch", choices=sorted(defaults.ARCHS), help="a consistent group of the choices below: "
+                   + "; ".join(f"{name}: " + " ".join(flag_name(f, v) for f, v in fields.items())
+                               for name, fields in defaults.ARCHS.items())
+                   + " (default gpt); a single flag overrides one of them")
+    t.add_argument("--positions", choices=defaults.POSITIONS, help=f"fixed sinusoidal positions, a learned "
+                   f"table as in GPT-2, or rotary (q and k turned by position, as in Llama) "
+                   f"({_defaults('positions')})")
     t.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, help="the output head reuses the "
                    "token embedding, with no bias, as in GPT-2 (default: a head of its own)")
+    t.add_argument("--norm", choices=defaults.NORMS, help=f"LayerNorm, or RMSNorm as in Llama ({_defaults('norm')})")
+    t.add_argument("--mlp", choices=defaults.MLPS, help=f"the feed-forward: GELU, or gated SwiGLU as in Llama, "
+                   f"with 8 D / 3 hidden units by default ({_defaults('mlp')})")
+    t.add_argument("--kv-heads", type=_positive, metavar="G", help="key/value heads, dividing --heads: grouped-query "
+                   "attention, 1 = multi-query (default: --heads, multi-head)")
+    t.add_argument("--rope-theta", type=_float, help=f"the rotary base of --positions rotary "
+                   f"({_defaults('rope_theta')})")
+    t.add_argument("--bias", action=argparse.BooleanOptionalAction, help="biases in the linear layers (default: "
+                   "yes; --arch llama: none)")
+    t.add_argument("--qkv-bias", action=argparse.BooleanOptionalAction, help="biases of the q, k, v projections "
+                   "alone, as in Qwen2 (default: as --bias)")
     t.add_argument("--lr", type=_float, help=f"peak learning rate ({_defaults('lr')})")
     t.add_argument("--min-lr", type=_float, help="final learning rate of the cosine decay (default: --lr / 10)")
     t.add_argument("--warmup", type=_int_in(0, INT32_MAX), help=f"linear warm-up steps ({_defaults('warmup')}; "
@@ -325,7 +343,8 @@ def cmd_train(args, out=None) -> int:
     if jax.process_count() > 1 and signals.active():
         signals.active().forward_sigterm()                # SIGTERM is now JAX's preemption notice
     out = (out or sys.stdout) if jax.process_index() == 0 else open(os.devnull, "w")
-    model = {field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}
+    model = {**defaults.ARCHS.get(args.arch, {}),
+             **{field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}}
     training = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     result = job.train(args.data, model=model, training=training, preset=args.preset, tokenizer=args.tokenizer,
                        vocab_size=args.vocab_size, cache_dir=args.cache_dir, run_dir=args.out, resume=args.resume,

@@ -67,6 +67,21 @@ def _positive_int(field: str, value: Any, limit: int = INT32_MAX) -> None:
     _require(_whole(value) and 1 <= value <= limit, field, value, f"it must be a whole number in [1, {limit:,}]")
 
 
+def default_d_ff(d_model: int, mlp: str) -> int:
+    """F when the config gives none: 4 D for GELU; for SwiGLU, whose three matrices
+    would hold 1.5 times the parameters at 4 D, two thirds of that (Llama's choice),
+    rounded up to a multiple of 8.
+
+    Example:
+        >>> default_d_ff(64, "gelu"), default_d_ff(64, "swiglu")
+        (256, 176)
+    """
+    if mlp != "swiglu":
+        return 4 * d_model
+    two_thirds = -(-8 * d_model // 3)                               # ceil(2/3 of 4 D)
+    return -(-two_thirds // 8) * 8
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Sizes of the language model. Dimension letters: V, D, H, F, L, S.
@@ -115,19 +130,46 @@ class ModelConfig:
     # True: the output head is the token embedding read backwards, logits = x E^T, with
     # no head parameters and no bias (GPT-2's choice); False: a (D, V) matrix and bias.
     tie_embeddings: bool = False
+    # The four changes from GPT-2 to Llama (defaults.ARCHS groups them): "rotary"
+    # positions above, "rmsnorm" for LayerNorm, the gated "swiglu" feed-forward for
+    # GELU's, and n_kv_heads < n_heads (grouped-query attention; 1 is multi-query).
+    norm: str = "layernorm"         # "layernorm" (scale and bias) or "rmsnorm" (scale only)
+    mlp: str = "gelu"               # "gelu": GELU(x W1) W2; "swiglu": (SiLU(x Wg) * x Wu) Wd
+    n_kv_heads: int | None = None   # G: key/value heads, dividing H; None means H (multi-head)
+    rope_theta: float = 10000.0     # rotary base: pair i of a head turns at theta^(-2i/K) per position
+    bias: bool = True               # biases in the linear layers (and an untied head); Llama has none
+    qkv_bias: bool | None = None    # biases of the q, k, v projections alone; None follows `bias` (Qwen2: True)
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
         for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
             _positive_int(name, getattr(self, name))
+        _require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
         if self.d_ff is None:
-            object.__setattr__(self, "d_ff", 4 * self.d_model)
+            object.__setattr__(self, "d_ff", default_d_ff(self.d_model, self.mlp))
         _positive_int("d_ff", self.d_ff)
         _require(
             self.d_model % self.n_heads == 0, "d_model", self.d_model,
             "it must be divisible by {heads}; try {suggestion}", heads=("n_heads", self.n_heads),
             suggestion=("d_model", self.n_heads * max(1, round(self.d_model / self.n_heads))),
         )
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _positive_int("n_kv_heads", self.n_kv_heads)
+        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
+                 "it must divide {heads} (each key/value head serves a group of query heads)",
+                 heads=("n_heads", self.n_heads))
+        _require(self.norm in defaults.NORMS, "norm", self.norm, f"choose one of {list(defaults.NORMS)}")
+        for name in ("bias", "tie_embeddings"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "it must be True or False")
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.bias)
+        _require(isinstance(self.qkv_bias, bool), "qkv_bias", self.qkv_bias, "it must be True or False")
+        _require(_number(self.rope_theta) and self.rope_theta > 1, "rope_theta", self.rope_theta,
+                 "it must be a number in (1, 3.4e38]")
+        _require(self.positions != "rotary" or self.head_dim % 2 == 0, "d_model", self.d_model,
+                 "rotary positions turn pairs of features, so the head width {k} must be even",
+                 k=("d_model / n_heads", self.head_dim))
         _require(
             _whole(self.attention_block) and 0 <= self.attention_block <= INT32_MAX, "attention_block",
             self.attention_block, "it must be a whole number >= 0 (0: no blocks)",
@@ -146,7 +188,6 @@ class ModelConfig:
             f"choose one of {list(defaults.ATTENTION_IMPLS)}",
         )
         _require(self.positions in POSITIONS, "positions", self.positions, f"choose one of {list(POSITIONS)}")
-        _require(isinstance(self.tie_embeddings, bool), "tie_embeddings", self.tie_embeddings, "it must be True or False")
         _require(_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "it must lie in [0, 1)")
         _require(
             self.dropout == 0 or self.attention == "einsum", "dropout", self.dropout,
@@ -266,7 +307,8 @@ class LoraConfig:
 
     @property
     def paths(self) -> tuple[str, ...]:
-        """The targeted linear layers, as paths inside one block's parameter tree."""
+        """The targeted linear layers, as paths inside one block's parameter tree (those a
+        model has: `lora.targets`)."""
         return defaults.LORA_TARGETS[self.targets]
 
 

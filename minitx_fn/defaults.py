@@ -18,7 +18,19 @@ MAX_NEW_TOKENS = 1_000_000             # hours of decoding on a CPU already; the
 DTYPES = ("float32", "bfloat16", "float64")      # compute dtypes; parameters are stored in float32 or float64
 PARAM_DTYPES = ("float32", "float64")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
-POSITIONS = ("sinusoidal", "learned")
+POSITIONS = ("sinusoidal", "learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+# Architectures (`minitx train --arch`): consistent groups of ModelConfig fields; a
+# single flag overrides one. gpt is ModelConfig's own defaults; gpt2 is GPT-2's shape
+# (what export-gpt2 writes); llama is Llama's four changes: rotary positions, RMS
+# normalisation, a gated (SwiGLU) feed-forward, no biases, an untied head
+# (grouped-query attention is --kv-heads on any of them).
+ARCHS = {
+    "gpt": {"positions": "sinusoidal", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": False},
+    "gpt2": {"positions": "learned", "norm": "layernorm", "mlp": "gelu", "bias": True, "tie_embeddings": True},
+    "llama": {"positions": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "bias": False, "tie_embeddings": False},
+}
 # What a block's backward pass keeps from its forward pass (model.REMAT_POLICIES maps
 # each name to JAX's policy; config.py says why "matmuls" is the default).
 REMAT = ("none", "matmuls", "dots", "full")
@@ -41,8 +53,9 @@ HEARTBEAT_TIMEOUT_MAX = 86400          # seconds: a day
 START_TIMEOUT_S = 120                  # how long the processes of a run wait for each other to join
 
 # LoRA (TrainConfig.lora_*): which linear layers of every block get adapters.
-LORA_TARGETS = {"attn": ("attn/qkv", "attn/out"), "mlp": ("mlp/up", "mlp/down"),
-                "all": ("attn/qkv", "attn/out", "mlp/up", "mlp/down")}
+# "mlp/gate" exists in a SwiGLU feed-forward only; a GELU model has no such layer to adapt.
+LORA_TARGETS = {"attn": ("attn/qkv", "attn/out"), "mlp": ("mlp/gate", "mlp/up", "mlp/down"),
+                "all": ("attn/qkv", "attn/out", "mlp/gate", "mlp/up", "mlp/down")}
 
 # Presets: a model (ModelConfig fields but vocab_size, which the tokenizer gives) and
 # its training (TrainConfig fields). No preset sets min_lr: it is lr / 10 (nanoGPT's

@@ -54,7 +54,7 @@ class DecodeState(NamedTuple):
     n: jax.Array             # () int32, tokens generated so far
     index: jax.Array         # (B,) int32, the slot each row writes next
     window: jax.Array        # (B, S) int32, each row's tokens by slot (re-prefilled when the row slides)
-    cache: KVCache           # (L, B, S, H, K) keys and values, in the compute dtype
+    cache: KVCache           # (L, B, S, G, K) keys and values, in the compute dtype
     logits: jax.Array        # (B, V) logits of each row's latest token: the next token's distribution
     tokens: jax.Array        # (B, N) int32, generated ids
     token_logits: jax.Array  # (B, N, V) the logits each token was sampled from, or (B, 0, V) if not kept
@@ -109,7 +109,7 @@ def sample_rows(sampler: Sampler, logits: jax.Array, keys: jax.Array, n) -> jax.
 def _prefill(params, window, length: int, config: ModelConfig):
     """Slots 0 .. length - 1 of every row of window (B, S) into a fresh cache.
 
-    Returns the logits of those slots (B, length, V) and the cache (L, B, S, H, K)."""
+    Returns the logits of those slots (B, length, V) and the cache (L, B, S, G, K)."""
     b = window.shape[0]
     return model.apply_cached(params, window[:, :length], model.init_cache(config, b), config=config,
                               index=jnp.zeros((b,), jnp.int32))
@@ -122,7 +122,7 @@ def _slide(params, state: DecodeState, config: ModelConfig) -> DecodeState:
     full = state.index == s                                                              # (B,)
     shifted = jnp.concatenate([state.window[:, s - keep:], jnp.zeros((b, s - keep), jnp.int32)], axis=1)
     fresh = _prefill(params, shifted, keep, config)[1] if keep else model.init_cache(config, b)
-    take = full[None, :, None, None, None]                                               # over (L, B, S, H, K)
+    take = full[None, :, None, None, None]                                               # over (L, B, S, G, K)
     return state._replace(
         window=jnp.where(full[:, None], shifted, state.window),
         cache=KVCache(jnp.where(take, fresh.k, state.cache.k), jnp.where(take, fresh.v, state.cache.v)),

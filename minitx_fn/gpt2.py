@@ -39,7 +39,7 @@ import tempfile
 
 import numpy as np
 
-from minitx_fn import runs, signals
+from minitx_fn import defaults, runs, signals
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import Error
 from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, require_tokenizers
@@ -397,12 +397,17 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
     for a bpe or byte tokenizer, tokenizer.json. GPT2Error unless the model is GPT-2's
     shape: learned positions, and tied embeddings (or an untied head with a zero bias,
     as an imported untied GPT-2 has)."""
-    head_bias = np.asarray(params["head"]["b"]) if "head" in params else None
-    if config.positions != "learned" or not (config.tie_embeddings or (head_bias is not None and not head_bias.any())):
-        raise GPT2Error("only a model with positions=learned and tie_embeddings=True has GPT-2's shape (an untied head "
-                        "is exported only when its bias is zero, as in an imported GPT-2); this one has {positions} "
-                        "and {tie}: train one with --positions learned --tie-embeddings",
-                        positions=("positions", config.positions), tie=("tie_embeddings", config.tie_embeddings))
+    gpt2 = {**defaults.ARCHS["gpt2"], "n_kv_heads": config.n_heads, "qkv_bias": True}
+    head_bias = np.asarray(params["head"].get("b", 0.0)) if "head" in params else None
+    untied_ok = head_bias is not None and not head_bias.any()        # an imported untied GPT-2: a zero head bias
+    other = {field: getattr(config, field) for field, value in gpt2.items()
+             if getattr(config, field) != value and not (field == "tie_embeddings" and untied_ok)}
+    if other:
+        raise GPT2Error("GPT-2 has " + ", ".join("{gpt2_%s}" % field for field in other) + " (an untied head only "
+                        "with a zero bias, as in an imported GPT-2); this model has "
+                        + ", ".join("{%s}" % field for field in other) + ": train one with --arch gpt2",
+                        **{field: (field, value) for field, value in other.items()},
+                        **{f"gpt2_{field}": (field, gpt2[field]) for field in other})
     st = require_safetensors()
     files = {"config.json": json.dumps(config_to_hf(config), indent=2).encode(),
              WEIGHTS: st.save(params_to_hf(params, config), metadata={"format": "pt"})}

@@ -592,7 +592,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
           f"{mc.d_model}, {mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size} "
           f"({plan.corpus.tokenizer.kind})", file=log)
     if plan.base is not None:
-        print(f"LoRA: rank {tc.lora.rank}, alpha {tc.lora.alpha:g} on {', '.join(tc.lora.paths)}: "
+        print(f"LoRA: rank {tc.lora.rank}, alpha {tc.lora.alpha:g} on {', '.join(lora.targets(plan.base, tc.lora))}: "
               f"{model.count_params(state.params):,} trained parameters; the model's own are frozen", file=log)
     print(f"Batches: {where}" + ("" if plan.val_windows is None else
           f"; validation: {len(plan.val_windows):,} windows of {mc.max_len} tokens"

@@ -33,7 +33,7 @@ from minitx_fn.config import LoraConfig
 
 def weight(params: dict, path: str):
     """The stacked weight W (L, D_in, D_out) of the blocks' layer at `path` (a
-    LoraConfig.paths entry, e.g. "attn/qkv").
+    `targets` entry, e.g. "attn/qkv").
 
     Example:
         >>> weight({"blocks": {"attn": {"qkv": {"w": jnp.ones((2, 8, 24))}}}}, "attn/qkv").shape
@@ -43,6 +43,24 @@ def weight(params: dict, path: str):
     for key in path.split("/"):
         tree = tree[key]
     return tree["w"]
+
+
+def targets(params: dict, config: LoraConfig) -> tuple[str, ...]:
+    """The config's paths that `params` has: "mlp/gate" exists in a SwiGLU model only.
+
+    Example:
+        >>> params = {"blocks": {"mlp": {"up": {"w": jnp.ones((1, 2, 8))}, "down": {"w": jnp.ones((1, 8, 2))}}}}
+        >>> targets(params, LoraConfig(rank=1, targets="mlp"))
+        ('mlp/up', 'mlp/down')
+    """
+    def has(path):
+        tree = params["blocks"]
+        for key in path.split("/"):
+            if key not in tree:
+                return False
+            tree = tree[key]
+        return True
+    return tuple(path for path in config.paths if has(path))
 
 
 def init(key: jax.Array, params: dict, config: LoraConfig) -> dict:
@@ -57,7 +75,8 @@ def init(key: jax.Array, params: dict, config: LoraConfig) -> dict:
         ((2, 8, 4), (2, 4, 24))
     """
     adapters: dict = {}
-    for path, k in zip(config.paths, jax.random.split(key, len(config.paths))):
+    paths = targets(params, config)
+    for path, k in zip(paths, jax.random.split(key, len(paths))):
         w = weight(params, path)                                              # (L, D_in, D_out)
         *lead, d_in, d_out = w.shape
         a = jax.random.normal(k, (*lead, d_in, config.rank), w.dtype) / jnp.sqrt(jnp.asarray(d_in, w.dtype))
@@ -88,4 +107,4 @@ def merge(params: dict, adapters: dict, *, scale: float) -> dict:
     return walk(params, adapters)
 
 
-__all__ = ["init", "merge", "weight"]
+__all__ = ["init", "merge", "targets", "weight"]

@@ -58,7 +58,7 @@ def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None
         weights = 4 * _count(shapes)
     else:
         adapters = jax.eval_shape(lambda k: lora_lib.init(k, shapes, lora), jax.random.key(0))
-        adapted = sum(math.prod(lora_lib.weight(shapes, path).shape) for path in lora.paths)
+        adapted = sum(math.prod(lora_lib.weight(shapes, path).shape) for path in lora_lib.targets(shapes, lora))
         weights = _count(shapes) + adapted + 4 * _count(adapters)
     b, t = batch_size, c.max_len
     scores = b * c.n_heads * t * min(t, c.attention_block or t)        # one block of attention scores
@@ -67,7 +67,7 @@ def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None
 
 
 def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> int:
-    """Parameters, the (L, B, S, H, K) key and value caches and the generated ids.
+    """Parameters, the (L, B, S, G, K) key and value caches and the generated ids.
 
     Example:
         >>> generation_bytes(ModelConfig(vocab_size=13, max_len=10**9), 1, 10) > 10**12
@@ -75,7 +75,7 @@ def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> in
     """
     c = config
     word = np.dtype(c.param_dtype).itemsize
-    cache = 2 * c.n_layers * batch * c.max_len * c.d_model * np.dtype(c.dtype).itemsize
+    cache = 2 * c.n_layers * batch * c.max_len * c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
     return param_count(c) * word + cache + batch * max_new_tokens * 4
 
 

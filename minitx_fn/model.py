@@ -2,18 +2,23 @@
 
     x      = Dropout(Embed(tokens) + PE(positions)) (B, T, D), dropout only in training
     x      = Block_L(... Block_1(x))                 (B, T, D), blocks run with lax.scan
-    logits = LayerNorm_f(x) W_head + b_head          (B, T, V), float32
+    logits = Norm_f(x) W_head + b_head               (B, T, V), float32
 
 PE is the fixed sinusoidal table, or with `positions="learned"` a trained (S, D)
-table looked up by position. With `tie_embeddings` the head is the token table
-read backwards, logits = LayerNorm_f(x) E^T, with no bias (GPT-2 makes both choices).
+table looked up by position; with `positions="rotary"` nothing is added and every
+block's attention turns q and k by their positions instead (`layers/rotary.py`).
+With `tie_embeddings` the head is the token table read backwards, logits =
+Norm_f(x) E^T, with no bias (GPT-2 makes both choices). Norm is LayerNorm or
+RMSNorm (`norm`), and the blocks' other choices (`mlp`, `n_kv_heads`, `bias`,
+`qkv_bias`) are the config's too: GPT-2 and Llama are two configurations of this
+one model (`defaults.ARCHS`).
 
 Params:
     {"embed":  {"table": (V, D)},
      "pos":    {"table": (S, D)},          only with positions="learned"
      "blocks": one block's tree with every leaf stacked on a leading L axis,
-     "ln_f":   {"scale": (D,), "bias": (D,)},
-     "head":   {"w": (D, V), "b": (V,)}}   only without tie_embeddings
+     "ln_f":   {"scale": (D,), "bias": (D,)},     no bias with norm="rmsnorm"
+     "head":   {"w": (D, V), "b": (V,)}}   only without tie_embeddings; no b without bias
 
 Stacking the L blocks lets `jax.lax.scan` run them as one loop body, so the
 compiled program (and its compile time) does not grow with depth.
@@ -30,7 +35,7 @@ import numpy as np
 
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import ConfigError
-from minitx_fn.layers import attention, block, dropout, embedding, linear, norm, positional
+from minitx_fn.layers import attention, block, dropout, embedding, linear, positional
 from minitx_fn.layers.attention import KVCache
 
 # ModelConfig.remat's choices (defaults.REMAT): what the backward pass may keep of a
@@ -66,22 +71,23 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
     out_std = c.init_std / math.sqrt(2 * c.n_layers)
 
     def init_block(k):
-        return block.init(k, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, std=c.init_std, out_std=out_std,
-                          dtype=c.storage_dtype)
+        return block.init(k, d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_ff=c.d_ff,
+                          std=c.init_std, out_std=out_std, dtype=c.storage_dtype, norm=c.norm, mlp=c.mlp,
+                          bias=c.bias, qkv_bias=c.qkv_bias)
 
     params = {
         "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, std=c.embed_std,
                                 dtype=c.storage_dtype),
         # vmap over the keys stacks every leaf of the block tree on a leading L axis.
         "blocks": jax.vmap(init_block)(block_keys),
-        "ln_f": norm.init(d_model=c.d_model, dtype=c.storage_dtype),
+        "ln_f": block.NORMS[c.norm].init(d_model=c.d_model, dtype=c.storage_dtype),
     }
     if c.positions == "learned":       # an embedding of the positions 0 .. S - 1
         params["pos"] = embedding.init(k_pos, vocab_size=c.max_len, d_model=c.d_model, std=c.init_std,
                                        dtype=c.storage_dtype)
     if not c.tie_embeddings:
         params["head"] = linear.init(k_head, d_in=c.d_model, d_out=c.vocab_size, std=c.init_std,
-                                     dtype=c.storage_dtype)
+                                     dtype=c.storage_dtype, bias=c.bias)
     return params
 
 
@@ -122,11 +128,24 @@ def block_args(config: ModelConfig) -> dict:
 
     Example:
         >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))
-        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'n_heads']
+        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'mlp', 'n_heads', 'n_kv_heads', 'norm', 'rope_theta']
     """
     c = config
-    return {"n_heads": c.n_heads, "eps": c.ln_eps, "dtype": c.compute_dtype, "impl": c.attention,
-            "attention_block": c.attention_block, "dropout_rate": c.dropout}
+    return {**cached_block_args(c), "attention_block": c.attention_block, "dropout_rate": c.dropout}
+
+
+def cached_block_args(config: ModelConfig) -> dict:
+    """The keyword arguments of `block.apply_cached` that `config` sets (`block_args`
+    adds training's). rope_theta is None unless the positions are rotary.
+
+    Example:
+        >>> cached_block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2, positions="rotary"))["rope_theta"]
+        10000.0
+    """
+    c = config
+    return {"n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "eps": c.ln_eps, "dtype": c.compute_dtype,
+            "impl": c.attention, "norm": c.norm, "mlp": c.mlp,
+            "rope_theta": c.rope_theta if c.positions == "rotary" else None}
 
 
 def param_shapes(params: dict) -> dict:
@@ -183,6 +202,8 @@ def check_tokens(tokens, config: ModelConfig, *, max_len: int | None = None) -> 
 def _embed(params: dict, tokens: jax.Array, positions: jax.Array, c: ModelConfig) -> jax.Array:
     """(B, T) ids and (B|1, T) positions -> (B, T, D) in the residual dtype."""
     x = embedding.apply(params["embed"], tokens).astype(c.residual_dtype)         # (B, T, D)
+    if c.positions == "rotary":                                                   # the blocks turn q and k instead
+        return x
     if c.positions == "learned":
         pe = embedding.apply(params["pos"], positions)                            # (B|1, T, D): row per position
     else:
@@ -192,7 +213,7 @@ def _embed(params: dict, tokens: jax.Array, positions: jax.Array, c: ModelConfig
 
 def _logits(params: dict, x: jax.Array, c: ModelConfig) -> jax.Array:
     """(B, T, D) -> (B, T, V) logits in at least float32, for a stable softmax and loss."""
-    x = norm.apply(params["ln_f"], x, eps=c.ln_eps)
+    x = block.NORMS[c.norm].apply(params["ln_f"], x, eps=c.ln_eps)
     if c.tie_embeddings:
         return embedding.attend(params["embed"], x, dtype=c.compute_dtype).astype(c.residual_dtype)
     return linear.apply(params["head"], x, dtype=c.compute_dtype).astype(c.residual_dtype)
@@ -225,7 +246,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
 
     def body(x, layer):                                                  # one block: (B, T, D) -> (B, T, D)
         block_params, block_key = layer
-        return block.apply(block_params, x, mask=mask, key=block_key, **block_args(c)), None
+        return block.apply(block_params, x, mask=mask, key=block_key, positions=positions, **block_args(c)), None
 
     # What the backward pass keeps of each block's forward pass, and what it
     # recomputes (REMAT_POLICIES; ModelConfig.remat says why). prevent_cse=False: inside a scan the loop
@@ -264,26 +285,29 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
     """
     c = config
     check_tokens(tokens, c)
-    x = _embed(params, tokens, jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :], c)   # (B, T, D)
+    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]                      # (1, T)
+    x = _embed(params, tokens, positions, c)                                                # (B, T, D)
+    args = block_args(c)
 
     def body(x, block_params):
-        h = norm.apply(block_params["ln1"], x, eps=c.ln_eps)
-        q, k, _ = attention.project_qkv(block_params["attn"], h, c.n_heads, c.compute_dtype)
+        h = block.NORMS[c.norm].apply(block_params["ln1"], x, eps=c.ln_eps)
+        q, k, _ = attention.project_qkv(block_params["attn"], h, c.n_heads, c.compute_dtype, n_kv_heads=c.n_kv_heads,
+                                        positions=positions, rope_theta=args["rope_theta"])
         weights = attention.attention_weights(q, k, attention.causal_mask(tokens.shape[1])[None, None])
-        return block.apply(block_params, x, **block_args(c)), weights                                                                 # (B, H, T, T)
+        return block.apply(block_params, x, positions=positions, **args), weights        # (B, H, T, T)
 
     return jax.lax.scan(body, x, params["blocks"])[1]
 
 
 def init_cache(config: ModelConfig, batch: int) -> KVCache:
-    """An empty cache: k and v of shape (L, B, S, H, K) with S = max_len.
+    """An empty cache: k and v of shape (L, B, S, G, K) with S = max_len, G = n_kv_heads.
 
     Example:
         >>> init_cache(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=16), 4).k.shape
         (3, 4, 16, 2, 4)
     """
     c = config
-    shape = (c.n_layers, batch, c.max_len, c.n_heads, c.head_dim)
+    shape = (c.n_layers, batch, c.max_len, c.n_kv_heads, c.head_dim)
     return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
 
 
@@ -312,13 +336,13 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
     mask = (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, S)
     x = _embed(params, tokens, positions, c)                                                # (B, T, D)
 
-    # The whole (L, B, S, H, K) cache rides in the loop's carry and each layer writes
+    # The whole (L, B, S, G, K) cache rides in the loop's carry and each layer writes
     # its T new slots in place; passing it as the scan's xs and ys would rebuild all
     # of it for every token.
     def body(carry, block_params):
         x, cache, layer = carry
-        x, cache = block.apply_cached(block_params, x, cache, layer=layer, index=index, mask=mask, n_heads=c.n_heads,
-                                      eps=c.ln_eps, dtype=c.compute_dtype, impl=c.attention)
+        x, cache = block.apply_cached(block_params, x, cache, layer=layer, index=index, mask=mask,
+                                      **cached_block_args(c))
         return (x, cache, layer + 1), None
 
     (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), params["blocks"])
@@ -362,5 +386,5 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
     return cross_entropy(apply(params, tokens, config=config, key=key), targets)
 
 
-__all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "check_tokens", "count_params",
+__all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "cached_block_args", "check_tokens", "count_params",
            "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses", "with_context"]

@@ -1,10 +1,15 @@
 """The Flax reference: the same architecture built from Flax's own layers.
 
-Only the sinusoidal table is written by hand (in numpy float64, with explicit
-even/odd assignment rather than our interleaving reshape). Everything else is
-Flax's: `nn.Embed` (tokens, learned positions, and `Embed.attend` as the tied
-head), `nn.LayerNorm`, `nn.Dense`, `nn.MultiHeadDotProductAttention`,
-`nn.make_causal_mask`, `nn.gelu`.
+Only the sinusoidal table and rotary positions are written by hand: the table in
+numpy float64, with explicit even/odd assignment rather than our interleaving
+reshape; rotary from the RoFormer paper's complex form, each pair (x_i, x_{i+K/2})
+a complex number multiplied by e^{i m theta_i}, where ours turns real pairs with
+sines and cosines. Everything else is Flax's: `nn.Embed` (tokens, learned
+positions, and `Embed.attend` as the tied head), `nn.LayerNorm`, `nn.RMSNorm`,
+`nn.Dense`, `nn.DenseGeneral`, `nn.MultiHeadDotProductAttention`,
+`nn.dot_product_attention` (grouped-query attention by repeating each key/value
+head for its group of query heads, the paper's definition), `nn.make_causal_mask`,
+`nn.gelu`, `nn.silu`.
 
 The `to_flax_*` converters map our parameter trees into Flax's variable trees.
 They only slice, reshape and unstack, so they are linear maps: the same converter
@@ -33,6 +38,18 @@ def sinusoidal_table(length: int, d_model: int) -> np.ndarray:
     return pe
 
 
+def rotary_complex(x, positions, theta: float):
+    """x (B, T, H, K), positions (T,) -> x with pair (x_i, x_{i+K/2}) at position m
+    multiplied, as the complex number x_i + i x_{i+K/2}, by e^{i m theta^(-2i/K)}."""
+    k = x.shape[-1]
+    freqs = theta ** (-2.0 * np.arange(k // 2, dtype=np.float64) / k)              # numpy float64
+    angle = np.asarray(positions, np.float64)[:, None] * freqs[None, :]           # (T, K/2)
+    work = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
+    turn = jnp.asarray(np.exp(1j * angle), jnp.complex128 if work == jnp.float64 else jnp.complex64)
+    z = jax.lax.complex(x[..., :k // 2].astype(work), x[..., k // 2:].astype(work)) * turn[None, :, None, :]
+    return jnp.concatenate([z.real, z.imag], axis=-1).astype(x.dtype)
+
+
 # ----------------------------------------------------------------------------- modules
 
 
@@ -54,17 +71,59 @@ class FlaxAttention(nn.Module):
                                                **_kw(c))(x, mask=mask)
 
 
+class FlaxGroupedAttention(nn.Module):
+    """Query, key and value projections of their own (H, G and G heads), rotary
+    positions when the config has them, each key/value head repeated for its R = H / G
+    query heads, then Flax's dot-product attention and output projection."""
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        c = self.config
+        k = c.head_dim
+        project = lambda heads, name: nn.DenseGeneral((heads, k), use_bias=c.qkv_bias, name=name, **_kw(c))  # noqa: E731
+        q, key, v = project(c.n_heads, "query")(x), project(c.n_kv_heads, "key")(x), project(c.n_kv_heads, "value")(x)
+        if c.positions == "rotary":
+            positions = np.arange(x.shape[1])
+            q, key = rotary_complex(q, positions, c.rope_theta), rotary_complex(key, positions, c.rope_theta)
+        repeat = c.n_heads // c.n_kv_heads
+        key, v = jnp.repeat(key, repeat, axis=2), jnp.repeat(v, repeat, axis=2)   # head h reads kv head h // R
+        if mask is None:
+            mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
+        y = nn.dot_product_attention(q, key, v, mask=mask, dtype=c.compute_dtype,
+                                     force_fp32_for_softmax=c.dtype == "bfloat16")
+        return nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=c.bias, name="out", **_kw(c))(y)
+
+
+def grouped(c: ModelConfig) -> bool:
+    """Whether the reference needs its own attention: Flax's multi-head layer has no
+    rotary positions, grouped heads or separate biases."""
+    return c.positions == "rotary" or c.n_kv_heads != c.n_heads or not (c.bias and c.qkv_bias)
+
+
 class FlaxMLP(nn.Module):
     config: ModelConfig
 
     @nn.compact
     def __call__(self, x):
         c = self.config
-        h = nn.gelu(nn.Dense(c.d_ff, name="up", **_kw(c))(x), approximate=True)
-        return nn.Dense(c.d_model, name="down", **_kw(c))(h)
+        h = nn.gelu(nn.Dense(c.d_ff, name="up", use_bias=c.bias, **_kw(c))(x), approximate=True)
+        return nn.Dense(c.d_model, name="down", use_bias=c.bias, **_kw(c))(h)
 
 
-def _layer_norm(c: ModelConfig, name: str) -> nn.LayerNorm:
+class FlaxSwiGLU(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dense = lambda features, name: nn.Dense(features, name=name, use_bias=c.bias, **_kw(c))  # noqa: E731
+        return dense(c.d_model, "down")(nn.silu(dense(c.d_ff, "gate")(x)) * dense(c.d_ff, "up")(x))
+
+
+def _layer_norm(c: ModelConfig, name: str) -> nn.Module:
+    if c.norm == "rmsnorm":
+        return nn.RMSNorm(epsilon=c.ln_eps, name=name, dtype=c.residual_dtype, param_dtype=c.storage_dtype)
     return nn.LayerNorm(epsilon=c.ln_eps, use_fast_variance=False, name=name,
                         dtype=c.residual_dtype, param_dtype=c.storage_dtype)
 
@@ -76,8 +135,10 @@ class FlaxBlock(nn.Module):
     def __call__(self, x, mask=None):
         c = self.config
         residual = c.residual_dtype
-        x = x + FlaxAttention(c, name="attn")(_layer_norm(c, "ln1")(x), mask).astype(residual)
-        return x + FlaxMLP(c, name="mlp")(_layer_norm(c, "ln2")(x)).astype(residual)
+        attention = FlaxGroupedAttention if grouped(c) else FlaxAttention
+        mlp = FlaxSwiGLU if c.mlp == "swiglu" else FlaxMLP
+        x = x + attention(c, name="attn")(_layer_norm(c, "ln1")(x), mask).astype(residual)
+        return x + mlp(c, name="mlp")(_layer_norm(c, "ln2")(x)).astype(residual)
 
 
 class FlaxLM(nn.Module):
@@ -91,17 +152,16 @@ class FlaxLM(nn.Module):
         embed = nn.Embed(c.vocab_size, c.d_model, name="embed", param_dtype=c.storage_dtype)
         x = embed(tokens).astype(work)
         if c.positions == "learned":
-            pe = nn.Embed(c.max_len, c.d_model, name="pos", param_dtype=c.storage_dtype)(jnp.arange(t))
-        else:
-            pe = sinusoidal_table(t, c.d_model)
-        x = x + jnp.asarray(pe, work)[None]
+            x = x + nn.Embed(c.max_len, c.d_model, name="pos", param_dtype=c.storage_dtype)(jnp.arange(t))[None]
+        elif c.positions == "sinusoidal":
+            x = x + jnp.asarray(sinusoidal_table(t, c.d_model), work)[None]
         mask = nn.make_causal_mask(tokens)                                    # (B, 1, T, T)
         for i in range(c.n_layers):
             x = FlaxBlock(c, name=f"block_{i}")(x, mask)
         x = _layer_norm(c, "ln_f")(x)
         if c.tie_embeddings:
             return embed.attend(x.astype(c.compute_dtype)).astype(work)
-        return nn.Dense(c.vocab_size, name="head", **_kw(c))(x).astype(work)
+        return nn.Dense(c.vocab_size, name="head", use_bias=c.bias, **_kw(c))(x).astype(work)
 
 
 def flax_loss(variables, tokens, targets, config: ModelConfig):
@@ -113,11 +173,11 @@ def flax_loss(variables, tokens, targets, config: ModelConfig):
 
 
 def to_flax_linear(p: dict) -> dict:
-    return {"kernel": p["w"], "bias": p["b"]}
+    return {"kernel": p["w"], **({"bias": p["b"]} if "b" in p else {})}
 
 
 def to_flax_norm(p: dict) -> dict:
-    return {"scale": p["scale"], "bias": p["bias"]}
+    return {"scale": p["scale"], **({"bias": p["bias"]} if "bias" in p else {})}
 
 
 def to_flax_attention(p: dict, n_heads: int) -> dict:
@@ -133,13 +193,33 @@ def to_flax_attention(p: dict, n_heads: int) -> dict:
     return {"mha": mha}
 
 
+def to_flax_grouped_attention(p: dict, n_heads: int, n_kv_heads: int) -> dict:
+    """Fused qkv (D, (H + 2G) K) [Q | K | V] -> query (D, H, K), key and value (D, G, K)
+    kernels (and biases); out (D, D) -> (H, K, D)."""
+    w = p["qkv"]["w"]
+    d = w.shape[0]
+    k = d // n_heads
+    tree, start = {}, 0
+    for name, heads in (("query", n_heads), ("key", n_kv_heads), ("value", n_kv_heads)):
+        cols = slice(start, start + heads * k)
+        tree[name] = {"kernel": w[:, cols].reshape(d, heads, k)}
+        if "b" in p["qkv"]:
+            tree[name]["bias"] = p["qkv"]["b"][cols].reshape(heads, k)
+        start += heads * k
+    tree["out"] = {"kernel": p["out"]["w"].reshape(n_heads, k, d), **({"bias": p["out"]["b"]} if "b" in p["out"]
+                                                                       else {})}
+    return tree
+
+
 def to_flax_mlp(p: dict) -> dict:
-    return {"up": to_flax_linear(p["up"]), "down": to_flax_linear(p["down"])}
+    return {name: to_flax_linear(layer) for name, layer in p.items()}
 
 
-def to_flax_block(p: dict, n_heads: int) -> dict:
-    return {"ln1": to_flax_norm(p["ln1"]), "attn": to_flax_attention(p["attn"], n_heads),
-            "ln2": to_flax_norm(p["ln2"]), "mlp": to_flax_mlp(p["mlp"])}
+def to_flax_block(p: dict, config: ModelConfig) -> dict:
+    c = config
+    attention = (to_flax_grouped_attention(p["attn"], c.n_heads, c.n_kv_heads) if grouped(c)
+                 else to_flax_attention(p["attn"], c.n_heads))
+    return {"ln1": to_flax_norm(p["ln1"]), "attn": attention, "ln2": to_flax_norm(p["ln2"]), "mlp": to_flax_mlp(p["mlp"])}
 
 
 def to_flax_model(params: dict, config: ModelConfig) -> dict:
@@ -151,5 +231,5 @@ def to_flax_model(params: dict, config: ModelConfig) -> dict:
         tree["head"] = to_flax_linear(params["head"])
     for i in range(config.n_layers):
         block_i = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
-        tree[f"block_{i}"] = to_flax_block(block_i, config.n_heads)
+        tree[f"block_{i}"] = to_flax_block(block_i, config)
     return {"params": tree}

@@ -287,6 +287,27 @@ def test_the_fields_of_version_4_are_there_exactly_when_it_says_4(tmp_path, save
             checkpoint.load(str(tmp_path))
 
 
+def test_a_version_6_checkpoint_loads_as_the_gpt_model_it_was(tmp_path, saved):
+    """Format 7 added Llama's choices to ModelConfig; a run saved before them is the
+    GPT model (LayerNorm, GELU, multi-head, biases), whatever today's defaults are."""
+    files = dict(saved[1])
+    meta = json.loads(files["meta.json"])
+    meta["format_version"] = 6
+    for name in checkpoint.ADDED_MODEL_FIELDS[7]:
+        del meta["model_config"][name]
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    loaded = checkpoint.load(str(tmp_path))
+    assert loaded.model_config == MC
+    assert (loaded.model_config.norm, loaded.model_config.mlp, loaded.model_config.bias) == ("layernorm", "gelu", True)
+    assert loaded.model_config.n_kv_heads == loaded.model_config.n_heads
+    meta["format_version"] = 7                                            # a version 7 must have them
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    with pytest.raises(CheckpointError, match="ModelConfig lacks"):
+        checkpoint.load(str(tmp_path))
+
+
 def test_a_checkpoint_read_while_a_live_run_replaces_it_is_one_whole_checkpoint(tmp_path, key):
     """A reader racing a writer that saves again and again (generate, or a resume
     refused by the lock, while a run trains): every read is one save's meta.json with

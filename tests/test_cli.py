@@ -87,7 +87,7 @@ def test_a_run_saved_in_format_3_resumes_and_is_saved_in_the_current_format(caps
     code, out, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
     assert code == 0, err
     meta = json.load(open("old/checkpoint/meta.json"))
-    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 6 and meta["data"] == {"builtin": True}
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 7 and meta["data"] == {"builtin": True}
 
 
 def test_generate_command(capsys, hello_run):

@@ -17,9 +17,9 @@ import numpy as np
 import optax
 import pytest
 
-from minitx_fn import model
+from minitx_fn import defaults, model
 from minitx_fn.config import ModelConfig
-from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm
+from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, rmsnorm, swiglu
 from tests import flax_reference as ref
 from tests.helpers import assert_close_scaled, enable_x64, standard_promotion
 
@@ -69,14 +69,41 @@ def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
         return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, impl=c.attention, dtype=dt,
                                                    block=c.attention_block),
                 flax_apply(ref.FlaxAttention(c), (x,)), lambda p: ref.to_flax_attention(p, c.n_heads))
-    if name == "block":
-        p = block.init(k_init, d_model=c.d_model, n_heads=c.n_heads, d_ff=c.d_ff, std=0.3, dtype=dt)
+    if name == "rmsnorm":
+        p = {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(c.d_model), dt)}
+        return (p, lambda p: rmsnorm.apply(p, 3.0 * x + 1.0, eps=c.ln_eps),
+                flax_apply(ref._layer_norm(c.replace(norm="rmsnorm"), None), (3.0 * x + 1.0,)), ref.to_flax_norm)
+    if name == "swiglu":
+        p = swiglu.init(k_init, d_model=c.d_model, d_ff=c.d_ff, std=0.2, dtype=dt, bias=c.bias)
+        return p, lambda p: swiglu.apply(p, x, dtype=dt), flax_apply(ref.FlaxSwiGLU(c), (x,)), ref.to_flax_mlp
+    if name == "grouped_attention":      # rotary, grouped-query, biases on q, k, v only (Qwen2's choices)
+        p = attention.init(k_init, d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, std=0.3, dtype=dt,
+                           bias=c.bias, qkv_bias=c.qkv_bias)
+        p = jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), dt), p)   # biases not 0
+        args = model.block_args(c)
+        return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, impl=c.attention,
+                                             dtype=dt, block=c.attention_block, rope_theta=args["rope_theta"]),
+                flax_apply(ref.FlaxGroupedAttention(c), (x,)),
+                lambda p: ref.to_flax_grouped_attention(p, c.n_heads, c.n_kv_heads))
+    if name in ("block", "llama_block"):
+        p = block.init(k_init, d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_ff=c.d_ff, std=0.3,
+                       dtype=dt, norm=c.norm, mlp=c.mlp, bias=c.bias, qkv_bias=c.qkv_bias)
         return (p, lambda p: block.apply(p, x, **model.block_args(c)), flax_apply(ref.FlaxBlock(c), (x,)),
-                lambda p: ref.to_flax_block(p, c.n_heads))
+                lambda p: ref.to_flax_block(p, c))
     raise AssertionError(name)
 
 
-def _compare(params, our_fn, flax_fn, to_flax, tol, rng):
+def _llama(c: ModelConfig, **changes) -> ModelConfig:
+    """Llama's choices on a layer-test config: 4 query heads of K = 6 sharing 2 key/value heads."""
+    return c.replace(**{**defaults.ARCHS["llama"], "n_heads": 4, "n_kv_heads": 2, **changes})
+
+
+# The layers of the Llama family, each tested on the config it needs.
+LLAMA_LAYERS = {"rmsnorm": {}, "swiglu": {"bias": False}, "grouped_attention": {"qkv_bias": True},
+                "llama_block": {}}
+
+
+def _compare(params, our_fn, flax_fn, to_flax, tol, rng, rotary=False):
     """Outputs, gradients of <y, probe> for every parameter, and the parameters after one Adam step."""
     # Jitted only to make the suite fast; jit(apply) == apply is tested in test_layers.
     y = jax.jit(our_fn)(params)
@@ -85,7 +112,7 @@ def _compare(params, our_fn, flax_fn, to_flax, tol, rng):
     grads = jax.jit(jax.grad(lambda p: jnp.sum(our_fn(p) * probe)))(params)
     with standard_promotion():
         flax_grads = jax.jit(jax.grad(lambda fp: jnp.sum(flax_fn(fp) * probe)))(to_flax(params))
-    _compare_grads_and_adam_step(params, grads, to_flax(params), flax_grads, to_flax, tol)
+    _compare_grads_and_adam_step(params, grads, to_flax(params), flax_grads, to_flax, tol, rotary)
 
 
 def _is_key_bias(path) -> bool:
@@ -93,11 +120,15 @@ def _is_key_bias(path) -> bool:
     return names[-2:] == ["key", "bias"]
 
 
-def _zero_key_bias_grad(grads, flax_grads, to_flax, tol):
+def _zero_key_bias_grad(grads, flax_grads, to_flax, tol, rotary=False):
     """The key bias gets no gradient in exact arithmetic: q.(k + b) adds the same q.b
     to every score of a softmax row, and softmax ignores such a shift. In floating
     point both implementations return rounding noise there, which Adam would blow up
-    into steps of +-lr. Assert the noise is tiny, then set it to exactly zero."""
+    into steps of +-lr. Assert the noise is tiny, then set it to exactly zero. (Not
+    with rotary positions: the bias turns with each key's position, so q.R_n b differs
+    from key to key and the gradient is real.)"""
+    if rotary:
+        return grads, flax_grads
     scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(flax_grads))
     flat = jax.tree_util.tree_leaves_with_path(flax_grads)
     for path, g in flat:
@@ -106,19 +137,24 @@ def _zero_key_bias_grad(grads, flax_grads, to_flax, tol):
     flax_grads = jax.tree_util.tree_map_with_path(lambda p, g: jnp.zeros_like(g) if _is_key_bias(p) else g,
                                                   flax_grads)
 
+    # Our fused bias is [Q | K | V]: its K part starts after the H K query columns and
+    # spans the G K key columns (Flax's query and key biases, (H, K) and (G, K), say where).
+    widths = {getattr(path[-2], "key", None): g.size for path, g in flat
+              if len(path) > 1 and getattr(path[-1], "key", None) == "bias"}
+
     def zero_ours(path, g):
         names = [getattr(k, "key", None) for k in path]
         if names[-2:] != ["qkv", "b"]:
             return g
-        d = g.shape[-1] // 3
-        assert float(jnp.abs(g[..., d:2 * d]).max()) <= tol * scale, "key-bias gradient should vanish"
-        return g.at[..., d:2 * d].set(0)
+        start, stop = widths["query"], widths["query"] + widths["key"]
+        assert float(jnp.abs(g[..., start:stop]).max()) <= tol * scale, "key-bias gradient should vanish"
+        return g.at[..., start:stop].set(0)
 
     return jax.tree_util.tree_map_with_path(zero_ours, grads), flax_grads
 
 
-def _compare_grads_and_adam_step(params, grads, flax_params, flax_grads, to_flax, tol):
-    grads, flax_grads = _zero_key_bias_grad(grads, flax_grads, to_flax, tol)
+def _compare_grads_and_adam_step(params, grads, flax_params, flax_grads, to_flax, tol, rotary=False):
+    grads, flax_grads = _zero_key_bias_grad(grads, flax_grads, to_flax, tol, rotary)
     assert_close_scaled(to_flax(grads), flax_grads, tol)
     # Adam's first step is lr * g / (|g| + eps): near g = 0 its slope is lr / eps, which
     # for optax's default eps = 1e-8 turns float32 rounding noise (1e-9) in a tiny
@@ -139,23 +175,29 @@ def adam_step(params, grads):
     return optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])
 
 
-LAYERS = ["linear", "embedding", "embedding_attend", "norm", "feedforward", "attention", "block"]
+LAYERS = ["linear", "embedding", "embedding_attend", "norm", "feedforward", "attention", "block", *LLAMA_LAYERS]
+
+
+def _layer_config(name: str, dtype: str) -> ModelConfig:
+    c = _config(dtype)
+    return _llama(c, **LLAMA_LAYERS[name]) if name in LLAMA_LAYERS else c
 
 
 @pytest.mark.parametrize("name, impl", [(name, "einsum") for name in LAYERS] + [
-    ("attention", "dot_product_attention"), ("block", "dot_product_attention")])
+    ("attention", "dot_product_attention"), ("block", "dot_product_attention"),
+    ("grouped_attention", "dot_product_attention")])
 def test_layer_matches_flax_float32(name, impl, key, rng):
-    c = _config("float32").replace(attention=impl)
+    c = _layer_config(name, "float32").replace(attention=impl)
     params, our_fn, flax_fn, to_flax = _case(name, c, key, rng)
-    _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float32"], rng)
+    _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float32"], rng, c.positions == "rotary")
 
 
 @pytest.mark.parametrize("name", LAYERS)
 def test_layer_matches_flax_float64(name, key, rng):
     with enable_x64():
-        c = _config("float64")
+        c = _layer_config(name, "float64")
         params, our_fn, flax_fn, to_flax = _case(name, c, key, rng)
-        _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float64"], rng)
+        _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float64"], rng, c.positions == "rotary")
 
 
 def _model_case(c: ModelConfig, key: jax.Array, rng: np.random.Generator):
@@ -165,6 +207,8 @@ def _model_case(c: ModelConfig, key: jax.Array, rng: np.random.Generator):
 
 
 GPT2 = {"positions": "learned", "tie_embeddings": True}
+LLAMA = {**defaults.ARCHS["llama"], "n_heads": 4, "n_kv_heads": 2}
+QWEN2 = {**LLAMA, "qkv_bias": True, "n_kv_heads": 1}                 # multi-query, biases on q, k, v
 
 
 @pytest.mark.parametrize("dtype, impl, block, remat, options", [
@@ -175,6 +219,10 @@ GPT2 = {"positions": "learned", "tie_embeddings": True}
     ("float32", "einsum", 5, "full", {}),
     ("float32", "einsum", 3, "matmuls", GPT2),                # GPT-2's learned positions and tied head
     ("float64", "einsum", 3, "matmuls", GPT2),
+    ("float32", "einsum", 3, "matmuls", LLAMA),               # rotary, RMSNorm, SwiGLU, grouped-query, no biases
+    ("float64", "einsum", 3, "matmuls", LLAMA),
+    ("float64", "einsum", 0, "none", {**QWEN2, "tie_embeddings": True}),
+    ("float32", "dot_product_attention", 3, "dots", QWEN2),
 ])
 def test_model_matches_flax(dtype, impl, block, remat, options, key, rng):
     """Logits, loss, every gradient and one Adam update of the whole model.
@@ -200,10 +248,11 @@ def test_model_matches_flax(dtype, impl, block, remat, options, key, rng):
         assert_close_scaled(jax.jit(model.apply, static_argnames="config")(params, tokens, config=c),
                             flax_logits, tol)
         assert_close_scaled(loss, flax_loss, tol)
-        _compare_grads_and_adam_step(params, grads, fvars, flax_grads, to_flax, tol)
+        _compare_grads_and_adam_step(params, grads, fvars, flax_grads, to_flax, tol, c.positions == "rotary")
 
 
-@pytest.mark.parametrize("options", [{}, GPT2], ids=["sinusoidal-untied", "learned-tied"])
+@pytest.mark.parametrize("options", [{}, GPT2, LLAMA, QWEN2], ids=["sinusoidal-untied", "learned-tied", "llama",
+                                                                   "qwen2"])
 def test_converter_places_every_parameter_once(key, options):
     """The converter is a bijection on leaves: Flax's tree has the same number of
     values, and marking each of our leaves with its index shows up exactly once."""

@@ -28,7 +28,8 @@ def at_least_float32(dtype):
 
 
 # The layer modules import `at_least_float32` from here, so it is defined first.
-from minitx_fn.layers import attention, block, dropout, embedding, feedforward, linear, norm, positional  # noqa: E402
+from minitx_fn.layers import (attention, block, dropout, embedding, feedforward, linear, norm,  # noqa: E402
+                              positional, rmsnorm, rotary, swiglu)
 
 __all__ = ["at_least_float32", "attention", "block", "dropout", "embedding", "feedforward", "linear", "norm",
-           "positional"]
+           "positional", "rmsnorm", "rotary", "swiglu"]

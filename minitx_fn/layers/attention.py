@@ -10,16 +10,24 @@ projection mixes them. Self-attention under the causal mask runs in blocks of qu
 rows (`causal_blockwise`): a block never computes the scores of keys that all its
 rows must ignore.
 
-Params: {"qkv": linear (D, 3D), "out": linear (D, D)}. The query, key and value
-projections are fused into one (D, 3D) matrix, laid out [Q | K | V] with heads
-contiguous inside each block (feature h * K + k is head h, feature k): one matmul
-instead of three.
+Grouped-query attention (Ainslie et al., 2023): G key/value heads, G dividing H,
+each serving a group of R = H / G consecutive query heads (query head h reads
+key/value head h // R). G = H is multi-head attention, G = 1 multi-query. Keys and
+values are never copied per query head: the scores are one einsum over the groups.
+
+With rotary positions (`rope_theta`), q and k are turned by their positions
+(`rotary.py`) after the projection, before the scores and before the cache.
+
+Params: {"qkv": linear (D, (H + 2G) K), "out": linear (D, D)}. The query, key and
+value projections are fused into one matrix, laid out [Q | K | V] (H K, G K and G K
+columns) with heads contiguous inside each block (feature h * K + k is head h,
+feature k): one matmul instead of three. Biases are optional (`bias`, `qkv_bias`).
 
 KV cache layout (the one place it is defined): `KVCache(k, v)`, k and v of shape
-(L, B, S, H, K) in the compute dtype, one (B, S, H, K) slice per layer (L = 1 for a
-single layer). Each row has its own slots: slot s of row b holds the key and value
-of that row's token at position s, so rows of a batch fill and slide their windows
-independently (`minitx_fn.generate`).
+(L, B, S, G, K) in the compute dtype, one (B, S, G, K) slice per layer (L = 1 for a
+single layer): grouped-query attention caches G heads, not H. Each row has its own
+slots: slot s of row b holds the key and value of that row's token at position s,
+so rows of a batch fill and slide their windows independently (`minitx_fn.generate`).
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from minitx_fn import defaults
-from minitx_fn.layers import at_least_float32, dropout, linear
+from minitx_fn.layers import at_least_float32, dropout, linear, rotary
 
 IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "dot_product_attention"
 
@@ -38,8 +46,8 @@ IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "d
 class KVCache(NamedTuple):
     """Keys and values of the tokens written so far; see the module docstring for the layout."""
 
-    k: jax.Array  # (L, B, S, H, K)
-    v: jax.Array  # (L, B, S, H, K)
+    k: jax.Array  # (L, B, S, G, K)
+    v: jax.Array  # (L, B, S, G, K)
 
 
 # ----------------------------------------------------------------------------- maths
@@ -84,13 +92,20 @@ def causal_mask(t: int, s: int | None = None, *, offset: int = 0) -> jax.Array:
     return jnp.arange(s, dtype=jnp.int32)[None, :] <= jnp.arange(t, dtype=jnp.int32)[:, None] + offset
 
 
-def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """q (B, T, H, K), k (B, S, H, K), mask broadcastable to (B, H, T, S) -> (B, H, T, S).
+def _grouped(q: jax.Array, groups: int) -> jax.Array:
+    """q (B, T, H, K) -> (B, T, G, R, K): query head h = g R + r is head r of group g."""
+    b, t, h, k = q.shape
+    return q.reshape(b, t, groups, h // groups, k)
 
-    softmax over S of q.k / sqrt(K), with masked scores set to the lowest finite
-    float before the softmax. Scores and softmax are in at least float32: with
-    bfloat16 scores, exp() of differences loses most of its digits. A row whose
-    every key is masked (a padding query) comes out uniform instead of NaN.
+
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """q (B, T, H, K), k (B, S, G, K), mask broadcastable to (B, H, T, S) -> (B, H, T, S).
+
+    softmax over S of q.k / sqrt(K), query head h against key head h // (H / G), with
+    masked scores set to the lowest finite float before the softmax. Scores and
+    softmax are in at least float32: with bfloat16 scores, exp() of differences loses
+    most of its digits. A row whose every key is masked (a padding query) comes out
+    uniform instead of NaN.
 
     Example:
         >>> q = jnp.ones((1, 3, 1, 2))
@@ -101,7 +116,9 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
     """
     work = at_least_float32(q.dtype)
     scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], work))
-    scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=work) * scale
+    b, t, h, _ = q.shape
+    scores = jnp.einsum("BTGRK,BSGK->BGRTS", _grouped(q, k.shape[2]), k, preferred_element_type=work) * scale
+    scores = scores.reshape(b, h, t, k.shape[1])                            # (B, H, T, S)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(work).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -109,11 +126,11 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
 
 def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
                        impl: str = "einsum", dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
-    """q (B, T, H, K), k and v (B, S, H, K), mask (B|1, 1, T, S) bool -> (B, T, H, K).
+    """q (B, T, H, K), k and v (B, S, G, K), mask (B|1, 1, T, S) bool -> (B, T, H, K).
 
     impl="einsum" writes the maths out; impl="dot_product_attention" calls
-    `jax.nn.dot_product_attention`, which XLA (or cuDNN on a GPU) may fuse.
-    Both are tested equal. With a key, the attention weights are dropped at
+    `jax.nn.dot_product_attention` (grouped heads too), which XLA (or cuDNN on a GPU)
+    may fuse. Both are tested equal. With a key, the attention weights are dropped at
     dropout_rate (einsum only: `jax.nn.dot_product_attention` has no dropout).
 
     Example:
@@ -124,7 +141,10 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     if impl == "einsum":
         weights = attention_weights(q, k, mask)                             # (B, H, T, S)
         weights = dropout.apply(weights, rate=dropout_rate, key=key)
-        return jnp.einsum("BHTS,BSHK->BTHK", weights.astype(v.dtype), v)    # (B, T, H, K)
+        b, h, t, s = weights.shape
+        g = k.shape[2]
+        y = jnp.einsum("BGRTS,BSGK->BTGRK", weights.astype(v.dtype).reshape(b, g, h // g, t, s), v)
+        return y.reshape(q.shape)                                           # (B, T, H, K)
     if key is not None and dropout_rate:
         raise ValueError("attention dropout needs impl='einsum'")
     if impl == "dot_product_attention":
@@ -176,52 +196,73 @@ def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int, im
 # ----------------------------------------------------------------------------- layer
 
 
-def init(key: jax.Array, *, d_model: int, n_heads: int, std: float = 0.02, out_std: float | None = None,
-         dtype=jnp.float32) -> dict:
-    """Fused QKV projection (D, 3D) and output projection (D, D).
+def init(key: jax.Array, *, d_model: int, n_heads: int, n_kv_heads: int | None = None, std: float = 0.02,
+         out_std: float | None = None, dtype=jnp.float32, bias: bool = True, qkv_bias: bool | None = None) -> dict:
+    """Fused QKV projection (D, (H + 2G) K) and output projection (D, D); G = n_kv_heads
+    (default H). `qkv_bias` (default `bias`) sets the QKV projection's bias alone.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
         >>> p["qkv"]["w"].shape, p["out"]["w"].shape
         ((8, 24), (8, 8))
+        >>> init(jax.random.key(0), d_model=8, n_heads=4, n_kv_heads=1)["qkv"]["w"].shape   # H K + 2 K columns
+        (8, 12)
     """
     if d_model % n_heads:
         raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
+    n_kv_heads = n_kv_heads or n_heads
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
     k_qkv, k_out = jax.random.split(key)
+    width = (n_heads + 2 * n_kv_heads) * (d_model // n_heads)
     return {
-        "qkv": linear.init(k_qkv, d_in=d_model, d_out=3 * d_model, std=std, dtype=dtype),
-        "out": linear.init(k_out, d_in=d_model, d_out=d_model, std=out_std or std, dtype=dtype),
+        "qkv": linear.init(k_qkv, d_in=d_model, d_out=width, std=std, dtype=dtype,
+                           bias=bias if qkv_bias is None else qkv_bias),
+        "out": linear.init(k_out, d_in=d_model, d_out=d_model, std=out_std or std, dtype=dtype, bias=bias),
     }
 
 
-def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(B, T, D) -> q, k, v, each (B, T, H, K).
+def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype, *, n_kv_heads: int | None = None,
+                positions: jax.Array | None = None, rope_theta: float | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q (B, T, H, K), k and v (B, T, G, K). With `rope_theta`, q and k are
+    turned by `positions` (B|1, T) (default 0 .. T - 1; `rotary.apply`).
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
         >>> [a.shape for a in project_qkv(p, jnp.ones((1, 5, 8)), 2, jnp.float32)]
         [(1, 5, 2, 4), (1, 5, 2, 4), (1, 5, 2, 4)]
     """
-    qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, 3D)
-    q, k, v = jnp.split(qkv, 3, axis=-1)                                   # 3 x (B, T, D)
-    return split_heads(q, n_heads), split_heads(k, n_heads), split_heads(v, n_heads)
+    n_kv_heads = n_kv_heads or n_heads
+    qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, (H + 2G) K)
+    k_width = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
+    q, k, v = jnp.split(qkv, [n_heads * k_width, (n_heads + n_kv_heads) * k_width], axis=-1)
+    q, k, v = split_heads(q, n_heads), split_heads(k, n_kv_heads), split_heads(v, n_kv_heads)
+    if rope_theta is not None:
+        if positions is None:
+            positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]    # (1, T)
+        q, k = rotary.apply(q, positions, theta=rope_theta), rotary.apply(k, positions, theta=rope_theta)
+    return q, k, v
 
 
-def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = None,
+def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = None, mask: jax.Array | None = None,
           impl: str = "einsum", dtype=None, block: int = 0, dropout_rate: float = 0.0,
-          key: jax.Array | None = None) -> jax.Array:
+          key: jax.Array | None = None, positions: jax.Array | None = None, rope_theta: float | None = None
+          ) -> jax.Array:
     """(B, T, D) -> (B, T, D): self-attention of x over itself.
 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
     None means causal, computed in query blocks of `block` rows (0: one block; see
     `causal_blockwise`). With a key, attention weights are dropped at dropout_rate.
+    n_kv_heads, positions and rope_theta as in `project_qkv`.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
         >>> apply(p, jnp.ones((3, 5, 8)), n_heads=2).shape
         (3, 5, 8)
     """
-    q, k, v = project_qkv(params, x, n_heads, dtype)
+    q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
+                          rope_theta=rope_theta)
     if mask is None:
         y = causal_blockwise(q, k, v, block=block, impl=impl, dropout_rate=dropout_rate, key=key)   # (B, T, H, K)
     else:
@@ -230,9 +271,9 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, mask: jax.Array | None = 
 
 
 def write_kv(cache: KVCache, layer: jax.Array, index: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
-    """Write k, v (B, T, H, K) into slots index[b] .. index[b] + T - 1 of row b of `layer`.
+    """Write k, v (B, T, G, K) into slots index[b] .. index[b] + T - 1 of row b of `layer`.
 
-    cache (L, B, S, H, K); layer () int; index (B,) int. A scatter into the cache
+    cache (L, B, S, G, K); layer () int; index (B,) int. A scatter into the cache
     it was given: inside a loop whose carry holds the cache, XLA updates it in
     place, so a decode step writes T slots, not a fresh copy of the cache.
 
@@ -251,11 +292,13 @@ def write_kv(cache: KVCache, layer: jax.Array, index: jax.Array, k: jax.Array, v
 
 
 def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, layer: jax.Array, index: jax.Array,
-                 mask: jax.Array, n_heads: int, impl: str = "einsum", dtype=None) -> tuple[jax.Array, KVCache]:
+                 mask: jax.Array, n_heads: int, n_kv_heads: int | None = None, impl: str = "einsum", dtype=None,
+                 rope_theta: float | None = None) -> tuple[jax.Array, KVCache]:
     """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of `layer`; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
-    its shape (L, B, S, H, K) for every call, so the compiled step never changes.
+    its shape (L, B, S, G, K) for every call, so the compiled step never changes.
+    A token in slot s is at position s of its row, so rotary positions are index[b] + t.
 
     mask: bool (B, 1, T, S), True where query t may read slot s: the caller masks
     slots not yet written and the future.
@@ -269,7 +312,9 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, layer: jax.Array
         >>> y.shape, bool(cache.k[0, 0, 2:].any())   # slots 2.. still empty
         ((1, 2, 8), False)
     """
-    q, k, v = project_qkv(params, x, n_heads, dtype)                      # (B, T, H, K) each
+    positions = index.astype(jnp.int32)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]   # (B, T)
+    q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
+                          rope_theta=rope_theta)                           # (B, T, H|G, K)
     cache = write_kv(cache, layer, index, k, v)
     y = scaled_dot_product(q, cache.k[layer], cache.v[layer], mask, impl=impl)   # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache

@@ -1,9 +1,14 @@
 """Pre-norm residual block:
 
-    x = x + Dropout(Attention(LayerNorm1(x)))        (dropout only with a key, in training)
-    x = x + Dropout(FeedForward(LayerNorm2(x)))
+    x = x + Dropout(Attention(Norm1(x)))        (dropout only with a key, in training)
+    x = x + Dropout(FeedForward(Norm2(x)))
 
-Params: {"ln1": norm, "attn": attention, "ln2": norm, "mlp": feedforward}.
+Norm is LayerNorm (`norm.py`) or RMSNorm (`rmsnorm.py`), FeedForward the GELU MLP
+(`feedforward.py`) or SwiGLU (`swiglu.py`): the block picks the module by name and
+calls its init/apply pair, which share one signature. GPT-2 and Llama are the same
+block with other names.
+
+Params: {"ln1": norm, "attn": attention, "ln2": norm, "mlp": feed-forward}.
 The residual stream x keeps its dtype (float32, or float64); only the matmuls
 inside attention and the feed-forward run in the compute dtype `dtype`.
 """
@@ -13,11 +18,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.layers import attention, dropout, feedforward, norm
+from minitx_fn.layers import attention, dropout, feedforward, norm, rmsnorm, swiglu
+
+NORMS = {"layernorm": norm, "rmsnorm": rmsnorm}          # ModelConfig.norm -> the layer module
+MLPS = {"gelu": feedforward, "swiglu": swiglu}           # ModelConfig.mlp -> the layer module
 
 
-def init(key: jax.Array, *, d_model: int, n_heads: int, d_ff: int, std: float = 0.02,
-         out_std: float | None = None, dtype=jnp.float32) -> dict:
+def init(key: jax.Array, *, d_model: int, n_heads: int, d_ff: int, n_kv_heads: int | None = None,
+         std: float = 0.02, out_std: float | None = None, dtype=jnp.float32, norm: str = "layernorm",
+         mlp: str = "gelu", bias: bool = True, qkv_bias: bool | None = None) -> dict:
     """Weights ~ Normal(0, std^2). `out_std` initialises the two projections that
     write into the residual stream; GPT-2 uses std / sqrt(2 L) there, so the
     stream's variance does not grow with depth (the model passes it).
@@ -26,30 +35,36 @@ def init(key: jax.Array, *, d_model: int, n_heads: int, d_ff: int, std: float = 
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2, d_ff=32)
         >>> sorted(p), p["mlp"]["up"]["w"].shape
         (['attn', 'ln1', 'ln2', 'mlp'], (8, 32))
+        >>> p = init(jax.random.key(0), d_model=8, n_heads=2, d_ff=24, norm="rmsnorm", mlp="swiglu", bias=False)
+        >>> sorted(p["ln1"]), sorted(p["mlp"])
+        (['scale'], ['down', 'gate', 'up'])
     """
     k_attn, k_mlp = jax.random.split(key)
+    norm_layer = NORMS[norm]
     return {
-        "ln1": norm.init(d_model=d_model, dtype=dtype),
-        "attn": attention.init(k_attn, d_model=d_model, n_heads=n_heads, std=std, out_std=out_std, dtype=dtype),
-        "ln2": norm.init(d_model=d_model, dtype=dtype),
-        "mlp": feedforward.init(k_mlp, d_model=d_model, d_ff=d_ff, std=std, out_std=out_std, dtype=dtype),
+        "ln1": norm_layer.init(d_model=d_model, dtype=dtype),
+        "attn": attention.init(k_attn, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, std=std,
+                               out_std=out_std, dtype=dtype, bias=bias, qkv_bias=qkv_bias),
+        "ln2": norm_layer.init(d_model=d_model, dtype=dtype),
+        "mlp": MLPS[mlp].init(k_mlp, d_model=d_model, d_ff=d_ff, std=std, out_std=out_std, dtype=dtype, bias=bias),
     }
 
 
-def _feedforward_half(params: dict, x: jax.Array, eps: float, dtype, dropout_rate: float = 0.0,
-                      key: jax.Array | None = None) -> jax.Array:
-    """x + Dropout(FeedForward(LayerNorm2(x))), shared by `apply` and `apply_cached`."""
-    h = feedforward.apply(params["mlp"], norm.apply(params["ln2"], x, eps=eps), dtype=dtype)
+def _feedforward_half(params: dict, x: jax.Array, eps: float, dtype, norm: str, mlp: str,
+                      dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
+    """x + Dropout(FeedForward(Norm2(x))), shared by `apply` and `apply_cached`."""
+    h = MLPS[mlp].apply(params["mlp"], NORMS[norm].apply(params["ln2"], x, eps=eps), dtype=dtype)
     return x + dropout.apply(h, rate=dropout_rate, key=key).astype(x.dtype)
 
 
-def apply(params: dict, x: jax.Array, *, n_heads: int, eps: float = 1e-5, dtype=None, impl: str = "einsum",
-          attention_block: int = 0, mask: jax.Array | None = None, dropout_rate: float = 0.0,
-          key: jax.Array | None = None) -> jax.Array:
-    """(B, T, D) -> (B, T, D). `dtype`, `impl`, `attention_block` and `mask` as in
-    `attention.apply` (mask None: causal); `eps` is the layer norms'. With a key,
-    dropout at dropout_rate on the attention weights and on both residual branches,
-    each from its own subkey.
+def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = None, eps: float = 1e-5,
+          dtype=None, impl: str = "einsum", attention_block: int = 0, mask: jax.Array | None = None,
+          dropout_rate: float = 0.0, key: jax.Array | None = None, norm: str = "layernorm", mlp: str = "gelu",
+          positions: jax.Array | None = None, rope_theta: float | None = None) -> jax.Array:
+    """(B, T, D) -> (B, T, D). `dtype`, `impl`, `attention_block`, `mask`, `n_kv_heads`,
+    `positions` and `rope_theta` as in `attention.apply` (mask None: causal); `eps` is
+    the norms'. With a key, dropout at dropout_rate on the attention weights and on
+    both residual branches, each from its own subkey.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2, d_ff=32)
@@ -57,17 +72,19 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, eps: float = 1e-5, dtype=
         (2, 3, 8)
     """
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
-    h = attention.apply(params["attn"], norm.apply(params["ln1"], x, eps=eps), n_heads=n_heads, mask=mask,
-                        impl=impl, dtype=dtype, block=attention_block, dropout_rate=dropout_rate, key=k_weights)
+    h = attention.apply(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), n_heads=n_heads,
+                        n_kv_heads=n_kv_heads, mask=mask, impl=impl, dtype=dtype, block=attention_block,
+                        dropout_rate=dropout_rate, key=k_weights, positions=positions, rope_theta=rope_theta)
     x = x + dropout.apply(h, rate=dropout_rate, key=k_attn).astype(x.dtype)
-    return _feedforward_half(params, x, eps, dtype, dropout_rate, k_mlp)
+    return _feedforward_half(params, x, eps, dtype, norm, mlp, dropout_rate, k_mlp)
 
 
 def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, layer: jax.Array, index: jax.Array,
-                 mask: jax.Array, n_heads: int, eps: float = 1e-5, dtype=None, impl: str = "einsum"
+                 mask: jax.Array, n_heads: int, n_kv_heads: int | None = None, eps: float = 1e-5, dtype=None,
+                 impl: str = "einsum", norm: str = "layernorm", mlp: str = "gelu", rope_theta: float | None = None
                  ) -> tuple[jax.Array, attention.KVCache]:
     """Like `apply`, with attention reading and writing slice `layer` of the KV cache
-    (L, B, S, H, K); `index` and `mask` as in `attention.apply_cached`.
+    (L, B, S, G, K); `index` and `mask` as in `attention.apply_cached`.
 
     Example:
         >>> from minitx_fn.layers.attention import KVCache, causal_mask
@@ -78,6 +95,7 @@ def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, layer:
         >>> y.shape
         (1, 1, 8)
     """
-    h, cache = attention.apply_cached(params["attn"], norm.apply(params["ln1"], x, eps=eps), cache, layer=layer,
-                                      index=index, mask=mask, n_heads=n_heads, impl=impl, dtype=dtype)
-    return _feedforward_half(params, x + h.astype(x.dtype), eps, dtype), cache
+    h, cache = attention.apply_cached(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), cache,
+                                      layer=layer, index=index, mask=mask, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                      impl=impl, dtype=dtype, rope_theta=rope_theta)
+    return _feedforward_half(params, x + h.astype(x.dtype), eps, dtype, norm, mlp), cache

@@ -1,6 +1,6 @@
 """Position-wise feed-forward network: y = GELU(x W1 + b1) W2 + b2.
 
-Params: {"up": linear (D, F), "down": linear (F, D)}. GELU is the tanh
+Params: {"up": linear (D, F), "down": linear (F, D)}, with or without biases. GELU is the tanh
 approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as in GPT-2 and
 as `jax.nn.gelu` and Flax's `nn.gelu` compute by default.
 """
@@ -14,7 +14,7 @@ from minitx_fn.layers import linear
 
 
 def init(key: jax.Array, *, d_model: int, d_ff: int, std: float = 0.02, out_std: float | None = None,
-         dtype=jnp.float32) -> dict:
+         dtype=jnp.float32, bias: bool = True) -> dict:
     """`out_std` initialises the down projection (default `std`); GPT-2 shrinks it
     by 1/sqrt(2 L) because every block adds its output to the residual stream.
 
@@ -25,8 +25,8 @@ def init(key: jax.Array, *, d_model: int, d_ff: int, std: float = 0.02, out_std:
     """
     k_up, k_down = jax.random.split(key)
     return {
-        "up": linear.init(k_up, d_in=d_model, d_out=d_ff, std=std, dtype=dtype),
-        "down": linear.init(k_down, d_in=d_ff, d_out=d_model, std=out_std or std, dtype=dtype),
+        "up": linear.init(k_up, d_in=d_model, d_out=d_ff, std=std, dtype=dtype, bias=bias),
+        "down": linear.init(k_down, d_in=d_ff, d_out=d_model, std=out_std or std, dtype=dtype, bias=bias),
     }
 
 

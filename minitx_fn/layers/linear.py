@@ -1,6 +1,6 @@
-"""Dense projection: y = x W + b.
+"""Dense projection: y = x W + b, or y = x W without a bias.
 
-Params: {"w": (D_in, D_out), "b": (D_out,)}.
+Params: {"w": (D_in, D_out), "b": (D_out,)}; {"w"} alone when made with bias=False.
 """
 
 from __future__ import annotations
@@ -9,18 +9,16 @@ import jax
 import jax.numpy as jnp
 
 
-def init(key: jax.Array, *, d_in: int, d_out: int, std: float = 0.02, dtype=jnp.float32) -> dict:
-    """W ~ Normal(0, std^2), b = 0.
+def init(key: jax.Array, *, d_in: int, d_out: int, std: float = 0.02, dtype=jnp.float32, bias: bool = True) -> dict:
+    """W ~ Normal(0, std^2), b = 0 (no b with bias=False).
 
     Example:
         >>> p = init(jax.random.key(0), d_in=3, d_out=5)
-        >>> p["w"].shape, p["b"].shape
-        ((3, 5), (5,))
+        >>> p["w"].shape, p["b"].shape, sorted(init(jax.random.key(0), d_in=3, d_out=5, bias=False))
+        ((3, 5), (5,), ['w'])
     """
-    return {
-        "w": std * jax.random.normal(key, (d_in, d_out), dtype),
-        "b": jnp.zeros((d_out,), dtype),
-    }
+    w = std * jax.random.normal(key, (d_in, d_out), dtype)
+    return {"w": w, "b": jnp.zeros((d_out,), dtype)} if bias else {"w": w}
 
 
 def apply(params: dict, x: jax.Array, *, dtype=None) -> jax.Array:
@@ -36,5 +34,7 @@ def apply(params: dict, x: jax.Array, *, dtype=None) -> jax.Array:
     """
     dtype = dtype or params["w"].dtype
     y = x.astype(dtype) @ params["w"].astype(dtype)                       # (..., D_out)
+    if "b" not in params:
+        return y
     # Explicit broadcast of b over the leading axes (no implicit rank promotion).
     return y + jnp.expand_dims(params["b"].astype(dtype), tuple(range(y.ndim - 1)))
