@@ -90,6 +90,32 @@ def test_a_run_saved_in_format_3_resumes_and_is_saved_in_the_current_format(caps
     assert meta["format_version"] == checkpoint.FORMAT_VERSION == 7 and meta["data"] == {"builtin": True}
 
 
+def test_arch_llama_trains_resumes_and_generates_and_its_conflicts_are_one_line(capsys):
+    """--arch llama with a single flag over it (--kv-heads): the run records Llama's
+    choices, resumes, generates; a resume with another --arch, a --kv-heads that does
+    not divide --heads, an odd rotary head and export-gpt2 of it are one line each."""
+    common = [*TINY, "--arch", "llama", "--kv-heads", "1", "--save-every", "4", "--log-every", "4"]
+    code, out, err = run_main(capsys, "train", *common, "--steps", "4", "--out", "ll", "--max-new-tokens", "5")
+    assert code == 0, err
+    mc = checkpoint.load("ll").model_config
+    assert (mc.positions, mc.norm, mc.mlp, mc.bias, mc.n_kv_heads, mc.tie_embeddings) == (
+        "rotary", "rmsnorm", "swiglu", False, 1, False)
+    code, _, err = run_main(capsys, "train", "--resume", "ll", "--steps", "8")
+    assert code == 0, err
+    code, out, _ = run_main(capsys, "generate", "--checkpoint", "ll", "--prompt", "hello", "--max-new-tokens", "4")
+    assert code == 0 and out.startswith("hello")
+    for argv, fragments in [
+        (["train", "--resume", "ll", "--steps", "9", "--arch", "gpt"], ("--positions sinusoidal (saved: --positions "
+                                                                          "rotary)", "--norm layernorm")),
+        (["train", *TINY, "--heads", "2", "--kv-heads", "3"], ("--kv-heads 3", "must divide --heads 2")),
+        (["train", *TINY, "--arch", "llama", "--width", "6", "--heads", "2"], ("--width 6", "must be even")),
+        (["export-gpt2", "ll", "--out", "hf"], ("--positions learned", "--positions rotary", "--arch gpt2")),
+    ]:
+        code, _, err = run_main(capsys, *argv)
+        assert_one_error_line(code, err, *fragments)
+    assert not os.path.exists("hf") and int(checkpoint.load("ll").state.step) == 8
+
+
 def test_generate_command(capsys, hello_run):
     code, out, _ = run_main(capsys, "generate", "--checkpoint", hello_run, "--prompt", "hello", "--max-new-tokens", "20")
     assert code == 0 and out.startswith("hello") and len(out.strip()) == 25

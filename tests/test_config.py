@@ -17,6 +17,10 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     assert hash(a) == hash(ModelConfig(vocab_size=10, d_model=32, n_heads=4)) and a == a.replace()
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.d_model = 64
+    llama = ModelConfig(vocab_size=10, d_model=48, n_heads=4, mlp="swiglu", bias=False)
+    # SwiGLU's three matrices at 8 D / 3 (rounded up to a multiple of 8) hold about the GELU MLP's two at 4 D.
+    assert llama.d_ff == 128 and llama.n_kv_heads == 4 and llama.qkv_bias is False
+    assert abs(3 * llama.d_ff - 2 * 4 * 48) <= 3 * 8
     t = TrainConfig(steps=300, lr=2e-3)
     assert t.decay_steps == 300 and t.min_lr == pytest.approx(2e-4)
 
@@ -34,6 +38,15 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     ({"attention_block": -1}, "attention_block=-1", ">= 0"),
     ({"attention_block": 2.0}, "attention_block=2.0", "whole number"),
     ({"remat": "some"}, "remat='some'", "choose one of"),
+    ({"n_kv_heads": 3}, "n_kv_heads=3", "must divide n_heads=4"),
+    ({"n_kv_heads": 0}, "n_kv_heads=0", r"\[1, "),
+    ({"norm": "batchnorm"}, "norm='batchnorm'", "choose one of"),
+    ({"mlp": "relu"}, "mlp='relu'", "choose one of"),
+    ({"rope_theta": 1.0}, "rope_theta=1.0", r"\(1, 3.4e38\]"),
+    ({"rope_theta": float("nan")}, "rope_theta=nan", "number in"),
+    ({"bias": 1}, "bias=1", "True or False"),
+    ({"qkv_bias": "yes"}, "qkv_bias='yes'", "True or False"),
+    ({"positions": "rotary", "d_model": 12}, "d_model=12", "head width d_model / n_heads=3 must be even"),
 ])
 def test_model_config_rejects_bad_values(changes, field, hint):
     kwargs = {"vocab_size": 10, "d_model": 32, "n_heads": 4} | changes

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minitx_fn import defaults, model
 from minitx_fn import generate as gen
-from minitx_fn import model
 from minitx_fn.config import ModelConfig
 from minitx_fn.sampling import Sampler
 from tests.helpers import count_calls, enable_x64
@@ -48,16 +48,25 @@ def assert_logits_close(actual, expected, dtype: str):
 # ----------------------------------------------------------------------------- cached = recompute
 
 
-@pytest.mark.parametrize("impl, dtype", [("einsum", "float32"), ("einsum", "float64"),
-                                         ("dot_product_attention", "float32")])
+# Llama's choices with multi-query attention: rotary keys in the cache, one cached head.
+LLAMA = {**defaults.ARCHS["llama"], "n_kv_heads": 1}
+
+
+@pytest.mark.parametrize("impl, dtype, arch", [("einsum", "float32", {}), ("einsum", "float64", {}),
+                                               ("dot_product_attention", "float32", {}),
+                                               ("einsum", "float64", LLAMA),
+                                               ("dot_product_attention", "float32", LLAMA)],
+                         ids=["einsum-float32", "einsum-float64", "dpa-float32", "llama-float64", "llama-dpa-float32"])
 @given(lengths=st.lists(st.sampled_from([1, 2, 5, 8, 11]), min_size=3, max_size=3), seed=SEEDS)
-def test_cached_greedy_equals_recompute_inside_and_after_the_window(impl, dtype, lengths, seed):
+def test_cached_greedy_equals_recompute_inside_and_after_the_window(impl, dtype, arch, lengths, seed):
     """Three prompts of mixed lengths (11 > S = 8 keeps the last 8); 30 new tokens slide
     every row's window several times, each at its own step. The compiled shapes are
-    the same for every example, so hypothesis varies the data, not the compilation."""
+    the same for every example, so hypothesis varies the data, not the compilation.
+    With rotary positions a slide re-encodes the kept tokens at positions 0 .., as the
+    recompute does."""
     n_new = 30
     with precision(dtype):
-        cfg = config(dtype, attention=impl)
+        cfg = config(dtype, attention=impl, **arch)
         params = model.init(jax.random.key(seed), cfg)
         prompts = random_prompts(seed, lengths, cfg.vocab_size)
         key = jax.random.key(seed + 1)

@@ -7,6 +7,7 @@ every operation (and every jax.random draw) on its own."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import chex
@@ -19,9 +20,10 @@ from hypothesis import strategies as st
 
 from minitx_fn import model
 from minitx_fn.config import ModelConfig
-from minitx_fn.layers import attention, block, dropout, embedding, feedforward, linear, norm, positional
+from minitx_fn.layers import (attention, block, dropout, embedding, feedforward, linear, norm, positional, rmsnorm,
+                              rotary, swiglu)
 from tests.flax_reference import sinusoidal_table
-from tests.helpers import assert_close_scaled, check_layer
+from tests.helpers import assert_close_scaled, check_layer, enable_x64
 
 # Small sets of sizes, so the compiled functions are reused across examples.
 WIDTHS = st.sampled_from([4, 8, 12])
@@ -70,6 +72,29 @@ def test_feedforward_contract(key, rng, d, f):
     shapes = {"up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}
     check_layer(lambda: feedforward.init(key, d_model=d, d_ff=f), feedforward.apply,
                 expected_shapes=shapes, x=rng.standard_normal((2, 3, d), np.float32), out_shape=(2, 3, d))
+
+
+@pytest.mark.parametrize("d", [4, 16])
+def test_rmsnorm_contract(rng, d):
+    check_layer(lambda: rmsnorm.init(d_model=d), rmsnorm.apply, expected_shapes={"scale": (d,)},
+                x=rng.standard_normal((2, 3, d), np.float32), out_shape=(2, 3, d))
+
+
+@pytest.mark.parametrize("d, f, bias", [(4, 12, True), (8, 24, False)])
+def test_swiglu_contract(key, rng, d, f, bias):
+    b = lambda n: {"b": (n,)} if bias else {}  # noqa: E731
+    shapes = {"gate": {"w": (d, f), **b(f)}, "up": {"w": (d, f), **b(f)}, "down": {"w": (f, d), **b(d)}}
+    check_layer(lambda: swiglu.init(key, d_model=d, d_ff=f, bias=bias), swiglu.apply,
+                expected_shapes=shapes, x=rng.standard_normal((2, 3, d), np.float32), out_shape=(2, 3, d))
+
+
+@pytest.mark.parametrize("d, h, g", [(8, 4, 2), (12, 3, 1)])
+def test_grouped_attention_contract(key, rng, d, h, g):
+    k = d // h
+    shapes = {"qkv": {"w": (d, (h + 2 * g) * k)}, "out": {"w": (d, d)}}
+    check_layer(lambda: attention.init(key, d_model=d, n_heads=h, n_kv_heads=g, bias=False),
+                lambda p, x: attention.apply(p, x, n_heads=h, n_kv_heads=g, rope_theta=10000.0),
+                expected_shapes=shapes, x=rng.standard_normal((2, 5, d), np.float32), out_shape=(2, 5, d))
 
 
 @pytest.mark.parametrize("d, h", [(8, 2), (12, 3)])
@@ -277,3 +302,96 @@ def test_attention_dropout_drops_weights_not_rows(key, rng):
     plain = attention.apply(p, x, n_heads=2)
     np.testing.assert_array_equal(attention.apply(p, x, n_heads=2, dropout_rate=0.0, key=key), plain)
     assert not np.allclose(attention.apply(p, x, n_heads=2, dropout_rate=0.5, key=key), plain)
+
+
+# ----------------------------------------------------------------------------- Llama's layers
+
+DTYPES = st.sampled_from(["float32", "float64"])
+TOL = {"float32": 1e-5, "float64": 1e-12}
+rotary_apply = jax.jit(rotary.apply, static_argnames="theta")
+rmsnorm_apply = jax.jit(rmsnorm.apply, static_argnames="eps")
+
+
+def _precision(dtype: str):
+    return enable_x64() if dtype == "float64" else contextlib.nullcontext()
+
+
+@given(head=st.sampled_from([2, 8]), m=st.integers(0, 2000), n=st.integers(0, 2000), shift=st.integers(-500, 500),
+       theta=st.sampled_from([100.0, 10000.0, 1e6]), dtype=DTYPES, seed=SEEDS)
+def test_rotary_scores_depend_only_on_the_offset_and_rotation_keeps_lengths(head, m, n, shift, theta, dtype, seed):
+    """q turned to position m and k to n: q_m . k_n = q_{m+s} . k_{n+s} for any shift s
+    (with both positions >= 0), and |R_m q| = |q|. At position 0 nothing turns."""
+    shift = max(shift, -min(m, n))
+    with _precision(dtype):
+        q, k = (jnp.asarray(normal(seed + i, 1, 1, 1, head), dtype) for i in (0, 1))   # (B, T, H, K) = 1, 1, 1, K
+        turn = lambda x, p: rotary_apply(x, jnp.array([[p]], jnp.int32), theta=theta)[0, 0, 0]  # noqa: E731
+        score = float(jnp.dot(turn(q, m), turn(k, n)))
+        moved = float(jnp.dot(turn(q, m + shift), turn(k, n + shift)))
+        # An angle of 2,500 radians carries float32 rounding of about 2500 * 6e-8 into the sines.
+        tol = {"float32": 2e-3, "float64": 1e-9}[dtype] * float(jnp.linalg.norm(q) * jnp.linalg.norm(k))
+        assert abs(score - moved) <= tol
+        np.testing.assert_allclose(float(jnp.linalg.norm(turn(q, m))), float(jnp.linalg.norm(q)), rtol=TOL[dtype])
+        np.testing.assert_array_equal(turn(q, 0), q[0, 0, 0])
+
+
+def test_rotary_turns_the_pairs_of_the_rotate_half_layout_by_hand():
+    """K = 4: pairs (x0, x2) and (x1, x3), turned by m and m / theta^(1/2) (theta = 100: m / 10)."""
+    x = jnp.array([[[[1.0, 2.0, 3.0, 4.0]]]])
+    y = np.asarray(rotary.apply(x, jnp.array([[5]]), theta=100.0))[0, 0, 0]
+    a, b = 5.0, 0.5
+    expected = [math.cos(a) - 3 * math.sin(a), 2 * math.cos(b) - 4 * math.sin(b),
+                3 * math.cos(a) + math.sin(a), 4 * math.cos(b) + 2 * math.sin(b)]
+    np.testing.assert_allclose(y, expected, rtol=1e-6)
+
+
+@given(d=WIDTHS, c=st.sampled_from([1e-3, 0.5, 7.0, 1e4]), dtype=DTYPES, seed=SEEDS)
+def test_rmsnorm_ignores_a_positive_scale_and_is_layernorm_on_zero_mean_inputs(d, c, dtype, seed):
+    """RMSNorm(c x) = RMSNorm(x) for c > 0 (eps far below the mean square), and on
+    inputs of zero mean RMSNorm equals LayerNorm with the same scale and bias 0."""
+    with _precision(dtype):
+        x = jnp.asarray(normal(seed, 3, d) + 0.1, dtype)
+        scale = jnp.asarray(1 + normal(seed + 1, d, scale=0.1), dtype)
+        eps = 1e-30 if dtype == "float64" else 1e-20
+        y = rmsnorm_apply({"scale": scale}, x, eps=eps)
+        assert_close_scaled(rmsnorm_apply({"scale": scale}, c * x, eps=eps), y, TOL[dtype])
+        centred = x - x.mean(axis=-1, keepdims=True)
+        assert_close_scaled(rmsnorm_apply({"scale": scale}, centred, eps=1e-5),
+                            norm_apply({"scale": scale, "bias": jnp.zeros(d, dtype)}, centred, eps=1e-5), TOL[dtype])
+
+
+def _repeat_kv(params: dict, n_heads: int, n_kv_heads: int) -> dict:
+    """Grouped-query parameters -> multi-head ones: each key and value head's K columns
+    copied for each of its R = H / G query heads, as the paper defines the layer."""
+    w, b = params["qkv"]["w"], params["qkv"].get("b")
+    k = w.shape[0] // n_heads
+    r = n_heads // n_kv_heads
+
+    def expand(a):
+        q, key, v = np.split(np.asarray(a), [n_heads * k, (n_heads + n_kv_heads) * k], axis=-1)
+        grow = lambda t: np.repeat(t.reshape(*t.shape[:-1], n_kv_heads, k), r, axis=-2).reshape(*t.shape[:-1], -1)  # noqa: E731
+        return np.concatenate([q, grow(key), grow(v)], axis=-1)
+    qkv = {"w": expand(w), **({} if b is None else {"b": expand(b)})}
+    return {**params, "qkv": qkv}
+
+
+@given(shape=st.sampled_from([(4, 2), (4, 1), (6, 3), (2, 2)]), rotary_theta=st.sampled_from([None, 10000.0]),
+       impl=st.sampled_from(["einsum", "dot_product_attention"]), dtype=DTYPES, seed=SEEDS)
+def test_grouped_query_attention_is_multi_head_attention_with_shared_key_value_heads(shape, rotary_theta, impl, dtype,
+                                                                                      seed):
+    """G key/value heads equal H heads whose keys and values are copies within each
+    group (G = H: today's multi-head attention, the same parameters), with rotary
+    positions or without, for both attention implementations; the cache holds G heads."""
+    h, g = shape
+    if impl == "dot_product_attention" and dtype == "float64":
+        dtype = "float32"                           # jax.nn.dot_product_attention's softmax is float32
+    with _precision(dtype):
+        dt = getattr(jnp, dtype)
+        p = attention.init(jax.random.key(seed % 1000), d_model=4 * h, n_heads=h, n_kv_heads=g, std=0.5, dtype=dt,
+                           qkv_bias=True)
+        x = jnp.asarray(normal(seed, 2, 5, 4 * h), dt)
+        run = jax.jit(lambda p, n_kv: attention.apply(p, x, n_heads=h, n_kv_heads=n_kv, impl=impl,
+                                                      rope_theta=rotary_theta), static_argnums=1)
+        grouped = run(p, g)
+        assert_close_scaled(grouped, run(_repeat_kv(p, h, g), h), TOL[dtype])
+    cache = model.init_cache(ModelConfig(vocab_size=5, d_model=4 * h, n_heads=h, n_kv_heads=g, max_len=8), 3)
+    assert cache.k.shape == (2, 3, 8, g, 4)

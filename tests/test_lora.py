@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, job, lora, model, train
+from minitx_fn import checkpoint, defaults, job, lora, model, train
 from minitx_fn.config import LoraConfig, ModelConfig, OptimizerConfig
 from minitx_fn.defaults import LORA_TARGETS
 from minitx_fn.testing import assert_close_scaled, enable_x64
@@ -63,13 +63,20 @@ def test_fresh_adapters_leave_the_model_exactly_as_it_was(d, layers, rank, targe
         jax.tree.map(np.testing.assert_array_equal, merged, params)     # every leaf, so every logit, the same
 
 
-@given(rank=st.sampled_from([1, 3]), targets=TARGETS, dtype=DTYPES, seed=SEEDS, length=st.sampled_from([1, 5, 8]))
-def test_merged_adapters_equal_unmerged_ones_in_the_numpy_model(rank, targets, dtype, seed, length):
+# GPT-2's shape, and Llama's (SwiGLU's gate adapted too; multi-query, rotary).
+ARCHS = {"gpt2": ({"positions": "learned", "tie_embeddings": True}, {}),
+         "llama": ({**defaults.ARCHS["llama"], "n_kv_heads": 1}, {"n_kv_heads": 1, "rope_theta": 10000.0})}
+
+
+@given(rank=st.sampled_from([1, 3]), targets=TARGETS, dtype=DTYPES, seed=SEEDS, length=st.sampled_from([1, 5, 8]),
+       arch=st.sampled_from(sorted(ARCHS)))
+def test_merged_adapters_equal_unmerged_ones_in_the_numpy_model(rank, targets, dtype, seed, length, arch):
     """Law: folding A B into the weights (lora.merge, then our model) gives the logits of
     the independent NumPy model that adds scale (x A) B to each adapted layer's output
     and never changes a weight."""
+    options, numpy_args = ARCHS[arch]
     with _x64(dtype):
-        mc = _model(dtype, 8, 2, positions="learned", tie_embeddings=True)
+        mc = _model(dtype, 8, 2, **options)
         key = jax.random.key(seed)
         params = model.init(key, mc)
         config = LoraConfig(rank=rank, alpha=2.0, targets=targets)
@@ -77,8 +84,10 @@ def test_merged_adapters_equal_unmerged_ones_in_the_numpy_model(rank, targets, d
         ids = np.asarray(jax.random.randint(key, (length,), 0, 11))
         ours = model.apply(lora.merge(params, adapters, scale=config.scale), jnp.asarray(ids[None]), config=mc)[0]
         theirs = numpy_model.logits(jax.device_get(params), ids, n_heads=2, adapters=jax.device_get(adapters),
-                                    scale=config.scale)
-        unadapted = numpy_model.logits(jax.device_get(params), ids, n_heads=2)
+                                    scale=config.scale, **numpy_args)
+        unadapted = numpy_model.logits(jax.device_get(params), ids, n_heads=2, **numpy_args)
+        if arch == "llama" and targets != "attn":
+            assert "gate" in adapters["blocks"]["mlp"]
         assert np.abs(theirs - unadapted).max() > 1e-3          # the adapters change the model: the law bites
         assert_close_scaled(ours, theirs, 1e-11 if dtype == "float64" else 2e-5)
 
