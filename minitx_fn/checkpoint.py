@@ -70,6 +70,7 @@ ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None
 FORMAT_VERSION = 7
 READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
+MAX_BASES = 16                    # LoRA runs on LoRA runs: how deep load_model follows their bases
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
 META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "origin", "files"}
@@ -550,6 +551,10 @@ def load_model(run_dir: str, *, _seen: frozenset = frozenset()) -> Model:
     return _consistently(run_dir, read)
 
 
+class _ChainTooDeep(CheckpointError):
+    """Said once, from the deepest base, not wrapped again by each run above it."""
+
+
 def base_params(meta: dict, model_config: ModelConfig, _seen: frozenset = frozenset()) -> dict:
     """The parameters a run started from (its origin "init_from"), as that run used them:
     loaded (`load_model`, so a base that is itself a LoRA run comes merged), checked
@@ -565,10 +570,15 @@ def base_params(meta: dict, model_config: ModelConfig, _seen: frozenset = frozen
     if source is None:
         raise CheckpointError("this run did not start from another run's parameters; it has no base")
     where = source["path"]
+    if len(_seen) >= MAX_BASES:
+        raise _ChainTooDeep(f"{where!r} starts a chain of bases more than {MAX_BASES} runs deep (LoRA runs on LoRA "
+                            f"runs); start a shorter one from a run of the chain without --lora-rank, which merges it")
     try:
         if os.path.realpath(locate(where)) in _seen:
             raise CheckpointError("through its own bases, it is the run itself")
         base = load_model(where, _seen=_seen)
+    except _ChainTooDeep:
+        raise
     except CheckpointError as e:
         raise CheckpointError(f"the base this run's adapters apply to, {where!r}, cannot be loaded: {e}") from None
     if base.meta["files"][ARRAY_FILES[0]]["sha256"] != source["sha256"]:

@@ -399,6 +399,12 @@ def cmd_eval(args, out=None) -> int:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not args.json or os.path.isdir(args.json) or not os.path.isdir(folder):
             raise UsageError(f"--json {args.json!r}: give a file name in an existing folder")
+        if not args.json.lower().endswith(".json"):       # never a text, an npz or a picture by mistake
+            raise UsageError(f"--json {args.json!r}: give a file name ending in .json")
+        if os.path.basename(folder) == runs.CHECKPOINT:
+            raise UsageError(f"--json {args.json!r} is inside a run's checkpoint; write it elsewhere")
+        if os.path.exists(args.json) and os.path.exists(args.data) and os.path.samefile(args.json, args.data):
+            raise UsageError(f"--json {args.json!r} is the --data file; write it elsewhere")
     result = job.evaluate(args.checkpoint, args.data, eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, log=out)
     print(f"Loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
           f"{result.bits_per_byte:.4f} bits per byte, over {result.tokens:,} tokens of {args.data}", file=out)

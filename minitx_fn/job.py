@@ -209,6 +209,10 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
             state = trainer.new_state(params, trainer.make_optimizer(tc.optimizer))
         else:
             _check_rank(tc, mc)
+            training = runs.Lock(init_from).live_holder()
+            if training:            # its next save would change the base these adapters are trained on
+                raise RunDirError(f"{os.fspath(init_from)!r} is being trained ({training}); a LoRA run needs its base to stay "
+                                  f"as it is: wait for that run to finish, or copy it and start from the copy")
             state, base = trainer.lora_state(trainer.keys(tc.seed).init, params, tc.optimizer, tc.lora), params
         origin = {"init_from": {"path": os.path.abspath(init_from), "sha256": start.meta["files"]["params.npz"]["sha256"]}}
     return _checked(run_dir, False, mc, tc, source, state, batches, devices, fsdp, prompt, sample_tokens,
@@ -218,7 +222,7 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
 def _check_rank(tc: TrainConfig, mc: ModelConfig) -> None:
     """An adapter's rank above the width it adapts is no longer low: refuse it."""
     if tc.lora_rank > mc.d_model:
-        raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter has a rank below it",
+        raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter's rank is at most the width",
                           rank=("lora_rank", tc.lora_rank), d=("d_model", mc.d_model))
 
 
@@ -443,8 +447,7 @@ def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, d
         batches = "device" if len(train_ids) <= defaults.DEVICE_RESIDENT_TOKENS else "memmap"
     if devices or jax.device_count() > 1:                # the batch is split over them: before anything is written
         distributed.check_batch(tc.batch_size, distributed.make_mesh(devices))
-    micro_batch = tc.batch_size // tc.grad_accum                 # what one pass holds activations for
-    step_bytes = memory.training_bytes(mc, micro_batch, tc.lora)
+    step_bytes = memory.training_bytes(mc, tc.batch_size, tc.lora, tc.grad_accum)
     memory.check(step_bytes, "training this model",
                  "try a smaller {b}, {w}, {c} or {l}, or more {k}", b=("batch_size", tc.batch_size),
                  w=("d_model", mc.d_model), c=("max_len", mc.max_len), l=("n_layers", mc.n_layers),
@@ -608,8 +611,10 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
                           evaluate=evaluate if plan.val_windows is not None else None, metrics_path=metrics_path,
                           save=save, out=log, signals=stops, max_in_flight=max_in_flight)
     except loop.NonFiniteError as e:
-        raise RunFailed(f"{e}; training stopped and {kept(run_dir)}; try a lower {{lr}} or more {{warmup}}",
-                        lr=("lr", tc.lr), warmup=("warmup", tc.warmup)) from None
+        lower = {"lr": ("lr", tc.lr)} if tc.lora is None else {"lr": ("lr", tc.lr), "alpha": ("lora_alpha", tc.lora.alpha)}
+        raise RunFailed(f"{e}; training stopped and {kept(run_dir)}; try a lower "
+                        + " or ".join("{%s}" % name for name in lower) + " or more {warmup}",
+                        **lower, warmup=("warmup", tc.warmup)) from None
     except StorageError as e:
         raise RunFailed(f"{e.strerror}; training stopped and {kept(run_dir)}; free some space or fix the "
                         f"permissions, then continue with {{resume}}", resume=("resume", run_dir)) from None

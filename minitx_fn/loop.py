@@ -14,6 +14,7 @@ through the same code.
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import sys
 import time
@@ -100,7 +101,7 @@ def _fit(state, step, next_batch, steps, log_every, eval_every, save_every, toke
     at = int(distributed.scalar(state.step))
     tty = hasattr(out, "isatty") and out.isatty()
     check_every = min(10, log_every) if tty else log_every
-    pending: list[tuple[int, jax.Array]] = []           # (step, loss) not yet fetched
+    pending: list[tuple[int, jax.Array, jax.Array | None]] = []   # (step, loss, grad_norm) not yet fetched
     losses_since_record: list[float] = []
     lr = None                                           # the latest step's own "lr" metric, if it reports one
     window_start, window_step = time.perf_counter(), at
@@ -116,7 +117,7 @@ def _fit(state, step, next_batch, steps, log_every, eval_every, save_every, toke
         while at < steps:
             state, metrics = step(state, next_batch(at))
             at += 1
-            pending.append((at, metrics["loss"]))
+            pending.append((at, metrics["loss"], metrics.get("grad_norm")))
             lr = metrics.get("lr")
             if max_in_flight is not None and len(pending) > max_in_flight:
                 pending[-max_in_flight - 1][1].block_until_ready()
@@ -131,10 +132,16 @@ def _fit(state, step, next_batch, steps, log_every, eval_every, save_every, toke
                 due = {"log": True, "eval": evaluate is not None and at == steps, "save": save is not None}
             if not (any(due.values()) or at % check_every == 0):
                 continue
-            losses = np.array([distributed.scalar(loss) for _, loss in pending], np.float64)
+            losses = np.array([distributed.scalar(loss) for _, loss, _ in pending], np.float64)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
                 raise NonFiniteError(pending[bad[0]][0], "loss")
+            # An overflowing gradient norm makes clipping scale every gradient by 0: the
+            # step would quietly change nothing (a finite loss, finite parameters).
+            bad = [at_step for at_step, _, norm in pending
+                   if norm is not None and not math.isfinite(distributed.scalar(norm))]
+            if bad:
+                raise NonFiniteError(bad[0], "gradient norm")
             losses_since_record += losses.tolist()
             pending.clear()
             now = time.perf_counter()

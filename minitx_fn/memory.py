@@ -36,9 +36,10 @@ def _count(shapes) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
 
-def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None = None) -> int:
-    """Parameters, gradients and two Adam moments, plus one layer's activations and the
-    logits of a batch: what one train step must hold at once.
+def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None = None, accumulate: int = 1) -> int:
+    """Parameters, gradients and two Adam moments, the batch's ids (inputs and targets),
+    plus one layer's activations and the logits of a micro-batch (batch_size /
+    accumulate rows, `TrainConfig.grad_accum`): what one train step must hold at once.
 
     With `lora`, the weights part is the frozen base once, the gradient of every adapted
     weight (merging in front of the model forms it, `lora.py`) and the adapters with
@@ -60,10 +61,10 @@ def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None
         adapters = jax.eval_shape(lambda k: lora_lib.init(k, shapes, lora), jax.random.key(0))
         adapted = sum(math.prod(lora_lib.weight(shapes, path).shape) for path in lora_lib.targets(shapes, lora))
         weights = _count(shapes) + adapted + 4 * _count(adapters)
-    b, t = batch_size, c.max_len
+    b, t = batch_size // accumulate, c.max_len
     scores = b * c.n_heads * t * min(t, c.attention_block or t)        # one block of attention scores
     activations = b * t * (6 * c.d_model + c.d_ff) + scores + 2 * b * t * c.vocab_size
-    return weights * word + activations * 4
+    return weights * word + activations * 4 + 2 * batch_size * t * 4
 
 
 def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> int:

@@ -220,6 +220,16 @@ class Lock:
             return None
         return (pid, host) if 0 < pid < 2**31 else None     # no process has another PID (0 and -n are groups)
 
+    def live_holder(self) -> str | None:
+        """"PID n" (and " on HOST" from another machine) of a live process holding the lock, else None."""
+        holder = self._holder()
+        if holder is None:
+            return None
+        pid, host = holder
+        if host == socket.gethostname():
+            return f"PID {pid}" if alive(pid) else None
+        return f"PID {pid} on {host}"
+
     def __enter__(self) -> "Lock":
         me = f"{os.getpid()} {socket.gethostname()}\n"
         try:

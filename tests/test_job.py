@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pydoc
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -269,6 +270,16 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(ca
     assert_one_error_line(code, err, "odd.txt", "char tokenizer lacks", "'Zb'")
     code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "no/e.json")
     assert_one_error_line(code, err, "--json 'no/e.json'")
+    # What --json must never overwrite: the text itself, a run's checkpoint (params.npz, or its meta.json).
+    shutil.copy("t.txt", "t.json")
+    kept = {path: open(path, "rb").read() for path in ("t.txt", "t.json", "r/checkpoint/params.npz",
+                                                        "r/checkpoint/meta.json")}
+    for data, target, said in (("t.txt", "t.txt", "ending in .json"), ("t.json", "t.json", "is the --data file"),
+                               ("t.txt", "r/checkpoint/params.npz", "ending in .json"),
+                               ("t.txt", "r/checkpoint/meta.json", "inside a run's checkpoint")):
+        code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", data, "--json", target)
+        assert_one_error_line(code, err, f"--json {target!r}", said)
+    assert kept == {path: open(path, "rb").read() for path in kept}
     open("short.txt", "w").write("hello")
     code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "short.txt")
     assert_one_error_line(code, err, "the text has 5 tokens", "at least 17")

@@ -101,6 +101,22 @@ def test_non_finite_parameters_never_reach_a_save():
     assert (info.value.step, info.value.what) == (3, "parameters") and saved == [1, 2]
 
 
+def test_an_overflowing_gradient_norm_stops_the_run_instead_of_a_step_that_changes_nothing():
+    """A finite loss with an infinite gradient norm: clipping would scale every gradient
+    by 0 and the run would go on unchanged (a LoRA alpha of 3e38 did). It is named at
+    its step, and nothing from that step on is saved."""
+    def step(state, batch):
+        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.optimizer)
+        if int(state.step) >= 2:
+            metrics = {**metrics, "grad_norm": jnp.float32(jnp.inf)}
+        return state, metrics
+
+    saved = []
+    with pytest.raises(loop.NonFiniteError) as info:
+        run(TC.replace(save_every=1, log_every=1), step=step, save=lambda s: saved.append(int(s.step)))
+    assert (info.value.step, info.value.what) == (2, "gradient norm") and saved == [1]
+
+
 def _signal_at(step_number: int, signum: int):
     """A step function that sends `signum` to this process after step `step_number`."""
     def step(state, batch):

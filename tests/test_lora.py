@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import socket
 
 import jax
 import jax.numpy as jnp
@@ -222,9 +223,35 @@ def test_what_a_lora_run_refuses_and_a_base_that_moved_or_changed(here, capsys):
         code, _, err = run_main(capsys, "train", "--data", "t.txt", *argv, "--out", "x")
         assert_one_error_line(code, err, said)
         assert not os.path.exists("x")
+    with open("imported/.lock", "w") as f:             # a live process (this one) training the base
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    code, _, err = run_main(capsys, "train", "--data", "t.txt", "--init-from", "imported", "--lora-rank", "2",
+                            "--out", "x")
+    assert_one_error_line(code, err, "'imported' is being trained (PID", "a LoRA run needs its base to stay")
+    os.remove("imported/.lock")
+    # alpha / R so large the gradient norm overflows: clipping would zero every update without a word.
+    code, _, err = run_main(capsys, "train", "--data", "t.txt", "--init-from", "imported", "--lora-rank", "2",
+                            "--lora-alpha", "3e38", "--steps", "2", "--out", "x")
+    assert_one_error_line(code, err, "the gradient norm became non-finite at step 1", "--lora-alpha", status=1)
+    shutil.rmtree("x")
     _lora_run("tuned", steps=2)
     code, _, err = run_main(capsys, "train", "--resume", "tuned", "--steps", "4", "--lora-rank", "4")
     assert_one_error_line(code, err, "--lora-rank 4 (saved: --lora-rank 2)")
+    # Copies of a LoRA run, each naming the one before as its base: a chain deeper than
+    # checkpoint.MAX_BASES is one line, not a RecursionError.
+    previous = "tuned"
+    for i in range(checkpoint.MAX_BASES + 1):
+        shutil.copytree("tuned", f"chain{i}")
+        meta_path = f"chain{i}/checkpoint/meta.json"
+        meta = json.load(open(meta_path))
+        meta["origin"]["init_from"] = {"path": os.path.abspath(previous),
+                                       "sha256": json.load(open(f"{previous}/checkpoint/meta.json"))[
+                                           "files"]["params.npz"]["sha256"]}
+        json.dump(meta, open(meta_path, "w"))
+        previous = f"chain{i}"
+    checkpoint.load_model(f"chain{checkpoint.MAX_BASES - 3}")     # chain i, i earlier links, tuned, imported: 16 runs
+    code, _, err = run_main(capsys, "generate", "--checkpoint", previous, "--prompt", "to")
+    assert_one_error_line(code, err, f"more than {checkpoint.MAX_BASES} runs deep")
 
     os.rename("imported", "moved")
     code, _, err = run_main(capsys, "generate", "--checkpoint", "tuned", "--prompt", "to")

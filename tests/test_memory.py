@@ -61,3 +61,13 @@ def test_check_refuses_what_cannot_fit_and_names_the_fix():
     memory.check(1, "a byte", "nothing to do")
     with pytest.raises(MemoryBudgetError, match="needs at least .* GB of memory.*try a smaller max_len=99"):
         memory.check(10**20, "this", "try a smaller {c}", c=("max_len", 99))
+
+
+def test_a_huge_batch_split_into_micro_batches_is_refused_for_its_ids(tmp_path):
+    """Accumulation shrinks the activations, not the batch: B = 2^31 - 1 sequences of
+    ids must exist at once whatever K is (it crashed in XLA before the check counted them)."""
+    from minitx_fn import job
+    big = 2**31 - 1
+    with pytest.raises(MemoryBudgetError, match="training this model needs at least"):
+        job.plan(training={"batch_size": big, "grad_accum": big, "steps": 2}, run_dir=str(tmp_path / "r"))
+    assert not (tmp_path / "r").exists()

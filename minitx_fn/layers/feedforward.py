@@ -1,8 +1,8 @@
 """Position-wise feed-forward network: y = GELU(x W1 + b1) W2 + b2.
 
-Params: {"up": linear (D, F), "down": linear (F, D)}, with or without biases. GELU is the tanh
-approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as in GPT-2 and
-as `jax.nn.gelu` and Flax's `nn.gelu` compute by default.
+Params: {"up": linear (D, F), "down": linear (F, D)}, with or without biases. GELU
+is the tanh approximation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as in
+GPT-2 and as `jax.nn.gelu` and Flax's `nn.gelu` compute by default.
 """
 
 from __future__ import annotations
