@@ -66,11 +66,12 @@ ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None
 # 6: TrainConfig.lora_rank, lora_alpha and lora_targets: a LoRA run's params.npz holds its
 #    adapters, and its origin {"init_from": ...} is the base they apply to.
 # 7: ModelConfig.norm, mlp, n_kv_heads, rope_theta, bias and qkv_bias (Llama's choices;
-#    positions may be "rotary").
+#    positions may be "rotary"); origin {"hf": folder} for an imported Llama or Qwen2.
 FORMAT_VERSION = 7
 READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
 MAX_BASES = 16                    # LoRA runs on LoRA runs: how deep load_model follows their bases
+IMPORTED = ("gpt2", "hf")         # origin {KEY: folder} of a model imported from Hugging Face
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
 META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "origin", "files"}
@@ -86,7 +87,7 @@ class Checkpoint(NamedTuple):
 
     @property
     def origin(self) -> dict | None:
-        """{"gpt2": folder} for a model `minitx import-gpt2` wrote; {"init_from": {"path",
+        """{"gpt2": folder} ({"hf": folder} for a Llama or Qwen2) for a model `minitx import-hf` wrote; {"init_from": {"path",
         "sha256"}} for a run started from another run's parameters; None for a run trained
         here from scratch."""
         return self.meta.get("origin")
@@ -153,7 +154,7 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
     `data` says what the run trained on (the module docstring): pass the training
     corpus's `source` (`corpus.Corpus.source`, or the Corpus itself), `BUILTIN`, or None
     when it is not known (a later resume then needs the data given again). `origin` is
-    None for a run trained here, {"gpt2": path} for one imported from Hugging Face.
+    None for a run trained here, {"gpt2": path} (or {"hf": path}) for one imported from Hugging Face.
     What `load` would refuse is refused here, before anything is written: a state
     whose parameters or optimiser state are not those of `model_config` and
     `make_optimizer(train_config.optimizer)` (CheckpointError naming the arrays).
@@ -295,16 +296,17 @@ def _path_problem(path: Any) -> bool:
 
 def _origin_problem(origin: Any) -> str:
     """What is wrong with a checkpoint's `origin`, or "": null (trained here from scratch),
-    {"gpt2": folder} (imported), or {"init_from": {"path", "sha256"}} (started from
+    {"gpt2" or "hf": folder} (imported), or {"init_from": {"path", "sha256"}} (started from
     another run's parameters, the SHA-256 of its params.npz)."""
-    if origin is None or (isinstance(origin, dict) and set(origin) == {"gpt2"} and not _path_problem(origin["gpt2"])):
+    if origin is None or (isinstance(origin, dict) and len(origin) == 1 and set(origin) <= set(IMPORTED)
+                          and not _path_problem(next(iter(origin.values())))):
         return ""
     source = origin.get("init_from") if isinstance(origin, dict) and set(origin) == {"init_from"} else None
     if (isinstance(source, dict) and set(source) == {"path", "sha256"} and not _path_problem(source["path"])
             and isinstance(source["sha256"], str) and _HEX64.fullmatch(source["sha256"])):
         return ""
-    return ('origin must be null, {"gpt2": the path of a folder} or {"init_from": {"path": a run, "sha256": 64 hex '
-            'digits}}')
+    return ('origin must be null, {"gpt2" or "hf": the path of a folder} or {"init_from": {"path": a run, "sha256": '
+            '64 hex digits}}')
 
 
 def _lora_problem(train_config: TrainConfig, origin: Any) -> str:

@@ -151,10 +151,11 @@ EXAMPLES = {
   minitx train --data big.txt --tokenizer bpe --vocab-size 8192   reuses that preparation""",
     "data": """  minitx data shakespeare                      writes data/tinyshakespeare.txt (1,115,394 characters)
   minitx train --data data/tinyshakespeare.txt --preset shakespeare-baby""",
-    "gpt2": """  minitx import-gpt2 gpt2 --out runs/gpt2              a folder with config.json, model.safetensors, tokenizer.json
+    "gpt2": """  minitx import-hf gpt2 --out runs/gpt2                 a folder with config.json, model.safetensors, tokenizer.json
+  minitx import-hf Qwen2.5-0.5B --out runs/qwen         a Llama or Qwen2 folder (sharded safetensors too)
   minitx generate --checkpoint runs/gpt2 --prompt "The meaning of life is" --max-new-tokens 40
-  minitx train --data input.txt --tokenizer bpe --positions learned --tie-embeddings --out runs/mine
-  minitx export-gpt2 runs/mine --out mine-hf           loads with transformers.GPT2LMHeadModel.from_pretrained""",
+  minitx train --data input.txt --tokenizer bpe --arch gpt2 --out runs/mine   (or --arch llama)
+  minitx export-hf runs/mine --out mine-hf             loads with transformers.AutoModelForCausalLM.from_pretrained""",
     "eval": """  minitx eval --checkpoint runs/input-001 --data other.txt
   minitx eval --checkpoint runs/gpt2 --data big.txt --eval-tokens 1000000 --json eval.json""",
     "plot": """  minitx plot runs/hello-001                   writes runs/hello-001/loss.png
@@ -297,15 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to put it (default %(default)s)")
     d.add_argument("--url", help=argparse.SUPPRESS)          # another source of the same file (tests, mirrors)
 
-    i = command("import-gpt2", "a Hugging Face GPT-2 folder -> a run that generate uses", "gpt2")
-    i.add_argument("hf_dir", metavar="HF_DIR", help="config.json, model.safetensors, and tokenizer.json or "
-                   "vocab.json + merges.txt")
-    i.add_argument("--out", required=True, metavar="RUN_DIR", type=_nonempty, help="new run directory to write")
-    e = command("export-gpt2", "a run with learned positions and tied embeddings -> a Hugging Face GPT-2 folder",
-                "gpt2")
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
-    e.add_argument("--out", required=True, metavar="HF_DIR", type=_nonempty, help="new folder to write (or an empty "
-                   "one)")
+    for name, what in (("import-hf", "a Hugging Face GPT-2, Llama or Qwen2 folder -> a run that generate uses"),
+                       ("import-gpt2", "the same as import-hf (its first name)")):
+        i = command(name, what, "gpt2")
+        i.add_argument("hf_dir", metavar="HF_DIR", help="config.json, model.safetensors (or its shards and "
+                       "model.safetensors.index.json), and tokenizer.json (GPT-2: or vocab.json + merges.txt)")
+        i.add_argument("--out", required=True, metavar="RUN_DIR", type=_nonempty, help="new run directory to write")
+    for name, what in (("export-hf", "a run of GPT-2's or Llama's shape -> a Hugging Face GPT-2, Llama or Qwen2 "
+                                     "folder"), ("export-gpt2", "the same as export-hf (its first name)")):
+        e = command(name, what, "gpt2")
+        e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+        e.add_argument("--out", required=True, metavar="HF_DIR", type=_nonempty, help="new folder to write (or an "
+                       "empty one)")
 
     p = command("plot", "draw the loss curves of a run from its metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -467,24 +471,25 @@ def cmd_prepare(args, out=None) -> int:
     return 0
 
 
-def cmd_import_gpt2(args, out=None) -> int:
-    """`minitx import-gpt2`: a Hugging Face GPT-2 directory -> a run (`gpt2.import_run`)."""
-    from minitx_fn import gpt2
+def cmd_import_hf(args, out=None) -> int:
+    """`minitx import-hf` (or import-gpt2): a Hugging Face directory -> a run (`gpt2.import_run`)."""
+    from minitx_fn import gpt2, llama
     out = out or sys.stdout
     mc, n_params = gpt2.import_run(args.hf_dir, args.out, log=out)
-    print(f"Imported GPT-2 ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "
+    kind = {"llama": "Llama", "qwen2": "Qwen2", None: "GPT-2"}[llama.family(mc)]
+    print(f"Imported {kind} ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "
           f"{mc.vocab_size:,} ids; {n_params:,} parameters) into {args.out}. Generate with:\n"
           f"  minitx generate --checkpoint {shlex.quote(args.out)} --prompt \"Hello, I'm a language model,\"", file=out)
     return 0
 
 
-def cmd_export_gpt2(args, out=None) -> int:
-    """`minitx export-gpt2`: a run -> a Hugging Face GPT-2 directory (`gpt2.export_run`)."""
+def cmd_export_hf(args, out=None) -> int:
+    """`minitx export-hf` (or export-gpt2): a run -> a Hugging Face directory (`gpt2.export_run`)."""
     from minitx_fn import gpt2
     out = out or sys.stdout
     written, loaded = gpt2.export_run(args.run_dir, args.out)
     print(f"Wrote {', '.join(written)} to {args.out} (step {loaded.meta['step']}). Load it with:\n"
-          f"  transformers.GPT2LMHeadModel.from_pretrained({args.out!r})", file=out)
+          f"  transformers.AutoModelForCausalLM.from_pretrained({args.out!r})", file=out)
     if "tokenizer.json" not in written:
         print(f"The {loaded.tokenizer.kind} tokenizer has no Hugging Face form, so no tokenizer.json: feed the model "
               f"ids from minitx_fn.checkpoint.load_model({args.run_dir!r}).tokenizer", file=out)
@@ -492,8 +497,8 @@ def cmd_export_gpt2(args, out=None) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "attention": cmd_attention, "plot": cmd_plot,
-            "data": cmd_data, "prepare": cmd_prepare, "import-gpt2": cmd_import_gpt2,
-            "export-gpt2": cmd_export_gpt2}
+            "data": cmd_data, "prepare": cmd_prepare, "import-hf": cmd_import_hf,
+            "import-gpt2": cmd_import_hf, "export-hf": cmd_export_hf, "export-gpt2": cmd_export_hf}
 
 
 def main(argv: list[str] | None = None) -> int:

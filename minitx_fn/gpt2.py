@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -150,21 +151,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
         else:
             raise GPT2Error("lm_head.weight differs from wte.weight, but config.json says tie_word_embeddings is "
                             "true; set it to false to import the head as it is")
-    want = expected_shapes(config)
-    missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
-    wrong = [f"{name} {tuple(tensors[name].shape)} (needs {want[name]})" for name in sorted(want.keys() & tensors.keys())
-             if tuple(tensors[name].shape) != want[name]]
-    if missing or unexpected or wrong:
-        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
-                 f"wrong shapes: {_few(wrong)}" if wrong else ""]
-        raise GPT2Error("the weights do not match config.json: " + "; ".join(p for p in parts if p))
-    with np.errstate(over="ignore"):    # a float64 value beyond float32's range becomes inf: caught below
-        tensors = {name: array.astype(dtype, copy=False) for name, array in tensors.items()}
-    bad = [name for name in sorted(tensors) if not np.isfinite(tensors[name]).all()]
-    if bad:
-        raise GPT2Error(f"tensors {_few(bad)} hold NaN or infinite values in {config.param_dtype}; this model cannot "
-                        f"be used")
-    dtype = np.dtype(config.param_dtype)
+    tensors = checked_tensors(tensors, expected_shapes(config), config.param_dtype)
     tree: dict = {}
     for hf_name, path in TOP_TENSORS.items():
         _set(tree, path, tensors[hf_name])
@@ -173,6 +160,32 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
     if not config.tie_embeddings:                        # GPT-2's head has no bias: ours is zero
         tree["head"] = {"w": np.ascontiguousarray(tensors["lm_head.weight"].T), "b": np.zeros(config.vocab_size, dtype)}
     return tree
+
+
+def checked_tensors(tensors: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], dtype: str
+                    ) -> dict[str, np.ndarray]:
+    """The tensors cast to `dtype`, after checking they are exactly the names and shapes
+    `want` lists and all finite; GPT2Error names every missing, unexpected, misshapen
+    or non-finite tensor at once.
+
+    Example:
+        >>> checked_tensors({"a": np.ones(2)}, {"a": (2,), "b": (1,)}, "float32")
+        Traceback (most recent call last):
+        minitx_fn.gpt2.GPT2Error: the weights do not match config.json: missing b
+    """
+    missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
+    wrong = [f"{name} {tuple(tensors[name].shape)} (needs {want[name]})" for name in sorted(want.keys() & tensors.keys())
+             if tuple(tensors[name].shape) != want[name]]
+    if missing or unexpected or wrong:
+        parts = [f"missing {_few(missing)}" if missing else "", f"unexpected {_few(unexpected)}" if unexpected else "",
+                 f"wrong shapes: {_few(wrong)}" if wrong else ""]
+        raise GPT2Error("the weights do not match config.json: " + "; ".join(p for p in parts if p))
+    with np.errstate(over="ignore"):    # a float64 value beyond float32's range becomes inf: caught below
+        tensors = {name: array.astype(np.dtype(dtype), copy=False) for name, array in tensors.items()}
+    bad = [name for name in sorted(tensors) if not np.isfinite(tensors[name]).all()]
+    if bad:
+        raise GPT2Error(f"tensors {_few(bad)} hold NaN or infinite values in {dtype}; this model cannot be used")
+    return tensors
 
 
 def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
@@ -342,23 +355,38 @@ def read_tokenizer(hf_dir: str) -> BPETokenizer:
         raise GPT2Error(f"cannot use {vocab!r} and {merges!r}: {e}") from None
 
 
+def _reader(model_type):
+    """The module that reads and writes this model_type: this one for "gpt2" (and a
+    config.json without one, which config_from_hf then names), `llama` for "llama"
+    and "qwen2"; GPT2Error naming any other."""
+    from minitx_fn import llama
+    if model_type in llama.MODEL_TYPES:
+        return llama
+    if model_type in ("gpt2", None):
+        return sys.modules[__name__]
+    raise GPT2Error(f"config.json says model_type {model_type!r}; minitx imports {['gpt2', *llama.MODEL_TYPES]}")
+
+
 def read_config(hf_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
-    """The ModelConfig of a Hugging Face GPT-2 directory's config.json."""
+    """The ModelConfig of a Hugging Face directory's config.json (GPT-2, Llama or Qwen2)."""
     if not os.path.isdir(hf_dir):
         raise GPT2Error(f"{hf_dir!r} is not a directory; give the folder that holds config.json and "
                         f"model.safetensors")
-    return config_from_hf(_read_json(os.path.join(hf_dir, "config.json"), "a GPT-2 directory needs one"),
-                          param_dtype=param_dtype)
+    hf = _read_json(os.path.join(hf_dir, "config.json"), "a Hugging Face model folder needs one")
+    kind = hf.get("model_type") if isinstance(hf, dict) else None
+    return _reader(kind if isinstance(kind, str) else None).config_from_hf(hf, param_dtype=param_dtype)
 
 
 def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, BPETokenizer]:
-    """A Hugging Face GPT-2 directory -> (config, parameter tree of NumPy arrays, tokenizer)."""
+    """A Hugging Face GPT-2, Llama or Qwen2 directory -> (config, parameter tree of
+    NumPy arrays, tokenizer)."""
+    from minitx_fn import llama
     config = read_config(hf_dir, param_dtype=param_dtype)
     tokenizer = read_tokenizer(hf_dir)
     if tokenizer.vocab_size != config.vocab_size:
         raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size:,} ids but config.json says vocab_size "
                         f"{config.vocab_size:,}; minitx needs them equal")
-    return config, params_from_hf(read_tensors(hf_dir), config), tokenizer
+    return config, _reader(llama.family(config) or "gpt2").params_from_hf(read_tensors(hf_dir), config), tokenizer
 
 
 def byte_tokenizer_json() -> str:
@@ -393,10 +421,26 @@ def bytes_to_unicode() -> dict[int, str]:
 
 
 def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dict[str, bytes]:
-    """The files of a Hugging Face GPT-2 directory: config.json, model.safetensors and,
-    for a bpe or byte tokenizer, tokenizer.json. GPT2Error unless the model is GPT-2's
-    shape: learned positions, and tied embeddings (or an untied head with a zero bias,
-    as an imported untied GPT-2 has)."""
+    """The files of a Hugging Face directory: config.json, model.safetensors and, for a
+    bpe or byte tokenizer, tokenizer.json. A model of Llama's shape (`llama.family`) is
+    written as a Llama or Qwen2; any other must have GPT-2's shape (GPT2Error
+    otherwise): learned positions, and tied embeddings (or an untied head with a zero
+    bias, as an imported untied GPT-2 has)."""
+    from minitx_fn import llama
+    if llama.family(config) is None:
+        _check_gpt2_shape(params, config)
+    writer = _reader(llama.family(config) or "gpt2")
+    st = require_safetensors()
+    files = {"config.json": json.dumps(writer.config_to_hf(config), indent=2).encode(),
+             WEIGHTS: st.save(writer.params_to_hf(params, config), metadata={"format": "pt"})}
+    if isinstance(tokenizer, BPETokenizer):
+        files["tokenizer.json"] = tokenizer.to_json().encode()
+    elif isinstance(tokenizer, ByteTokenizer):
+        files["tokenizer.json"] = byte_tokenizer_json().encode()
+    return files
+
+
+def _check_gpt2_shape(params: dict, config: ModelConfig) -> None:
     gpt2 = {**defaults.ARCHS["gpt2"], "n_kv_heads": config.n_heads, "qkv_bias": True}
     head_bias = np.asarray(params["head"].get("b", 0.0)) if "head" in params else None
     untied_ok = head_bias is not None and not head_bias.any()        # an imported untied GPT-2: a zero head bias
@@ -405,17 +449,9 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
     if other:
         raise GPT2Error("GPT-2 has " + ", ".join("{gpt2_%s}" % field for field in other) + " (an untied head only "
                         "with a zero bias, as in an imported GPT-2); this model has "
-                        + ", ".join("{%s}" % field for field in other) + ": train one with --arch gpt2",
+                        + ", ".join("{%s}" % field for field in other) + ": train one with --arch gpt2 (or --arch llama, written as a Llama)",
                         **{field: (field, value) for field, value in other.items()},
                         **{f"gpt2_{field}": (field, gpt2[field]) for field in other})
-    st = require_safetensors()
-    files = {"config.json": json.dumps(config_to_hf(config), indent=2).encode(),
-             WEIGHTS: st.save(params_to_hf(params, config), metadata={"format": "pt"})}
-    if isinstance(tokenizer, BPETokenizer):
-        files["tokenizer.json"] = tokenizer.to_json().encode()
-    elif isinstance(tokenizer, ByteTokenizer):
-        files["tokenizer.json"] = byte_tokenizer_json().encode()
-    return files
 
 
 TEMPORARY_KIND = "export"          # temporary folders: runs.owned_prefix("export"), .export-PID-*
@@ -479,7 +515,9 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
     config, params, tokenizer = import_dir(hf_dir)
     params = jax.tree.map(jax.numpy.asarray, params)
     signals.check()
-    job.new_run(run_dir, params, model_config=config, tokenizer=tokenizer, origin={"gpt2": os.path.abspath(hf_dir)},
+    from minitx_fn import llama
+    key = "hf" if llama.family(config) else "gpt2"                          # checkpoint.IMPORTED
+    job.new_run(run_dir, params, model_config=config, tokenizer=tokenizer, origin={key: os.path.abspath(hf_dir)},
                 log=log)
     return config, model.count_params(params)
 

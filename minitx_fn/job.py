@@ -335,8 +335,9 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
     if not os.path.isdir(run_dir):
         raise RunDirError(f"no run directory {run_dir!r}; give the directory of a training run")
     ckpt = checkpoint.load(run_dir)
-    if ckpt.origin is not None and "gpt2" in ckpt.origin:
-        raise RunDirError(f"{run_dir!r} holds a model imported from {ckpt.origin['gpt2']!r}, with no training "
+    imported = next((ckpt.origin[key] for key in checkpoint.IMPORTED if key in (ckpt.origin or {})), None)
+    if imported is not None:
+        raise RunDirError(f"{run_dir!r} holds a model imported from {imported!r}, with no training "
                           f"text or schedule of its own, so there is nothing to resume; start a new run from it "
                           f"with {{init_from}}", init_from=("init_from", run_dir))
     if kind is not None or vocab_size is not None:
