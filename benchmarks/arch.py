@@ -40,9 +40,11 @@ def decode_rate(result: job.Result, new_tokens: int, repeats: int = 3) -> float:
     return new_tokens / (median_ms(run, repeats) / 1e3)
 
 
-def measure(text_path: str, work: str, preset: str, steps: int, eval_every: int, new_tokens: int, log) -> dict:
+def measure(text_path: str, work: str, preset: str, steps: int, eval_every: int, new_tokens: int, log,
+            names: tuple[str, ...] = tuple(ROWS)) -> dict:
     rows = []
-    for name, arch in ROWS.items():
+    for name in names:
+        arch = ROWS[name]
         print(f"{name}: {steps} steps", file=log, flush=True)
         result = job.train(text_path, preset=preset, model=dict(arch), sample_tokens=0,
                            run_dir=os.path.join(work, name.replace(",", "").replace(" ", "-")), log=io.StringIO(),
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, help="steps of each run (default: the preset's)")
     p.add_argument("--eval-every", type=positive_int, default=250)
     p.add_argument("--new-tokens", type=positive_int, default=200, help="greedy tokens per timed decode")
+    p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS), metavar="ARCH",
+                   help=f"which rows to train (default all: {', '.join(repr(name) for name in ROWS)})")
     p.add_argument("--json", metavar="FILE", help="also write the result here")
     args = p.parse_args(argv)
     if not os.path.isfile(args.data):
@@ -78,7 +82,8 @@ def main(argv=None) -> int:
         check_output_path(p, args.json, "--json")
     with tempfile.TemporaryDirectory(prefix="minitx-arch-") as work:
         steps = args.steps or defaults.PRESETS[args.preset]["train"]["steps"]
-        result = measure(args.data, work, args.preset, steps, args.eval_every, args.new_tokens, log=sys.stdout)
+        result = measure(args.data, work, args.preset, steps, args.eval_every, args.new_tokens, log=sys.stdout,
+                         names=tuple(args.rows))
     print(f"{'arch':<18} {'params':>9} {'val loss':>9} {'step ms':>8} {'decode tok/s':>13} {'KV B/token':>11}")
     for r in result["rows"]:
         print(f"{r['arch']:<18} {r['parameters']:>9,} {r['val_loss']:>9.4f} {r['step_ms'] or float('nan'):>8.2f} "

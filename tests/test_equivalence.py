@@ -222,7 +222,6 @@ QWEN2 = {**LLAMA, "qkv_bias": True, "n_kv_heads": 1}                 # multi-que
     ("float32", "einsum", 3, "matmuls", LLAMA),               # rotary, RMSNorm, SwiGLU, grouped-query, no biases
     ("float64", "einsum", 3, "matmuls", LLAMA),
     ("float64", "einsum", 0, "none", {**QWEN2, "tie_embeddings": True}),
-    ("float32", "dot_product_attention", 3, "dots", QWEN2),
 ])
 def test_model_matches_flax(dtype, impl, block, remat, options, key, rng):
     """Logits, loss, every gradient and one Adam update of the whole model.

@@ -4,6 +4,7 @@ properties in float32 and float64, and runs that train them on a frozen base."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -64,6 +65,12 @@ def test_fresh_adapters_leave_the_model_exactly_as_it_was(d, layers, rank, targe
         jax.tree.map(np.testing.assert_array_equal, merged, params)     # every leaf, so every logit, the same
 
 
+@functools.partial(jax.jit, static_argnames=("scale", "config"))
+def _merged_logits(params, adapters, tokens, *, scale, config):
+    """Jitted: run eagerly, every operation of merge and apply compiles on its own."""
+    return model.apply(lora.merge(params, adapters, scale=scale), tokens, config=config)
+
+
 # GPT-2's shape, and Llama's (SwiGLU's gate adapted too; multi-query, rotary).
 ARCHS = {"gpt2": ({"positions": "learned", "tie_embeddings": True}, {}),
          "llama": ({**defaults.ARCHS["llama"], "n_kv_heads": 1}, {"n_kv_heads": 1, "rope_theta": 10000.0})}
@@ -83,7 +90,7 @@ def test_merged_adapters_equal_unmerged_ones_in_the_numpy_model(rank, targets, d
         config = LoraConfig(rank=rank, alpha=2.0, targets=targets)
         adapters = _random_adapters(jax.random.fold_in(key, 2), params, config)
         ids = np.asarray(jax.random.randint(key, (length,), 0, 11))
-        ours = model.apply(lora.merge(params, adapters, scale=config.scale), jnp.asarray(ids[None]), config=mc)[0]
+        ours = _merged_logits(params, adapters, jnp.asarray(ids[None]), scale=config.scale, config=mc)[0]
         theirs = numpy_model.logits(jax.device_get(params), ids, n_heads=2, adapters=jax.device_get(adapters),
                                     scale=config.scale, **numpy_args)
         unadapted = numpy_model.logits(jax.device_get(params), ids, n_heads=2, **numpy_args)
