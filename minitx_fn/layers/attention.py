@@ -117,8 +117,11 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
     work = at_least_float32(q.dtype)
     scale = 1.0 / jnp.sqrt(jnp.asarray(q.shape[-1], work))
     b, t, h, _ = q.shape
-    scores = jnp.einsum("BTGRK,BSGK->BGRTS", _grouped(q, k.shape[2]), k, preferred_element_type=work) * scale
-    scores = scores.reshape(b, h, t, k.shape[1])                            # (B, H, T, S)
+    if k.shape[2] == h:                                                     # multi-head: one key head per query head
+        scores = jnp.einsum("BTHK,BSHK->BHTS", q, k, preferred_element_type=work) * scale
+    else:
+        scores = jnp.einsum("BTGRK,BSGK->BGRTS", _grouped(q, k.shape[2]), k, preferred_element_type=work) * scale
+        scores = scores.reshape(b, h, t, k.shape[1])                        # (B, H, T, S)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(work).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -140,10 +143,12 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
     """
     if impl == "einsum":
         weights = attention_weights(q, k, mask)                             # (B, H, T, S)
-        weights = dropout.apply(weights, rate=dropout_rate, key=key)
+        weights = dropout.apply(weights, rate=dropout_rate, key=key).astype(v.dtype)
         b, h, t, s = weights.shape
         g = k.shape[2]
-        y = jnp.einsum("BGRTS,BSGK->BTGRK", weights.astype(v.dtype).reshape(b, g, h // g, t, s), v)
+        if g == h:
+            return jnp.einsum("BHTS,BSHK->BTHK", weights, v)                # (B, T, H, K)
+        y = jnp.einsum("BGRTS,BSGK->BTGRK", weights.reshape(b, g, h // g, t, s), v)
         return y.reshape(q.shape)                                           # (B, T, H, K)
     if key is not None and dropout_rate:
         raise ValueError("attention dropout needs impl='einsum'")
