@@ -231,3 +231,21 @@ def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_p
                 "rope": "rope_parameters"}[case]
         assert_one_error_line(code, err, said)
         assert not (tmp_path / f"run-{case}").exists()
+
+
+def test_an_imported_qwen2_fine_tunes_with_lora_on_every_matrix_gate_included(hf, hf_dirs, bpe, tmp_path, capsys):
+    """An imported run is a run: LoRA on it adapts the SwiGLU gate too, trains, and
+    loads as its merged model."""
+    import io
+
+    from minitx_fn import job
+    assert run_main(capsys, "import-hf", hf_dirs["qwen2"], "--out", tmp_path / "qwen")[0] == 0
+    (tmp_path / "t.txt").write_text(TEXT)
+    with standard_promotion():
+        result = job.train(str(tmp_path / "t.txt"), init_from=str(tmp_path / "qwen"), run_dir=str(tmp_path / "lora"),
+                           training={"steps": 3, "batch_size": 2, "lora_rank": 2, "lora_targets": "all",
+                                     "log_every": 3}, model={"max_len": 16}, sample_tokens=0, log=io.StringIO())
+    assert set(result.state.params["blocks"]["mlp"]) == {"gate", "up", "down"}
+    loaded = checkpoint.load_model(str(tmp_path / "lora"))
+    assert llama.family(loaded.config) == "qwen2" and loaded.config.max_len == 16
+    jax.tree.map(np.testing.assert_allclose, jax.device_get(loaded.params), jax.device_get(result.params))
