@@ -17,12 +17,13 @@ The names a reader starts from, all importable from here:
 
 | name | what it is |
 |---|---|
-| `job` | `train`: the whole job (`minitx train`) as one function of values; `plan`, `run` its halves |
+| `job` | `train`: the whole job (`minitx train`) as one function of values; `plan`, `run` its halves; `evaluate`: a text's loss under a run (`minitx eval`) |
 | `ModelConfig`, `TrainConfig`, `OptimizerConfig` | frozen, hashable, validated configs (`config.py`); `defaults`: presets and limits |
 | `layers` | one init/apply pair per layer (`layers/`) |
 | `model` | `init`, `apply`, `loss`, `cross_entropy`, `block_args` (a config as a block's arguments), `apply_cached`, `init_cache` |
 | `train` | `TrainState`, `init_state`, `new_state`, `make_step` (any loss, any optax), `train_step`, `batch_at`, `evaluate`, `lora_state` |
 | `lora`, `LoraConfig` | low-rank adapters as a transform of the parameter tree: `init`, `merge` |
+| `gpt2`, `llama` | Hugging Face folders in and out: `gpt2.import_run` / `export_run` (GPT-2, Llama, Qwen2) |
 | `loop` | `fit`: the training loop around any step (logging, checkpoints, signals) |
 | `generate`, `Sampler` | `generate.complete`: text in, text out; `generate.generate`: ids, cached decoding in one compiled loop |
 | `CharTokenizer`, `ByteTokenizer`, `BPETokenizer` | text <-> ids: one interface, three kinds (`tokenizer.py`) |
@@ -40,8 +41,8 @@ import importlib
 
 # A submodule, once imported, is also an attribute of the package: so `generate` is
 # the module (its function is generate.generate), never sometimes one, sometimes the other.
-_MODULES = ("checkpoint", "config", "corpus", "data", "defaults", "distributed", "generate", "job", "layers", "loop",
-            "lora", "memory", "model", "runs", "sampling", "testing", "tokenizer", "train")
+_MODULES = ("checkpoint", "config", "corpus", "data", "defaults", "distributed", "generate", "gpt2", "job", "layers",
+            "llama", "loop", "lora", "memory", "model", "runs", "sampling", "testing", "tokenizer", "train")
 _NAMES = {"ModelConfig": "config", "TrainConfig": "config", "OptimizerConfig": "config", "LoraConfig": "config", "CharTokenizer": "tokenizer",
           "ByteTokenizer": "tokenizer", "BPETokenizer": "tokenizer", "Sampler": "sampling"}
 

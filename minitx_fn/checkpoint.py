@@ -87,9 +87,9 @@ class Checkpoint(NamedTuple):
 
     @property
     def origin(self) -> dict | None:
-        """{"gpt2": folder} ({"hf": folder} for a Llama or Qwen2) for a model `minitx import-hf` wrote; {"init_from": {"path",
-        "sha256"}} for a run started from another run's parameters; None for a run trained
-        here from scratch."""
+        """{"gpt2": folder} ({"hf": folder} for a Llama or Qwen2) for a model `minitx
+        import-hf` wrote; {"init_from": {"path", "sha256"}} for a run started from another
+        run's parameters; None for a run trained here from scratch."""
         return self.meta.get("origin")
 
 

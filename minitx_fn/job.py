@@ -70,7 +70,9 @@ class Plan(NamedTuple):
 
 class Result(NamedTuple):
     """What a run gives back. `params`, `config` and `tokenizer` make it a model that
-    `generate.complete(result, prompt)` continues."""
+    `generate.complete(result, prompt)` continues; `state` is the final TrainState
+    (for a LoRA run its params are the adapters and `base` the frozen weights, and
+    `params` merges them), `records` the metrics, `sample` the text generated at the end."""
 
     run_dir: str
     state: trainer.TrainState         # the final state (gathered to every process in a multi-process run)
@@ -95,8 +97,10 @@ class Result(NamedTuple):
 
 def train(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: str | None = None,
           log=None, **settings) -> Result:
-    """Plan and run a training job (`plan` lists the settings), with SIGINT, SIGTERM and
-    SIGHUP as requests to save and stop from the first moment: `run(plan(...))`.
+    """Plan and run a training job, with SIGINT, SIGTERM and SIGHUP as requests to save
+    and stop from the first moment: `run(plan(...))`. The settings are `plan`'s: model,
+    training, preset, tokenizer, vocab_size, cache_dir, run_dir, resume, init_from,
+    batches, devices, fsdp, prompt, sample_tokens (`help(job.plan)` says what each does).
 
     Example:
         >>> import io, tempfile
@@ -592,7 +596,8 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     if mesh is not None:
         print(f"Data-parallel over {mesh.devices.size} devices in {jax.process_count()} process(es)"
               + (", parameters split (FSDP)" if plan.fsdp else ""), file=log)
-    print(f"Model: {model.count_params(plan.base or state.params):,} parameters, {mc.n_layers} layers, width "
+    layers = f"{mc.n_layers} layer" + "s" * (mc.n_layers != 1)
+    print(f"Model: {model.count_params(plan.base or state.params):,} parameters, {layers}, width "
           f"{mc.d_model}, {mc.n_heads} heads, context {mc.max_len}, vocabulary {mc.vocab_size} "
           f"({plan.corpus.tokenizer.kind})", file=log)
     if plan.base is not None:

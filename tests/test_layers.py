@@ -308,7 +308,7 @@ def test_attention_dropout_drops_weights_not_rows(key, rng):
 
 DTYPES = st.sampled_from(["float32", "float64"])
 TOL = {"float32": 1e-5, "float64": 1e-12}
-rotary_apply = jax.jit(rotary.apply, static_argnames="theta")
+rotary_apply = jax.jit(rotary.apply, static_argnames="rope_theta")
 rmsnorm_apply = jax.jit(rmsnorm.apply, static_argnames="eps")
 
 
@@ -324,7 +324,7 @@ def test_rotary_scores_depend_only_on_the_offset_and_rotation_keeps_lengths(head
     shift = max(shift, -min(m, n))
     with _precision(dtype):
         q, k = (jnp.asarray(normal(seed + i, 1, 1, 1, head), dtype) for i in (0, 1))   # (B, T, H, K) = 1, 1, 1, K
-        turn = lambda x, p: rotary_apply(x, jnp.array([[p]], jnp.int32), theta=theta)[0, 0, 0]  # noqa: E731
+        turn = lambda x, p: rotary_apply(x, jnp.array([[p]], jnp.int32), rope_theta=theta)[0, 0, 0]  # noqa: E731
         score = float(jnp.dot(turn(q, m), turn(k, n)))
         moved = float(jnp.dot(turn(q, m + shift), turn(k, n + shift)))
         # An angle of 2,500 radians carries float32 rounding of about 2500 * 6e-8 into the sines.
@@ -337,7 +337,7 @@ def test_rotary_scores_depend_only_on_the_offset_and_rotation_keeps_lengths(head
 def test_rotary_turns_the_pairs_of_the_rotate_half_layout_by_hand():
     """K = 4: pairs (x0, x2) and (x1, x3), turned by m and m / theta^(1/2) (theta = 100: m / 10)."""
     x = jnp.array([[[[1.0, 2.0, 3.0, 4.0]]]])
-    y = np.asarray(rotary.apply(x, jnp.array([[5]]), theta=100.0))[0, 0, 0]
+    y = np.asarray(rotary.apply(x, jnp.array([[5]]), rope_theta=100.0))[0, 0, 0]
     a, b = 5.0, 0.5
     expected = [math.cos(a) - 3 * math.sin(a), 2 * math.cos(b) - 4 * math.sin(b),
                 3 * math.cos(a) + math.sin(a), 4 * math.cos(b) + 2 * math.sin(b)]
@@ -395,3 +395,21 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_key_value_h
         assert_close_scaled(grouped, run(_repeat_kv(p, h, g), h), TOL[dtype])
     cache = model.init_cache(ModelConfig(vocab_size=5, d_model=4 * h, n_heads=h, n_kv_heads=g, max_len=8), 3)
     assert cache.k.shape == (2, 3, 8, g, 4)
+
+
+def test_llama_layers_misused_say_what_they_need(key):
+    """What a student got wrong first (#28 review): a rotary input not split into heads,
+    positions of the wrong rank, an odd head width; grouped-query weights applied
+    without their n_kv_heads; a Llama block applied with GPT's norm and MLP."""
+    with pytest.raises(ValueError, match=r"x \(B, T, H, K\) and positions \(B\|1, T\); got x \(1, 7, 32\)"):
+        rotary.apply(jnp.ones((1, 7, 32)), jnp.arange(7)[None])
+    with pytest.raises(ValueError, match="positions \\(7,\\)"):
+        rotary.apply(jnp.ones((1, 7, 4, 8)), jnp.arange(7))
+    with pytest.raises(ValueError, match="K=7 must be even"):
+        rotary.apply(jnp.ones((1, 7, 4, 7)), jnp.arange(7)[None])
+    p = attention.init(key, d_model=32, n_heads=4, n_kv_heads=2, bias=False)
+    with pytest.raises(ValueError, match="made for n_kv_heads=2: pass that"):
+        attention.apply(p, jnp.ones((1, 3, 32)), n_heads=4)
+    bp = block.init(key, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, norm="rmsnorm", mlp="swiglu", bias=False)
+    with pytest.raises(ValueError, match="hold norm='rmsnorm' and mlp='swiglu'; apply was given norm='layernorm'"):
+        block.apply(bp, jnp.ones((1, 3, 32)), n_heads=4, n_kv_heads=2)

@@ -239,14 +239,20 @@ def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype, *, n_kv_heads: 
         [(1, 5, 2, 4), (1, 5, 2, 4), (1, 5, 2, 4)]
     """
     n_kv_heads = n_kv_heads or n_heads
+    k_width = x.shape[-1] // n_heads
+    columns = params["qkv"]["w"].shape[-1]
+    if columns != (n_heads + 2 * n_kv_heads) * k_width:              # the layout says what G the weights were made for
+        held = (columns // k_width - n_heads) / 2
+        raise ValueError(f"the qkv weights have {columns} columns, (H + 2G) K with H={n_heads} and K={k_width} for "
+                         f"n_kv_heads={n_kv_heads}" + (f"; they were made for n_kv_heads={int(held)}: pass that"
+                                                       if held == int(held) and held >= 1 else ""))
     qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, (H + 2G) K)
-    k_width = qkv.shape[-1] // (n_heads + 2 * n_kv_heads)
     q, k, v = jnp.split(qkv, [n_heads * k_width, (n_heads + n_kv_heads) * k_width], axis=-1)
     q, k, v = split_heads(q, n_heads), split_heads(k, n_kv_heads), split_heads(v, n_kv_heads)
     if rope_theta is not None:
         if positions is None:
             positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]    # (1, T)
-        q, k = rotary.apply(q, positions, theta=rope_theta), rotary.apply(k, positions, theta=rope_theta)
+        q, k = rotary.apply(q, positions, rope_theta=rope_theta), rotary.apply(k, positions, rope_theta=rope_theta)
     return q, k, v
 
 
@@ -259,7 +265,8 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
     None means causal, computed in query blocks of `block` rows (0: one block; see
     `causal_blockwise`). With a key, attention weights are dropped at dropout_rate.
-    n_kv_heads, positions and rope_theta as in `project_qkv`.
+    n_kv_heads, positions and rope_theta as in `project_qkv`: positions matter only
+    with rope_theta (rotary); learned or sinusoidal positions are already in x.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)

@@ -50,6 +50,21 @@ def init(key: jax.Array, *, d_model: int, n_heads: int, d_ff: int, n_kv_heads: i
     }
 
 
+def check_kinds(params: dict, norm: str, mlp: str) -> None:
+    """ValueError unless the block's parameters were made with these `norm` and `mlp`:
+    a LayerNorm has a bias, an RMSNorm none; a SwiGLU has a gate, the GELU MLP none.
+
+    Example:
+        >>> check_kinds(init(jax.random.key(0), d_model=8, n_heads=2, d_ff=8, norm="rmsnorm"), "layernorm", "gelu")
+        Traceback (most recent call last):
+        ValueError: these block parameters hold norm='rmsnorm' and mlp='gelu'; apply was given norm='layernorm' and mlp='gelu'
+    """
+    held = ("layernorm" if "bias" in params["ln1"] else "rmsnorm", "swiglu" if "gate" in params["mlp"] else "gelu")
+    if held != (norm, mlp):
+        raise ValueError(f"these block parameters hold norm={held[0]!r} and mlp={held[1]!r}; apply was given "
+                         f"norm={norm!r} and mlp={mlp!r}")
+
+
 def _feedforward_half(params: dict, x: jax.Array, eps: float, dtype, norm: str, mlp: str,
                       dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
     """x + Dropout(FeedForward(Norm2(x))), shared by `apply` and `apply_cached`."""
@@ -71,6 +86,7 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = 
         >>> apply(p, jnp.ones((2, 3, 8)), n_heads=2).shape
         (2, 3, 8)
     """
+    check_kinds(params, norm, mlp)
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     h = attention.apply(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), n_heads=n_heads,
                         n_kv_heads=n_kv_heads, mask=mask, impl=impl, dtype=dtype, block=attention_block,
@@ -95,6 +111,7 @@ def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, layer:
         >>> y.shape
         (1, 1, 8)
     """
+    check_kinds(params, norm, mlp)
     h, cache = attention.apply_cached(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), cache,
                                       layer=layer, index=index, mask=mask, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                       impl=impl, dtype=dtype, rope_theta=rope_theta)

@@ -1,6 +1,7 @@
 """Rotary position embedding (RoPE; Su et al., 2021, "RoFormer"), applied to queries and keys.
 
-No parameters. Each head's K features form K / 2 pairs, feature i with feature
+No parameters, so no `init`: like the sinusoidal table, a pure function of the
+positions (`apply`). Each head's K features form K / 2 pairs, feature i with feature
 i + K / 2 (the "rotate half" layout of Llama's checkpoints), and pair i at position
 m is turned by the angle m theta_i, theta_i = rope_theta^(-2i / K):
 
@@ -21,21 +22,22 @@ import jax.numpy as jnp
 from minitx_fn.layers import at_least_float32
 
 
-def angles(positions: jax.Array, head_dim: int, *, theta: float = 10000.0, dtype=jnp.float32) -> jax.Array:
+def angles(positions: jax.Array, head_dim: int, *, rope_theta: float = 10000.0, dtype=jnp.float32) -> jax.Array:
     """positions (...,) int -> (..., K / 2): m theta_i for every pair i, in at least float32.
 
     Example:
-        >>> angles(jnp.array([0, 2]), 4, theta=100.0).tolist()     # theta_i = 100^(-2i/4): 1, 0.1
+        >>> angles(jnp.array([0, 2]), 4, rope_theta=100.0).tolist()     # theta_i = 100^(-2i/4): 1, 0.1
         [[0.0, 0.0], [2.0, 0.20000000298023224]]
     """
     work = at_least_float32(dtype)
     i = jnp.arange(head_dim // 2, dtype=work)                                  # (K/2,)
-    inv_freq = 1.0 / (jnp.asarray(theta, work) ** (2.0 * i / head_dim))       # (K/2,)
+    inv_freq = 1.0 / (jnp.asarray(rope_theta, work) ** (2.0 * i / head_dim))  # (K/2,)
     return positions.astype(work)[..., None] * inv_freq.reshape((1,) * positions.ndim + inv_freq.shape)
 
 
-def apply(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0) -> jax.Array:
+def apply(x: jax.Array, positions: jax.Array, *, rope_theta: float = 10000.0) -> jax.Array:
     """x (B, T, H, K), positions (B|1, T) int -> x rotated, (B, T, H, K) in x's dtype.
+    ValueError for other ranks, or an odd K (its features must pair up).
 
     The sines and cosines are computed in at least float32 (positions in the
     thousands times frequencies near 1 lose their digits in bfloat16).
@@ -45,8 +47,13 @@ def apply(x: jax.Array, positions: jax.Array, *, theta: float = 10000.0) -> jax.
         >>> [round(float(v), 4) for v in apply(x, jnp.array([[1]]))[0, 0, 0]]   # turned by 1 radian
         [0.5403, 0.8415]
     """
+    if x.ndim != 4 or positions.ndim != 2 or positions.shape[1] != x.shape[1]:
+        raise ValueError(f"rotary.apply takes x (B, T, H, K) and positions (B|1, T); got x {tuple(x.shape)} and "
+                         f"positions {tuple(positions.shape)} (split the heads first: attention.split_heads)")
+    if x.shape[-1] % 2:
+        raise ValueError(f"rotary positions turn pairs of features: the head width K={x.shape[-1]} must be even")
     work = at_least_float32(x.dtype)
-    a = angles(positions, x.shape[-1], theta=theta, dtype=work)[:, :, None, :]   # (B|1, T, 1, K/2)
+    a = angles(positions, x.shape[-1], rope_theta=rope_theta, dtype=work)[:, :, None, :]   # (B|1, T, 1, K/2)
     cos, sin = jnp.cos(a), jnp.sin(a)
     first, second = jnp.split(x.astype(work), 2, axis=-1)                       # 2 x (B, T, H, K/2)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
