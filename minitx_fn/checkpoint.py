@@ -47,7 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from minitx_fn import lora, model, runs
+from minitx_fn import defaults, lora, model, runs
 from minitx_fn.config import INT32_MAX, ModelConfig, TrainConfig
 from minitx_fn.errors import CheckpointError, Error
 from minitx_fn import tokenizer as tokenizers
@@ -56,7 +56,7 @@ from minitx_fn.train import TrainState, init_state, lora_state
 
 # Config fields a format version added, with the value every earlier run had.
 ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attn"}}
-ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None, "rope_theta": 10000.0,
+ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None, "rope_theta": defaults.ROPE_THETA,
                           "bias": True, "qkv_bias": None}}
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
@@ -353,6 +353,11 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         meta = {**meta, "origin": None}
         if isinstance(meta.get("model_config"), dict):
             meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
+    for added in range(version + 1, FORMAT_VERSION + 1):
+        claimed = sorted(set(ADDED_MODEL_FIELDS.get(added, {})) & set(
+            meta["model_config"] if isinstance(meta.get("model_config"), dict) else ()))
+        if claimed:            # a run of that version cannot have them: an edited or mislabelled meta.json
+            raise CheckpointError(f"{where}: format version {version} has no {claimed}; they came with version {added}")
     for added in range(version + 1, FORMAT_VERSION + 1):               # what earlier versions did not record
         for part, fields in (("train_config", ADDED_TRAIN_FIELDS), ("model_config", ADDED_MODEL_FIELDS)):
             if isinstance(meta.get(part), dict):

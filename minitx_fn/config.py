@@ -136,7 +136,7 @@ class ModelConfig:
     norm: str = "layernorm"         # "layernorm" (scale and bias) or "rmsnorm" (scale only)
     mlp: str = "gelu"               # "gelu": GELU(x W1) W2; "swiglu": (SiLU(x Wg) * x Wu) Wd
     n_kv_heads: int | None = None   # G: key/value heads, dividing H; None means H (multi-head)
-    rope_theta: float = 10000.0     # rotary base: pair i of a head turns at theta^(-2i/K) per position
+    rope_theta: float = defaults.ROPE_THETA   # rotary base: pair i of a head turns at theta^(-2i/K) per position
     bias: bool = True               # biases in the linear layers (and an untied head); Llama has none
     qkv_bias: bool | None = None    # biases of the q, k, v projections alone; None follows `bias` (Qwen2: True)
 
@@ -167,6 +167,8 @@ class ModelConfig:
         _require(isinstance(self.qkv_bias, bool), "qkv_bias", self.qkv_bias, "it must be True or False")
         _require(_number(self.rope_theta) and self.rope_theta > 1, "rope_theta", self.rope_theta,
                  "it must be a number in (1, 3.4e38]")
+        _require(self.positions == "rotary" or self.rope_theta == defaults.ROPE_THETA, "rope_theta", self.rope_theta,
+                 "it is the base of rotary positions; it needs {positions}", positions=("positions", "rotary"))
         _require(self.positions != "rotary" or self.head_dim % 2 == 0, "d_model", self.d_model,
                  "rotary positions turn pairs of features, so the head width {k} must be even",
                  k=("d_model / n_heads", self.head_dim))

@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float64")      # compute dtypes; parameters ar
 PARAM_DTYPES = ("float32", "float64")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 POSITIONS = ("sinusoidal", "learned", "rotary")
+ROPE_THETA = 10000.0                   # the rotary base of RoFormer and Llama 1/2 (ModelConfig.rope_theta)
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 # Architectures (`minitx train --arch`): consistent groups of ModelConfig fields; a

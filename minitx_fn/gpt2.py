@@ -362,9 +362,10 @@ def _reader(model_type):
     from minitx_fn import llama
     if model_type in llama.MODEL_TYPES:
         return llama
-    if model_type in ("gpt2", None):
+    if model_type == "gpt2":
         return sys.modules[__name__]
-    raise GPT2Error(f"config.json says model_type {model_type!r}; minitx imports {['gpt2', *llama.MODEL_TYPES]}")
+    said = "has no model_type" if model_type is None else f"says model_type {model_type!r}"
+    raise GPT2Error(f"config.json {said}; minitx imports {['gpt2', *llama.MODEL_TYPES]}")
 
 
 def read_config(hf_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
@@ -373,8 +374,9 @@ def read_config(hf_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
         raise GPT2Error(f"{hf_dir!r} is not a directory; give the folder that holds config.json and "
                         f"model.safetensors")
     hf = _read_json(os.path.join(hf_dir, "config.json"), "a Hugging Face model folder needs one")
-    kind = hf.get("model_type") if isinstance(hf, dict) else None
-    return _reader(kind if isinstance(kind, str) else None).config_from_hf(hf, param_dtype=param_dtype)
+    if not isinstance(hf, dict):
+        raise GPT2Error("config.json must hold a JSON object")
+    return _reader(hf.get("model_type")).config_from_hf(hf, param_dtype=param_dtype)
 
 
 def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, BPETokenizer]:
@@ -441,17 +443,25 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
 
 
 def _check_gpt2_shape(params: dict, config: ModelConfig) -> None:
-    gpt2 = {**defaults.ARCHS["gpt2"], "n_kv_heads": config.n_heads, "qkv_bias": True}
+    """GPT2Error naming the fields that keep a model (not of Llama's shape) from being
+    written: those that differ from GPT-2's, or from Llama's when it is nearer to that."""
     head_bias = np.asarray(params["head"].get("b", 0.0)) if "head" in params else None
     untied_ok = head_bias is not None and not head_bias.any()        # an imported untied GPT-2: a zero head bias
-    other = {field: getattr(config, field) for field, value in gpt2.items()
-             if getattr(config, field) != value and not (field == "tie_embeddings" and untied_ok)}
+    shapes = {"GPT-2": ({**defaults.ARCHS["gpt2"], "n_kv_heads": config.n_heads, "qkv_bias": True},
+                        " (an untied head only with a zero bias, as in an imported GPT-2)", "--arch gpt2"),
+              "Llama and Qwen2": ({f: v for f, v in defaults.ARCHS["llama"].items() if f != "tie_embeddings"},
+                                  "", "--arch llama")}
+    differ = {name: {field: getattr(config, field) for field, value in fields.items()
+                     if getattr(config, field) != value and not (field == "tie_embeddings" and untied_ok)}
+              for name, (fields, _, _) in shapes.items()}
+    name = min(differ, key=lambda n: len(differ[n]))                  # the shape this model is nearer to
+    other = differ[name]
     if other:
-        raise GPT2Error("GPT-2 has " + ", ".join("{gpt2_%s}" % field for field in other) + " (an untied head only "
-                        "with a zero bias, as in an imported GPT-2); this model has "
-                        + ", ".join("{%s}" % field for field in other) + ": train one with --arch gpt2 (or --arch llama, written as a Llama)",
-                        **{field: (field, value) for field, value in other.items()},
-                        **{f"gpt2_{field}": (field, gpt2[field]) for field in other})
+        fields, note, fix = shapes[name]
+        raise GPT2Error(f"{name} {'have' if 'and' in name else 'has'} " + ", ".join("{want_%s}" % f for f in other)
+                        + f"{note}; this model has " + ", ".join("{%s}" % f for f in other)
+                        + f": train one with {fix}", **{f: (f, value) for f, value in other.items()},
+                        **{f"want_{f}": (f, fields[f]) for f in other})
 
 
 TEMPORARY_KIND = "export"          # temporary folders: runs.owned_prefix("export"), .export-PID-*
@@ -485,6 +495,7 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
                 f.flush()
                 os.fsync(f.fileno())
         os.chmod(tmp, runs.dir_mode())          # mkdtemp makes it 0700
+        signals.check()                         # a stop asked while writing: the temporary folder goes, nothing else
         if in_place:
             for name in sorted(files, key=lambda n: n == "config.json"):
                 os.rename(os.path.join(tmp, name), os.path.join(out_dir, name))
@@ -507,7 +518,7 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
     model's config and parameter count."""
     import jax
 
-    from minitx_fn import job, memory, model
+    from minitx_fn import job, llama, memory, model
     # Before reading the weights: the tensors as read, our tree, Adam's two moments,
     # and the bytes of the files a save builds in memory, about 6 copies in all.
     memory.check(6 * 4 * memory.param_count(read_config(hf_dir)), "importing this model",
@@ -515,10 +526,16 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
     config, params, tokenizer = import_dir(hf_dir)
     params = jax.tree.map(jax.numpy.asarray, params)
     signals.check()
-    from minitx_fn import llama
     key = "hf" if llama.family(config) else "gpt2"                          # checkpoint.IMPORTED
+    created = not os.path.exists(run_dir)
     job.new_run(run_dir, params, model_config=config, tokenizer=tokenizer, origin={key: os.path.abspath(hf_dir)},
                 log=log)
+    try:
+        signals.check()                  # a stop asked while the run was written: take the run back out
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     return config, model.count_params(params)
 
 

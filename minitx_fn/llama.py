@@ -68,13 +68,13 @@ def rope_theta(hf: dict) -> float:
     """The rotary base of a config.json, in either form (`_rope`); 10000 when absent.
 
     Example:
-        >>> rope_theta({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}), rope_theta({})
-        (500.0, 10000.0)
+        >>> rope_theta({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}), rope_theta({"rope_theta": 5.0})
+        (500.0, 5.0)
     """
     key, settings = _rope(hf)
     if key == "rope_parameters" and isinstance(settings, dict) and "rope_theta" in settings:
         return settings["rope_theta"]
-    return hf.get("rope_theta", 10000.0)
+    return hf.get("rope_theta", defaults.ROPE_THETA)
 
 
 def _refused(hf: dict) -> tuple[str, str] | None:
@@ -121,9 +121,13 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
         key, need = refused
         raise GPT2Error(f"config.json: {key} = {hf.get(key)!r} {need} for this model")
     sizes = {}
+    hf = {**hf, "num_key_value_heads": hf.get("num_key_value_heads", hf.get("num_attention_heads"))}
+    if hf["num_key_value_heads"] is None:                   # written as null: as many as the query heads
+        hf["num_key_value_heads"] = hf.get("num_attention_heads")
     for hf_name, ours in (("vocab_size", "vocab_size"), ("hidden_size", "d_model"),
-                          ("num_attention_heads", "n_heads"), ("num_hidden_layers", "n_layers"),
-                          ("intermediate_size", "d_ff"), ("max_position_embeddings", "max_len")):
+                          ("num_attention_heads", "n_heads"), ("num_key_value_heads", "n_kv_heads"),
+                          ("num_hidden_layers", "n_layers"), ("intermediate_size", "d_ff"),
+                          ("max_position_embeddings", "max_len")):
         value = hf.get(hf_name)
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
             raise GPT2Error(f"config.json: {hf_name} = {value!r} must be a positive whole number")
@@ -131,7 +135,6 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
     std = hf.get("initializer_range", 0.02)
     try:
         return ModelConfig(**sizes, **defaults.ARCHS["llama"] | {"tie_embeddings": hf.get("tie_word_embeddings", False)},
-                           n_kv_heads=hf.get("num_key_value_heads") or sizes["n_heads"],
                            qkv_bias=hf["model_type"] == "qwen2", ln_eps=hf.get("rms_norm_eps", 1e-6),
                            rope_theta=rope_theta(hf), init_std=std, embed_std=std,
                            dtype=param_dtype, param_dtype=param_dtype)

@@ -244,11 +244,18 @@ def test_no_checkpoint_here(tmp_path):
         checkpoint.load(str(tmp_path / "nope"))
 
 
+def _without_newer_model_fields(meta: dict) -> None:
+    """A meta.json of a version before 7 has none of the fields 7 added (they are refused there)."""
+    for name in checkpoint.ADDED_MODEL_FIELDS[7]:
+        meta["model_config"].pop(name, None)
+
+
 def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everything(tmp_path, saved):
     """Runs saved before the tokenizer kinds (format 2: a "vocab" string, no eval_tokens)."""
     files = dict(saved[1])
     meta = json.loads(files["meta.json"])
     meta["format_version"] = 2
+    _without_newer_model_fields(meta)
     meta["vocab"] = meta.pop("tokenizer")["chars"]
     del meta["train_config"]["eval_tokens"]
     for name in ("positions", "tie_embeddings"):
@@ -275,6 +282,7 @@ def test_the_fields_of_version_4_are_there_exactly_when_it_says_4(tmp_path, save
     files = dict(saved[1])
     meta = json.loads(files["meta.json"])
     meta["format_version"] = version
+    _without_newer_model_fields(meta)
     for name in drop:
         del (meta if name == "origin" else meta["model_config"])[name]
     files["meta.json"] = json.dumps(meta).encode()
@@ -301,6 +309,13 @@ def test_a_version_6_checkpoint_loads_as_the_gpt_model_it_was(tmp_path, saved):
     assert loaded.model_config == MC
     assert (loaded.model_config.norm, loaded.model_config.mlp, loaded.model_config.bias) == ("layernorm", "gelu", True)
     assert loaded.model_config.n_kv_heads == loaded.model_config.n_heads
+    meta["format_version"] = 6                                            # a version 6 may not claim them
+    meta["model_config"] = {**meta["model_config"], "norm": "rmsnorm"}
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    with pytest.raises(CheckpointError, match=r"format version 6 has no \['norm'\]; they came with version 7"):
+        checkpoint.load(str(tmp_path))
+    del meta["model_config"]["norm"]
     meta["format_version"] = 7                                            # a version 7 must have them
     files["meta.json"] = json.dumps(meta).encode()
     _write(tmp_path, files)

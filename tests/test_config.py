@@ -44,6 +44,7 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     ({"mlp": "relu"}, "mlp='relu'", "choose one of"),
     ({"rope_theta": 1.0}, "rope_theta=1.0", r"\(1, 3.4e38\]"),
     ({"rope_theta": float("nan")}, "rope_theta=nan", "number in"),
+    ({"rope_theta": 500.0}, "rope_theta=500.0", "base of rotary positions; it needs positions='rotary'"),
     ({"bias": 1}, "bias=1", "True or False"),
     ({"qkv_bias": "yes"}, "qkv_bias='yes'", "True or False"),
     ({"positions": "rotary", "d_model": 12}, "d_model=12", "head width d_model / n_heads=3 must be even"),

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, gpt2, model, runs
+from minitx_fn import checkpoint, defaults, gpt2, model, runs
 from minitx_fn.config import ModelConfig
 from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer
 from tests.helpers import TINY, assert_close_scaled, assert_one_error_line, enable_x64, run_main, \
@@ -155,7 +155,7 @@ def test_a_tokenizer_whose_ids_leave_gaps_is_refused(bpe):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"model_type": "llama"}, "only \"gpt2\""),
+    ({"model_type": "llama"}, "only \"gpt2\""),       # config_from_hf is GPT-2's own reader
     ({"activation_function": "gelu"}, "activation_function = 'gelu' must be one of"),
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx = True must be false"),
     ({"n_head": 3}, "n_embd = 16 is invalid: it must be divisible by n_head = 3"),
@@ -386,8 +386,13 @@ def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run)
                            ({"tie_embeddings": False}, "tie_embeddings=False"),
                            ({"positions": "rotary", "norm": "rmsnorm"}, "positions='rotary', norm='rmsnorm'"),
                            ({"n_kv_heads": 1, "bias": False, "qkv_bias": True}, "bias=False, n_kv_heads=1")):
-        with pytest.raises(gpt2.GPT2Error, match=re.escape(f"this model has {named}: train one with --arch gpt2 (or")):
+        with pytest.raises(gpt2.GPT2Error, match=re.escape(f"this model has {named}: train one with --arch gpt2")):
             gpt2.export_files(ck.state.params, ck.model_config.replace(**options), ck.tokenizer)
+    # Nearer Llama's shape than GPT-2's (a Llama with biases): named against Llama's.
+    llama_with_bias = ck.model_config.replace(**{**defaults.ARCHS["llama"], "bias": True})
+    with pytest.raises(gpt2.GPT2Error, match=re.escape("Llama and Qwen2 have bias=False; this model has bias=True: "
+                                                       "train one with --arch llama")):
+        gpt2.export_files(ck.state.params, llama_with_bias, ck.tokenizer)
     assert not (tmp_path / "hf").exists()
 
 
@@ -497,3 +502,35 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(hf, tmp_path, c
         ours = jax.jit(model.apply, static_argnames="config")(ck.state.params, jnp.asarray(ids),
                                                               config=ck.model_config)
     assert_close_scaled(ours, _hf_logits(torch, hf_model, ids), 1e-5)
+
+
+def test_a_signal_while_import_or_export_writes_takes_its_output_back(tmp_path, capsys, monkeypatch, hf_dir,
+                                                                       gpt2_shaped_run):
+    """SIGTERM arriving while the run or the folder is being written (after the last
+    point that used to look for it) was swallowed: exit 0 and everything written. It
+    is now one line, exit 143, and neither the run nor the folder exists."""
+    import signal
+
+    from minitx_fn import job
+    real_new_run, real_makedirs = job.new_run, gpt2.runs.make_dirs
+
+    def new_run_then_signal(*args, **kwargs):
+        path = real_new_run(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)                  # recorded by minitx's handler, acted on later
+        return path
+
+    monkeypatch.setattr(job, "new_run", new_run_then_signal)
+    code, _, err = run_main(capsys, "import-hf", hf_dir, "--out", tmp_path / "run")
+    assert (code, err.strip()) == (143, "minitx: interrupted by SIGTERM; nothing saved was lost")
+    assert not (tmp_path / "run").exists()
+    monkeypatch.undo()
+
+    def makedirs_then_signal(path):                           # write_dir: before the files are written
+        made = real_makedirs(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return made
+
+    monkeypatch.setattr(gpt2.runs, "make_dirs", makedirs_then_signal)
+    code, _, err = run_main(capsys, "export-hf", gpt2_shaped_run, "--out", tmp_path / "hf-out")
+    assert (code, err.strip()) == (143, "minitx: interrupted by SIGTERM; nothing saved was lost")
+    assert not (tmp_path / "hf-out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".export")]

@@ -80,6 +80,8 @@ HF = {"model_type": "llama", "vocab_size": 11, "hidden_size": 16, "intermediate_
     ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window = True must be false"),
     ({"head_dim": 8}, "head_dim = 8 must be hidden_size / num_attention_heads"),
     ({"num_key_value_heads": 3}, "num_key_value_heads = 3 is invalid: it must divide num_attention_heads = 4"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads = 0 must be a positive whole number"),
+    ({"num_key_value_heads": False}, "num_key_value_heads = False must be a positive whole number"),
     ({"num_hidden_layers": 0}, "num_hidden_layers = 0 must be a positive whole number"),
     ({"model_type": "mistral"}, "model_type 'mistral'"),
 ])
@@ -88,6 +90,7 @@ def test_config_json_whose_maths_this_model_lacks_is_refused_naming_the_key(chan
         llama.config_from_hf({**HF, **changes})
     assert said in str(e.value), str(e.value)
     assert llama.config_from_hf({**HF, "rope_scaling": {"rope_type": "default"}}).n_kv_heads == 2
+    assert llama.config_from_hf({**HF, "num_key_value_heads": None}).n_kv_heads == 4           # null: multi-head
     # Both forms of the rotary base: transformers 5's rope_parameters, and the top-level key before it.
     assert llama.config_from_hf({**HF, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
     assert llama.config_from_hf({**HF, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5
