@@ -219,8 +219,7 @@ QWEN2 = {**LLAMA, "qkv_bias": True, "n_kv_heads": 1}                 # multi-que
     ("float32", "einsum", 5, "full", {}),
     ("float32", "einsum", 3, "matmuls", GPT2),                # GPT-2's learned positions and tied head
     ("float64", "einsum", 3, "matmuls", GPT2),
-    ("float32", "einsum", 3, "matmuls", LLAMA),               # rotary, RMSNorm, SwiGLU, grouped-query, no biases
-    ("float64", "einsum", 3, "matmuls", LLAMA),
+    ("float64", "einsum", 3, "matmuls", LLAMA),               # rotary, RMSNorm, SwiGLU, grouped-query, no biases
     ("float64", "einsum", 0, "none", {**QWEN2, "tie_embeddings": True}),
 ])
 def test_model_matches_flax(dtype, impl, block, remat, options, key, rng):

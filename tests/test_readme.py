@@ -43,6 +43,10 @@ def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkey
     assert [r["step"] for r in records] == [100, 200, 300, 400] and all("val_loss" in r for r in records)
     assert whole["result"].records[-1] == records[2] and str(records[2]) in out
     assert records[-1]["loss"] < 0.5                    # a one-sentence text is learned
+    # Fine-tuned with LoRA (adapters on the frozen weights), evaluated; the same job in Llama's layers.
+    assert whole["tuned"].base is not None and set(whole["tuned"].state.params) == {"blocks"}
+    assert "Evaluation(loss=" in out
+    assert (whole["llama"].config.positions, whole["llama"].config.n_kv_heads) == ("rotary", 2)
     # 2. Its own model and loop: the loss it printed is the evaluation of the saved and loaded parameters.
     assert "loss on the whole text:" in out and "lr" not in own["fitted"].last_record    # no schedule given
     # 3. Three lines: the text continues the sentence the model learned.
