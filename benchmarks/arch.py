@@ -52,10 +52,11 @@ def measure(text_path: str, work: str, preset: str, steps: int, eval_every: int,
                                      "save_every": steps})
         mc, tc = result.config, result.train_config
         rates = [r["tokens_per_s"] for r in result.records[1:] if "tokens_per_s" in r]
+        rate = statistics.median(rates) if rates else None              # none when a run logs once
         rows.append({"arch": name, "fields": arch, "parameters": model.count_params(result.params),
                      "val_loss": [r["val_loss"] for r in result.records if "val_loss" in r][-1],
-                     "train_tokens_per_s": round(statistics.median(rates), 1) if rates else None,
-                     "step_ms": round(1e3 * tc.batch_size * mc.max_len / statistics.median(rates), 2) if rates else None,
+                     "train_tokens_per_s": rate and round(rate, 1),
+                     "step_ms": rate and round(1e3 * tc.batch_size * mc.max_len / rate, 2),
                      "decode_tokens_per_s": round(decode_rate(result, new_tokens), 1),
                      "kv_cache_bytes_per_token": 2 * mc.n_layers * mc.n_kv_heads * mc.head_dim
                      * np.dtype(mc.dtype).itemsize, "seconds": round(result.elapsed, 1)})

@@ -429,9 +429,10 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
     otherwise): learned positions, and tied embeddings (or an untied head with a zero
     bias, as an imported untied GPT-2 has)."""
     from minitx_fn import llama
-    if llama.family(config) is None:
+    kind = llama.family(config)
+    if kind is None:
         _check_gpt2_shape(params, config)
-    writer = _reader(llama.family(config) or "gpt2")
+    writer = _reader(kind or "gpt2")
     st = require_safetensors()
     files = {"config.json": json.dumps(writer.config_to_hf(config), indent=2).encode(),
              WEIGHTS: st.save(writer.params_to_hf(params, config), metadata={"format": "pt"})}
@@ -447,10 +448,10 @@ def _check_gpt2_shape(params: dict, config: ModelConfig) -> None:
     written: those that differ from GPT-2's, or from Llama's when it is nearer to that."""
     head_bias = np.asarray(params["head"].get("b", 0.0)) if "head" in params else None
     untied_ok = head_bias is not None and not head_bias.any()        # an imported untied GPT-2: a zero head bias
-    shapes = {"GPT-2": ({**defaults.ARCHS["gpt2"], "n_kv_heads": config.n_heads, "qkv_bias": True},
-                        " (an untied head only with a zero bias, as in an imported GPT-2)", "--arch gpt2"),
-              "Llama and Qwen2": ({f: v for f, v in defaults.ARCHS["llama"].items() if f != "tie_embeddings"},
-                                  "", "--arch llama")}
+    shapes = {"GPT-2 has": ({**defaults.ARCHS["gpt2"], "n_kv_heads": config.n_heads, "qkv_bias": True},
+                            " (an untied head only with a zero bias, as in an imported GPT-2)", "--arch gpt2"),
+              "Llama and Qwen2 have": ({f: v for f, v in defaults.ARCHS["llama"].items() if f != "tie_embeddings"},
+                                       "", "--arch llama")}
     differ = {name: {field: getattr(config, field) for field, value in fields.items()
                      if getattr(config, field) != value and not (field == "tie_embeddings" and untied_ok)}
               for name, (fields, _, _) in shapes.items()}
@@ -458,7 +459,7 @@ def _check_gpt2_shape(params: dict, config: ModelConfig) -> None:
     other = differ[name]
     if other:
         fields, note, fix = shapes[name]
-        raise GPT2Error(f"{name} {'have' if 'and' in name else 'has'} " + ", ".join("{want_%s}" % f for f in other)
+        raise GPT2Error(f"{name} " + ", ".join("{want_%s}" % f for f in other)
                         + f"{note}; this model has " + ", ".join("{%s}" % f for f in other)
                         + f": train one with {fix}", **{f: (f, value) for f, value in other.items()},
                         **{f"want_{f}": (f, fields[f]) for f in other})

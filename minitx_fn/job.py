@@ -215,8 +215,8 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
             _check_rank(tc, mc)
             training = runs.Lock(init_from).live_holder()
             if training:            # its next save would change the base these adapters are trained on
-                raise RunDirError(f"{os.fspath(init_from)!r} is being trained ({training}); a LoRA run needs its base to stay "
-                                  f"as it is: wait for that run to finish, or copy it and start from the copy")
+                raise RunDirError(f"{os.fspath(init_from)!r} is being trained ({training}); a LoRA run needs its base "
+                                  f"to stay as it is: wait for that run to finish, or copy it and start from the copy")
             state, base = trainer.lora_state(trainer.keys(tc.seed).init, params, tc.optimizer, tc.lora), params
         origin = {"init_from": {"path": os.path.abspath(init_from), "sha256": start.meta["files"]["params.npz"]["sha256"]}}
     return _checked(run_dir, False, mc, tc, source, state, batches, devices, fsdp, prompt, sample_tokens,

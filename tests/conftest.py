@@ -56,6 +56,19 @@ settings.register_profile("thorough", max_examples=200, deadline=None,
 settings.load_profile(os.environ.get("MINITX_HYPOTHESIS_PROFILE", "quick"))
 
 
+PARITY_REASON = "the parity tests need torch and transformers: pip install -e \".[test,parity]\""
+
+
+@pytest.fixture(scope="session")
+def hf():
+    """(torch, transformers) for the parity tests against Hugging Face's own models, or a
+    skip that says how to install them (the `parity` extra)."""
+    torch = pytest.importorskip("torch", reason=PARITY_REASON)
+    transformers = pytest.importorskip("transformers", reason=PARITY_REASON)
+    transformers.logging.set_verbosity_error()
+    return torch, transformers
+
+
 @pytest.fixture
 def key(request) -> jax.Array:
     """A PRNG key unique to this test (seeded by a hash of its node id)."""

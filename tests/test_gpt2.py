@@ -413,15 +413,7 @@ def test_export_into_the_folder_one_stands_in_writes_it_in_place(tmp_path, capsy
 
 # ----------------------------------------------------------------------------- parity with Hugging Face
 
-PARITY_REASON = "the parity tests need torch and transformers: pip install -e \".[test,parity]\""
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason=PARITY_REASON)
-    transformers = pytest.importorskip("transformers", reason=PARITY_REASON)
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
+# The `hf` fixture (torch, transformers, or a skip saying how to install them) is conftest's.
 
 
 @pytest.fixture(scope="module")

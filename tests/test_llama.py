@@ -29,7 +29,6 @@ from tests.helpers import assert_close_scaled, assert_one_error_line, enable_x64
 
 pytest.importorskip("safetensors", reason="the Llama import tests need safetensors: pip install -e \".[test]\"")
 pytest.importorskip("tokenizers", reason="the Llama import tests need tokenizers: pip install -e \".[test]\"")
-PARITY_REASON = "the parity tests need torch and transformers: pip install -e \".[test,parity]\""
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness. The quick brown fox jumps over the lazy dog.\n") * 10
 
@@ -97,14 +96,6 @@ def test_config_json_whose_maths_this_model_lacks_is_refused_naming_the_key(chan
 
 
 # ----------------------------------------------------------------------------- parity with transformers
-
-
-@pytest.fixture(scope="module")
-def hf():
-    torch = pytest.importorskip("torch", reason=PARITY_REASON)
-    transformers = pytest.importorskip("transformers", reason=PARITY_REASON)
-    transformers.logging.set_verbosity_error()
-    return torch, transformers
 
 
 @pytest.fixture(scope="module")
