@@ -508,6 +508,19 @@ def main(argv: list[str] | None = None) -> int:
     from minitx_fn import signals
 
     try:
+        return _main(argv, signals)
+    finally:
+        if argv is None:
+            # The status is decided. Python's finalization puts the default action back on
+            # the handlers it installed, so a stop signal in the process's last moments would
+            # end a finished command with no word (killed, exit -N): from here on they are
+            # ignored, and the status stands.
+            for signum in signals.STOP_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN)
+
+
+def _main(argv: list[str] | None, signals) -> int:
+    try:
         # Called as the program (argv None): the handlers stay until the process ends, so a
         # signal while the interpreter shuts down cannot change a finished command's status.
         with signals.StopSignals(restore=argv is not None):
