@@ -195,6 +195,15 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 10) -> float:
     return 2 * n_bytes / min(timed(lambda: f(x)) for _ in range(reps)) / 1e9
 
 
+def read_bandwidth_gbs(n_bytes: int = 1 << 30, reps: int = 10) -> float:
+    """Memory read bandwidth: bytes summed per second, best of `reps` sums of an
+    n_bytes float32 array (what a decode step at batch 1 does to the weights)."""
+    x = jnp.ones((n_bytes // 4,), jnp.float32)
+    f = jax.jit(jnp.sum)
+    sync(f(x))
+    return n_bytes / min(timed(lambda: f(x)) for _ in range(reps)) / 1e9
+
+
 def peak_memory_mb() -> float:
     """The device's peak bytes in use (accelerators), else the process's peak resident memory."""
     d = jax.devices()[0]

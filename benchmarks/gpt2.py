@@ -1,6 +1,6 @@
 """GPT-2 in our own layers against Hugging Face's, at GPT-2's real sizes, offline.
 
-    python -m benchmarks.gpt2                       GPT-2 small (124M), about 3 minutes on 2 CPU cores
+    python -m benchmarks.gpt2                       GPT-2 small (124M), about 5 minutes on 2 CPU cores
     python -m benchmarks.gpt2 --size tiny --json gpt2.json
 
 No download: transformers builds a GPT2LMHeadModel with random weights
@@ -9,15 +9,21 @@ beside a byte-level BPE of GPT-2's vocabulary size (the 256 bytes, the first mer
 byte pairs, and "<|endoftext|>": the ids, not GPT-2's learned merges, which are not
 here). Then, as a user would:
 
-1. `minitx import-gpt2` of that folder: wall time, and the checkpoint's size.
+1. `minitx import-hf` of that folder: wall time, and the checkpoint's size.
 2. Logits of one (1, T) window of random ids, ours (jitted, float32) against
    transformers' (eager attention, float32): the largest absolute difference, and
    that difference over the largest |logit|.
-3. 20 greedy tokens from a prompt, our `generate` against `model.generate(
-   do_sample=False)`: whether they are equal, and each one's decode speed (new
-   tokens per second, median of --reps runs after one to compile or warm up, prefill
-   included); ours also with the context cut to --window positions, as our decoder
-   attends over every slot of its fixed-size cache.
+3. Greedy decoding, `generate` against `model.generate(do_sample=False)`, in three
+   cases: batch 1 after a short prompt, batch 1 after a long one, and batch 8 with
+   prompts of 8 lengths from short to long (ours in one call; theirs left-padded with
+   an attention mask, as a user would). Per case: whether every row's tokens are
+   equal; each side's new tokens per second for --new-tokens tokens (prefill
+   included) and its time to the first token (a generation of one token: the
+   prefill), median of --reps runs alternated between the two after one to compile
+   or warm up; and a roofline line for ours: the bytes a decode step reads (every
+   weight once, the tied head once, and the cache slots it attends over) over the
+   time of one step, (full - first token) / (new tokens - 1), against the memory read
+   bandwidth measured in the same run (the best of 10 sums of a 1 GiB array).
 
 Needs the extra `parity` (torch, transformers).
 """
@@ -27,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-from benchmarks.common import check_output_path, positive_int
+from benchmarks.common import alternate, check_output_path, positive_int, read_bandwidth_gbs
 
 SIZES = {
     # GPT-2 small, as its config.json gives it.
@@ -42,6 +47,8 @@ SIZES = {
     # For the tests: seconds.
     "tiny": dict(vocab_size=1000, n_positions=64, n_embd=32, n_layer=2, n_head=2),
 }
+PROMPTS = {"small": (16, 512), "tiny": (4, 16)}       # the short and the long prompt of each size
+BATCH = 8                                             # rows of the mixed batch
 
 
 def pair_bpe_json(vocab_size: int) -> str:
@@ -67,14 +74,64 @@ def pair_bpe_json(vocab_size: int) -> str:
     return hf.to_str()
 
 
-def _median_rate(fn, tokens: int, reps: int) -> float:
-    fn()                                          # compile (ours) or warm up (theirs)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return tokens / statistics.median(times)
+def decode_cases(short: int, long: int) -> dict[str, list[int]]:
+    """The prompt lengths of each decoding case.
+
+    Example:
+        >>> decode_cases(16, 512)["batch 8"]
+        [16, 86, 157, 228, 299, 370, 441, 512]
+    """
+    return {"batch 1, short prompt": [short], "batch 1, long prompt": [long],
+            f"batch {BATCH}": np.linspace(short, long, BATCH).astype(int).tolist()}
+
+
+def median_s(blocks: list[list[float]]) -> float:
+    return float(np.median([t for block in blocks for t in block]))
+
+
+def decode_case(params, c, hf_model, lengths: list[int], *, new_tokens: int, reps: int, bandwidth: float) -> dict:
+    """One decoding case: ours and transformers' greedy tokens, speed and time to first
+    token, alternated; and ours against the memory bandwidth."""
+    import jax
+    import torch
+
+    from minitx_fn.generate import bucket_length, cache_slots, generate
+
+    rng = np.random.default_rng(len(lengths) * 1000 + max(lengths))
+    prompts = [rng.integers(0, c.vocab_size, n) for n in lengths]
+    width = max(lengths)
+    padded = np.zeros((len(prompts), width), np.int64)                 # left-padded, as generation needs
+    mask = np.zeros((len(prompts), width), np.int64)
+    for row, p in enumerate(prompts):
+        padded[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    ids, attention = torch.from_numpy(padded), torch.from_numpy(mask)
+
+    def theirs(n):
+        with torch.no_grad():
+            return hf_model.generate(ids, attention_mask=attention, do_sample=False, max_new_tokens=n,
+                                     min_new_tokens=n, pad_token_id=0)[:, width:].numpy()
+
+    def ours(n):
+        return generate(params, prompts, config=c, max_new_tokens=n)
+
+    equal = all(np.array_equal(a, b) for a, b in zip(ours(new_tokens), theirs(new_tokens)))
+    times = alternate({"ours": lambda: ours(new_tokens), "transformers": lambda: theirs(new_tokens),
+                       "ours_first": lambda: ours(1), "transformers_first": lambda: theirs(1)},
+                      blocks=reps, per_block=1, warmup=1, pause_s=0.2)
+    t = {name: median_s(blocks) for name, blocks in times.items()}
+    step_s = (t["ours"] - t["ours_first"]) / (new_tokens - 1)            # one decode step of the whole batch
+    slots = cache_slots(bucket_length(width, c.max_len), new_tokens, c.max_len)
+    weights = sum(a.nbytes for a in jax.tree.leaves(params))
+    cache = 2 * c.n_layers * len(prompts) * slots * c.n_kv_heads * c.head_dim * np.dtype(c.compute_dtype).itemsize
+    return {"prompt_lengths": lengths, "new_tokens": new_tokens, "greedy_equal": bool(equal),
+            "ours_tokens_per_s": round(len(prompts) * new_tokens / t["ours"], 2),
+            "transformers_tokens_per_s": round(len(prompts) * new_tokens / t["transformers"], 2),
+            "ours_over_transformers": round(t["transformers"] / t["ours"], 3),
+            "ours_first_token_ms": round(1e3 * t["ours_first"], 1),
+            "transformers_first_token_ms": round(1e3 * t["transformers_first"], 1),
+            "ours_step_ms": round(1e3 * step_s, 2), "weight_bytes": weights, "cache_slots": slots,
+            "cache_bytes": cache, "read_gbs": round((weights + cache) / step_s / 1e9, 2),
+            "bandwidth_utilisation": round((weights + cache) / step_s / 1e9 / bandwidth, 3)}
 
 
 def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dict:
@@ -84,7 +141,6 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     import transformers
 
     from minitx_fn import checkpoint, gpt2, model
-    from minitx_fn.generate import generate
     transformers.logging.set_verbosity_error()
 
     spec = SIZES[size]
@@ -98,7 +154,7 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     built = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gpt2.import_run(hf_dir, run_dir)                                     # what `minitx import-gpt2` runs
+    gpt2.import_run(hf_dir, run_dir)                                     # what `minitx import-hf` runs
     imported = time.perf_counter() - t0
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run_dir) for f in fs)
     params, c, tok, _ = checkpoint.load_model(run_dir)
@@ -110,34 +166,39 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
         theirs = hf_model(torch.from_numpy(ids)).logits.numpy()
     diff = float(np.abs(ours - theirs).max())
 
-    prompt = tok.encode("Hello, I'm a language model,")
-    with torch.no_grad():
-        def hf_generate():
-            return hf_model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
-                                     max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                     pad_token_id=0)[0, len(prompt):].numpy()
-        expected = hf_generate()
-        hf_rate = _median_rate(hf_generate, new_tokens, reps)
-
-    def our_generate():
-        return generate(params, [prompt], config=c, key=None, max_new_tokens=new_tokens)[0]
-    got = our_generate()
-    our_rate = _median_rate(our_generate, new_tokens, reps)
-
-    # The same weights with the context cut to `window` positions: our decoder attends
-    # over all S cache slots every token (fixed shapes), so this shows what S costs.
-    short = c.replace(max_len=min(window, c.max_len))
-    short_params = {**params, "pos": {"table": params["pos"]["table"][:short.max_len]}}
-    short_rate = _median_rate(lambda: generate(short_params, [prompt], config=short, key=None,
-                                               max_new_tokens=new_tokens)[0], new_tokens, reps)
+    bandwidth = read_bandwidth_gbs()
+    cases = {name: decode_case(params, c, hf_model, lengths, new_tokens=new_tokens, reps=reps, bandwidth=bandwidth)
+             for name, lengths in decode_cases(*PROMPTS[size]).items()}
     return {"size": size, "config": spec, "parameters": model.count_params(params),
-            "jax": jax.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "device": str(jax.devices()[0]), "build_and_save_s": round(built, 2), "import_s": round(imported, 2),
+            "jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "transformers": transformers.__version__, "device": str(jax.devices()[0]),
+            "date": time.strftime("%Y-%m-%d"), "build_and_save_s": round(built, 2), "import_s": round(imported, 2),
             "checkpoint_bytes": ckpt_bytes, "logits_window": int(ids.shape[1]), "max_abs_logit_diff": diff,
             "max_abs_logit": float(np.abs(theirs).max()), "relative_logit_diff": diff / float(np.abs(theirs).max()),
-            "greedy_tokens": new_tokens, "greedy_equal": bool(np.array_equal(got, expected)),
-            "ours_tokens_per_s": round(our_rate, 2), "transformers_tokens_per_s": round(hf_rate, 2),
-            "ours_tokens_per_s_context_window": round(short_rate, 2)}
+            "read_bandwidth_gbs": round(bandwidth, 2), "decode": cases}
+
+
+def print_report(result: dict, out=None) -> None:
+    """The decoding comparison as a table, then one roofline line per case."""
+    print(f"GPT-2 {result['size']} ({result['parameters']:,} parameters), greedy, "
+          f"{next(iter(result['decode'].values()))['new_tokens']} new tokens, median of the alternated runs; "
+          f"jax {result['jax']}, torch {result['torch']} ({result['torch_threads']} threads), "
+          f"transformers {result['transformers']}", file=out)
+    print("| case | prompt lengths | ours tokens/s | transformers tokens/s | ours / transformers | "
+          "first token ours / theirs | greedy tokens equal |", file=out)
+    print("|---|---|---|---|---|---|---|", file=out)
+    for name, r in result["decode"].items():
+        lengths = r["prompt_lengths"]
+        shown = str(lengths[0]) if len(lengths) == 1 else f"{lengths[0]} to {lengths[-1]}"
+        print(f"| {name} | {shown} | {r['ours_tokens_per_s']:.1f} | {r['transformers_tokens_per_s']:.1f} | "
+              f"{r['ours_over_transformers']:.2f}x | {r['ours_first_token_ms']:.0f} / "
+              f"{r['transformers_first_token_ms']:.0f} ms | {'yes' if r['greedy_equal'] else 'NO'} |", file=out)
+    print(f"\nMemory read bandwidth, measured in this run: {result['read_bandwidth_gbs']:.1f} GB/s", file=out)
+    for name, r in result["decode"].items():
+        print(f"roofline, ours, {name}: {(r['weight_bytes'] + r['cache_bytes']) / 1e6:,.0f} MB read per decode step "
+              f"(weights {r['weight_bytes'] / 1e6:,.0f} MB, cache {r['cache_slots']} slots {r['cache_bytes'] / 1e6:,.1f}"
+              f" MB) in {r['ours_step_ms']:.1f} ms: {r['read_gbs']:.1f} GB/s, "
+              f"{100 * r['bandwidth_utilisation']:.0f}% of the bandwidth", file=out)
 
 
 def main(argv=None) -> int:
@@ -146,11 +207,15 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=positive_int, default=3, help="timed generations of each side (default 3)")
     parser.add_argument("--window", type=positive_int, default=128, help="positions of the logits compared "
                         "(default 128)")
-    parser.add_argument("--new-tokens", type=positive_int, default=20, help="greedy tokens compared (default 20)")
+    parser.add_argument("--new-tokens", type=positive_int, default=128, help="greedy tokens per row (default 128)")
     parser.add_argument("--json", metavar="FILE", help="also write the result here")
     args = parser.parse_args(argv)
     if args.json:                                 # before the work, not after it
         check_output_path(parser, args.json, "--json")
+    room = SIZES[args.size]["n_positions"] - PROMPTS[args.size][1]
+    if not 2 <= args.new_tokens <= room:
+        parser.error(f"--new-tokens {args.new_tokens} must lie in [2, {room}]: after the {PROMPTS[args.size][1]}-token "
+                     f"prompt, GPT-2 {args.size} has {room} positions left (and a step's time needs two tokens)")
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -158,11 +223,10 @@ def main(argv=None) -> int:
         parser.error("needs torch and transformers: pip install -e \".[parity]\"")
     with tempfile.TemporaryDirectory(prefix="minitx-gpt2-") as work:
         result = run(args.size, work, reps=args.reps, window=args.window, new_tokens=args.new_tokens)
-    text = json.dumps(result, indent=1)
-    print(text)
+    print_report(result)
     if args.json:
         with open(args.json, "w") as f:
-            f.write(text + "\n")
+            f.write(json.dumps(result, indent=1) + "\n")
     return 0
 
 

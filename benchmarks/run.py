@@ -228,9 +228,9 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
                "prefill_ms": round(prefill_short, 3), "tokens_per_s": round(batch * new_tokens / total_ms * 1e3, 1),
                "ms_per_token_early": early, "ms_per_token_late": late_ms}
         if mode == "cached":
-            # Each decode step must read every parameter and the whole (L, B, S, H, K) key and value cache.
+            # Each decode step must read every parameter and the whole key and value cache.
             cache = model.init_cache(mc, batch)
-            bytes_read = sum(a.nbytes for a in jax.tree.leaves(params)) + cache.k.nbytes + cache.v.nbytes
+            bytes_read = sum(a.nbytes for a in jax.tree.leaves((params, cache)))
             row["bytes_per_token"] = int(bytes_read)
             row["achieved_gbs"] = None if late_ms is None else round(bytes_read / (late_ms / 1e3) / 1e9, 2)
         rows.append(row)

@@ -54,7 +54,7 @@ class DecodeState(NamedTuple):
     n: jax.Array             # () int32, tokens generated so far
     index: jax.Array         # (B,) int32, the slot each row writes next
     window: jax.Array        # (B, S) int32, each row's tokens by slot (re-prefilled when the row slides)
-    cache: KVCache           # (L, B, S, G, K) keys and values, in the compute dtype
+    cache: tuple[KVCache, ...]  # one per layer: (B, S, G, K) keys and values, in the compute dtype
     logits: jax.Array        # (B, V) logits of each row's latest token: the next token's distribution
     tokens: jax.Array        # (B, N) int32, generated ids
     token_logits: jax.Array  # (B, N, V) the logits each token was sampled from, or (B, 0, V) if not kept
@@ -106,12 +106,26 @@ def sample_rows(sampler: Sampler, logits: jax.Array, keys: jax.Array, n) -> jax.
     return jax.vmap(lambda row, k: sampler(row[None], jax.random.fold_in(k, n))[0])(logits, keys)
 
 
-def _prefill(params, window, length: int, config: ModelConfig):
-    """Slots 0 .. length - 1 of every row of window (B, S) into a fresh cache.
+def cache_slots(prompt_len: int, max_new_tokens: int, max_len: int) -> int:
+    """Slots the decode cache needs: every token fits when prompt_len + max_new_tokens
+    <= max_len, and the cache holds just those, so each step reads only them and no row
+    ever slides; otherwise all max_len. Static: it follows from the loop's static
+    lengths, so it adds no compilation.
 
-    Returns the logits of those slots (B, length, V) and the cache (L, B, S, G, K)."""
+    Example:
+        >>> cache_slots(16, 128, 1024), cache_slots(512, 600, 1024)
+        (144, 1024)
+    """
+    return min(max_len, prompt_len + max_new_tokens)
+
+
+def _prefill(params, window, length: int, config: ModelConfig, slots: int | None = None):
+    """Slots 0 .. length - 1 of every row of window (B, S) into a fresh cache of `slots`
+    slots (default S).
+
+    Returns the logits of those slots (B, length, V) and the cache (L KVCache of (B, slots, G, K))."""
     b = window.shape[0]
-    return model.apply_cached(params, window[:, :length], model.init_cache(config, b), config=config,
+    return model.apply_cached(params, window[:, :length], model.init_cache(config, b, slots), config=config,
                               index=jnp.zeros((b,), jnp.int32))
 
 
@@ -122,10 +136,10 @@ def _slide(params, state: DecodeState, config: ModelConfig) -> DecodeState:
     full = state.index == s                                                              # (B,)
     shifted = jnp.concatenate([state.window[:, s - keep:], jnp.zeros((b, s - keep), jnp.int32)], axis=1)
     fresh = _prefill(params, shifted, keep, config)[1] if keep else model.init_cache(config, b)
-    take = full[None, :, None, None, None]                                               # over (L, B, S, G, K)
+    take = full[:, None, None, None]                                                     # over (B, S, G, K)
     return state._replace(
         window=jnp.where(full[:, None], shifted, state.window),
-        cache=KVCache(jnp.where(take, fresh.k, state.cache.k), jnp.where(take, fresh.v, state.cache.v)),
+        cache=jax.tree.map(lambda new, old: jnp.where(take, new, old), fresh, state.cache),
         index=jnp.where(full, keep, state.index),
     )
 
@@ -144,7 +158,8 @@ def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler:
     v = config.vocab_size
     rows = jnp.arange(b, dtype=jnp.int32)
     keys = row_keys(key, b)
-    prompt_logits, cache = _prefill(params, window, prompt_len, config)                  # (B, P, V)
+    slots = cache_slots(prompt_len, max_new_tokens, s)
+    prompt_logits, cache = _prefill(params, window, prompt_len, config, slots)           # (B, P, V)
 
     def body(state: DecodeState) -> DecodeState:
         token = sample_rows(sampler, state.logits, keys, state.n)                        # (B,)
@@ -158,7 +173,9 @@ def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler:
             tail = jax.lax.dynamic_slice_in_dim(padded, state.n + 1, k, axis=1)          # (B, k): the last k ids
             done = done | jnp.all(tail == stop[None, :], axis=1)
         state = state._replace(tokens=tokens, token_logits=token_logits, length=length, done=done)
-        state = jax.lax.cond(jnp.any(state.index == s), lambda st: _slide(params, st, config), lambda st: st, state)
+        if slots == s:                                                                   # a row may fill its window
+            state = jax.lax.cond(jnp.any(state.index == s), lambda st: _slide(params, st, config), lambda st: st,
+                                 state)
         window = state.window.at[rows, state.index].set(token)
         logits, cache = model.apply_cached(params, token[:, None], state.cache, config=config, index=state.index)
         return state._replace(n=state.n + 1, index=state.index + 1, window=window, cache=cache, logits=logits[:, 0])
@@ -174,6 +191,9 @@ def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler:
         done=jnp.zeros((b,), bool), length=jnp.zeros((b,), jnp.int32))
     state = jax.lax.while_loop(cond, body, state)
     return state.tokens, state.token_logits, state.length
+
+
+_unstack_blocks = jax.jit(model.unstack_blocks)       # outside the decode loop: the copies happen once per call
 
 
 def _token_ids(values, config: ModelConfig, what: str) -> np.ndarray:
@@ -247,7 +267,7 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
     window = np.zeros((len(prompts), config.max_len), np.int32)                         # (B, S)
     for row, p in enumerate(prompts):
         window[row, :len(p)] = p
-    ids, logits, lengths = _decode(params, jnp.asarray(window), jnp.asarray(lengths), key, jnp.asarray(stop),
+    ids, logits, lengths = _decode(_unstack_blocks(params), jnp.asarray(window), jnp.asarray(lengths), key, jnp.asarray(stop),
                                    config=config, sampler=sampler,
                                    prompt_len=bucket_length(int(lengths.max()), config.max_len),
                                    max_new_tokens=int(max_new_tokens), keep_logits=return_logits)

@@ -68,7 +68,8 @@ def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None
 
 
 def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> int:
-    """Parameters, the (L, B, S, G, K) key and value caches and the generated ids.
+    """Parameters, the blocks again (`generate` unstacks them), the L (B, S, G, K) key and
+    value caches and the generated ids.
 
     Example:
         >>> generation_bytes(ModelConfig(vocab_size=13, max_len=10**9), 1, 10) > 10**12
@@ -76,8 +77,9 @@ def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> in
     """
     c = config
     word = np.dtype(c.param_dtype).itemsize
+    shapes = jax.eval_shape(model.init, jax.random.key(0), c)
     cache = 2 * c.n_layers * batch * c.max_len * c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
-    return param_count(c) * word + cache + batch * max_new_tokens * 4
+    return (_count(shapes) + _count(shapes["blocks"])) * word + cache + batch * max_new_tokens * 4
 
 
 def available_bytes() -> int | None:

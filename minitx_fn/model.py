@@ -299,26 +299,51 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
     return jax.lax.scan(body, x, params["blocks"])[1]
 
 
-def init_cache(config: ModelConfig, batch: int) -> KVCache:
-    """An empty cache: k and v of shape (L, B, S, G, K) with S = max_len, G = n_kv_heads.
+def init_cache(config: ModelConfig, batch: int, slots: int | None = None) -> tuple[KVCache, ...]:
+    """An empty cache: one `KVCache` per layer, k and v of shape (B, S, G, K) with
+    S = slots (default max_len), G = n_kv_heads.
 
     Example:
-        >>> init_cache(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=16), 4).k.shape
-        (3, 4, 16, 2, 4)
+        >>> cache = init_cache(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=16), 4)
+        >>> len(cache), cache[0].k.shape
+        (3, (4, 16, 2, 4))
     """
     c = config
-    shape = (c.n_layers, batch, c.max_len, c.n_kv_heads, c.head_dim)
-    return KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
+    shape = (batch, slots or c.max_len, c.n_kv_heads, c.head_dim)
+    return tuple(KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
+                 for _ in range(c.n_layers))
 
 
-def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: ModelConfig, index: jax.Array
-                 ) -> tuple[jax.Array, KVCache]:
+def unstack_blocks(params: dict) -> dict:
+    """params with "blocks" as a tuple of L per-layer dicts instead of (L, ...) stacks.
+
+    Training keeps the blocks stacked for one `lax.scan`; the cached decoder runs its
+    layers one after another and reads this form faster: on XLA:CPU a layer's slice of
+    a stacked weight, taken inside the decode loop, is copied for every token
+    (benchmarks/NOTES.md). Call it once, outside the loop (`generate` does).
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=3)
+        >>> blocks = unstack_blocks(init(jax.random.key(0), cfg))["blocks"]
+        >>> len(blocks), blocks[2]["attn"]["qkv"]["w"].shape
+        (3, (8, 24))
+    """
+    blocks = params["blocks"]
+    if not isinstance(blocks, dict):                                   # already one dict per layer
+        return params
+    n = jax.tree.leaves(blocks)[0].shape[0]
+    return {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n))}
+
+
+def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *, config: ModelConfig,
+                 index: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
     """tokens (B, T) of row b written at cache slots index[b] .. index[b] + T - 1 -> logits (B, T, V), new cache.
 
     index: (B,) int. Row b's token in slot s is at position s of its own sequence,
     and slots 0 .. index[b] - 1 hold that row's earlier tokens, so the positions and
     the causal mask over the S slots follow from `index` alone: query t of row b
-    reads slots 0 .. index[b] + t.
+    reads slots 0 .. index[b] + t. params' blocks may be stacked or unstacked
+    (`unstack_blocks`, faster inside a decode loop).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
@@ -330,23 +355,23 @@ def apply_cached(params: dict, tokens: jax.Array, cache: KVCache, *, config: Mod
     c = config
     require_dtypes(c)
     check_tokens(tokens, c)
-    t, s = tokens.shape[1], cache.k.shape[2]
+    blocks = unstack_blocks(params)["blocks"]
+    if len(blocks) != len(cache):
+        raise ValueError(f"the parameters hold {len(blocks)} blocks and the cache {len(cache)} layers")
+    t, s = tokens.shape[1], cache[0].k.shape[1]
     index = index.astype(jnp.int32)
     positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]                   # (B, T)
     mask = (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, S)
     x = _embed(params, tokens, positions, c)                                                # (B, T, D)
-
-    # The whole (L, B, S, G, K) cache rides in the loop's carry and each layer writes
-    # its T new slots in place; passing it as the scan's xs and ys would rebuild all
-    # of it for every token.
-    def body(carry, block_params):
-        x, cache, layer = carry
-        x, cache = block.apply_cached(block_params, x, cache, layer=layer, index=index, mask=mask,
-                                      **cached_block_args(c))
-        return (x, cache, layer + 1), None
-
-    (x, cache, _), _ = jax.lax.scan(body, (x, cache, jnp.int32(0)), params["blocks"])
-    return _logits(params, x, c), cache
+    # The layers one after another (unrolled), each with its own weights and cache
+    # arrays: no (L, ...) stack is sliced, so nothing is copied per token, and each
+    # layer's cache is updated in place.
+    new_cache = []
+    for block_params, layer_cache in zip(blocks, cache):
+        x, layer_cache = block.apply_cached(block_params, x, layer_cache, index=index, mask=mask,
+                                            **cached_block_args(c))
+        new_cache.append(layer_cache)
+    return _logits(params, x, c), tuple(new_cache)
 
 
 def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -387,4 +412,5 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
 
 
 __all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "cached_block_args", "check_tokens", "count_params",
-           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses", "with_context"]
+           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses", "unstack_blocks",
+           "with_context"]

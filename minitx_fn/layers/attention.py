@@ -23,11 +23,14 @@ value projections are fused into one matrix, laid out [Q | K | V] (H K, G K and 
 columns) with heads contiguous inside each block (feature h * K + k is head h,
 feature k): one matmul instead of three. Biases are optional (`bias`, `qkv_bias`).
 
-KV cache layout (the one place it is defined): `KVCache(k, v)`, k and v of shape
-(L, B, S, G, K) in the compute dtype, one (B, S, G, K) slice per layer (L = 1 for a
-single layer): grouped-query attention caches G heads, not H. Each row has its own
-slots: slot s of row b holds the key and value of that row's token at position s,
-so rows of a batch fill and slide their windows independently (`minitx_fn.generate`).
+KV cache layout (the one place it is defined): `KVCache(k, v)` holds one layer's keys
+and values, k and v of shape (B, S, G, K) in the compute dtype; a model's cache is a
+tuple of L of them (`model.init_cache`), one array per layer rather than one
+(L, ...) stack, because on XLA:CPU reading one layer's slice of a stack inside the
+decode loop copies it for every token (benchmarks/NOTES.md). Grouped-query attention
+caches G heads, not H. Each row has its own slots: slot s of row b holds the key and
+value of that row's token at position s, so rows of a batch fill and slide their
+windows independently (`minitx_fn.generate`).
 """
 
 from __future__ import annotations
@@ -44,10 +47,10 @@ IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "d
 
 
 class KVCache(NamedTuple):
-    """Keys and values of the tokens written so far; see the module docstring for the layout."""
+    """One layer's keys and values of the tokens written so far; see the module docstring for the layout."""
 
-    k: jax.Array  # (L, B, S, G, K)
-    v: jax.Array  # (L, B, S, G, K)
+    k: jax.Array  # (B, S, G, K)
+    v: jax.Array  # (B, S, G, K)
 
 
 # ----------------------------------------------------------------------------- maths
@@ -282,34 +285,34 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = 
     return linear.apply(params["out"], merge_heads(y), dtype=dtype)        # (B, T, D)
 
 
-def write_kv(cache: KVCache, layer: jax.Array, index: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
-    """Write k, v (B, T, G, K) into slots index[b] .. index[b] + T - 1 of row b of `layer`.
+def write_kv(cache: KVCache, index: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
+    """Write k, v (B, T, G, K) into slots index[b] .. index[b] + T - 1 of row b.
 
-    cache (L, B, S, G, K); layer () int; index (B,) int. A scatter into the cache
-    it was given: inside a loop whose carry holds the cache, XLA updates it in
-    place, so a decode step writes T slots, not a fresh copy of the cache.
+    cache (B, S, G, K); index (B,) int. A scatter into the cache it was given:
+    inside a loop whose carry holds the cache, XLA updates it in place, so a decode
+    step writes T slots, not a fresh copy of the cache.
 
     Example:
-        >>> cache = KVCache(jnp.zeros((2, 2, 4, 1, 1)), jnp.zeros((2, 2, 4, 1, 1)))   # L=2, B=2, S=4
+        >>> cache = KVCache(jnp.zeros((2, 4, 1, 1)), jnp.zeros((2, 4, 1, 1)))   # B=2, S=4
         >>> new = jnp.ones((2, 1, 1, 1))
-        >>> write_kv(cache, jnp.int32(1), jnp.array([0, 2], jnp.int32), new, new).k[1, :, :, 0, 0]
+        >>> write_kv(cache, jnp.array([0, 2], jnp.int32), new, new).k[:, :, 0, 0]
         Array([[1., 0., 0., 0.],
                [0., 0., 1., 0.]], dtype=float32)
     """
     b, t = k.shape[:2]
     rows = jnp.arange(b, dtype=jnp.int32)[:, None]                             # (B, 1)
     slots = index.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]   # (B, T)
-    return KVCache(k=cache.k.at[layer, rows, slots].set(k.astype(cache.k.dtype)),
-                   v=cache.v.at[layer, rows, slots].set(v.astype(cache.v.dtype)))
+    return KVCache(k=cache.k.at[rows, slots].set(k.astype(cache.k.dtype)),
+                   v=cache.v.at[rows, slots].set(v.astype(cache.v.dtype)))
 
 
-def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, layer: jax.Array, index: jax.Array,
-                 mask: jax.Array, n_heads: int, n_kv_heads: int | None = None, impl: str = "einsum", dtype=None,
-                 rope_theta: float | None = None) -> tuple[jax.Array, KVCache]:
-    """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of `layer`; attend over all S slots.
+def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array, mask: jax.Array, n_heads: int,
+                 n_kv_heads: int | None = None, impl: str = "einsum", dtype=None, rope_theta: float | None = None
+                 ) -> tuple[jax.Array, KVCache]:
+    """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of the cache; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
-    its shape (L, B, S, G, K) for every call, so the compiled step never changes.
+    its shape (B, S, G, K) for every call, so the compiled step never changes.
     A token in slot s is at position s of its row, so rotary positions are index[b] + t.
 
     mask: bool (B, 1, T, S), True where query t may read slot s: the caller masks
@@ -318,15 +321,15 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, layer: jax.Array
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
-        >>> cache = KVCache(jnp.zeros((1, 1, 6, 2, 4)), jnp.zeros((1, 1, 6, 2, 4)))   # L = 1, B = 1, S = 6
-        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, layer=jnp.int32(0), index=jnp.zeros(1, jnp.int32),
+        >>> cache = KVCache(jnp.zeros((1, 6, 2, 4)), jnp.zeros((1, 6, 2, 4)))   # B = 1, S = 6
+        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, index=jnp.zeros(1, jnp.int32),
         ...                         mask=causal_mask(2, 6)[None, None], n_heads=2)
-        >>> y.shape, bool(cache.k[0, 0, 2:].any())   # slots 2.. still empty
+        >>> y.shape, bool(cache.k[0, 2:].any())   # slots 2.. still empty
         ((1, 2, 8), False)
     """
     positions = index.astype(jnp.int32)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]   # (B, T)
     q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
                           rope_theta=rope_theta)                           # (B, T, H|G, K)
-    cache = write_kv(cache, layer, index, k, v)
-    y = scaled_dot_product(q, cache.k[layer], cache.v[layer], mask, impl=impl)   # (B, T, H, K)
+    cache = write_kv(cache, index, k, v)
+    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=impl)            # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache

@@ -95,24 +95,24 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = 
     return _feedforward_half(params, x, eps, dtype, norm, mlp, dropout_rate, k_mlp)
 
 
-def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, layer: jax.Array, index: jax.Array,
+def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, index: jax.Array,
                  mask: jax.Array, n_heads: int, n_kv_heads: int | None = None, eps: float = 1e-5, dtype=None,
                  impl: str = "einsum", norm: str = "layernorm", mlp: str = "gelu", rope_theta: float | None = None
                  ) -> tuple[jax.Array, attention.KVCache]:
-    """Like `apply`, with attention reading and writing slice `layer` of the KV cache
-    (L, B, S, G, K); `index` and `mask` as in `attention.apply_cached`.
+    """Like `apply`, with attention reading and writing this layer's KV cache
+    (B, S, G, K); `index` and `mask` as in `attention.apply_cached`.
 
     Example:
         >>> from minitx_fn.layers.attention import KVCache, causal_mask
-        >>> cache = KVCache(jnp.zeros((1, 1, 4, 2, 4)), jnp.zeros((1, 1, 4, 2, 4)))
+        >>> cache = KVCache(jnp.zeros((1, 4, 2, 4)), jnp.zeros((1, 4, 2, 4)))
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2, d_ff=32)
-        >>> y, cache = apply_cached(p, jnp.ones((1, 1, 8)), cache, layer=jnp.int32(0), index=jnp.zeros(1, jnp.int32),
+        >>> y, cache = apply_cached(p, jnp.ones((1, 1, 8)), cache, index=jnp.zeros(1, jnp.int32),
         ...                         mask=causal_mask(1, 4)[None, None], n_heads=2)
         >>> y.shape
         (1, 1, 8)
     """
     check_kinds(params, norm, mlp)
     h, cache = attention.apply_cached(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), cache,
-                                      layer=layer, index=index, mask=mask, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                                      index=index, mask=mask, n_heads=n_heads, n_kv_heads=n_kv_heads,
                                       impl=impl, dtype=dtype, rope_theta=rope_theta)
     return _feedforward_half(params, x + h.astype(x.dtype), eps, dtype, norm, mlp), cache
