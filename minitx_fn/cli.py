@@ -52,7 +52,8 @@ FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.
          **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
                                                               "top_p", "vocab_size", "tokenizer", "data", "resume",
-                                                              "batches", "preset", "init_from", "arch")},
+                                                              "batches", "preset", "init_from", "arch",
+                                                              "draft_tokens")},
          "run_dir": "--out", "data_path": "--data"}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -273,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_int_in(0, defaults.SEED_MAX), default=0, help="seeds sampling (default "
                    "%(default)s)")
     g.add_argument("--stop", help="stop after generating this string")
+    g.add_argument("--draft", metavar="DIR", help="speculative decoding: a smaller run of the same tokenizer and "
+                   "context proposes tokens, the model checks them in one pass (greedy: the same text, faster when "
+                   "the draft agrees often)")
+    g.add_argument("--draft-tokens", type=_positive, help=f"with --draft: tokens it proposes per round (default "
+                   f"{defaults.DRAFT_TOKENS})")
 
     v = command("eval", "the loss, perplexity and bits per byte of a text under a trained model")
     v.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -383,12 +389,16 @@ def cmd_generate(args, out=None) -> int:
     import jax
 
     from minitx_fn import checkpoint, generate, signals
+    if args.draft_tokens is not None and args.draft is None:
+        raise UsageError("--draft-tokens needs --draft RUN, the draft model that proposes them")
     loaded = checkpoint.load_model(args.checkpoint)
+    draft = None if args.draft is None else checkpoint.load_model(args.draft)
     stops = signals.active()
     with stops.exit_at_once() if stops else contextlib.nullcontext():   # reads only: a signal ends it at once
         text = generate.complete(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 key=jax.random.key(args.seed), stop=args.stop)
+                                 key=jax.random.key(args.seed), stop=args.stop, draft=draft,
+                                 draft_tokens=args.draft_tokens or defaults.DRAFT_TOKENS)
     print(args.prompt + text, file=out or sys.stdout)
     return 0
 

@@ -49,6 +49,7 @@ DEFAULT_EVAL_TOKENS = 1 << 17          # about Tiny Shakespeare's validation spl
 DEVICE_RESIDENT_TOKENS = 1 << 26       # 256 MB of int32 ids on the device; more are memory-mapped
 BATCH_SOURCES = ("auto", "device", "memmap")
 SAMPLE_TOKENS = 100                    # the sample printed at the end of a run
+DRAFT_TOKENS = 4                       # tokens a draft model proposes per round (speculative decoding)
 HEARTBEAT_TIMEOUT_S = 60               # a dead peer of a multi-process run is noticed within this
 HEARTBEAT_TIMEOUT_MAX = 86400          # seconds: a day
 START_TIMEOUT_S = 120                  # how long the processes of a run wait for each other to join

@@ -42,8 +42,8 @@ import numpy as np
 
 from minitx_fn import memory, model
 from minitx_fn.config import ModelConfig
-from minitx_fn.defaults import SAMPLE_TOKENS
-from minitx_fn.errors import Error
+from minitx_fn.defaults import DRAFT_TOKENS, SAMPLE_TOKENS
+from minitx_fn.errors import ConfigError, Error
 from minitx_fn.layers.attention import KVCache
 from minitx_fn.sampling import Sampler
 
@@ -129,19 +129,37 @@ def _prefill(params, window, length: int, config: ModelConfig, slots: int | None
                               index=jnp.zeros((b,), jnp.int32))
 
 
-def _slide(params, state: DecodeState, config: ModelConfig) -> DecodeState:
-    """Rows whose S slots are all used keep their last S // 2 tokens, prefilled again from slot 0."""
-    b, s = state.window.shape
+def _slide(params, window, cache, index, config: ModelConfig):
+    """Rows whose S slots are all used (index == S) keep their last S // 2 tokens,
+    prefilled again from slot 0 into a cache of the same slots; the others are unchanged.
+
+    window (B, S) the tokens by slot, cache the model's (L KVCache), index (B,).
+    Returns the new window, cache and index."""
+    b, s = window.shape
     keep = slide_keep(s)
-    full = state.index == s                                                              # (B,)
-    shifted = jnp.concatenate([state.window[:, s - keep:], jnp.zeros((b, s - keep), jnp.int32)], axis=1)
-    fresh = _prefill(params, shifted, keep, config)[1] if keep else model.init_cache(config, b)
+    full = index == s                                                                    # (B,)
+    shifted = jnp.concatenate([window[:, s - keep:], jnp.zeros((b, s - keep), jnp.int32)], axis=1)
+    slots = cache[0].k.shape[1]
+    fresh = _prefill(params, shifted, keep, config, slots)[1] if keep else model.init_cache(config, b, slots)
     take = full[:, None, None, None]                                                     # over (B, S, G, K)
-    return state._replace(
-        window=jnp.where(full[:, None], shifted, state.window),
-        cache=jax.tree.map(lambda new, old: jnp.where(take, new, old), fresh, state.cache),
-        index=jnp.where(full, keep, state.index),
-    )
+    return (jnp.where(full[:, None], shifted, window),
+            jax.tree.map(lambda new, old: jnp.where(take, new, old), fresh, cache),
+            jnp.where(full, keep, index))
+
+
+def stop_ends(tokens, ends, stop) -> jax.Array:
+    """tokens (B, N) ids so far, ends (B, J) positions in them, stop (k,) ids (k >= 1)
+    -> (B, J) bool: the k ids ending at position ends[b, j] of row b are the stop sequence.
+
+    Example:
+        >>> stop_ends(jnp.array([[5, 1, 2, 7]]), jnp.array([[0, 2, 3]]), jnp.array([1, 2])).tolist()
+        [[False, True, False]]
+    """
+    k = stop.shape[0]
+    padded = jnp.pad(tokens, ((0, 0), (k, 0)), constant_values=-1)                       # (B, k + N)
+    at = ends[:, :, None] + 1 + jnp.arange(k, dtype=jnp.int32)[None, None, :]           # (B, J, k) in padded
+    tail = jnp.take_along_axis(padded, at.reshape(at.shape[0], -1), axis=1).reshape(at.shape)
+    return jnp.all(tail == stop[None, None, :], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampler", "prompt_len", "max_new_tokens", "keep_logits"))
@@ -167,15 +185,13 @@ def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler:
         token_logits = state.token_logits.at[:, state.n].set(state.logits) if keep_logits else state.token_logits
         length = jnp.where(state.done, state.length, state.n + 1)
         done = state.done
-        k = stop.shape[0]
-        if k:
-            padded = jnp.pad(tokens, ((0, 0), (k, 0)), constant_values=-1)               # (B, k + N)
-            tail = jax.lax.dynamic_slice_in_dim(padded, state.n + 1, k, axis=1)          # (B, k): the last k ids
-            done = done | jnp.all(tail == stop[None, :], axis=1)
+        if stop.shape[0]:
+            done = done | stop_ends(tokens, jnp.full((b, 1), state.n), stop)[:, 0]
         state = state._replace(tokens=tokens, token_logits=token_logits, length=length, done=done)
         if slots == s:                                                                   # a row may fill its window
-            state = jax.lax.cond(jnp.any(state.index == s), lambda st: _slide(params, st, config), lambda st: st,
-                                 state)
+            window, cache, index = jax.lax.cond(jnp.any(state.index == s), functools.partial(_slide, params, config=config),
+                                                lambda *a: a, state.window, state.cache, state.index)
+            state = state._replace(window=window, cache=cache, index=index)
         window = state.window.at[rows, state.index].set(token)
         logits, cache = model.apply_cached(params, token[:, None], state.cache, config=config, index=state.index)
         return state._replace(n=state.n + 1, index=state.index + 1, window=window, cache=cache, logits=logits[:, 0])
@@ -239,7 +255,7 @@ def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
 
 def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: jax.Array | None = None,
              sampler: Sampler = Sampler(temperature=0.0), stop: tuple[int, ...] = (),
-             return_logits: bool = False):
+             return_logits: bool = False, draft=None, draft_tokens: int = DRAFT_TOKENS):
     """Continue each prompt (a sequence of token ids) by up to max_new_tokens tokens:
     ids in, ids out (`complete` takes and returns text).
 
@@ -259,6 +275,12 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
         >>> [t.shape for t in generate(p, [[1, 2], [3]], config=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
+    if draft is not None:
+        from minitx_fn import speculative                  # it builds on this module
+        out = speculative.speculate(params, prompts, config=config, draft=draft, draft_tokens=draft_tokens,
+                                    max_new_tokens=max_new_tokens, key=key, sampler=sampler, stop=stop,
+                                    return_logits=return_logits)
+        return (out.tokens, out.logits) if return_logits else out.tokens
     _check_length(max_new_tokens)
     key = _check_key(key, sampler)
     prompts = _check_prompts(prompts, config)
@@ -360,13 +382,15 @@ def encode_prompt(tokenizer, text: str, what: str = "the prompt") -> np.ndarray:
 
 def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
-             stop: str | None = None) -> str:
+             stop: str | None = None, draft=None, draft_tokens: int = DRAFT_TOKENS) -> str:
     """The text that follows `prompt`: run_model is anything with .params, .config and
     .tokenizer (`checkpoint.load_model`'s Model, `job.train`'s result). Greedy by default
     (and at temperature 0), which needs no key; with a temperature, top_k or top_p it
     samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
-    PromptError for a prompt or stop string the tokenizer cannot take; MemoryBudgetError
-    if the generation cannot fit in memory.
+    With a draft (a smaller run of the same tokenizer), speculative decoding
+    (`generate`). PromptError for a prompt or stop string the tokenizer cannot take;
+    ConfigError for a draft that cannot serve; MemoryBudgetError if the generation
+    cannot fit in memory.
 
     Example:
         >>> from minitx_fn import checkpoint
@@ -382,10 +406,16 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
     ids = encode_prompt(tokenizer, prompt)
     stop_ids = () if stop is None else encode_prompt(tokenizer, stop, "the stop string")
-    memory.check(memory.generation_bytes(config, 1, max_new_tokens), "this generation", "try a smaller {n}",
-                 n=("max_new_tokens", max_new_tokens))
+    need = memory.generation_bytes(config, 1, max_new_tokens)
+    if draft is not None:
+        if draft.tokenizer.to_meta() != tokenizer.to_meta():
+            raise ConfigError(f"the draft's tokenizer ({draft.tokenizer.kind}, {draft.tokenizer.vocab_size} tokens) is "
+                              f"not the model's ({tokenizer.kind}, {tokenizer.vocab_size} tokens): a draft must "
+                              f"share the model's tokenizer")
+        need += memory.generation_bytes(draft.config, 1, max_new_tokens)
+    memory.check(need, "this generation", "try a smaller {n}", n=("max_new_tokens", max_new_tokens))
     new = generate(params, [ids], config=config, key=key, max_new_tokens=max_new_tokens, sampler=sampler,
-                   stop=stop_ids)[0]
+                   stop=stop_ids, draft=draft, draft_tokens=draft_tokens)[0]
     text = tokenizer.decode(new)
     # The loop stops on the stop string's own ids; a tokenizer that merges (bpe) may
     # write the same text with other ids, so the text is cut at its first occurrence.

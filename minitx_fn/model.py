@@ -205,6 +205,10 @@ def _embed(params: dict, tokens: jax.Array, positions: jax.Array, c: ModelConfig
     if c.positions == "rotary":                                                   # the blocks turn q and k instead
         return x
     if c.positions == "learned":
+        # Past the table (only a speculative round's rejected tail gets there) the last
+        # row, not take's NaN: a NaN key or value would reach every later query of its
+        # slot through the zero attention weight that masks it (0 * NaN = NaN).
+        positions = jnp.minimum(positions, params["pos"]["table"].shape[0] - 1)
         pe = embedding.apply(params["pos"], positions)                            # (B|1, T, D): row per position
     else:
         pe = positional.encode(positions, c.d_model, dtype=c.residual_dtype)      # (B|1, T, D)

@@ -129,6 +129,23 @@ def test_generate_command(capsys, hello_run):
     assert_one_error_line(code, err, "'Zb'", "not in the vocabulary")
 
 
+def test_generate_with_a_draft(capsys, hello_run):
+    """The run as its own draft: the same greedy text. A draft must share the tokenizer
+    and the context; --draft-tokens needs --draft and a count below the context."""
+    argv = ["generate", "--checkpoint", str(hello_run), "--prompt", "hello", "--max-new-tokens", "20"]
+    code, plain, _ = run_main(capsys, *argv)
+    code_draft, drafted, _ = run_main(capsys, *argv, "--draft", str(hello_run), "--draft-tokens", "3")
+    assert code == code_draft == 0 and drafted == plain
+    context = checkpoint.load_model(hello_run).config.max_len
+    for extra, fragments in [(["--draft-tokens", "2"], ["--draft-tokens needs --draft"]),
+                             (["--draft", str(hello_run), "--draft-tokens", "0"], ["--draft-tokens", "must lie in"]),
+                             (["--draft", str(hello_run), "--draft-tokens", str(context)],
+                              [f"--draft-tokens {context} is invalid", f"[1, {context})"]),
+                             (["--draft", "no-such-run"], ["no-such-run"])]:
+        code, _, err = run_main(capsys, *argv, *extra)
+        assert_one_error_line(code, err, *fragments)
+
+
 def test_every_validation_loss_reaches_the_metrics_the_log_and_the_plot(capsys, rng):
     """eval_every 30, log_every 20: steps 30 and 60 are evaluated between records."""
     words = ["to", "be", "or", "not", "that", "is", "the", "question"]

@@ -30,8 +30,8 @@ def apply(params: dict, ids: jax.Array) -> jax.Array:
     """(B, T) int -> (B, T, D): row ids[b, t] of the table.
 
     Mathematically one_hot(ids, V) @ table; the gather avoids the (B, T, V) one-hot.
-    JAX gathers clamp out-of-range indices instead of failing, so callers check ids
-    (`minitx_fn.model.check_tokens` does) before they reach here.
+    `jnp.take` fills the rows of out-of-range ids with NaN instead of failing, so
+    callers check ids (`minitx_fn.model.check_tokens` does) before they reach here.
 
     Example:
         >>> p = init(jax.random.key(0), vocab_size=10, d_model=4)
