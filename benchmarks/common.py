@@ -11,6 +11,7 @@ blocks of median(A) / median(B) within the block.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -103,6 +104,41 @@ def flops_per_step(config: ModelConfig, batch_size: int) -> float:
     b, t = batch_size, config.max_len
     n = memory.param_count(config) - config.vocab_size * config.d_model
     return 6.0 * n * b * t + 12.0 * config.n_layers * b * t * t * config.d_model
+
+
+def xla_flops_per_step(compiled) -> float | None:
+    """The FLOPs XLA's cost analysis counts in a compiled program, or None where the
+    backend gives none. (A loop's body may be counted once, not once per iteration.)"""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list):                     # older jax: one dict per program
+        analysis = analysis[0] if analysis else {}
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops and flops > 0 else None
+
+
+@contextlib.contextmanager
+def count_compiles():
+    """Yields a list that gains one entry per XLA compilation inside the block (the
+    backend_compile events of `jax.monitoring`): a step that never recompiles adds none.
+
+    Example:
+        >>> f = jax.jit(lambda x: x + 1)
+        >>> _ = f(jnp.ones(2))
+        >>> with count_compiles() as compiles:
+        ...     _ = f(jnp.ones(2)); _ = f(jnp.ones(2))
+        >>> len(compiles)
+        0
+    """
+    compiles, active = [], [True]
+
+    def listen(event: str, duration: float, **kwargs) -> None:
+        if active[0] and event.endswith("backend_compile_duration"):
+            compiles.append(duration)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield compiles
+    finally:
+        active[0] = False                              # jax.monitoring has no public way to unregister
 
 
 def sync(x):

@@ -45,6 +45,29 @@ def _op_origins(hlo_text: str) -> dict[str, tuple[str, str]]:
     return origins
 
 
+def operation_times(fn, hlo_text: str, reps: int) -> list[tuple[str, int, int, str, str]]:
+    """Trace `reps` calls of fn (which must block until done) with `jax.profiler`, and
+    sum each XLA operation's time over XLA:CPU's worker threads: (name, total ns,
+    calls, output shape, the JAX operation it came from) per operation of the compiled
+    program whose text is hlo_text."""
+    with tempfile.TemporaryDirectory() as trace_dir:
+        with jax.profiler.trace(trace_dir):
+            for _ in range(reps):
+                fn()
+        profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+    per_op, calls = collections.Counter(), collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLAEigen"):                    # XLA:CPU's worker threads
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
+                    per_op[event.name] += event.duration_ns
+                    calls[event.name] += 1
+    origins = _op_origins(hlo_text)
+    return [(op, ns, calls[op], *origins.get(op, ("?", ""))) for op, ns in per_op.items()]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_step", description=__doc__.split("\n\n")[0])
     p.add_argument("config", choices=sorted(CONFIGS))
@@ -70,29 +93,14 @@ def main(argv=None) -> int:
     for _ in range(2):
         timed(one)
     wall = statistics.median(timed(one) for _ in range(5))
-    with tempfile.TemporaryDirectory() as trace_dir:
-        with jax.profiler.trace(trace_dir):
-            for _ in range(traced):
-                timed(one)
-        profile = jax.profiler.ProfileData.from_file(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
-    per_op, calls = collections.Counter(), collections.Counter()
-    for plane in profile.planes:
-        for line in plane.lines:
-            if not line.name.startswith("tf_XLAEigen"):                    # XLA:CPU's worker threads
-                continue
-            for event in line.events:
-                if not event.name.startswith(("ThunkExecutor", "SlinkyThreadPool")):
-                    per_op[event.name] += event.duration_ns
-                    calls[event.name] += 1
-    origins = _op_origins(step.as_text())
+    ops = operation_times(lambda: timed(one), step.as_text(), traced)
     grouped, grouped_calls = collections.Counter(), collections.Counter()
-    for op, ns in per_op.items():
-        shape, origin = origins.get(op, ("?", ""))
+    for op, ns, n_calls, shape, origin in ops:
         group = (shape, origin or re.sub(r"\.\d+$", "", op))
         grouped[group] += ns
-        grouped_calls[group] += calls[op]
+        grouped_calls[group] += n_calls
     print(f"{args.config}: median step {1e3 * wall:.1f} ms; operations summed over threads "
-          f"{sum(per_op.values()) / traced / 1e6:.1f} ms per step")
+          f"{sum(op[1] for op in ops) / traced / 1e6:.1f} ms per step")
     print("| ms per step | calls per step | output shape | from |")
     print("|---|---|---|---|")
     for (shape, origin), ns in grouped.most_common(args.top):

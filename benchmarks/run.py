@@ -10,7 +10,9 @@ blocks, A B A B ..., on the same batch and optimiser, so that drift of a shared,
 noisy machine hits both alike; the ratio reported is the median over block pairs
 of median(A) / median(B). MFU is model FLOPs per step (6 N B T + 12 L B T^2 D,
 N = non-embedding parameters) over the step time and the matmul peak measured in
-the same run.
+the same run; beside it the FLOPs XLA's cost analysis counts in the compiled step
+(`compiled.cost_analysis()`), and its MFU. The loop rows count the XLA compilations
+that happen while the already compiled step is timed: 0 means one compile per shape.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.common import (CONFIGS, alternate, check_options, copy_bandwidth_gbs, device_info, flops_per_step,
+from benchmarks.common import (CONFIGS, alternate, check_options, copy_bandwidth_gbs, count_compiles, device_info,
+                               flops_per_step, xla_flops_per_step,
                                check_output_path, matmul_peak_gflops, median_ms, model_config, model_option,
                                paired_ratio, peak_memory_mb, positive_int, sync, timed, versions)
 from minitx_fn import generate as gen
@@ -119,6 +122,7 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
         states["flax"], loss = compiled_flax(states["flax"], x, y)
         return loss
 
+    xla_flops = {"minitx": xla_flops_per_step(compiled_ours), "flax": xla_flops_per_step(compiled_flax)}
     steps_of = {"minitx": ours, "flax": theirs}
     if torch_step is not None:
         steps_of["torch"], compile_s["torch"] = torch_step, None                 # eager: nothing compiled
@@ -135,6 +139,8 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
                      "step_ms_min": round(1e3 * min(ts), 3), "step_ms_max": round(1e3 * max(ts), 3),
                      "tokens_per_s": round(b * t / med, 1), "model_gflops_per_step": round(flops / 1e9, 3),
                      "mfu": round(flops / med / (peak * 1e9), 4), "peak_memory_mb": round(peak_memory_mb(), 1),
+                     "xla_gflops_per_step": None if xla_flops.get(impl) is None else round(xla_flops[impl] / 1e9, 3),
+                     "mfu_xla": None if xla_flops.get(impl) is None else round(xla_flops[impl] / med / (peak * 1e9), 4),
                      **{f"ratio_minitx_over_{other}": round(paired_ratio(blocks_of["minitx"], blocks_of[other]), 3)
                         if other in blocks_of else None for other in ("flax", "torch")}})
     return rows
@@ -149,8 +155,8 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
     Bare: `steps` calls of `train.train_step` on `train.batch_at` batches back to back,
     one sync at the end. Loop: `loop.fit` over the same steps and batches, logging
     every 10 (losses fetched then, checked for NaN, a line printed), no evaluation or
-    checkpoint. Both start compiled; runs alternate, bare then loop, `reps` times;
-    medians are reported.
+    checkpoint. Both start compiled (one untimed run each); runs alternate, bare then
+    loop, `reps` times; medians are reported, and the compilations while they ran.
     """
     mc = model_config(spec, **model_options)
     tc = TrainConfig(steps=steps, batch_size=spec["batch"], warmup=0, log_every=10, eval_every=10 * steps,
@@ -178,15 +184,18 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
         return train.init_state(init_key, mc, tc.optimizer)
 
     sync(bare(fresh(), 1))                                                  # compile (both share train_step)
+    sync(fitted(fresh(), 1))                                                # and what the loop adds (its logging)
     times = {"bare": [], "loop": []}
-    for _ in range(reps):
-        for kind, run in (("bare", bare), ("loop", fitted)):
-            state = sync(fresh())
-            times[kind].append(timed(lambda: run(state, steps)))
+    with count_compiles() as compiles:
+        for _ in range(reps):
+            for kind, run in (("bare", bare), ("loop", fitted)):
+                state = sync(fresh())
+                times[kind].append(timed(lambda: run(state, steps)))
     tokens = steps * spec["batch"] * mc.max_len
     bare_tps, loop_tps = (tokens / statistics.median(times[k]) for k in ("bare", "loop"))
     return {"config": name, "steps": steps, "bare_tokens_per_s": round(bare_tps, 1),
-            "loop_tokens_per_s": round(loop_tps, 1), "loop_over_bare": round(loop_tps / bare_tps, 3)}
+            "loop_tokens_per_s": round(loop_tps, 1), "loop_over_bare": round(loop_tps / bare_tps, 3),
+            "compiles_while_timed": len(compiles)}
 
 
 # ----------------------------------------------------------------------------- decode
@@ -295,16 +304,18 @@ def print_table(result: dict, out=None) -> None:
           f"jax {result['versions']['jax']}, flax {result['versions']['flax']}; "
           f"float32 matmul peak {result['peak_gflops']:.1f} GFLOP/s", file=out)
     _markdown_table(
-        ["config", "impl", "compile s", "step ms (median)", "min", "max", "tokens/s", "MFU", "minitx/flax",
-         "minitx/torch"],
+        ["config", "impl", "compile s", "step ms (median)", "min", "max", "tokens/s", "MFU", "XLA GFLOP/step",
+         "MFU (XLA's FLOPs)", "minitx/flax", "minitx/torch"],
         [[r["config"], r["impl"], "-" if r["compile_s"] is None else f"{r['compile_s']:.2f}",
           f"{r['step_ms_median']:.2f}", f"{r['step_ms_min']:.2f}", f"{r['step_ms_max']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{100 * r['mfu']:.1f}%",
+          *(("-", "-") if r.get("xla_gflops_per_step") is None else
+            (f"{r['xla_gflops_per_step']:.2f}", f"{100 * r['mfu_xla']:.1f}%")),
           *(f"{r[k]:.2f}" if r["impl"] == "minitx" and r[k] is not None else "" for k in
             ("ratio_minitx_over_flax", "ratio_minitx_over_torch"))] for r in result["train"]], out)
     _markdown_table(
-        ["config", "steps", "bare step tokens/s", "loop.fit tokens/s", "fit/bare"],
+        ["config", "steps", "bare step tokens/s", "loop.fit tokens/s", "fit/bare", "compiles while timed"],
         [[r["config"], r["steps"], f"{r['bare_tokens_per_s']:,.0f}", f"{r['loop_tokens_per_s']:,.0f}",
-          f"{r['loop_over_bare']:.3f}"] for r in result["loop"]], out)
+          f"{r['loop_over_bare']:.3f}", r.get("compiles_while_timed", "")] for r in result["loop"]], out)
     _markdown_table(
         ["config", "batch", "mode", "tokens/s", "prefill ms", "ms/token early", "ms/token late", "GB/s read"],
         [[r["config"], r["batch"], r["mode"], f"{r['tokens_per_s']:,.0f}", f"{r['prefill_ms']:.2f}",

@@ -56,6 +56,13 @@ settings.register_profile("thorough", max_examples=200, deadline=None,
 settings.load_profile(os.environ.get("MINITX_HYPOTHESIS_PROFILE", "quick"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked heavy (10 to 40 s each) first, the rest in their order: the two
+    workers then finish on short tests together, instead of one waiting out a long
+    test that came last."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 PARITY_REASON = "the parity tests need torch and transformers: pip install -e \".[test,parity]\""
 
 

@@ -30,7 +30,36 @@ def test_bad_arguments_stop_before_any_timing(argv, fragment, capsys):
     assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
 
 
+def test_count_compiles_sees_a_new_shape_and_not_a_cached_one():
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.common import count_compiles, xla_flops_per_step
+    f = jax.jit(lambda x: x @ x)
+    small, big = jnp.ones((3, 3)), jnp.ones((4, 4))
+    f(small)
+    with count_compiles() as compiles:
+        f(small)
+        assert len(compiles) == 0
+        f(big)
+    assert len(compiles) == 1
+    assert xla_flops_per_step(f.lower(big).compile()) == 2 * 4**3                    # a 4 x 4 matmul
+
+
+@pytest.mark.parametrize("argv, fragment", [(["--draft-tokens", "64"], "--draft-tokens 64"),
+                                            (["--data", "/no/such.txt"], "--data '/no/such.txt'"),
+                                            (["--json", "/no/such/folder/x.json"], "--json '/no/such")])
+def test_the_speculative_benchmark_checks_its_flags_before_training(argv, fragment, capsys):
+    from benchmarks import speculative
+    with pytest.raises(SystemExit) as exit_info:
+        speculative.main(["--data", __file__, *argv] if argv[0] != "--data" else argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and fragment in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("argv, fragment", [(["--reps", "0"], "--reps"), (["--new-tokens", "0"], "--new-tokens"),
+                                            (["--new-tokens", "1"], "--new-tokens 1 must lie in [2, 512]"),
+                                            (["--size", "tiny", "--new-tokens", "49"], "[2, 48]"),
                                             (["--window", "0"], "--window"),
                                             (["--json", "/no/such/folder/x.json"], "--json '/no/such")])
 def test_the_gpt2_benchmark_checks_its_flags_before_any_work(argv, fragment, capsys):
@@ -129,6 +158,7 @@ def test_profile_step_lists_the_step_operations():
     assert len(rows) == 3 and all(float(row.split("|")[1]) > 0 for row in rows)
 
 
+@pytest.mark.heavy
 def test_gpu_script_runs_every_step_at_toy_sizes_and_every_field_and_option_arrives(tmp_path, capsys, monkeypatch):
     """`python -m benchmarks.gpu --smoke`: the GPU session's script, proven on the CPU
     before a GPU ever sees it. Its two benchmark runs (bfloat16 and float32, with
@@ -177,10 +207,12 @@ def test_gpu_script_runs_every_step_at_toy_sizes_and_every_field_and_option_arri
         assert {r["impl"] for r in result["train"]} == {"minitx", "flax"}
         for row in result["train"]:
             assert all(row[f] for f in TRAIN_FIELDS) and all(row[f] > 0 for f in TRAIN_FIELDS[2:])
+            assert row["xla_gflops_per_step"] > 0 and row["mfu_xla"] > 0
         ours = next(r for r in result["train"] if r["impl"] == "minitx")
         assert ours["ratio_minitx_over_flax"] > 0 and ours["ratio_minitx_over_torch"] is None
         [loop] = result["loop"]
         assert loop["config"] == "micro" and loop["steps"] == 1 and loop["loop_over_bare"] > 0
+        assert loop["compiles_while_timed"] == 0                    # the step and the loop compiled once
         assert {(r["batch"], r["mode"]) for r in result["decode"]} == {(2, "cached"), (2, "recompute")}
         for row in result["decode"]:
             assert all(row[f] for f in DECODE_FIELDS[:4]) and row["tokens_per_s"] > 0

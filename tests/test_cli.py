@@ -40,6 +40,7 @@ def hello_run(tmp_path_factory):
     return root / "r"
 
 
+@pytest.mark.heavy
 def test_main_job_on_the_builtin_corpus():
     """`minitx train` with no arguments: the README's first command, in a process of
     its own with the user's XLA flags (not the suite's compile-fast ones)."""

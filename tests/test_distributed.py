@@ -38,6 +38,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.heavy
 def test_four_devices_equal_one_device_after_three_steps():
     script = textwrap.dedent("""
         import functools
@@ -158,6 +159,7 @@ def _wait(procs, timeout):
             p.kill()
 
 
+@pytest.mark.heavy
 def test_two_processes_equal_one_and_sigterm_to_one_preempts_both_at_one_step(tmp_path):
     """Two processes with two devices each train on one global batch; SIGTERM to
     process 1 alone: JAX's preemption service makes both save one checkpoint at the
@@ -180,6 +182,7 @@ def test_two_processes_equal_one_and_sigterm_to_one_preempts_both_at_one_step(tm
     np.testing.assert_allclose([l for _, l in both], [l for _, l in one], rtol=1e-5)
 
 
+@pytest.mark.heavy
 def test_a_dead_process_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_path):
     """kill -9 of process 1: process 0 stops on its own (within the heartbeat timeout, 5 s
     here; a survivor still running when _wait's limit ends fails the test), with its
@@ -198,6 +201,7 @@ def test_a_dead_process_stops_the_other_in_bounded_time_and_the_run_resumes(tmp_
     assert f"Resuming dead from step {step}" in out
 
 
+@pytest.mark.heavy
 def test_processes_that_disagree_a_peer_that_never_comes_and_a_taken_port_are_one_line_each(tmp_path):
     """Two processes with different seeds (once silently wrong) or widths (once a C++
     abort in gloo): both refuse before any step, naming what differs, exit 2. A peer

@@ -69,6 +69,7 @@ def test_every_public_function_has_an_example(name):
     assert not missing, f"{name}: no example in {sorted(missing)}"
 
 
+@pytest.mark.heavy
 def test_walkthrough_runs_as_a_notebook_with_its_attention_explorer():
     """jupytext turns the script into a notebook and nbclient executes it in a kernel,
     as `jupyter lab` would; the last cell builds the ipywidgets explorer. The script is

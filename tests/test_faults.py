@@ -417,6 +417,7 @@ def test_a_stale_lock_is_taken_over(work, capsys):
 # ----------------------------------------------------------------------------- killed processes, a real full disk
 
 
+@pytest.mark.heavy
 def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path):
     """Three times: a training process saving every step is killed with SIGKILL at a random
     moment (often mid-save); whatever checkpoint is left loads, and the next process
@@ -450,6 +451,7 @@ def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(command=st.sampled_from(["train", "generate", "prepare"]), offset=st.floats(0.25, 4.0),
        signum=st.sampled_from([signal.SIGTERM, signal.SIGINT, signal.SIGHUP]))
+@pytest.mark.heavy
 def test_a_signal_at_any_moment_of_a_command_is_a_clean_finish_or_one_line(saved_runs, tmp_path_factory, command,
                                                                            offset, signum):
     """`minitx train`, `generate` or `prepare` signalled at any offset from its start

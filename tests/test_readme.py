@@ -6,6 +6,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 
 from minitx_fn import model
 from minitx_fn.config import ModelConfig
@@ -21,6 +22,7 @@ def _section(title: str) -> str:
     return readme[start:end]
 
 
+@pytest.mark.heavy
 def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkeypatch, capsys):
     """The three blocks, in order, in one empty folder, as a user pastes them (the
     third loads the run the first wrote). What they print is checked against what they
@@ -49,9 +51,10 @@ def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkey
     assert (whole["llama"].config.positions, whole["llama"].config.n_kv_heads) == ("rotary", 2)
     # 2. Its own model and loop: the loss it printed is the evaluation of the saved and loaded parameters.
     assert "loss on the whole text:" in out and "lr" not in own["fitted"].last_record    # no schedule given
-    # 3. Three lines: the text continues the sentence the model learned.
-    printed = out.strip().splitlines()[-1]
-    assert printed in "the quick brown fox jumps over the lazy dog. " * 3
+    # 3. Three lines: the text continues the sentence the model learned; with the Llama run as a
+    # draft, greedy speculative decoding prints the same text.
+    printed, drafted = out.rstrip("\n").splitlines()[-2:]
+    assert printed in "the quick brown fox jumps over the lazy dog. " * 3 and drafted == printed
     assert loaded["m"].config == whole["result"].config
 
 

@@ -92,23 +92,28 @@ def test_a_sampled_row_depends_only_on_its_prompt_key_and_row(key):
 
 def exact_distribution(params, cfg, prompt, temperature: float, top_k: int, n: int) -> dict[tuple, float]:
     """P(t_1 .. t_n | prompt) of every sequence of n ids when each is drawn from
-    softmax(logits / temperature) over the top_k most likely, written out in NumPy over
-    full forward passes (no cache, no draft)."""
-    probs = {(): 1.0}
-    for _ in range(n):
-        nxt = {}
-        for seq, p in probs.items():
-            logits = np.asarray(model.apply(params, np.array([list(prompt) + list(seq)], np.int32), config=cfg),
-                                np.float64)[0, -1] / temperature
-            kept = np.argsort(logits)[-top_k:]
-            dist = np.zeros_like(logits)
-            dist[kept] = np.exp(logits[kept] - logits[kept].max())
-            dist /= dist.sum()
-            for t, q in enumerate(dist):
-                if q > 0:
-                    nxt[seq + (t,)] = p * q
-        probs = nxt
-    return probs
+    softmax(logits / temperature) over the top_k most likely, written out in NumPy.
+
+    One forward pass (no cache, no draft) over every continuation of n - 1 ids: under
+    the causal mask the logits at position len(prompt) - 1 + j depend only on the
+    first j ids, so they give P(t_{j+1} | t_1 .. t_j)."""
+    import itertools
+    v, p = cfg.vocab_size, len(prompt)
+    tails = list(itertools.product(range(v), repeat=n - 1))
+    logits = np.asarray(jax.jit(model.apply_fn(cfg))(params, np.array([list(prompt) + list(t) for t in tails],
+                                                                         np.int32)), np.float64) / temperature
+
+    def dist(row) -> np.ndarray:
+        kept = np.argsort(row)[-top_k:]
+        out = np.zeros_like(row)
+        out[kept] = np.exp(row[kept] - row[kept].max())
+        return out / out.sum()
+
+    probs = {}
+    for seq in itertools.product(range(v), repeat=n):
+        row = tails.index(seq[:n - 1])                 # a continuation that starts with seq's first n - 1 ids
+        probs[seq] = float(np.prod([dist(logits[row, p - 1 + j])[seq[j]] for j in range(n)]))
+    return {seq: q for seq, q in probs.items() if q > 0}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
