@@ -120,6 +120,7 @@ def decode_case(params, c, hf_model, lengths: list[int], *, new_tokens: int, rep
                       blocks=reps, per_block=1, warmup=1, pause_s=0.2)
     t = {name: median_s(blocks) for name, blocks in times.items()}
     step_s = (t["ours"] - t["ours_first"]) / (new_tokens - 1)            # one decode step of the whole batch
+    timed_step = step_s > 0                       # too few tokens: the difference drowns in the noise
     slots = cache_slots(bucket_length(width, c.max_len), new_tokens, c.max_len)
     weights = sum(a.nbytes for a in jax.tree.leaves(params))
     cache = 2 * c.n_layers * len(prompts) * slots * c.n_kv_heads * c.head_dim * np.dtype(c.compute_dtype).itemsize
@@ -129,9 +130,10 @@ def decode_case(params, c, hf_model, lengths: list[int], *, new_tokens: int, rep
             "ours_over_transformers": round(t["transformers"] / t["ours"], 3),
             "ours_first_token_ms": round(1e3 * t["ours_first"], 1),
             "transformers_first_token_ms": round(1e3 * t["transformers_first"], 1),
-            "ours_step_ms": round(1e3 * step_s, 2), "weight_bytes": weights, "cache_slots": slots,
-            "cache_bytes": cache, "read_gbs": round((weights + cache) / step_s / 1e9, 2),
-            "bandwidth_utilisation": round((weights + cache) / step_s / 1e9 / bandwidth, 3)}
+            "ours_step_ms": round(1e3 * step_s, 2) if timed_step else None, "weight_bytes": weights,
+            "cache_slots": slots, "cache_bytes": cache,
+            "read_gbs": round((weights + cache) / step_s / 1e9, 2) if timed_step else None,
+            "bandwidth_utilisation": round((weights + cache) / step_s / 1e9 / bandwidth, 3) if timed_step else None}
 
 
 def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dict:
@@ -195,6 +197,10 @@ def print_report(result: dict, out=None) -> None:
               f"{r['transformers_first_token_ms']:.0f} ms | {'yes' if r['greedy_equal'] else 'NO'} |", file=out)
     print(f"\nMemory read bandwidth, measured in this run: {result['read_bandwidth_gbs']:.1f} GB/s", file=out)
     for name, r in result["decode"].items():
+        if r["ours_step_ms"] is None:
+            print(f"roofline, ours, {name}: a step's time is below the noise of {r['new_tokens']} tokens; give more "
+                  f"--new-tokens", file=out)
+            continue
         print(f"roofline, ours, {name}: {(r['weight_bytes'] + r['cache_bytes']) / 1e6:,.0f} MB read per decode step "
               f"(weights {r['weight_bytes'] / 1e6:,.0f} MB, cache {r['cache_slots']} slots {r['cache_bytes'] / 1e6:,.1f}"
               f" MB) in {r['ours_step_ms']:.1f} ms: {r['read_gbs']:.1f} GB/s, "

@@ -375,10 +375,15 @@ def main(argv=None) -> int:
         mc = model_config(CONFIGS[name], **options)
         try:
             memory.check(memory.training_bytes(mc, CONFIGS[name]["batch"]) + memory.generation_bytes(
-                mc, 8, args.new_tokens), f"config {name}", "choose smaller --option values or fewer --new-tokens")
+                mc, max(args.decode_batches), args.new_tokens), f"config {name}",
+                "choose smaller --option values, --decode-batches or fewer --new-tokens")
         except memory.MemoryBudgetError as e:
             p.error(str(e))
     peak_n = args.peak_n or (8192 if on_gpu else 1024)
+    try:                                          # three n x n float32 matrices: the operands and the product
+        memory.check(3 * 4 * peak_n**2, f"--peak-n {peak_n}", "choose a smaller --peak-n")
+    except memory.MemoryBudgetError as e:
+        p.error(str(e))
     result = {"device": device_info(), "versions": versions(), "suite": args.suite, "options": options,
               "date": time.strftime("%Y-%m-%d"), "peak_gflops": matmul_peak_gflops(jnp.float32, peak_n)}
     if on_gpu:

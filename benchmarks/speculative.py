@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks.common import alternate, check_output_path, device_info, positive_int, versions
 from benchmarks.finetune import SHARED_TEXT
 from minitx_fn import defaults, job, model, speculative
+from minitx_fn.errors import Error
 from minitx_fn.sampling import Sampler
 
 DRAFT_MODEL = {"n_layers": 1, "d_model": 64}        # on top of the preset's model
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=positive_int, help="steps of each run (default: the preset's)")
     p.add_argument("--draft-tokens", type=positive_int, nargs="+", default=[1, 2, 4, 8], metavar="K",
                    help="the K of each row (default 1 2 4 8)")
-    p.add_argument("--new-tokens", type=positive_int, default=256, help="greedy tokens per timed decode")
+    p.add_argument("--new-tokens", type=positive_int, default=256, help="greedy tokens per timed decode (at least 2: "
+                   "the first comes from the prefill, the rest from rounds)")
     p.add_argument("--reps", type=positive_int, default=5, help="timed runs of each row (default 5)")
     p.add_argument("--json", metavar="FILE", help="also write the result here")
     args = p.parse_args(argv)
@@ -94,12 +96,17 @@ def main(argv=None) -> int:
     context = defaults.PRESETS[args.preset]["model"]["max_len"]
     if max(args.draft_tokens) >= context:
         p.error(f"--draft-tokens {max(args.draft_tokens)} must be below the preset's context, {context}")
+    if args.new_tokens < 2:
+        p.error(f"--new-tokens {args.new_tokens}: give at least 2 (the first token comes from the prefill, not a round)")
     if args.json:
         check_output_path(p, args.json, "--json")
     steps = args.steps or defaults.PRESETS[args.preset]["train"]["steps"]
     with tempfile.TemporaryDirectory(prefix="minitx-speculative-") as work:
         print(f"training the target and the draft, {steps} steps each", flush=True)
-        target, draft = train_pair(args.data, work, args.preset, steps)
+        try:
+            target, draft = train_pair(args.data, work, args.preset, steps)
+        except Error as e:                        # the data checks come before any training
+            p.error(str(e))
     with open(args.data, encoding="utf-8") as f:
         text = f.read()
     from minitx_fn import corpus

@@ -392,13 +392,16 @@ def cmd_generate(args, out=None) -> int:
     if args.draft_tokens is not None and args.draft is None:
         raise UsageError("--draft-tokens needs --draft RUN, the draft model that proposes them")
     loaded = checkpoint.load_model(args.checkpoint)
-    draft = None if args.draft is None else checkpoint.load_model(args.draft)
+    try:
+        draft = None if args.draft is None else checkpoint.load_model(args.draft)
+    except Error as e:
+        raise type(e)(f"--draft: {message(e)}") from None
     stops = signals.active()
     with stops.exit_at_once() if stops else contextlib.nullcontext():   # reads only: a signal ends it at once
         text = generate.complete(loaded, args.prompt, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                  key=jax.random.key(args.seed), stop=args.stop, draft=draft,
-                                 draft_tokens=args.draft_tokens or defaults.DRAFT_TOKENS)
+                                 draft_tokens=args.draft_tokens)
     print(args.prompt + text, file=out or sys.stdout)
     return 0
 

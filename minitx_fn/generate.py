@@ -34,6 +34,7 @@ tokens and logits.
 from __future__ import annotations
 
 import functools
+import os
 from typing import NamedTuple
 
 import jax
@@ -235,6 +236,12 @@ def _check_key(key, sampler: Sampler) -> jax.Array:
     return key
 
 
+def _check_draft_tokens(draft, draft_tokens) -> None:
+    if draft is None and draft_tokens is not None:
+        raise ConfigError("{k} was given without a draft, the model that would propose them",
+                          k=("draft_tokens", draft_tokens))
+
+
 def _check_length(max_new_tokens) -> None:
     if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool) \
             or not 1 <= max_new_tokens < 2**31:
@@ -255,7 +262,7 @@ def _check_prompts(prompts, config: ModelConfig) -> list[np.ndarray]:
 
 def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: jax.Array | None = None,
              sampler: Sampler = Sampler(temperature=0.0), stop: tuple[int, ...] = (),
-             return_logits: bool = False, draft=None, draft_tokens: int = DRAFT_TOKENS):
+             return_logits: bool = False, draft=None, draft_tokens: int | None = None):
     """Continue each prompt (a sequence of token ids) by up to max_new_tokens tokens:
     ids in, ids out (`complete` takes and returns text).
 
@@ -275,9 +282,11 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
         >>> [t.shape for t in generate(p, [[1, 2], [3]], config=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
+    _check_draft_tokens(draft, draft_tokens)
     if draft is not None:
         from minitx_fn import speculative                  # it builds on this module
-        out = speculative.speculate(params, prompts, config=config, draft=draft, draft_tokens=draft_tokens,
+        out = speculative.speculate(params, prompts, config=config, draft=draft,
+                                    draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
                                     max_new_tokens=max_new_tokens, key=key, sampler=sampler, stop=stop,
                                     return_logits=return_logits)
         return (out.tokens, out.logits) if return_logits else out.tokens
@@ -382,13 +391,13 @@ def encode_prompt(tokenizer, text: str, what: str = "the prompt") -> np.ndarray:
 
 def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
-             stop: str | None = None, draft=None, draft_tokens: int = DRAFT_TOKENS) -> str:
+             stop: str | None = None, draft=None, draft_tokens: int | None = None) -> str:
     """The text that follows `prompt`: run_model is anything with .params, .config and
     .tokenizer (`checkpoint.load_model`'s Model, `job.train`'s result). Greedy by default
     (and at temperature 0), which needs no key; with a temperature, top_k or top_p it
     samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
-    With a draft (a smaller run of the same tokenizer), speculative decoding
-    (`generate`). PromptError for a prompt or stop string the tokenizer cannot take;
+    With a draft (a smaller run of the same tokenizer and context: its directory, or
+    the run loaded), speculative decoding (`generate`). PromptError for a prompt or stop string the tokenizer cannot take;
     ConfigError for a draft that cannot serve; MemoryBudgetError if the generation
     cannot fit in memory.
 
@@ -407,7 +416,14 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     ids = encode_prompt(tokenizer, prompt)
     stop_ids = () if stop is None else encode_prompt(tokenizer, stop, "the stop string")
     need = memory.generation_bytes(config, 1, max_new_tokens)
+    _check_draft_tokens(draft, draft_tokens)
+    if isinstance(draft, (str, os.PathLike)):
+        from minitx_fn import checkpoint                   # it builds on this module
+        draft = checkpoint.load_model(draft)
     if draft is not None:
+        if not hasattr(draft, "tokenizer"):
+            raise ConfigError(f"a draft for complete is a run: its directory or checkpoint.load_model(run), with a "
+                              f"tokenizer; {type(draft).__name__} has none")
         if draft.tokenizer.to_meta() != tokenizer.to_meta():
             raise ConfigError(f"the draft's tokenizer ({draft.tokenizer.kind}, {draft.tokenizer.vocab_size} tokens) is "
                               f"not the model's ({tokenizer.kind}, {tokenizer.vocab_size} tokens): a draft must "

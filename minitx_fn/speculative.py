@@ -217,21 +217,29 @@ def _speculate(params, draft_params, window, lengths, key, stop, *, config: Mode
     return state.tokens, state.token_logits, jnp.minimum(state.length, n_max), state.rounds, state.accepted
 
 
-def check_draft(config: ModelConfig, draft_config: ModelConfig, draft_tokens) -> None:
-    """ConfigError, in one line, unless the draft can serve the model: the same vocabulary
-    and context, and 1 <= draft_tokens < max_len.
+def check_draft(config: ModelConfig, draft, draft_tokens) -> None:
+    """ConfigError, in one line, unless the draft can serve the model: something with
+    .params and .config (a loaded run), the same vocabulary and context, and
+    1 <= draft_tokens < max_len.
 
     Example:
-        >>> check_draft(ModelConfig(vocab_size=5), ModelConfig(vocab_size=6), 4)
+        >>> from types import SimpleNamespace
+        >>> check_draft(ModelConfig(vocab_size=5), SimpleNamespace(params={}, config=ModelConfig(vocab_size=6)), 4)
         Traceback (most recent call last):
         minitx_fn.errors.ConfigError: the draft's vocabulary has 6 tokens and the model's 5: a draft must share the model's tokenizer
     """
+    if not (hasattr(draft, "params") and isinstance(getattr(draft, "config", None), ModelConfig)):
+        raise ConfigError(f"a draft is a model with .params and .config (checkpoint.load_model(run), job.train's "
+                          f"result), not {type(draft).__name__}")
+    draft_config = draft.config
     if draft_config.vocab_size != config.vocab_size:
         raise ConfigError(f"the draft's vocabulary has {draft_config.vocab_size} tokens and the model's "
                           f"{config.vocab_size}: a draft must share the model's tokenizer")
     if draft_config.max_len != config.max_len:
         raise ConfigError(f"the draft's context is {draft_config.max_len} positions and the model's "
                           f"{config.max_len}: a draft must have the model's context (max_len)")
+    if config.max_len < 2:
+        raise ConfigError("a context of 1 position leaves no room for a draft's tokens: decode without a draft")
     if not isinstance(draft_tokens, (int, np.integer)) or isinstance(draft_tokens, bool) \
             or not 1 <= draft_tokens < config.max_len:
         raise ConfigError(f"{{k}} is invalid: it must be a whole number in [1, {config.max_len}), the tokens the "
@@ -257,7 +265,7 @@ def speculate(params, prompts, *, config: ModelConfig, draft, draft_tokens: int,
         ((6,), True)
     """
     _check_length(max_new_tokens)
-    check_draft(config, draft.config, draft_tokens)
+    check_draft(config, draft, draft_tokens)
     key = _check_key(key, sampler)
     prompts = _check_prompts(prompts, config)
     stop = _token_ids(stop, config, "the stop sequence")

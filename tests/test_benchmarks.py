@@ -47,6 +47,7 @@ def test_count_compiles_sees_a_new_shape_and_not_a_cached_one():
 
 
 @pytest.mark.parametrize("argv, fragment", [(["--draft-tokens", "64"], "--draft-tokens 64"),
+                                            (["--new-tokens", "1"], "--new-tokens 1: give at least 2"),
                                             (["--data", "/no/such.txt"], "--data '/no/such.txt'"),
                                             (["--json", "/no/such/folder/x.json"], "--json '/no/such")])
 def test_the_speculative_benchmark_checks_its_flags_before_training(argv, fragment, capsys):

@@ -137,12 +137,15 @@ def test_generate_with_a_draft(capsys, hello_run):
     code, plain, _ = run_main(capsys, *argv)
     code_draft, drafted, _ = run_main(capsys, *argv, "--draft", str(hello_run), "--draft-tokens", "3")
     assert code == code_draft == 0 and drafted == plain
+    from minitx_fn import generate                    # from Python the draft may be the run's directory
+    assert generate.complete(checkpoint.load_model(hello_run), "hello", max_new_tokens=20,
+                             draft=str(hello_run)) == plain.rstrip("\n")[len("hello"):]
     context = checkpoint.load_model(hello_run).config.max_len
     for extra, fragments in [(["--draft-tokens", "2"], ["--draft-tokens needs --draft"]),
                              (["--draft", str(hello_run), "--draft-tokens", "0"], ["--draft-tokens", "must lie in"]),
                              (["--draft", str(hello_run), "--draft-tokens", str(context)],
                               [f"--draft-tokens {context} is invalid", f"[1, {context})"]),
-                             (["--draft", "no-such-run"], ["no-such-run"])]:
+                             (["--draft", "no-such-run"], ["--draft: ", "no-such-run"])]:
         code, _, err = run_main(capsys, *argv, *extra)
         assert_one_error_line(code, err, *fragments)
 

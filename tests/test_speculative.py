@@ -174,6 +174,8 @@ def test_complete_refuses_a_draft_of_another_tokenizer():
     run = SimpleNamespace(params=params, config=cfg, tokenizer=CharTokenizer("abcdefghijk"))
     other = SimpleNamespace(params=params, config=cfg, tokenizer=CharTokenizer("abcdefghijl"))
     assert gen.complete(run, "abc", max_new_tokens=5, draft=run) == gen.complete(run, "abc", max_new_tokens=5)
+    with pytest.raises(ConfigError, match="a draft for complete is a run"):
+        gen.complete(run, "abc", max_new_tokens=5, draft=SimpleNamespace(params=params, config=cfg))
     with pytest.raises(ConfigError, match="the draft's tokenizer .* is not the model's"):
         gen.complete(run, "abc", max_new_tokens=5, draft=other)
     byte = cfg.replace(vocab_size=ByteTokenizer().vocab_size)
@@ -181,6 +183,19 @@ def test_complete_refuses_a_draft_of_another_tokenizer():
         gen.complete(run, "abc", max_new_tokens=5,
                      draft=SimpleNamespace(params=model.init(jax.random.key(0), byte), config=byte,
                                            tokenizer=ByteTokenizer()))
+
+
+def test_what_is_no_draft_is_refused_in_one_line():
+    params = model.init(jax.random.key(0), CFG)
+    for draft in ("runs/small", params, CFG, (params, CFG)):
+        with pytest.raises(ConfigError, match="a draft is a model with .params and .config"):
+            gen.generate(params, [[1]], config=CFG, max_new_tokens=4, draft=draft)
+    with pytest.raises(ConfigError, match="draft_tokens=-3 was given without a draft"):
+        gen.generate(params, [[1]], config=CFG, max_new_tokens=4, draft_tokens=-3)
+    one = CFG.replace(max_len=1)
+    with pytest.raises(ConfigError, match="a context of 1 position leaves no room"):
+        gen.generate(model.init(jax.random.key(0), one), [[1]], config=one, max_new_tokens=4,
+                     draft=SimpleNamespace(params=None, config=one))
 
 
 @pytest.mark.parametrize("change, k, match", [
