@@ -8,7 +8,7 @@ L = 4, context 64, char tokenizer) and a draft with the same recipe at one layer
 width 64 (the same data, so the same tokenizer and context). Then, from the first
 16 characters of the validation text, --new-tokens tokens greedily: the target
 alone, and with the draft at each --draft-tokens K. Per K: the share of the drafted
-tokens the target accepted, tokens per target pass ((new tokens - 1) / rounds: the
+tokens the target accepted (accepted / proposed, `speculative.Speculation`), tokens per target pass ((new tokens - 1) / rounds: the
 first comes from the prefill), tokens/s, and the speed-up over the target alone
 (median of --reps timed runs, alternated between all rows, after one to compile).
 Greedy tokens with a draft must equal those without: the benchmark says if not.
@@ -59,7 +59,7 @@ def measure(target, draft, prompt, *, ks: list[int], new_tokens: int, reps: int)
         out = speculative.speculate(target.params, [prompt], config=cfg, draft=draft, draft_tokens=k,
                                     max_new_tokens=new_tokens)
         rows[f"K = {k}"] = {"draft_tokens": k, "greedy_equal": bool(np.array_equal(out.tokens[0], plain)),
-                            "accepted_share": round(int(out.accepted[0]) / (k * int(out.rounds[0])), 3),
+                            "accepted_share": round(int(out.accepted[0]) / int(out.proposed[0]), 3),
                             "tokens_per_target_pass": round((new_tokens - 1) / int(out.rounds[0]), 2)}
         runs[f"K = {k}"] = lambda k=k: speculative.speculate(target.params, [prompt], config=cfg, draft=draft,
                                                              draft_tokens=k, max_new_tokens=new_tokens)
@@ -70,7 +70,7 @@ def measure(target, draft, prompt, *, ks: list[int], new_tokens: int, reps: int)
     alone = statistics.median(t for block in times["target alone"] for t in block)
     result = {"target_alone_tokens_per_s": round(new_tokens / alone, 1), "rows": rows,
               "sampled": {"temperature": 0.8, "draft_tokens": k,
-                          "accepted_share": round(int(sampled.accepted[0]) / (k * int(sampled.rounds[0])), 3)}}
+                          "accepted_share": round(int(sampled.accepted[0]) / int(sampled.proposed[0]), 3)}}
     for name, row in rows.items():
         median = statistics.median(t for block in times[name] for t in block)
         row["tokens_per_s"] = round(new_tokens / median, 1)

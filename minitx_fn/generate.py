@@ -108,7 +108,8 @@ def sample_rows(sampler: Sampler, logits: jax.Array, keys: jax.Array, n) -> jax.
 
 
 def cache_slots(prompt_len: int, max_new_tokens: int, max_len: int) -> int:
-    """Slots the decode cache needs: every token fits when prompt_len + max_new_tokens
+    """Slots the decode cache needs. prompt_len is the prefill's length: the longest
+    prompt, or (as `generate` passes it) its bucket. Every token fits when prompt_len + max_new_tokens
     <= max_len, and the cache holds just those, so each step reads only them and no row
     ever slides; otherwise all max_len. Static: it follows from the loop's static
     lengths, so it adds no compilation.

@@ -346,7 +346,10 @@ def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *,
     index: (B,) int. Row b's token in slot s is at position s of its own sequence,
     and slots 0 .. index[b] - 1 hold that row's earlier tokens, so the positions and
     the causal mask over the S slots follow from `index` alone: query t of row b
-    reads slots 0 .. index[b] + t. params' blocks may be stacked or unstacked
+    reads slots 0 .. index[b] + t. Keep index[b] + T <= S, the cache's slots: under
+    jit nothing can check it, and a write past the end is lost. For right-padded rows
+    of lengths len_b, row b's next-token logits are logits[b, len_b - 1], and its next
+    token goes in at index len_b. params' blocks may be stacked or unstacked
     (`unstack_blocks`, faster inside a decode loop).
 
     Example:
@@ -363,7 +366,7 @@ def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *,
     if len(blocks) != len(cache):
         raise ValueError(f"the parameters hold {len(blocks)} blocks and the cache {len(cache)} layers")
     t, s = tokens.shape[1], cache[0].k.shape[1]
-    index = index.astype(jnp.int32)
+    index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (tokens.shape[0],))         # an int serves every row
     positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]                   # (B, T)
     mask = (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, S)
     x = _embed(params, tokens, positions, c)                                                # (B, T, D)

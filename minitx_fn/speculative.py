@@ -73,17 +73,21 @@ class SpeculativeState(NamedTuple):
     done: jax.Array          # (B,) bool, the row generated its stop sequence
     length: jax.Array        # (B,) int32, generated tokens that count (up to the stop sequence)
     rounds: jax.Array        # (B,) int32, model passes of each row
+    proposed: jax.Array      # (B,) int32, drafted tokens each row could keep (K a round, fewer at the window's end)
     accepted: jax.Array      # (B,) int32, drafted tokens each row accepted
 
 
 class Speculation(NamedTuple):
     """What `speculate` returns: per row, the new ids (and the logits they were drawn
-    from, or None), the model's passes and the drafted tokens it accepted."""
+    from, or None), and how the draft did. The acceptance rate of row b is
+    accepted[b] / proposed[b]. Counts are of what the model checked: the last round
+    may accept tokens past max_new_tokens, which are cut from `tokens`."""
 
     tokens: list
     logits: list | None
-    rounds: np.ndarray       # (B,) rounds, one model pass each (the prefill not counted)
-    accepted: np.ndarray     # (B,) drafted tokens accepted, of K per round
+    rounds: np.ndarray       # (B,) rounds, one model pass each (the prefill, which gives the first token, not counted)
+    proposed: np.ndarray     # (B,) drafted tokens the model could keep: K a round, fewer where the window ends
+    accepted: np.ndarray     # (B,) of those, the ones it accepted
 
 
 def _probs(sampler: Sampler, logits: jax.Array) -> jax.Array:
@@ -146,7 +150,7 @@ def _speculate(params, draft_params, window, lengths, key, stop, *, config: Mode
                sampler: Sampler, prompt_len: int, max_new_tokens: int, draft_tokens: int, keep_logits: bool):
     """As `generate._decode`, with a draft proposing draft_tokens = K tokens a round.
     Returns ids (B, N + K + 1), logits (B, N + K + 1, V) or (B, 0, V), lengths (B,),
-    rounds (B,) and accepted (B,)."""
+    rounds (B,), proposed (B,) and accepted (B,)."""
     b, s = window.shape
     k, n_max, v = draft_tokens, max_new_tokens, config.vocab_size
     rows = jnp.arange(b, dtype=jnp.int32)
@@ -166,7 +170,7 @@ def _speculate(params, draft_params, window, lengths, key, stop, *, config: Mode
     state = SpeculativeState(index=lengths, pending=first, window=window, cache=cache, draft_cache=draft_cache,
                              tokens=tokens, token_logits=token_logits, n=jnp.ones((b,), jnp.int32), done=done,
                              length=jnp.ones((b,), jnp.int32), rounds=jnp.zeros((b,), jnp.int32),
-                             accepted=jnp.zeros((b,), jnp.int32))
+                             proposed=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32))
 
     def active(st: SpeculativeState) -> jax.Array:
         return ~st.done & (st.n < n_max)                                                 # (B,)
@@ -211,10 +215,12 @@ def _speculate(params, draft_params, window, lengths, key, stop, *, config: Mode
             window=window.at[rows[:, None], index[:, None] + step].set(read, mode="drop"),   # slots >= S: none
             cache=cache, draft_cache=draft_cache, tokens=tokens, token_logits=token_logits, n=n,
             done=st.done | hit, length=jnp.where(hit, st.n + first_stop + 1, jnp.where(live, n, st.length)),
-            rounds=st.rounds + live.astype(jnp.int32), accepted=st.accepted + jnp.where(live, accepted, 0))
+            rounds=st.rounds + live.astype(jnp.int32), proposed=st.proposed + jnp.where(live, room, 0),
+            accepted=st.accepted + jnp.where(live, accepted, 0))
 
     state = jax.lax.while_loop(lambda st: jnp.any(active(st)), body, state)
-    return state.tokens, state.token_logits, jnp.minimum(state.length, n_max), state.rounds, state.accepted
+    return (state.tokens, state.token_logits, jnp.minimum(state.length, n_max), state.rounds, state.proposed,
+            state.accepted)
 
 
 def check_draft(config: ModelConfig, draft, draft_tokens) -> None:
@@ -252,7 +258,9 @@ def speculate(params, prompts, *, config: ModelConfig, draft, draft_tokens: int,
     """`generate` with a draft (anything with .params and .config: `checkpoint.load_model`'s
     Model, `job.train`'s result) proposing draft_tokens tokens a round. Greedy gives
     exactly generate's tokens; sampling draws from the same distribution (module
-    docstring). Also returns each row's rounds and accepted drafted tokens.
+    docstring), but not the same tokens: the same key and K give the same text again,
+    another K or no draft other draws. Also returns each row's rounds and its
+    proposed and accepted drafted tokens (`Speculation`).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=16)
@@ -277,7 +285,7 @@ def speculate(params, prompts, *, config: ModelConfig, draft, draft_tokens: int,
                      jnp.asarray(lengths), key, jnp.asarray(stop), config=config, draft_config=draft.config,
                      sampler=sampler, prompt_len=bucket_length(int(lengths.max()), config.max_len),
                      max_new_tokens=int(max_new_tokens), draft_tokens=int(draft_tokens), keep_logits=return_logits)
-    ids, logits, lengths, rounds, accepted = jax.device_get(out)
+    ids, logits, lengths, rounds, proposed, accepted = jax.device_get(out)
     return Speculation(tokens=[ids[b, :lengths[b]] for b in range(len(prompts))],
                        logits=[logits[b, :lengths[b]] for b in range(len(prompts))] if return_logits else None,
-                       rounds=rounds, accepted=accepted)
+                       rounds=rounds, proposed=proposed, accepted=accepted)
