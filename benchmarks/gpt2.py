@@ -202,7 +202,8 @@ def print_report(result: dict, out=None) -> None:
                   f"--new-tokens", file=out)
             continue
         print(f"roofline, ours, {name}: {(r['weight_bytes'] + r['cache_bytes']) / 1e6:,.0f} MB read per decode step "
-              f"(weights {r['weight_bytes'] / 1e6:,.0f} MB, cache {r['cache_slots']} slots {r['cache_bytes'] / 1e6:,.1f}"
+              f"(weights {r['weight_bytes'] / 1e6:,.0f} MB, cache {r['cache_slots']} slots "
+              f"{r['cache_bytes'] / 1e6:,.1f}"
               f" MB) in {r['ours_step_ms']:.1f} ms: {r['read_gbs']:.1f} GB/s, "
               f"{100 * r['bandwidth_utilisation']:.0f}% of the bandwidth", file=out)
 

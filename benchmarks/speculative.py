@@ -8,8 +8,9 @@ L = 4, context 64, char tokenizer) and a draft with the same recipe at one layer
 width 64 (the same data, so the same tokenizer and context). Then, from the first
 16 characters of the validation text, --new-tokens tokens greedily: the target
 alone, and with the draft at each --draft-tokens K. Per K: the share of the drafted
-tokens the target accepted (accepted / proposed, `speculative.Speculation`), tokens per target pass ((new tokens - 1) / rounds: the
-first comes from the prefill), tokens/s, and the speed-up over the target alone
+tokens the target accepted (accepted / proposed, `speculative.Speculation`), tokens
+per target pass ((new tokens - 1) / rounds: the first comes from the prefill),
+tokens/s, and the speed-up over the target alone
 (median of --reps timed runs, alternated between all rows, after one to compile).
 Greedy tokens with a draft must equal those without: the benchmark says if not.
 One row samples (temperature 0.8, K = the last given) for the acceptance when the
@@ -97,7 +98,8 @@ def main(argv=None) -> int:
     if max(args.draft_tokens) >= context:
         p.error(f"--draft-tokens {max(args.draft_tokens)} must be below the preset's context, {context}")
     if args.new_tokens < 2:
-        p.error(f"--new-tokens {args.new_tokens}: give at least 2 (the first token comes from the prefill, not a round)")
+        p.error(f"--new-tokens {args.new_tokens}: give at least 2 (the first token comes from the prefill, "
+                f"not a round)")
     if args.json:
         check_output_path(p, args.json, "--json")
     steps = args.steps or defaults.PRESETS[args.preset]["train"]["steps"]

@@ -191,7 +191,8 @@ def _decode(params, window, lengths, key, stop, *, config: ModelConfig, sampler:
             done = done | stop_ends(tokens, jnp.full((b, 1), state.n), stop)[:, 0]
         state = state._replace(tokens=tokens, token_logits=token_logits, length=length, done=done)
         if slots == s:                                                                   # a row may fill its window
-            window, cache, index = jax.lax.cond(jnp.any(state.index == s), functools.partial(_slide, params, config=config),
+            window, cache, index = jax.lax.cond(jnp.any(state.index == s),
+                                                functools.partial(_slide, params, config=config),
                                                 lambda *a: a, state.window, state.cache, state.index)
             state = state._replace(window=window, cache=cache, index=index)
         window = state.window.at[rows, state.index].set(token)
@@ -299,7 +300,8 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
     window = np.zeros((len(prompts), config.max_len), np.int32)                         # (B, S)
     for row, p in enumerate(prompts):
         window[row, :len(p)] = p
-    ids, logits, lengths = _decode(_unstack_blocks(params), jnp.asarray(window), jnp.asarray(lengths), key, jnp.asarray(stop),
+    ids, logits, lengths = _decode(_unstack_blocks(params), jnp.asarray(window), jnp.asarray(lengths), key,
+                                   jnp.asarray(stop),
                                    config=config, sampler=sampler,
                                    prompt_len=bucket_length(int(lengths.max()), config.max_len),
                                    max_new_tokens=int(max_new_tokens), keep_logits=return_logits)
@@ -398,9 +400,9 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     (and at temperature 0), which needs no key; with a temperature, top_k or top_p it
     samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
     With a draft (a smaller run of the same tokenizer and context: its directory, or
-    the run loaded), speculative decoding (`generate`). PromptError for a prompt or stop string the tokenizer cannot take;
-    ConfigError for a draft that cannot serve; MemoryBudgetError if the generation
-    cannot fit in memory.
+    the run loaded), speculative decoding (`generate`). PromptError for a prompt or
+    stop string the tokenizer cannot take; ConfigError for a draft that cannot serve;
+    MemoryBudgetError if the generation cannot fit in memory.
 
     Example:
         >>> from minitx_fn import checkpoint

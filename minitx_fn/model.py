@@ -419,5 +419,6 @@ def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelCo
 
 
 __all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "cached_block_args", "check_tokens", "count_params",
-           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses", "unstack_blocks",
+           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses",
+           "unstack_blocks",
            "with_context"]
