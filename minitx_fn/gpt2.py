@@ -316,13 +316,14 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
                 f"transformers' save_pretrained)") if other else ""
         raise GPT2Error(f"{hf_dir!r} has no {WEIGHTS}{hint}")
     tensors: dict[str, np.ndarray] = {}
+    sharded = files != [WEIGHTS]
     for name in files:
         signals.check()                                  # a stop signal: between two files, nothing written
         path = os.path.join(hf_dir, name)
         if os.path.isdir(path):
             raise GPT2Error(f"{path!r} is a directory, not a safetensors file; download the model's file again")
         try:
-            tensors.update(st.load_file(path))
+            shard = st.load_file(path)
         except FileNotFoundError:
             raise GPT2Error(f"{path!r} is missing") from None
         except OSError as e:
@@ -330,6 +331,15 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         except Exception as e:           # safetensors raises its own error for a damaged file
             raise GPT2Error(f"{path!r} is not a safetensors file that can be read ({str(e)[:120]}); download it "
                             f"again") from None
+        if sharded:                      # the index and the shards must tell the same story
+            listed = {t for t, f in weight_map.items() if f == name}
+            missing, unlisted = sorted(listed - set(shard)), sorted(set(shard) - listed)
+            if missing or unlisted:
+                raise GPT2Error(f"{path!r} disagrees with {WEIGHTS_INDEX}: " + "; ".join(
+                    ([f"it lacks {_few(missing)}, which the index puts there"] if missing else [])
+                    + ([f"it holds {_few(unlisted)}, which the index puts elsewhere or nowhere"] if unlisted else []))
+                    + "; download the model again")
+        tensors.update(shard)
     # bfloat16 arrives as ml_dtypes' bfloat16, which NumPy does not count as floating point.
     bad = sorted(n for n, a in tensors.items() if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"))
     if bad:

@@ -267,7 +267,25 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     open(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX), "w").write(json.dumps(index))
     refused("names shard files outside its folder")
     os.remove(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX))
-    os.rename(os.path.join(hf_dir, "shard.safetensors"), weights)
+    # Two shards and their index, as save_pretrained writes a large model: read; then an
+    # index that disagrees with what the shards hold is refused.
+    tensors = safetensors_numpy.load_file(os.path.join(hf_dir, "shard.safetensors"))
+    os.remove(os.path.join(hf_dir, "shard.safetensors"))
+    names = sorted(tensors)
+    halves = {"a.safetensors": names[: len(names) // 2], "b.safetensors": names[len(names) // 2:]}
+    for file, part in halves.items():
+        safetensors_numpy.save_file({n: tensors[n] for n in part}, os.path.join(hf_dir, file))
+    weight_map = {n: file for file, part in halves.items() for n in part}
+    index_path = os.path.join(hf_dir, gpt2.WEIGHTS_INDEX)
+    open(index_path, "w").write(json.dumps({"weight_map": weight_map}))
+    assert gpt2.read_tensors(hf_dir).keys() == tensors.keys()
+    open(index_path, "w").write(json.dumps({"weight_map": {**weight_map, names[0]: "b.safetensors"}}))
+    refused("a.safetensors' disagrees with model.safetensors.index.json", f"it holds {names[0]}",
+            "puts elsewhere or nowhere")
+    os.remove(index_path)
+    for file in halves:
+        os.remove(os.path.join(hf_dir, file))
+    safetensors_numpy.save_file(tensors, weights)
     tokenizer_path = os.path.join(hf_dir, "tokenizer.json")
     tokenizer_json = open(tokenizer_path).read()
     open(tokenizer_path, "w").write(tokenizer_json[: len(tokenizer_json) // 2])    # truncated
