@@ -54,7 +54,8 @@ from minitx_fn import model
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import ConfigError
 from minitx_fn.generate import (_check_key, _check_length, _check_prompts, _token_ids, _unstack_blocks, _prefill,
-                                _slide, bucket_length, cache_slots, row_keys, stop_ends)
+                                _slide, bucket_length, cache_slots, row_keys, sample_rows,
+                                stop_ends)
 from minitx_fn.layers.attention import KVCache
 from minitx_fn.sampling import Sampler
 
@@ -107,10 +108,7 @@ def _propose(draft_params, draft_config: ModelConfig, sampler: Sampler, cache, f
         logits, cache = model.apply_cached(draft_params, token[:, None], cache, config=draft_config,
                                            index=index + j)
         logits = logits[:, 0]                                                        # (B, V)
-        if sampler.is_greedy:
-            proposal = sampler(logits, None)
-        else:
-            proposal = jax.vmap(lambda row, kk: sampler(row[None], jax.random.fold_in(kk, j))[0])(logits, keys)
+        proposal = sample_rows(sampler, logits, keys, j)                             # row b with fold_in(keys[b], j)
         return (proposal, cache), (proposal, logits)
 
     (_, cache), (proposals, logits) = jax.lax.scan(step, (first, cache), jnp.arange(k + 1, dtype=jnp.int32))
@@ -159,8 +157,7 @@ def _speculate(params, draft_params, window, lengths, key, stop, *, config: Mode
     prompt_logits, cache = _prefill(params, window, prompt_len, config, slots)           # (B, P, V)
     draft_cache = _prefill(draft_params, window, prompt_len, draft_config, slots)[1]
     first_logits = prompt_logits[rows, lengths - 1]                                      # (B, V)
-    first = jax.vmap(lambda row, kk: sampler(row[None], jax.random.fold_in(kk, 0))[0])(first_logits, keys) \
-        if not sampler.is_greedy else sampler(first_logits, None)
+    first = sample_rows(sampler, first_logits, keys, 0)
     width = n_max + k + 1
     tokens = jnp.zeros((b, width), jnp.int32).at[:, 0].set(first)
     token_logits = jnp.zeros((b, width if keep_logits else 0, v), prompt_logits.dtype)
