@@ -57,7 +57,8 @@ from minitx_fn.train import TrainState, init_state, lora_state
 # Config fields a format version added, with the value every earlier run had.
 ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attn"}}
 ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None, "rope_theta": defaults.ROPE_THETA,
-                          "bias": True, "qkv_bias": None}}
+                          "bias": True, "qkv_bias": None},
+                      8: {"rope_scaling": None}}
 
 # 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
 # 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from);
@@ -67,8 +68,9 @@ ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None
 #    adapters, and its origin {"init_from": ...} is the base they apply to.
 # 7: ModelConfig.norm, mlp, n_kv_heads, rope_theta, bias and qkv_bias (Llama's choices;
 #    positions may be "rotary"); origin {"hf": folder} for an imported Llama or Qwen2.
-FORMAT_VERSION = 7
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7)  # 2 had only char vocabularies, saved as "vocab"
+# 8: ModelConfig.rope_scaling (null, or the fields of config.RopeScaling).
+FORMAT_VERSION = 8
+READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
 MAX_BASES = 16                    # LoRA runs on LoRA runs: how deep load_model follows their bases
 IMPORTED = ("gpt2", "hf")         # origin {KEY: folder} of a model imported from Hugging Face
@@ -267,7 +269,10 @@ def _config(cls, value: Any, where: str):
         problems = [f"unknown fields {unknown}" if unknown else "", f"lacks {missing}" if missing else ""]
         raise CheckpointError(f"{where}: {cls.__name__} " + " and ".join(p for p in problems if p))
     for name in sorted(names):
-        if not _matches(value[name], hints[name]):
+        nested = [h for h in typing.get_args(hints[name]) if dataclasses.is_dataclass(h)]   # RopeScaling | None
+        if nested and isinstance(value[name], dict):
+            value = {**value, name: _config(nested[0], value[name], f"{where}: {cls.__name__}.{name}")}
+        elif not _matches(value[name], hints[name]):
             raise CheckpointError(f"{where}: {cls.__name__}.{name} = {value[name]!r} is not of type {hints[name]}")
     try:
         return cls(**value)

@@ -83,6 +83,68 @@ def default_d_ff(d_model: int, mlp: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Rotary frequencies stretched for a context `factor` times the one a model was
+    pre-trained on (`layers/rotary.frequencies` holds the maths; Hugging Face's
+    rope_type of the same name):
+
+        linear   every frequency divided by factor (position interpolation);
+        llama3   Llama 3.1's: frequencies whose wavelength is below
+                 original_max_len / high_freq_factor kept, those above
+                 original_max_len / low_freq_factor divided by factor, and a
+                 smooth blend between;
+        yarn     YaRN (Peng et al., 2023): a ramp between kept and divided
+                 frequencies over the pairs that turn between beta_slow and
+                 beta_fast times in original_max_len positions, and queries and
+                 keys scaled by attention_factor (None: 0.1 ln(factor) + 1).
+
+    A field a kind does not read (`defaults.ROPE_SCALINGS`) must keep its default.
+
+    Example:
+        >>> RopeScaling(kind="yarn", factor=4.0, original_max_len=32).attention_factor
+        1.138629436111989
+    """
+
+    kind: str                         # a key of defaults.ROPE_SCALINGS
+    factor: float                     # how many times longer the context is, >= 1
+    original_max_len: int | None = None   # the pre-training context (llama3, yarn)
+    low_freq_factor: float = 1.0      # llama3: wavelengths above original_max_len / this are divided
+    high_freq_factor: float = 4.0     # llama3: wavelengths below original_max_len / this are kept
+    beta_fast: float = 32.0           # yarn: pairs turning more than this often in original_max_len are kept
+    beta_slow: float = 1.0            # yarn: pairs turning less than this often are divided
+    truncate: bool = True             # yarn: round the ramp's ends to whole pairs
+    attention_factor: float | None = None   # yarn: the scale of rotated queries and keys
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        kinds = defaults.ROPE_SCALINGS
+        _require(self.kind in kinds, "rope_scaling.kind", self.kind, f"choose one of {list(kinds)}")
+        _require(_number(self.factor) and self.factor >= 1, "rope_scaling.factor", self.factor,
+                 "it must be a number in [1, 3.4e38]")
+        if self.kind == "yarn" and self.attention_factor is None:
+            object.__setattr__(self, "attention_factor", 0.1 * math.log(self.factor) + 1.0)
+        unread = {f.name: f.default for f in dataclasses.fields(self)
+                  if f.name not in ("kind", "factor", *kinds[self.kind])}
+        for name, default in unread.items():
+            _require(getattr(self, name) == default, f"rope_scaling.{name}", getattr(self, name),
+                     "{kind} does not read it; leave it out", kind=("rope_scaling.kind", self.kind))
+        if self.kind == "linear":
+            return
+        _positive_int("rope_scaling.original_max_len", self.original_max_len)
+        for name in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
+            if name in kinds[self.kind]:
+                _require(_number(getattr(self, name)) and getattr(self, name) > 0, f"rope_scaling.{name}",
+                         getattr(self, name), "it must be a number in (0, 3.4e38]")
+        pairs = {"llama3": ("low_freq_factor", "high_freq_factor"), "yarn": ("beta_slow", "beta_fast")}[self.kind]
+        _require(getattr(self, pairs[0]) < getattr(self, pairs[1]), f"rope_scaling.{pairs[0]}",
+                 getattr(self, pairs[0]), "it must be below {other}",
+                 other=(f"rope_scaling.{pairs[1]}", getattr(self, pairs[1])))
+        if self.kind == "yarn":
+            _require(isinstance(self.truncate, bool), "rope_scaling.truncate", self.truncate,
+                     "it must be True or False")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """Sizes of the language model. Dimension letters: V, D, H, F, L, S.
 
@@ -137,6 +199,9 @@ class ModelConfig:
     mlp: str = "gelu"               # "gelu": GELU(x W1) W2; "swiglu": (SiLU(x Wg) * x Wu) Wd
     n_kv_heads: int | None = None   # G: key/value heads, dividing H; None means H (multi-head)
     rope_theta: float = defaults.ROPE_THETA   # rotary base: pair i of a head turns at theta^(-2i/K) per position
+    # Rotary frequencies stretched for a longer context (RopeScaling; a dict of its
+    # fields is taken too, as meta.json holds it); None turns pair i at theta^(-2i/K).
+    rope_scaling: RopeScaling | None = None
     bias: bool = True               # biases in the linear layers (and an untied head); Llama has none
     qkv_bias: bool | None = None    # biases of the q, k, v projections alone; None follows `bias` (Qwen2: True)
 
@@ -169,6 +234,17 @@ class ModelConfig:
                  "it must be a number in (1, 3.4e38]")
         _require(self.positions == "rotary" or self.rope_theta == defaults.ROPE_THETA, "rope_theta", self.rope_theta,
                  "it is the base of rotary positions; it needs {positions}", positions=("positions", "rotary"))
+        if isinstance(self.rope_scaling, dict):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError:             # a key RopeScaling lacks, or none of kind and factor
+                fields = [f.name for f in dataclasses.fields(RopeScaling)]
+                _require(False, "rope_scaling", self.rope_scaling, f"it takes the keys {fields}, kind and factor "
+                         f"among them")
+        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+                 self.rope_scaling, "it must be None or a RopeScaling")
+        _require(self.positions == "rotary" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
+                 "it stretches rotary positions; it needs {positions}", positions=("positions", "rotary"))
         _require(self.positions != "rotary" or self.head_dim % 2 == 0, "d_model", self.d_model,
                  "rotary positions turn pairs of features, so the head width {k} must be even",
                  k=("d_model / n_heads", self.head_dim))

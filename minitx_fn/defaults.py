@@ -20,6 +20,10 @@ PARAM_DTYPES = ("float32", "float64")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 POSITIONS = ("sinusoidal", "learned", "rotary")
 ROPE_THETA = 10000.0                   # the rotary base of RoFormer and Llama 1/2 (ModelConfig.rope_theta)
+# Scaled rotary positions (config.RopeScaling.kind) -> the fields each kind reads
+# besides `factor` (Hugging Face's rope_type of the same name; layers/rotary.py).
+ROPE_SCALINGS = {"linear": (), "llama3": ("original_max_len", "low_freq_factor", "high_freq_factor"),
+                 "yarn": ("original_max_len", "beta_fast", "beta_slow", "truncate", "attention_factor")}
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
 # Architectures (`minitx train --arch`): consistent groups of ModelConfig fields; a

@@ -30,10 +30,12 @@ writers (safetensors, sharded or not; tokenizer.json through `tokenizers`).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from minitx_fn import defaults
-from minitx_fn.config import ModelConfig
+from minitx_fn.config import ModelConfig, RopeScaling
 from minitx_fn.errors import Error
 from minitx_fn.gpt2 import GPT2Error, checked_tensors
 
@@ -77,16 +79,89 @@ def rope_theta(hf: dict) -> float:
     return hf.get("rope_theta", defaults.ROPE_THETA)
 
 
-def _refused(hf: dict) -> tuple[str, str] | None:
-    """(key, what it would need) for the first config.json key whose maths this model lacks."""
-    model_type = hf.get("model_type")
+# Hugging Face's rope_type -> what else its settings may hold besides rope_type (or
+# the older "type"), rope_theta, factor and partial_rotary_factor (which must be 1);
+# RopeScaling names original_max_position_embeddings original_max_len.
+ROPE_KEYS = {"default": (), "linear": (),
+             "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+             "yarn": ("original_max_position_embeddings", "attention_factor", "mscale", "mscale_all_dim",
+                      "beta_fast", "beta_slow", "truncate")}
 
-    def default_rope(rope) -> bool:
-        return rope is None or (isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "default")
+
+def rope_scaling(hf: dict) -> RopeScaling | None:
+    """The scaled rotary positions of a config.json (`_rope`'s settings) as our
+    RopeScaling, None for the default; GPT2Error naming the key for a rope_type
+    minitx does not convert (`ROPE_KEYS`: dynamic and longrope change with the
+    sequence length), a setting that type does not know, or a bad value. Missing
+    values are filled as transformers fills them: original_max_position_embeddings
+    from the top level or max_position_embeddings, YaRN's factor from their ratio and
+    its attention_factor from factor, mscale and mscale_all_dim.
+
+    Example:
+        >>> rope_scaling({"max_position_embeddings": 64, "rope_parameters": {"rope_type": "llama3", "factor": 8.0,
+        ...     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
+        RopeScaling(kind='llama3', factor=8.0, original_max_len=16, low_freq_factor=1.0, high_freq_factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=True, attention_factor=None)
+    """
+    key, rope = _rope(hf)
+    if rope is None:
+        return None
+    if not isinstance(rope, dict):
+        raise GPT2Error(f"config.json: {key} = {rope!r} must be null or an object")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ROPE_KEYS:
+        raise GPT2Error(f"config.json: {key} has rope_type {kind!r}, which minitx does not convert (it converts "
+                        f"{list(ROPE_KEYS)})")
+    unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor",
+                                  *ROPE_KEYS[kind]})
+    if unknown:
+        raise GPT2Error(f"config.json: {key} holds {unknown}, which rope_type {kind!r} does not read here; minitx "
+                        f"knows {sorted(ROPE_KEYS[kind])} for it")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise GPT2Error(f"config.json: {key}.partial_rotary_factor = {rope['partial_rotary_factor']!r} must be 1 "
+                        f"for this model")
+    if kind == "default":
+        return None
+    fields = {name: rope[name] for name in ROPE_KEYS[kind] if name in rope and name not in
+              ("original_max_position_embeddings", "mscale", "mscale_all_dim")}
+    if kind in ("llama3", "yarn"):
+        fields["original_max_len"] = hf.get("original_max_position_embeddings",
+                                            rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    factor = rope.get("factor")
+    if kind == "yarn":
+        original, longest = fields["original_max_len"], hf.get("max_position_embeddings")
+        if factor is None and _number(original) and original > 0 and _number(longest):
+            factor = longest / original
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if fields.get("attention_factor") is None and mscale and mscale_all_dim and _number(factor):
+            def m(scale):
+                return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
+            fields["attention_factor"] = m(mscale) / m(mscale_all_dim)
+        for name in ("beta_fast", "beta_slow"):          # transformers reads them with `or`: 0 and null are the defaults
+            if not fields.get(name, True):
+                del fields[name]
+    elif kind == "llama3":
+        missing = [name for name in ("factor", "low_freq_factor", "high_freq_factor") if rope.get(name) is None]
+        if missing:
+            raise GPT2Error(f"config.json: {key} of rope_type 'llama3' lacks {missing}")
+    try:
+        return RopeScaling(kind=kind, factor=factor, **fields)
+    except Error as e:
+        names = {f"rope_scaling.{name}": f"{key}.{name}" for name in ("kind", "factor", *ROPE_KEYS[kind])}
+        names["rope_scaling.original_max_len"] = "original_max_position_embeddings"
+        message = e.render(lambda field, value: f"{names.get(field, field)} = {value!r}")
+        raise GPT2Error(f"config.json: {message}") from None
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _refused(hf: dict) -> tuple[str, str] | None:
+    """(key, what it would need) for the first config.json key whose maths this model
+    lacks (rotary scaling: `rope_scaling`)."""
+    model_type = hf.get("model_type")
     checks = [
         ("hidden_act", hf.get("hidden_act", "silu") == "silu", "must be \"silu\""),
-        *((key, default_rope(hf.get(key)), "is not supported (only the default rotary positions)")
-          for key in ("rope_parameters", "rope_scaling")),
         ("attention_bias", model_type == "qwen2" or hf.get("attention_bias", False) is False, "must be false"),
         ("mlp_bias", hf.get("mlp_bias", False) is False, "must be false"),
         ("use_sliding_window", hf.get("use_sliding_window", False) is False, "must be false"),
@@ -133,10 +208,11 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
             raise GPT2Error(f"config.json: {hf_name} = {value!r} must be a positive whole number")
         sizes[ours] = value
     std = hf.get("initializer_range", 0.02)
+    scaling = rope_scaling(hf)
     try:
         return ModelConfig(**sizes, **defaults.ARCHS["llama"] | {"tie_embeddings": hf.get("tie_word_embeddings", False)},
                            qkv_bias=hf["model_type"] == "qwen2", ln_eps=hf.get("rms_norm_eps", 1e-6),
-                           rope_theta=rope_theta(hf), init_std=std, embed_std=std,
+                           rope_theta=rope_theta(hf), rope_scaling=scaling, init_std=std, embed_std=std,
                            dtype=param_dtype, param_dtype=param_dtype)
     except Error as e:                   # named as config.json names them
         message = e.render(lambda field, value: f"{HF_FIELDS.get(field, field)} = {value!r}")
@@ -172,10 +248,27 @@ def config_to_hf(config: ModelConfig) -> dict:
             "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "num_hidden_layers": c.n_layers,
             "max_position_embeddings": c.max_len, "rms_norm_eps": c.ln_eps,
             "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
-            "attention_dropout": c.dropout, "rope_parameters": {"rope_type": "default", "rope_theta": c.rope_theta},
+            "attention_dropout": c.dropout, "rope_parameters": rope_parameters(c),
             "dtype": c.param_dtype,
             **({"attention_bias": False, "mlp_bias": False} if kind == "llama" else {"use_sliding_window": False}),
             "bos_token_id": None, "eos_token_id": None}
+
+
+def rope_parameters(config: ModelConfig) -> dict:
+    """config.json's "rope_parameters" of our rotary positions: the inverse of
+    `rope_theta` and `rope_scaling`.
+
+    Example:
+        >>> rope_parameters(ModelConfig(vocab_size=5, positions="rotary",
+        ...                             rope_scaling={"kind": "llama3", "factor": 8.0, "original_max_len": 16}))
+        {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'original_max_position_embeddings': 16, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0}
+    """
+    s = config.rope_scaling
+    if s is None:
+        return {"rope_type": "default", "rope_theta": config.rope_theta}
+    names = {"original_max_len": "original_max_position_embeddings"}
+    return {"rope_type": s.kind, "rope_theta": config.rope_theta, "factor": s.factor,
+            **{names.get(name, name): getattr(s, name) for name in defaults.ROPE_SCALINGS[s.kind]}}
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -283,5 +376,5 @@ def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array) for name, array in tensors.items()}
 
 
-__all__ = ["MODEL_TYPES", "config_from_hf", "config_to_hf", "expected_shapes", "family", "params_from_hf",
-           "params_to_hf", "rope_theta"]
+__all__ = ["MODEL_TYPES", "ROPE_KEYS", "config_from_hf", "config_to_hf", "expected_shapes", "family", "params_from_hf",
+           "params_to_hf", "rope_parameters", "rope_scaling", "rope_theta"]

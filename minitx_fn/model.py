@@ -128,7 +128,7 @@ def block_args(config: ModelConfig) -> dict:
 
     Example:
         >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))
-        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'mlp', 'n_heads', 'n_kv_heads', 'norm', 'rope_theta']
+        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'mlp', 'n_heads', 'n_kv_heads', 'norm', 'rope_scaling', 'rope_theta']
     """
     c = config
     return {**cached_block_args(c), "attention_block": c.attention_block, "dropout_rate": c.dropout}
@@ -145,7 +145,7 @@ def cached_block_args(config: ModelConfig) -> dict:
     c = config
     return {"n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "eps": c.ln_eps, "dtype": c.compute_dtype,
             "impl": c.attention, "norm": c.norm, "mlp": c.mlp,
-            "rope_theta": c.rope_theta if c.positions == "rotary" else None}
+            "rope_theta": c.rope_theta if c.positions == "rotary" else None, "rope_scaling": c.rope_scaling}
 
 
 def param_shapes(params: dict) -> dict:
@@ -296,7 +296,8 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
     def body(x, block_params):
         h = block.NORMS[c.norm].apply(block_params["ln1"], x, eps=c.ln_eps)
         q, k, _ = attention.project_qkv(block_params["attn"], h, c.n_heads, c.compute_dtype, n_kv_heads=c.n_kv_heads,
-                                        positions=positions, rope_theta=args["rope_theta"])
+                                        positions=positions, rope_theta=args["rope_theta"],
+                                        rope_scaling=args["rope_scaling"])
         weights = attention.attention_weights(q, k, attention.causal_mask(tokens.shape[1])[None, None])
         return block.apply(block_params, x, positions=positions, **args), weights        # (B, H, T, T)
 

@@ -244,10 +244,11 @@ def test_no_checkpoint_here(tmp_path):
         checkpoint.load(str(tmp_path / "nope"))
 
 
-def _without_newer_model_fields(meta: dict) -> None:
-    """A meta.json of a version before 7 has none of the fields 7 added (they are refused there)."""
-    for name in checkpoint.ADDED_MODEL_FIELDS[7]:
-        meta["model_config"].pop(name, None)
+def _without_newer_model_fields(meta: dict, version: int = 6) -> None:
+    """A meta.json of `version` has none of the fields later versions added (they are refused there)."""
+    for added, fields in checkpoint.ADDED_MODEL_FIELDS.items():
+        for name in fields if added > version else ():
+            meta["model_config"].pop(name, None)
 
 
 def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everything(tmp_path, saved):
@@ -301,8 +302,7 @@ def test_a_version_6_checkpoint_loads_as_the_gpt_model_it_was(tmp_path, saved):
     files = dict(saved[1])
     meta = json.loads(files["meta.json"])
     meta["format_version"] = 6
-    for name in checkpoint.ADDED_MODEL_FIELDS[7]:
-        del meta["model_config"][name]
+    _without_newer_model_fields(meta)
     files["meta.json"] = json.dumps(meta).encode()
     _write(tmp_path, files)
     loaded = checkpoint.load(str(tmp_path))
@@ -320,6 +320,23 @@ def test_a_version_6_checkpoint_loads_as_the_gpt_model_it_was(tmp_path, saved):
     files["meta.json"] = json.dumps(meta).encode()
     _write(tmp_path, files)
     with pytest.raises(CheckpointError, match="ModelConfig lacks"):
+        checkpoint.load(str(tmp_path))
+
+
+def test_a_version_7_checkpoint_loads_without_scaled_rotary_positions_and_may_not_claim_them(tmp_path, saved):
+    """Format 8 added ModelConfig.rope_scaling: a run of 7 had none."""
+    files = dict(saved[1])
+    meta = json.loads(files["meta.json"])
+    meta["format_version"] = 7
+    _without_newer_model_fields(meta, 7)
+    assert "rope_scaling" not in meta["model_config"]
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    assert checkpoint.load(str(tmp_path)).model_config.rope_scaling is None
+    meta["model_config"]["rope_scaling"] = None
+    files["meta.json"] = json.dumps(meta).encode()
+    _write(tmp_path, files)
+    with pytest.raises(CheckpointError, match=r"format version 7 has no \['rope_scaling'\]; they came with version 8"):
         checkpoint.load(str(tmp_path))
 
 

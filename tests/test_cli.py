@@ -85,13 +85,13 @@ def test_a_run_saved_in_format_3_resumes_and_is_saved_in_the_current_format(caps
     meta = json.load(open("old/checkpoint/meta.json"))
     meta["format_version"], meta["data"] = 3, None          # format 3 wrote null for the built-in corpus
     del meta["origin"], meta["model_config"]["positions"], meta["model_config"]["tie_embeddings"]
-    for name in checkpoint.ADDED_MODEL_FIELDS[7]:                     # nor the fields of format 7
-        del meta["model_config"][name]
+    for name in (name for fields in checkpoint.ADDED_MODEL_FIELDS.values() for name in fields):
+        del meta["model_config"][name]                                # nor the fields of formats 7 and on
     json.dump(meta, open("old/checkpoint/meta.json", "w"))
     code, out, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
     assert code == 0, err
     meta = json.load(open("old/checkpoint/meta.json"))
-    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 7 and meta["data"] == {"builtin": True}
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 8 and meta["data"] == {"builtin": True}
 
 
 def test_arch_llama_trains_resumes_and_generates_and_its_conflicts_are_one_line(capsys):

@@ -21,6 +21,9 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     # SwiGLU's three matrices at 8 D / 3 (rounded up to a multiple of 8) hold about the GELU MLP's two at 4 D.
     assert llama.d_ff == 128 and llama.n_kv_heads == 4 and llama.qkv_bias is False
     assert abs(3 * llama.d_ff - 2 * 4 * 48) <= 3 * 8
+    scaled = ModelConfig(vocab_size=10, positions="rotary", rope_scaling={"kind": "yarn", "factor": 4.0,
+                                                                          "original_max_len": 16})
+    assert scaled == ModelConfig(**scaled.to_dict()) and hash(scaled) == hash(ModelConfig(**scaled.to_dict()))
     t = TrainConfig(steps=300, lr=2e-3)
     assert t.decay_steps == 300 and t.min_lr == pytest.approx(2e-4)
 
@@ -48,6 +51,27 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     ({"bias": 1}, "bias=1", "True or False"),
     ({"qkv_bias": "yes"}, "qkv_bias='yes'", "True or False"),
     ({"positions": "rotary", "d_model": 12}, "d_model=12", "head width d_model / n_heads=3 must be even"),
+    ({"rope_scaling": {"kind": "linear", "factor": 2.0}}, "rope_scaling=", "it needs positions='rotary'"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "ntk", "factor": 2.0}}, "rope_scaling.kind='ntk'",
+     "choose one of"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "linear", "factor": 0.5}}, "rope_scaling.factor=0.5",
+     r"\[1, 3.4e38\]"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "linear"}}, "rope_scaling=", "kind and factor among them"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "linear", "factor": 2.0, "scale": 1}}, "rope_scaling=",
+     "it takes the keys"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "linear", "factor": 2.0, "original_max_len": 8}},
+     "rope_scaling.original_max_len=8", "rope_scaling.kind='linear' does not read it"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "llama3", "factor": 2.0}}, "rope_scaling.original_max_len=None",
+     "whole number"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "llama3", "factor": 2.0, "original_max_len": 8,
+                                              "low_freq_factor": 4.0}}, "rope_scaling.low_freq_factor=4.0",
+     "below rope_scaling.high_freq_factor=4.0"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "yarn", "factor": 2.0, "original_max_len": 8,
+                                              "attention_factor": float("nan")}}, "rope_scaling.attention_factor=nan",
+     r"\(0, 3.4e38\]"),
+    ({"positions": "rotary", "rope_scaling": {"kind": "yarn", "factor": 2.0, "original_max_len": 8, "truncate": 1}},
+     "rope_scaling.truncate=1", "True or False"),
+    ({"positions": "rotary", "rope_scaling": "linear"}, "rope_scaling='linear'", "None or a RopeScaling"),
 ])
 def test_model_config_rejects_bad_values(changes, field, hint):
     kwargs = {"vocab_size": 10, "d_model": 32, "n_heads": 4} | changes

@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitx_fn import model
-from minitx_fn.config import ModelConfig
+from minitx_fn.config import ModelConfig, RopeScaling
 from minitx_fn.layers import (attention, block, dropout, embedding, feedforward, linear, norm, positional, rmsnorm,
                               rotary, swiglu)
 from tests.flax_reference import sinusoidal_table
@@ -308,7 +308,12 @@ def test_attention_dropout_drops_weights_not_rows(key, rng):
 
 DTYPES = st.sampled_from(["float32", "float64"])
 TOL = {"float32": 1e-5, "float64": 1e-12}
-rotary_apply = jax.jit(rotary.apply, static_argnames="rope_theta")
+rotary_apply = jax.jit(rotary.apply, static_argnames=("rope_theta", "scaling"))
+# Scaled rotary positions (config.RopeScaling): one of each kind, factor 1 included.
+SCALINGS = st.sampled_from([None, RopeScaling(kind="linear", factor=4.0),
+                            RopeScaling(kind="llama3", factor=8.0, original_max_len=64),
+                            RopeScaling(kind="yarn", factor=4.0, original_max_len=32),
+                            RopeScaling(kind="yarn", factor=1.0, original_max_len=32, beta_fast=8.0, truncate=False)])
 rmsnorm_apply = jax.jit(rmsnorm.apply, static_argnames="eps")
 
 
@@ -317,21 +322,67 @@ def _precision(dtype: str):
 
 
 @given(head=st.sampled_from([2, 8]), m=st.integers(0, 2000), n=st.integers(0, 2000), shift=st.integers(-500, 500),
-       theta=st.sampled_from([100.0, 10000.0, 1e6]), dtype=DTYPES, seed=SEEDS)
-def test_rotary_scores_depend_only_on_the_offset_and_rotation_keeps_lengths(head, m, n, shift, theta, dtype, seed):
+       theta=st.sampled_from([100.0, 10000.0, 1e6]), scaling=SCALINGS, dtype=DTYPES, seed=SEEDS)
+def test_rotary_scores_depend_only_on_the_offset_and_rotation_keeps_lengths(head, m, n, shift, theta, scaling, dtype,
+                                                                            seed):
     """q turned to position m and k to n: q_m . k_n = q_{m+s} . k_{n+s} for any shift s
-    (with both positions >= 0), and |R_m q| = |q|. At position 0 nothing turns."""
+    (with both positions >= 0), and |R_m q| = |q|. At position 0 nothing turns. Scaled
+    positions keep both (YaRN's lengths times its attention_factor)."""
     shift = max(shift, -min(m, n))
+    stretch = scaling.attention_factor if scaling and scaling.attention_factor else 1.0
     with _precision(dtype):
         q, k = (jnp.asarray(normal(seed + i, 1, 1, 1, head), dtype) for i in (0, 1))   # (B, T, H, K) = 1, 1, 1, K
-        turn = lambda x, p: rotary_apply(x, jnp.array([[p]], jnp.int32), rope_theta=theta)[0, 0, 0]  # noqa: E731
+        turn = lambda x, p: rotary_apply(x, jnp.array([[p]], jnp.int32), rope_theta=theta,  # noqa: E731
+                                         scaling=scaling)[0, 0, 0] / stretch
         score = float(jnp.dot(turn(q, m), turn(k, n)))
         moved = float(jnp.dot(turn(q, m + shift), turn(k, n + shift)))
         # An angle of 2,500 radians carries float32 rounding of about 2500 * 6e-8 into the sines.
         tol = {"float32": 2e-3, "float64": 1e-9}[dtype] * float(jnp.linalg.norm(q) * jnp.linalg.norm(k))
         assert abs(score - moved) <= tol
         np.testing.assert_allclose(float(jnp.linalg.norm(turn(q, m))), float(jnp.linalg.norm(q)), rtol=TOL[dtype])
-        np.testing.assert_array_equal(turn(q, 0), q[0, 0, 0])
+        np.testing.assert_allclose(turn(q, 0), q[0, 0, 0], rtol=TOL[dtype])
+
+
+def _turns(head: int, theta: float, original: int) -> np.ndarray:
+    """How often each pair turns over `original` positions, unscaled: original theta_i / (2 pi)."""
+    return original * theta ** (-2 * np.arange(head // 2) / head) / (2 * math.pi)
+
+
+@settings(max_examples=100)      # no compiling: cheap enough for many draws
+@given(head=st.sampled_from([16, 64, 128]), theta=st.sampled_from([1e4, 5e5]), factor=st.sampled_from([1.0, 2.0, 8.0]),
+       original=st.sampled_from([512, 4096]), low_high=st.sampled_from([(1.0, 4.0), (2.0, 3.0)]),
+       fast_slow=st.sampled_from([(32.0, 1.0), (16.0, 2.0)]), dtype=DTYPES)
+def test_scaled_rotary_frequencies_keep_fast_pairs_and_divide_slow_ones(head, theta, factor, original, low_high,
+                                                                          fast_slow, dtype):
+    """The laws of each scaling, from the papers' definitions (the numbers themselves
+    are held against transformers in tests/test_llama.py): every frequency lies between
+    theta_i / factor and theta_i, and slower pairs are divided at least as much; factor
+    1 is no scaling; linear divides every pair; Llama 3.1 keeps pairs whose wavelength
+    is below original / high_freq_factor and divides those above original /
+    low_freq_factor; YaRN keeps pairs turning at least beta_fast times over the
+    original context and divides those turning at most beta_slow times."""
+    low, high = low_high
+    fast, slow = fast_slow
+    with _precision(dtype):
+        base = np.asarray(rotary.frequencies(head, rope_theta=theta, dtype=getattr(jnp, dtype)))
+        wavelength, turns = 2 * math.pi / base, _turns(head, theta, original)
+        for s in (RopeScaling(kind="linear", factor=factor),
+                  RopeScaling(kind="llama3", factor=factor, original_max_len=original, low_freq_factor=low,
+                              high_freq_factor=high),
+                  RopeScaling(kind="yarn", factor=factor, original_max_len=original, beta_fast=fast, beta_slow=slow)):
+            ratio = np.asarray(rotary.frequencies(head, rope_theta=theta, scaling=s, dtype=getattr(jnp, dtype))) / base
+            kept, divided = np.isclose(ratio, 1, rtol=TOL[dtype]), np.isclose(ratio, 1 / factor, rtol=TOL[dtype])
+            assert np.all((ratio >= 1 / factor - TOL[dtype]) & (ratio <= 1 + TOL[dtype])), s
+            assert np.all(np.diff(ratio) <= TOL[dtype]), s
+            if factor == 1:
+                assert kept.all(), s
+            if s.kind == "linear":
+                assert divided.all(), s
+            elif s.kind == "llama3":
+                assert kept[wavelength < original / high].all() and divided[wavelength > original / low].all(), s
+            else:
+                assert kept[turns >= fast].all() and divided[turns <= slow].all(), s
+                assert s.attention_factor == pytest.approx(1 + 0.1 * math.log(factor))
 
 
 def test_rotary_turns_the_pairs_of_the_rotate_half_layout_by_hand():

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitx_fn import checkpoint, defaults, gpt2, llama, model
@@ -71,8 +71,23 @@ HF = {"model_type": "llama", "vocab_size": 11, "hidden_size": 16, "intermediate_
 
 
 @pytest.mark.parametrize("changes, said", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling = {'rope_type': 'llama3'"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters = {'rope_type': 'yarn'"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}, "rope_scaling has rope_type 'dynamic', which minitx "
+     "does not convert (it converts ['default', 'linear', 'llama3', 'yarn'])"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope_parameters has rope_type 'longrope'"),
+    ({"rope_scaling": {"type": "llama3", "factor": 8.0}}, "rope_scaling of rope_type 'llama3' lacks "
+     "['low_freq_factor', 'high_freq_factor']"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 2.0, "beta_fast": 3}}, "rope_parameters holds "
+     "['beta_fast'], which rope_type 'linear' does not read here"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": 0.5}}, "rope_parameters.factor = 0.5 is invalid: it must "
+     "be a number in [1, 3.4e38]"),
+    ({"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "rope_parameters.factor = '2' is invalid"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 1.0, "beta_slow": 2.0}},
+     "rope_parameters.beta_slow = 2.0 is invalid: it must be below rope_parameters.beta_fast = 1.0"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1, "high_freq_factor": 4,
+                          "original_max_position_embeddings": 0}}, "original_max_position_embeddings = 0 is invalid"),
+    ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
+     "rope_parameters.partial_rotary_factor = 0.5 must be 1"),
+    ({"rope_scaling": "linear"}, "rope_scaling = 'linear' must be null or an object"),
     ({"attention_bias": True}, "attention_bias = True must be false"),
     ({"mlp_bias": True}, "mlp_bias = True must be false"),
     ({"hidden_act": "gelu"}, "hidden_act = 'gelu' must be \"silu\""),
@@ -93,6 +108,10 @@ def test_config_json_whose_maths_this_model_lacks_is_refused_naming_the_key(chan
     # Both forms of the rotary base: transformers 5's rope_parameters, and the top-level key before it.
     assert llama.config_from_hf({**HF, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}).rope_theta == 5e5
     assert llama.config_from_hf({**HF, "rope_theta": 5e5, "rope_scaling": None}).rope_theta == 5e5
+    # Scaled: the older rope_scaling with "type", and original_max_position_embeddings at the top level first.
+    scaled = llama.config_from_hf({**HF, "original_max_position_embeddings": 4, "rope_scaling": {
+        "type": "yarn", "factor": 2.0, "original_max_position_embeddings": 6}})
+    assert scaled.rope_scaling.kind == "yarn" and scaled.rope_scaling.original_max_len == 4
 
 
 # ----------------------------------------------------------------------------- parity with transformers
@@ -108,31 +127,31 @@ def bpe() -> BPETokenizer:
 FAMILIES = [("llama", False), ("qwen2", True)]
 
 
-@pytest.fixture(scope="module")
-def hf_dirs(hf, tmp_path_factory, bpe):
-    """transformers' own models, random weights (initializer_range 0.2, so greedy choices
+def _save_hf(hf, bpe, path, kind: str, tied: bool, **changes):
+    """transformers' own model, random weights (initializer_range 0.2, so greedy choices
     are clear) and random norm scales and biases, saved by save_pretrained with our BPE."""
     torch, transformers = hf
-    dirs = {}
-    for kind, tied in FAMILIES:
-        torch.manual_seed(0)
-        sizes = dict(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=48, num_attention_heads=4,
-                     num_key_value_heads=2 if kind == "llama" else 1, num_hidden_layers=2, max_position_embeddings=64,
-                     initializer_range=0.2, tie_word_embeddings=tied, rope_theta=500.0, rms_norm_eps=1e-6,
-                     bos_token_id=None, eos_token_id=None)
-        if kind == "llama":
-            hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
-        else:
-            hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes))
-        with torch.no_grad():                       # norms and biases away from their 1 and 0 starts
-            for name, p in hf_model.named_parameters():
-                if name.endswith("norm.weight") or name.endswith(".bias"):
-                    p.add_(0.1 * torch.randn_like(p))
-        path = tmp_path_factory.mktemp("hf") / kind
-        hf_model.save_pretrained(str(path))
-        (path / "tokenizer.json").write_text(bpe.to_json())
-        dirs[kind] = path
-    return dirs
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                 num_key_value_heads=2 if kind == "llama" else 1, num_hidden_layers=2, max_position_embeddings=64,
+                 initializer_range=0.2, tie_word_embeddings=tied, rope_theta=500.0, rms_norm_eps=1e-6,
+                 bos_token_id=None, eos_token_id=None, **changes)
+    if kind == "llama":
+        hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
+    else:
+        hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**sizes))
+    with torch.no_grad():                       # norms and biases away from their 1 and 0 starts
+        for name, p in hf_model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    hf_model.save_pretrained(str(path))
+    (path / "tokenizer.json").write_text(bpe.to_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(hf, tmp_path_factory, bpe):
+    return {kind: _save_hf(hf, bpe, tmp_path_factory.mktemp("hf") / kind, kind, tied) for kind, tied in FAMILIES}
 
 
 def _load(transformers, path, dtype: str):
@@ -201,8 +220,82 @@ def test_export_loads_in_transformers_and_imports_back_bit_for_bit(hf, hf_dirs, 
     jax.tree.map(np.testing.assert_array_equal, first, again)
 
 
+# ----------------------------------------------------------------------------- scaled rotary positions
+
+
+@settings(max_examples=100)      # no compiling: cheap enough for many draws
+@given(kind=st.sampled_from(["linear", "llama3", "yarn"]), head=st.sampled_from([8, 16, 64, 128]),
+       theta=st.sampled_from([100.0, 1e4, 5e5, 1e6]), factor=st.sampled_from([1.0, 2.0, 8.0, 32.0]),
+       original=st.sampled_from([16, 512, 8192]), low_high=st.sampled_from([(1.0, 4.0), (0.5, 2.0)]),
+       yarn=st.sampled_from([{}, {"beta_fast": 4.0, "beta_slow": 0.5}, {"truncate": False},
+                             {"mscale": 0.707, "mscale_all_dim": 0.707}, {"mscale": 1.0, "mscale_all_dim": 0.5},
+                             {"attention_factor": 1.5}, {"factor": None}]))
+def test_scaled_rotary_frequencies_equal_transformers_own(hf, kind, head, theta, factor, original, low_high, yarn):
+    """Each rope_type's frequencies and attention factor, converted from config.json by
+    `llama.config_from_hf`, equal what transformers computes for the same config
+    (its ROPE_INIT_FUNCTIONS), defaults and YaRN's mscale variants included."""
+    torch, transformers = hf
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from minitx_fn.layers import rotary
+    rope = {"rope_type": kind, "rope_theta": theta, "factor": factor}
+    if kind == "llama3":
+        rope |= {"low_freq_factor": low_high[0], "high_freq_factor": low_high[1],
+                 "original_max_position_embeddings": original}
+    elif kind == "yarn":
+        rope |= {"original_max_position_embeddings": original} | yarn
+    hf_config = transformers.LlamaConfig(hidden_size=head * 2, num_attention_heads=2, num_hidden_layers=1,
+                                         vocab_size=8, intermediate_size=8, max_position_embeddings=original * 4,
+                                         rope_parameters=dict(rope))
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[kind](hf_config, None)
+    ours = llama.config_from_hf(hf_config.to_dict())
+    np.testing.assert_allclose(rotary.frequencies(head, rope_theta=ours.rope_theta, scaling=ours.rope_scaling),
+                               inv_freq.numpy(), rtol=2e-6)
+    assert (ours.rope_scaling.attention_factor or 1.0) == pytest.approx(attention_factor, rel=1e-12)
+
+
+# Scaled rotary positions as transformers writes them, over a context 4 times the 16
+# positions of "pre-training". K = 8 and theta = 100 give wavelengths 6.3, 20, 63 and
+# 199: Llama 3.1's kept, blended and divided regimes all occur, and YaRN's ramp.
+SCALED = {"linear": ("llama", {"rope_type": "linear", "factor": 4.0}),
+          "llama3": ("llama", {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 0.5, "high_freq_factor": 2.0,
+                               "original_max_position_embeddings": 16}),
+          "yarn": ("qwen2", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+                             "beta_fast": 2.0, "beta_slow": 0.1})}
+
+
+@pytest.mark.parametrize("scaling", sorted(SCALED))
+def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bpe, tmp_path, capsys, scaling):
+    """A Llama or Qwen2 with scaled rotary positions: imported, its logits over 60
+    positions (past the original 16) and its 20 greedy tokens equal transformers';
+    exported, transformers reads the same model back and the import is bit for bit."""
+    torch, transformers = hf
+    kind, rope = SCALED[scaling]
+    folder = _save_hf(hf, bpe, tmp_path / "hf", kind, kind == "qwen2", rope_parameters={**rope, "rope_theta": 100.0})
+    ids = np.stack([bpe.encode(TEXT)[:60], bpe.encode(TEXT[300:])[:60]])               # (2, 60)
+    hf_model = _load(transformers, folder, "float32")
+    c, params, _ = gpt2.import_dir(str(folder))
+    assert c.rope_scaling.kind == scaling and c.rope_theta == 100.0
+    with standard_promotion():
+        ours = jax.jit(model.apply, static_argnames="config")(params, jnp.asarray(ids), config=c)
+        assert_close_scaled(ours, _their_logits(torch, hf_model, ids), 1e-5)
+        prompt = ids[0, :30]
+        with torch.no_grad():
+            expected = hf_model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
+                                         max_new_tokens=20, pad_token_id=0)[0, len(prompt):].numpy()
+        np.testing.assert_array_equal(generate(params, [prompt], config=c, max_new_tokens=20)[0], expected)
+    assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
+    code, _, err = run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]["rope_type"] == scaling
+    assert_close_scaled(_their_logits(torch, _load(transformers, tmp_path / "out", "float32"), ids),
+                        _their_logits(torch, hf_model, ids), 1e-6)
+    again, _, _ = gpt2.import_dir(str(tmp_path / "out"))
+    assert again == c
+
+
 def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_path, capsys):
-    """A missing tensor, a misshapen one and an unsupported rope scaling: one line each."""
+    """A missing tensor, a misshapen one and a rope scaling minitx does not convert: one line each."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -217,7 +310,7 @@ def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_p
         else:
             config = json.loads((folder / "config.json").read_text())
             (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {
-                "rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0}}))
+                "rope_type": "dynamic", "factor": 4.0, "rope_theta": 500.0}}))
         save_file(tensors, str(folder / gpt2.WEIGHTS), metadata={"format": "pt"})
         code, _, err = run_main(capsys, "import-hf", folder, "--out", tmp_path / f"run-{case}")
         said = {"missing": "missing model.layers.1.mlp.gate_proj.weight",

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from minitx_fn import defaults
+from minitx_fn.config import RopeScaling
 from minitx_fn.layers import at_least_float32, dropout, linear, rotary
 
 IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "dot_product_attention"
@@ -231,10 +232,11 @@ def init(key: jax.Array, *, d_model: int, n_heads: int, n_kv_heads: int | None =
 
 
 def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype, *, n_kv_heads: int | None = None,
-                positions: jax.Array | None = None, rope_theta: float | None = None
-                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                positions: jax.Array | None = None, rope_theta: float | None = None,
+                rope_scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(B, T, D) -> q (B, T, H, K), k and v (B, T, G, K). With `rope_theta`, q and k are
-    turned by `positions` (B|1, T) (default 0 .. T - 1; `rotary.apply`).
+    turned by `positions` (B|1, T) (default 0 .. T - 1) at the frequencies `rope_scaling`
+    stretches (`rotary.apply`).
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
@@ -255,21 +257,21 @@ def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype, *, n_kv_heads: 
     if rope_theta is not None:
         if positions is None:
             positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]    # (1, T)
-        q, k = rotary.apply(q, positions, rope_theta=rope_theta), rotary.apply(k, positions, rope_theta=rope_theta)
+        q, k = (rotary.apply(a, positions, rope_theta=rope_theta, scaling=rope_scaling) for a in (q, k))
     return q, k, v
 
 
 def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = None, mask: jax.Array | None = None,
           impl: str = "einsum", dtype=None, block: int = 0, dropout_rate: float = 0.0,
-          key: jax.Array | None = None, positions: jax.Array | None = None, rope_theta: float | None = None
-          ) -> jax.Array:
+          key: jax.Array | None = None, positions: jax.Array | None = None, rope_theta: float | None = None,
+          rope_scaling: RopeScaling | None = None) -> jax.Array:
     """(B, T, D) -> (B, T, D): self-attention of x over itself.
 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
     None means causal, computed in query blocks of `block` rows (0: one block; see
     `causal_blockwise`). With a key, attention weights are dropped at dropout_rate.
-    n_kv_heads, positions and rope_theta as in `project_qkv`: positions matter only
-    with rope_theta (rotary); learned or sinusoidal positions are already in x.
+    n_kv_heads, positions, rope_theta and rope_scaling as in `project_qkv`: positions
+    matter only with rope_theta (rotary); learned or sinusoidal positions are already in x.
 
     Example:
         >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
@@ -277,7 +279,7 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = 
         (3, 5, 8)
     """
     q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
-                          rope_theta=rope_theta)
+                          rope_theta=rope_theta, rope_scaling=rope_scaling)
     if mask is None:
         y = causal_blockwise(q, k, v, block=block, impl=impl, dropout_rate=dropout_rate, key=key)   # (B, T, H, K)
     else:
@@ -307,8 +309,8 @@ def write_kv(cache: KVCache, index: jax.Array, k: jax.Array, v: jax.Array) -> KV
 
 
 def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array, mask: jax.Array, n_heads: int,
-                 n_kv_heads: int | None = None, impl: str = "einsum", dtype=None, rope_theta: float | None = None
-                 ) -> tuple[jax.Array, KVCache]:
+                 n_kv_heads: int | None = None, impl: str = "einsum", dtype=None, rope_theta: float | None = None,
+                 rope_scaling: RopeScaling | None = None) -> tuple[jax.Array, KVCache]:
     """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of the cache; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
@@ -329,7 +331,7 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array
     """
     positions = index.astype(jnp.int32)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]   # (B, T)
     q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
-                          rope_theta=rope_theta)                           # (B, T, H|G, K)
+                          rope_theta=rope_theta, rope_scaling=rope_scaling)   # (B, T, H|G, K)
     cache = write_kv(cache, index, k, v)
     y = scaled_dot_product(q, cache.k, cache.v, mask, impl=impl)            # (B, T, H, K)
     return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache

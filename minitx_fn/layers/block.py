@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from minitx_fn.config import RopeScaling
 from minitx_fn.layers import attention, dropout, feedforward, norm, rmsnorm, swiglu
 
 NORMS = {"layernorm": norm, "rmsnorm": rmsnorm}          # ModelConfig.norm -> the layer module
@@ -75,9 +76,10 @@ def _feedforward_half(params: dict, x: jax.Array, eps: float, dtype, norm: str, 
 def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = None, eps: float = 1e-5,
           dtype=None, impl: str = "einsum", attention_block: int = 0, mask: jax.Array | None = None,
           dropout_rate: float = 0.0, key: jax.Array | None = None, norm: str = "layernorm", mlp: str = "gelu",
-          positions: jax.Array | None = None, rope_theta: float | None = None) -> jax.Array:
+          positions: jax.Array | None = None, rope_theta: float | None = None,
+          rope_scaling: RopeScaling | None = None) -> jax.Array:
     """(B, T, D) -> (B, T, D). `dtype`, `impl`, `attention_block`, `mask`, `n_kv_heads`,
-    `positions` and `rope_theta` as in `attention.apply` (mask None: causal); `eps` is
+    `positions`, `rope_theta` and `rope_scaling` as in `attention.apply` (mask None: causal); `eps` is
     the norms'. With a key, dropout at dropout_rate on the attention weights and on
     both residual branches, each from its own subkey.
 
@@ -90,15 +92,16 @@ def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = 
     k_weights, k_attn, k_mlp = (None, None, None) if key is None else jax.random.split(key, 3)
     h = attention.apply(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), n_heads=n_heads,
                         n_kv_heads=n_kv_heads, mask=mask, impl=impl, dtype=dtype, block=attention_block,
-                        dropout_rate=dropout_rate, key=k_weights, positions=positions, rope_theta=rope_theta)
+                        dropout_rate=dropout_rate, key=k_weights, positions=positions, rope_theta=rope_theta,
+                        rope_scaling=rope_scaling)
     x = x + dropout.apply(h, rate=dropout_rate, key=k_attn).astype(x.dtype)
     return _feedforward_half(params, x, eps, dtype, norm, mlp, dropout_rate, k_mlp)
 
 
 def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, index: jax.Array,
                  mask: jax.Array, n_heads: int, n_kv_heads: int | None = None, eps: float = 1e-5, dtype=None,
-                 impl: str = "einsum", norm: str = "layernorm", mlp: str = "gelu", rope_theta: float | None = None
-                 ) -> tuple[jax.Array, attention.KVCache]:
+                 impl: str = "einsum", norm: str = "layernorm", mlp: str = "gelu", rope_theta: float | None = None,
+                 rope_scaling: RopeScaling | None = None) -> tuple[jax.Array, attention.KVCache]:
     """Like `apply`, with attention reading and writing this layer's KV cache
     (B, S, G, K); `index` and `mask` as in `attention.apply_cached`.
 
@@ -114,5 +117,5 @@ def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, *, index:
     check_kinds(params, norm, mlp)
     h, cache = attention.apply_cached(params["attn"], NORMS[norm].apply(params["ln1"], x, eps=eps), cache,
                                       index=index, mask=mask, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                                      impl=impl, dtype=dtype, rope_theta=rope_theta)
+                                      impl=impl, dtype=dtype, rope_theta=rope_theta, rope_scaling=rope_scaling)
     return _feedforward_half(params, x + h.astype(x.dtype), eps, dtype, norm, mlp), cache
