@@ -177,9 +177,9 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
     problem = _data_problem(data) or _origin_problem(origin) or _lora_problem(train_config, origin)
     if problem:
         raise CheckpointError(f"cannot save: {problem}")
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise CheckpointError(f"cannot save: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
-                              f"model_config says vocab_size={model_config.vocab_size}")
+    problem = vocabulary_problem(tokenizer, model_config)
+    if problem:
+        raise CheckpointError(f"cannot save: {problem}")
     if not isinstance(state, TrainState):
         raise CheckpointError(f"cannot save: the state must be a train.TrainState, not {type(state).__name__}")
     template = _template(model_config, train_config)
@@ -241,6 +241,23 @@ def locate(run_dir: str) -> str:
 
 
 # ----------------------------------------------------------------------------- validation
+
+
+def vocabulary_problem(tokenizer: Tokenizer, model_config: ModelConfig) -> str:
+    """What keeps a tokenizer from serving a model, or "". Their sizes are equal, but
+    for a bpe tokenizer, which may have fewer ids than the model has rows: a table
+    padded past the tokenizer, as Qwen2's (import-hf); generation never draws those
+    rows (`Sampler.id_limit`). Runs trained here always have them equal, so a char or
+    byte tokenizer of another size is a swapped or edited one.
+
+    Example:
+        >>> vocabulary_problem(CharTokenizer("abc"), ModelConfig(vocab_size=5))
+        'the char tokenizer has 3 ids but model_config says vocab_size=5'
+    """
+    n, v = tokenizer.vocab_size, model_config.vocab_size
+    if n > v or (n < v and tokenizer.kind != "bpe"):
+        return f"the {tokenizer.kind} tokenizer has {n} ids but model_config says vocab_size={v}"
+    return ""
 
 
 def _matches(value: Any, hint) -> bool:
@@ -382,9 +399,9 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
         tokenizer = tokenizers.from_meta(meta["tokenizer"])
     except ValueError as e:
         raise CheckpointError(f"{where}: tokenizer: {e}") from None
-    if tokenizer.vocab_size != model_config.vocab_size:
-        raise CheckpointError(f"{where}: the {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids but "
-                              f"model_config says vocab_size={model_config.vocab_size}")
+    problem = vocabulary_problem(tokenizer, model_config)
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
     problem = (_data_problem(meta["data"]) or _origin_problem(meta["origin"])
                or _lora_problem(train_config, meta["origin"]))
     if problem:

@@ -415,7 +415,9 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     params, config, tokenizer = run_model.params, run_model.config, run_model.tokenizer
     if temperature is None:
         temperature = 1.0 if (top_k is not None or top_p is not None) else 0.0
-    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p)
+    # A model whose table is padded past the tokenizer (an imported Qwen2) draws only the tokenizer's ids.
+    limit = tokenizer.vocab_size if tokenizer.vocab_size < config.vocab_size else None
+    sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, id_limit=limit)
     ids = encode_prompt(tokenizer, prompt)
     stop_ids = () if stop is None else encode_prompt(tokenizer, stop, "the stop string")
     need = memory.generation_bytes(config, 1, max_new_tokens)

@@ -395,9 +395,9 @@ def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfi
     from minitx_fn import llama
     config = read_config(hf_dir, param_dtype=param_dtype)
     tokenizer = read_tokenizer(hf_dir)
-    if tokenizer.vocab_size != config.vocab_size:
+    if tokenizer.vocab_size > config.vocab_size:        # fewer is a padded table (Qwen2's): those rows go unused
         raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size:,} ids but config.json says vocab_size "
-                        f"{config.vocab_size:,}; minitx needs them equal")
+                        f"{config.vocab_size:,}: the model has no embedding for the ids past it")
     return config, _reader(llama.family(config) or "gpt2").params_from_hf(read_tensors(hf_dir), config), tokenizer
 
 

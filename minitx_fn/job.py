@@ -199,7 +199,9 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
         if not held_out and isinstance(training, dict) and name in training:
             raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
                               setting=(name, training[name]), data=("data_path", "FILE"))
-    mc, tc = configs(model, training, preset, vocab_size=source.tokenizer.vocab_size, has_data=held_out)
+    # The model's vocabulary: the tokenizer's, or the run it starts from (whose table may be padded past it).
+    vocab_size = source.tokenizer.vocab_size if start is None else start.config.vocab_size
+    mc, tc = configs(model, training, preset, vocab_size=vocab_size, has_data=held_out)
     run_dir = run_dir or runs.new_run_name(RUNS_ROOT, source.name)
     runs.check_new_run_dir(run_dir)
     default_eval = training is None or (isinstance(training, dict) and "eval_tokens" not in training)

@@ -79,7 +79,10 @@ MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """temperature == 0 is greedy; otherwise softmax(logits / temperature), truncated
-    to the top_k most likely and/or the top_p nucleus, sampled with `key`.
+    to the top_k most likely and/or the top_p nucleus, sampled with `key`. With
+    id_limit, ids from id_limit on are never drawn, greedy or not: a model whose
+    embedding is padded past its tokenizer's ids (Qwen2's) writes only ids the
+    tokenizer has.
 
     Example:
         >>> s = Sampler(temperature=0.8, top_k=5)
@@ -90,9 +93,13 @@ class Sampler:
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    id_limit: int | None = None
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
+        n = self.id_limit
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            raise ConfigError("{n} is invalid: it must be a whole number >= 1", n=("id_limit", n))
         if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < float("inf")
                 and (t == 0 or t >= MIN_TEMPERATURE)):
             raise ConfigError("{t} is invalid: it must be 0 (greedy) or a finite number >= %g" % MIN_TEMPERATURE,
@@ -106,13 +113,24 @@ class Sampler:
     def is_greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
+    def drawable(self, logits: jax.Array) -> jax.Array:
+        """(B, V) -> (B, V): the logits of ids from id_limit on set to -inf.
+
+        Example:
+            >>> Sampler(id_limit=2).drawable(jnp.zeros((1, 3))).tolist()
+            [[0.0, 0.0, -inf]]
+        """
+        if self.id_limit is None or self.id_limit >= logits.shape[-1]:
+            return logits
+        return jnp.where(jnp.arange(logits.shape[-1]) < self.id_limit, logits, -jnp.inf)
+
     def filtered_logits(self, logits: jax.Array) -> jax.Array:
         """(B, V) -> (B, V) float32: scaled by 1/temperature, dropped entries -inf.
 
         The row's largest logit is subtracted first (softmax does not change), so a
         tiny temperature sends the others to -inf and the largest stays at 0: the
         limit t -> 0 is greedy, never inf - inf = NaN."""
-        logits = logits.astype(jnp.float32)
+        logits = self.drawable(logits.astype(jnp.float32))
         logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / self.temperature
         if self.top_k is not None:
             logits = jnp.where(top_k_mask(logits, self.top_k), logits, -jnp.inf)
@@ -123,6 +141,6 @@ class Sampler:
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
         """(B, V), key -> (B,) int32."""
         if self.is_greedy:
-            return greedy(logits)
+            return greedy(self.drawable(logits))
         return jax.random.categorical(key, self.filtered_logits(logits), axis=-1).astype(jnp.int32)
 

@@ -135,7 +135,7 @@ def _save_hf(hf, bpe, path, kind: str, tied: bool, **changes):
     sizes = dict(vocab_size=bpe.vocab_size, hidden_size=32, intermediate_size=48, num_attention_heads=4,
                  num_key_value_heads=2 if kind == "llama" else 1, num_hidden_layers=2, max_position_embeddings=64,
                  initializer_range=0.2, tie_word_embeddings=tied, rope_theta=500.0, rms_norm_eps=1e-6,
-                 bos_token_id=None, eos_token_id=None, **changes)
+                 bos_token_id=None, eos_token_id=None) | changes
     if kind == "llama":
         hf_model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**sizes))
     else:
@@ -292,6 +292,51 @@ def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bp
                         _their_logits(torch, hf_model, ids), 1e-6)
     again, _, _ = gpt2.import_dir(str(tmp_path / "out"))
     assert again == c
+
+
+def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(hf, bpe, tmp_path, capsys):
+    """Qwen2's vocab_size is larger than its tokenizer's ids. Such a model imports with
+    its whole table (logits equal transformers', all V columns), generates only ids the
+    tokenizer has (transformers' greedy with those ids suppressed, while without the
+    suppression it would write padding here), fine-tunes, and exports with its padding."""
+    import io
+
+    from safetensors.numpy import load_file, save_file
+
+    from minitx_fn import job
+    from minitx_fn.generate import complete
+    torch, transformers = hf
+    n, padded = bpe.vocab_size, bpe.vocab_size + 13
+    folder = _save_hf(hf, bpe, tmp_path / "hf", "qwen2", True, vocab_size=padded)
+    tensors = load_file(str(folder / gpt2.WEIGHTS))                 # padding rows that win an unmasked argmax
+    tensors["model.embed_tokens.weight"][n:] *= 40
+    save_file(tensors, str(folder / gpt2.WEIGHTS), metadata={"format": "pt"})
+    hf_model = _load(transformers, folder, "float32")
+    ids = np.stack([bpe.encode(TEXT)[:40]])
+    assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
+    loaded = checkpoint.load_model(str(tmp_path / "run"))
+    assert loaded.config.vocab_size == padded and loaded.tokenizer.vocab_size == n
+    with standard_promotion():
+        ours = jax.jit(model.apply, static_argnames="config")(loaded.params, jnp.asarray(ids), config=loaded.config)
+        assert_close_scaled(ours, _their_logits(torch, hf_model, ids), 1e-5)
+        prompt = bpe.encode("It was the best")
+        with torch.no_grad():
+            def theirs(**settings):
+                return hf_model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
+                                         max_new_tokens=20, pad_token_id=0, **settings)[0, len(prompt):].numpy()
+            assert (theirs() >= n).any()                              # the padding would be written
+            expected = theirs(suppress_tokens=list(range(n, padded)))
+        assert (expected < n).all()
+        assert complete(loaded, "It was the best", max_new_tokens=20) == bpe.decode(expected)
+        (tmp_path / "t.txt").write_text(TEXT)
+        tuned = job.train(str(tmp_path / "t.txt"), init_from=str(tmp_path / "run"), run_dir=str(tmp_path / "tuned"),
+                          training={"steps": 2, "batch_size": 2, "log_every": 2}, model={"max_len": 16},
+                          sample_tokens=4, log=io.StringIO())
+    assert tuned.config.vocab_size == padded and len(tuned.sample) > 0
+    assert run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")[0] == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == padded
+    again, params, _ = gpt2.import_dir(str(tmp_path / "out"))
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(loaded.params))
 
 
 def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_path, capsys):

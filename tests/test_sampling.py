@@ -25,6 +25,9 @@ def test_greedy_is_argmax(v, seed):
     logits = _logits(seed, v)
     np.testing.assert_array_equal(greedy(logits, None), np.argmax(np.asarray(logits), axis=-1))
     np.testing.assert_array_equal(Sampler(temperature=0.0)(logits, jax.random.key(seed)), greedy(logits))
+    for limit in (1, 3, v, v + 2):           # only ids below id_limit: the argmax of those columns
+        np.testing.assert_array_equal(Sampler(temperature=0.0, id_limit=limit)(logits, None),
+                                      np.argmax(np.asarray(logits)[:, :limit], axis=-1))
 
 
 @given(v=V_CHOICES, k=st.sampled_from([1, 2, 4]), seed=SEEDS, ties=st.booleans())
@@ -89,18 +92,19 @@ def test_same_key_same_tokens_other_key_other_tokens(seed):
 
 
 @pytest.mark.parametrize("sampler", [Sampler(temperature=1.0), Sampler(temperature=0.7, top_k=3),
-                                     Sampler(temperature=1.0, top_p=0.8), Sampler(temperature=1.3, top_k=4, top_p=0.9)])
+                                     Sampler(temperature=1.0, top_p=0.8), Sampler(temperature=1.3, top_k=4, top_p=0.9),
+                                     Sampler(temperature=1.0, top_p=0.8, id_limit=4), Sampler(top_k=2, id_limit=5)])
 def test_frequencies_match_the_truncated_distribution(sampler):
     """Chi-square goodness of fit over 20,000 draws with a fixed key.
 
     Expected probabilities are computed here in numpy from the definition (scale by
-    1/T, keep the top k / the nucleus, renormalise). The bound 60 for at most 5
+    1/T, drop ids from id_limit on, keep the top k / the nucleus, renormalise). The bound 60 for at most 5
     degrees of freedom has a p-value below 1e-10 for a correct sampler, and the key
     is fixed, so the test is deterministic: it cannot flake."""
     logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0], np.float64)
-    z = logits / sampler.temperature
+    keep = np.arange(len(logits)) < (sampler.id_limit or len(logits))
+    z = np.where(keep, logits / sampler.temperature, -np.inf)
     order = np.argsort(-z)
-    keep = np.ones_like(z, bool)
     if sampler.top_k:
         keep[order[sampler.top_k:]] = False
     if sampler.top_p:
@@ -128,7 +132,8 @@ def test_the_smallest_temperature_is_greedy(rng):
 
 @pytest.mark.parametrize("kwargs, match", [({"temperature": -1.0}, "temperature"),
                                            ({"temperature": 1e-320}, "temperature"), ({"top_k": 0}, "top_k"),
-                                           ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p")])
+                                           ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                           ({"id_limit": 0}, "id_limit"), ({"id_limit": True}, "id_limit")])
 def test_bad_settings_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Sampler(**kwargs)
