@@ -68,7 +68,8 @@ ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None
 #    adapters, and its origin {"init_from": ...} is the base they apply to.
 # 7: ModelConfig.norm, mlp, n_kv_heads, rope_theta, bias and qkv_bias (Llama's choices;
 #    positions may be "rotary"); origin {"hf": folder} for an imported Llama or Qwen2.
-# 8: ModelConfig.rope_scaling (null, or the fields of config.RopeScaling).
+# 8: ModelConfig.rope_scaling (null, or the fields of config.RopeScaling); a bpe tokenizer may
+#    carry "special", the bos, eos and pad ids of an imported model.
 FORMAT_VERSION = 8
 READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)  # 2 had only char vocabularies, saved as "vocab"
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus

@@ -43,7 +43,7 @@ import numpy as np
 from minitx_fn import defaults, runs, signals
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import Error
-from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, Tokenizer, require_tokenizers
+from minitx_fn.tokenizer import SPECIAL_TOKENS, BPETokenizer, ByteTokenizer, Tokenizer, require_tokenizers
 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -276,7 +276,7 @@ def config_to_hf(config: ModelConfig) -> dict:
             "n_inner": c.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": c.ln_eps,
             "initializer_range": c.init_std, "resid_pdrop": c.dropout, "embd_pdrop": c.dropout,
             "attn_pdrop": c.dropout, "scale_attn_weights": True, "tie_word_embeddings": c.tie_embeddings,
-            "bos_token_id": None, "eos_token_id": None, "dtype": c.param_dtype}
+            "dtype": c.param_dtype}
 
 
 # ----------------------------------------------------------------------------- files
@@ -391,10 +391,14 @@ def read_config(hf_dir: str, *, param_dtype: str = "float32") -> ModelConfig:
 
 def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfig, dict, BPETokenizer]:
     """A Hugging Face GPT-2, Llama or Qwen2 directory -> (config, parameter tree of
-    NumPy arrays, tokenizer)."""
+    NumPy arrays, tokenizer with the special ids config.json names)."""
     from minitx_fn import llama
     config = read_config(hf_dir, param_dtype=param_dtype)
-    tokenizer = read_tokenizer(hf_dir)
+    hf = _read_json(os.path.join(hf_dir, "config.json"), "a Hugging Face model folder needs one")
+    try:                          # the ids config.json names bos, eos and pad, kept for export-hf
+        tokenizer = read_tokenizer(hf_dir).with_special({name: hf.get(name) for name in SPECIAL_TOKENS})
+    except ValueError as e:
+        raise GPT2Error(f"config.json: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:        # fewer is a padded table (Qwen2's): those rows go unused
         raise GPT2Error(f"the tokenizer has {tokenizer.vocab_size:,} ids but config.json says vocab_size "
                         f"{config.vocab_size:,}: the model has no embedding for the ids past it")
@@ -434,7 +438,8 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dict[str, bytes]:
     """The files of a Hugging Face directory: config.json, model.safetensors and, for a
-    bpe or byte tokenizer, tokenizer.json. A model of Llama's shape (`llama.family`) is
+    bpe or byte tokenizer, tokenizer.json; with the special ids of an imported
+    tokenizer, config.json names them and generation_config.json holds them. A model of Llama's shape (`llama.family`) is
     written as a Llama or Qwen2; any other must have GPT-2's shape (GPT2Error
     otherwise): learned positions, and tied embeddings (or an untied head with a zero
     bias, as an imported untied GPT-2 has)."""
@@ -444,8 +449,12 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
         _check_gpt2_shape(params, config)
     writer = _reader(kind or "gpt2")
     st = require_safetensors()
-    files = {"config.json": json.dumps(writer.config_to_hf(config), indent=2).encode(),
+    special = getattr(tokenizer, "special", {})                  # an imported tokenizer's bos, eos and pad ids
+    hf_config = {**writer.config_to_hf(config), **{name: special.get(name) for name in SPECIAL_TOKENS}}
+    files = {"config.json": json.dumps(hf_config, indent=2).encode(),
              WEIGHTS: st.save(writer.params_to_hf(params, config), metadata={"format": "pt"})}
+    if special:                # what transformers' generate reads them from (as save_pretrained writes it)
+        files["generation_config.json"] = json.dumps(special, indent=2).encode()
     if isinstance(tokenizer, BPETokenizer):
         files["tokenizer.json"] = tokenizer.to_json().encode()
     elif isinstance(tokenizer, ByteTokenizer):

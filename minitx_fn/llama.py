@@ -250,8 +250,7 @@ def config_to_hf(config: ModelConfig) -> dict:
             "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings, "initializer_range": c.init_std,
             "attention_dropout": c.dropout, "rope_parameters": rope_parameters(c),
             "dtype": c.param_dtype,
-            **({"attention_bias": False, "mlp_bias": False} if kind == "llama" else {"use_sliding_window": False}),
-            "bos_token_id": None, "eos_token_id": None}
+            **({"attention_bias": False, "mlp_bias": False} if kind == "llama" else {"use_sliding_window": False})}
 
 
 def rope_parameters(config: ModelConfig) -> dict:

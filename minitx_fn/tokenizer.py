@@ -26,6 +26,8 @@ from minitx_fn.defaults import DEFAULT_BPE_VOCAB, TOKENIZERS
 from minitx_fn.errors import Error
 
 KINDS = TOKENIZERS
+# Which ids begin, end and pad a text, as Hugging Face's config.json names them (BPETokenizer.special).
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
 MAX_CODE_POINT = 0x10FFFF
 UTF8_BLOCK_BYTES = 1 << 16         # text is turned into code points a block of about this size at a time
 BPE_PIECE_CHARS = 1 << 16          # text handed to tokenizers.encode_batch in pieces of about this size
@@ -286,13 +288,22 @@ class BPETokenizer:
 
     kind = "bpe"
 
-    def __init__(self, hf_tokenizer):
+    def __init__(self, hf_tokenizer, special: dict | None = None):
+        """`special`: which ids are the beginning, end and padding of a text, under
+        Hugging Face's names (`SPECIAL_TOKENS`; an id, or a list of them for several
+        ends), as an imported model's config.json gives them; export writes them back."""
         ids = set(hf_tokenizer.get_vocab(with_added_tokens=True).values())
         if ids != set(range(hf_tokenizer.get_vocab_size())):
             # A model has one row per id 0 .. V - 1: an id beyond them would reach no row.
             raise ValueError(f"the tokenizer's ids are not 0 .. {hf_tokenizer.get_vocab_size() - 1} without gaps "
                              f"(largest {max(ids, default=-1)})")
         self._hf = hf_tokenizer
+        self.special = _checked_special(special or {}, self.vocab_size)
+
+    def with_special(self, special: dict) -> "BPETokenizer":
+        """The same tokenizer, its special ids these (None values dropped); ValueError
+        naming a key that is not in SPECIAL_TOKENS or an id it does not have."""
+        return BPETokenizer(self._hf, special)
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
@@ -395,13 +406,36 @@ class BPETokenizer:
         return self._hf.decode([int(i) for i in np.asarray(ids).reshape(-1)])
 
     def to_meta(self) -> dict:
-        return {"kind": self.kind, "json": self.to_json()}
+        return {"kind": self.kind, "json": self.to_json(), **({"special": self.special} if self.special else {})}
 
     def __eq__(self, other) -> bool:
-        return isinstance(other, BPETokenizer) and self.to_json() == other.to_json()
+        return isinstance(other, BPETokenizer) and self.to_json() == other.to_json() and self.special == other.special
 
     def __hash__(self) -> int:
         return hash(self.to_json())
+
+
+def _checked_special(special, vocab_size: int) -> dict:
+    """{name: id or non-empty list of ids} for the names of SPECIAL_TOKENS that are not
+    None; ValueError naming the first bad key or id.
+
+    Example:
+        >>> _checked_special({"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": None}, 5)
+        {'bos_token_id': 1, 'eos_token_id': [2, 3]}
+    """
+    if not isinstance(special, dict):
+        raise ValueError(f"the special token ids must be an object, not {type(special).__name__}")
+    out = {}
+    for name, value in special.items():
+        if name not in SPECIAL_TOKENS:
+            raise ValueError(f"{name!r} is not a special token id; they are {list(SPECIAL_TOKENS)}")
+        ids = value if isinstance(value, list) else [value]
+        if value is None:
+            continue
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"{name} = {value!r} must be an id in [0, {vocab_size}) or a list of them")
+        out[name] = value
+    return out
 
 
 def from_meta(meta) -> Tokenizer:
@@ -414,13 +448,15 @@ def from_meta(meta) -> Tokenizer:
     if not isinstance(meta, dict) or meta.get("kind") not in KINDS:
         raise ValueError(f"the tokenizer must be an object whose kind is one of {list(KINDS)}")
     fields = {"char": {"kind", "chars"}, "byte": {"kind"}, "bpe": {"kind", "json"}}[meta["kind"]]
-    if set(meta) != fields or not all(isinstance(meta[k], str) for k in fields):
-        raise ValueError(f"a {meta['kind']} tokenizer is an object of the strings {sorted(fields)}")
+    optional = {"special"} if meta["kind"] == "bpe" else set()               # BPETokenizer.special, when it has some
+    if not fields <= set(meta) <= fields | optional or not all(isinstance(meta[k], str) for k in fields):
+        raise ValueError(f"a {meta['kind']} tokenizer is an object of the strings {sorted(fields)}"
+                         + (f", and may have {sorted(optional)}" if optional else ""))
     if meta["kind"] == "char":
         return CharTokenizer(meta["chars"])
     if meta["kind"] == "byte":
         return ByteTokenizer()
-    return BPETokenizer.from_json(meta["json"])
+    return BPETokenizer.from_json(meta["json"]).with_special(meta.get("special", {}))
 
 
 def describe(tokenizer: Tokenizer) -> str:

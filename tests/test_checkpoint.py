@@ -169,6 +169,7 @@ def test_an_array_of_the_wrong_shape_is_named(tmp_path, saved):
     (lambda m: m.update(tokenizer={"kind": "byte"}), "byte tokenizer has 256 ids but model_config says vocab_size=7"),
     (lambda m: m.update(tokenizer={"kind": "words"}), "kind is one of"),
     (lambda m: m["tokenizer"].update(json="{}"), "a char tokenizer is an object of the strings"),
+    (lambda m: m["tokenizer"].update(special={"eos_token_id": 1}), "a char tokenizer is an object of the strings"),
     (lambda m: m.update(tokenizer={"kind": "bpe", "json": "{not json"}), "not a valid tokenizers JSON|pip install"),
     (lambda m: m.update(data={"path": 3}), "data must be null"),
     (lambda m: m["files"].pop("params.npz"), "files must give"),

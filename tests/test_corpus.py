@@ -80,7 +80,15 @@ def test_bpe_is_reproducible_and_round_trips_any_text():
     first = BPETokenizer.train([TEXT], vocab_size=300)
     second = BPETokenizer.train([TEXT], vocab_size=300)
     assert first.to_json() == second.to_json() and first.vocab_size == 300
-    assert from_meta(first.to_meta()) == first
+    assert from_meta(first.to_meta()) == first and "special" not in first.to_meta()
+    marked = first.with_special({"bos_token_id": 0, "eos_token_id": [1, 299], "pad_token_id": None})
+    assert from_meta(marked.to_meta()) == marked != first and marked.special == {"bos_token_id": 0,
+                                                                                  "eos_token_id": [1, 299]}
+    for bad, said in (({"eos_token_id": 300}, r"eos_token_id = 300 must be an id in \[0, 300\)"),
+                      ({"eos_token_id": []}, "eos_token_id = \\[\\] must be"), ({"unk_token_id": 1}, "not a special"),
+                      ({"bos_token_id": True}, "bos_token_id = True must be")):
+        with pytest.raises(ValueError, match=said):
+            from_meta({**first.to_meta(), "special": bad})
     for text in (TEXT, "ünseen çharacters ∑ 😀\n", "héllo"):
         assert first.decode(first.encode(text)) == text
     assert len(first.encode(TEXT)) < len(TEXT.encode()) / 2          # merges learned: fewer tokens than bytes

@@ -339,6 +339,34 @@ def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(loaded.params))
 
 
+def test_special_token_ids_survive_import_and_export(hf, bpe, tmp_path, capsys):
+    """bos, eos (a list, as Llama 3 writes) and pad ids of config.json ride with the
+    run's tokenizer; export writes them into config.json and generation_config.json,
+    where transformers reads them, and imports back equal. A run without them exports
+    nulls and no generation_config.json; an id the tokenizer lacks is one line."""
+    torch, transformers = hf
+    special = {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0}
+    folder = _save_hf(hf, bpe, tmp_path / "hf", "llama", False, **special)
+    assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
+    loaded = checkpoint.load_model(str(tmp_path / "run"))
+    assert loaded.tokenizer.special == special
+    assert run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")[0] == 0
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / "out"))
+    generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, [2, 3], 0)
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, [2, 3], 0)
+    assert gpt2.import_dir(str(tmp_path / "out"))[2] == loaded.tokenizer
+    plain = gpt2.export_files(loaded.params, loaded.config, bpe)
+    assert "generation_config.json" not in plain and json.loads(plain["config.json"])["eos_token_id"] is None
+    for bad in (bpe.vocab_size, [2, -1], "2"):
+        config_json = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config_json, "eos_token_id": bad}))
+        code, _, err = run_main(capsys, "import-hf", folder, "--out", tmp_path / "bad")
+        assert_one_error_line(code, err, f"config.json: eos_token_id = {bad!r} must be an id in [0, "
+                                         f"{bpe.vocab_size}) or a list of them")
+        assert not (tmp_path / "bad").exists()
+
+
 def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_path, capsys):
     """A missing tensor, a misshapen one and a rope scaling minitx does not convert: one line each."""
     import shutil
