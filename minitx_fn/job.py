@@ -192,6 +192,11 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
             raise ConfigError("a run started from another keeps its tokenizer; drop {t}",
                               t=("tokenizer", tokenizer or "bpe"))
         model = _fine_tuned_model(start.config, model)
+    elif not isinstance(model, ModelConfig):
+        # Every setting is checked before a large text is prepared; the tokenizer, made
+        # there, gives only vocab_size (1 stands in for it here).
+        builtin = text is None and getattr(data_path, "source", data_path) in (None, corpus.BUILTIN_SOURCE)
+        configs(model, training, preset, vocab_size=1, has_data=not builtin)
     source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log,
                      None if start is None else start.tokenizer)
     held_out = source.source != corpus.BUILTIN_SOURCE
@@ -364,7 +369,6 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
     if parts:
         raise ConfigError(f"resuming keeps the run's settings, but these differ: {', '.join(parts)}; drop them, or "
                           f"start a new run with {{out}}", out=("run_dir", "DIR"), **mentions)
-    source = _resume_corpus(ckpt, data_path, text, cache_dir, log)
     changes = {k: given_training[k] for k in RESUMABLE if k in given_training}
     if changes.get("eval_tokens") == "all":
         changes["eval_tokens"] = None
@@ -372,6 +376,7 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
     if int(ckpt.state.step) >= tc.steps:
         raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; steps is the total to reach: pass "
                           f"{{steps}} or more to train further", steps=("steps", int(ckpt.state.step) + 1))
+    source = _resume_corpus(ckpt, data_path, text, cache_dir, log)      # after every setting is known to be good
     base = None if tc.lora is None else checkpoint.base_params(ckpt.meta, mc)
     return _checked(run_dir, True, mc, tc, source, ckpt.state, batches, devices, fsdp, prompt, sample_tokens,
                     default_eval=False)._replace(origin=ckpt.origin, base=base)

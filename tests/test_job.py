@@ -199,6 +199,23 @@ def test_a_run_trained_on_text_resumes_from_a_file_holding_that_text(capsys):
     assert checkpoint.load("mem").data["path"] == os.path.abspath("same.txt")           # recorded from now on
 
 
+@pytest.mark.parametrize("args", [("--heads", "3"), ("--arch", "llama", "--kv-heads", "3"), ("--lr", "0"),
+                                  ("--batch-size", "6", "--grad-accum", "4")])
+def test_bad_settings_are_refused_before_the_data_is_prepared(capsys, args):
+    """A new run's model and training flags are checked before its text is read and
+    tokenized (which takes minutes for a large corpus), and so is a resume's --steps:
+    one line, and no prepared data in the cache."""
+    open("t.txt", "w").write(TEXT)
+    code, out, err = run_main(capsys, "train", "--data", "t.txt", "--cache-dir", "cache", *args)
+    assert_one_error_line(code, err, args[-2])
+    assert not os.path.exists("cache") and "Preparing" not in out + err
+    _train(text=TEXT, run_dir="mem")
+    code, out, err = run_main(capsys, "train", "--resume", "mem", "--data", "t.txt", "--cache-dir", "cache",
+                              "--steps", "2")
+    assert_one_error_line(code, err, "--steps 5")
+    assert not os.path.exists("cache")
+
+
 @pytest.mark.parametrize("settings, error", [
     ({"training": {"steps": "100"}}, "steps='100'"), ({"training": {"decay_steps": "9"}}, "decay_steps='9'"),
     ({"model": "tiny"}, "model"), ({"training": "fast"}, "training"), ({"text": b"abc"}, "must be a str"),
