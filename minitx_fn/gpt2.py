@@ -439,10 +439,10 @@ def bytes_to_unicode() -> dict[int, str]:
 def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dict[str, bytes]:
     """The files of a Hugging Face directory: config.json, model.safetensors and, for a
     bpe or byte tokenizer, tokenizer.json; with the special ids of an imported
-    tokenizer, config.json names them and generation_config.json holds them. A model of Llama's shape (`llama.family`) is
-    written as a Llama or Qwen2; any other must have GPT-2's shape (GPT2Error
-    otherwise): learned positions, and tied embeddings (or an untied head with a zero
-    bias, as an imported untied GPT-2 has)."""
+    tokenizer, config.json names them and generation_config.json holds them. A model
+    of Llama's shape (`llama.family`) is written as a Llama or Qwen2; any other must
+    have GPT-2's shape (GPT2Error otherwise): learned positions, and tied embeddings
+    (or an untied head with a zero bias, as an imported untied GPT-2 has)."""
     from minitx_fn import llama
     kind = llama.family(config)
     if kind is None:

@@ -80,8 +80,9 @@ def rope_theta(hf: dict) -> float:
 
 
 # Hugging Face's rope_type -> what else its settings may hold besides rope_type (or
-# the older "type"), rope_theta, factor and partial_rotary_factor (which must be 1);
-# RopeScaling names original_max_position_embeddings original_max_len.
+# the older "type"), rope_theta, factor and partial_rotary_factor (which must be 1).
+# RopeScaling's fields keep Hugging Face's names, but one (ROPE_NAMES).
+ROPE_NAMES = {"original_max_len": "original_max_position_embeddings"}
 ROPE_KEYS = {"default": (), "linear": (),
              "llama3": ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
              "yarn": ("original_max_position_embeddings", "attention_factor", "mscale", "mscale_all_dim",
@@ -98,9 +99,10 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
     its attention_factor from factor, mscale and mscale_all_dim.
 
     Example:
-        >>> rope_scaling({"max_position_embeddings": 64, "rope_parameters": {"rope_type": "llama3", "factor": 8.0,
-        ...     "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
-        RopeScaling(kind='llama3', factor=8.0, original_max_len=16, low_freq_factor=1.0, high_freq_factor=4.0, beta_fast=32.0, beta_slow=1.0, truncate=True, attention_factor=None)
+        >>> s = rope_scaling({"max_position_embeddings": 64, "rope_parameters": {"rope_type": "yarn", "factor": 8.0,
+        ...                   "mscale": 1.0, "mscale_all_dim": 0.5}})
+        >>> s.kind, s.original_max_len, round(s.attention_factor, 4)     # (0.1 ln 8 + 1) / (0.05 ln 8 + 1)
+        ('yarn', 64, 1.0942)
     """
     key, rope = _rope(hf)
     if rope is None:
@@ -123,9 +125,9 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
         return None
     fields = {name: rope[name] for name in ROPE_KEYS[kind] if name in rope and name not in
               ("original_max_position_embeddings", "mscale", "mscale_all_dim")}
-    if kind in ("llama3", "yarn"):
-        fields["original_max_len"] = hf.get("original_max_position_embeddings",
-                                            rope.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    if kind in ("llama3", "yarn"):           # the top-level key first, as transformers reads it
+        original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        fields["original_max_len"] = hf.get("original_max_position_embeddings", original)
     factor = rope.get("factor")
     if kind == "yarn":
         original, longest = fields["original_max_len"], hf.get("max_position_embeddings")
@@ -136,7 +138,7 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
             def m(scale):
                 return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
             fields["attention_factor"] = m(mscale) / m(mscale_all_dim)
-        for name in ("beta_fast", "beta_slow"):          # transformers reads them with `or`: 0 and null are the defaults
+        for name in ("beta_fast", "beta_slow"):          # read with `or` there: 0 and null are the defaults
             if not fields.get(name, True):
                 del fields[name]
     elif kind == "llama3":
@@ -147,7 +149,7 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
         return RopeScaling(kind=kind, factor=factor, **fields)
     except Error as e:
         names = {f"rope_scaling.{name}": f"{key}.{name}" for name in ("kind", "factor", *ROPE_KEYS[kind])}
-        names["rope_scaling.original_max_len"] = "original_max_position_embeddings"
+        names |= {f"rope_scaling.{ours}": theirs for ours, theirs in ROPE_NAMES.items()}
         message = e.render(lambda field, value: f"{names.get(field, field)} = {value!r}")
         raise GPT2Error(f"config.json: {message}") from None
 
@@ -260,14 +262,15 @@ def rope_parameters(config: ModelConfig) -> dict:
     Example:
         >>> rope_parameters(ModelConfig(vocab_size=5, positions="rotary",
         ...                             rope_scaling={"kind": "llama3", "factor": 8.0, "original_max_len": 16}))
-        {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'original_max_position_embeddings': 16, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0}
+        ... # doctest: +NORMALIZE_WHITESPACE
+        {'rope_type': 'llama3', 'rope_theta': 10000.0, 'factor': 8.0, 'original_max_position_embeddings': 16,
+         'low_freq_factor': 1.0, 'high_freq_factor': 4.0}
     """
     s = config.rope_scaling
     if s is None:
         return {"rope_type": "default", "rope_theta": config.rope_theta}
-    names = {"original_max_len": "original_max_position_embeddings"}
     return {"rope_type": s.kind, "rope_theta": config.rope_theta, "factor": s.factor,
-            **{names.get(name, name): getattr(s, name) for name in defaults.ROPE_SCALINGS[s.kind]}}
+            **{ROPE_NAMES.get(name, name): getattr(s, name) for name in defaults.ROPE_SCALINGS[s.kind]}}
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -375,5 +378,5 @@ def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array) for name, array in tensors.items()}
 
 
-__all__ = ["MODEL_TYPES", "ROPE_KEYS", "config_from_hf", "config_to_hf", "expected_shapes", "family", "params_from_hf",
-           "params_to_hf", "rope_parameters", "rope_scaling", "rope_theta"]
+__all__ = ["MODEL_TYPES", "ROPE_KEYS", "ROPE_NAMES", "config_from_hf", "config_to_hf", "expected_shapes", "family",
+           "params_from_hf", "params_to_hf", "rope_parameters", "rope_scaling", "rope_theta"]

@@ -127,8 +127,9 @@ def block_args(config: ModelConfig) -> dict:
     model's config becomes a layer's arguments.
 
     Example:
-        >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))
-        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'mlp', 'n_heads', 'n_kv_heads', 'norm', 'rope_scaling', 'rope_theta']
+        >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))  # doctest: +NORMALIZE_WHITESPACE
+        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'mlp', 'n_heads', 'n_kv_heads', 'norm',
+         'rope_scaling', 'rope_theta']
     """
     c = config
     return {**cached_block_args(c), "attention_block": c.attention_block, "dropout_rate": c.dropout}
