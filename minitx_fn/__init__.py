@@ -18,7 +18,7 @@ The names a reader starts from, all importable from here:
 | name | what it is |
 |---|---|
 | `job` | `train`: the whole job (`minitx train`) as one function of values; `plan`, `run` its halves; `evaluate`: a text's loss under a run (`minitx eval`) |
-| `ModelConfig`, `TrainConfig`, `OptimizerConfig` | frozen, hashable, validated configs (`config.py`); `defaults`: presets and limits |
+| `ModelConfig`, `TrainConfig`, `OptimizerConfig`, `RopeScaling` | frozen, hashable, validated configs (`config.py`); `defaults`: presets and limits |
 | `layers` | one init/apply pair per layer (`layers/`) |
 | `model` | `init`, `apply`, `loss`, `cross_entropy`, `block_args` (a config as a block's arguments), `apply_cached`, `init_cache` |
 | `train` | `TrainState`, `init_state`, `new_state`, `make_step` (any loss, any optax), `train_step`, `batch_at`, `evaluate`, `lora_state` |
@@ -43,7 +43,8 @@ import importlib
 # the module (its function is generate.generate), never sometimes one, sometimes the other.
 _MODULES = ("checkpoint", "config", "corpus", "data", "defaults", "distributed", "generate", "gpt2", "job", "layers",
             "llama", "loop", "lora", "memory", "model", "runs", "sampling", "testing", "tokenizer", "train")
-_NAMES = {"ModelConfig": "config", "TrainConfig": "config", "OptimizerConfig": "config", "LoraConfig": "config", "CharTokenizer": "tokenizer",
+_NAMES = {"ModelConfig": "config", "TrainConfig": "config", "OptimizerConfig": "config", "LoraConfig": "config",
+          "RopeScaling": "config", "CharTokenizer": "tokenizer",
           "ByteTokenizer": "tokenizer", "BPETokenizer": "tokenizer", "Sampler": "sampling"}
 
 __all__ = sorted(_MODULES + tuple(_NAMES))

@@ -47,6 +47,7 @@ from minitx_fn.defaults import DRAFT_TOKENS, SAMPLE_TOKENS
 from minitx_fn.errors import ConfigError, Error
 from minitx_fn.layers.attention import KVCache
 from minitx_fn.sampling import Sampler
+from minitx_fn.tokenizer import same_ids
 
 
 class DecodeState(NamedTuple):
@@ -429,7 +430,7 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
         if not hasattr(draft, "tokenizer"):
             raise ConfigError(f"a draft for complete is a run: its directory or checkpoint.load_model(run), with a "
                               f"tokenizer; {type(draft).__name__} has none")
-        if draft.tokenizer.to_meta() != tokenizer.to_meta():
+        if not same_ids(draft.tokenizer, tokenizer):
             raise ConfigError(f"the draft's tokenizer ({draft.tokenizer.kind}, {draft.tokenizer.vocab_size} tokens) is "
                               f"not the model's ({tokenizer.kind}, {tokenizer.vocab_size} tokens): a draft must "
                               f"share the model's tokenizer")

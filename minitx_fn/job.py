@@ -192,18 +192,18 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
             raise ConfigError("a run started from another keeps its tokenizer; drop {t}",
                               t=("tokenizer", tokenizer or "bpe"))
         model = _fine_tuned_model(start.config, model)
-    elif not isinstance(model, ModelConfig):
-        # Every setting is checked before a large text is prepared; the tokenizer, made
-        # there, gives only vocab_size (1 stands in for it here).
-        builtin = text is None and getattr(data_path, "source", data_path) in (None, corpus.BUILTIN_SOURCE)
-        configs(model, training, preset, vocab_size=1, has_data=not builtin)
-    source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log,
-                     None if start is None else start.tokenizer)
-    held_out = source.source != corpus.BUILTIN_SOURCE
+    # Every setting is checked before a large text is prepared. A new model's
+    # vocab_size comes from the tokenizer made there: 1 stands in for it here.
+    held_out = text is not None or getattr(data_path, "source", data_path) not in (None, corpus.BUILTIN_SOURCE)
     for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
         if not held_out and isinstance(training, dict) and name in training:
             raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
                               setting=(name, training[name]), data=("data_path", "FILE"))
+    mc, tc = configs(None if isinstance(model, ModelConfig) else model, training, preset, vocab_size=1,
+                     has_data=held_out)
+    _check_settings(model if isinstance(model, ModelConfig) else mc, tc, devices, init_from)
+    source = _corpus(data_path, text, tokenizer, vocab_size, cache_dir, log,
+                     None if start is None else start.tokenizer)
     # The model's vocabulary: the tokenizer's, or the run it starts from (whose table may be padded past it).
     vocab_size = source.tokenizer.vocab_size if start is None else start.config.vocab_size
     mc, tc = configs(model, training, preset, vocab_size=vocab_size, has_data=held_out)
@@ -211,30 +211,39 @@ def plan(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     runs.check_new_run_dir(run_dir)
     default_eval = training is None or (isinstance(training, dict) and "eval_tokens" not in training)
     state, origin, base = None, None, None
-    if tc.lora is not None and start is None:
-        raise ConfigError("{rank} trains adapters on the frozen parameters of another run; give that run with "
-                          "{init_from}", rank=("lora_rank", tc.lora_rank), init_from=("init_from", "RUN"))
     if start is not None:
         params = with_context(start.params, mc.max_len)
         if tc.lora is None:
             state = trainer.new_state(params, trainer.make_optimizer(tc.optimizer))
         else:
-            _check_rank(tc, mc)
-            training = runs.Lock(init_from).live_holder()
-            if training:            # its next save would change the base these adapters are trained on
-                raise RunDirError(f"{os.fspath(init_from)!r} is being trained ({training}); a LoRA run needs its base "
-                                  f"to stay as it is: wait for that run to finish, or copy it and start from the copy")
             state, base = trainer.lora_state(trainer.keys(tc.seed).init, params, tc.optimizer, tc.lora), params
         origin = {"init_from": {"path": os.path.abspath(init_from), "sha256": start.meta["files"]["params.npz"]["sha256"]}}
     return _checked(run_dir, False, mc, tc, source, state, batches, devices, fsdp, prompt, sample_tokens,
                     default_eval=default_eval)._replace(origin=origin, base=base)
 
 
-def _check_rank(tc: TrainConfig, mc: ModelConfig) -> None:
-    """An adapter's rank above the width it adapts is no longer low: refuse it."""
-    if tc.lora_rank > mc.d_model:
-        raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter's rank is at most the width",
-                          rank=("lora_rank", tc.lora_rank), d=("d_model", mc.d_model))
+def _check_settings(mc: ModelConfig, tc: TrainConfig, devices, init_from) -> None:
+    """The checks of a new run that need no data (made before its text is prepared):
+    adapters need a base run that no one is training, and a rank at most the width
+    they adapt (a rank above it is no longer low); the batch must split over the devices."""
+    if tc.lora is not None:
+        if init_from is None:
+            raise ConfigError("{rank} trains adapters on the frozen parameters of another run; give that run with "
+                              "{init_from}", rank=("lora_rank", tc.lora_rank), init_from=("init_from", "RUN"))
+        if tc.lora_rank > mc.d_model:
+            raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter's rank is at most the width",
+                              rank=("lora_rank", tc.lora_rank), d=("d_model", mc.d_model))
+        training = runs.Lock(init_from).live_holder()
+        if training:            # its next save would change the base these adapters are trained on
+            raise RunDirError(f"{os.fspath(init_from)!r} is being trained ({training}); a LoRA run needs its base "
+                              f"to stay as it is: wait for that run to finish, or copy it and start from the copy")
+    _check_devices(tc, devices)
+
+
+def _check_devices(tc: TrainConfig, devices) -> None:
+    """The batch is split over the devices: they must exist, and divide it."""
+    if devices or jax.device_count() > 1:
+        distributed.check_batch(tc.batch_size, distributed.make_mesh(devices))
 
 
 def _fine_tuned_model(source: ModelConfig, model: ModelConfig | dict | None) -> ModelConfig:
@@ -376,6 +385,7 @@ def _plan_resume(run_dir, data_path, text, model, training, preset, kind, vocab_
     if int(ckpt.state.step) >= tc.steps:
         raise ConfigError(f"the run is already at step {int(ckpt.state.step)}; steps is the total to reach: pass "
                           f"{{steps}} or more to train further", steps=("steps", int(ckpt.state.step) + 1))
+    _check_devices(tc, devices)
     source = _resume_corpus(ckpt, data_path, text, cache_dir, log)      # after every setting is known to be good
     base = None if tc.lora is None else checkpoint.base_params(ckpt.meta, mc)
     return _checked(run_dir, True, mc, tc, source, ckpt.state, batches, devices, fsdp, prompt, sample_tokens,
@@ -457,8 +467,6 @@ def _checked(run_dir, resuming, mc, tc, source: corpus.Corpus, state, batches, d
                         f"so use a text of at most {defaults.INT32_MAX:,} tokens")
     if batches == "auto":
         batches = "device" if len(train_ids) <= defaults.DEVICE_RESIDENT_TOKENS else "memmap"
-    if devices or jax.device_count() > 1:                # the batch is split over them: before anything is written
-        distributed.check_batch(tc.batch_size, distributed.make_mesh(devices))
     step_bytes = memory.training_bytes(mc, tc.batch_size, tc.lora, tc.grad_accum)
     memory.check(step_bytes, "training this model",
                  "try a smaller {b}, {w}, {c} or {l}, or more {k}", b=("batch_size", tc.batch_size),

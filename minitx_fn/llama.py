@@ -60,21 +60,23 @@ HF_FIELDS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_heads": "n
 def _rope(hf: dict) -> tuple[str, dict | None]:
     """(key, settings) of the rotary positions: transformers 5 writes "rope_parameters"
     {"rope_type", "rope_theta", ...}, earlier versions "rope_scaling" (null for the
-    default) beside a top-level "rope_theta"."""
-    if "rope_parameters" in hf:
-        return "rope_parameters", hf["rope_parameters"]
-    return "rope_scaling", hf.get("rope_scaling")
+    default) beside a top-level "rope_theta". As transformers 5.24 reads them, a
+    "rope_scaling" that is set (not null or empty) wins over "rope_parameters"."""
+    if hf.get("rope_scaling") or "rope_parameters" not in hf:
+        return "rope_scaling", hf.get("rope_scaling")
+    return "rope_parameters", hf["rope_parameters"]
 
 
 def rope_theta(hf: dict) -> float:
-    """The rotary base of a config.json, in either form (`_rope`); 10000 when absent.
+    """The rotary base of a config.json: its rotary settings' (`_rope`), else the
+    top-level "rope_theta", else 10000.
 
     Example:
         >>> rope_theta({"rope_parameters": {"rope_type": "default", "rope_theta": 500.0}}), rope_theta({"rope_theta": 5.0})
         (500.0, 5.0)
     """
-    key, settings = _rope(hf)
-    if key == "rope_parameters" and isinstance(settings, dict) and "rope_theta" in settings:
+    _, settings = _rope(hf)
+    if isinstance(settings, dict) and "rope_theta" in settings:
         return settings["rope_theta"]
     return hf.get("rope_theta", defaults.ROPE_THETA)
 
@@ -93,10 +95,12 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
     """The scaled rotary positions of a config.json (`_rope`'s settings) as our
     RopeScaling, None for the default; GPT2Error naming the key for a rope_type
     minitx does not convert (`ROPE_KEYS`: dynamic and longrope change with the
-    sequence length), a setting that type does not know, or a bad value. Missing
-    values are filled as transformers fills them: original_max_position_embeddings
-    from the top level or max_position_embeddings, YaRN's factor from their ratio and
-    its attention_factor from factor, mscale and mscale_all_dim.
+    sequence length), a setting that type does not know, a missing factor, or a bad
+    value. What may be missing is filled as transformers fills it: a "rope_scaling"
+    that is set wins over "rope_parameters"; original_max_position_embeddings comes
+    from the top level first, else the settings, else max_position_embeddings; a null
+    YaRN factor is max_position_embeddings over that, and YaRN's attention_factor
+    comes from factor, mscale and mscale_all_dim.
 
     Example:
         >>> s = rope_scaling({"max_position_embeddings": 64, "rope_parameters": {"rope_type": "yarn", "factor": 8.0,
@@ -105,12 +109,12 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
         ('yarn', 64, 1.0942)
     """
     key, rope = _rope(hf)
-    if rope is None:
+    if not rope:                                   # null or {}: the default
         return None
     if not isinstance(rope, dict):
         raise GPT2Error(f"config.json: {key} = {rope!r} must be null or an object")
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ROPE_KEYS:
+    if not isinstance(kind, str) or kind not in ROPE_KEYS:
         raise GPT2Error(f"config.json: {key} has rope_type {kind!r}, which minitx does not convert (it converts "
                         f"{list(ROPE_KEYS)})")
     unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor",
@@ -123,33 +127,45 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
                         f"for this model")
     if kind == "default":
         return None
+    needed = {"linear": ["factor"], "llama3": ["factor", "low_freq_factor", "high_freq_factor"], "yarn": ["factor"]}
+    # transformers refuses these too; but YaRN's factor may be null: then max_position_embeddings / original.
+    missing = [name for name in needed[kind] if name not in rope or (rope[name] is None and kind != "yarn")]
+    if missing:
+        raise GPT2Error(f"config.json: {key} of rope_type {kind!r} lacks {missing}")
     fields = {name: rope[name] for name in ROPE_KEYS[kind] if name in rope and name not in
               ("original_max_position_embeddings", "mscale", "mscale_all_dim")}
+    names = {f"rope_scaling.{name}": f"{key}.{name}" for name in ("kind", "factor", *ROPE_KEYS[kind])}
     if kind in ("llama3", "yarn"):           # the top-level key first, as transformers reads it
-        original = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        fields["original_max_len"] = hf.get("original_max_position_embeddings", original)
-    factor = rope.get("factor")
+        original = "original_max_position_embeddings"
+        places = [(original, hf, original), (f"{key}.{original}", rope, original),
+                  ("max_position_embeddings", hf, "max_position_embeddings")]
+        where, there, name = next((place for place in places if place[2] in place[1]), places[-1])
+        fields["original_max_len"] = there.get(name)
+        names["rope_scaling.original_max_len"] = where
+    factor = rope["factor"]
     if kind == "yarn":
-        original, longest = fields["original_max_len"], hf.get("max_position_embeddings")
-        if factor is None and _number(original) and original > 0 and _number(longest):
+        longest, original = hf.get("max_position_embeddings"), fields["original_max_len"]
+        if factor is None and _number(longest) and _number(original) and original > 0:
             factor = longest / original
+        for name in ("mscale", "mscale_all_dim"):
+            if rope.get(name) is not None and not _number(rope[name]):
+                raise GPT2Error(f"config.json: {key}.{name} = {rope[name]!r} must be a number")
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
         if fields.get("attention_factor") is None and mscale and mscale_all_dim and _number(factor):
             def m(scale):
                 return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
-            fields["attention_factor"] = m(mscale) / m(mscale_all_dim)
+            attention = m(mscale) / m(mscale_all_dim) if m(mscale_all_dim) else math.inf
+            if not (_number(attention) and attention > 0):
+                raise GPT2Error(f"config.json: {key}.mscale = {mscale!r} and {key}.mscale_all_dim = "
+                                f"{mscale_all_dim!r} give the attention factor {attention!r}; it must be a positive "
+                                f"number")
+            fields["attention_factor"] = attention
         for name in ("beta_fast", "beta_slow"):          # read with `or` there: 0 and null are the defaults
             if not fields.get(name, True):
                 del fields[name]
-    elif kind == "llama3":
-        missing = [name for name in ("factor", "low_freq_factor", "high_freq_factor") if rope.get(name) is None]
-        if missing:
-            raise GPT2Error(f"config.json: {key} of rope_type 'llama3' lacks {missing}")
     try:
         return RopeScaling(kind=kind, factor=factor, **fields)
     except Error as e:
-        names = {f"rope_scaling.{name}": f"{key}.{name}" for name in ("kind", "factor", *ROPE_KEYS[kind])}
-        names |= {f"rope_scaling.{ours}": theirs for ours, theirs in ROPE_NAMES.items()}
         message = e.render(lambda field, value: f"{names.get(field, field)} = {value!r}")
         raise GPT2Error(f"config.json: {message}") from None
 

@@ -459,6 +459,19 @@ def from_meta(meta) -> Tokenizer:
     return BPETokenizer.from_json(meta["json"]).with_special(meta.get("special", {}))
 
 
+def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers turn every text into the same ids and back: the same
+    kind and vocabulary, whatever special ids they name (`BPETokenizer.special`).
+
+    Example:
+        >>> same_ids(CharTokenizer("ab"), CharTokenizer("ab")), same_ids(CharTokenizer("ab"), ByteTokenizer())
+        (True, False)
+    """
+    def ids(tokenizer: Tokenizer) -> dict:
+        return {key: value for key, value in tokenizer.to_meta().items() if key != "special"}
+    return ids(a) == ids(b)
+
+
 def describe(tokenizer: Tokenizer) -> str:
     """A short name for messages.
 

@@ -199,21 +199,25 @@ def test_a_run_trained_on_text_resumes_from_a_file_holding_that_text(capsys):
     assert checkpoint.load("mem").data["path"] == os.path.abspath("same.txt")           # recorded from now on
 
 
-@pytest.mark.parametrize("args", [("--heads", "3"), ("--arch", "llama", "--kv-heads", "3"), ("--lr", "0"),
-                                  ("--batch-size", "6", "--grad-accum", "4")])
-def test_bad_settings_are_refused_before_the_data_is_prepared(capsys, args):
-    """A new run's model and training flags are checked before its text is read and
-    tokenized (which takes minutes for a large corpus), and so is a resume's --steps:
-    one line, and no prepared data in the cache."""
-    open("t.txt", "w").write(TEXT)
-    code, out, err = run_main(capsys, "train", "--data", "t.txt", "--cache-dir", "cache", *args)
-    assert_one_error_line(code, err, args[-2])
-    assert not os.path.exists("cache") and "Preparing" not in out + err
+def test_bad_settings_are_refused_before_the_data_is_prepared(capsys):
+    """A new run's model, training, adapter and device flags are checked before its
+    text is read and tokenized (which takes minutes for a large corpus), and so is a
+    resume's --steps: one line each, and no prepared data in the cache."""
     _train(text=TEXT, run_dir="mem")
-    code, out, err = run_main(capsys, "train", "--resume", "mem", "--data", "t.txt", "--cache-dir", "cache",
-                              "--steps", "2")
-    assert_one_error_line(code, err, "--steps 5")
-    assert not os.path.exists("cache")
+    open("t.txt", "w").write(TEXT)
+    for args, said in [(("--heads", "3"), "--heads 3"), (("--arch", "llama", "--kv-heads", "3"), "--kv-heads 3"),
+                       (("--lr", "0"), "--lr 0"), (("--batch-size", "6", "--grad-accum", "4"), "--grad-accum 4"),
+                       (("--lora-rank", "4"), "--init-from"), (("--devices", "7"), "--devices 7"),
+                       (("--init-from", "mem", "--lora-rank", "100000"), "--lora-rank 100000"),
+                       (("--init-from", "mem", "--lora-alpha", "3"), "--lora-alpha 3")]:
+        code, out, err = run_main(capsys, "train", "--data", "t.txt", "--cache-dir", "cache", *args)
+        assert_one_error_line(code, err, said)
+        assert not os.path.exists("cache") and "Preparing" not in out + err, args
+    for args, said in [(("--steps", "2"), "--steps 5"), (("--devices", "7"), "--devices 7")]:
+        code, out, err = run_main(capsys, "train", "--resume", "mem", "--data", "t.txt", "--cache-dir", "cache",
+                                  "--steps", "9", *args)
+        assert_one_error_line(code, err, said)
+        assert not os.path.exists("cache"), args
 
 
 @pytest.mark.parametrize("settings, error", [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -83,11 +84,22 @@ HF = {"model_type": "llama", "vocab_size": 11, "hidden_size": 16, "intermediate_
     ({"rope_parameters": {"rope_type": "linear", "factor": "2"}}, "rope_parameters.factor = '2' is invalid"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "beta_fast": 1.0, "beta_slow": 2.0}},
      "rope_parameters.beta_slow = 2.0 is invalid: it must be below rope_parameters.beta_fast = 1.0"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1, "high_freq_factor": 4,
-                          "original_max_position_embeddings": 0}}, "original_max_position_embeddings = 0 is invalid"),
+    ({"original_max_position_embeddings": 0, "rope_parameters": {"rope_type": "llama3", "factor": 2.0,
+                                                                 "low_freq_factor": 1, "high_freq_factor": 4}},
+     ": original_max_position_embeddings = 0 is invalid"),
     ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}},
      "rope_parameters.partial_rotary_factor = 0.5 must be 1"),
     ({"rope_scaling": "linear"}, "rope_scaling = 'linear' must be null or an object"),
+    ({"rope_parameters": {"rope_type": ["llama3"]}}, "rope_parameters has rope_type ['llama3'], which minitx does "
+     "not convert"),
+    ({"rope_parameters": {"rope_type": "yarn"}}, "rope_parameters of rope_type 'yarn' lacks ['factor']"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "mscale": "1", "mscale_all_dim": 1}},
+     "rope_parameters.mscale = '1' must be a number"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": math.e, "mscale": 1, "mscale_all_dim": -10}},
+     "rope_parameters.mscale = 1 and rope_parameters.mscale_all_dim = -10 give the attention factor"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1, "high_freq_factor": 4,
+                          "original_max_position_embeddings": 2.5}},
+     "rope_parameters.original_max_position_embeddings = 2.5 is invalid"),
     ({"attention_bias": True}, "attention_bias = True must be false"),
     ({"mlp_bias": True}, "mlp_bias = True must be false"),
     ({"hidden_act": "gelu"}, "hidden_act = 'gelu' must be \"silu\""),
@@ -254,6 +266,33 @@ def test_scaled_rotary_frequencies_equal_transformers_own(hf, kind, head, theta,
     assert (ours.rope_scaling.attention_factor or 1.0) == pytest.approx(attention_factor, rel=1e-12)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "rope_theta": 100.0}, "rope_scaling": {"rope_type": "linear", "factor": 4.0}},
+    {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 4.0}, "rope_theta": 50.0},
+    {"rope_parameters": {}, "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}},
+    {"rope_scaling": {}, "rope_parameters": {"rope_type": "yarn", "factor": None}, "original_max_position_embeddings": 8},
+    {"rope_scaling": None, "rope_theta": 30.0, "rope_parameters": {"rope_type": "default", "rope_theta": 70.0}},
+    {"rope_scaling": None, "rope_theta": 30.0},
+])
+def test_rotary_settings_are_read_where_transformers_reads_them(hf, rope):
+    """Both keys, null or empty ones, a top-level rope_theta and
+    original_max_position_embeddings: the frequencies and attention factor of the
+    imported config equal those of transformers' own LlamaRotaryEmbedding built from
+    the same config.json."""
+    torch, transformers = hf
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from minitx_fn.layers import rotary
+    config_json = {**HF, "hidden_size": 32, "num_attention_heads": 2, "max_position_embeddings": 32, **rope}
+    theirs = LlamaRotaryEmbedding(config=transformers.LlamaConfig.from_dict(dict(config_json)))
+    ours = llama.config_from_hf(config_json)
+    np.testing.assert_allclose(rotary.frequencies(16, rope_theta=ours.rope_theta, scaling=ours.rope_scaling),
+                               theirs.inv_freq.numpy(), rtol=2e-6)
+    assert ((ours.rope_scaling and ours.rope_scaling.attention_factor) or 1.0) == pytest.approx(
+        theirs.attention_scaling, rel=1e-12)
+
+
 # Scaled rotary positions as transformers writes them, over a context 4 times the 16
 # positions of "pre-training". K = 8 and theta = 100 give wavelengths 6.3, 20, 63 and
 # 199: Llama 3.1's kept, blended and divided regimes all occur, and YaRN's ramp.
@@ -343,7 +382,9 @@ def test_special_token_ids_survive_import_and_export(hf, bpe, tmp_path, capsys):
     """bos, eos (a list, as Llama 3 writes) and pad ids of config.json ride with the
     run's tokenizer; export writes them into config.json and generation_config.json,
     where transformers reads them, and imports back equal. A run without them exports
-    nulls and no generation_config.json; an id the tokenizer lacks is one line."""
+    nulls and no generation_config.json, and drafts for one with them; an id the
+    tokenizer lacks is one line."""
+    from minitx_fn.generate import complete
     torch, transformers = hf
     special = {"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": 0}
     folder = _save_hf(hf, bpe, tmp_path / "hf", "llama", False, **special)
@@ -358,6 +399,13 @@ def test_special_token_ids_survive_import_and_export(hf, bpe, tmp_path, capsys):
     assert gpt2.import_dir(str(tmp_path / "out"))[2] == loaded.tokenizer
     plain = gpt2.export_files(loaded.params, loaded.config, bpe)
     assert "generation_config.json" not in plain and json.loads(plain["config.json"])["eos_token_id"] is None
+    # The same vocabulary with other special ids (a base model drafting for its instruct
+    # sibling) is the same tokenizer to a draft.
+    gpt2.write_dir(str(tmp_path / "plain"), plain)
+    assert run_main(capsys, "import-hf", tmp_path / "plain", "--out", tmp_path / "draft")[0] == 0
+    with standard_promotion():
+        assert complete(loaded, "It was", max_new_tokens=4, draft=str(tmp_path / "draft")) == complete(
+            loaded, "It was", max_new_tokens=4)
     for bad in (bpe.vocab_size, [2, -1], "2"):
         config_json = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config_json, "eos_token_id": bad}))
