@@ -154,11 +154,11 @@ class ModelConfig:
         (512, 32)
     """
 
-    vocab_size: int                 # V: number of distinct tokens (characters)
+    vocab_size: int                 # V: rows of the embedding, the tokenizer's ids (an imported table may have more)
     d_model: int = 64               # D: width of the residual stream
     n_heads: int = 4                # H: attention heads; D must be a multiple of H
     n_layers: int = 2               # L: residual blocks
-    d_ff: int | None = None         # F: feed-forward width; None means 4 * D
+    d_ff: int | None = None         # F: feed-forward width; None means default_d_ff (4 D for GELU)
     max_len: int = 64               # S: context window, the longest sequence the model sees
     ln_eps: float = 1e-5            # layer-norm epsilon, added to the variance
     dtype: str = "float32"          # compute dtype of matmuls: float32, bfloat16 or float64

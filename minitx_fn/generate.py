@@ -277,7 +277,9 @@ def generate(params, prompts, *, config: ModelConfig, max_new_tokens: int, key: 
     prompt, `key` and b. Row b samples its n-th token with
     fold_in(fold_in(key, b), n), so the same prompts and key give the same tokens.
     key may be None for a greedy sampler, which draws nothing. `stop` ids, like the
-    prompts', lie in [0, V).
+    prompts', lie in [0, V). Any of the V ids may be drawn: for a model whose table is
+    padded past its tokenizer (an imported Qwen2), give
+    `Sampler(..., id_limit=tokenizer.vocab_size)`, as `complete` does.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)

@@ -533,9 +533,10 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
 
 
 def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int]:
-    """A Hugging Face GPT-2 directory -> a new run at step 0 (`job.new_run`, its origin
-    recorded), after a memory check made before any weight is read. Returns the
-    model's config and parameter count."""
+    """A Hugging Face GPT-2, Llama or Qwen2 directory (`import_dir`) -> a new run at
+    step 0 (`job.new_run`, its origin recorded), after a memory check made before any
+    weight is read: `minitx import-hf`. Returns the model's config and parameter
+    count; `checkpoint.load_model(run_dir)` then gives the model to generate from."""
     import jax
 
     from minitx_fn import job, llama, memory, model
@@ -560,8 +561,9 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
 
 
 def export_run(run_dir: str, out_dir: str):
-    """A run -> a new Hugging Face GPT-2 directory (`export_files`, `write_dir`).
-    Returns the names of the files written and the run's `checkpoint.Model`."""
+    """A run -> a new Hugging Face folder, a GPT-2, Llama or Qwen2 by the run's shape
+    (`export_files`, `write_dir`): `minitx export-hf`. Returns the names of the files
+    written and the run's `checkpoint.Model`."""
     import jax
 
     from minitx_fn import checkpoint

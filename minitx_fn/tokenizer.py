@@ -70,6 +70,29 @@ class Tokenizer(Protocol):
     def token_bytes(self) -> np.ndarray: ...
 
 
+def known_ids(ids, tokenizer: Tokenizer) -> np.ndarray:
+    """ids as a flat int64 array, after checking each is one of the tokenizer's:
+    ValueError naming the first that is not. Every kind's `decode` checks this, so an
+    id past a tokenizer (a model whose table is padded past it, sampled without
+    `Sampler.id_limit`) is never dropped or wrapped around unseen.
+
+    Example:
+        >>> known_ids([2, 7], ByteTokenizer()).tolist()
+        [2, 7]
+    """
+    ids = np.asarray(ids).reshape(-1)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"token ids are whole numbers, not {ids.dtype}")
+    ids = ids.astype(np.int64)
+    bad = ids[(ids < 0) | (ids >= tokenizer.vocab_size)]
+    if bad.size:
+        hint = ("; a model whose table is padded past its tokenizer draws such ids unless sampled with "
+                "Sampler(id_limit=tokenizer.vocab_size)") if tokenizer.kind == "bpe" else ""
+        raise ValueError(f"id {int(bad[0])} is not one of the {tokenizer.kind} tokenizer's {tokenizer.vocab_size} "
+                         f"ids{hint}")
+    return ids
+
+
 def learn(kind: str, source: Source, vocab_size: int | None = None) -> Tokenizer:
     """A tokenizer of `kind` made from a text (`vocab_size`: bpe only).
 
@@ -213,7 +236,7 @@ class CharTokenizer:
 
     def decode(self, ids) -> str:
         """(T,) ids -> str."""
-        return self._points[np.asarray(ids, np.int64)].tobytes().decode("utf-32-le", "surrogatepass")
+        return self._points[known_ids(ids, self)].tobytes().decode("utf-32-le", "surrogatepass")
 
     def token_bytes(self) -> np.ndarray:
         """(V,) the UTF-8 bytes each id stands for (bits per byte count them)."""
@@ -257,7 +280,7 @@ class ByteTokenizer:
         return np.ones(256, np.int64)
 
     def decode(self, ids) -> str:
-        return np.asarray(ids, np.int64).astype(np.uint8).tobytes().decode("utf-8", "replace")
+        return known_ids(ids, self).astype(np.uint8).tobytes().decode("utf-8", "replace")
 
     def to_meta(self) -> dict:
         return {"kind": self.kind}
@@ -307,8 +330,9 @@ class BPETokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> "BPETokenizer":
-        """A byte-level BPE of vocab_size ids (at least 256, the bytes) learned from texts.
-        The same texts give the same tokenizer."""
+        """A byte-level BPE of at most vocab_size ids (at least 256, the bytes) learned
+        from texts: fewer when the texts offer fewer merges (read `.vocab_size`). The
+        same texts give the same tokenizer."""
         tk = require_tokenizers()
         hf = tk.Tokenizer(tk.models.BPE())
         hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -403,7 +427,7 @@ class BPETokenizer:
         return np.concatenate(ids)
 
     def decode(self, ids) -> str:
-        return self._hf.decode([int(i) for i in np.asarray(ids).reshape(-1)])
+        return self._hf.decode(known_ids(ids, self).tolist())
 
     def to_meta(self) -> dict:
         return {"kind": self.kind, "json": self.to_json(), **({"special": self.special} if self.special else {})}

@@ -89,6 +89,8 @@ def test_bpe_is_reproducible_and_round_trips_any_text():
                       ({"bos_token_id": True}, "bos_token_id = True must be")):
         with pytest.raises(ValueError, match=said):
             from_meta({**first.to_meta(), "special": bad})
+    with pytest.raises(ValueError, match="id 300 is not one of the bpe tokenizer's 300 ids; a model whose table"):
+        first.decode([5, 300])                               # tokenizers itself would drop it
     for text in (TEXT, "ünseen çharacters ∑ 😀\n", "héllo"):
         assert first.decode(first.encode(text)) == text
     assert len(first.encode(TEXT)) < len(TEXT.encode()) / 2          # merges learned: fewer tokens than bytes

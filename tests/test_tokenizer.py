@@ -42,3 +42,15 @@ def test_characters_outside_the_basic_plane():
 def test_bad_vocabularies(chars, match):
     with pytest.raises(ValueError, match=match):
         CharTokenizer(chars)
+
+
+@given(st.sampled_from(["char", "byte"]), st.integers(-3, 2))
+def test_decode_refuses_ids_the_tokenizer_does_not_have(kind, offset):
+    """An id below 0 or past the vocabulary is named, never wrapped around (NumPy's
+    negative index, a byte's modulo 256) nor dropped; the ids it has decode."""
+    from minitx_fn.tokenizer import ByteTokenizer
+    tok = CharTokenizer("abc") if kind == "char" else ByteTokenizer()
+    bad = offset if offset < 0 else tok.vocab_size + offset
+    with pytest.raises(ValueError, match=f"id {bad} is not one of the {kind} tokenizer's {tok.vocab_size} ids"):
+        tok.decode([0, bad])
+    assert tok.decode([0, tok.vocab_size - 1]) == tok.decode([0]) + tok.decode([tok.vocab_size - 1])
