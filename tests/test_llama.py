@@ -235,7 +235,7 @@ def test_export_loads_in_transformers_and_imports_back_bit_for_bit(hf, hf_dirs, 
 # ----------------------------------------------------------------------------- scaled rotary positions
 
 
-@settings(max_examples=100)      # no compiling: cheap enough for many draws
+@settings(max_examples=50)       # no compiling: cheap enough for many draws
 @given(kind=st.sampled_from(["linear", "llama3", "yarn"]), head=st.sampled_from([8, 16, 64, 128]),
        theta=st.sampled_from([100.0, 1e4, 5e5, 1e6]), factor=st.sampled_from([1.0, 2.0, 8.0, 32.0]),
        original=st.sampled_from([16, 512, 8192]), low_high=st.sampled_from([(1.0, 4.0), (0.5, 2.0)]),
@@ -306,8 +306,9 @@ SCALED = {"linear": ("llama", {"rope_type": "linear", "factor": 4.0}),
 @pytest.mark.parametrize("scaling", sorted(SCALED))
 def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bpe, tmp_path, capsys, scaling):
     """A Llama or Qwen2 with scaled rotary positions: imported, its logits over 60
-    positions (past the original 16) and its 20 greedy tokens equal transformers';
-    exported, transformers reads the same model back and the import is bit for bit."""
+    positions (past the original 16) and its 20 greedy tokens (llama3 and yarn: linear
+    only stretches the same frequencies) equal transformers'; exported through a run,
+    transformers reads the same model back and the import is bit for bit."""
     torch, transformers = hf
     kind, rope = SCALED[scaling]
     folder = _save_hf(hf, bpe, tmp_path / "hf", kind, kind == "qwen2", rope_parameters={**rope, "rope_theta": 100.0})
@@ -319,18 +320,20 @@ def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bp
         ours = jax.jit(model.apply, static_argnames="config")(params, jnp.asarray(ids), config=c)
         assert_close_scaled(ours, _their_logits(torch, hf_model, ids), 1e-5)
         prompt = ids[0, :30]
-        with torch.no_grad():
-            expected = hf_model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
-                                         max_new_tokens=20, pad_token_id=0)[0, len(prompt):].numpy()
-        np.testing.assert_array_equal(generate(params, [prompt], config=c, max_new_tokens=20)[0], expected)
+        if scaling != "linear":         # the cached path with stretched frequencies (and YaRN's scaled keys)
+            with torch.no_grad():
+                expected = hf_model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
+                                             max_new_tokens=20, pad_token_id=0)[0, len(prompt):].numpy()
+            np.testing.assert_array_equal(generate(params, [prompt], config=c, max_new_tokens=20)[0], expected)
     assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
     code, _, err = run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")
     assert code == 0, err
     assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]["rope_type"] == scaling
     assert_close_scaled(_their_logits(torch, _load(transformers, tmp_path / "out", "float32"), ids),
                         _their_logits(torch, hf_model, ids), 1e-6)
-    again, _, _ = gpt2.import_dir(str(tmp_path / "out"))
-    assert again == c
+    again, again_params, _ = gpt2.import_dir(str(tmp_path / "out"))
+    assert again == c                                   # through the run's meta.json and back
+    jax.tree.map(np.testing.assert_array_equal, again_params, params)
 
 
 def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(hf, bpe, tmp_path, capsys):
