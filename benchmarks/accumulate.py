@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import CONFIGS, check_output_path, device_info, model_config, positive_int, versions
-from minitx_fn import train
+from minitx_fn import runs, train
 from minitx_fn.config import TrainConfig
 
 
@@ -66,8 +66,7 @@ def main(argv=None) -> int:
         check_output_path(p, args.json, "--json")
     result = measure(args.config, args.batch, args.accumulate, args.reps)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

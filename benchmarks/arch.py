@@ -27,7 +27,7 @@ import numpy as np
 
 from benchmarks.common import check_output_path, device_info, median_ms, positive_int, versions
 from benchmarks.finetune import SHARED_TEXT
-from minitx_fn import defaults, generate, job, model
+from minitx_fn import defaults, generate, job, model, runs
 
 ROWS = {"gpt": defaults.ARCHS["gpt"], "llama": defaults.ARCHS["llama"],
         "llama, 1 kv head": {**defaults.ARCHS["llama"], "n_kv_heads": 1}}
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
         print(f"{r['arch']:<18} {r['parameters']:>9,} {r['val_loss']:>9.4f} {r['step_ms'] or float('nan'):>8.2f} "
               f"{r['decode_tokens_per_s']:>13.1f} {r['kv_cache_bytes_per_token']:>11,}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

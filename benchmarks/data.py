@@ -238,8 +238,8 @@ def main(argv=None) -> int:
         result["eval"] = bench_eval(prepared.validation if len(prepared.validation) >= max(eval_sizes) << 20
                                     else prepared.ids, prepared.tokenizer.vocab_size, eval_sizes, reps=3)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        from minitx_fn import runs
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("versions",)}, indent=1))
     return 0
 

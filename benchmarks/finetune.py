@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import CONFIGS, check_output_path, device_info, model_config, positive_int, versions
-from minitx_fn import checkpoint, gpt2, job, model, train
+from minitx_fn import checkpoint, gpt2, job, model, runs, train
 from minitx_fn.config import LoraConfig, TrainConfig
 
 SHARED_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
@@ -194,8 +194,7 @@ def main(argv=None) -> int:
                                                                       args.memory_batch, args.lora_rank)}
     print(f"runs kept in {work}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     if args.plot:
         draw(result, args.plot)
     return 0

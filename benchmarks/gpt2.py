@@ -232,8 +232,8 @@ def main(argv=None) -> int:
         result = run(args.size, work, reps=args.reps, window=args.window, new_tokens=args.new_tokens)
     print_report(result)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(result, indent=1) + "\n")
+        from minitx_fn import runs
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import io
 import json
-import os
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ from benchmarks.common import (CONFIGS, alternate, check_options, copy_bandwidth
                                check_output_path, matmul_peak_gflops, median_ms, model_config, model_option,
                                paired_ratio, peak_memory_mb, positive_int, sync, timed, versions)
 from minitx_fn import generate as gen
-from minitx_fn import loop, memory, model, train
+from minitx_fn import loop, memory, model, runs, train
 from minitx_fn.config import TrainConfig
 from minitx_fn.layers import attention
 
@@ -417,8 +416,5 @@ def main(argv=None) -> int:
         plot.draw(result, args.plot)
         print(f"Pictures: {args.plot}")
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     return 0

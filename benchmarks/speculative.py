@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks.common import alternate, check_output_path, device_info, positive_int, versions
 from benchmarks.finetune import SHARED_TEXT
-from minitx_fn import defaults, job, model, speculative
+from minitx_fn import defaults, job, model, runs, speculative
 from minitx_fn.errors import Error
 from minitx_fn.sampling import Sampler
 
@@ -129,8 +129,7 @@ def main(argv=None) -> int:
     print(f"sampling at temperature {s['temperature']}, K = {s['draft_tokens']}: {100 * s['accepted_share']:.0f}% "
           f"of the drafted tokens accepted")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        runs.write_whole(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 
