@@ -27,12 +27,12 @@ from minitx_fn.config import TrainConfig
 
 def measure(name: str, batch: int, accumulate: list[int], reps: int) -> dict:
     mc = model_config(CONFIGS[name])
-    tc = TrainConfig(steps=1000, batch_size=batch, warmup=10)
+    tc = TrainConfig(steps=1000, batch_size=batch, optimizer={"warmup": 10})
     x = jnp.zeros((batch, mc.max_len), jnp.int32)
     rows = []
     for k in accumulate:
         state = train.init_state(jax.random.key(0), mc, tc.optimizer)
-        compiled = train.train_step.lower(state, (x, x), model_config=mc, optimizer_config=tc.optimizer,
+        compiled = train.train_step.lower(state, (x, x), model=mc, optimizer_config=tc.optimizer,
                                           accumulate=k).compile()
         analysis = compiled.memory_analysis()
         state, metrics = compiled(state, (x, x))                       # warm-up

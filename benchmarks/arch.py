@@ -35,7 +35,7 @@ ROWS = {"gpt": defaults.ARCHS["gpt"], "llama": defaults.ARCHS["llama"],
 
 def decode_rate(result: job.Result, new_tokens: int, repeats: int = 3) -> float:
     """Greedy tokens per second from a one-token prompt, median of `repeats` after a warm-up."""
-    run = lambda: generate.generate(result.params, [[0]], config=result.config, max_new_tokens=new_tokens)  # noqa: E731
+    run = lambda: generate.generate(result.params, [[0]], model=result.model, max_new_tokens=new_tokens)  # noqa: E731
     run()                                                       # compiles
     return new_tokens / (median_ms(run, repeats) / 1e3)
 
@@ -50,7 +50,7 @@ def measure(text_path: str, work: str, preset: str, steps: int, eval_every: int,
                            run_dir=os.path.join(work, name.replace(",", "").replace(" ", "-")), log=io.StringIO(),
                            training={"steps": steps, "eval_every": eval_every, "log_every": eval_every,
                                      "save_every": steps})
-        mc, tc = result.config, result.train_config
+        mc, tc = result.model, result.train_config
         rates = [r["tokens_per_s"] for r in result.records[1:] if "tokens_per_s" in r]
         rate = statistics.median(rates) if rates else None              # none when a run logs once
         rows.append({"arch": name, "fields": arch, "parameters": model.count_params(result.params),

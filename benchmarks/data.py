@@ -133,7 +133,7 @@ def bench_throughput(ids: np.ndarray, boundary: int, vocab_size: int, *, blocks:
     import jax.numpy as jnp
 
     from minitx_fn import data, train
-    from minitx_fn.config import ModelConfig, TrainConfig
+    from minitx_fn.config import TrainConfig
 
     spec = common.CONFIGS["baby"]
     mc = common.model_config({**spec, "vocab_size": vocab_size})
@@ -142,7 +142,7 @@ def bench_throughput(ids: np.ndarray, boundary: int, vocab_size: int, *, blocks:
     train_ids = ids[:boundary]
     resident = jnp.asarray(np.asarray(train_ids[:1 << 26], np.int32))
     key = train.keys(0).data
-    step = functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer)
+    step = functools.partial(train.train_step, model=mc, optimizer_config=tc.optimizer)
     states = {name: train.init_state(jax.random.key(0), mc, tc.optimizer) for name in ("memmap", "device")}
     at = {"memmap": 0, "device": 0}
     prefetch = data.Prefetcher(lambda s: data.host_batch_at(train_ids, key, s, batch_size=b, context=t), start=0)
@@ -188,9 +188,9 @@ def bench_eval(ids: np.ndarray, vocab_size: int, sizes_mb: list[int], reps: int)
             if label == "all" and size != sizes_mb[0]:
                 continue
             windows = data.eval_windows(val, mc.max_len, max_tokens)
-            train.evaluate(params, data.Windows(val, windows.starts[:64], mc.max_len), config=mc)   # compile
+            train.evaluate(params, data.Windows(val, windows.starts[:64], mc.max_len), model=mc)   # compile
             seconds = statistics.median(
-                _seconds(lambda: train.evaluate(params, windows, config=mc)) for _ in range(reps))
+                _seconds(lambda: train.evaluate(params, windows, model=mc)) for _ in range(reps))
             rows.append({"validation_mb": size, "eval_tokens": label, "windows": len(windows),
                          "seconds": round(seconds, 2)})
             print(f"eval: {rows[-1]}", flush=True)

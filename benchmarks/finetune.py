@@ -48,10 +48,10 @@ MODES = ("scratch", "full", "lora")
 def step_memory_mb(result: job.Result) -> dict:
     """XLA's memory analysis of the run's compiled step: arguments (state, batch, and a
     LoRA run's base) and temporaries, in MB."""
-    mc, tc = result.config, result.train_config
+    mc, tc = result.model, result.train_config
     x = jnp.zeros((tc.batch_size, mc.max_len), jnp.int32)
     args = (result.state, (x, x)) + (() if result.base is None else (result.base,))
-    return _analysis_mb(train.train_step.lower(*args, model_config=mc, optimizer_config=tc.optimizer, seed=tc.seed,
+    return _analysis_mb(train.train_step.lower(*args, model=mc, optimizer_config=tc.optimizer, seed=tc.seed,
                                                accumulate=tc.grad_accum, lora=tc.lora).compile())
 
 
@@ -74,8 +74,8 @@ def memory_at(name: str, context: int, batch: int, rank: int) -> list[dict]:
         if lora is None:
             args = (jax.eval_shape(lambda: train.init_state(key, mc, oc)), (x, x))
         else:
-            args = (jax.eval_shape(lambda: train.lora_state(key, base, oc, lora)), (x, x), base)
-        compiled = train.train_step.lower(*args, model_config=mc, optimizer_config=oc, lora=lora).compile()
+            args = (jax.eval_shape(lambda: train.lora_state(key, mc, base, oc, lora)), (x, x), base)
+        compiled = train.train_step.lower(*args, model=mc, optimizer_config=oc, lora=lora).compile()
         rows.append({"mode": "full" if lora is None else f"lora {targets}", **_analysis_mb(compiled)})
         print(json.dumps({"config": name, "context": context, "batch": batch, **rows[-1]}), flush=True)
     return rows
@@ -103,25 +103,25 @@ def measure(text_path: str, work: str, config: str, pretrain_steps: int, steps: 
     cadence = {"batch_size": batch, "eval_every": eval_every, "log_every": eval_every, "save_every": steps}
     print(f"pretraining {pretrain_steps} steps on the first half ({half:,} characters)", file=log, flush=True)
     pre = job.train(first, tokenizer="byte", model=shape, run_dir=os.path.join(work, "pretrained"), sample_tokens=0,
-                    training={**cadence, "steps": pretrain_steps, "lr": lr["pretrain"],
+                    training={**cadence, "steps": pretrain_steps, "optimizer": {"lr": lr["pretrain"]},
                               "save_every": pretrain_steps}, log=quiet)
     gpt2.export_run(pre.run_dir, os.path.join(work, "hf"))
     imported = os.path.join(work, "imported")
     gpt2.import_run(os.path.join(work, "hf"), imported, log=quiet)
     rows = {}
     for mode in MODES:
-        settings = {"training": {**cadence, "steps": steps, "lr": lr[mode]}}
+        settings = {"training": {**cadence, "steps": steps, "optimizer": {"lr": lr[mode]}}}
         if mode == "scratch":
             settings.update(tokenizer="byte", model=shape)
         else:
             settings["init_from"] = imported
         if mode == "lora":
-            settings["training"].update(lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets="all")
-        plan = job.plan(second, run_dir=os.path.join(work, mode), sample_tokens=0, log=quiet, **settings)
+            settings["training"]["lora"] = {"rank": lora_rank, "alpha": lora_alpha, "targets": "all"}
+        plan = job.plan(job.make(second, run_dir=os.path.join(work, mode), sample_tokens=0, **settings), log=quiet)
         # Where a fine-tune starts: the imported model (a LoRA run's base, its adapters still 0).
         start_params = None if mode == "scratch" else plan.base if plan.base is not None else plan.state.params
         start_loss = None if start_params is None else train.evaluate(start_params, plan.val_windows,
-                                                                      config=plan.model_config)
+                                                                      model=plan.model)
         print(f"{mode}: {steps} steps on the second half", file=log, flush=True)
         result = job.run(plan, log=quiet)
         curve = [(r["step"], r["val_loss"]) for r in result.records if "val_loss" in r]

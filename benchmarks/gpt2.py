@@ -112,7 +112,7 @@ def decode_case(params, c, hf_model, lengths: list[int], *, new_tokens: int, rep
                                      min_new_tokens=n, pad_token_id=0)[:, width:].numpy()
 
     def ours(n):
-        return generate(params, prompts, config=c, max_new_tokens=n)
+        return generate(params, prompts, model=c, max_new_tokens=n)
 
     equal = all(np.array_equal(a, b) for a, b in zip(ours(new_tokens), theirs(new_tokens)))
     times = alternate({"ours": lambda: ours(new_tokens), "transformers": lambda: theirs(new_tokens),
@@ -159,7 +159,7 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     gpt2.import_run(hf_dir, run_dir)                                     # what `minitx import-hf` runs
     imported = time.perf_counter() - t0
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run_dir) for f in fs)
-    params, c, tok, _ = checkpoint.load_model(run_dir)
+    params, c, tok, _ = checkpoint.load_model(run_dir)         # params, model, tokenizer, meta
 
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, attn_implementation="eager").eval()
     ids = np.random.default_rng(0).integers(0, c.vocab_size, (1, min(window, c.max_len)))

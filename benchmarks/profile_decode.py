@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import positive_int  # noqa: E402
 from benchmarks.profile_step import operation_times  # noqa: E402
-from minitx_fn import generate, model  # noqa: E402
+from minitx_fn import decode, generate  # noqa: E402
 from minitx_fn.config import ModelConfig  # noqa: E402
 from minitx_fn.sampling import Sampler  # noqa: E402
 
@@ -47,13 +47,13 @@ def main(argv=None) -> int:
     c = GPT2_SMALL
     if args.prompt + args.new_tokens > c.max_len:
         p.error(f"--prompt + --new-tokens must fit GPT-2 small's {c.max_len} positions")
-    params = generate._unstack_blocks(model.init(jax.random.key(0), c))
+    params = decode.decode_params(c, c.init(jax.random.key(0)))
     window = np.zeros((1, c.max_len), np.int32)
     window[0, :args.prompt] = np.random.default_rng(0).integers(0, c.vocab_size, args.prompt)
     call = (params, jnp.asarray(window), jnp.asarray([args.prompt], jnp.int32), jax.random.key(0),
             jnp.zeros((0,), jnp.int32))
-    static = dict(config=c, sampler=Sampler(temperature=0.0), max_new_tokens=args.new_tokens, keep_logits=False,
-                  prompt_len=generate.bucket_length(args.prompt, c.max_len))
+    static = dict(model=c, sampler=Sampler(temperature=0.0), max_new_tokens=args.new_tokens, keep_logits=False,
+                  prompt_len=decode.bucket_length(args.prompt, c.max_len))
     compiled = generate._decode.lower(*call, **static).compile()
     jax.block_until_ready(compiled(*call))
     t0 = time.perf_counter()

@@ -78,13 +78,13 @@ def main(argv=None) -> int:
 
     spec, traced = CONFIGS[args.config], 3
     mc = model_config(spec, **dict(args.option))
-    tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
+    tc = TrainConfig(steps=1000, batch_size=spec["batch"], optimizer={"warmup": 10})
     key = jax.random.key(0)
     tokens = jax.random.randint(key, (spec["batch"], mc.max_len + 1), 0, mc.vocab_size)
     batch = (tokens[:, :-1], tokens[:, 1:])
     state = [train.init_state(key, mc, tc.optimizer)]
     with jax.numpy_dtype_promotion("standard"):
-        step = train.train_step.lower(state[0], batch, model_config=mc, optimizer_config=tc.optimizer).compile()
+        step = train.train_step.lower(state[0], batch, model=mc, optimizer_config=tc.optimizer).compile()
 
     def one():
         state[0], metrics = step(state[0], batch)

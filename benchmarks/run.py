@@ -82,7 +82,7 @@ def _torch_step(mc, tc: TrainConfig, params: dict, x, y):
 
     step, _ = torch_reference.make_step(mc, tc, params)
     xt, yt = (torch.from_numpy(np.array(a)).long() for a in (x, y))
-    first, ours = float(step(xt, yt)), float(model.loss(params, x, y, config=mc))
+    first, ours = float(step(xt, yt)), float(train.cross_entropy(mc.apply(params, x), y))
     if abs(first - ours) > 1e-4 * max(1.0, abs(ours)):
         raise AssertionError(f"PyTorch's first loss {first} differs from minitx_fn's {ours}")
     return lambda: step(xt, yt)
@@ -91,7 +91,7 @@ def _torch_step(mc, tc: TrainConfig, params: dict, x, y):
 def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, with_torch: bool = True,
                 **model_options) -> list[dict]:
     mc = model_config(spec, **model_options)
-    tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
+    tc = TrainConfig(steps=1000, batch_size=spec["batch"], optimizer={"warmup": 10})
     b, t = spec["batch"], mc.max_len
     key = jax.random.key(0)
     tokens = jax.random.randint(key, (b, t + 1), 0, mc.vocab_size)
@@ -101,7 +101,7 @@ def bench_train(name: str, spec: dict, peak: float, *, steps: int, blocks: int, 
     flops = flops_per_step(mc, b)
     torch_step = _torch_step(mc, tc, ours_state.params, x, y) if with_torch and mc.dtype == "float32" else None
     t0 = time.perf_counter()
-    compiled_ours = train.train_step.lower(ours_state, (x, y), model_config=mc, optimizer_config=tc.optimizer).compile()
+    compiled_ours = train.train_step.lower(ours_state, (x, y), model=mc, optimizer_config=tc.optimizer).compile()
     compile_s = {"minitx": time.perf_counter() - t0}
 
     flax_step, flax_opt, ref = _flax_step_fn(mc, tc)
@@ -158,13 +158,13 @@ def bench_loop(name: str, spec: dict, *, steps: int, reps: int = 5, **model_opti
     loop, `reps` times; medians are reported, and the compilations while they ran.
     """
     mc = model_config(spec, **model_options)
-    tc = TrainConfig(steps=steps, batch_size=spec["batch"], warmup=0, log_every=10, eval_every=10 * steps,
-                     save_every=10 * steps)                    # one config: the loop reuses the bare step's compile
+    tc = TrainConfig(steps=steps, batch_size=spec["batch"], log_every=10, eval_every=10 * steps,
+                     save_every=10 * steps, optimizer={"warmup": 0})                    # one config: the loop reuses the bare step's compile
     init_key, data_key, _ = train.keys(0)
     data = jax.random.randint(data_key, (100_000,), 0, mc.vocab_size)
 
     def step(state, batch):
-        return train.train_step(state, batch, model_config=mc, optimizer_config=tc.optimizer)   # as minitx train
+        return train.train_step(state, batch, model=mc, optimizer_config=tc.optimizer)   # as minitx train
 
     def next_batch(step_number):
         return train.batch_at(data, data_key, step_number, batch_size=tc.batch_size, context=mc.max_len)
@@ -219,10 +219,10 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
     rows = []
 
     def cached(prompts, n):
-        return lambda: gen.generate(params, prompts, config=mc, key=key, max_new_tokens=n)
+        return lambda: gen.generate(params, prompts, model=mc, key=key, max_new_tokens=n)
 
     def recompute(prompts, n):
-        return lambda: gen.generate_recompute(params, np.asarray(prompts), config=mc, key=key, max_new_tokens=n)
+        return lambda: gen.generate_recompute(params, np.asarray(prompts), model=mc, key=key, max_new_tokens=n)
 
     for mode, make, r in (("cached", cached, reps), ("recompute", recompute, 1)):
         make(short, new_tokens)()                                  # compile
@@ -237,7 +237,7 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
                "ms_per_token_early": early, "ms_per_token_late": late_ms}
         if mode == "cached":
             # Each decode step must read every parameter and the whole key and value cache.
-            cache = model.init_cache(mc, batch)
+            cache = mc.init_cache(batch)
             bytes_read = sum(a.nbytes for a in jax.tree.leaves((params, cache)))
             row["bytes_per_token"] = int(bytes_read)
             row["achieved_gbs"] = None if late_ms is None else round(bytes_read / (late_ms / 1e3) / 1e9, 2)
@@ -261,11 +261,11 @@ def bench_scaling(*, steps: int, sweep: dict = SCALING, **model_options) -> list
             sizes = {"max_len": value} if axis == "context" else {"d_model": value}
             sizes["n_heads"] = spec["n_heads"] if axis == "context" or value % spec["n_heads"] == 0 else 1
             mc = model_config({"vocab_size": 65, **spec, **sizes}, **model_options)
-            tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
+            tc = TrainConfig(steps=1000, batch_size=spec["batch"], optimizer={"warmup": 10})
             tokens = jax.random.randint(jax.random.key(0), (spec["batch"], mc.max_len + 1), 0, mc.vocab_size)
             batch = (tokens[:, :-1], tokens[:, 1:])
             state = {"s": train.init_state(jax.random.key(0), mc, tc.optimizer)}
-            compiled = train.train_step.lower(state["s"], batch, model_config=mc, optimizer_config=tc.optimizer).compile()
+            compiled = train.train_step.lower(state["s"], batch, model=mc, optimizer_config=tc.optimizer).compile()
 
             def one():
                 state["s"], metrics = compiled(state["s"], batch)

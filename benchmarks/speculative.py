@@ -52,20 +52,20 @@ def measure(target, draft, prompt, *, ks: list[int], new_tokens: int, reps: int)
     import jax
 
     from minitx_fn.generate import generate
-    cfg = target.config
-    plain = generate(target.params, [prompt], config=cfg, max_new_tokens=new_tokens)[0]
-    runs = {"target alone": lambda: generate(target.params, [prompt], config=cfg, max_new_tokens=new_tokens)}
+    cfg = target.model
+    plain = generate(target.params, [prompt], model=cfg, max_new_tokens=new_tokens)[0]
+    runs = {"target alone": lambda: generate(target.params, [prompt], model=cfg, max_new_tokens=new_tokens)}
     rows = {}
     for k in ks:
-        out = speculative.speculate(target.params, [prompt], config=cfg, draft=draft, draft_tokens=k,
+        out = speculative.speculate(target.params, [prompt], model=cfg, draft=draft, draft_tokens=k,
                                     max_new_tokens=new_tokens)
         rows[f"K = {k}"] = {"draft_tokens": k, "greedy_equal": bool(np.array_equal(out.tokens[0], plain)),
                             "accepted_share": round(int(out.accepted[0]) / int(out.proposed[0]), 3),
                             "tokens_per_target_pass": round((new_tokens - 1) / int(out.rounds[0]), 2)}
-        runs[f"K = {k}"] = lambda k=k: speculative.speculate(target.params, [prompt], config=cfg, draft=draft,
+        runs[f"K = {k}"] = lambda k=k: speculative.speculate(target.params, [prompt], model=cfg, draft=draft,
                                                              draft_tokens=k, max_new_tokens=new_tokens)
     sampler, k = Sampler(temperature=0.8), ks[-1]
-    sampled = speculative.speculate(target.params, [prompt], config=cfg, draft=draft, draft_tokens=k,
+    sampled = speculative.speculate(target.params, [prompt], model=cfg, draft=draft, draft_tokens=k,
                                     max_new_tokens=new_tokens, sampler=sampler, key=jax.random.key(0))
     times = alternate(runs, blocks=reps, per_block=1, warmup=1)
     alone = statistics.median(t for block in times["target alone"] for t in block)

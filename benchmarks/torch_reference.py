@@ -103,16 +103,16 @@ def make_step(c: ModelConfig, tc: TrainConfig, params: dict, *, fused: bool = Tr
     lm = TorchLM(c, fused).from_minitx(params)
     decay = [p for n, p in lm.named_parameters() if n.endswith("weight") and p.dim() == 2]
     no_decay = [p for n, p in lm.named_parameters() if not (n.endswith("weight") and p.dim() == 2)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay},
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.optimizer.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(tc.b1, tc.b2), eps=1e-8)
+                            lr=tc.optimizer.lr, betas=(tc.optimizer.b1, tc.optimizer.b2), eps=1e-8)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logits = lm(x)
         loss = F.cross_entropy(logits.view(-1, logits.shape[-1]), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(lm.parameters(), tc.grad_clip)
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), tc.optimizer.grad_clip)
         opt.step()
         return loss.detach()
 

@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     for changes in args.variants:
         check_options(p, [args.config], changes)
     spec = CONFIGS[args.config]
-    tc = TrainConfig(steps=1000, batch_size=spec["batch"], warmup=10)
+    tc = TrainConfig(steps=1000, batch_size=spec["batch"], optimizer={"warmup": 10})
     key = jax.random.key(0)
     tokens = jax.random.randint(key, (spec["batch"], spec["max_len"] + 1), 0, spec["vocab_size"])
     batch = (tokens[:, :-1], tokens[:, 1:])
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
             mc = model_config(spec, **changes)
             state = train.init_state(key, mc, tc.optimizer)
             t0 = time.perf_counter()
-            compiled = train.train_step.lower(state, batch, model_config=mc, optimizer_config=tc.optimizer).compile()
+            compiled = train.train_step.lower(state, batch, model=mc, optimizer_config=tc.optimizer).compile()
             compile_s[label] = time.perf_counter() - t0
             holder = {"state": state}
 

@@ -26,7 +26,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from minitx_fn import data, model, train
 from minitx_fn.config import ModelConfig, TrainConfig
@@ -46,14 +45,16 @@ print("vocabulary:", repr(tok.chars), "V =", tok.vocab_size)
 print("first ids:", ids[:12].tolist(), "->", repr(tok.decode(ids[:12])))
 
 # %% [markdown]
-# ## 2. A config and fresh parameters
-# Parameters are a plain dict of arrays. PRNG keys are explicit: one key is split
-# into one subkey per consumer, never reused.
+# ## 2. A model and fresh parameters
+# A model is a value: a frozen config (hashable, so `jax.jit` takes it as a static
+# argument) whose methods are the model's pure functions, `init`, `apply`, and for
+# decoding `init_cache` and `apply_cached`. Parameters are a plain dict of arrays.
+# PRNG keys are explicit: one key is split into one subkey per consumer, never reused.
 
 # %%
 cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=32, n_heads=4, n_layers=2, max_len=16)
 init_key, data_key, dropout_key = train.keys(seed=0)                 # one key per consumer
-params = model.init(init_key, cfg)
+params = cfg.init(init_key)                                       # model.init(init_key, cfg), jitted
 print(jax.tree.map(lambda a: a.shape, params))
 print("parameters:", model.count_params(params))
 
@@ -85,19 +86,21 @@ scores = q @ k.transpose(0, 2, 1) / math.sqrt(K)                  # (B, T, T)
 scores = jnp.where(jnp.tril(jnp.ones((T, T), bool)), scores, -jnp.inf)
 by_hand = jax.nn.softmax(scores, axis=-1) @ v                     # (B, T, K)
 
-q_all, k_all, v_all = attention.project_qkv(layer0["attn"], h, cfg.n_heads, jnp.float32)   # (B, T, H, K)
+q_all, k_all, v_all = attention.project_qkv(layer0["attn"], h, cfg.attention_spec)   # (B, T, H, K): heads split
 library = attention.scaled_dot_product(q_all, k_all, v_all, attention.causal_mask(T)[None, None])
 print("head 0 by hand vs library, max difference:", float(jnp.abs(by_hand - library[:, :, 0]).max()))
 
 # %% [markdown]
 # ## 5. A block and the model
-# A pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). The model runs its L
-# stacked blocks with `jax.lax.scan`: one compiled loop body, whatever L is.
+# A pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). A layer takes its options
+# as one value, its spec (`cfg.block_spec`: the attention's heads, rotary settings,
+# norm, MLP). The model runs its L stacked blocks with `jax.lax.scan`: one compiled
+# loop body, whatever L is.
 
 # %%
-h1 = block.apply(layer0, h0, **model.block_args(cfg))   # the block's sizes from the config
-print("block:", h0.shape, "->", h1.shape)
-logits = model.apply(params, x, config=cfg)                       # (B, T, V)
+h1 = block.apply(layer0, h0, cfg.block_spec)                      # the block's options from the model
+print("block:", h0.shape, "->", h1.shape, "with", cfg.block_spec.attention)
+logits = cfg.apply(params, x)                                     # (B, T, V): model.apply(params, x, config=cfg)
 print("logits:", logits.shape)
 
 # %% [markdown]
@@ -107,9 +110,9 @@ print("logits:", logits.shape)
 
 # %%
 # jax.jit compiles the whole gradient computation once (run eagerly, each of its
-# operations would be compiled on its own); `config` is static: a hashable dataclass.
-value_and_grad = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")
-loss, grads = value_and_grad(params, x, y, config=cfg)
+# operations would be compiled on its own); the model is closed over: a constant.
+value_and_grad = jax.jit(jax.value_and_grad(lambda p, x, y: train.cross_entropy(cfg.apply(p, x), y)))
+loss, grads = value_and_grad(params, x, y)
 print(f"loss {float(loss):.3f} vs log V = {math.log(cfg.vocab_size):.3f}")
 print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) == model.param_shapes(params))
 
@@ -121,7 +124,7 @@ print("grad tree has the same shapes:", jax.tree.map(lambda a: a.shape, grads) =
 # `train.batch_at` samples step t's batch on the device with `fold_in(data_key, t)`.
 
 # %%
-tc = TrainConfig(steps=300, batch_size=16, lr=3e-3, warmup=0)   # no warm-up: step 0 already moves
+tc = TrainConfig(steps=300, batch_size=16, optimizer={"lr": 3e-3, "warmup": 0})   # no warm-up: step 0 already moves
 opt = train.make_optimizer(tc.optimizer)
 first_update = jax.jit(lambda g, p: opt.update(g, opt.init(p), p)[0])        # the optimiser's first step
 updates = first_update(grads, params)
@@ -130,7 +133,7 @@ print("one update moved the parameters by", float(jnp.sqrt(sum(jnp.sum(u ** 2) f
 state = train.init_state(init_key, cfg, tc.optimizer)
 for _ in range(tc.steps):
     batch = train.batch_at(jnp.asarray(ids), data_key, state.step, batch_size=tc.batch_size, context=cfg.max_len)
-    state, metrics = train.train_step(state, batch, model_config=cfg, optimizer_config=tc.optimizer)
+    state, metrics = train.train_step(state, batch, model=cfg, optimizer_config=tc.optimizer)
 print(f"after {tc.steps} steps: loss {float(metrics['loss']):.3f}")
 
 # %% [markdown]
@@ -138,17 +141,16 @@ print(f"after {tc.steps} steps: loss {float(metrics['loss']):.3f}")
 # `model.apply` takes a batch; `jax.vmap` of a one-sequence version gives the same.
 
 # %%
-one = lambda seq: model.apply(state.params, seq[None], config=cfg)[0]   # (T,) -> (T, V)
-print("vmap equals the batched call:", bool(jnp.allclose(jax.vmap(one)(x), model.apply(state.params, x, config=cfg),
-                                                          atol=1e-5)))
+one = lambda seq: cfg.apply(state.params, seq[None])[0]         # (T,) -> (T, V)
+print("vmap equals the batched call:", bool(jnp.allclose(jax.vmap(one)(x), cfg.apply(state.params, x), atol=1e-5)))
 
 # %% [markdown]
 # ## 9. A sample
-# `generate` prefills the prompt into a KV cache and decodes inside one compiled
-# `lax.while_loop`.
+# `generate` prefills the prompt into the model's cache (`cfg.init_cache`) and
+# decodes with `cfg.apply_cached` inside one compiled `lax.while_loop`.
 
 # %%
-new = generate(state.params, [tok.encode("hello")], config=cfg, key=jax.random.key(0), max_new_tokens=40)[0]
+new = generate(state.params, [tok.encode("hello")], model=cfg, key=jax.random.key(0), max_new_tokens=40)[0]
 print(repr("hello" + tok.decode(new)))
 
 # %% [markdown]
@@ -156,7 +158,7 @@ print(repr("hello" + tok.decode(new)))
 # `job.train` is everything above (and what `minitx train` runs): data, configs, the
 # jitted step, evaluation, checkpoints, signals, into a run directory that `minitx
 # generate`, `plot` and `--resume` read. `checkpoint.load_model` reads a run's
-# parameters, config and tokenizer back; `generate.complete` continues a text.
+# parameters, model and tokenizer back; `generate.complete` continues a text.
 
 # %%
 import io
@@ -167,8 +169,8 @@ from minitx_fn.generate import complete
 
 run_dir = os.path.join(tempfile.mkdtemp(), "hello")
 result = job.train(model={"d_model": 32, "n_heads": 4, "n_layers": 2, "max_len": 16},
-                   training={"steps": 300, "batch_size": 16, "lr": 3e-3, "warmup": 0}, run_dir=run_dir,
-                   sample_tokens=0, log=io.StringIO())
+                   training={"steps": 300, "batch_size": 16, "optimizer": {"lr": 3e-3, "warmup": 0}},
+                   run_dir=run_dir, sample_tokens=0, log=io.StringIO())
 print("job.train:", result.records[-1])
 loaded = checkpoint.load_model(run_dir)
 print("loaded from disk:", repr("hello" + complete(loaded, "hello", max_new_tokens=40)))
@@ -194,7 +196,7 @@ except ImportError as e:
     print(f"this cell needs the repository's tests/ and flax (pip install -e '.[test]'): {e}")
 else:
     flax_logits = ref.FlaxLM(cfg).apply(ref.to_flax_model(state.params, cfg), x)
-    print("max |ours - flax| =", float(np.abs(np.asarray(model.apply(state.params, x, config=cfg)) - flax_logits).max()))
+    print("max |ours - flax| =", float(np.abs(np.asarray(cfg.apply(state.params, x)) - flax_logits).max()))
 
 # %% [markdown]
 # ## 12. What each head attends to, interactively

@@ -1,10 +1,11 @@
-"""Save and load a run: config, vocabulary, parameters, optimiser state, step.
+"""Save and load a run: its job (model, training, data), vocabulary, parameters,
+optimiser state, step.
 
 A checkpoint is a directory `RUN/checkpoint/`:
 
-    meta.json       format version, step, model and train configs, the tokenizer
-                    (kind and vocabulary, `tokenizer.to_meta`), what the run trained on
-                    (`data`, below), and each array file's SHA-256
+    meta.json       format version, step, the job (below), the tokenizer (kind and
+                    vocabulary, `tokenizer.to_meta`), its origin, a probe of what the
+                    model computes, and each array file's SHA-256
     params.npz      one array per parameter, named by its tree path ("blocks/attn/qkv/w")
     opt_state.npz   the optimiser state, named the same way ("1/0/mu/blocks/attn/qkv/w"
                     is Adam's first moment of that parameter; "1/0/count" its step count)
@@ -12,12 +13,28 @@ A checkpoint is a directory `RUN/checkpoint/`:
 No pickle: JSON and numpy's npz, so numpy alone can read a run (the README shows
 how). The batch key is not stored: it is `train.keys(seed).data`.
 
+The job, as a dict: {"model": {"code": "module:qualname", "config": {...its fields}},
+"training": {...TrainConfig's fields, optimizer and lora nested}, "data": ...}. The
+model's code names its class (the built-in `minitx_fn.config:ModelConfig`, or a model
+of one's own, as Hugging Face's `auto_map` does); loading a run whose code is not the
+built-in imports that class only when the caller says so (`trust_code=True`, the CLI's
+`--trust-code`): a run from elsewhere never runs code by being loaded. A field a
+config lacks in an older run takes its default, so a new setting needs no new format.
+
 `data` says what the run trained on, so `--resume` trains on the same text:
     {"builtin": true}               the built-in corpus
     {"path": PATH, "sha256": HEX}   a text file (its absolute path and SHA-256)
     {"path": null, "sha256": HEX}   a text or ids given in memory (`corpus.Corpus.source`)
     null                            not recorded: resuming needs the data given again
-Formats before 5 wrote null for the built-in corpus, and are read so.
+
+The probe: the logits the model gave at save time on fixed tokens (`probe`). Loading
+computes them again, with `apply` and with the cached decode (`apply_cached`), and
+refuses a model that no longer computes them, so code that changed, or a layer patched
+at save or at load time, is refused instead of decoding as another model.
+
+Formats: this version reads format 9 and the one before it (8, read as 9 in memory);
+`upgrade` (`minitx upgrade RUN`) rewrites any older run (2 to 8) as format 9, replacing
+its files only once the new ones are whole.
 
 Saving writes everything into a temporary directory and renames it into place
 (the previous checkpoint is `checkpoint.old` for the instant between the two
@@ -32,9 +49,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
+import importlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -45,48 +65,42 @@ import typing
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import defaults, lora, model, runs
-from minitx_fn.config import INT32_MAX, ModelConfig, TrainConfig
+from minitx_fn import defaults, lora, runs
+from minitx_fn.config import INT32_MAX, LanguageModel, ModelConfig, OptimizerConfig, TrainConfig
 from minitx_fn.errors import CheckpointError, Error
 from minitx_fn import tokenizer as tokenizers
 from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 from minitx_fn.train import TrainState, init_state, lora_state
 
-# Config fields a format version added, with the value every earlier run had.
-ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attn"}}
-ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None, "rope_theta": defaults.ROPE_THETA,
-                          "bias": True, "qkv_bias": None},
-                      8: {"rope_scaling": None}}
-
-# 3: the tokenizer's kind (char, byte, bpe) and TrainConfig.eval_tokens;
-# 4: ModelConfig.positions and tie_embeddings, and "origin" (null, or where an imported model came from);
-# 5: "data" is explicit: {"builtin": true} for the built-in corpus, null only when not recorded;
-#    TrainConfig.grad_accum;
-# 6: TrainConfig.lora_rank, lora_alpha and lora_targets: a LoRA run's params.npz holds its
-#    adapters, and its origin {"init_from": ...} is the base they apply to.
-# 7: ModelConfig.norm, mlp, n_kv_heads, rope_theta, bias and qkv_bias (Llama's choices;
-#    positions may be "rotary"); origin {"hf": folder} for an imported Llama or Qwen2.
-# 8: ModelConfig.rope_scaling (null, or the fields of config.RopeScaling); a bpe tokenizer may
-#    carry "special", the bos, eos and pad ids of an imported model.
-FORMAT_VERSION = 8
-READABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)  # 2 had only char vocabularies, saved as "vocab"
+# 9: the job as a dict ({"model": {"code", "config"}, "training" with the optimizer and lora
+#    nested, "data"}), and the probe; a field missing from a config takes its default.
+# 8: ModelConfig.rope_scaling; a bpe tokenizer may carry "special" (read as format 9).
+# 2 to 7: `upgrade` rewrites them (their field tables are in `_legacy_as_8`).
+FORMAT_VERSION = 9
+READABLE_VERSIONS = (8, 9)
+UPGRADABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
+BUILTIN_CODE = f"{ModelConfig.__module__}:{ModelConfig.__qualname__}"   # the built-in model needs no consent
 MAX_BASES = 16                    # LoRA runs on LoRA runs: how deep load_model follows their bases
 IMPORTED = ("gpt2", "hf")         # origin {KEY: folder} of a model imported from Hugging Face
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
-META_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "origin", "files"}
+META_KEYS = {"format_version", "step", "job", "tokenizer", "origin", "probe", "files"}
+JOB_KEYS = {"model", "training", "data"}
+PROBE_TOKENS, PROBE_LOGITS = 8, 8  # the probe: logits of up to 8 fixed tokens, the first 8 of each row
 
 
 class Checkpoint(NamedTuple):
     state: TrainState
-    model_config: ModelConfig
+    model: LanguageModel
     train_config: TrainConfig
     tokenizer: Tokenizer
     data: dict | None          # what the run trained on (the module docstring), None if not recorded
-    meta: dict                 # meta.json as saved (a run before format 4 has no "origin")
+    meta: dict                 # meta.json as read (format 8 as format 9)
+    base: dict | None = None   # a LoRA run's frozen parameters (its base's, `base_params`)
 
     @property
     def origin(self) -> dict | None:
@@ -94,6 +108,170 @@ class Checkpoint(NamedTuple):
         import-hf` wrote; {"init_from": {"path", "sha256"}} for a run started from another
         run's parameters; None for a run trained here from scratch."""
         return self.meta.get("origin")
+
+    @property
+    def params(self) -> dict:
+        """The model's parameters: a LoRA run's adapters merged into its base."""
+        if self.base is None:
+            return self.state.params
+        return lora.merge(self.base, self.state.params, scale=self.train_config.lora.scale)
+
+
+def job_dict(model: LanguageModel, train_config: TrainConfig, data) -> dict:
+    """The job as meta.json stores it (the module docstring).
+
+    Example:
+        >>> job_dict(ModelConfig(vocab_size=3), TrainConfig(), BUILTIN)["model"]["code"]
+        'minitx_fn.config:ModelConfig'
+    """
+    return {"model": {"code": model.code, "config": model.to_dict()}, "training": train_config.to_dict(),
+            "data": getattr(data, "source", data)}
+
+
+# ----------------------------------------------------------------------------- the model: its code and its probe
+
+
+def resolve(code: Any, config: Any, *, trust_code: bool = False, where: str = "meta.json") -> LanguageModel:
+    """The model a run names: its class (`module:qualname`) built from its fields, each
+    checked. The built-in model is built at once; any other class is imported only
+    with trust_code=True. CheckpointError, naming the run and the code, for a class
+    without consent, one that cannot be imported, one that is no model, or fields it refuses.
+
+    Example:
+        >>> resolve("mymodels:ALiBi", {}, where="runs/x")
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: runs/x: its model is 'mymodels:ALiBi', code of its own; loading it imports and runs that code: pass trust_code=True (the command line's --trust-code) if you trust it
+    """
+    if not (isinstance(code, str) and re.fullmatch(r"[\w.]+:[\w.]+", code)):
+        raise CheckpointError(f"{where}: model code {code!r} is not 'module:qualname'")
+    if code == BUILTIN_CODE:
+        cls = ModelConfig
+    elif not trust_code:
+        raise CheckpointError(f"{where}: its model is {code!r}, code of its own; loading it imports and runs that "
+                              f"code: pass trust_code=True (the command line's --trust-code) if you trust it")
+    else:
+        cls = _import(code, where)
+    return _config(cls, config, f"{where}: model {code!r}")
+
+
+def _import(code: str, where: str):
+    module, qualname = code.split(":")
+    try:
+        found = importlib.import_module(module)
+        for name in qualname.split("."):
+            found = getattr(found, name)
+    except Exception as e:                  # ImportError, AttributeError, or whatever the module raised
+        raise CheckpointError(f"{where}: its model {code!r} cannot be imported ({type(e).__name__}: {e}); put the "
+                              f"module that defines it on the path (PYTHONPATH), or load the run where it is") from None
+    if not (isinstance(found, type) and issubclass(found, LanguageModel) and dataclasses.is_dataclass(found)):
+        raise CheckpointError(f"{where}: {code!r} is no model class (a dataclass and a config.LanguageModel)")
+    return found
+
+
+def check_importable(model: LanguageModel) -> None:
+    """CheckpointError unless a run of `model` could be loaded again: a dataclass
+    LanguageModel whose class `model.code` imports back (not a class defined inside a
+    function), and whose fields survive JSON (`resolve` rebuilds an equal model).
+
+    Example:
+        >>> check_importable(ModelConfig(vocab_size=5))
+    """
+    if not (isinstance(model, LanguageModel) and dataclasses.is_dataclass(model)):
+        raise CheckpointError(f"a run's model is a model value (a dataclass and a config.LanguageModel), not "
+                              f"{type(model).__name__}")
+    if model.code != BUILTIN_CODE and _import(model.code, "this model") is not type(model):
+        raise CheckpointError(f"the model's class {model.code!r} does not import back as itself; define it at the "
+                              f"top level of a module, so a run can name it")
+    config = json.loads(json.dumps(model.to_dict()))
+    if _config(type(model), config, f"model {model.code!r}") != model:
+        raise CheckpointError(f"model {model.code!r} does not come back equal from its fields as JSON; give it "
+                              f"fields of plain values (numbers, strings, booleans, None, nested dataclasses)")
+
+
+def _probe_tokens(model: LanguageModel) -> jax.Array:
+    n = min(model.max_len, PROBE_TOKENS)
+    return jnp.asarray((3 + 7 * np.arange(n)) % model.vocab_size, jnp.int32)[None]     # (1, n)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probe_apply(model: LanguageModel, params, tokens):
+    return model.apply(params, tokens)[0, :, :PROBE_LOGITS]                              # (n, k)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _probe_cached(model: LanguageModel, params, tokens):
+    """The same logits from the cached decode: all but the last token prefilled, the last one decoded."""
+    n = tokens.shape[1]
+    params, cache = model.decode_params(params), model.init_cache(1, n)
+    parts = []
+    if n > 1:
+        logits, cache = model.apply_cached(params, tokens[:, :n - 1], cache, index=jnp.zeros(1, jnp.int32))
+        parts.append(logits)
+    logits, _ = model.apply_cached(params, tokens[:, n - 1:], cache, index=jnp.full(1, n - 1, jnp.int32))
+    return jnp.concatenate(parts + [logits], axis=1)[0, :, :PROBE_LOGITS]
+
+
+def probe(model: LanguageModel, params) -> list[list[float]]:
+    """What a run records of what its model computes: `model.apply`'s logits on up to
+    PROBE_TOKENS fixed tokens, the first PROBE_LOGITS of each position (None where one
+    overflowed: weights trained past float32's range).
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
+        >>> np.asarray(probe(cfg, cfg.init(jax.random.key(0)))).shape
+        (8, 5)
+    """
+    logits = np.asarray(_probe_apply(model, params, _probe_tokens(model)), np.float64)
+    return [[float(x) if math.isfinite(x) else None for x in row] for row in logits]      # JSON has no inf
+
+
+def probe_tolerance(model: LanguageModel) -> float:
+    """How far, relative to the probe's largest logit, a probe may move and still be the
+    same model: devices and compilers round differently (a GPU's float32 matmuls may
+    run in TF32), a changed layer moves it by its whole scale.
+
+    Example:
+        >>> probe_tolerance(ModelConfig(vocab_size=5)), probe_tolerance(ModelConfig(vocab_size=5, dtype="bfloat16"))
+        (0.01, 0.05)
+    """
+    return 0.05 if getattr(model, "dtype", "float32") == "bfloat16" else 0.01
+
+
+def verify(model: LanguageModel, params, recorded, where: str) -> None:
+    """CheckpointError unless the model computes what the run recorded (`probe`) with
+    `apply`, and the same with its cached decode: the code changed since the save, a
+    layer is patched (now or then), or `apply_cached` is not the model that `apply` is.
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
+        >>> params = cfg.init(jax.random.key(0))
+        >>> verify(cfg, params, probe(cfg, params), "a run")
+        >>> verify(cfg, params, np.zeros((8, 5)) + 9.0, "a run")
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: a run: its model minitx_fn.config:ModelConfig does not compute what it computed when the run was saved (the probe's logits moved by ...
+    """
+    tokens = _probe_tokens(model)
+    now = np.asarray(_probe_apply(model, params, tokens), np.float64)
+    cached = np.asarray(_probe_cached(model, params, tokens), np.float64)
+    tol = probe_tolerance(model)
+    if recorded is not None:
+        recorded = np.asarray([[math.nan if x is None else x for x in row] for row in recorded], np.float64)
+        finite = np.isfinite(recorded)
+        scale = max(float(np.abs(recorded[finite]).max(initial=0.0)), 1e-6)
+        same = now.shape == recorded.shape and (np.isfinite(now) == finite).all()
+        moved = float(np.abs(now - recorded)[finite].max(initial=0.0)) if same else math.inf
+        if not moved <= tol * scale:
+            raise CheckpointError(f"{where}: its model {model.code} does not compute what it computed when the run was "
+                                  f"saved (the probe's logits moved by {moved:.3g}, {moved / scale:.1%} of their "
+                                  f"scale): its code changed, or a layer is patched; load it with the code that saved "
+                                  f"it")
+    finite = np.isfinite(now)
+    scale = max(float(np.abs(now[finite]).max(initial=0.0)), 1e-6)
+    apart = float(np.abs(cached - now)[finite].max(initial=0.0)) if (np.isfinite(cached) == finite).all() else math.inf
+    if not apart <= tol * scale:
+        raise CheckpointError(f"{where}: its model {model.code}'s cached decode (apply_cached) disagrees with its apply "
+                              f"by {apart:.3g} ({apart / scale:.1%} of the logits' scale): generation would not be this "
+                              f"model; fix apply_cached (testing.check_model finds where)")
 
 
 def path_name(path) -> str:
@@ -150,40 +328,51 @@ def _sync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_config: TrainConfig,
-         tokenizer: Tokenizer, data, origin: dict | None = None) -> str:
+def save(run_dir: str, state: TrainState, *, model: LanguageModel, train_config: TrainConfig,
+         tokenizer: Tokenizer, data, origin: dict | None = None, base: dict | None = None) -> str:
     """Write RUN/checkpoint atomically; returns its path.
 
-    `data` says what the run trained on (the module docstring): pass the training
-    corpus's `source` (`corpus.Corpus.source`, or the Corpus itself), `BUILTIN`, or None
-    when it is not known (a later resume then needs the data given again). `origin` is
-    None for a run trained here, {"gpt2": path} (or {"hf": path}) for one imported from Hugging Face.
-    What `load` would refuse is refused here, before anything is written: a state
-    whose parameters or optimiser state are not those of `model_config` and
-    `make_optimizer(train_config.optimizer)` (CheckpointError naming the arrays).
-    OSError (a full or read-only disk) leaves the previous checkpoint as it was.
+    `model` is the model value the parameters belong to (its code and fields are
+    recorded, and its probe). `data` says what the run trained on (the module
+    docstring): pass the training corpus's `source` (`corpus.Corpus.source`, or the
+    Corpus itself), `BUILTIN`, or None when it is not known (a later resume then needs
+    the data given again). `origin` is None for a run trained here, {"gpt2": path} (or
+    {"hf": path}) for one imported from Hugging Face, {"init_from": ...} for one started
+    from another run (a LoRA run's adapters then apply to `base`, its parameters).
+    What `load` would refuse is refused here, before anything is written: a model whose
+    class could not be imported back, a state whose parameters or optimiser state are
+    not those of `model` and `make_optimizer(train_config.optimizer)` (CheckpointError
+    naming the arrays). OSError (a full or read-only disk) leaves the previous
+    checkpoint as it was.
 
     Example:
         >>> cfg, tc, tok = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig(), CharTokenizer('abc')
         >>> run = tempfile.mkdtemp()
         >>> state = init_state(jax.random.key(0), cfg, tc.optimizer)
-        >>> path = save(run, state, model_config=cfg, train_config=tc, tokenizer=tok, data=BUILTIN)
+        >>> path = save(run, state, model=cfg, train_config=tc, tokenizer=tok, data=BUILTIN)
         >>> sorted(os.listdir(path))
         ['meta.json', 'opt_state.npz', 'params.npz']
         >>> ck = load(run)
-        >>> int(ck.state.step), ck.tokenizer.chars, ck.model_config == cfg, ck.data
+        >>> int(ck.state.step), ck.tokenizer.chars, ck.model == cfg, ck.data
         (0, 'abc', True, {'builtin': True})
     """
     data = getattr(data, "source", data)                 # a Corpus stands for its source
     problem = _data_problem(data) or _origin_problem(origin) or _lora_problem(train_config, origin)
     if problem:
         raise CheckpointError(f"cannot save: {problem}")
-    problem = vocabulary_problem(tokenizer, model_config)
+    try:
+        check_importable(model)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot save: {e}") from None
+    problem = vocabulary_problem(tokenizer, model)
     if problem:
         raise CheckpointError(f"cannot save: {problem}")
     if not isinstance(state, TrainState):
         raise CheckpointError(f"cannot save: the state must be a train.TrainState, not {type(state).__name__}")
-    template = _template(model_config, train_config)
+    if (train_config.lora is None) != (base is None):
+        raise CheckpointError("cannot save: a LoRA run's state holds adapters and needs base= (the parameters they "
+                              "apply to), and only a LoRA run takes one")
+    template = _template(model, train_config)
     host = jax.device_get(state)
     step = np.asarray(host.step)
     if not (step.shape == () and np.issubdtype(step.dtype, np.integer) and 0 <= int(step) <= INT32_MAX):
@@ -192,6 +381,8 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
     arrays = {name: named_arrays(tree) for name, tree in zip(ARRAY_FILES, (host.params, host.opt_state))}
     for name, t in zip(ARRAY_FILES, (template.params, template.opt_state)):
         _check_arrays(t, arrays[name], f"cannot save: {name}")
+    params = host.params if base is None else lora.merge(base, host.params, scale=train_config.lora.scale)
+    recorded = probe(model, params)
     os.makedirs(run_dir, mode=runs.dir_mode(), exist_ok=True)
     runs.remove_temporaries(run_dir)                                   # left by a killed save
     final = os.path.join(run_dir, NAME)
@@ -203,9 +394,8 @@ def save(run_dir: str, state: TrainState, *, model_config: ModelConfig, train_co
             blob = _npz_bytes(arrays[name])
             _write(os.path.join(tmp, name), blob)
             files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
-        meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "tokenizer": tokenizer.to_meta(),
-                "model_config": model_config.to_dict(), "train_config": train_config.to_dict(),
-                "data": data, "origin": origin, "files": files}
+        meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "job": job_dict(model, train_config, data),
+                "tokenizer": tokenizer.to_meta(), "origin": origin, "probe": recorded, "files": files}
         _write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, allow_nan=False).encode())
         _sync_dir(tmp)
         old = final + ".old"
@@ -244,7 +434,11 @@ def locate(run_dir: str) -> str:
 # ----------------------------------------------------------------------------- validation
 
 
-def vocabulary_problem(tokenizer: Tokenizer, model_config: ModelConfig) -> str:
+
+# ----------------------------------------------------------------------------- validation
+
+
+def vocabulary_problem(tokenizer: Tokenizer, model: LanguageModel) -> str:
     """What keeps a tokenizer from serving a model, or "". Their sizes are equal, but
     for a bpe tokenizer, which may have fewer ids than the model has rows: a table
     padded past the tokenizer, as Qwen2's (import-hf); generation never draws those
@@ -253,11 +447,11 @@ def vocabulary_problem(tokenizer: Tokenizer, model_config: ModelConfig) -> str:
 
     Example:
         >>> vocabulary_problem(CharTokenizer("abc"), ModelConfig(vocab_size=5))
-        'the char tokenizer has 3 ids but model_config says vocab_size=5'
+        'the char tokenizer has 3 ids but the model says vocab_size=5'
     """
-    n, v = tokenizer.vocab_size, model_config.vocab_size
-    if n > v or (n < v and tokenizer.kind != "bpe"):
-        return f"the {tokenizer.kind} tokenizer has {n} ids but model_config says vocab_size={v}"
+    n, v = tokenizer.vocab_size, model.vocab_size
+    if v is None or n > v or (n < v and tokenizer.kind != "bpe"):
+        return f"the {tokenizer.kind} tokenizer has {n} ids but the model says vocab_size={v}"
     return ""
 
 
@@ -277,16 +471,19 @@ def _matches(value: Any, hint) -> bool:
 
 
 def _config(cls, value: Any, where: str):
-    """A config dataclass from its saved dict: exactly its fields, each of its type and valid."""
+    """A config dataclass from its saved dict: no field it lacks, each of its type, every
+    required one there (one with a default that the dict leaves out takes it), and valid."""
     if not isinstance(value, dict):
         raise CheckpointError(f"{where}: {cls.__name__} is {type(value).__name__}, not an object")
     hints = typing.get_type_hints(cls)
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown, missing = sorted(set(value) - names), sorted(names - set(value))
+    unknown, missing = sorted(set(value) - names), sorted(required - set(value))
     if unknown or missing:
         problems = [f"unknown fields {unknown}" if unknown else "", f"lacks {missing}" if missing else ""]
         raise CheckpointError(f"{where}: {cls.__name__} " + " and ".join(p for p in problems if p))
-    for name in sorted(names):
+    for name in sorted(set(value)):                    # a field an older run lacks takes its default
         nested = [h for h in typing.get_args(hints[name]) if dataclasses.is_dataclass(h)]   # RopeScaling | None
         if nested and isinstance(value[name], dict):
             value = {**value, name: _config(nested[0], value[name], f"{where}: {cls.__name__}.{name}")}
@@ -339,72 +536,52 @@ def _lora_problem(train_config: TrainConfig, origin: Any) -> str:
     return ""
 
 
-def _template(model_config: ModelConfig, train_config: TrainConfig) -> TrainState:
+def _template(model: LanguageModel, train_config: TrainConfig) -> TrainState:
     """The shapes and dtypes of a run's state (jax.ShapeDtypeStruct leaves, nothing computed):
     a LoRA run's parameters are its adapters."""
     key, oc = jax.random.key(0), train_config.optimizer
     if train_config.lora is None:
-        return jax.eval_shape(lambda: init_state(key, model_config, oc))
-    return jax.eval_shape(lambda: lora_state(key, model.init(key, model_config), oc, train_config.lora))
+        return jax.eval_shape(lambda: init_state(key, model, oc))
+    return jax.eval_shape(lambda: lora_state(key, model, model.init(key), oc, train_config.lora))
 
 
-def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, TrainConfig, Tokenizer]:
-    """The configs and tokenizer of a checkpoint's meta.json, after checking every field:
-    types, ranges and consistency. CheckpointError names the first problem.
+# ----------------------------------------------------------------------------- meta.json and its formats
 
-    Example:
-        >>> validate_meta({"format_version": 3})
-        Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: meta.json lacks ['data', 'files', 'model_config', 'step', 'tokenizer', 'train_config']
-    """
+
+def _current(meta: Any, where: str, *, upgrading: bool = False) -> dict:
+    """meta.json as format 9, its structure checked (the model, the training config and
+    the tokenizer are checked as `_parse` builds them). Format 8 is read as 9; older
+    formats only when `upgrading` (`upgrade`)."""
     if not isinstance(meta, dict):
         raise CheckpointError(f"{where} holds {type(meta).__name__}, not an object")
     version = meta.get("format_version")
-    if type(version) is not int or version not in READABLE_VERSIONS:     # 4.0 and True are not versions
+    readable = READABLE_VERSIONS + (UPGRADABLE_VERSIONS if upgrading else ())
+    if type(version) is not int or version not in readable:     # 4.0 and True are not versions
+        if type(version) is int and version in UPGRADABLE_VERSIONS:
+            raise CheckpointError(f"{where}: checkpoint format version {version} is older than this minitx_fn reads "
+                                  f"({READABLE_VERSIONS}); rewrite the run as format {FORMAT_VERSION} with `minitx "
+                                  f"upgrade RUN` (checkpoint.upgrade)")
         raise CheckpointError(f"checkpoint format version {version!r} is not supported (this minitx_fn reads "
                               f"versions {READABLE_VERSIONS}); train a new run, or load it with the version that "
                               f"wrote it")
-    if version == 2:
-        meta = _from_version_2(meta)
-    if version in (2, 3):
-        # Runs before version 4 were trained here, with sinusoidal positions and an untied
-        # head; those versions have none of the three fields, and may not claim them.
-        newer = sorted({"origin"} & set(meta)) + sorted({"positions", "tie_embeddings"} & set(
-            meta["model_config"] if isinstance(meta.get("model_config"), dict) else ()))
-        if newer:
-            raise CheckpointError(f"{where}: format version {version} has no {newer}; they came with version 4")
-        meta = {**meta, "origin": None}
-        if isinstance(meta.get("model_config"), dict):
-            meta["model_config"] = {**meta["model_config"], "positions": "sinusoidal", "tie_embeddings": False}
-    for added in range(version + 1, FORMAT_VERSION + 1):
-        claimed = sorted(set(ADDED_MODEL_FIELDS.get(added, {})) & set(
-            meta["model_config"] if isinstance(meta.get("model_config"), dict) else ()))
-        if claimed:            # a run of that version cannot have them: an edited or mislabelled meta.json
-            raise CheckpointError(f"{where}: format version {version} has no {claimed}; they came with version {added}")
-    for added in range(version + 1, FORMAT_VERSION + 1):               # what earlier versions did not record
-        for part, fields in (("train_config", ADDED_TRAIN_FIELDS), ("model_config", ADDED_MODEL_FIELDS)):
-            if isinstance(meta.get(part), dict):
-                meta = {**meta, part: {**fields.get(added, {}), **meta[part]}}
-    if version < 5 and isinstance(meta.get("data"), dict) and not isinstance(meta["data"].get("path"), str):
-        raise CheckpointError(f"{where}: format version {version} has only null or a file as data; the rest came "
-                              f"with version 5")
+    if version < FORMAT_VERSION:
+        meta = _from_8(_legacy_as_8(meta, where) if version < 8 else meta, where)
     unknown, missing = sorted(set(meta) - META_KEYS), sorted(META_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
-    step = meta["step"]
+    step, job = meta["step"], meta["job"]
     if not (_matches(step, int) and 0 <= step <= INT32_MAX):
         raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {INT32_MAX}]")
-    model_config = _config(ModelConfig, meta["model_config"], where)
-    train_config = _config(TrainConfig, meta["train_config"], where)
-    try:
-        tokenizer = tokenizers.from_meta(meta["tokenizer"])
-    except ValueError as e:
-        raise CheckpointError(f"{where}: tokenizer: {e}") from None
-    problem = vocabulary_problem(tokenizer, model_config)
-    if problem:
-        raise CheckpointError(f"{where}: {problem}")
-    problem = (_data_problem(meta["data"]) or _origin_problem(meta["origin"])
-               or _lora_problem(train_config, meta["origin"]))
+    if not (isinstance(job, dict) and set(job) == JOB_KEYS and isinstance(job["model"], dict)
+            and set(job["model"]) == {"code", "config"}):
+        raise CheckpointError(f"{where}: job must be {{\"model\": {{\"code\", \"config\"}}, \"training\", \"data\"}}")
+    recorded = meta["probe"]
+    if not (recorded is None and version < FORMAT_VERSION) and not (
+            isinstance(recorded, list) and recorded and all(isinstance(row, list) and row for row in recorded)
+            and len({len(row) for row in recorded}) == 1
+            and all(x is None or (_matches(x, float) and math.isfinite(x)) for row in recorded for x in row)):
+        raise CheckpointError(f"{where}: probe must be a list of equal rows of finite numbers (or null)")
+    problem = _data_problem(job["data"]) or _origin_problem(meta["origin"])
     if problem:
         raise CheckpointError(f"{where}: {problem}")
     files = meta["files"]
@@ -412,19 +589,105 @@ def validate_meta(meta: Any, where: str = "meta.json") -> tuple[ModelConfig, Tra
             isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _matches(f["bytes"], int) and f["bytes"] >= 0
             and isinstance(f["sha256"], str) and _HEX64.fullmatch(f["sha256"]) for f in files.values())):
         raise CheckpointError(f"{where}: files must give bytes and sha256 of {list(ARRAY_FILES)}")
-    return model_config, train_config, tokenizer
+    return meta
 
 
-def _from_version_2(meta: dict) -> dict:
-    """A version-2 meta.json as version 3: its "vocab" string is a char tokenizer, and its
-    runs evaluated the whole validation split."""
-    meta = dict(meta)
-    if "vocab" in meta:
-        if not isinstance(meta["vocab"], str):
-            raise CheckpointError(f"meta.json: vocab is {type(meta['vocab']).__name__}, not a string")
-        meta["tokenizer"] = {"kind": "char", "chars": meta.pop("vocab")}
-    if isinstance(meta.get("train_config"), dict):
-        meta["train_config"] = {"eval_tokens": None, **meta["train_config"]}
+def _parse(meta: dict, where: str, trust_code: bool) -> tuple[LanguageModel, TrainConfig, Tokenizer]:
+    """The model, training config and tokenizer of a format-9 meta.json, each checked."""
+    job = meta["job"]
+    model = resolve(job["model"]["code"], job["model"]["config"], trust_code=trust_code, where=where)
+    train_config = _config(TrainConfig, job["training"], where)
+    try:
+        tokenizer = tokenizers.from_meta(meta["tokenizer"])
+    except ValueError as e:
+        raise CheckpointError(f"{where}: tokenizer: {e}") from None
+    problem = vocabulary_problem(tokenizer, model) or _lora_problem(train_config, meta["origin"])
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+    return model, train_config, tokenizer
+
+
+def validate_meta(meta: Any, where: str = "meta.json", *, trust_code: bool = False
+                  ) -> tuple[LanguageModel, TrainConfig, Tokenizer]:
+    """The model, training config and tokenizer of a checkpoint's meta.json (format 9,
+    or 8), after checking every field: types, ranges and consistency. CheckpointError
+    names the first problem.
+
+    Example:
+        >>> validate_meta({"format_version": 9})
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: meta.json lacks ['files', 'job', 'origin', 'probe', 'step', 'tokenizer']
+    """
+    return _parse(_current(meta, where), where, trust_code)
+
+
+def _from_8(meta: dict, where: str) -> dict:
+    """A format-8 meta.json as format 9: its configs become the job (the built-in model,
+    the training config's optimizer and LoRA fields nested), with no probe."""
+    unknown, missing = sorted(set(meta) - LEGACY_KEYS), sorted(LEGACY_KEYS - set(meta))
+    if unknown or missing:
+        raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
+    tc = meta["train_config"]
+    if not isinstance(tc, dict):
+        raise CheckpointError(f"{where}: TrainConfig is {type(tc).__name__}, not an object")
+    tc = dict(tc)
+    optimizer = {f.name: tc.pop(f.name) for f in dataclasses.fields(OptimizerConfig) if f.name in tc}
+    rank, alpha, targets = tc.pop("lora_rank", 0), tc.pop("lora_alpha", None), tc.pop("lora_targets", "attn")
+    lora_config = None if rank == 0 else {"rank": rank, "alpha": alpha, "targets": targets}
+    return {"format_version": meta["format_version"], "step": meta["step"],
+            "job": {"model": {"code": BUILTIN_CODE, "config": meta["model_config"]},
+                    "training": {**tc, "optimizer": optimizer, "lora": lora_config}, "data": meta["data"]},
+            "tokenizer": meta["tokenizer"], "origin": meta["origin"], "probe": None, "files": meta["files"]}
+
+
+# Formats 2 to 7 (`upgrade` only): the config fields a version added, with the value
+# every earlier run had. 3: the tokenizer's kind and TrainConfig.eval_tokens; 4:
+# ModelConfig.positions and tie_embeddings, and "origin"; 5: "data" explicit ({"builtin":
+# true}, null only when not recorded) and TrainConfig.grad_accum; 6: LoRA; 7: Llama's
+# choices; 8: ModelConfig.rope_scaling.
+ADDED_TRAIN_FIELDS = {5: {"grad_accum": 1}, 6: {"lora_rank": 0, "lora_alpha": None, "lora_targets": "attn"}}
+ADDED_MODEL_FIELDS = {7: {"norm": "layernorm", "mlp": "gelu", "n_kv_heads": None, "rope_theta": defaults.ROPE_THETA,
+                          "bias": True, "qkv_bias": None},
+                      8: {"rope_scaling": None}}
+LEGACY_KEYS = {"format_version", "step", "tokenizer", "model_config", "train_config", "data", "origin", "files"}
+
+
+def _legacy_as_8(meta: dict, where: str) -> dict:
+    """A meta.json of format 2 to 7 as format 8: what each later version added, with
+    the value its runs had; a field a version cannot have is refused (an edited or
+    mislabelled meta.json)."""
+    version = meta["format_version"]
+    if version == 2:                     # its "vocab" string is a char tokenizer; it evaluated whole splits
+        meta = dict(meta)
+        if "vocab" in meta:
+            if not isinstance(meta["vocab"], str):
+                raise CheckpointError(f"{where}: vocab is {type(meta['vocab']).__name__}, not a string")
+            meta["tokenizer"] = {"kind": "char", "chars": meta.pop("vocab")}
+        if isinstance(meta.get("train_config"), dict):
+            meta["train_config"] = {"eval_tokens": None, **meta["train_config"]}
+    model_fields = meta["model_config"] if isinstance(meta.get("model_config"), dict) else {}
+    if version in (2, 3):
+        # Runs before version 4 were trained here, with sinusoidal positions and an untied
+        # head; those versions have none of the three fields, and may not claim them.
+        newer = sorted({"origin"} & set(meta)) + sorted({"positions", "tie_embeddings"} & set(model_fields))
+        if newer:
+            raise CheckpointError(f"{where}: format version {version} has no {newer}; they came with version 4")
+        meta = {**meta, "origin": None}
+        if model_fields:
+            meta["model_config"] = {**model_fields, "positions": "sinusoidal", "tie_embeddings": False}
+    for added in range(version + 1, 9):
+        claimed = sorted(set(ADDED_MODEL_FIELDS.get(added, {})) & set(model_fields))
+        if claimed:
+            raise CheckpointError(f"{where}: format version {version} has no {claimed}; they came with version {added}")
+        for part, fields in (("train_config", ADDED_TRAIN_FIELDS), ("model_config", ADDED_MODEL_FIELDS)):
+            if isinstance(meta.get(part), dict):
+                meta = {**meta, part: {**fields.get(added, {}), **meta[part]}}
+    if version < 5:
+        if isinstance(meta.get("data"), dict) and not isinstance(meta["data"].get("path"), str):
+            raise CheckpointError(f"{where}: format version {version} has only null or a file as data; the rest "
+                                  f"came with version 5")
+        if meta.get("data") is None:
+            meta = {**meta, "data": BUILTIN}       # before format 5 only the built-in corpus was null
     return meta
 
 
@@ -474,8 +737,8 @@ def _build(template, arrays: dict[str, np.ndarray], what: str):
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
-def _read_meta(run_dir: str) -> tuple[str, dict, ModelConfig, TrainConfig, Tokenizer]:
-    """(checkpoint folder, meta.json, its configs and tokenizer), every field checked."""
+def _read_meta(run_dir: str, *, upgrading: bool = False) -> tuple[str, dict]:
+    """(checkpoint folder, its meta.json as format 9), the structure checked (`_current`)."""
     path = locate(run_dir)
     meta_path = os.path.join(path, "meta.json")
     try:
@@ -485,30 +748,26 @@ def _read_meta(run_dir: str) -> tuple[str, dict, ModelConfig, TrainConfig, Token
         raise CheckpointError(f"cannot read {meta_path!r}: {e.strerror}") from None
     except (ValueError, RecursionError) as e:          # JSONDecodeError, bad UTF-8, absurd nesting
         raise CheckpointError(f"checkpoint metadata {meta_path!r} is corrupt ({type(e).__name__})") from None
-    model_config, train_config, tokenizer = validate_meta(meta, meta_path)
-    if meta["format_version"] < 5 and meta["data"] is None:
-        meta = {**meta, "data": BUILTIN}       # before format 5 only the built-in corpus was null
-    return path, meta, model_config, train_config, tokenizer
+    return path, _current(meta, meta_path, upgrading=upgrading)
 
 
 READ_TRIES = 5      # a checkpoint read while a live run replaces it is read again, up to this many times
 
 
-def _consistently(run_dir: str, read):
-    """read(path, meta, configs..., tokenizer) on one whole checkpoint: a save by a live
-    run can replace the checkpoint while it is read (meta.json of one save, arrays of
-    the next, or a folder renamed away mid-read); then it is read again, while what is
-    on disk keeps changing, up to READ_TRIES times. A checkpoint that is damaged and
-    stays so is reported as it is."""
+def _consistently(run_dir: str, read, *, upgrading: bool = False):
+    """read(path, meta) on one whole checkpoint: a save by a live run can replace the
+    checkpoint while it is read (meta.json of one save, arrays of the next, or a folder
+    renamed away mid-read); then it is read again, while what is on disk keeps
+    changing, up to READ_TRIES times. A checkpoint that is damaged and stays so is
+    reported as it is."""
     for attempt in range(READ_TRIES):
         seen = None
         try:
-            path, meta, model_config, train_config, tokenizer = _read_meta(run_dir)
-            seen = (path, meta)
-            return read(path, meta, model_config, train_config, tokenizer)
+            seen = _read_meta(run_dir, upgrading=upgrading)
+            return read(*seen)
         except CheckpointError:
             try:
-                now = _read_meta(run_dir)[:2]
+                now = _read_meta(run_dir, upgrading=upgrading)
             except CheckpointError:
                 now = None
             if attempt == READ_TRIES - 1 or (now is not None and now == seen) or (now is None and seen is None
@@ -528,56 +787,93 @@ def saved_step(run_dir: str) -> int:
     return int(_read_meta(run_dir)[1]["step"])
 
 
-def load(run_dir: str) -> Checkpoint:
-    """Read and validate a checkpoint; CheckpointError says exactly what is wrong.
+def load(run_dir: str, *, trust_code: bool = False) -> Checkpoint:
+    """Read and validate a checkpoint, a LoRA run's base with it (`base_params`), and
+    check that its model still computes what it did when saved (`verify`);
+    CheckpointError says exactly what is wrong. trust_code: a run whose model is code of
+    its own (not the built-in) imports that code only with it (the module docstring).
 
     Example:
         >>> load('/no/such/run')
         Traceback (most recent call last):
         minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
     """
-    def read(path, meta, model_config, train_config, tokenizer):
-        template = _template(model_config, train_config)
+    def read(path, meta):
+        model, train_config, tokenizer = _parse(meta, path, trust_code)
+        template = _template(model, train_config)
         params, opt_state = (
             _build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
             for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
         state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
-        return Checkpoint(state, model_config, train_config, tokenizer, meta["data"], meta)
+        base = None if train_config.lora is None else base_params(meta, model, trust_code=trust_code,
+                                                                 _seen=frozenset({os.path.realpath(path)}))
+        ck = Checkpoint(state, model, train_config, tokenizer, meta["job"]["data"], meta, base)
+        verify(model, ck.params, meta["probe"], path)
+        return ck
     return _consistently(run_dir, read)
+
+
+class SavedJob(NamedTuple):
+    """What a run's meta.json says of its job (`read_job`): no array read."""
+
+    model: LanguageModel
+    train_config: TrainConfig
+    tokenizer: Tokenizer
+    data: dict | None
+    origin: dict | None
+    step: int
+
+
+def read_job(run_dir: str, *, trust_code: bool = False) -> SavedJob:
+    """The job a run was saved with, from its meta.json alone (every field checked, no
+    array read): what a resume continues and a fine-tuning run starts from.
+
+    Example:
+        >>> read_job('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
+    """
+    path, meta = _read_meta(run_dir)
+    model, train_config, tokenizer = _parse(meta, path, trust_code)
+    return SavedJob(model, train_config, tokenizer, meta["job"]["data"], meta["origin"], int(meta["step"]))
 
 
 class Model(NamedTuple):
     """A trained model, ready to use: what `load_model` reads (no optimiser state)."""
 
     params: dict               # the parameter tree, on the device
-    config: ModelConfig
+    model: LanguageModel       # the model value the parameters belong to
     tokenizer: Tokenizer
     meta: dict                 # the checkpoint's meta.json (its step, what it trained on, ...)
 
 
-def load_model(run_dir: str, *, _seen: frozenset = frozenset()) -> Model:
-    """The parameters, model config and tokenizer of a run: only params.npz is read and
+def load_model(run_dir: str, *, trust_code: bool = False, _seen: frozenset = frozenset()) -> Model:
+    """The parameters, model and tokenizer of a run: only params.npz is read and
     checked (its checksum, names, shapes, dtypes, finiteness), no optimiser state is
-    built. `generate.complete(model, prompt)` continues a text with it. A LoRA run's
-    adapters come merged into its base (`base_params`), so it is an ordinary model.
+    built, and the model is held to what it computed when saved (`verify`).
+    `generate.complete(model, prompt)` continues a text with it. A LoRA run's adapters
+    come merged into its base (`base_params`), so it is an ordinary model. trust_code
+    as in `load`.
 
     Example:
         >>> cfg, tc = ModelConfig(vocab_size=3, d_model=8, n_heads=2), TrainConfig()
         >>> run = tempfile.mkdtemp()
-        >>> _ = save(run, init_state(jax.random.key(0), cfg, tc.optimizer), model_config=cfg, train_config=tc,
+        >>> _ = save(run, init_state(jax.random.key(0), cfg, tc.optimizer), model=cfg, train_config=tc,
         ...          tokenizer=CharTokenizer('abc'), data=BUILTIN)
         >>> m = load_model(run)
-        >>> m.config == cfg, m.tokenizer.chars, m.params["embed"]["table"].shape
+        >>> m.model == cfg, m.tokenizer.chars, m.params["embed"]["table"].shape
         (True, 'abc', (3, 8))
     """
-    def read(path, meta, model_config, train_config, tokenizer):
-        template = _template(model_config, train_config).params
+    def read(path, meta):
+        model, train_config, tokenizer = _parse(meta, path, trust_code)
+        template = _template(model, train_config).params
         params = _build(template, _read_arrays(os.path.join(path, ARRAY_FILES[0]), meta["files"][ARRAY_FILES[0]]),
                         ARRAY_FILES[0])
         if train_config.lora is not None:
-            base = base_params(meta, model_config, _seen | {os.path.realpath(path)})
+            base = base_params(meta, model, trust_code=trust_code, _seen=_seen | {os.path.realpath(path)})
             params = lora.merge(base, params, scale=train_config.lora.scale)
-        return Model(params, model_config, tokenizer, meta)
+        verify(model, params, meta["probe"], path)
+        return Model(params, model, tokenizer, meta)
     return _consistently(run_dir, read)
 
 
@@ -585,7 +881,7 @@ class _ChainTooDeep(CheckpointError):
     """Said once, from the deepest base, not wrapped again by each run above it."""
 
 
-def base_params(meta: dict, model_config: ModelConfig, _seen: frozenset = frozenset()) -> dict:
+def base_params(meta: dict, model: LanguageModel, *, trust_code: bool = False, _seen: frozenset = frozenset()) -> dict:
     """The parameters a run started from (its origin "init_from"), as that run used them:
     loaded (`load_model`, so a base that is itself a LoRA run comes merged), checked
     against the SHA-256 recorded when the run started, and cut to its context
@@ -606,7 +902,7 @@ def base_params(meta: dict, model_config: ModelConfig, _seen: frozenset = frozen
     try:
         if os.path.realpath(locate(where)) in _seen:
             raise CheckpointError("through its own bases, it is the run itself")
-        base = load_model(where, _seen=_seen)
+        base = load_model(where, trust_code=trust_code, _seen=_seen)
     except _ChainTooDeep:
         raise
     except CheckpointError as e:
@@ -614,11 +910,42 @@ def base_params(meta: dict, model_config: ModelConfig, _seen: frozenset = frozen
     if base.meta["files"][ARRAY_FILES[0]]["sha256"] != source["sha256"]:
         raise CheckpointError(f"the base this run's adapters apply to, {where!r}, has changed since the run started "
                               f"(its parameters' SHA-256 differs from the one recorded); restore that run as it was")
-    fitted = base.config.replace(max_len=model_config.max_len, dropout=model_config.dropout)
-    if fitted != model_config:
+    if base.model.replace(max_len=model.max_len, dropout=getattr(model, "dropout", 0.0)) != model:
         raise CheckpointError(f"the base {where!r} holds another model than this run's (its config differs beyond "
                               f"context and dropout)")
-    return model.with_context(base.params, model_config.max_len)
+    return model.with_context(base.params, model.max_len)
+
+
+def upgrade(run_dir: str, *, log=None) -> tuple[int, str]:
+    """Rewrite a run of an older format (2 to 8) as format 9, under the run's lock: its
+    arrays are read and checked as they are, the job and the probe written anew with
+    them (`save`), which replaces the old checkpoint only once the new one is whole.
+    Returns (the format it had, the checkpoint's path). CheckpointError for a run that
+    is already current, damaged, or a LoRA run whose base cannot be loaded (upgrade the
+    base first); RunDirError for a run being trained.
+
+    Example:
+        >>> upgrade('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
+    """
+    path = locate(run_dir)
+    if os.path.basename(path) in (NAME, NAME + ".old"):                         # the run holding it
+        run_dir = os.path.dirname(path)
+    with runs.Lock(run_dir):
+        def read(path, meta):
+            version = meta["format_version"]                                     # as written
+            if version == FORMAT_VERSION:
+                raise CheckpointError(f"{run_dir!r} is already in format {FORMAT_VERSION}; nothing to upgrade")
+            model, train_config, tokenizer = _parse(meta, path, False)         # the built-in model: formats 2 to 8
+            template = _template(model, train_config)
+            params, opt_state = (_build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
+                                 for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
+            base = None if train_config.lora is None else base_params(meta, model, _seen=frozenset({path}))
+            state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
+            return version, save(run_dir, state, model=model, train_config=train_config, tokenizer=tokenizer,
+                                 data=meta["job"]["data"], origin=meta["origin"], base=base)
+        return _consistently(run_dir, read, upgrading=True)
 
 
 def save_params(path: str, params) -> str:

@@ -34,26 +34,27 @@ import signal
 import sys
 
 from minitx_fn import defaults
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.config import ModelConfig, OptimizerConfig, TrainConfig
 from minitx_fn.defaults import INT32_MAX, MAX_NEW_TOKENS, PRESETS
 from minitx_fn.errors import Error, RunFailed, StorageError
 
 # The flags of `minitx train` that set a ModelConfig field, and that field; every
-# TrainConfig flag is its field's name.
+# TrainConfig flag is its field's name, and so is every flag of its nested optimizer;
+# the LoRA flags are lora_ and the field of its nested LoraConfig.
 MODEL_FLAGS = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "context": "max_len",
                "dropout": "dropout", "positions": "positions", "tie_embeddings": "tie_embeddings", "norm": "norm",
                "mlp": "mlp", "kv_heads": "n_kv_heads", "rope_theta": "rope_theta", "bias": "bias",
                "qkv_bias": "qkv_bias"}
-TRAIN_FLAGS = ("steps", "batch_size", "lr", "min_lr", "warmup", "decay_steps", "seed", "weight_decay",
-               "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum", "lora_rank", "lora_alpha",
-               "lora_targets")
+TRAIN_FLAGS = ("steps", "batch_size", "seed", "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum")
+OPTIMIZER_FLAGS = ("lr", "min_lr", "warmup", "decay_steps", "weight_decay")
+LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets"}
 # The one table from the names the library's messages use to the flags a user types.
 FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.items()},
-         **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
+         **{name: "--" + name.replace("_", "-") for name in (*TRAIN_FLAGS, *OPTIMIZER_FLAGS, *LORA_FLAGS)},
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
                                                               "top_p", "vocab_size", "tokenizer", "data", "resume",
                                                               "batches", "preset", "init_from", "arch",
-                                                              "draft_tokens")},
+                                                              "draft_tokens", "cache_dir", "trust_code")},
          "run_dir": "--out", "data_path": "--data"}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
@@ -127,10 +128,14 @@ class _Parser(argparse.ArgumentParser):
 
 def _defaults(flag: str) -> str:
     """'default V' of a train flag: the presets' values where they set it, else the config's own default."""
-    part, field = ("model", MODEL_FLAGS[flag]) if flag in MODEL_FLAGS else ("train", flag)
-    config = ModelConfig if part == "model" else TrainConfig
+    if flag in MODEL_FLAGS:
+        field, config, settings_of = MODEL_FLAGS[flag], ModelConfig, lambda s: s["model"]
+    elif flag in OPTIMIZER_FLAGS:
+        field, config, settings_of = flag, OptimizerConfig, lambda s: s["train"].get("optimizer", {})
+    else:
+        field, config, settings_of = flag, TrainConfig, lambda s: s["train"]
     own = next(f.default for f in dataclasses.fields(config) if f.name == field)
-    values = {preset: settings[part].get(field, own) for preset, settings in PRESETS.items()}
+    values = {preset: settings_of(settings).get(field, own) for preset, settings in PRESETS.items()}
     if len(set(values.values())) == 1:
         return f"default {next(iter(values.values()))}"
     return "default " + ", ".join(f"{v} ({p})" for p, v in values.items())
@@ -159,6 +164,7 @@ EXAMPLES = {
   minitx export-hf runs/mine --out mine-hf             loads with transformers.AutoModelForCausalLM.from_pretrained""",
     "eval": """  minitx eval --checkpoint runs/input-001 --data other.txt
   minitx eval --checkpoint runs/gpt2 --data big.txt --eval-tokens 1000000 --json eval.json""",
+    "upgrade": """  minitx upgrade runs/old-run               rewrites its checkpoint as format 9, then it loads as any run""",
     "plot": """  minitx plot runs/hello-001                   writes runs/hello-001/loss.png
   minitx plot runs/input-001 --log --out curves.svg""",
 }
@@ -310,12 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
         i.add_argument("hf_dir", metavar="HF_DIR", help="config.json, model.safetensors (or its shards and "
                        "model.safetensors.index.json), and tokenizer.json (GPT-2: or vocab.json + merges.txt)")
         i.add_argument("--out", required=True, metavar="RUN_DIR", type=_nonempty, help="new run directory to write")
+    exports = []
     for name, what in (("export-hf", "a run of GPT-2's or Llama's shape -> a Hugging Face GPT-2, Llama or Qwen2 "
                                      "folder"), ("export-gpt2", "the same as export-hf (its first name)")):
         e = command(name, what, "gpt2")
+        exports.append(e)
         e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
         e.add_argument("--out", required=True, metavar="HF_DIR", type=_nonempty, help="new folder to write (or an "
                        "empty one)")
+
+    u = command("upgrade", "rewrite a run saved in an older checkpoint format (2 to 8) as the current one")
+    u.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (or its checkpoint/)")
+
+    for loading in (t, g, v, a, *exports):
+        loading.add_argument("--trust-code", action="store_true", help="load a run whose model is code of its own "
+                            "(its meta.json names the module and class), importing that code: only for runs you trust")
 
     p = command("plot", "draw the loss curves of a run from its metrics.jsonl")
     p.add_argument("run_dir", metavar="RUN_DIR")
@@ -353,13 +368,7 @@ def cmd_train(args, out=None) -> int:
     if jax.process_count() > 1 and signals.active():
         signals.active().forward_sigterm()                # SIGTERM is now JAX's preemption notice
     out = (out or sys.stdout) if jax.process_index() == 0 else open(os.devnull, "w")
-    model = {**defaults.ARCHS.get(args.arch, {}),
-             **{field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}}
-    training = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    result = job.train(args.data, model=model, training=training, preset=args.preset, tokenizer=args.tokenizer,
-                       vocab_size=args.vocab_size, cache_dir=args.cache_dir, run_dir=args.out, resume=args.resume,
-                       batches=args.batches, devices=args.devices, fsdp=args.fsdp, prompt=args.prompt,
-                       sample_tokens=args.max_new_tokens, init_from=args.init_from, log=out)
+    result = job.train(to_job(args), log=out)
     if result.stopped_by is not None:                    # every process of a run leaves with this status
         print(f"\nStopped by {signal.Signals(result.stopped_by).name} at step {int(result.state.step)}; checkpoint "
               f"saved. Continue with: minitx train --resume {result.run_dir}", file=out)
@@ -369,6 +378,23 @@ def cmd_train(args, out=None) -> int:
         print(result.prompt + result.sample, file=out)
         _next_steps(result.run_dir, result.prompt, result.picture, out)
     return 0
+
+
+def to_job(args):
+    """The `job.Job` the flags of `minitx train` describe (`job.make` checks them)."""
+    from minitx_fn import job
+    model = {**defaults.ARCHS.get(args.arch, {}),
+             **{field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}}
+    training = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    optimizer = {name: getattr(args, name) for name in OPTIMIZER_FLAGS if getattr(args, name) is not None}
+    lora = {field: getattr(args, flag) for flag, field in LORA_FLAGS.items() if getattr(args, flag) is not None}
+    if lora.get("rank") == 0:                             # --lora-rank 0: every parameter trains
+        del lora["rank"]
+    training.update({"optimizer": optimizer} if optimizer else {}, **({"lora": lora} if lora else {}))
+    return job.make(args.data, model=model, training=training, preset=args.preset, tokenizer=args.tokenizer,
+                    vocab_size=args.vocab_size, cache_dir=args.cache_dir, run_dir=args.out, resume=args.resume,
+                    init_from=args.init_from, trust_code=args.trust_code, batches=args.batches, devices=args.devices,
+                    fsdp=args.fsdp, prompt=args.prompt, sample_tokens=args.max_new_tokens)
 
 
 def _next_steps(run_dir: str, prompt: str, picture: str | None, out) -> None:
@@ -391,9 +417,9 @@ def cmd_generate(args, out=None) -> int:
     from minitx_fn import checkpoint, generate, signals
     if args.draft_tokens is not None and args.draft is None:
         raise UsageError("--draft-tokens needs --draft RUN, the draft model that proposes them")
-    loaded = checkpoint.load_model(args.checkpoint)
+    loaded = checkpoint.load_model(args.checkpoint, trust_code=args.trust_code)
     try:
-        draft = None if args.draft is None else checkpoint.load_model(args.draft)
+        draft = None if args.draft is None else checkpoint.load_model(args.draft, trust_code=args.trust_code)
     except Error as e:
         raise type(e)(f"--draft: {message(e)}") from None
     stops = signals.active()
@@ -422,7 +448,8 @@ def cmd_eval(args, out=None) -> int:
             raise UsageError(f"--json {args.json!r} is inside a run's checkpoint; write it elsewhere")
         if os.path.exists(args.json) and os.path.exists(args.data) and os.path.samefile(args.json, args.data):
             raise UsageError(f"--json {args.json!r} is the --data file; write it elsewhere")
-    result = job.evaluate(args.checkpoint, args.data, eval_tokens=args.eval_tokens, cache_dir=args.cache_dir, log=out)
+    result = job.evaluate(args.checkpoint, args.data, eval_tokens=args.eval_tokens, cache_dir=args.cache_dir,
+                          trust_code=args.trust_code, log=out)
     print(f"Loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
           f"{result.bits_per_byte:.4f} bits per byte, over {result.tokens:,} tokens of {args.data}", file=out)
     if args.json is not None:
@@ -438,12 +465,12 @@ def cmd_attention(args, out=None) -> int:
     from minitx_fn import checkpoint, plot
     plot.check_picture_path(args.out)
     plot.require_matplotlib()
-    loaded = checkpoint.load_model(args.checkpoint)
+    loaded = checkpoint.load_model(args.checkpoint, trust_code=args.trust_code)
     try:
         plot.plot_model_attention(loaded, args.prompt, args.out)
     except OSError as e:
         raise RunFailed(f"cannot write {args.out!r}: {e.strerror or e}") from None
-    print(f"Attention maps ({loaded.config.n_layers} layers x {loaded.config.n_heads} heads): {args.out}",
+    print(f"Attention maps ({loaded.model.n_layers} layers x {loaded.model.n_heads} heads): {args.out}",
           file=out or sys.stdout)
     return 0
 
@@ -500,7 +527,7 @@ def cmd_export_hf(args, out=None) -> int:
     """`minitx export-hf` (or export-gpt2): a run -> a Hugging Face directory (`gpt2.export_run`)."""
     from minitx_fn import gpt2
     out = out or sys.stdout
-    written, loaded = gpt2.export_run(args.run_dir, args.out)
+    written, loaded = gpt2.export_run(args.run_dir, args.out, trust_code=args.trust_code)
     print(f"Wrote {', '.join(written)} to {args.out} (step {loaded.meta['step']}). Load it with:\n"
           f"  transformers.AutoModelForCausalLM.from_pretrained({args.out!r})", file=out)
     if "tokenizer.json" not in written:
@@ -509,9 +536,18 @@ def cmd_export_hf(args, out=None) -> int:
     return 0
 
 
+def cmd_upgrade(args, out=None) -> int:
+    """`minitx upgrade`: rewrite a run of an older checkpoint format as the current one (`checkpoint.upgrade`)."""
+    from minitx_fn import checkpoint
+    version, path = checkpoint.upgrade(args.run_dir)
+    print(f"Upgraded {path} from format {version} to format {checkpoint.FORMAT_VERSION}", file=out or sys.stdout)
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "attention": cmd_attention, "plot": cmd_plot,
             "data": cmd_data, "prepare": cmd_prepare, "import-hf": cmd_import_hf,
-            "import-gpt2": cmd_import_hf, "export-hf": cmd_export_hf, "export-gpt2": cmd_export_hf}
+            "import-gpt2": cmd_import_hf, "export-hf": cmd_export_hf, "export-gpt2": cmd_export_hf,
+            "upgrade": cmd_upgrade}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,27 @@
-"""Model and training configuration: frozen, hashable, validated on construction.
+"""Values: frozen, hashable, validated on construction.
 
-The configs are frozen dataclasses, so they hash by value and can be passed as
-static arguments to `jax.jit`: two equal configs reuse one compiled function.
-Sizes and flags live here, never as leaves of the parameter pytree.
+A model is a value: its config (the dataclass fields) and its pure functions (the
+methods), `LanguageModel`'s contract. The built-in GPT / Llama family is one such
+value, `ModelConfig`; a model of one's own is another, a subclass that overrides a
+block (`tests/variants.py` holds two) or a `LanguageModel` written from scratch.
+Everything that consumes a model (the train step, evaluation, the job, checkpoints,
+generation, speculative decoding, LoRA, memory estimates) takes the value and calls
+its methods, never a function of the built-in by name.
 
-    ModelConfig       the model's sizes and choices
+    LanguageModel     the contract every model value keeps
+    ModelConfig       the built-in model: sizes and choices, and its functions (`model.py`)
+    AttentionSpec     one attention layer's options, as the layer takes them
+    BlockSpec         one block's options: its attention's, its norm's and its MLP's
+    RopeScaling       stretched rotary frequencies
     OptimizerConfig   what the train step reads: AdamW, its schedule, clipping
-    TrainConfig       a run: its steps, batch, seed and cadence, and its OptimizerConfig's fields
+    LoraConfig        low-rank adapters
+    TrainConfig       a run's steps, batch, seed and cadence, with its optimizer and LoRA nested
 
-No JAX is imported here (nor in `defaults.py`): the command line reads these
-defaults for its help without starting JAX.
+They hash by value, so they pass as static arguments to `jax.jit`: two equal
+configs reuse one compiled function. Sizes and flags live here, never as leaves of
+the parameter pytree. No JAX is imported by this module (nor by `defaults.py`): the
+command line reads these defaults for its help without starting JAX; the methods
+that compute import it when called.
 """
 
 from __future__ import annotations
@@ -65,6 +77,16 @@ def _number(value: Any) -> bool:
 
 def _positive_int(field: str, value: Any, limit: int = INT32_MAX) -> None:
     _require(_whole(value) and 1 <= value <= limit, field, value, f"it must be a whole number in [1, {limit:,}]")
+
+
+def _key_value_heads(config) -> None:
+    """Fill in and check a config's n_kv_heads (None: n_heads), which must divide n_heads."""
+    if config.n_kv_heads is None:
+        object.__setattr__(config, "n_kv_heads", config.n_heads)
+    _positive_int("n_kv_heads", config.n_kv_heads)
+    _require(config.n_heads % config.n_kv_heads == 0, "n_kv_heads", config.n_kv_heads,
+             "it must divide {heads} (each key/value head serves a group of query heads)",
+             heads=("n_heads", config.n_heads))
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:
@@ -144,9 +166,126 @@ class RopeScaling:
                      "it must be True or False")
 
 
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
-    """Sizes of the language model. Dimension letters: V, D, H, F, L, S.
+class AttentionSpec:
+    """One attention layer's options (`layers/attention.py` takes it whole): what used
+    to travel as a keyword each through every signature.
+
+    Example:
+        >>> AttentionSpec(n_heads=4, n_kv_heads=2).groups
+        2
+    """
+
+    n_heads: int                         # H: query heads
+    n_kv_heads: int | None = None        # G: key/value heads, dividing H; None means H
+    rope_theta: float | None = None      # rotary base; None: no rotary positions (q and k are not turned)
+    rope_scaling: RopeScaling | None = None   # stretched rotary frequencies (rotary only)
+    impl: str = "einsum"                 # "einsum" (the maths written out) or "dot_product_attention"
+    query_block: int = 0                 # causal self-attention in blocks of this many query rows; 0: one block
+    dropout: float = 0.0                 # on the attention weights, in training (with a key)
+    dtype: str | None = None             # compute dtype of the matmuls; None keeps the parameters'
+    bias: bool = True                    # a bias on the output projection
+    qkv_bias: bool | None = None         # a bias on the fused q, k, v projection; None follows `bias`
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        _positive_int("n_heads", self.n_heads)
+        _key_value_heads(self)
+        _require(self.impl in defaults.ATTENTION_IMPLS, "attention", self.impl,
+                 f"choose one of {list(defaults.ATTENTION_IMPLS)}")
+        if self.qkv_bias is None:
+            object.__setattr__(self, "qkv_bias", self.bias)
+
+    @property
+    def groups(self) -> int:
+        """R = H / G, the query heads that share one key/value head."""
+        return self.n_heads // self.n_kv_heads
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSpec:
+    """One pre-norm block's options (`layers/block.py` takes it whole).
+
+    Example:
+        >>> BlockSpec(attention=AttentionSpec(n_heads=2), norm="rmsnorm").mlp
+        'gelu'
+    """
+
+    attention: AttentionSpec
+    norm: str = "layernorm"      # "layernorm" or "rmsnorm" (both norms of the block)
+    mlp: str = "gelu"            # "gelu" or "swiglu"
+    eps: float = 1e-5            # the norms' epsilon
+    dropout: float = 0.0         # on both residual branches, in training (with a key)
+    dtype: str | None = None     # compute dtype of the MLP's matmuls; None keeps the parameters'
+    bias: bool = True            # biases in the MLP
+
+    def __post_init__(self) -> None:
+        _require(self.norm in defaults.NORMS, "norm", self.norm, f"choose one of {list(defaults.NORMS)}")
+        _require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
+
+
+class LanguageModel:
+    """The contract every model value keeps; the machinery (training, evaluation, runs,
+    resume, cached and speculative decoding, LoRA, `testing.check_model`) asks nothing else.
+
+    A model is a frozen, hashable dataclass (its fields are its config, so it is a
+    static argument of `jax.jit`, and a run stores it as JSON) with these fields and methods:
+
+        vocab_size: int | None    V; None until a tokenizer gives it (`job` fills it in with `replace`)
+        max_len: int              S, the context: the longest sequence it reads
+        init(key) -> params       a pytree of arrays
+        apply(params, tokens, *, positions=None, mask=None, key=None) -> logits
+            tokens (B, T) int -> (B, T, V) next-token logits; positions (B|1, T), default
+            0 .. T - 1; mask broadcastable to (B, 1, T, T), True where query t may read key
+            s, default causal; key: dropout (training), None for none
+        init_cache(batch, slots) -> cache       an empty cache of `slots` positions per row
+        apply_cached(params, tokens, cache, *, index) -> (logits, cache)
+            tokens (B, T) of row b at slots index[b] .. index[b] + T - 1 (index (B,) int),
+            each reading the row's slots up to its own; it must equal `apply` on the row's
+            whole sequence (`testing.check_model` holds a model to it)
+
+    The methods below have defaults a model may override. A run records the model's
+    class as `module:qualname` (`code`) and its fields; loading imports that class only
+    with the caller's consent (`checkpoint.load(..., trust_code=True)`).
+    """
+
+    def decode_params(self, params):
+        """params in the form `apply_cached` reads fastest inside a decode loop, made once
+        per generation (the built-in unstacks its blocks); default: as they are."""
+        return params
+
+    def with_context(self, params, max_len: int):
+        """The parameters of the same model for a context of at most `max_len` (what a
+        fine-tuning run with a shorter max_len starts from); default: as they are."""
+        return params
+
+    def lora_paths(self, targets: str) -> tuple[str, ...]:
+        """Tree paths ("blocks/attn/qkv") of the linear layers ({"w": (..., D_in, D_out)})
+        that LoRA may adapt under `targets` (a key of defaults.LORA_TARGETS); default: none."""
+        return ()
+
+    @property
+    def code(self) -> str:
+        """Where the model's class is defined, as `module:qualname` (what a run records)."""
+        return f"{type(self).__module__}:{type(self).__qualname__}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig(LanguageModel):
+    """The built-in model: GPT-2 and Llama are two configurations of it (`defaults.ARCHS`).
+    Its fields are its sizes and choices (dimension letters V, D, H, F, L, S); its
+    methods are `model.py`'s functions, and its blocks are three methods a subclass may
+    override (`init_block`, `apply_block`, `apply_block_cached`, with `init_block_cache`
+    for a cache of its own), so a block of one's own gets every other part of the model
+    and all of the machinery (`tests/variants.py`: ALiBi, a parallel block).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=65, d_model=128, n_heads=4, n_layers=4, max_len=64)
@@ -154,7 +293,9 @@ class ModelConfig:
         (512, 32)
     """
 
-    vocab_size: int                 # V: rows of the embedding, the tokenizer's ids (an imported table may have more)
+    # V: rows of the embedding, the tokenizer's ids (an imported table may have more);
+    # None until a tokenizer gives it (a job's model is built before its data is prepared).
+    vocab_size: int | None = None
     d_model: int = 64               # D: width of the residual stream
     n_heads: int = 4                # H: attention heads; D must be a multiple of H
     n_layers: int = 2               # L: residual blocks
@@ -187,7 +328,9 @@ class ModelConfig:
     dropout: float = 0.0
     # How the model knows word order: "sinusoidal" adds the fixed table of
     # layers/positional.py (no parameters); "learned" adds a trained (S, D) table, one
-    # row per position, initialised at init_std (GPT-2's choice).
+    # row per position, initialised at init_std (GPT-2's choice); "rotary" turns q and
+    # k by position in every attention layer; "none" adds nothing (causal masking
+    # alone tells order apart, or a block of one's own adds it, as ALiBi does).
     positions: str = "sinusoidal"
     # True: the output head is the token embedding read backwards, logits = x E^T, with
     # no head parameters and no bias (GPT-2's choice); False: a (D, V) matrix and bias.
@@ -207,7 +350,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
-        for name in ("vocab_size", "d_model", "n_heads", "n_layers", "max_len"):
+        if self.vocab_size is not None:
+            _positive_int("vocab_size", self.vocab_size)
+        for name in ("d_model", "n_heads", "n_layers", "max_len"):
             _positive_int(name, getattr(self, name))
         _require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
         if self.d_ff is None:
@@ -218,12 +363,7 @@ class ModelConfig:
             "it must be divisible by {heads}; try {suggestion}", heads=("n_heads", self.n_heads),
             suggestion=("d_model", self.n_heads * max(1, round(self.d_model / self.n_heads))),
         )
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        _positive_int("n_kv_heads", self.n_kv_heads)
-        _require(self.n_heads % self.n_kv_heads == 0, "n_kv_heads", self.n_kv_heads,
-                 "it must divide {heads} (each key/value head serves a group of query heads)",
-                 heads=("n_heads", self.n_heads))
+        _key_value_heads(self)
         _require(self.norm in defaults.NORMS, "norm", self.norm, f"choose one of {list(defaults.NORMS)}")
         for name in ("bias", "tie_embeddings"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "it must be True or False")
@@ -288,25 +428,111 @@ class ModelConfig:
     def compute_dtype(self):
         """The jnp dtype named by the field `dtype`: what the matmuls compute in."""
         import jax.numpy as jnp
-        return getattr(jnp, self.dtype)
+        return jnp.dtype(self.dtype)
 
     @property
     def storage_dtype(self):
         """The jnp dtype named by the field `param_dtype`: what parameters are stored in."""
         import jax.numpy as jnp
-        return getattr(jnp, self.param_dtype)
+        return jnp.dtype(self.param_dtype)
 
     @property
     def residual_dtype(self):
-        """dtype of the residual stream, layer norms and logits: at least float32."""
-        from minitx_fn.layers import at_least_float32
-        return at_least_float32(self.storage_dtype)
+        """dtype of the residual stream, layer norms and logits: at least float32
+        (float64 with float64 parameters)."""
+        import jax.numpy as jnp
+        return jnp.dtype("float64" if self.param_dtype == "float64" else "float32")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+    @property
+    def attention_spec(self) -> AttentionSpec:
+        """The options every attention layer of this model takes."""
+        return AttentionSpec(n_heads=self.n_heads, n_kv_heads=self.n_kv_heads,
+                             rope_theta=self.rope_theta if self.positions == "rotary" else None,
+                             rope_scaling=self.rope_scaling, impl=self.attention, query_block=self.attention_block,
+                             dropout=self.dropout, dtype=self.dtype, bias=self.bias, qkv_bias=self.qkv_bias)
 
-    def replace(self, **changes) -> "ModelConfig":
-        return dataclasses.replace(self, **changes)
+    @property
+    def block_spec(self) -> BlockSpec:
+        """The options every block of this model takes.
+
+        Example:
+            >>> ModelConfig(vocab_size=5, n_heads=2, norm="rmsnorm").block_spec.attention.n_heads
+            2
+        """
+        return BlockSpec(attention=self.attention_spec, norm=self.norm, mlp=self.mlp, eps=self.ln_eps,
+                         dropout=self.dropout, dtype=self.dtype, bias=self.bias)
+
+    # -- the model's functions (`model.py` holds them; help(minitx_fn.model) says what each does)
+
+    def init(self, key):
+        """Fresh parameters: `model.init`."""
+        from minitx_fn import model
+        return model.init(key, self)
+
+    def apply(self, params, tokens, *, positions=None, mask=None, key=None):
+        """tokens (B, T) -> logits (B, T, V): `model.apply`."""
+        from minitx_fn import model
+        return model.apply(params, tokens, config=self, positions=positions, mask=mask, key=key)
+
+    def init_cache(self, batch: int, slots: int | None = None):
+        """An empty cache of L layers' keys and values: `model.init_cache`."""
+        from minitx_fn import model
+        return model.init_cache(self, batch, slots)
+
+    def apply_cached(self, params, tokens, cache, *, index):
+        """tokens (B, T) at slots index[b] ..: `model.apply_cached`."""
+        from minitx_fn import model
+        return model.apply_cached(params, tokens, cache, config=self, index=index)
+
+    def decode_params(self, params):
+        """The blocks unstacked, one tree per layer (`model.unstack_blocks`): a stacked
+        layer's slice, read inside the decode loop, is copied every token on XLA:CPU."""
+        from minitx_fn import model
+        return model.unstack_blocks(params)
+
+    def with_context(self, params, max_len: int):
+        """Learned positions keep their first max_len rows (`model.with_context`)."""
+        from minitx_fn import model
+        return model.with_context(params, max_len)
+
+    def lora_paths(self, targets: str) -> tuple[str, ...]:
+        """The blocks' linear layers of defaults.LORA_TARGETS[targets] that this model has
+        (a GELU MLP has no gate).
+
+        Example:
+            >>> ModelConfig(vocab_size=5).lora_paths("all")
+            ('blocks/attn/qkv', 'blocks/attn/out', 'blocks/mlp/up', 'blocks/mlp/down')
+        """
+        return tuple("blocks/" + p for p in defaults.LORA_TARGETS[targets] if p != "mlp/gate" or self.mlp == "swiglu")
+
+    # -- one block: what a model of one's own overrides (the defaults are `layers/block.py`'s pre-norm block)
+
+    def init_block(self, key):
+        """One block's parameters (`model.init` makes L of them, stacked on a leading axis).
+        The projections that write into the residual stream start smaller, by
+        1/sqrt(2 L) (GPT-2), so the stream's variance does not grow with depth."""
+        from minitx_fn.layers import block
+        return block.init(key, self.block_spec, d_model=self.d_model, d_ff=self.d_ff, std=self.init_std,
+                          out_std=self.init_std / math.sqrt(2 * self.n_layers), dtype=self.storage_dtype)
+
+    def apply_block(self, params, x, *, positions, mask=None, key=None):
+        """x (B, T, D) -> (B, T, D) through one block; positions (B|1, T), mask as in
+        `apply` (None: causal), key: dropout."""
+        from minitx_fn.layers import block
+        return block.apply(params, x, self.block_spec, positions=positions, mask=mask, key=key)
+
+    def apply_block_cached(self, params, x, cache, *, index, positions, mask):
+        """x (B, T, D) of row b at slots index[b] .. index[b] + T - 1 of this layer's
+        cache -> (y (B, T, D), cache). positions (B, T) = index[b] + t; mask (B, 1, T, S),
+        True where query t may read slot s."""
+        from minitx_fn.layers import block
+        return block.apply_cached(params, x, cache, self.block_spec, index=index, mask=mask)
+
+    def init_block_cache(self, batch: int, slots: int):
+        """One layer's empty cache: keys and values (B, S, G, K) in the compute dtype."""
+        from minitx_fn.layers import attention
+        return attention.init_cache(self.attention_spec, batch, slots, head_dim=self.head_dim,
+                                    dtype=self.compute_dtype)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -347,11 +573,8 @@ class OptimizerConfig:
         _require(_number(self.grad_clip) and self.grad_clip > 0, "grad_clip", self.grad_clip,
                  "it must be a number in (0, 3.4e38]")
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-OPTIMIZER_FIELDS = tuple(f.name for f in dataclasses.fields(OptimizerConfig))
+    def replace(self, **changes) -> "OptimizerConfig":
+        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -362,43 +585,68 @@ class LoraConfig:
 
     Example:
         >>> c = LoraConfig(rank=8, alpha=16.0)
-        >>> c.scale, c.paths
-        (2.0, ('attn/qkv', 'attn/out'))
+        >>> c.scale, c.targets
+        (2.0, 'attn')
     """
+
+    MESSAGE_NAMES = {"rank": "lora_rank", "alpha": "lora_alpha", "targets": "lora_targets"}   # how errors name them
 
     rank: int                       # R: the adapters' inner width
     alpha: float | None = None      # the update is scaled by alpha / rank; None means alpha = rank (a scale of 1)
-    targets: str = "attn"           # which linear layers: a key of defaults.LORA_TARGETS
+    targets: str = "attn"           # which linear layers: a key of defaults.LORA_TARGETS (the model's lora_paths)
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
-        _positive_int("lora_rank", self.rank)
+        names = self.MESSAGE_NAMES
+        _positive_int(names["rank"], self.rank)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.rank))
-        _require(_number(self.alpha) and self.alpha > 0, "lora_alpha", self.alpha, "it must be a number in (0, 3.4e38]")
-        _require(self.targets in defaults.LORA_TARGETS, "lora_targets", self.targets,
+        _require(_number(self.alpha) and self.alpha > 0, names["alpha"], self.alpha,
+                 "it must be a number in (0, 3.4e38]")
+        _require(self.targets in defaults.LORA_TARGETS, names["targets"], self.targets,
                  f"choose one of {list(defaults.LORA_TARGETS)}")
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    @property
-    def paths(self) -> tuple[str, ...]:
-        """The targeted linear layers, as paths inside one block's parameter tree (those a
-        model has: `lora.targets`)."""
-        return defaults.LORA_TARGETS[self.targets]
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _nested(cls, value: Any, name: str, fill: dict | None = None):
+    """A nested config from itself, or from a dict of its fields (meta.json's form, a
+    job's settings) with `fill` for what the dict leaves out; ConfigError for anything else."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        article = "an" if cls.__name__[0] in "AEIOU" else "a"
+        raise ConfigError(f"{{{name}}} must be {article} {cls.__name__} or a dict of its fields, not {type(value).__name__}",
+                          **{name: (name, value)})
+    fields = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(f"{name} has no settings {unknown}; {cls.__name__}'s fields are {fields}")
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and
+                f.name not in value and f.name not in (fill or {})]
+    if required:                        # named as the class's own messages name them (LoraConfig: lora_rank)
+        names = getattr(cls, "MESSAGE_NAMES", {})
+        raise ConfigError(f"{name} needs " + " and ".join("{%s}" % f for f in required),
+                          **{f: (names.get(f, f"{name}.{f}"), "N") for f in required})
+    return cls(**{**(fill or {}), **value})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """A training run: its length, batch, seed and cadence, and the optimiser's settings
-    (`.optimizer`, the part the train step reads; the defaults are OptimizerConfig's).
+    """A training run: its length, batch, seed and cadence, with the optimiser (the part
+    the train step reads) and LoRA nested, each a config of its own.
 
     Example:
         >>> tc = TrainConfig(steps=100)
-        >>> tc.decay_steps, tc.warmup, tc.optimizer == TrainConfig(steps=100, log_every=5).optimizer
-        (100, 10, True)
+        >>> tc.optimizer.decay_steps, tc.optimizer.warmup, tc.lora
+        (100, 10, None)
+        >>> TrainConfig(steps=100, optimizer={"lr": 3e-3}, lora={"rank": 4}).lora.alpha
+        4.0
     """
 
     steps: int = 500                # train steps to run in total
@@ -407,26 +655,18 @@ class TrainConfig:
     eval_every: int = 250           # validation every N steps (and at the end)
     save_every: int = 500           # checkpoint every N steps (and at the end)
     log_every: int = 100            # print and record the loss every N steps
-    eval_tokens: int | None = None  # validate on a fixed sample of about N tokens; None: the whole split
+    # Validate on a fixed sample of about N tokens (the whole split when it holds fewer); None: the whole split.
+    eval_tokens: int | None = defaults.DEFAULT_EVAL_TOKENS
     # Gradient accumulation: the batch of B sequences runs as this many micro-batches of
     # B / grad_accum, their gradients averaged before one update (the same update, in
     # less memory; dropout masks are drawn per micro-batch).
     grad_accum: int = 1
-    # LoRA: lora_rank > 0 trains low-rank adapters on a frozen copy of the parameters of the
-    # run it starts from (LoraConfig says what each field means); 0 trains every parameter.
-    lora_rank: int = 0
-    lora_alpha: float | None = None
-    lora_targets: str = "attn"
-    # The optimiser (OptimizerConfig's fields and defaults; decay_steps None means `steps`,
-    # warmup None OptimizerConfig's, but at most a tenth of decay_steps).
-    lr: float = OptimizerConfig.lr
-    min_lr: float | None = None
-    warmup: int | None = None
-    decay_steps: int | None = None
-    b1: float = OptimizerConfig.b1
-    b2: float = OptimizerConfig.b2
-    weight_decay: float = OptimizerConfig.weight_decay
-    grad_clip: float = OptimizerConfig.grad_clip
+    # The optimiser: an OptimizerConfig, or a dict of its fields, where decay_steps
+    # defaults to `steps` and warmup to OptimizerConfig's, but at most a tenth of decay_steps.
+    optimizer: OptimizerConfig | None = None
+    # LoRA: a LoraConfig (or a dict of its fields) trains low-rank adapters on a frozen
+    # copy of the parameters of the run it starts from; None trains every parameter.
+    lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
         _plain_numbers(self)
@@ -435,35 +675,16 @@ class TrainConfig:
         if self.eval_tokens is not None:
             _positive_int("eval_tokens", self.eval_tokens)
         _positive_int("grad_accum", self.grad_accum)
-        _require(_whole(self.lora_rank) and 0 <= self.lora_rank <= INT32_MAX, "lora_rank", self.lora_rank,
-                 "it must be a whole number: 0 for none, or the adapters' rank")
-        self.lora                                                          # validates the LoRA fields
         _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
                  "it must divide {batch}: each micro-batch has batch_size / grad_accum sequences",
                  batch=("batch_size", self.batch_size))
         _require(_whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
                  f"it must be a whole number in [0, {SEED_MAX}]")
-        if self.decay_steps is None:
-            object.__setattr__(self, "decay_steps", self.steps)
-        if self.warmup is None and _whole(self.decay_steps):
-            object.__setattr__(self, "warmup", min(OptimizerConfig.warmup, self.decay_steps // 10))
-        object.__setattr__(self, "min_lr", self.optimizer.min_lr)        # validates the optimiser's fields
-
-    @property
-    def optimizer(self) -> OptimizerConfig:
-        """The settings the train step reads: runs that differ only in their cadence
-        (steps, batch_size, eval/save/log_every, eval_tokens) share one compiled step."""
-        return OptimizerConfig(**{name: getattr(self, name) for name in OPTIMIZER_FIELDS})
-
-    @property
-    def lora(self) -> LoraConfig | None:
-        """The adapters this run trains, or None when it trains every parameter."""
-        if self.lora_rank == 0:
-            _require(self.lora_alpha is None and self.lora_targets == "attn", "lora_alpha" if self.lora_alpha
-                     is not None else "lora_targets", self.lora_alpha if self.lora_alpha is not None
-                     else self.lora_targets, "it needs {rank}", rank=("lora_rank", "R"))
-            return None
-        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, targets=self.lora_targets)
+        given = {} if self.optimizer is None else self.optimizer
+        decay = given.get("decay_steps", self.steps) if isinstance(given, dict) else None
+        fill = {"decay_steps": decay, "warmup": min(OptimizerConfig.warmup, decay // 10) if _whole(decay) else 0}
+        object.__setattr__(self, "optimizer", _nested(OptimizerConfig, given, "optimizer", fill))
+        object.__setattr__(self, "lora", _nested(LoraConfig, self.lora, "lora"))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

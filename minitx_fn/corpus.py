@@ -140,14 +140,7 @@ class Corpus:
                   tokenizer: Tokenizer | None = None) -> "Corpus":
         """A text in memory, tokenized and split like a file: with a tokenizer of `kind`
         learned from it, or with `tokenizer` (a run's own)."""
-        if not isinstance(text, str) or not text:
-            raise DataError("the text is empty; give it some text to learn from" if text == "" else
-                            f"the text must be a str, not {type(text).__name__}")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:            # a lone surrogate: no Unicode text, and no file could hold it
-            raise DataError(f"the text is not valid Unicode (a lone surrogate {text[e.start]!r} at index "
-                            f"{e.start}); give text that UTF-8 can encode") from None
+        check_text(text)
         if tokenizer is None:
             check_choice(kind, vocab_size)
             tokenizer = tokenizers_.learn(kind, tokenizers_.Source(lambda: tokenizers_.code_points(text),
@@ -181,6 +174,24 @@ class Corpus:
         ids = ids.astype(ids_dtype(tokenizer.vocab_size))
         return cls(tokenizer, ids, train_boundary(len(ids)),
                    {"path": None, "sha256": hashlib.sha256(ids.astype("<u4").tobytes()).hexdigest()})
+
+
+def check_text(text) -> None:
+    """DataError unless `text` is a non-empty str that UTF-8 can encode.
+
+    Example:
+        >>> check_text(b"abc")
+        Traceback (most recent call last):
+        minitx_fn.errors.DataError: the text must be a str, not bytes
+    """
+    if not isinstance(text, str) or not text:
+        raise DataError("the text is empty; give it some text to learn from" if text == "" else
+                        f"the text must be a str, not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:            # a lone surrogate: no Unicode text, and no file could hold it
+        raise DataError(f"the text is not valid Unicode (a lone surrogate {text[e.start]!r} at index "
+                        f"{e.start}); give text that UTF-8 can encode") from None
 
 
 def builtin(kind: str = "char", vocab_size: int | None = None, tokenizer: Tokenizer | None = None) -> Corpus:

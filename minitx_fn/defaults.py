@@ -7,6 +7,8 @@ declares a number of its own.
 
 from __future__ import annotations
 
+import copy
+
 from minitx_fn.errors import ConfigError
 
 INT32_MAX = 2**31 - 1                  # step counters, token ids and batch offsets are int32
@@ -18,7 +20,7 @@ MAX_NEW_TOKENS = 1_000_000             # hours of decoding on a CPU already; the
 DTYPES = ("float32", "bfloat16", "float64")      # compute dtypes; parameters are stored in float32 or float64
 PARAM_DTYPES = ("float32", "float64")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
-POSITIONS = ("sinusoidal", "learned", "rotary")
+POSITIONS = ("sinusoidal", "learned", "rotary", "none")
 ROPE_THETA = 10000.0                   # the rotary base of RoFormer and Llama 1/2 (ModelConfig.rope_theta)
 # Scaled rotary positions (config.RopeScaling.kind) -> the fields each kind reads
 # besides `factor` (Hugging Face's rope_type of the same name; layers/rotary.py).
@@ -64,26 +66,26 @@ LORA_TARGETS = {"attn": ("attn/qkv", "attn/out"), "mlp": ("mlp/gate", "mlp/up", 
                 "all": ("attn/qkv", "attn/out", "mlp/gate", "mlp/up", "mlp/down")}
 
 # Presets: a model (ModelConfig fields but vocab_size, which the tokenizer gives) and
-# its training (TrainConfig fields). No preset sets min_lr: it is lr / 10 (nanoGPT's
-# 1e-4 at lr 1e-3), so a lower lr brings the end of the cosine down with it.
+# its training (TrainConfig fields, the optimizer's nested). No preset sets min_lr: it
+# is lr / 10 (nanoGPT's 1e-4 at lr 1e-3), so a lower lr brings the end of the cosine down with it.
 PRESETS = {
     # The built-in corpus: a small, fast model that learns the three-phrase cycle.
     "hello": {
         "model": {"d_model": 64, "n_layers": 2, "n_heads": 4, "max_len": 32, "dropout": 0.0},
-        "train": {"batch_size": 16, "steps": 500, "lr": 3e-3, "warmup": 50, "eval_every": 250, "save_every": 500,
-                  "log_every": 100},
+        "train": {"batch_size": 16, "steps": 500, "eval_every": 250, "save_every": 500, "log_every": 100,
+                  "optimizer": {"lr": 3e-3, "warmup": 50}},
     },
     # nanoGPT's CPU recipe for Tiny Shakespeare (its README, "baby GPT").
     "shakespeare-baby": {
         "model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_len": 64, "dropout": 0.0},
-        "train": {"batch_size": 12, "steps": 2000, "lr": 1e-3, "warmup": 100, "eval_every": 250, "save_every": 500,
-                  "log_every": 100},
+        "train": {"batch_size": 12, "steps": 2000, "eval_every": 250, "save_every": 500, "log_every": 100,
+                  "optimizer": {"lr": 1e-3, "warmup": 100}},
     },
     # nanoGPT's GPU recipe (config/train_shakespeare_char.py): 10.7M parameters, hours on 2 CPU cores.
     "shakespeare-char": {
         "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "max_len": 256, "dropout": 0.2},
-        "train": {"batch_size": 64, "steps": 5000, "lr": 1e-3, "warmup": 100, "eval_every": 250,
-                  "save_every": 1000, "log_every": 100},
+        "train": {"batch_size": 64, "steps": 5000, "eval_every": 250, "save_every": 1000, "log_every": 100,
+                  "optimizer": {"lr": 1e-3, "warmup": 100}},
     },
 }
 # The preset of a run that names none: hello on the built-in corpus, the baby recipe on a text.
@@ -100,4 +102,4 @@ def preset(name: str | None, *, has_data: bool) -> dict:
     name = name or (PRESET_TEXT if has_data else PRESET_BUILTIN)
     if name not in PRESETS:
         raise ConfigError(f"{{preset}} is unknown; choose one of {sorted(PRESETS)}", preset=("preset", name))
-    return {part: dict(values) for part, values in PRESETS[name].items()}
+    return copy.deepcopy(PRESETS[name])

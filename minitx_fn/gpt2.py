@@ -444,6 +444,9 @@ def export_files(params: dict, config: ModelConfig, tokenizer: Tokenizer) -> dic
     have GPT-2's shape (GPT2Error otherwise): learned positions, and tied embeddings
     (or an untied head with a zero bias, as an imported untied GPT-2 has)."""
     from minitx_fn import llama
+    if type(config) is not ModelConfig:
+        raise GPT2Error(f"the model {getattr(config, 'code', type(config).__name__)!r} is code of its own, with no "
+                        f"Hugging Face mapping; export-hf writes the built-in model's GPT-2, Llama and Qwen2 shapes")
     kind = llama.family(config)
     if kind is None:
         _check_gpt2_shape(params, config)
@@ -549,7 +552,7 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
     signals.check()
     key = "hf" if llama.family(config) else "gpt2"                          # checkpoint.IMPORTED
     created = not os.path.exists(run_dir)
-    job.new_run(run_dir, params, model_config=config, tokenizer=tokenizer, origin={key: os.path.abspath(hf_dir)},
+    job.new_run(run_dir, params, model=config, tokenizer=tokenizer, origin={key: os.path.abspath(hf_dir)},
                 log=log)
     try:
         signals.check()                  # a stop asked while the run was written: take the run back out
@@ -560,16 +563,17 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
     return config, model.count_params(params)
 
 
-def export_run(run_dir: str, out_dir: str):
+def export_run(run_dir: str, out_dir: str, *, trust_code: bool = False):
     """A run -> a new Hugging Face folder, a GPT-2, Llama or Qwen2 by the run's shape
     (`export_files`, `write_dir`): `minitx export-hf`. Returns the names of the files
-    written and the run's `checkpoint.Model`."""
+    written and the run's `checkpoint.Model`. A run of a model of one's own
+    (`trust_code` to load it) has no mapping: GPT2Error."""
     import jax
 
     from minitx_fn import checkpoint
     from minitx_fn.errors import StorageError
-    loaded = checkpoint.load_model(run_dir)
-    files = export_files(jax.device_get(loaded.params), loaded.config, loaded.tokenizer)
+    loaded = checkpoint.load_model(run_dir, trust_code=trust_code)
+    files = export_files(jax.device_get(loaded.params), loaded.model, loaded.tokenizer)
     signals.check()
     try:
         write_dir(out_dir, files)

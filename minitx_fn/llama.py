@@ -190,7 +190,7 @@ def _refused(hf: dict) -> tuple[str, str] | None:
     ]
     heads, width = hf.get("num_attention_heads"), hf.get("hidden_size")
     if hf.get("head_dim") is not None and isinstance(heads, int) and isinstance(width, int) and heads > 0:
-        checks.append(("head_dim", hf["head_dim"] == width // heads, f"must be hidden_size / num_attention_heads"))
+        checks.append(("head_dim", hf["head_dim"] == width // heads, "must be hidden_size / num_attention_heads"))
     return next(((key, need) for key, ok, need in checks if not ok), None)
 
 

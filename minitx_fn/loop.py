@@ -74,11 +74,11 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, steps:
         >>> import io, jax.numpy as jnp
         >>> from functools import partial
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
-        >>> tc = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=0, log_every=10)
+        >>> tc = TrainConfig(steps=20, batch_size=4, log_every=10, optimizer={"lr": 1e-2, "warmup": 0})
         >>> init_key, data_key, _ = train.keys(0)
         >>> out = io.StringIO()
         >>> result = fit(train.init_state(init_key, cfg, tc.optimizer), step=partial(train.train_step,
-        ...              model_config=cfg, optimizer_config=tc.optimizer), next_batch=lambda s: train.batch_at(
+        ...              model=cfg, optimizer_config=tc.optimizer), next_batch=lambda s: train.batch_at(
         ...              jnp.arange(40) % 5, data_key, s, batch_size=4, context=4), steps=tc.steps,
         ...              log_every=tc.log_every, out=out)
         >>> [line.split(',')[0] for line in out.getvalue().splitlines()]

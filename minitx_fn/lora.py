@@ -2,8 +2,9 @@
 
     W' = W + (alpha / R) A B        A (D_in, R), B (R, D_out); W (D_in, D_out) frozen
 
-Adapters are a pytree of their own that mirrors the targeted linear layers of the
-blocks (stacked on the leading L axis like the blocks themselves):
+Adapters are a pytree of their own that mirrors the targeted linear layers, the
+model's `lora_paths` (in the built-in model, those of the blocks, stacked on the
+leading L axis like the blocks themselves):
 
     {"blocks": {"attn": {"qkv": {"a": (L, D, R), "b": (L, R, 3D)},
                          "out": {"a": (L, D, R), "b": (L, R, D)}}}}      targets "attn"
@@ -29,61 +30,70 @@ import jax
 import jax.numpy as jnp
 
 from minitx_fn.config import LoraConfig
+from minitx_fn.errors import ConfigError
+
+
+def _node(tree, path: str):
+    """The subtree at a path "a/b/c", or None where the tree has no such path."""
+    for key in path.split("/"):
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
 
 
 def weight(params: dict, path: str):
-    """The stacked weight W (L, D_in, D_out) of the blocks' layer at `path` (a
-    `targets` entry, e.g. "attn/qkv").
+    """The weight W (..., D_in, D_out) of the linear layer at `path` (one of a model's
+    `lora_paths`, e.g. "blocks/attn/qkv": stacked (L, D, 3D) in the built-in model).
 
     Example:
-        >>> weight({"blocks": {"attn": {"qkv": {"w": jnp.ones((2, 8, 24))}}}}, "attn/qkv").shape
+        >>> weight({"blocks": {"attn": {"qkv": {"w": jnp.ones((2, 8, 24))}}}}, "blocks/attn/qkv").shape
         (2, 8, 24)
     """
-    tree = params["blocks"]
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree["w"]
+    return _node(params, path)["w"]
 
 
-def targets(params: dict, config: LoraConfig) -> tuple[str, ...]:
-    """The config's paths that `params` has: "mlp/gate" exists in a SwiGLU model only.
+def targets(model, params: dict, config: LoraConfig) -> tuple[str, ...]:
+    """The paths of the linear layers `config` adapts: model.lora_paths(config.targets),
+    those of them `params` has. ConfigError when there are none (a model of one's own
+    that names no matrices, or a targets choice that finds none of them).
 
     Example:
+        >>> from minitx_fn import ModelConfig
         >>> params = {"blocks": {"mlp": {"up": {"w": jnp.ones((1, 2, 8))}, "down": {"w": jnp.ones((1, 8, 2))}}}}
-        >>> targets(params, LoraConfig(rank=1, targets="mlp"))
-        ('mlp/up', 'mlp/down')
+        >>> targets(ModelConfig(vocab_size=5), params, LoraConfig(rank=1, targets="mlp"))
+        ('blocks/mlp/up', 'blocks/mlp/down')
     """
-    def has(path):
-        tree = params["blocks"]
-        for key in path.split("/"):
-            if key not in tree:
-                return False
-            tree = tree[key]
-        return True
-    return tuple(path for path in config.paths if has(path))
+    paths = tuple(p for p in model.lora_paths(config.targets) if isinstance(_node(params, p), dict)
+                  and "w" in _node(params, p))
+    if not paths:
+        raise ConfigError(f"{{targets}} finds no matrices LoRA may adapt in {model.code} (its lora_paths "
+                          f"{list(model.lora_paths(config.targets))}); choose other targets, or give the model a "
+                          f"lora_paths method", targets=("lora_targets", config.targets))
+    return paths
 
 
-def init(key: jax.Array, params: dict, config: LoraConfig) -> dict:
-    """Fresh adapters for `params` (a model's tree, or its jax.eval_shape): for each
-    targeted layer of the stacked blocks, A ~ Normal(0, 1 / D_in) and B = 0, in the
-    weight's dtype. One subkey per targeted layer.
+def init(key: jax.Array, params: dict, paths: tuple[str, ...], rank: int) -> dict:
+    """Fresh adapters of this rank for the linear layers at `paths` of `params` (a
+    model's tree, or its jax.eval_shape): for each, A ~ Normal(0, 1 / D_in) and B = 0,
+    in the weight's dtype, with the weight's leading axes (the L stacked blocks). One
+    subkey per layer.
 
     Example:
         >>> params = {"blocks": {"attn": {"qkv": {"w": jnp.ones((2, 8, 24))}, "out": {"w": jnp.ones((2, 8, 8))}}}}
-        >>> ad = init(jax.random.key(0), params, LoraConfig(rank=4))
+        >>> ad = init(jax.random.key(0), params, ("blocks/attn/qkv", "blocks/attn/out"), 4)
         >>> ad["blocks"]["attn"]["qkv"]["a"].shape, ad["blocks"]["attn"]["qkv"]["b"].shape
         ((2, 8, 4), (2, 4, 24))
     """
     adapters: dict = {}
-    paths = targets(params, config)
     for path, k in zip(paths, jax.random.split(key, len(paths))):
-        w = weight(params, path)                                              # (L, D_in, D_out)
+        w = weight(params, path)                                              # (..., D_in, D_out)
         *lead, d_in, d_out = w.shape
-        a = jax.random.normal(k, (*lead, d_in, config.rank), w.dtype) / jnp.sqrt(jnp.asarray(d_in, w.dtype))
-        node = adapters.setdefault("blocks", {})
+        a = jax.random.normal(k, (*lead, d_in, rank), w.dtype) / jnp.sqrt(jnp.asarray(d_in, w.dtype))
+        node = adapters
         for part in path.split("/"):
             node = node.setdefault(part, {})
-        node.update(a=a, b=jnp.zeros((*lead, config.rank, d_out), w.dtype))
+        node.update(a=a, b=jnp.zeros((*lead, rank, d_out), w.dtype))
     return adapters
 
 

@@ -16,30 +16,39 @@ import jax
 import numpy as np
 
 from minitx_fn import lora as lora_lib
-from minitx_fn import model
-from minitx_fn.config import LoraConfig, ModelConfig
+from minitx_fn.config import LanguageModel, LoraConfig, ModelConfig
 from minitx_fn.errors import MemoryBudgetError
 
 
-def param_count(config: ModelConfig) -> int:
-    """Parameters of the model, from the config alone: the shapes `model.init` would
+def param_count(model: LanguageModel) -> int:
+    """Parameters of the model, from the model value alone: the shapes its `init` would
     make (`jax.eval_shape`: traced, no arrays built, whatever the size).
 
     Example:
         >>> param_count(ModelConfig(vocab_size=13, d_model=64, n_heads=4, n_layers=2))   # the README's tree
         101773
     """
-    return _count(jax.eval_shape(model.init, jax.random.key(0), config))
+    return _count(_shapes(model))
+
+
+def _shapes(model: LanguageModel):
+    return jax.eval_shape(model.init, jax.random.key(0))
 
 
 def _count(shapes) -> int:
     return sum(math.prod(a.shape) for a in jax.tree.leaves(shapes))
 
 
-def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None = None, accumulate: int = 1) -> int:
+def _bytes(shapes) -> int:
+    return sum(math.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(shapes))
+
+
+def training_bytes(model: LanguageModel, batch_size: int, lora: LoraConfig | None = None, accumulate: int = 1) -> int:
     """Parameters, gradients and two Adam moments, the batch's ids (inputs and targets),
-    plus one layer's activations and the logits of a micro-batch (batch_size /
-    accumulate rows, `TrainConfig.grad_accum`): what one train step must hold at once.
+    plus the logits of a micro-batch (batch_size / accumulate rows,
+    `TrainConfig.grad_accum`) and, for the built-in model, one layer's activations:
+    what one train step must hold at once (for a model of one's own, without its
+    activations: still a lower bound).
 
     With `lora`, the weights part is the frozen base once, the gradient of every adapted
     weight (merging in front of the model forms it, `lora.py`) and the adapters with
@@ -52,34 +61,35 @@ def training_bytes(config: ModelConfig, batch_size: int, lora: LoraConfig | None
         >>> training_bytes(cfg, 16, LoraConfig(rank=4)) < training_bytes(cfg, 16)
         True
     """
-    c = config
-    word = np.dtype(c.param_dtype).itemsize
-    shapes = jax.eval_shape(model.init, jax.random.key(0), c)
+    shapes = _shapes(model)
     if lora is None:
-        weights = 4 * _count(shapes)
+        weights = 4 * _bytes(shapes)
     else:
-        adapters = jax.eval_shape(lambda k: lora_lib.init(k, shapes, lora), jax.random.key(0))
-        adapted = sum(math.prod(lora_lib.weight(shapes, path).shape) for path in lora_lib.targets(shapes, lora))
-        weights = _count(shapes) + adapted + 4 * _count(adapters)
-    b, t = batch_size // accumulate, c.max_len
-    scores = b * c.n_heads * t * min(t, c.attention_block or t)        # one block of attention scores
-    activations = b * t * (6 * c.d_model + c.d_ff) + scores + 2 * b * t * c.vocab_size
-    return weights * word + activations * 4 + 2 * batch_size * t * 4
+        paths = lora_lib.targets(model, shapes, lora)
+        adapters = jax.eval_shape(lambda k: lora_lib.init(k, shapes, paths, lora.rank), jax.random.key(0))
+        adapted = sum(_bytes(lora_lib.weight(shapes, path)) for path in paths)
+        weights = _bytes(shapes) + adapted + 4 * _bytes(adapters)
+    b, t = batch_size // accumulate, model.max_len
+    activations = 2 * b * t * model.vocab_size                           # the logits and their gradient
+    if isinstance(model, ModelConfig):
+        c = model
+        scores = b * c.n_heads * t * min(t, c.attention_block or t)       # one block of attention scores
+        activations += b * t * (6 * c.d_model + c.d_ff) + scores
+    return weights + activations * 4 + 2 * batch_size * t * 4
 
 
-def generation_bytes(config: ModelConfig, batch: int, max_new_tokens: int) -> int:
-    """Parameters, the blocks again (`generate` unstacks them), the L (B, S, G, K) key and
-    value caches and the generated ids.
+def generation_bytes(model: LanguageModel, batch: int, max_new_tokens: int) -> int:
+    """Parameters (and the built-in model's blocks again: `decode_params` unstacks them
+    for the loop), the cache of max_len slots per row, and the generated ids.
 
     Example:
         >>> generation_bytes(ModelConfig(vocab_size=13, max_len=10**9), 1, 10) > 10**12
         True
     """
-    c = config
-    word = np.dtype(c.param_dtype).itemsize
-    shapes = jax.eval_shape(model.init, jax.random.key(0), c)
-    cache = 2 * c.n_layers * batch * c.max_len * c.n_kv_heads * c.head_dim * np.dtype(c.dtype).itemsize
-    return (_count(shapes) + _count(shapes["blocks"])) * word + cache + batch * max_new_tokens * 4
+    shapes = _shapes(model)
+    cache = jax.eval_shape(lambda: model.init_cache(batch, model.max_len))
+    copies = _bytes(shapes["blocks"]) if isinstance(model, ModelConfig) else 0
+    return _bytes(shapes) + copies + _bytes(cache) + batch * max_new_tokens * 4
 
 
 def available_bytes() -> int | None:

@@ -27,7 +27,6 @@ compiled program (and its compile time) does not grow with depth.
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,6 @@ import numpy as np
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import ConfigError
 from minitx_fn.layers import attention, block, dropout, embedding, linear, positional
-from minitx_fn.layers.attention import KVCache
 
 # ModelConfig.remat's choices (defaults.REMAT): what the backward pass may keep of a
 # block's forward pass; everything else it recomputes (`jax.checkpoint`).
@@ -50,7 +48,8 @@ REMAT_POLICIES = {
 
 @functools.partial(jax.jit, static_argnames="config")
 def init(key: jax.Array, config: ModelConfig) -> dict:
-    """Fresh parameters for `config`; one subkey per consumer, one per block.
+    """Fresh parameters for `config`; one subkey per consumer, one per block
+    (`config.init_block`, stacked on a leading L axis by vmap).
 
     Jitted: run eagerly, the few dozen random draws and the vmap over blocks would
     each compile on their own, which takes seconds even for a tiny model.
@@ -61,25 +60,15 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
         (2, 8, 24)
     """
     c = config
-    require_dtypes(c)
+    require_ready(c)
     # Four keys whether or not "pos" and "head" exist, so each part's draw depends on
     # the key alone, not on the other options.
     k_embed, k_blocks, k_head, k_pos = jax.random.split(key, 4)
-    block_keys = jax.random.split(k_blocks, c.n_layers)                    # (L,) keys
-    # GPT-2: the projections that write into the residual stream start smaller, by
-    # 1/sqrt(2 L), so the stream's variance does not grow with depth.
-    out_std = c.init_std / math.sqrt(2 * c.n_layers)
-
-    def init_block(k):
-        return block.init(k, d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_ff=c.d_ff,
-                          std=c.init_std, out_std=out_std, dtype=c.storage_dtype, norm=c.norm, mlp=c.mlp,
-                          bias=c.bias, qkv_bias=c.qkv_bias)
-
     params = {
         "embed": embedding.init(k_embed, vocab_size=c.vocab_size, d_model=c.d_model, std=c.embed_std,
                                 dtype=c.storage_dtype),
         # vmap over the keys stacks every leaf of the block tree on a leading L axis.
-        "blocks": jax.vmap(init_block)(block_keys),
+        "blocks": jax.vmap(c.init_block)(jax.random.split(k_blocks, c.n_layers)),
         "ln_f": block.NORMS[c.norm].init(d_model=c.d_model, dtype=c.storage_dtype),
     }
     if c.positions == "learned":       # an embedding of the positions 0 .. S - 1
@@ -104,49 +93,26 @@ def with_context(params: dict, max_len: int) -> dict:
     return {**params, "pos": {"table": params["pos"]["table"][:max_len]}}
 
 
-def require_dtypes(config: ModelConfig) -> None:
-    """ConfigError if the config asks for float64 while 64-bit JAX is off: a config built
-    inside `jax.enable_x64` and used outside it would otherwise run in float32 without a
-    word (JAX truncates float64 requests with only a warning). Checked when a function
-    that reads the config is traced.
+def require_ready(config: ModelConfig) -> None:
+    """ConfigError if the model cannot run yet: its vocab_size is still None (a job
+    fills it in from the tokenizer), or it asks for float64 while 64-bit JAX is off (a
+    config built inside `jax.enable_x64` and used outside it would otherwise run in
+    float32 without a word: JAX truncates float64 requests with only a warning).
+    Checked when a function that reads the config is traced.
 
     Example:
-        >>> require_dtypes(ModelConfig(vocab_size=5))          # float32: nothing to check
+        >>> require_ready(ModelConfig(vocab_size=5))          # float32: nothing to check
     """
     from minitx_fn.config import x64_enabled
+    if config.vocab_size is None:
+        raise ConfigError("{v} is not set: a model needs its vocabulary's size before it has parameters (job.train "
+                          "takes it from the tokenizer; give it to use the model yourself)", v=("vocab_size", None))
     for name in ("dtype", "param_dtype"):
         if getattr(config, name) == "float64" and not x64_enabled():
             raise ConfigError("{field} needs 64-bit JAX, which is off here: use the model inside the same "
                               "`with jax.enable_x64(True):` block that built its config, or turn 64-bit JAX on at "
                               "start-up (jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1)",
                               field=(name, "float64"))
-
-
-def block_args(config: ModelConfig) -> dict:
-    """The keyword arguments of `block.apply` that `config` sets: the one place the
-    model's config becomes a layer's arguments.
-
-    Example:
-        >>> sorted(block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2)))  # doctest: +NORMALIZE_WHITESPACE
-        ['attention_block', 'dropout_rate', 'dtype', 'eps', 'impl', 'mlp', 'n_heads', 'n_kv_heads', 'norm',
-         'rope_scaling', 'rope_theta']
-    """
-    c = config
-    return {**cached_block_args(c), "attention_block": c.attention_block, "dropout_rate": c.dropout}
-
-
-def cached_block_args(config: ModelConfig) -> dict:
-    """The keyword arguments of `block.apply_cached` that `config` sets (`block_args`
-    adds training's). rope_theta is None unless the positions are rotary.
-
-    Example:
-        >>> cached_block_args(ModelConfig(vocab_size=10, d_model=8, n_heads=2, positions="rotary"))["rope_theta"]
-        10000.0
-    """
-    c = config
-    return {"n_heads": c.n_heads, "n_kv_heads": c.n_kv_heads, "eps": c.ln_eps, "dtype": c.compute_dtype,
-            "impl": c.attention, "norm": c.norm, "mlp": c.mlp,
-            "rope_theta": c.rope_theta if c.positions == "rotary" else None, "rope_scaling": c.rope_scaling}
 
 
 def param_shapes(params: dict) -> dict:
@@ -203,7 +169,7 @@ def check_tokens(tokens, config: ModelConfig, *, max_len: int | None = None) -> 
 def _embed(params: dict, tokens: jax.Array, positions: jax.Array, c: ModelConfig) -> jax.Array:
     """(B, T) ids and (B|1, T) positions -> (B, T, D) in the residual dtype."""
     x = embedding.apply(params["embed"], tokens).astype(c.residual_dtype)         # (B, T, D)
-    if c.positions == "rotary":                                                   # the blocks turn q and k instead
+    if c.positions in ("rotary", "none"):              # the blocks turn q and k instead, or add nothing
         return x
     if c.positions == "learned":
         # Past the table (only a speculative round's rejected tail gets there) the last
@@ -233,6 +199,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     Logit t scores the token at t + 1 given tokens 0 .. t. key: dropout at
     config.dropout on the embeddings, the attention weights and both residual
     branches of every block (training); None, or a rate of 0, drops nothing.
+    Each block is `config.apply_block` (a subclass's own, where it has one).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
@@ -241,17 +208,19 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
         (2, 5, 5)
     """
     c = config
-    require_dtypes(c)
+    require_ready(c)
     check_tokens(tokens, c)
     if positions is None:
         positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]  # (1, T)
+    if not c.dropout:
+        key = None                                                       # nothing to drop: no keys to carry
     k_embed, k_blocks = (None, None) if key is None else jax.random.split(key)
     x = dropout.apply(_embed(params, tokens, positions, c), rate=c.dropout, key=k_embed)   # (B, T, D)
     block_keys = None if key is None else jax.random.split(k_blocks, c.n_layers)          # (L,): one per block
 
     def body(x, layer):                                                  # one block: (B, T, D) -> (B, T, D)
         block_params, block_key = layer
-        return block.apply(block_params, x, mask=mask, key=block_key, positions=positions, **block_args(c)), None
+        return c.apply_block(block_params, x, positions=positions, mask=mask, key=block_key), None
 
     # What the backward pass keeps of each block's forward pass, and what it
     # recomputes (REMAT_POLICIES; ModelConfig.remat says why). prevent_cse=False: inside a scan the loop
@@ -261,24 +230,9 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     return _logits(params, x, c)                                         # (B, T, V)
 
 
-@functools.lru_cache(maxsize=None)
-def apply_fn(config: ModelConfig):
-    """`apply` for `config` as a function (params, tokens) -> logits, the form evaluation
-    and generation take any model in: one function object per config, so what is jitted
-    with it as a static argument compiles once per config, not once per call.
-
-    Example:
-        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
-        >>> f = apply_fn(cfg)
-        >>> f is apply_fn(ModelConfig(vocab_size=5, d_model=8, n_heads=2)), f(init(jax.random.key(0), cfg),
-        ...     jnp.zeros((1, 3), jnp.int32)).shape
-        (True, (1, 3, 5))
-    """
-    return functools.partial(apply, config=config)
-
-
 def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
-    """tokens (B, T) -> attention weights (L, B, H, T, T) of every layer and head.
+    """tokens (B, T) -> attention weights (L, B, H, T, T) of every layer and head of the
+    built-in block (ConfigError for a model whose blocks are its own).
 
     Row t of a map is the distribution query t puts over keys 0 .. t. Computed
     alongside the ordinary forward pass, for pictures and tests, not for speed.
@@ -289,39 +243,37 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
         (2, 1, 2, 5, 5)
     """
     c = config
+    if getattr(type(c), "apply_block", None) is not ModelConfig.apply_block:
+        raise ConfigError(f"attention maps read the built-in block's attention; {c.code} has blocks of its own")
     check_tokens(tokens, c)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]                      # (1, T)
     x = _embed(params, tokens, positions, c)                                                # (B, T, D)
-    args = block_args(c)
+    spec = c.block_spec
 
     def body(x, block_params):
-        h = block.NORMS[c.norm].apply(block_params["ln1"], x, eps=c.ln_eps)
-        q, k, _ = attention.project_qkv(block_params["attn"], h, c.n_heads, c.compute_dtype, n_kv_heads=c.n_kv_heads,
-                                        positions=positions, rope_theta=args["rope_theta"],
-                                        rope_scaling=args["rope_scaling"])
+        q, k, _ = attention.project_qkv(block_params["attn"], block.normed(block_params["ln1"], x, spec),
+                                        spec.attention, positions=positions)
         weights = attention.attention_weights(q, k, attention.causal_mask(tokens.shape[1])[None, None])
-        return block.apply(block_params, x, positions=positions, **args), weights        # (B, H, T, T)
+        return block.apply(block_params, x, spec, positions=positions), weights             # (B, H, T, T)
 
     return jax.lax.scan(body, x, params["blocks"])[1]
 
 
-def init_cache(config: ModelConfig, batch: int, slots: int | None = None) -> tuple[KVCache, ...]:
-    """An empty cache: one `KVCache` per layer, k and v of shape (B, S, G, K) with
-    S = slots (default max_len), G = n_kv_heads.
+def init_cache(config: ModelConfig, batch: int, slots: int | None = None) -> tuple:
+    """An empty cache: one per layer, `config.init_block_cache` (the built-in's is a
+    `layers.attention.KVCache`, k and v of shape (B, S, G, K) with S = slots, default
+    max_len, and G = n_kv_heads).
 
     Example:
         >>> cache = init_cache(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=16), 4)
         >>> len(cache), cache[0].k.shape
         (3, (4, 16, 2, 4))
     """
-    c = config
-    shape = (batch, slots or c.max_len, c.n_kv_heads, c.head_dim)
-    return tuple(KVCache(k=jnp.zeros(shape, c.compute_dtype), v=jnp.zeros(shape, c.compute_dtype))
-                 for _ in range(c.n_layers))
+    return tuple(config.init_block_cache(batch, slots or config.max_len) for _ in range(config.n_layers))
 
 
 def unstack_blocks(params: dict) -> dict:
-    """params with "blocks" as a tuple of L per-layer dicts instead of (L, ...) stacks.
+    """params with "blocks" as a list of L per-layer trees instead of (L, ...) stacks.
 
     Training keeps the blocks stacked for one `lax.scan`; the cached decoder runs its
     layers one after another and reads this form faster: on XLA:CPU a layer's slice of
@@ -335,14 +287,14 @@ def unstack_blocks(params: dict) -> dict:
         (3, (8, 24))
     """
     blocks = params["blocks"]
-    if not isinstance(blocks, dict):                                   # already one dict per layer
+    if isinstance(blocks, list):                                       # already one tree per layer
         return params
     n = jax.tree.leaves(blocks)[0].shape[0]
-    return {**params, "blocks": tuple(jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n))}
+    return {**params, "blocks": [jax.tree.map(lambda a, i=i: a[i], blocks) for i in range(n)]}
 
 
-def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *, config: ModelConfig,
-                 index: jax.Array) -> tuple[jax.Array, tuple[KVCache, ...]]:
+def apply_cached(params: dict, tokens: jax.Array, cache: tuple, *, config: ModelConfig,
+                 index: jax.Array) -> tuple[jax.Array, tuple]:
     """tokens (B, T) of row b written at cache slots index[b] .. index[b] + T - 1 -> logits (B, T, V), new cache.
 
     index: (B,) int. Row b's token in slot s is at position s of its own sequence,
@@ -352,7 +304,8 @@ def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *,
     jit nothing can check it, and a write past the end is lost. For right-padded rows
     of lengths len_b, row b's next-token logits are logits[b, len_b - 1], and its next
     token goes in at index len_b. params' blocks may be stacked or unstacked
-    (`unstack_blocks`, faster inside a decode loop).
+    (`unstack_blocks`, faster inside a decode loop). Each layer is
+    `config.apply_block_cached` (a subclass's own, where it has one).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
@@ -362,12 +315,12 @@ def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *,
         True
     """
     c = config
-    require_dtypes(c)
+    require_ready(c)
     check_tokens(tokens, c)
     blocks = unstack_blocks(params)["blocks"]
     if len(blocks) != len(cache):
         raise ValueError(f"the parameters hold {len(blocks)} blocks and the cache {len(cache)} layers")
-    t, s = tokens.shape[1], cache[0].k.shape[1]
+    t, s = tokens.shape[1], cache_slots(cache)
     index = jnp.broadcast_to(jnp.asarray(index, jnp.int32), (tokens.shape[0],))         # an int serves every row
     positions = index[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]                   # (B, T)
     mask = (jnp.arange(s, dtype=jnp.int32)[None, None, :] <= positions[:, :, None])[:, None]   # (B, 1, T, S)
@@ -377,50 +330,21 @@ def apply_cached(params: dict, tokens: jax.Array, cache: tuple[KVCache, ...], *,
     # layer's cache is updated in place.
     new_cache = []
     for block_params, layer_cache in zip(blocks, cache):
-        x, layer_cache = block.apply_cached(block_params, x, layer_cache, index=index, mask=mask,
-                                            **cached_block_args(c))
+        x, layer_cache = c.apply_block_cached(block_params, x, layer_cache, index=index, positions=positions,
+                                              mask=mask)
         new_cache.append(layer_cache)
     return _logits(params, x, c), tuple(new_cache)
 
 
-def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """logits (B, T, V), targets (B, T) -> (B, T): -log softmax(logits)[target] per position.
-
-    log_softmax and a gather of the target's entry: no (B, T, V) one-hot.
+def cache_slots(cache) -> int:
+    """S, the slots per row of a cache (every leaf is (B, S, ...)).
 
     Example:
-        >>> token_losses(jnp.zeros((1, 2, 4)), jnp.array([[2, 0]])).shape
-        (1, 2)
+        >>> cache_slots(init_cache(ModelConfig(vocab_size=5, n_heads=2, max_len=8), 2))
+        8
     """
-    logp = jax.nn.log_softmax(logits, axis=-1)                           # (B, T, V)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jax.tree.leaves(cache)[0].shape[1]
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Mean over (B, T) of -log softmax(logits)[target].
-
-    Example:
-        >>> float(cross_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]])))  # uniform: log 4
-        1.3862943649291992
-    """
-    return token_losses(logits, targets).mean()
-
-
-def loss(params: dict, tokens: jax.Array, targets: jax.Array, *, config: ModelConfig,
-         key: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy: tokens (B, T), targets (B, T) = tokens shifted by one.
-    key: dropout, as in `apply`.
-
-    Example:
-        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
-        >>> x = jnp.array([[1, 2, 3]])
-        >>> float(loss(init(jax.random.key(0), cfg), x, x, config=cfg)) > 0
-        True
-    """
-    return cross_entropy(apply(params, tokens, config=config, key=key), targets)
-
-
-__all__ = ["KVCache", "REMAT_POLICIES", "apply", "apply_cached", "apply_fn", "attention_maps", "block_args", "cached_block_args", "check_tokens", "count_params",
-           "cross_entropy", "init", "init_cache", "loss", "param_shapes", "require_dtypes", "token_losses",
-           "unstack_blocks",
-           "with_context"]
+__all__ = ["REMAT_POLICIES", "apply", "apply_cached", "attention_maps", "cache_slots", "check_tokens", "count_params", "init",
+           "init_cache", "param_shapes", "require_ready", "unstack_blocks", "with_context"]

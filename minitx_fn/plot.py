@@ -189,7 +189,7 @@ def plot_attention(maps: np.ndarray, labels: str, png_path: str) -> list[np.ndar
 
 def plot_model_attention(run_model, prompt: str, png_path: str) -> list[np.ndarray]:
     """The attention maps of every layer and head of a model (anything with .params,
-    .config and .tokenizer: `checkpoint.load_model`) for a prompt of at most its
+    .model and .tokenizer: `checkpoint.load_model`) for a prompt of at most its
     context, drawn by `plot_attention`. PromptError for a prompt it cannot take.
 
     Example:
@@ -198,7 +198,7 @@ def plot_model_attention(run_model, prompt: str, png_path: str) -> list[np.ndarr
         >>> from minitx_fn.config import ModelConfig
         >>> from minitx_fn.tokenizer import CharTokenizer
         >>> cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2, n_layers=1)
-        >>> m = checkpoint.Model(model.init(jax.random.key(0), cfg), cfg, CharTokenizer("abc"), {})
+        >>> m = checkpoint.Model(cfg.init(jax.random.key(0)), cfg, CharTokenizer("abc"), {})
         >>> len(plot_model_attention(m, "abc", os.path.join(tempfile.mkdtemp(), "a.png")))    # 1 layer x 2 heads
         2
     """
@@ -208,8 +208,8 @@ def plot_model_attention(run_model, prompt: str, png_path: str) -> list[np.ndarr
     check_picture_path(png_path)
     require_matplotlib()
     ids = generate.encode_prompt(run_model.tokenizer, prompt)
-    if len(ids) > run_model.config.max_len:
+    if len(ids) > run_model.model.max_len:
         raise generate.PromptError(f"the prompt has {len(ids)} tokens; the model's context is "
-                                   f"{run_model.config.max_len}")
-    maps = np.asarray(model.attention_maps(run_model.params, jnp.asarray(ids)[None, :], config=run_model.config))
+                                   f"{run_model.model.max_len}")
+    maps = np.asarray(model.attention_maps(run_model.params, jnp.asarray(ids)[None, :], config=run_model.model))
     return plot_attention(maps[:, 0], [run_model.tokenizer.decode([i]) for i in ids], png_path)

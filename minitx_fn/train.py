@@ -2,8 +2,11 @@
 
     key_t      = fold_in(data_key, t)                    a fresh key per step, never reused
     x, y       = batch_at(data, data_key, t)             (B, T) inputs and next-token targets
-    loss, g    = value_and_grad(model.loss)(params, x, y)
+    loss, g    = value_and_grad(loss)(params, x, y)      loss = cross_entropy(model.apply(params, x), y)
     params'    = AdamW(clip(g)) with warm-up + cosine learning rate
+
+`model` is any model value (`config.LanguageModel`: the built-in `ModelConfig`, or
+one of one's own): the step, its loss and evaluation call its `apply`.
 
 `train_step(state, batch) -> (state, metrics)` does the last two lines in one jitted
 function that donates the old state (`make_step` builds the same step for any loss
@@ -25,8 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minitx_fn import lora as adapters_lib, model
-from minitx_fn.config import LoraConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: F401  (TrainConfig: the doctests)
+from minitx_fn import lora as adapters_lib
+from minitx_fn.config import LanguageModel, LoraConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: F401  (doctests)
 from minitx_fn.data import sample_batch
 
 Batch = tuple[jax.Array, jax.Array]        # x, y: (B, T) inputs and next-token targets
@@ -117,9 +120,9 @@ def new_state(params: dict, optimizer: optax.GradientTransformation) -> TrainSta
     return TrainState(params, optimizer.init(params), jnp.zeros((), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config"))
-def init_state(key: jax.Array, model_config: ModelConfig, optimizer_config: OptimizerConfig) -> TrainState:
-    """Fresh parameters, the optimiser's initial state, and step 0 (jitted, like `model.init`).
+@functools.partial(jax.jit, static_argnames=("model", "optimizer_config"))
+def init_state(key: jax.Array, model: LanguageModel, optimizer_config: OptimizerConfig) -> TrainState:
+    """Fresh parameters (`model.init`), the optimiser's initial state, and step 0 (jitted).
 
     Example:
         >>> s = init_state(jax.random.key(0), ModelConfig(vocab_size=5, d_model=8, n_heads=2),
@@ -127,7 +130,7 @@ def init_state(key: jax.Array, model_config: ModelConfig, optimizer_config: Opti
         >>> int(s.step), s.params['head']['w'].shape
         (0, (8, 5))
     """
-    params = model.init(key, model_config)
+    params = model.init(key)
     return TrainState(params, make_optimizer(optimizer_config).init(params), jnp.zeros((), jnp.int32))
 
 
@@ -149,21 +152,43 @@ def batch_at(data: jax.Array, data_key: jax.Array, step: jax.Array, *, batch_siz
 LossFn = Callable[[dict, Batch, jax.Array], jax.Array]     # (params, (x, y), step) -> () mean loss
 
 
-def model_loss(model_config: ModelConfig, seed: int = 0) -> LossFn:
-    """The library model's loss as a LossFn: next-token cross-entropy, with dropout
-    masks from fold_in(keys(seed).dropout, step) when config.dropout > 0, so a resumed
-    run draws the masks an uninterrupted one would.
+def token_losses(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """logits (B, T, V), targets (B, T) -> (B, T): -log softmax(logits)[target] per position.
+
+    log_softmax and a gather of the target's entry: no (B, T, V) one-hot.
+
+    Example:
+        >>> token_losses(jnp.zeros((1, 2, 4)), jnp.array([[2, 0]])).shape
+        (1, 2)
+    """
+    logp = jax.nn.log_softmax(logits, axis=-1)                           # (B, T, V)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean over (B, T) of -log softmax(logits)[target].
+
+    Example:
+        >>> float(cross_entropy(jnp.zeros((1, 1, 4)), jnp.array([[2]])))  # uniform: log 4
+        1.3862943649291992
+    """
+    return token_losses(logits, targets).mean()
+
+
+def model_loss(model: LanguageModel, seed: int = 0) -> LossFn:
+    """A model's loss as a LossFn: next-token cross-entropy of `model.apply`, given a
+    dropout key fold_in(keys(seed).dropout, step), so a resumed run draws the masks an
+    uninterrupted one would (a model without dropout ignores it).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> x = jnp.zeros((1, 4), jnp.int32)
-        >>> float(model_loss(cfg)(model.init(jax.random.key(0), cfg), (x, x), jnp.int32(0))) > 0
+        >>> float(model_loss(cfg)(cfg.init(jax.random.key(0)), (x, x), jnp.int32(0))) > 0
         True
     """
     def loss(params: dict, batch: Batch, step: jax.Array) -> jax.Array:
         x, y = batch
-        key = jax.random.fold_in(keys(seed).dropout, step) if model_config.dropout else None
-        return model.loss(params, x, y, config=model_config, key=key)
+        return cross_entropy(model.apply(params, x, key=jax.random.fold_in(keys(seed).dropout, step)), y)
     return loss
 
 
@@ -217,9 +242,9 @@ def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, sched
     return step
 
 
-def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1,
+def step_fn(model: LanguageModel, optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1,
             lora: LoraConfig | None = None) -> Callable[..., tuple[TrainState, dict]]:
-    """The library model's step for these settings, (state, batch) -> (state, metrics)
+    """A model's step for these settings, (state, batch) -> (state, metrics)
     with metrics {"loss", "grad_norm", "lr"}: what `train_step` jits, and what
     `distributed.data_parallel` jits with shardings. `seed` seeds dropout (`model_loss`).
 
@@ -236,7 +261,7 @@ def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: 
         >>> new.step.shape, sorted(metrics)
         ((), ['grad_norm', 'loss', 'lr'])
     """
-    loss = model_loss(model_config, seed)
+    loss = model_loss(model, seed)
     settings = dict(schedule=learning_rate_schedule(optimizer_config), accumulate=accumulate)
     if lora is None:
         return make_step(loss, make_optimizer(optimizer_config), **settings)
@@ -248,9 +273,9 @@ def step_fn(model_config: ModelConfig, optimizer_config: OptimizerConfig, seed: 
     return step
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "optimizer_config", "seed", "accumulate", "lora"),
+@functools.partial(jax.jit, static_argnames=("model", "optimizer_config", "seed", "accumulate", "lora"),
                    donate_argnums=0)
-def train_step(state: TrainState, batch: Batch, base: dict | None = None, *, model_config: ModelConfig,
+def train_step(state: TrainState, batch: Batch, base: dict | None = None, *, model: LanguageModel,
                optimizer_config: OptimizerConfig, seed: int = 0, accumulate: int = 1,
                lora: LoraConfig | None = None) -> tuple[TrainState, dict]:
     """One step on batch = (x, y), each (B, T): returns the new state and {"loss", "grad_norm", "lr"}.
@@ -265,29 +290,30 @@ def train_step(state: TrainState, batch: Batch, base: dict | None = None, *, mod
     Example:
         >>> mc, tc = ModelConfig(vocab_size=5, d_model=8, n_heads=2), TrainConfig()
         >>> x = jnp.zeros((2, 4), jnp.int32)
-        >>> state, metrics = train_step(init_state(jax.random.key(0), mc, tc.optimizer), (x, x), model_config=mc,
+        >>> state, metrics = train_step(init_state(jax.random.key(0), mc, tc.optimizer), (x, x), model=mc,
         ...                             optimizer_config=tc.optimizer)
         >>> int(state.step)
         1
     """
     if (lora is None) != (base is None):
         raise TypeError("train_step: a LoRA step needs base= (the frozen parameters), and only a LoRA step takes it")
-    step = step_fn(model_config, optimizer_config, seed, accumulate, lora)
+    step = step_fn(model, optimizer_config, seed, accumulate, lora)
     return step(state, batch) if lora is None else step(state, batch, base)
 
 
-def lora_state(key: jax.Array, base: dict, optimizer_config: OptimizerConfig, lora: LoraConfig) -> TrainState:
-    """Step 0 of training fresh adapters on `base` (a parameter tree, or its
-    jax.eval_shape): the adapters (`lora.init`) and their optimiser state only.
+def lora_state(key: jax.Array, model: LanguageModel, base: dict, optimizer_config: OptimizerConfig,
+               lora: LoraConfig) -> TrainState:
+    """Step 0 of training fresh adapters on `base` (model's parameter tree, or its
+    jax.eval_shape): the adapters (`lora.init` on model.lora_paths) and their optimiser state only.
 
     Example:
         >>> mc = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
-        >>> s = lora_state(jax.random.key(0), model.init(jax.random.key(1), mc), OptimizerConfig(decay_steps=100),
+        >>> s = lora_state(jax.random.key(0), mc, mc.init(jax.random.key(1)), OptimizerConfig(decay_steps=100),
         ...                LoraConfig(rank=2))
         >>> jax.tree.map(lambda a: a.shape, s.params)["blocks"]["attn"]["out"]
         {'a': (2, 8, 2), 'b': (2, 2, 8)}
     """
-    adapters = adapters_lib.init(key, base, lora)
+    adapters = adapters_lib.init(key, base, adapters_lib.targets(model, base, lora), lora.rank)
     return TrainState(adapters, make_optimizer(optimizer_config).init(adapters), jnp.zeros((), jnp.int32))
 
 
@@ -302,42 +328,35 @@ def is_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-ApplyFn = Callable[[dict, jax.Array], jax.Array]        # (params, tokens (B, T)) -> logits (B, T, V)
-
-
-@functools.partial(jax.jit, static_argnames="apply_fn")
-def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, apply_fn: ApplyFn) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="model")
+def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, model: LanguageModel) -> jax.Array:
     """windows (B, T + 1), weights (B,) -> sum over rows of weight * mean token loss of the row."""
-    logits = apply_fn(params, windows[:, :-1])                                        # (B, T, V)
-    return jnp.sum(model.token_losses(logits, windows[:, 1:]).mean(axis=1) * weights)
+    logits = model.apply(params, windows[:, :-1])                                     # (B, T, V)
+    return jnp.sum(token_losses(logits, windows[:, 1:]).mean(axis=1) * weights)
 
 
-def evaluate(params: dict, windows: np.ndarray, *, config: ModelConfig | None = None, apply_fn: ApplyFn | None = None,
-             batch_size: int = 64, progress: Callable[[int, int], None] | None = None) -> float:
+def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_size: int = 64,
+             progress: Callable[[int, int], None] | None = None) -> float:
     """Mean next-token loss over all windows (W, T + 1), in fixed-size batches (the last
     one padded with zero-weight rows, so one compiled shape serves every batch). The
     windows may be a `data.Windows` over a memory map: each batch is gathered when it
     is needed, so a text larger than memory is fine. progress(done, W) after each batch.
 
-    The model is the library's for `config`, or any `apply_fn(params, tokens) -> logits`
-    (a model of one's own; pass the same function object each time, or it compiles again).
+    `model` is any model value (its `apply`; equal values share one compiled function).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> windows = np.zeros((3, 5), np.int32)                        # W = 3 windows of T + 1 = 5
-        >>> evaluate(model.init(jax.random.key(0), cfg), windows, config=cfg, batch_size=2) > 0
+        >>> evaluate(cfg.init(jax.random.key(0)), windows, model=cfg, batch_size=2) > 0
         True
     """
-    if (config is None) == (apply_fn is None):
-        raise TypeError("evaluate needs exactly one of config= (the library's model) and apply_fn=")
-    apply_fn = apply_fn or model.apply_fn(config)
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = np.asarray(windows[start:start + batch_size])
         weights = np.zeros(batch_size, np.float32)
         weights[:len(chunk)] = 1.0
         chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), chunk.dtype)])
-        total += float(_window_loss_sum(params, jnp.asarray(chunk), jnp.asarray(weights), apply_fn=apply_fn))
+        total += float(_window_loss_sum(params, jnp.asarray(chunk), jnp.asarray(weights), model=model))
         if progress is not None:
             progress(min(start + batch_size, len(windows)), len(windows))
     return total / len(windows)

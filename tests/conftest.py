@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import tempfile
 import zlib
@@ -27,19 +26,12 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # Prepared data (minitx_fn.corpus) goes to a folder of the session's, not ~/.cache.
 os.environ.setdefault("MINITX_CACHE_DIR", tempfile.mkdtemp(prefix="minitx-test-data-"))
-# Compiling, not running, is what the suite spends its time on (the programs are
-# small, and every new shape of an eager operation is a program of its own). Two XLA
-# flags make the CPU compiler several times faster: LLVM at optimisation level 0, and
-# XLA's older CPU fusion code generator (measured with --durations: the suite took
-# about half as long). The numbers are the same maths; every comparison here is within
-# a tolerance or between two runs under the same flags. XLA aborts on a flag it does
-# not know, so the second is set only for the jaxlib it was checked with.
-_FAST_COMPILE = ["--xla_backend_optimization_level=0"]
-if importlib.metadata.version("jaxlib").startswith("0.10."):
-    _FAST_COMPILE.append("--xla_cpu_use_fusion_emitters=false")
-_added = [flag for flag in _FAST_COMPILE if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", "")]
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_added]).strip()
-os.environ.setdefault("MINITX_TEST_ADDED_XLA_FLAGS", " ".join(_added))    # tests.helpers.user_env removes them
+# Compiling, not running, is what the suite spends its time on: the fast-compile XLA
+# flags (`minitx_fn.testing.fast_compile`, which says why) halve it. Every comparison
+# here is within a tolerance or between two runs under the same flags.
+from minitx_fn.testing import fast_compile  # noqa: E402  (imports no JAX)
+
+os.environ.setdefault("MINITX_TEST_ADDED_XLA_FLAGS", " ".join(fast_compile()))    # tests.helpers.user_env removes them
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

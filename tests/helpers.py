@@ -54,3 +54,24 @@ def assert_one_error_line(code: int, err: str, *fragments: str, status: int = 2)
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     return lines[0]
+
+
+def legacy_meta(meta: dict, version: int) -> dict:
+    """A format-9 meta.json as a run of an older `version` wrote it: the configs beside
+    each other, the training config flat, no probe, and none of the model's fields that
+    later versions added (a version that has them is refused)."""
+    job = meta["job"]
+    training = dict(job["training"])
+    optimizer, lora = training.pop("optimizer"), training.pop("lora")
+    old = {"format_version": version, "step": meta["step"], "tokenizer": meta["tokenizer"],
+           "model_config": dict(job["model"]["config"]), "train_config": {**training, **optimizer},
+           "data": job["data"], "origin": meta["origin"], "files": meta["files"]}
+    if version >= 6:
+        old["train_config"].update(lora_rank=0 if lora is None else lora["rank"], lora_alpha=None, lora_targets="attn")
+    else:
+        del old["train_config"]["grad_accum"]
+    from minitx_fn import checkpoint
+    for added, fields in checkpoint.ADDED_MODEL_FIELDS.items():
+        for name in fields if added > version else ():
+            old["model_config"].pop(name, None)
+    return old

@@ -100,14 +100,14 @@ def test_torch_reference_computes_our_loss_and_gradients(key, options):
     import torch.nn.functional as F
 
     from benchmarks.torch_reference import TorchLM
-    from minitx_fn import model
+    from minitx_fn import model, train
     from minitx_fn.config import ModelConfig
 
     c = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.2, **options)
     params = model.init(key, c)
     data = jax.random.randint(jax.random.fold_in(key, 1), (3, 9), 0, 11)
     x, y = data[:, :-1], data[:, 1:]
-    loss, grads = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")(params, x, y, config=c)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: train.cross_entropy(c.apply(p, x), y)))(params)
     for fused in (True, False):
         lm = TorchLM(c, fused).from_minitx(params)
         logits = lm(torch.from_numpy(np.array(x)).long())
@@ -172,17 +172,17 @@ def test_gpu_script_runs_every_step_at_toy_sizes_and_every_field_and_option_arri
     real_step, real_generate = run.train.train_step, run.gen.generate
 
     class Spy:
-        def lower(self, *args, model_config, **settings):          # args: state, batch (and a LoRA base)
-            seen.append(model_config)
-            return real_step.lower(*args, model_config=model_config, **settings)
+        def lower(self, *args, model, **settings):          # args: state, batch (and a LoRA base)
+            seen.append(model)
+            return real_step.lower(*args, model=model, **settings)
 
-        def __call__(self, *args, model_config, **settings):
-            seen.append(model_config)
-            return real_step(*args, model_config=model_config, **settings)
+        def __call__(self, *args, model, **settings):
+            seen.append(model)
+            return real_step(*args, model=model, **settings)
 
-    def generate(*args, config, **kwargs):
-        seen.append(config)
-        return real_generate(*args, config=config, **kwargs)
+    def generate(*args, model, **kwargs):
+        seen.append(model)
+        return real_generate(*args, model=model, **kwargs)
 
     monkeypatch.setattr(run.train, "train_step", Spy())
     monkeypatch.setattr(run.gen, "generate", generate)

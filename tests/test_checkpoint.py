@@ -20,11 +20,11 @@ from minitx_fn import checkpoint, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.errors import CheckpointError
 from minitx_fn.tokenizer import CharTokenizer
-from tests.helpers import standard_promotion
+from tests.helpers import legacy_meta, standard_promotion
 
 TOK = CharTokenizer.from_text("abcdefg")
 MC = ModelConfig(vocab_size=TOK.vocab_size, d_model=8, n_heads=2, n_layers=2, max_len=8)
-TC = TrainConfig(steps=10, warmup=1)
+TC = TrainConfig(steps=10, optimizer={"warmup": 1})
 DATA = {"path": "/somewhere/text.txt", "sha256": "ab" * 32}
 
 
@@ -36,7 +36,7 @@ def _optax_promotion():
 
 def _save(run_dir, key, step=3):
     state = train.init_state(key, MC, TC.optimizer)._replace(step=jax.numpy.asarray(step, jax.numpy.int32))
-    checkpoint.save(str(run_dir), state, model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
+    checkpoint.save(str(run_dir), state, model=MC, train_config=TC, tokenizer=TOK, data=DATA)
     return state
 
 
@@ -61,7 +61,7 @@ def test_round_trip_is_exact(tmp_path, saved):
     _write(tmp_path, files)
     ck = checkpoint.load(str(tmp_path))
     jax.tree.map(np.testing.assert_array_equal, ck.state, state)
-    assert ck.model_config == MC and ck.train_config == TC and ck.tokenizer == TOK and int(ck.state.step) == 3
+    assert ck.model == MC and ck.train_config == TC and ck.tokenizer == TOK and int(ck.state.step) == 3
     assert ck.data == DATA
 
 
@@ -153,25 +153,37 @@ def test_an_array_of_the_wrong_shape_is_named(tmp_path, saved):
         checkpoint.load(str(tmp_path))
 
 
+def _model(meta: dict) -> dict:
+    return meta["job"]["model"]["config"]
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda m: m.update(format_version=1), "version 1 is not supported"),
     (lambda m: m.pop("step"), r"lacks \['step'\]"),
     (lambda m: m.update(extra=1), r"unknown keys \['extra'\]"),
     (lambda m: m.update(step=-1), "step -1"),
     (lambda m: m.update(step=True), "step True"),
-    (lambda m: m["model_config"].update(d_model="8"), "d_model = '8' is not of type"),
-    (lambda m: m["model_config"].update(d_model=16), "does not match|has shape"),
-    (lambda m: m["model_config"].update(colour="blue"), r"unknown fields \['colour'\]"),
-    (lambda m: m["model_config"].update(n_heads=3), "divisible by n_heads=3"),
-    (lambda m: m["train_config"].update(lr=float("nan")), "lr=nan is invalid"),
-    (lambda m: m["tokenizer"].update(chars="abc"), "char tokenizer has 3 ids but model_config says vocab_size=7"),
+    (lambda m: _model(m).update(d_model="8"), "d_model = '8' is not of type"),
+    (lambda m: _model(m).update(d_model=16), "does not match|has shape"),
+    (lambda m: _model(m).update(colour="blue"), r"unknown fields \['colour'\]"),
+    (lambda m: _model(m).update(n_heads=3), "divisible by n_heads=3"),
+    (lambda m: _model(m).pop("vocab_size"), "says vocab_size=None"),           # a field left out takes its default
+    (lambda m: m["job"]["training"]["optimizer"].update(lr=float("nan")), "lr=nan is invalid"),
+    (lambda m: m["job"]["training"].update(lr=1e-3), r"unknown fields \['lr'\]"),
+    (lambda m: m["job"]["model"].update(code="minitx_fn.config:TrainConfig"), "code of its own.*trust_code=True"),
+    (lambda m: m["job"]["model"].update(code="not code"), "is not 'module:qualname'"),
+    (lambda m: m["job"].pop("training"), "job must be"),
+    (lambda m: m.update(probe=[[1.0, "x"]]), "probe must be"),
+    (lambda m: m.update(probe=None), "probe must be"),
+    (lambda m: m.update(probe=[[1e3] * 7] * 8), "does not compute what it computed when the run was saved"),
+    (lambda m: m["tokenizer"].update(chars="abc"), "char tokenizer has 3 ids but the model says vocab_size=7"),
     (lambda m: m["tokenizer"].update(chars="aabcdef"), "repeats a character"),
-    (lambda m: m.update(tokenizer={"kind": "byte"}), "byte tokenizer has 256 ids but model_config says vocab_size=7"),
+    (lambda m: m.update(tokenizer={"kind": "byte"}), "byte tokenizer has 256 ids but the model says vocab_size=7"),
     (lambda m: m.update(tokenizer={"kind": "words"}), "kind is one of"),
     (lambda m: m["tokenizer"].update(json="{}"), "a char tokenizer is an object of the strings"),
     (lambda m: m["tokenizer"].update(special={"eos_token_id": 1}), "a char tokenizer is an object of the strings"),
     (lambda m: m.update(tokenizer={"kind": "bpe", "json": "{not json"}), "not a valid tokenizers JSON|pip install"),
-    (lambda m: m.update(data={"path": 3}), "data must be null"),
+    (lambda m: m["job"].update(data={"path": 3}), "data must be null"),
     (lambda m: m["files"].pop("params.npz"), "files must give"),
 ])
 def test_edited_metadata_is_one_clear_error(tmp_path, saved, edit, match):
@@ -190,8 +202,9 @@ def _mutations(meta: dict):
     json_values = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=5),
                                lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
                                                                                            max_size=3), max_leaves=5)
-    paths = [(k,) for k in meta] + [(k, sub) for k in ("model_config", "train_config", "files", "data", "tokenizer")
-                                      if isinstance(meta[k], dict) for sub in meta[k]]
+    parts = {"job": meta["job"], "files": meta["files"], "tokenizer": meta["tokenizer"],
+             "model": _model(meta), "training": meta["job"]["training"]}
+    paths = [(k,) for k in meta] + [(k, sub) for k, part in parts.items() for sub in part]
     return st.tuples(st.sampled_from(paths), st.sampled_from(["replace", "remove", "add"]), json_values,
                      st.text(max_size=5))
 
@@ -202,9 +215,9 @@ def test_fuzzed_metadata_gives_checkpoint_error_or_a_valid_checkpoint(tmp_path, 
     meta = json.loads(saved[1]["meta.json"])
     path, action, value, new_key = data.draw(_mutations(meta))
     mutated = copy.deepcopy(meta)
-    parent = mutated
+    parent = {"model": _model(mutated), "training": mutated["job"]["training"]}.get(path[0], mutated)
     for k in path[:-1]:
-        parent = parent[k]
+        parent = parent[k] if k in parent else parent
     if action == "replace":
         parent[path[-1]] = value
     elif action == "remove":
@@ -245,34 +258,36 @@ def test_no_checkpoint_here(tmp_path):
         checkpoint.load(str(tmp_path / "nope"))
 
 
-def _without_newer_model_fields(meta: dict, version: int = 6) -> None:
-    """A meta.json of `version` has none of the fields later versions added (they are refused there)."""
-    for added, fields in checkpoint.ADDED_MODEL_FIELDS.items():
-        for name in fields if added > version else ():
-            meta["model_config"].pop(name, None)
+def _legacy(tmp_path, saved, meta: dict):
+    """An old run's files, which `load` refuses (an upgrade away) and `upgrade` rewrites."""
+    files = {**saved[1], "meta.json": json.dumps(meta).encode()}
+    _write(tmp_path, files)
+    if meta["format_version"] < 8:
+        with pytest.raises(CheckpointError, match=r"older than this minitx_fn reads.*minitx upgrade RUN"):
+            checkpoint.load(str(tmp_path))
 
 
-def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everything(tmp_path, saved):
+def test_a_version_2_checkpoint_upgrades_to_a_char_run_that_evaluates_everything(tmp_path, saved):
     """Runs saved before the tokenizer kinds (format 2: a "vocab" string, no eval_tokens)."""
-    files = dict(saved[1])
-    meta = json.loads(files["meta.json"])
-    meta["format_version"] = 2
-    _without_newer_model_fields(meta)
+    meta = legacy_meta(json.loads(saved[1]["meta.json"]), 2)
     meta["vocab"] = meta.pop("tokenizer")["chars"]
     del meta["train_config"]["eval_tokens"]
     for name in ("positions", "tie_embeddings"):
         del meta["model_config"][name]
     del meta["origin"]
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
+    _legacy(tmp_path, saved, meta)
+    assert checkpoint.upgrade(str(tmp_path))[0] == 2
     loaded = checkpoint.load(str(tmp_path))
     assert loaded.tokenizer == TOK and loaded.train_config.eval_tokens is None
-    assert loaded.model_config == MC
+    assert loaded.model == MC and loaded.meta["format_version"] == checkpoint.FORMAT_VERSION
+    jax.tree.map(np.testing.assert_array_equal, loaded.state, saved[0])           # the arrays as they were
+    with pytest.raises(CheckpointError, match="already in format 9"):
+        checkpoint.upgrade(str(tmp_path))
 
 
 @pytest.mark.parametrize("version, drop, error", [
     (3, ("positions", "tie_embeddings", "origin"), None),
-    (4, ("positions", "tie_embeddings"), r"ModelConfig lacks \['positions', 'tie_embeddings'\]"),
+    (4, ("positions", "tie_embeddings"), None),           # fields a run lacks take their defaults
     (4, ("origin",), r"lacks \['origin'\]"),
     (3, ("positions", "tie_embeddings"), r"format version 3 has no \['origin'\]"),
     (3, ("origin",), r"format version 3 has no \['positions', 'tie_embeddings'\]"),
@@ -280,65 +295,58 @@ def test_a_version_2_checkpoint_still_loads_as_a_char_run_that_evaluates_everyth
 ])
 def test_the_fields_of_version_4_are_there_exactly_when_it_says_4(tmp_path, saved, version, drop, error):
     """Format 3 knew only sinusoidal positions, an untied head and runs trained here:
-    it loads as such, and may not claim the fields of 4; format 4 must have them."""
-    files = dict(saved[1])
-    meta = json.loads(files["meta.json"])
+    it upgrades as such, and may not claim the fields of 4; format 4 must have them."""
+    meta = legacy_meta(json.loads(saved[1]["meta.json"]), 4)
     meta["format_version"] = version
-    _without_newer_model_fields(meta)
     for name in drop:
         del (meta if name == "origin" else meta["model_config"])[name]
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
+    _write(tmp_path, {**saved[1], "meta.json": json.dumps(meta).encode()})
     if error is None:
+        checkpoint.upgrade(str(tmp_path))
         loaded = checkpoint.load(str(tmp_path))
-        assert loaded.model_config == MC and loaded.origin is None
+        assert loaded.model == MC and loaded.origin is None
     else:
         with pytest.raises(CheckpointError, match=error):
-            checkpoint.load(str(tmp_path))
+            checkpoint.upgrade(str(tmp_path))
 
 
-def test_a_version_6_checkpoint_loads_as_the_gpt_model_it_was(tmp_path, saved):
+def test_a_version_6_checkpoint_upgrades_to_the_gpt_model_it_was(tmp_path, saved, capsys):
     """Format 7 added Llama's choices to ModelConfig; a run saved before them is the
-    GPT model (LayerNorm, GELU, multi-head, biases), whatever today's defaults are."""
-    files = dict(saved[1])
-    meta = json.loads(files["meta.json"])
-    meta["format_version"] = 6
-    _without_newer_model_fields(meta)
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
+    GPT model (LayerNorm, GELU, multi-head, biases), whatever today's defaults are.
+    `minitx upgrade` rewrites it; a version 6 that claims a later field is refused."""
+    from tests.helpers import run_main
+    meta = legacy_meta(json.loads(saved[1]["meta.json"]), 6)
+    _legacy(tmp_path, saved, meta)
+    code, out, err = run_main(capsys, "upgrade", str(tmp_path))
+    assert code == 0 and "from format 6 to format 9" in out, err
     loaded = checkpoint.load(str(tmp_path))
-    assert loaded.model_config == MC
-    assert (loaded.model_config.norm, loaded.model_config.mlp, loaded.model_config.bias) == ("layernorm", "gelu", True)
-    assert loaded.model_config.n_kv_heads == loaded.model_config.n_heads
-    meta["format_version"] = 6                                            # a version 6 may not claim them
+    assert loaded.model == MC and (loaded.model.norm, loaded.model.mlp, loaded.model.bias) == ("layernorm", "gelu",
+                                                                                                True)
     meta["model_config"] = {**meta["model_config"], "norm": "rmsnorm"}
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
+    _write(tmp_path, {**saved[1], "meta.json": json.dumps(meta).encode()})
     with pytest.raises(CheckpointError, match=r"format version 6 has no \['norm'\]; they came with version 7"):
-        checkpoint.load(str(tmp_path))
+        checkpoint.upgrade(str(tmp_path))
     del meta["model_config"]["norm"]
-    meta["format_version"] = 7                                            # a version 7 must have them
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
-    with pytest.raises(CheckpointError, match="ModelConfig lacks"):
-        checkpoint.load(str(tmp_path))
+    meta["format_version"] = 7                                            # a field it lacks takes its default
+    _write(tmp_path, {**saved[1], "meta.json": json.dumps(meta).encode()})
+    checkpoint.upgrade(str(tmp_path))
+    assert checkpoint.load(str(tmp_path)).model == MC
 
 
-def test_a_version_7_checkpoint_loads_without_scaled_rotary_positions_and_may_not_claim_them(tmp_path, saved):
-    """Format 8 added ModelConfig.rope_scaling: a run of 7 had none."""
-    files = dict(saved[1])
-    meta = json.loads(files["meta.json"])
-    meta["format_version"] = 7
-    _without_newer_model_fields(meta, 7)
-    assert "rope_scaling" not in meta["model_config"]
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
-    assert checkpoint.load(str(tmp_path)).model_config.rope_scaling is None
+def test_a_version_8_checkpoint_loads_as_it_is_and_upgrades(tmp_path, saved):
+    """Format 8, the one before this one, is read as it stands (the configs beside each
+    other, no probe to hold the model to); format 7 had no rope_scaling, and may not claim it."""
+    meta = legacy_meta(json.loads(saved[1]["meta.json"]), 8)
+    _legacy(tmp_path, saved, meta)
+    loaded = checkpoint.load(str(tmp_path))
+    assert loaded.model == MC and loaded.train_config == TC and loaded.meta["probe"] is None
+    assert checkpoint.upgrade(str(tmp_path)) == (8, str(tmp_path / "checkpoint"))
+    assert checkpoint.load(str(tmp_path)).meta["probe"] == json.loads(saved[1]["meta.json"])["probe"]
+    meta = legacy_meta(json.loads(saved[1]["meta.json"]), 7)
     meta["model_config"]["rope_scaling"] = None
-    files["meta.json"] = json.dumps(meta).encode()
-    _write(tmp_path, files)
+    _write(tmp_path, {**saved[1], "meta.json": json.dumps(meta).encode()})
     with pytest.raises(CheckpointError, match=r"format version 7 has no \['rope_scaling'\]; they came with version 8"):
-        checkpoint.load(str(tmp_path))
+        checkpoint.upgrade(str(tmp_path))
 
 
 def test_a_checkpoint_read_while_a_live_run_replaces_it_is_one_whole_checkpoint(tmp_path, key):
@@ -349,14 +357,14 @@ def test_a_checkpoint_read_while_a_live_run_replaces_it_is_one_whole_checkpoint(
     base = train.init_state(key, MC, TC.optimizer)
     states = [base._replace(step=jax.numpy.int32(s), params=jax.tree.map(lambda a, s=s: a * 0 + s, base.params))
               for s in range(1, 4)]
-    checkpoint.save(str(tmp_path), states[0], model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
+    checkpoint.save(str(tmp_path), states[0], model=MC, train_config=TC, tokenizer=TOK, data=DATA)
     stop = threading.Event()
 
     def writer():
         with standard_promotion():
             while not stop.is_set():
                 for state in states:
-                    checkpoint.save(str(tmp_path), state, model_config=MC, train_config=TC, tokenizer=TOK, data=DATA)
+                    checkpoint.save(str(tmp_path), state, model=MC, train_config=TC, tokenizer=TOK, data=DATA)
 
     thread = threading.Thread(target=writer)
     thread.start()

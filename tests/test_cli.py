@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from minitx_fn import checkpoint, data, plot, runs
 from minitx_fn.cli import build_parser
 from minitx_fn.defaults import PRESETS
-from tests.helpers import TINY, assert_one_error_line, run_main, user_env
+from tests.helpers import TINY, assert_one_error_line, legacy_meta, run_main, user_env
 
 @pytest.fixture(autouse=True)
 def _in_tmp(tmp_path, monkeypatch):
@@ -79,19 +79,22 @@ def test_resumed_run_logs_the_same_losses_bit_for_bit(capsys):
 
 
 def test_a_run_saved_in_format_3_resumes_and_is_saved_in_the_current_format(capsys):
-    """Runs saved before learned positions, tied heads and imports (format 3) go on."""
+    """Runs saved before learned positions, tied heads and imports (format 3) go on once
+    `minitx upgrade` has rewritten them."""
     import json
     assert run_main(capsys, "train", *TINY, "--steps", "2", "--out", "old")[0] == 0
-    meta = json.load(open("old/checkpoint/meta.json"))
-    meta["format_version"], meta["data"] = 3, None          # format 3 wrote null for the built-in corpus
+    meta = legacy_meta(json.load(open("old/checkpoint/meta.json")), 3)
+    meta["data"] = None                                      # format 3 wrote null for the built-in corpus
     del meta["origin"], meta["model_config"]["positions"], meta["model_config"]["tie_embeddings"]
-    for name in (name for fields in checkpoint.ADDED_MODEL_FIELDS.values() for name in fields):
-        del meta["model_config"][name]                                # nor the fields of formats 7 and on
     json.dump(meta, open("old/checkpoint/meta.json", "w"))
+    code, _, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
+    assert_one_error_line(code, err, "format version 3 is older than this minitx_fn reads", "minitx upgrade RUN")
+    code, out, err = run_main(capsys, "upgrade", "old")
+    assert code == 0 and "from format 3 to format 9" in out, err
     code, out, err = run_main(capsys, "train", "--resume", "old", "--steps", "3")
     assert code == 0, err
     meta = json.load(open("old/checkpoint/meta.json"))
-    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 8 and meta["data"] == {"builtin": True}
+    assert meta["format_version"] == checkpoint.FORMAT_VERSION == 9 and meta["job"]["data"] == {"builtin": True}
 
 
 def test_arch_llama_trains_resumes_and_generates_and_its_conflicts_are_one_line(capsys):
@@ -101,7 +104,7 @@ def test_arch_llama_trains_resumes_and_generates_and_its_conflicts_are_one_line(
     common = [*TINY, "--arch", "llama", "--kv-heads", "1", "--save-every", "4", "--log-every", "4"]
     code, out, err = run_main(capsys, "train", *common, "--steps", "4", "--out", "ll", "--max-new-tokens", "5")
     assert code == 0, err
-    mc = checkpoint.load("ll").model_config
+    mc = checkpoint.load("ll").model
     assert (mc.positions, mc.norm, mc.mlp, mc.bias, mc.n_kv_heads, mc.tie_embeddings) == (
         "rotary", "rmsnorm", "swiglu", False, 1, False)
     code, _, err = run_main(capsys, "train", "--resume", "ll", "--steps", "8")
@@ -140,7 +143,7 @@ def test_generate_with_a_draft(capsys, hello_run):
     from minitx_fn import generate                    # from Python the draft may be the run's directory
     assert generate.complete(checkpoint.load_model(hello_run), "hello", max_new_tokens=20,
                              draft=str(hello_run)) == plain.rstrip("\n")[len("hello"):]
-    context = checkpoint.load_model(hello_run).config.max_len
+    context = checkpoint.load_model(hello_run).model.max_len
     for extra, fragments in [(["--draft-tokens", "2"], ["--draft-tokens needs --draft"]),
                              (["--draft", str(hello_run), "--draft-tokens", "0"], ["--draft-tokens", "must lie in"]),
                              (["--draft", str(hello_run), "--draft-tokens", str(context)],
@@ -265,11 +268,11 @@ def test_shakespeare_char_preset_is_nanogpts_gpu_recipe(rng):
     CPU cores its 5000 steps take hours)."""
     from minitx_fn import job
     open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not"], 3000)))
-    plan = job.plan("text.txt", preset="shakespeare-char", log=io.StringIO())
-    mc, tc = plan.model_config, plan.train_config
+    plan = job.plan(job.make("text.txt", preset="shakespeare-char"), log=io.StringIO())
+    mc, tc, oc = plan.model, plan.train_config, plan.train_config.optimizer
     assert (mc.n_layers, mc.n_heads, mc.d_model, mc.max_len, mc.dropout) == (6, 6, 384, 256, 0.2)
-    assert (tc.batch_size, tc.steps, tc.lr, tc.warmup, tc.min_lr) == (64, 5000, 1e-3, 100, 1e-4)
-    assert (tc.b1, tc.b2, tc.weight_decay, tc.grad_clip) == (0.9, 0.99, 0.1, 1.0)
+    assert (tc.batch_size, tc.steps, oc.lr, oc.warmup, oc.min_lr) == (64, 5000, 1e-3, 100, 1e-4)
+    assert (oc.b1, oc.b2, oc.weight_decay, oc.grad_clip) == (0.9, 0.99, 0.1, 1.0)
 
 
 @pytest.mark.parametrize("preset", ["shakespeare-baby", "shakespeare-char"])
@@ -278,8 +281,8 @@ def test_a_lower_lr_brings_the_presets_final_lr_down_with_it(rng, preset):
     valid run, not an error about a setting the user never gave."""
     from minitx_fn import job
     open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not"], 3000)))
-    plan = job.plan("text.txt", preset=preset, training={"lr": 5e-5}, log=io.StringIO())
-    assert (plan.train_config.lr, plan.train_config.min_lr) == (5e-5, 5e-5 / 10)
+    oc = job.make("text.txt", preset=preset, training={"optimizer": {"lr": 5e-5}}).training.optimizer
+    assert (oc.lr, oc.min_lr) == (5e-5, 5e-5 / 10)
 
 
 @given(run_dir=st.text(min_size=1, max_size=12), prompt=st.text(min_size=1, max_size=12))

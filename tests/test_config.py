@@ -7,7 +7,7 @@ import dataclasses
 import jax.numpy as jnp
 import pytest
 
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn.config import AttentionSpec, BlockSpec, LoraConfig, ModelConfig, TrainConfig
 from tests.helpers import enable_x64
 
 
@@ -24,8 +24,15 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     scaled = ModelConfig(vocab_size=10, positions="rotary", rope_scaling={"kind": "yarn", "factor": 4.0,
                                                                           "original_max_len": 16})
     assert scaled == ModelConfig(**scaled.to_dict()) and hash(scaled) == hash(ModelConfig(**scaled.to_dict()))
-    t = TrainConfig(steps=300, lr=2e-3)
-    assert t.decay_steps == 300 and t.min_lr == pytest.approx(2e-4)
+    t = TrainConfig(steps=300, optimizer={"lr": 2e-3})
+    assert t.optimizer.decay_steps == 300 and t.optimizer.min_lr == pytest.approx(2e-4) and t.optimizer.warmup == 30
+    assert t == TrainConfig(**t.to_dict()) and hash(t) == hash(TrainConfig(**t.to_dict()))   # meta.json's dicts
+    assert TrainConfig(steps=300, lora={"rank": 4}).lora == LoraConfig(rank=4, alpha=4.0, targets="attn")
+    # A model whose vocabulary a tokenizer will give: every other field is checked now.
+    assert ModelConfig(d_model=32, n_heads=4).vocab_size is None and ModelConfig(vocab_size=3, positions="none")
+    spec = ModelConfig(vocab_size=10, d_model=32, n_heads=4, n_kv_heads=2, positions="rotary").block_spec
+    assert (spec.attention.n_kv_heads, spec.attention.rope_theta, spec.attention.groups) == (2, 10000.0, 2)
+    assert ModelConfig(vocab_size=10, d_model=32, n_heads=4).attention_spec.rope_theta is None
 
 
 @pytest.mark.parametrize("changes, field, hint", [
@@ -80,14 +87,30 @@ def test_model_config_rejects_bad_values(changes, field, hint):
 
 
 @pytest.mark.parametrize("changes, field", [
-    ({"steps": 0}, "steps=0"), ({"batch_size": -1}, "batch_size=-1"), ({"lr": 0.0}, "lr=0.0"),
-    ({"warmup": 10, "steps": 10}, "warmup=10"), ({"b2": 1.0}, "b2=1.0"), ({"grad_clip": 0}, "grad_clip=0"),
-    ({"lr": 1e300}, "lr=1e\\+300"), ({"seed": 2**32}, "seed=4294967296"), ({"seed": -1}, "seed=-1"),
-    ({"steps": 2**31}, "steps=2147483648"), ({"weight_decay": float("nan")}, "weight_decay=nan"),
+    ({"steps": 0}, "steps=0"), ({"batch_size": -1}, "batch_size=-1"), ({"optimizer": {"lr": 0.0}}, "lr=0.0"),
+    ({"optimizer": {"warmup": 10}, "steps": 10}, "warmup=10"), ({"optimizer": {"b2": 1.0}}, "b2=1.0"),
+    ({"optimizer": {"grad_clip": 0}}, "grad_clip=0"), ({"optimizer": {"lr": 1e300}}, "lr=1e\\+300"),
+    ({"seed": 2**32}, "seed=4294967296"), ({"seed": -1}, "seed=-1"), ({"steps": 2**31}, "steps=2147483648"),
+    ({"optimizer": {"weight_decay": float("nan")}}, "weight_decay=nan"),
+    ({"optimizer": {"momentum": 0.9}}, r"optimizer has no settings \['momentum'\]"),
+    ({"optimizer": 3e-3}, "optimizer=0.003 must be an OptimizerConfig or a dict"),
+    ({"lora": {"alpha": 8.0}}, "lora needs lora_rank='N'"), ({"lora": {"rank": 0}}, "lora_rank=0"),
+    ({"lora": {"rank": 2, "targets": "ffn"}}, "lora_targets='ffn'"),
 ])
 def test_train_config_rejects_bad_values(changes, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**changes)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"n_heads": 0}, "n_heads=0"), ({"n_kv_heads": 3}, "n_kv_heads=3.*must divide n_heads=4"),
+    ({"impl": "flash"}, "attention='flash'"),
+])
+def test_a_layer_spec_checks_itself(changes, field):
+    with pytest.raises(ValueError, match=field):
+        AttentionSpec(**{"n_heads": 4, **changes})
+    with pytest.raises(ValueError, match="norm='batch'"):
+        BlockSpec(attention=AttentionSpec(n_heads=2), norm="batch")
 
 
 def test_float64_without_x64_says_how_to_enable_it():

@@ -47,7 +47,7 @@ def test_four_devices_equal_one_device_after_three_steps():
         from minitx_fn.config import LoraConfig, ModelConfig, TrainConfig
         assert jax.device_count() == 4
         mc = ModelConfig(vocab_size=13, d_model=32, n_heads=2, n_layers=2, max_len=16)
-        tc = TrainConfig(steps=3, batch_size=8, warmup=0, lr=1e-3)
+        tc = TrainConfig(steps=3, batch_size=8, optimizer={"warmup": 0, "lr": 1e-3})
         ids = jnp.asarray(np.arange(300, dtype=np.int32) % 13)
         init_key, data_key, _ = train.keys(0)
 
@@ -58,9 +58,9 @@ def test_four_devices_equal_one_device_after_three_steps():
             if lora is None:
                 state, args = train.init_state(init_key, mc, tc.optimizer), ()
             else:
-                state, args = train.lora_state(init_key, base, tc.optimizer, lora), (base,)
+                state, args = train.lora_state(init_key, mc, base, tc.optimizer, lora), (base,)
             d, sample = ids, train.batch_at
-            step = functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer, lora=lora)
+            step = functools.partial(train.train_step, model=mc, optimizer_config=tc.optimizer, lora=lora)
             if mesh is not None:
                 shardings = distributed.state_shardings(state, mesh, fsdp)
                 state = distributed.put_global(jax.device_get(state), shardings)
@@ -222,7 +222,7 @@ def test_processes_that_disagree_a_peer_that_never_comes_and_a_taken_port_are_on
     for code, err in results[:2]:
         assert code == 2, err[-2000:]
         line = err.strip().splitlines()[-1]
-        assert line.startswith("minitx: error: the 2 processes disagree on d_ff, d_model, seed; "), line    # by name
+        assert line.startswith("minitx: error: the 2 processes disagree on model.d_ff, model.d_model, training.seed; "), line    # by name
     code, err = results[2]
     assert code == 1 and err.strip().splitlines() == [
         f"minitx: error: gave up after 3 s: not all 2 processes joined the run at 127.0.0.1:{alone_port}"

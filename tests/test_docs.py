@@ -49,7 +49,7 @@ def test_every_public_function_has_a_docstring(name):
 NO_EXAMPLE = {
     # Commands: exercised end to end by tests/test_cli.py, test_faults.py and test_job.py (eval).
     "minitx_fn.cli": {"build_parser", "cmd_train", "cmd_generate", "cmd_eval", "cmd_attention", "cmd_plot", "cmd_data",
-                      "cmd_prepare", "cmd_import_hf", "cmd_export_hf", "main", "message"},
+                      "cmd_prepare", "cmd_import_hf", "cmd_export_hf", "cmd_upgrade", "main", "message", "to_job"},
     # Read or write files with the optional safetensors and tokenizers: tests/test_gpt2.py.
     "minitx_fn.gpt2": {"require_safetensors", "read_config", "read_tensors", "read_tokenizer", "import_dir", "byte_tokenizer_json",
                        "export_files", "write_dir", "import_run", "export_run"},

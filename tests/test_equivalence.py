@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from minitx_fn import defaults, model
+from minitx_fn import defaults, model, train
 from minitx_fn.config import ModelConfig
 from minitx_fn.layers import attention, block, embedding, feedforward, linear, norm, rmsnorm, swiglu
 from tests import flax_reference as ref
@@ -65,9 +65,8 @@ def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
         p = feedforward.init(k_init, d_model=c.d_model, d_ff=c.d_ff, std=0.2, dtype=dt)
         return p, lambda p: feedforward.apply(p, x, dtype=dt), flax_apply(ref.FlaxMLP(c), (x,)), ref.to_flax_mlp
     if name == "attention":
-        p = attention.init(k_init, d_model=c.d_model, n_heads=c.n_heads, std=0.3, dtype=dt)
-        return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, impl=c.attention, dtype=dt,
-                                                   block=c.attention_block),
+        p = attention.init(k_init, c.attention_spec, d_model=c.d_model, std=0.3, dtype=dt)
+        return (p, lambda p: attention.apply(p, x, c.attention_spec),
                 flax_apply(ref.FlaxAttention(c), (x,)), lambda p: ref.to_flax_attention(p, c.n_heads))
     if name == "rmsnorm":
         p = {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(c.d_model), dt)}
@@ -77,18 +76,14 @@ def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
         p = swiglu.init(k_init, d_model=c.d_model, d_ff=c.d_ff, std=0.2, dtype=dt, bias=c.bias)
         return p, lambda p: swiglu.apply(p, x, dtype=dt), flax_apply(ref.FlaxSwiGLU(c), (x,)), ref.to_flax_mlp
     if name == "grouped_attention":      # rotary, grouped-query, biases on q, k, v only (Qwen2's choices)
-        p = attention.init(k_init, d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, std=0.3, dtype=dt,
-                           bias=c.bias, qkv_bias=c.qkv_bias)
+        p = attention.init(k_init, c.attention_spec, d_model=c.d_model, std=0.3, dtype=dt)
         p = jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), dt), p)   # biases not 0
-        args = model.block_args(c)
-        return (p, lambda p: attention.apply(p, x, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, impl=c.attention,
-                                             dtype=dt, block=c.attention_block, rope_theta=args["rope_theta"]),
+        return (p, lambda p: attention.apply(p, x, c.attention_spec),
                 flax_apply(ref.FlaxGroupedAttention(c), (x,)),
                 lambda p: ref.to_flax_grouped_attention(p, c.n_heads, c.n_kv_heads))
     if name in ("block", "llama_block"):
-        p = block.init(k_init, d_model=c.d_model, n_heads=c.n_heads, n_kv_heads=c.n_kv_heads, d_ff=c.d_ff, std=0.3,
-                       dtype=dt, norm=c.norm, mlp=c.mlp, bias=c.bias, qkv_bias=c.qkv_bias)
-        return (p, lambda p: block.apply(p, x, **model.block_args(c)), flax_apply(ref.FlaxBlock(c), (x,)),
+        p = block.init(k_init, c.block_spec, d_model=c.d_model, d_ff=c.d_ff, std=0.3, dtype=dt)
+        return (p, lambda p: block.apply(p, x, c.block_spec), flax_apply(ref.FlaxBlock(c), (x,)),
                 lambda p: ref.to_flax_block(p, c))
     raise AssertionError(name)
 
@@ -200,6 +195,10 @@ def test_layer_matches_flax_float64(name, key, rng):
         _compare(params, our_fn, flax_fn, to_flax, TOLERANCE["float64"], rng, c.positions == "rotary")
 
 
+def _loss(params, tokens, targets, *, config):
+    return train.cross_entropy(model.apply(params, tokens, config=config), targets)
+
+
 def _model_case(c: ModelConfig, key: jax.Array, rng: np.random.Generator):
     params = model.init(key, c.replace(init_std=0.2))
     data = jnp.asarray(rng.integers(0, c.vocab_size, (3, 9)), jnp.int32)   # (B, T + 1)
@@ -237,8 +236,7 @@ def test_model_matches_flax(dtype, impl, block, remat, options, key, rng):
         params, tokens, targets = _model_case(c, key, rng)
         to_flax = lambda p: ref.to_flax_model(p, c)  # noqa: E731
         fvars = to_flax(params)
-        loss, grads = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")(
-            params, tokens, targets, config=c)
+        loss, grads = jax.jit(jax.value_and_grad(_loss), static_argnames="config")(params, tokens, targets, config=c)
         with standard_promotion():
             flax_logits = jax.jit(ref.FlaxLM(c).apply)(fvars, tokens)
             flax_loss, flax_grads = jax.jit(jax.value_and_grad(ref.flax_loss), static_argnums=3)(

@@ -78,7 +78,7 @@ def work(saved_runs, tmp_path, monkeypatch):
         shutil.copytree(saved_runs / name, tmp_path / name)
     shutil.copy(saved_runs / "text.txt", tmp_path / "text.txt")
     monkeypatch.chdir(tmp_path)
-    _edit_meta("text", lambda m: m["data"].update(path=str(tmp_path / "text.txt")))   # the copy trains on its copy
+    _edit_meta("text", lambda m: m["job"]["data"].update(path=str(tmp_path / "text.txt")))   # the copy trains on its copy
     return tmp_path
 
 
@@ -170,9 +170,9 @@ CASES = [
      ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["is corrupt"], None, 2),
     ("meta.json is a list", lambda w: open("builtin/checkpoint/meta.json", "w").write("[1, 2]"),
      ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["holds list, not an object"], None, 2),
-    ("meta.json has a field of the wrong type", lambda w: _edit_meta("builtin", lambda m: m["model_config"].update(
+    ("meta.json has a field of the wrong type", lambda w: _edit_meta("builtin", lambda m: m["job"]["model"]["config"].update(
         n_layers="1")), ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["n_layers = '1'"], None, 2),
-    ("meta.json says max_len 1e9", lambda w: _edit_meta("builtin", lambda m: m["model_config"].update(
+    ("meta.json says max_len 1e9", lambda w: _edit_meta("builtin", lambda m: m["job"]["model"]["config"].update(
         max_len=10**9)), ["generate", "--checkpoint", "builtin", "--prompt", "hello"],
      ["this generation needs at least", "--max-new-tokens"], None, 2),
     ("meta.json claims a file of a petabyte", lambda w: _edit_meta("builtin", lambda m: m["files"]["params.npz"].update(

@@ -70,8 +70,8 @@ def test_cached_greedy_equals_recompute_inside_and_after_the_window(impl, dtype,
         params = model.init(jax.random.key(seed), cfg)
         prompts = random_prompts(seed, lengths, cfg.vocab_size)
         key = jax.random.key(seed + 1)
-        ids, logits = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=n_new, return_logits=True)
-        ref_ids, ref_logits = gen.generate_recompute(params, prompts, config=cfg, key=key, max_new_tokens=n_new)
+        ids, logits = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=n_new, return_logits=True)
+        ref_ids, ref_logits = gen.generate_recompute(params, prompts, model=cfg, key=key, max_new_tokens=n_new)
     np.testing.assert_array_equal(np.stack(ids), ref_ids)
     # jax.nn.dot_product_attention computes its softmax in float32 whatever the input.
     assert_logits_close(np.stack(logits), ref_logits, "float32" if impl != "einsum" else dtype)
@@ -84,8 +84,8 @@ def test_cached_sampling_equals_recompute_with_the_same_keys(dtype, key):
         cfg = config(dtype)
         params = model.init(jax.random.key(11), cfg)
         prompts = random_prompts(3, [3, 1, 7, 4], cfg.vocab_size)
-        ids = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=20, sampler=sampler)
-        ref_ids, _ = gen.generate_recompute(params, prompts, config=cfg, key=key, max_new_tokens=20, sampler=sampler)
+        ids = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=20, sampler=sampler)
+        ref_ids, _ = gen.generate_recompute(params, prompts, model=cfg, key=key, max_new_tokens=20, sampler=sampler)
     np.testing.assert_array_equal(np.stack(ids), ref_ids)
 
 
@@ -101,9 +101,9 @@ def test_float64_generation_is_the_numpy_model_and_x64_leaves_float32_alone():
     with enable_x64():
         cfg = f32.replace(dtype="float64", param_dtype="float64")
         params = model.init(jax.random.key(0), cfg)
-        [out], [logits] = gen.generate(params, [[1, 2]], config=cfg, max_new_tokens=4, return_logits=True)
-        out32_x64 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], config=f32, max_new_tokens=4)[0]
-    out32 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], config=f32, max_new_tokens=4)[0]
+        [out], [logits] = gen.generate(params, [[1, 2]], model=cfg, max_new_tokens=4, return_logits=True)
+        out32_x64 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], model=f32, max_new_tokens=4)[0]
+    out32 = gen.generate(model.init(jax.random.key(0), f32), [[1, 2]], model=f32, max_new_tokens=4)[0]
     np.testing.assert_array_equal(out32_x64, out32)
     host, context = jax.device_get(params), [1, 2]
     for token, row in zip(out, logits):
@@ -119,10 +119,10 @@ def test_short_row_keeps_its_context_when_a_long_row_slides():
     params = model.init(jax.random.key(0), cfg)
     short, long = [1, 2, 3], list(range(7)) * 2 + [1, 2]
     key = jax.random.key(1)
-    alone = gen.generate(params, [short], config=cfg, key=key, max_new_tokens=40)[0]
-    batched = gen.generate(params, [short, long], config=cfg, key=key, max_new_tokens=40)
+    alone = gen.generate(params, [short], model=cfg, key=key, max_new_tokens=40)[0]
+    batched = gen.generate(params, [short, long], model=cfg, key=key, max_new_tokens=40)
     np.testing.assert_array_equal(batched[0], alone)
-    np.testing.assert_array_equal(batched[1], gen.generate(params, [long], config=cfg, key=key, max_new_tokens=40)[0])
+    np.testing.assert_array_equal(batched[1], gen.generate(params, [long], model=cfg, key=key, max_new_tokens=40)[0])
 
 
 @given(lengths=st.lists(st.integers(1, 12), min_size=3, max_size=3), stop_len=st.sampled_from([0, 2]), seed=SEEDS,
@@ -139,12 +139,12 @@ def test_each_greedy_row_equals_its_prompt_alone(lengths, stop_len, seed, dtype)
         key = jax.random.key(0)
         stop = ()
         if stop_len:                  # a piece of row 0's own continuation, so at least that row stops early
-            free = gen.generate(params, prompts[:1], config=cfg, key=key, max_new_tokens=n_new)[0]
+            free = gen.generate(params, prompts[:1], model=cfg, key=key, max_new_tokens=n_new)[0]
             stop = tuple(int(t) for t in free[len(free) // 2:][:stop_len])
-        ids, logits = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=n_new, stop=stop,
+        ids, logits = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=n_new, stop=stop,
                                    return_logits=True)
         for i, prompt in enumerate(prompts):
-            alone_ids, alone_logits = gen.generate(params, [prompt], config=cfg, key=key, max_new_tokens=n_new,
+            alone_ids, alone_logits = gen.generate(params, [prompt], model=cfg, key=key, max_new_tokens=n_new,
                                                    stop=stop, return_logits=True)
             np.testing.assert_array_equal(ids[i], alone_ids[0])
             assert_logits_close(logits[i], alone_logits[0], dtype)
@@ -161,22 +161,22 @@ def test_a_sampled_row_depends_only_on_its_prompt_key_and_row(lengths, other, se
     prompts = random_prompts(seed, lengths, CFG.vocab_size)
     replaced = random_prompts(seed + 1, other, CFG.vocab_size)
     key = jax.random.key(seed)
-    batch = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=20, sampler=sampler)
+    batch = gen.generate(PARAMS, prompts, model=CFG, key=key, max_new_tokens=20, sampler=sampler)
     for b in range(3):
         mixed = [prompts[i] if i == b else replaced[i] for i in range(3)]
         np.testing.assert_array_equal(
-            gen.generate(PARAMS, mixed, config=CFG, key=key, max_new_tokens=20, sampler=sampler)[b], batch[b])
+            gen.generate(PARAMS, mixed, model=CFG, key=key, max_new_tokens=20, sampler=sampler)[b], batch[b])
     np.testing.assert_array_equal(
-        gen.generate(PARAMS, prompts[:1], config=CFG, key=key, max_new_tokens=20, sampler=sampler)[0], batch[0])
+        gen.generate(PARAMS, prompts[:1], model=CFG, key=key, max_new_tokens=20, sampler=sampler)[0], batch[0])
 
 
 def test_sampling_is_a_function_of_the_key(key):
     """The same prompts and key give the same tokens; another key gives other tokens."""
     sampler = Sampler(temperature=2.0)                     # flat distributions: 40 equal draws by chance ~ 0
     prompts = [[1, 2], [3]]
-    first = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=40, sampler=sampler)
-    again = gen.generate(PARAMS, prompts, config=CFG, key=key, max_new_tokens=40, sampler=sampler)
-    other = gen.generate(PARAMS, prompts, config=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=40,
+    first = gen.generate(PARAMS, prompts, model=CFG, key=key, max_new_tokens=40, sampler=sampler)
+    again = gen.generate(PARAMS, prompts, model=CFG, key=key, max_new_tokens=40, sampler=sampler)
+    other = gen.generate(PARAMS, prompts, model=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=40,
                          sampler=sampler)
     for a, b, c in zip(first, again, other):
         np.testing.assert_array_equal(a, b)
@@ -184,8 +184,8 @@ def test_sampling_is_a_function_of_the_key(key):
 
 
 def test_greedy_ignores_the_key(key):
-    a = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=5, sampler=Sampler(temperature=0.0))
-    b = gen.generate(PARAMS, [[1, 2]], config=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=5)
+    a = gen.generate(PARAMS, [[1, 2]], model=CFG, key=key, max_new_tokens=5, sampler=Sampler(temperature=0.0))
+    b = gen.generate(PARAMS, [[1, 2]], model=CFG, key=jax.random.fold_in(key, 1), max_new_tokens=5)
     np.testing.assert_array_equal(a[0], b[0])
 
 
@@ -193,9 +193,9 @@ def test_greedy_ignores_the_key(key):
 
 
 def test_stop_sequence_ends_a_row_and_the_loop(key):
-    first = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=12)[0]
+    first = gen.generate(PARAMS, [[1, 2]], model=CFG, key=key, max_new_tokens=12)[0]
     stop = tuple(int(t) for t in first[3:5])
-    stopped = gen.generate(PARAMS, [[1, 2]], config=CFG, key=key, max_new_tokens=12, stop=stop)[0]
+    stopped = gen.generate(PARAMS, [[1, 2]], model=CFG, key=key, max_new_tokens=12, stop=stop)[0]
     # It ends right after the first occurrence of the stop sequence.
     first_end = next(i + len(stop) for i in range(len(first)) if tuple(first[i:i + len(stop)]) == stop)
     np.testing.assert_array_equal(stopped, first[:first_end])
@@ -207,11 +207,11 @@ def test_one_compiled_loop_for_every_token_position_and_prompt_in_a_bucket(key, 
     cfg = CFG.replace(init_std=0.49)                       # a config no other test uses: a fresh jit cache entry
     params = model.init(key, cfg)
     traces = count_calls(monkeypatch, gen, "row_keys")     # called once in the body of _decode: once per trace
-    gen.generate(params, [[1, 2, 3]], config=cfg, key=key, max_new_tokens=20)
-    gen.generate(params, [[4, 5, 6, 7, 1]], config=cfg, key=key, max_new_tokens=20)       # same bucket (8)
-    gen.generate(params, [[1] * 8], config=cfg, key=key, max_new_tokens=20)                # a full window
+    gen.generate(params, [[1, 2, 3]], model=cfg, key=key, max_new_tokens=20)
+    gen.generate(params, [[4, 5, 6, 7, 1]], model=cfg, key=key, max_new_tokens=20)       # same bucket (8)
+    gen.generate(params, [[1] * 8], model=cfg, key=key, max_new_tokens=20)                # a full window
     assert len(traces) == 1
-    gen.generate(params, [[1, 2], [3, 4, 5]], config=cfg, key=key, max_new_tokens=20)      # batch 2: a new shape
+    gen.generate(params, [[1, 2], [3, 4, 5]], model=cfg, key=key, max_new_tokens=20)      # batch 2: a new shape
     assert len(traces) == 2
 
 
@@ -224,13 +224,13 @@ def test_bucket_lengths():
                                             ([[1.5, 2.0]], "integers")])
 def test_bad_prompts(prompts, match):
     with pytest.raises(ValueError, match=match):
-        gen.generate(PARAMS, prompts, config=CFG, key=jax.random.key(0), max_new_tokens=2)
+        gen.generate(PARAMS, prompts, model=CFG, key=jax.random.key(0), max_new_tokens=2)
 
 
 @pytest.mark.parametrize("n", [0, -3, 2.5, True, 2**31])
 def test_bad_max_new_tokens(n):
     with pytest.raises(ValueError, match="max_new_tokens"):
-        gen.generate(PARAMS, [[1]], config=CFG, key=jax.random.key(0), max_new_tokens=n)
+        gen.generate(PARAMS, [[1]], model=CFG, key=jax.random.key(0), max_new_tokens=n)
 
 
 @pytest.mark.parametrize("stop, match", [((-1, 2), "outside"), ((99,), "outside"), ((2**40,), "outside"),
@@ -238,22 +238,22 @@ def test_bad_max_new_tokens(n):
 def test_bad_stop_ids(stop, match):
     """-1 would match the padding before the first token; ids beyond V can never be drawn."""
     with pytest.raises(ValueError, match=f"stop sequence.*{match}"):
-        gen.generate(PARAMS, [[1]], config=CFG, key=jax.random.key(0), max_new_tokens=2, stop=stop)
+        gen.generate(PARAMS, [[1]], model=CFG, key=jax.random.key(0), max_new_tokens=2, stop=stop)
 
 
 def test_greedy_needs_no_key_and_sampling_does():
-    with_key = gen.generate(PARAMS, [[1, 2]], config=CFG, key=jax.random.key(5), max_new_tokens=4)[0]
-    np.testing.assert_array_equal(gen.generate(PARAMS, [[1, 2]], config=CFG, key=None, max_new_tokens=4)[0], with_key)
+    with_key = gen.generate(PARAMS, [[1, 2]], model=CFG, key=jax.random.key(5), max_new_tokens=4)[0]
+    np.testing.assert_array_equal(gen.generate(PARAMS, [[1, 2]], model=CFG, key=None, max_new_tokens=4)[0], with_key)
     with pytest.raises(ValueError, match="sampling needs a key"):
-        gen.generate(PARAMS, [[1]], config=CFG, key=None, max_new_tokens=2, sampler=Sampler(temperature=1.0))
+        gen.generate(PARAMS, [[1]], model=CFG, key=None, max_new_tokens=2, sampler=Sampler(temperature=1.0))
 
 
 def test_window_of_one_slot():
     """S = 1 keeps no token when it slides: every step sees only its newest token."""
     cfg = CFG.replace(max_len=1)
     params = model.init(jax.random.key(0), cfg)
-    ids = gen.generate(params, [[3]], config=cfg, key=jax.random.key(0), max_new_tokens=5)[0]
-    ref, _ = gen.generate_recompute(params, [[3]], config=cfg, key=jax.random.key(0), max_new_tokens=5)
+    ids = gen.generate(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)[0]
+    ref, _ = gen.generate_recompute(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)
     np.testing.assert_array_equal(ids, ref[0])
 
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, defaults, gpt2, model, runs
+from minitx_fn import checkpoint, defaults, gpt2, model, runs, train
 from minitx_fn.config import ModelConfig
 from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer
 from tests.helpers import TINY, assert_close_scaled, assert_one_error_line, enable_x64, run_main, \
@@ -224,7 +224,7 @@ def test_import_then_generate_from_the_command_line(tmp_path, capsys, hf_dir, bp
     assert code == 0, err
     assert "Imported GPT-2 (2 layers, 2 heads, width 16, context 32" in out
     ck = checkpoint.load(str(tmp_path / "run"))
-    assert ck.tokenizer == bpe and ck.model_config.positions == "learned" and ck.model_config.tie_embeddings
+    assert ck.tokenizer == bpe and ck.model.positions == "learned" and ck.model.tie_embeddings
     tensors = safetensors_numpy.load_file(os.path.join(hf_dir, gpt2.WEIGHTS))
     np.testing.assert_array_equal(ck.state.params["embed"]["table"], tensors["transformer.wte.weight"])
     code, out, err = run_main(capsys, "generate", "--checkpoint", tmp_path / "run", "--prompt", "The quick",
@@ -362,7 +362,7 @@ def test_export_then_import_gives_back_the_same_model(tmp_path, capsys, gpt2_sha
     original, back = checkpoint.load(str(gpt2_shaped_run)), checkpoint.load(str(tmp_path / "back"))
     jax.tree.map(np.testing.assert_array_equal, back.state.params, original.state.params)
     assert back.tokenizer.encode("héllo").tolist() == ByteTokenizer().encode("héllo").tolist()
-    assert back.model_config == original.model_config.replace(embed_std=original.model_config.init_std)
+    assert back.model == original.model.replace(embed_std=original.model.init_std)
 
 
 def test_an_untied_gpt2_goes_back_out_as_it_came_in(tmp_path, capsys, bpe):
@@ -405,9 +405,9 @@ def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run)
                            ({"positions": "rotary", "norm": "rmsnorm"}, "positions='rotary', norm='rmsnorm'"),
                            ({"n_kv_heads": 1, "bias": False, "qkv_bias": True}, "bias=False, n_kv_heads=1")):
         with pytest.raises(gpt2.GPT2Error, match=re.escape(f"this model has {named}: train one with --arch gpt2")):
-            gpt2.export_files(ck.state.params, ck.model_config.replace(**options), ck.tokenizer)
+            gpt2.export_files(ck.state.params, ck.model.replace(**options), ck.tokenizer)
     # Nearer Llama's shape than GPT-2's (a Llama with biases): named against Llama's.
-    llama_with_bias = ck.model_config.replace(**{**defaults.ARCHS["llama"], "bias": True})
+    llama_with_bias = ck.model.replace(**{**defaults.ARCHS["llama"], "bias": True})
     with pytest.raises(gpt2.GPT2Error, match=re.escape("Llama and Qwen2 have bias=False; this model has bias=True: "
                                                        "train one with --arch llama")):
         gpt2.export_files(ck.state.params, llama_with_bias, ck.tokenizer)
@@ -477,7 +477,7 @@ def test_imported_logits_and_loss_equal_hugging_face(hf, hf_model_dir, bpe, dtyp
                                                          inputs[:, 1:].reshape(-1)).item()
         # Hugging Face shifts the labels itself: its loss on ids[:, :-1] predicts ids[:, 1:-1].
         with standard_promotion():
-            ours = float(model.loss(params, jnp.asarray(ids[:, :-2]), jnp.asarray(ids[:, 1:-1]), config=c))
+            ours = float(train.cross_entropy(c.apply(params, jnp.asarray(ids[:, :-2])), jnp.asarray(ids[:, 1:-1])))
         assert abs(ours - by_torch) <= tol * abs(by_torch)
         assert abs(ours - out.loss.item()) <= 1e-5 * abs(by_torch)
 
@@ -498,7 +498,7 @@ def test_greedy_tokens_equal_hugging_face_generate(hf, hf_model_dir, tmp_path, c
     from minitx_fn.generate import generate
     ck = checkpoint.load(str(tmp_path / "run"))
     with standard_promotion():
-        ours = generate(ck.state.params, [ids], config=ck.model_config, key=None, max_new_tokens=20)[0]
+        ours = generate(ck.state.params, [ids], model=ck.model, key=None, max_new_tokens=20)[0]
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -510,7 +510,7 @@ def test_exported_run_loads_in_transformers_with_the_same_logits(hf, tmp_path, c
     ids = ck.tokenizer.encode("hello jax! hello")[None]                                    # (1, 16)
     with standard_promotion():
         ours = jax.jit(model.apply, static_argnames="config")(ck.state.params, jnp.asarray(ids),
-                                                              config=ck.model_config)
+                                                              config=ck.model)
     assert_close_scaled(ours, _hf_logits(torch, hf_model, ids), 1e-5)
 
 

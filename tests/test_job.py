@@ -62,14 +62,14 @@ def test_checkpoint_save_wants_to_be_told_what_the_run_trained_on(capsys):
     state = train.init_state(jax.random.key(0), mc, tc.optimizer)
     tok = corpus.builtin().tokenizer
     with pytest.raises(TypeError, match="data"):
-        checkpoint.save("r", state, model_config=mc, train_config=tc, tokenizer=tok)
-    checkpoint.save("r", state, model_config=mc, train_config=tc, tokenizer=tok, data=None)
+        checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok)
+    checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok, data=None)
     code, _, err = run_main(capsys, "train", "--resume", "r", "--steps", "6")
     assert_one_error_line(code, err, "does not record what it trained on", "--data")
     with pytest.raises(CheckpointError, match="data must be"):
-        checkpoint.save("r", state, model_config=mc, train_config=tc, tokenizer=tok, data={"path": "x"})
+        checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok, data={"path": "x"})
     # Saved with the corpus itself (or its .source): the built-in corpus, said explicitly.
-    checkpoint.save("b", state, model_config=mc, train_config=tc, tokenizer=tok, data=corpus.builtin())
+    checkpoint.save("b", state, model=mc, train_config=tc, tokenizer=tok, data=corpus.builtin())
     assert checkpoint.load("b").data == {"builtin": True}
     code, out, err = run_main(capsys, "train", "--resume", "b", "--steps", "6", "--max-new-tokens", "3")
     assert code == 0, err
@@ -87,7 +87,7 @@ def test_save_refuses_what_load_would_refuse_before_writing_anything():
     accumulating = train.new_state(state.params, multi)
     for bad, named in ((variant, "unexpected ['extra/w']"), (accumulating, "opt_state.npz")):
         with pytest.raises(CheckpointError, match=r"cannot save: .*" + named.replace("[", r"\[").replace("]", r"\]")):
-            checkpoint.save("r", bad, model_config=mc, train_config=tc, tokenizer=tok, data=None)
+            checkpoint.save("r", bad, model=mc, train_config=tc, tokenizer=tok, data=None)
         assert not os.path.exists("r/checkpoint") and runs.artifacts("r") == []
 
 
@@ -112,11 +112,11 @@ def test_fit_logs_the_rate_the_step_ran_with_and_needs_no_model_config(tmp_path)
         assert [r.get("lr") for r in records] == [pytest.approx(expected, rel=1e-6) if expected else None] * 2
         assert all("tokens_per_s" not in r for r in records)             # no tokens_per_step given
     # The library's own step reports its schedule's rate at each step.
-    tc = TrainConfig(steps=10, lr=1.0, warmup=4)
+    tc = TrainConfig(steps=10, optimizer={"lr": 1.0, "warmup": 4})
     state = train.init_state(jax.random.key(0), mc, tc.optimizer)
     rates = []
     for t in range(5):
-        state, m = train.train_step(state, next_batch(t), model_config=mc, optimizer_config=tc.optimizer)
+        state, m = train.train_step(state, next_batch(t), model=mc, optimizer_config=tc.optimizer)
         rates.append(float(m["lr"]))
     assert rates == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
 
@@ -129,7 +129,7 @@ def test_training_loaded_parameters_leaves_them_usable():
     params = model.init(jax.random.key(0), mc)
     state = train.new_state(params, train.make_optimizer(tc.optimizer))
     x = jnp.zeros((2, mc.max_len), jnp.int32)
-    state, _ = train.train_step(state, (x, x), model_config=mc, optimizer_config=tc.optimizer)
+    state, _ = train.train_step(state, (x, x), model=mc, optimizer_config=tc.optimizer)
     assert np.isfinite(np.asarray(params["embed"]["table"])).all()           # not deleted
     assert not np.array_equal(np.asarray(params["embed"]["table"]), np.asarray(state.params["embed"]["table"]))
 
@@ -137,10 +137,10 @@ def test_training_loaded_parameters_leaves_them_usable():
 def test_load_and_generate_text_greedy_needs_no_key():
     result = _train(run_dir="r", training={"steps": 4, "batch_size": 8, "log_every": 2})
     loaded = checkpoint.load_model("r")
-    assert loaded.config == result.config and loaded.meta["step"] == 4
+    assert loaded.model == result.model and loaded.meta["step"] == 4
     text = generate.complete(loaded, "hello", max_new_tokens=12)
     assert text == generate.complete(result, "hello", max_new_tokens=12) and len(text) == 12
-    ids = generate.generate(loaded.params, [loaded.tokenizer.encode("hello")], config=loaded.config,
+    ids = generate.generate(loaded.params, [loaded.tokenizer.encode("hello")], model=loaded.model,
                             max_new_tokens=12)[0]
     assert loaded.tokenizer.decode(ids) == text
     with pytest.raises(ValueError, match="needs a key"):
@@ -157,21 +157,25 @@ def test_help_of_the_corpus_module_shows_no_environment(monkeypatch):
 
 def test_settings_a_run_does_not_have_are_named():
     with pytest.raises(ConfigError, match="no settings \\['widht'\\]"):
-        job.plan(model={"widht": 3})
+        job.make(model={"widht": 3})
     with pytest.raises(ConfigError, match="vocab_size"):
-        job.plan(model={"vocab_size": 3})
+        job.make(model={"vocab_size": 3})
     with pytest.raises(ConfigError, match="preset"):
-        job.plan(preset="nope")
+        job.make(preset="nope")
     with pytest.raises(DataError, match="not both"):
-        job.plan("a.txt", text="abc")
+        job.make("a.txt", text="abc")
+    with pytest.raises(ConfigError, match="optimizer has no settings \\['learning_rate'\\]"):
+        job.make(training={"optimizer": {"learning_rate": 1e-3}})
+    with pytest.raises(ConfigError, match="train takes a Job or settings, not both"):
+        job.train(job.make(), steps=3)
 
 
 def test_the_plan_writes_nothing_and_the_run_writes_what_the_cli_writes(capsys):
     """plan: checks and data only; run: the run directory `minitx train --out` makes
     (checkpoint, metrics, picture, no lock left)."""
     open("t.txt", "w").write(TEXT)
-    plan = job.plan("t.txt", model=SMALL, training={"steps": 4, "batch_size": 8, "log_every": 2}, run_dir="p",
-                    sample_tokens=5, log=io.StringIO())
+    plan = job.plan(job.make("t.txt", model=SMALL, training={"steps": 4, "batch_size": 8, "log_every": 2},
+                             run_dir="p", sample_tokens=5), log=io.StringIO())
     assert not os.path.exists("p") and plan.prompt == "t"               # the text's first character
     result = job.run(plan, log=io.StringIO())
     code, out, err = run_main(capsys, "train", "--data", "t.txt", "--width", "32", "--layers", "1", "--heads", "2",
@@ -180,7 +184,8 @@ def test_the_plan_writes_nothing_and_the_run_writes_what_the_cli_writes(capsys):
     assert code == 0, err
     assert sorted(os.listdir("p")) == sorted(os.listdir("c")) == ["checkpoint", "loss.png", "metrics.jsonl"]
     a, b = checkpoint.load("p"), checkpoint.load("c")
-    assert a.data == b.data and a.model_config == b.model_config and a.train_config == b.train_config
+    assert a.data == b.data and a.model == b.model and a.train_config == b.train_config
+    assert a.meta["job"] == b.meta["job"] == plan.job.to_dict() | {"data": a.data}          # the job, as a dict
     np.testing.assert_array_equal(a.state.params["embed"]["table"], b.state.params["embed"]["table"])
     assert f"Generated text:\n{result.prompt}{result.sample}\n" in out
 
@@ -209,7 +214,7 @@ def test_bad_settings_are_refused_before_the_data_is_prepared(capsys):
                        (("--lr", "0"), "--lr 0"), (("--batch-size", "6", "--grad-accum", "4"), "--grad-accum 4"),
                        (("--lora-rank", "4"), "--init-from"), (("--devices", "7"), "--devices 7"),
                        (("--init-from", "mem", "--lora-rank", "100000"), "--lora-rank 100000"),
-                       (("--init-from", "mem", "--lora-alpha", "3"), "--lora-alpha 3")]:
+                       (("--init-from", "mem", "--lora-alpha", "3"), "lora needs --lora-rank N")]:
         code, out, err = run_main(capsys, "train", "--data", "t.txt", "--cache-dir", "cache", *args)
         assert_one_error_line(code, err, said)
         assert not os.path.exists("cache") and "Preparing" not in out + err, args
@@ -221,7 +226,8 @@ def test_bad_settings_are_refused_before_the_data_is_prepared(capsys):
 
 
 @pytest.mark.parametrize("settings, error", [
-    ({"training": {"steps": "100"}}, "steps='100'"), ({"training": {"decay_steps": "9"}}, "decay_steps='9'"),
+    ({"training": {"steps": "100"}}, "steps='100'"), ({"training": {"optimizer": {"decay_steps": "9"}}},
+                                                      "decay_steps='9'"),
     ({"model": "tiny"}, "model"), ({"training": "fast"}, "training"), ({"text": b"abc"}, "must be a str"),
     ({"text": "ab\ud800c " * 20}, "lone surrogate"), ({"data_path": 3}, "must be a path"),
     ({"tokenizer": "bpe", "vocab_size": "300"}, "vocab_size='300'"), ({"devices": "2"}, "devices='2'"),
@@ -231,12 +237,13 @@ def test_wrong_types_are_one_error_naming_the_setting(settings, error):
     from minitx_fn.errors import Error
     data_path = settings.pop("data_path", None)
     with pytest.raises(Error, match=error.replace("(", r"\(").replace(")", r"\)")):
-        job.plan(data_path, log=io.StringIO(), **settings)
+        job.make(data_path, **settings)
 
 
 def test_numpy_numbers_are_the_numbers_they_stand_for():
-    tc = TrainConfig(steps=np.int64(40), lr=np.float32(2e-3))
-    assert tc.steps == 40 and type(tc.steps) is int and type(tc.lr) is float and tc == TrainConfig(steps=40, lr=tc.lr)
+    tc = TrainConfig(steps=np.int64(40), optimizer={"lr": np.float32(2e-3)})
+    assert tc.steps == 40 and type(tc.steps) is int and type(tc.optimizer.lr) is float
+    assert tc == TrainConfig(steps=40, optimizer={"lr": tc.optimizer.lr})
 
 
 def test_save_refuses_steps_and_trees_that_would_not_come_back():
@@ -246,9 +253,9 @@ def test_save_refuses_steps_and_trees_that_would_not_come_back():
     tok = corpus.builtin().tokenizer
     for step in (jnp.int32(-5), jnp.float32(3.7)):
         with pytest.raises(CheckpointError, match="the step must be a whole number"):
-            checkpoint.save("r", state._replace(step=step), model_config=mc, train_config=tc, tokenizer=tok, data=None)
+            checkpoint.save("r", state._replace(step=step), model=mc, train_config=tc, tokenizer=tok, data=None)
     with pytest.raises(CheckpointError, match="train.TrainState"):
-        checkpoint.save("r", {"params": state.params}, model_config=mc, train_config=tc, tokenizer=tok, data=None)
+        checkpoint.save("r", {"params": state.params}, model=mc, train_config=tc, tokenizer=tok, data=None)
     assert not os.path.exists("r/checkpoint")
     for tree, said in (({"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}, "both named 'a/b'"),
                        ({"w": jnp.ones(2, jnp.bfloat16)}, "bfloat16"), ({"w": jnp.array([1.0, jnp.nan])}, "non-finite")):
@@ -272,7 +279,7 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(ca
     assert code == 0, err
     got = json.load(open("e.json"))
     ids = result.tokenizer.encode(text)
-    t = result.config.max_len
+    t = result.model.max_len
     host = numpy_model.to_float64(jax.device_get(result.params))
     losses = []
     for start in range(0, len(ids) - t, t):                              # windows of T + 1 stepping by T
@@ -309,7 +316,7 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(ca
 def test_a_char_run_started_from_without_data_names_the_built_in_corpus():
     _train(text=TEXT, run_dir="words")                        # its characters: TEXT's, no '!' or 'h'
     with pytest.raises(DataError, match="the built-in corpus holds characters the run's char tokenizer lacks"):
-        job.plan(init_from="words", log=io.StringIO())
+        job.plan(job.make(init_from="words"), log=io.StringIO())
 
 
 def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_source(capsys):
@@ -324,10 +331,11 @@ def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_
     gpt2.export_run("mine", "hf")
     gpt2.import_run("hf", "imported", log=io.StringIO())
     open("t.txt", "w").write(TEXT)
-    plan = job.plan("t.txt", init_from="imported", model={"max_len": 8}, run_dir="tuned",
-                    training={"steps": 4, "batch_size": 8, "log_every": 2, "lr": 1e-3}, log=io.StringIO())
+    plan = job.plan(job.make("t.txt", init_from="imported", model={"max_len": 8}, run_dir="tuned",
+                             training={"steps": 4, "batch_size": 8, "log_every": 2, "optimizer": {"lr": 1e-3}}),
+                    log=io.StringIO())
     source = checkpoint.load_model("imported")
-    assert plan.model_config == source.config.replace(max_len=8) and plan.corpus.tokenizer == source.tokenizer
+    assert plan.model == source.model.replace(max_len=8) and plan.corpus.tokenizer == source.tokenizer
     assert int(plan.state.step) == 0 and not jax.tree.leaves(plan.state.opt_state)[1].any()       # a fresh Adam
     np.testing.assert_array_equal(plan.state.params["pos"]["table"], source.params["pos"]["table"][:8])
     np.testing.assert_array_equal(plan.state.params["embed"]["table"], source.params["embed"]["table"])

@@ -8,6 +8,7 @@ every operation (and every jax.random draw) on its own."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 
 import chex
@@ -19,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minitx_fn import model
-from minitx_fn.config import ModelConfig, RopeScaling
+from minitx_fn.config import AttentionSpec, BlockSpec, ModelConfig, RopeScaling
 from minitx_fn.layers import (attention, block, dropout, embedding, feedforward, linear, norm, positional, rmsnorm,
                               rotary, swiglu)
 from tests.flax_reference import sinusoidal_table
@@ -92,15 +93,16 @@ def test_swiglu_contract(key, rng, d, f, bias):
 def test_grouped_attention_contract(key, rng, d, h, g):
     k = d // h
     shapes = {"qkv": {"w": (d, (h + 2 * g) * k)}, "out": {"w": (d, d)}}
-    check_layer(lambda: attention.init(key, d_model=d, n_heads=h, n_kv_heads=g, bias=False),
-                lambda p, x: attention.apply(p, x, n_heads=h, n_kv_heads=g, rope_theta=10000.0),
+    spec = AttentionSpec(n_heads=h, n_kv_heads=g, bias=False, rope_theta=10000.0)
+    check_layer(lambda: attention.init(key, spec, d_model=d), lambda p, x: attention.apply(p, x, spec),
                 expected_shapes=shapes, x=rng.standard_normal((2, 5, d), np.float32), out_shape=(2, 5, d))
 
 
 @pytest.mark.parametrize("d, h", [(8, 2), (12, 3)])
 def test_attention_contract(key, rng, d, h):
     shapes = {"qkv": {"w": (d, 3 * d), "b": (3 * d,)}, "out": {"w": (d, d), "b": (d,)}}
-    check_layer(lambda: attention.init(key, d_model=d, n_heads=h), lambda p, x: attention.apply(p, x, n_heads=h),
+    spec = AttentionSpec(n_heads=h)
+    check_layer(lambda: attention.init(key, spec, d_model=d), lambda p, x: attention.apply(p, x, spec),
                 expected_shapes=shapes, x=rng.standard_normal((2, 5, d), np.float32), out_shape=(2, 5, d))
 
 
@@ -111,19 +113,19 @@ def test_block_contract(key, rng, cfg):
     shapes = {"ln1": {"scale": (d,), "bias": (d,)}, "ln2": {"scale": (d,), "bias": (d,)},
               "attn": {"qkv": {"w": (d, 3 * d), "b": (3 * d,)}, "out": {"w": (d, d), "b": (d,)}},
               "mlp": {"up": {"w": (d, f), "b": (f,)}, "down": {"w": (f, d), "b": (d,)}}}
-    check_layer(lambda: block.init(key, d_model=d, n_heads=cfg.n_heads, d_ff=f),
-                lambda p, x: block.apply(p, x, **model.block_args(cfg)),
+    check_layer(lambda: block.init(key, cfg.block_spec, d_model=d, d_ff=f),
+                lambda p, x: block.apply(p, x, cfg.block_spec),
                 expected_shapes=shapes, x=rng.standard_normal((2, 5, d), np.float32), out_shape=(2, 5, d))
 
 
 def test_bfloat16_compute_keeps_float32_outputs(key, rng):
     """Matmuls in bfloat16; layer norm, residual stream and logits stay float32."""
     cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, dtype="bfloat16")
-    p = block.init(key, d_model=8, n_heads=2, d_ff=32)
+    p = block.init(key, cfg.block_spec, d_model=8, d_ff=32)
     x = rng.standard_normal((2, 5, 8), np.float32)
-    y = block.apply(p, x, **model.block_args(cfg))
+    y = block.apply(p, x, cfg.block_spec)
     chex.assert_type(y, jnp.float32)
-    y32 = block.apply(p, x, **model.block_args(cfg.replace(dtype="float32")))
+    y32 = block.apply(p, x, cfg.replace(dtype="float32").block_spec)
     np.testing.assert_allclose(y, y32, atol=5e-2)          # bfloat16 has 8 bits of mantissa
 
 
@@ -225,20 +227,21 @@ def test_causal_mask_by_hand():
 
 def test_attention_first_position_returns_its_own_value_projection(key, rng):
     """Position 0 can only see itself: its output is out(v_0), a hand-checkable case."""
-    p = attention.init(key, d_model=8, n_heads=2, std=0.5)
+    p = attention.init(key, AttentionSpec(n_heads=2), d_model=8, std=0.5)
     x = rng.standard_normal((1, 4, 8), np.float32)
     v0 = linear.apply(p["qkv"], x[:, :1])[..., 16:]
-    assert_close_scaled(attention.apply(p, x, n_heads=2)[:, 0], linear.apply(p["out"], v0)[:, 0], 1e-5, floor=1.0)
+    assert_close_scaled(attention.apply(p, x, AttentionSpec(n_heads=2))[:, 0], linear.apply(p["out"], v0)[:, 0], 1e-5,
+                        floor=1.0)
 
 
 @pytest.mark.parametrize("impl", ["dot_product_attention"])
 def test_attention_impls_agree(key, rng, impl):
-    p = attention.init(key, d_model=12, n_heads=3, std=0.5)
+    p = attention.init(key, AttentionSpec(n_heads=3), d_model=12, std=0.5)
     x = rng.standard_normal((2, 9, 12), np.float32)
     mask = attention.causal_mask(9)[None, None] & (jnp.arange(9) >= 2)[None, None, None, :]
     for m in (None, mask):
-        assert_close_scaled(attention.apply(p, x, n_heads=3, mask=m, impl=impl),
-                            attention.apply(p, x, n_heads=3, mask=m, impl="einsum"), 1e-5, floor=1.0)
+        assert_close_scaled(attention.apply(p, x, AttentionSpec(n_heads=3, impl=impl), mask=m),
+                            attention.apply(p, x, AttentionSpec(n_heads=3), mask=m), 1e-5, floor=1.0)
 
 
 @given(t=LENGTHS, block=st.sampled_from([0, 1, 2, 3, 8]), impl=st.sampled_from(["einsum", "dot_product_attention"]),
@@ -297,11 +300,11 @@ def test_dropout_without_a_key_or_at_rate_zero_is_the_identity(rng):
 def test_attention_dropout_drops_weights_not_rows(key, rng):
     """Dropped attention weights: each output row mixes fewer values, so outputs change,
     but a rate-0 key changes nothing."""
-    p = attention.init(key, d_model=8, n_heads=2, std=0.5)
+    p = attention.init(key, AttentionSpec(n_heads=2), d_model=8, std=0.5)
     x = rng.standard_normal((2, 6, 8)).astype(np.float32)
-    plain = attention.apply(p, x, n_heads=2)
-    np.testing.assert_array_equal(attention.apply(p, x, n_heads=2, dropout_rate=0.0, key=key), plain)
-    assert not np.allclose(attention.apply(p, x, n_heads=2, dropout_rate=0.5, key=key), plain)
+    plain = attention.apply(p, x, AttentionSpec(n_heads=2))
+    np.testing.assert_array_equal(attention.apply(p, x, AttentionSpec(n_heads=2, dropout=0.0), key=key), plain)
+    assert not np.allclose(attention.apply(p, x, AttentionSpec(n_heads=2, dropout=0.5), key=key), plain)
 
 
 # ----------------------------------------------------------------------------- Llama's layers
@@ -437,11 +440,11 @@ def test_grouped_query_attention_is_multi_head_attention_with_shared_key_value_h
         dtype = "float32"                           # jax.nn.dot_product_attention's softmax is float32
     with _precision(dtype):
         dt = getattr(jnp, dtype)
-        p = attention.init(jax.random.key(seed % 1000), d_model=4 * h, n_heads=h, n_kv_heads=g, std=0.5, dtype=dt,
-                           qkv_bias=True)
+        spec = AttentionSpec(n_heads=h, n_kv_heads=g, qkv_bias=True, impl=impl, rope_theta=rotary_theta)
+        p = attention.init(jax.random.key(seed % 1000), spec, d_model=4 * h, std=0.5, dtype=dt)
         x = jnp.asarray(normal(seed, 2, 5, 4 * h), dt)
-        run = jax.jit(lambda p, n_kv: attention.apply(p, x, n_heads=h, n_kv_heads=n_kv, impl=impl,
-                                                      rope_theta=rotary_theta), static_argnums=1)
+        run = jax.jit(lambda p, n_kv: attention.apply(p, x, dataclasses.replace(spec, n_kv_heads=n_kv)),
+                      static_argnums=1)
         grouped = run(p, g)
         assert_close_scaled(grouped, run(_repeat_kv(p, h, g), h), TOL[dtype])
     cache = model.init_cache(ModelConfig(vocab_size=5, d_model=4 * h, n_heads=h, n_kv_heads=g, max_len=8), 3)
@@ -458,9 +461,11 @@ def test_llama_layers_misused_say_what_they_need(key):
         rotary.apply(jnp.ones((1, 7, 4, 8)), jnp.arange(7))
     with pytest.raises(ValueError, match="K=7 must be even"):
         rotary.apply(jnp.ones((1, 7, 4, 7)), jnp.arange(7)[None])
-    p = attention.init(key, d_model=32, n_heads=4, n_kv_heads=2, bias=False)
+    p = attention.init(key, AttentionSpec(n_heads=4, n_kv_heads=2, bias=False), d_model=32)
     with pytest.raises(ValueError, match="made for n_kv_heads=2: pass that"):
-        attention.apply(p, jnp.ones((1, 3, 32)), n_heads=4)
-    bp = block.init(key, d_model=32, n_heads=4, n_kv_heads=2, d_ff=48, norm="rmsnorm", mlp="swiglu", bias=False)
+        attention.apply(p, jnp.ones((1, 3, 32)), AttentionSpec(n_heads=4))
+    llama = BlockSpec(attention=AttentionSpec(n_heads=4, n_kv_heads=2, bias=False), norm="rmsnorm", mlp="swiglu",
+                      bias=False)
+    bp = block.init(key, llama, d_model=32, d_ff=48)
     with pytest.raises(ValueError, match="hold norm='rmsnorm' and mlp='swiglu'; apply was given norm='layernorm'"):
-        block.apply(bp, jnp.ones((1, 3, 32)), n_heads=4, n_kv_heads=2)
+        block.apply(bp, jnp.ones((1, 3, 32)), BlockSpec(attention=llama.attention))

@@ -213,7 +213,7 @@ def test_greedy_tokens_equal_transformers_generate(hf, hf_dirs, bpe, tmp_path, c
     assert checkpoint.load(str(tmp_path / "run")).origin == {"hf": str(hf_dirs[kind])}
     loaded = checkpoint.load_model(str(tmp_path / "run"))
     with standard_promotion():
-        ours = generate(loaded.params, [ids], config=loaded.config, max_new_tokens=20)[0]
+        ours = generate(loaded.params, [ids], model=loaded.model, max_new_tokens=20)[0]
     np.testing.assert_array_equal(ours, expected)
 
 
@@ -324,7 +324,7 @@ def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bp
             with torch.no_grad():
                 expected = hf_model.generate(torch.from_numpy(prompt[None].astype(np.int64)), do_sample=False,
                                              max_new_tokens=20, pad_token_id=0)[0, len(prompt):].numpy()
-            np.testing.assert_array_equal(generate(params, [prompt], config=c, max_new_tokens=20)[0], expected)
+            np.testing.assert_array_equal(generate(params, [prompt], model=c, max_new_tokens=20)[0], expected)
     assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
     code, _, err = run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")
     assert code == 0, err
@@ -357,9 +357,9 @@ def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(
     ids = np.stack([bpe.encode(TEXT)[:40]])
     assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
     loaded = checkpoint.load_model(str(tmp_path / "run"))
-    assert loaded.config.vocab_size == padded and loaded.tokenizer.vocab_size == n
+    assert loaded.model.vocab_size == padded and loaded.tokenizer.vocab_size == n
     with standard_promotion():
-        ours = jax.jit(model.apply, static_argnames="config")(loaded.params, jnp.asarray(ids), config=loaded.config)
+        ours = jax.jit(model.apply, static_argnames="config")(loaded.params, jnp.asarray(ids), config=loaded.model)
         assert_close_scaled(ours, _their_logits(torch, hf_model, ids), 1e-5)
         prompt = bpe.encode("It was the best")
         with torch.no_grad():
@@ -374,7 +374,7 @@ def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(
         tuned = job.train(str(tmp_path / "t.txt"), init_from=str(tmp_path / "run"), run_dir=str(tmp_path / "tuned"),
                           training={"steps": 2, "batch_size": 2, "log_every": 2}, model={"max_len": 16},
                           sample_tokens=4, log=io.StringIO())
-    assert tuned.config.vocab_size == padded and len(tuned.sample) > 0
+    assert tuned.model.vocab_size == padded and len(tuned.sample) > 0
     assert run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")[0] == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == padded
     again, params, _ = gpt2.import_dir(str(tmp_path / "out"))
@@ -400,7 +400,7 @@ def test_special_token_ids_survive_import_and_export(hf, bpe, tmp_path, capsys):
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, [2, 3], 0)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, [2, 3], 0)
     assert gpt2.import_dir(str(tmp_path / "out"))[2] == loaded.tokenizer
-    plain = gpt2.export_files(loaded.params, loaded.config, bpe)
+    plain = gpt2.export_files(loaded.params, loaded.model, bpe)
     assert "generation_config.json" not in plain and json.loads(plain["config.json"])["eos_token_id"] is None
     # The same vocabulary with other special ids (a base model drafting for its instruct
     # sibling) is the same tokenizer to a draft.
@@ -454,9 +454,9 @@ def test_an_imported_qwen2_fine_tunes_with_lora_on_every_matrix_gate_included(hf
     (tmp_path / "t.txt").write_text(TEXT)
     with standard_promotion():
         result = job.train(str(tmp_path / "t.txt"), init_from=str(tmp_path / "qwen"), run_dir=str(tmp_path / "lora"),
-                           training={"steps": 3, "batch_size": 2, "lora_rank": 2, "lora_targets": "all",
+                           training={"steps": 3, "batch_size": 2, "lora": {"rank": 2, "targets": "all"},
                                      "log_every": 3}, model={"max_len": 16}, sample_tokens=0, log=io.StringIO())
     assert set(result.state.params["blocks"]["mlp"]) == {"gate", "up", "down"}
     loaded = checkpoint.load_model(str(tmp_path / "lora"))
-    assert llama.family(loaded.config) == "qwen2" and loaded.config.max_len == 16
+    assert llama.family(loaded.model) == "qwen2" and loaded.model.max_len == 16
     jax.tree.map(np.testing.assert_allclose, jax.device_get(loaded.params), jax.device_get(result.params))

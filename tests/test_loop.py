@@ -19,7 +19,8 @@ from minitx_fn.signals import Interrupted, StopSignals
 from tests.helpers import standard_promotion
 
 MC = ModelConfig(vocab_size=13, d_model=16, n_heads=2, n_layers=1, max_len=8)
-TC = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=2, log_every=5, eval_every=10, save_every=10)
+TC = TrainConfig(steps=20, batch_size=4, log_every=5, eval_every=10, save_every=10,
+                 optimizer={"lr": 1e-2, "warmup": 2})
 DATA = jnp.asarray(np.tile(np.arange(13, dtype=np.int32), 20))
 
 
@@ -33,7 +34,7 @@ def run(tc=TC, state=None, step=None, mc=MC, **kwargs):
     """fit on the 13-token cycle from a fresh state (or `state`), with train_step (or `step`)."""
     init_key, data_key, _ = train.keys(tc.seed)
     state = train.init_state(init_key, mc, tc.optimizer) if state is None else state
-    step = step or functools.partial(train.train_step, model_config=mc, optimizer_config=tc.optimizer)
+    step = step or functools.partial(train.train_step, model=mc, optimizer_config=tc.optimizer)
 
     def next_batch(s):
         return train.batch_at(DATA, data_key, s, batch_size=tc.batch_size, context=mc.max_len)
@@ -66,7 +67,7 @@ def test_the_loss_of_a_record_is_the_mean_since_the_previous_record():
     losses = []
 
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.optimizer)
+        state, metrics = train.train_step(state, batch, model=MC, optimizer_config=TC.optimizer)
         losses.append(float(metrics["loss"]))
         return state, metrics
 
@@ -78,7 +79,7 @@ def test_the_loss_of_a_record_is_the_mean_since_the_previous_record():
 def test_a_nan_loss_names_the_first_bad_step_and_nothing_after_it_is_saved():
     saved = []
     with pytest.raises(loop.NonFiniteError) as info:
-        run(TC.replace(lr=1e30, steps=200, log_every=50, save_every=1, warmup=0),
+        run(TC.replace(steps=200, log_every=50, save_every=1, optimizer=TC.optimizer.replace(lr=1e30, warmup=0)),
             save=lambda s: saved.append(int(s.step)))
     assert info.value.step >= 1 and all(s < info.value.step for s in saved)
 
@@ -88,7 +89,7 @@ def test_non_finite_parameters_never_reach_a_save():
     (issue 12: --lr 1e300 saved infinities and called them the last good checkpoint):
     the save of that step is refused, and the one before it stands."""
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.optimizer)
+        state, metrics = train.train_step(state, batch, model=MC, optimizer_config=TC.optimizer)
         if int(state.step) == 3:
             params = jax.tree.map(lambda a: a, state.params)
             params["head"]["b"] = params["head"]["b"].at[0].set(jnp.inf)
@@ -106,7 +107,7 @@ def test_an_overflowing_gradient_norm_stops_the_run_instead_of_a_step_that_chang
     by 0 and the run would go on unchanged (a LoRA alpha of 3e38 did). It is named at
     its step, and nothing from that step on is saved."""
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.optimizer)
+        state, metrics = train.train_step(state, batch, model=MC, optimizer_config=TC.optimizer)
         if int(state.step) >= 2:
             metrics = {**metrics, "grad_norm": jnp.float32(jnp.inf)}
         return state, metrics
@@ -120,7 +121,7 @@ def test_an_overflowing_gradient_norm_stops_the_run_instead_of_a_step_that_chang
 def _signal_at(step_number: int, signum: int):
     """A step function that sends `signum` to this process after step `step_number`."""
     def step(state, batch):
-        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=TC.replace(steps=1000).optimizer)
+        state, metrics = train.train_step(state, batch, model=MC, optimizer_config=TC.replace(steps=1000).optimizer)
         if int(state.step) == step_number:
             os.kill(os.getpid(), signum)
         return state, metrics

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import io
 import json
 import os
@@ -42,9 +43,13 @@ def _model(dtype: str, d: int, layers: int, **changes) -> ModelConfig:
                        param_dtype=dtype, **changes)
 
 
-def _random_adapters(key, params, config: LoraConfig) -> dict:
+def _adapters(key, mc: ModelConfig, params, config: LoraConfig) -> dict:
+    return lora.init(key, params, lora.targets(mc, params, config), config.rank)
+
+
+def _random_adapters(key, mc: ModelConfig, params, config: LoraConfig) -> dict:
     """Adapters with B drawn too (a trained adapter), not the fresh B = 0."""
-    fresh = lora.init(key, params, config)
+    fresh = _adapters(key, mc, params, config)
     leaves, tree = jax.tree.flatten(fresh)
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
     return jax.tree.unflatten(tree, [jax.random.normal(k, a.shape, a.dtype) * 0.3 for k, a in zip(keys, leaves)])
@@ -59,7 +64,7 @@ def test_fresh_adapters_leave_the_model_exactly_as_it_was(d, layers, rank, targe
         key = jax.random.key(seed)
         params = model.init(key, mc)
         config = LoraConfig(rank=rank, alpha=alpha, targets=targets)
-        adapters = lora.init(jax.random.fold_in(key, 1), params, config)
+        adapters = _adapters(jax.random.fold_in(key, 1), mc, params, config)
         assert all(not b.any() for name, b in checkpoint.named_arrays(adapters).items() if name.endswith("/b"))
         merged = lora.merge(params, adapters, scale=config.scale)
         jax.tree.map(np.testing.assert_array_equal, merged, params)     # every leaf, so every logit, the same
@@ -88,7 +93,7 @@ def test_merged_adapters_equal_unmerged_ones_in_the_numpy_model(rank, targets, d
         key = jax.random.key(seed)
         params = model.init(key, mc)
         config = LoraConfig(rank=rank, alpha=2.0, targets=targets)
-        adapters = _random_adapters(jax.random.fold_in(key, 2), params, config)
+        adapters = _random_adapters(jax.random.fold_in(key, 2), mc, params, config)
         ids = np.asarray(jax.random.randint(key, (length,), 0, 11))
         ours = _merged_logits(params, adapters, jnp.asarray(ids[None]), scale=config.scale, config=mc)[0]
         theirs = numpy_model.logits(jax.device_get(params), ids, n_heads=2, adapters=jax.device_get(adapters),
@@ -112,17 +117,17 @@ def test_a_lora_step_changes_only_the_adapters_and_keeps_no_state_for_the_base(t
         kept = jax.tree.map(np.array, base)
         config = LoraConfig(rank=2, targets=targets)
         oc = OptimizerConfig(decay_steps=10, warmup=0, lr=0.05)
-        state = train.lora_state(jax.random.fold_in(key, 1), base, oc, config)
+        state = train.lora_state(jax.random.fold_in(key, 1), mc, base, oc, config)
         moments = sum(a.size for a in jax.tree.leaves(state.opt_state) if a.ndim)
         assert moments == 2 * model.count_params(state.params)           # Adam's two moments, of the adapters only
         x = jax.random.randint(key, (4, 8), 0, 11)
         for _ in range(2):                                        # the first step moves B only (A B = 0)
-            state, metrics = train.train_step(state, (x, jnp.roll(x, 1, axis=1)), base, model_config=mc,
+            state, metrics = train.train_step(state, (x, jnp.roll(x, 1, axis=1)), base, model=mc,
                                               optimizer_config=oc, accumulate=accumulate, lora=config)
         assert np.isfinite(float(metrics["loss"]))
         jax.tree.map(np.testing.assert_array_equal, base, kept)
         merged = lora.merge(base, state.params, scale=config.scale)
-        adapted = {f"blocks/{p}/w" for p in lora.targets(base, config)}
+        adapted = {f"{p}/w" for p in lora.targets(mc, base, config)}
         for name, value in checkpoint.named_arrays(merged).items():
             before = checkpoint.named_arrays(kept)[name]
             assert (not np.array_equal(value, before)) == (name in adapted), name
@@ -134,16 +139,16 @@ def test_a_lora_step_needs_its_base_and_only_it_takes_one():
     base = model.init(jax.random.key(0), mc)
     x = jnp.zeros((2, 8), jnp.int32)
     with pytest.raises(TypeError, match="needs base="):
-        train.train_step(train.lora_state(jax.random.key(1), base, oc, LoraConfig(rank=1)), (x, x),
-                         model_config=mc, optimizer_config=oc, lora=LoraConfig(rank=1))
+        train.train_step(train.lora_state(jax.random.key(1), mc, base, oc, LoraConfig(rank=1)), (x, x),
+                         model=mc, optimizer_config=oc, lora=LoraConfig(rank=1))
 
 
 # ----------------------------------------------------------------------------- runs
 
 SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 16, "positions": "learned", "tie_embeddings": True}
 TEXT = "to be or not to be, that is the question. " * 40
-LORA = {"steps": 4, "decay_steps": 4, "batch_size": 8, "log_every": 2, "save_every": 2, "lr": 1e-2, "lora_rank": 2, "lora_alpha": 4.0,
-        "lora_targets": "all"}
+LORA = {"steps": 4, "batch_size": 8, "log_every": 2, "save_every": 2, "optimizer": {"decay_steps": 4, "lr": 1e-2},
+        "lora": {"rank": 2, "alpha": 4.0, "targets": "all"}}
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +196,7 @@ def test_a_lora_run_saves_adapters_resumes_exactly_and_loads_as_its_merged_model
     full = os.path.getsize("imported/checkpoint/params.npz")
     assert os.path.getsize("whole/checkpoint/params.npz") < full / 4
     loaded = checkpoint.load_model("whole")
-    merged = lora.merge(base.params, ckpt.state.params, scale=LORA["lora_alpha"] / LORA["lora_rank"])
+    merged = lora.merge(base.params, ckpt.state.params, scale=LORA["lora"]["alpha"] / LORA["lora"]["rank"])
     jax.tree.map(np.testing.assert_array_equal, loaded.params, merged)
     jax.tree.map(np.testing.assert_array_equal, whole.params, merged)
     assert not np.array_equal(merged["blocks"]["mlp"]["up"]["w"], base.params["blocks"]["mlp"]["up"]["w"])
@@ -215,15 +220,14 @@ def test_a_lora_run_saves_adapters_resumes_exactly_and_loads_as_its_merged_model
     jax.tree.map(np.testing.assert_array_equal, checkpoint.load_model("back").params, merged)
 
     # A full fine-tune may start from the LoRA run: its base is the merged model.
-    plan = job.plan("t.txt", init_from="whole", run_dir="next", training={"steps": 2}, log=io.StringIO())
+    plan = job.plan(job.make("t.txt", init_from="whole", run_dir="next", training={"steps": 2}), log=io.StringIO())
     jax.tree.map(np.testing.assert_array_equal, plan.state.params, merged)
 
 
 def test_what_a_lora_run_refuses_and_a_base_that_moved_or_changed(here, capsys):
     """Bad input, one line each; a LoRA run whose base is gone or was replaced says so."""
     for argv, said in ((["--lora-rank", "2"], "--lora-rank 2 trains adapters on the frozen parameters of another run"),
-                       (["--init-from", "imported", "--lora-alpha", "4"], "--lora-alpha 4.0 is invalid: it needs "
-                                                                           "--lora-rank R"),
+                       (["--init-from", "imported", "--lora-alpha", "4"], "lora needs --lora-rank N"),
                        (["--init-from", "imported", "--lora-rank", "33"], "--lora-rank 33 exceeds the model's width"),
                        (["--init-from", "imported", "--lora-rank", "2", "--lora-targets", "heads"], "--lora-targets"),
                        (["--init-from", "imported", "--lora-rank", "2", "--lora-alpha", "-1"], "--lora-alpha -1.0")):
@@ -244,16 +248,23 @@ def test_what_a_lora_run_refuses_and_a_base_that_moved_or_changed(here, capsys):
     _lora_run("tuned", steps=2)
     code, _, err = run_main(capsys, "train", "--resume", "tuned", "--steps", "4", "--lora-rank", "4")
     assert_one_error_line(code, err, "--lora-rank 4 (saved: --lora-rank 2)")
-    # Copies of a LoRA run, each naming the one before as its base: a chain deeper than
+    # Copies of a LoRA run with its B zeroed, each naming the one before as its base, so
+    # every link is that run's model (and its probe holds): a chain deeper than
     # checkpoint.MAX_BASES is one line, not a RecursionError.
+    arrays = dict(np.load("tuned/checkpoint/params.npz"))
+    blob = io.BytesIO()
+    np.savez(blob, **{name: np.zeros_like(a) if name.endswith("/b") else a for name, a in arrays.items()})
+    zeroed = {"bytes": len(blob.getvalue()), "sha256": hashlib.sha256(blob.getvalue()).hexdigest()}
     previous = "tuned"
     for i in range(checkpoint.MAX_BASES + 1):
         shutil.copytree("tuned", f"chain{i}")
+        open(f"chain{i}/checkpoint/params.npz", "wb").write(blob.getvalue())
         meta_path = f"chain{i}/checkpoint/meta.json"
         meta = json.load(open(meta_path))
         meta["origin"]["init_from"] = {"path": os.path.abspath(previous),
                                        "sha256": json.load(open(f"{previous}/checkpoint/meta.json"))[
                                            "files"]["params.npz"]["sha256"]}
+        meta["files"]["params.npz"] = zeroed
         json.dump(meta, open(meta_path, "w"))
         previous = f"chain{i}"
     checkpoint.load_model(f"chain{checkpoint.MAX_BASES - 3}")     # chain i, i earlier links, tuned, imported: 16 runs
@@ -263,8 +274,8 @@ def test_what_a_lora_run_refuses_and_a_base_that_moved_or_changed(here, capsys):
     os.rename("imported", "moved")
     code, _, err = run_main(capsys, "generate", "--checkpoint", "tuned", "--prompt", "to")
     assert_one_error_line(code, err, "the base this run's adapters apply to", "cannot be loaded")
-    job.train("t.txt", init_from="moved", run_dir="other", training={"steps": 2, "lr": 0.5},
-                                    sample_tokens=0, log=io.StringIO())
+    job.train("t.txt", init_from="moved", run_dir="other", training={"steps": 2, "optimizer": {"lr": 0.5}},
+              sample_tokens=0, log=io.StringIO())
     shutil.copytree("other", "imported")              # another model where the base stood: the checksum differs
     for argv in (["generate", "--checkpoint", "tuned", "--prompt", "to"],
                  ["train", "--resume", "tuned", "--steps", "4"]):

@@ -47,9 +47,9 @@ def test_the_training_estimate_is_below_what_the_compiled_step_holds(targets):
     if lora is None:
         args = (jax.eval_shape(lambda: train.init_state(key, cfg, oc)), (x, x))
     else:
-        args = (jax.eval_shape(lambda: train.lora_state(key, base, oc, lora)), (x, x), base)
+        args = (jax.eval_shape(lambda: train.lora_state(key, cfg, base, oc, lora)), (x, x), base)
     with standard_promotion():                                       # optax's bias correction mixes types
-        compiled = train.train_step.lower(*args, model_config=cfg, optimizer_config=oc, lora=lora).compile()
+        compiled = train.train_step.lower(*args, model=cfg, optimizer_config=oc, lora=lora).compile()
     analysis = compiled.memory_analysis()
     held = analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
     assert memory.training_bytes(cfg, 4, lora) <= held
@@ -69,5 +69,5 @@ def test_a_huge_batch_split_into_micro_batches_is_refused_for_its_ids(tmp_path):
     from minitx_fn import job
     big = 2**31 - 1
     with pytest.raises(MemoryBudgetError, match="training this model needs at least"):
-        job.plan(training={"batch_size": big, "grad_accum": big, "steps": 2}, run_dir=str(tmp_path / "r"))
+        job.plan(job.make(training={"batch_size": big, "grad_accum": big, "steps": 2}, run_dir=str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import model
+from minitx_fn import model, train
 from minitx_fn.config import ModelConfig
 from minitx_fn.layers import block
 from tests.helpers import assert_close_scaled
@@ -61,7 +61,7 @@ def test_learned_positions_and_tied_head_by_hand(rng):
 
     x = params["embed"]["table"][tokens] + params["pos"]["table"][:6][None]
     for i in range(CFG.n_layers):
-        x = block.apply(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), x, **model.block_args(gpt2))
+        x = block.apply(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), x, gpt2.block_spec)
     expected = norm.apply(params["ln_f"], x) @ params["embed"]["table"].T
     np.testing.assert_allclose(apply_jit(params, tokens, config=gpt2), expected, rtol=1e-5, atol=1e-5)
 
@@ -75,10 +75,36 @@ def test_scan_equals_blocks_one_by_one(rng):
     def by_hand(params, tokens):
         x = embedding.apply(params["embed"], tokens) + positional.table(6, CFG.d_model)[None]
         for i in range(CFG.n_layers):
-            x = block.apply(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), x, **model.block_args(CFG))
+            x = block.apply(jax.tree.map(lambda a, i=i: a[i], params["blocks"]), x, CFG.block_spec)
         return linear.apply(params["head"], norm.apply(params["ln_f"], x))
 
     np.testing.assert_allclose(apply_jit(PARAMS, tokens, config=CFG), by_hand(PARAMS, tokens), rtol=1e-5, atol=1e-5)
+
+
+@given(t=st.sampled_from([4, 12]), seed=st.integers(0, 2**31 - 1))
+def test_without_positions_order_shows_only_through_the_causal_mask(t, seed):
+    """positions="none", one layer: a query sees the set of its keys, so swapping the
+    first two tokens changes no logit from position 2 on (and does change them with
+    positions). A second layer would see them apart: the outputs at positions 0 and 1
+    differ by what each could read."""
+    tokens = np.random.default_rng(seed).integers(0, CFG.vocab_size, (1, t)).astype(np.int32)
+    while tokens[0, 0] == tokens[0, 1]:
+        tokens[0, 1] = (tokens[0, 1] + 1) % CFG.vocab_size
+    swapped = tokens.copy()
+    swapped[0, :2] = tokens[0, 1::-1]
+    one = CFG.replace(n_layers=1)
+    params = model.init(jax.random.key(7), one)
+    none = one.replace(positions="none")
+    assert model.param_shapes(model.init(jax.random.key(7), none)) == model.param_shapes(params)
+    assert_close_scaled(apply_jit(params, tokens, config=none)[:, 2:], apply_jit(params, swapped, config=none)[:, 2:],
+                        1e-5, floor=1.0)
+    assert not np.allclose(apply_jit(params, tokens, config=one)[:, 2:], apply_jit(params, swapped, config=one)[:, 2:],
+                           atol=1e-4)
+
+
+def test_a_model_without_its_vocabulary_yet_says_so():
+    with pytest.raises(ValueError, match="vocab_size=None is not set"):
+        ModelConfig(d_model=8, n_heads=2).init(jax.random.key(0))
 
 
 @given(t=st.sampled_from([4, 12]), cut=st.integers(0, 11), seed=st.integers(0, 2**31 - 1))
@@ -106,7 +132,7 @@ def test_any_batch_and_length_up_to_max_len(b, t, seed):
 @given(v=st.sampled_from([2, 13, 65]), seed=st.integers(0, 2**31 - 1))
 def test_loss_of_uniform_logits_is_log_v(v, seed):
     targets = np.random.default_rng(seed).integers(0, v, (2, 5)).astype(np.int32)
-    np.testing.assert_allclose(jax.jit(model.cross_entropy)(np.zeros((2, 5, v), np.float32), targets), math.log(v),
+    np.testing.assert_allclose(jax.jit(train.cross_entropy)(np.zeros((2, 5, v), np.float32), targets), math.log(v),
                                rtol=1e-6)
 
 
@@ -114,7 +140,7 @@ def test_cross_entropy_by_hand():
     """logits [0, ln 3] -> p = [1/4, 3/4]; targets 1 and 0 -> mean(-ln 3/4, -ln 1/4)."""
     logits = jnp.array([[[0.0, math.log(3.0)], [0.0, math.log(3.0)]]])
     expected = (-math.log(0.75) - math.log(0.25)) / 2
-    np.testing.assert_allclose(model.cross_entropy(logits, jnp.array([[1, 0]])), expected, rtol=1e-6)
+    np.testing.assert_allclose(train.cross_entropy(logits, jnp.array([[1, 0]])), expected, rtol=1e-6)
 
 
 def test_jitted_model_compiles_once_per_shape(rng):
@@ -170,7 +196,6 @@ def test_bfloat16_compute_keeps_float32_parameters_softmax_logits_and_loss(key, 
     The loss and the gradient direction must match the float32 model's to bfloat16
     precision (8 bits of mantissa), gradients and updated parameters stay float32.
     """
-    from minitx_fn import train
     from minitx_fn.config import TrainConfig
     from minitx_fn.layers import attention
     from tests.helpers import standard_promotion
@@ -181,7 +206,8 @@ def test_bfloat16_compute_keeps_float32_parameters_softmax_logits_and_loss(key, 
     params = model.init(key, c32)
     data = rng.integers(0, 13, (4, 17)).astype(np.int32)
     x, y = data[:, :-1], data[:, 1:]
-    value_and_grad = jax.jit(jax.value_and_grad(model.loss), static_argnames="config")
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, x, y, config: train.cross_entropy(config.apply(p, x), y)),
+                             static_argnames="config")
     logits = apply_jit(params, x, config=c16)
     chex.assert_type(logits, jnp.float32)
     q = jnp.asarray(rng.standard_normal((2, 5, 2, 4)), jnp.bfloat16)
@@ -194,9 +220,10 @@ def test_bfloat16_compute_keeps_float32_parameters_softmax_logits_and_loss(key, 
     cosine = float(flat16 @ flat32 / (jnp.linalg.norm(flat16) * jnp.linalg.norm(flat32)))
     assert cosine > 0.99, cosine
 
-    tc = TrainConfig(steps=3, batch_size=4, warmup=0)
+    tc = TrainConfig(steps=3, batch_size=4, optimizer={"warmup": 0})
     with standard_promotion():                                       # optax is not strict-promotion clean
-        state, metrics = train.train_step(train.init_state(key, c16, tc.optimizer), (x, y), model_config=c16, optimizer_config=tc.optimizer)
+        state, metrics = train.train_step(train.init_state(key, c16, tc.optimizer), (x, y), model=c16,
+                                          optimizer_config=tc.optimizer)
     chex.assert_type([*jax.tree.leaves(state.params), metrics["loss"]], jnp.float32)
     assert np.isfinite(float(metrics["loss"]))
 
@@ -210,6 +237,6 @@ def test_attention_maps_match_the_attention_layer(key):
     tokens = jax.random.randint(key, (1, 5), 0, 7)
     x = embedding.apply(params["embed"], tokens) + positional.table(5, 8)[None]
     layer0 = jax.tree.map(lambda a: a[0], params["blocks"])
-    q, k, _ = attention.project_qkv(layer0["attn"], norm.apply(layer0["ln1"], x), 2, jnp.float32)
+    q, k, _ = attention.project_qkv(layer0["attn"], norm.apply(layer0["ln1"], x), cfg.attention_spec)
     expected = attention.attention_weights(q, k, attention.causal_mask(5)[None, None])
     np.testing.assert_allclose(model.attention_maps(params, tokens, config=cfg)[0], expected, rtol=1e-6)

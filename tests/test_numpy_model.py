@@ -60,7 +60,7 @@ def test_greedy_generation_equals_numpy_argmax_over_full_recompute(lengths, opti
         params = model.init(key, cfg)
         rng = np.random.default_rng(0)
         prompts = [rng.integers(0, 11, n) for n in lengths]
-        ids = gen.generate(params, prompts, config=cfg, key=key, max_new_tokens=40)
+        ids = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=40)
     host = jax.device_get(params)
     for prompt, row in zip(prompts, ids):
         assert row.tolist() == numpy_model.greedy(host, prompt.tolist(), 40, n_heads=2, max_len=8, **_numpy_args(cfg))

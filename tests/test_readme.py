@@ -24,16 +24,19 @@ def _section(title: str) -> str:
 
 @pytest.mark.heavy
 def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkeypatch, capsys):
-    """The three blocks, in order, in one empty folder, as a user pastes them (the
-    third loads the run the first wrote). What they print is checked against what they
-    made: the run directory the CLI reads, its metrics, the texts they generate."""
+    """The blocks, in order, in one empty folder, as a user pastes them: the one that
+    starts `# alibi.py` saved as that file, the others run (the third imports it, the
+    fourth loads a run the first wrote). What they print is checked against what they
+    made: the run directories the CLI reads, their metrics, the texts they generate."""
     from minitx_fn import checkpoint, runs
     blocks = re.findall(r"```python\n(.*?)```", _section("Use it from Python"), re.S)
-    assert len(blocks) == 3
+    assert len(blocks) == 4 and blocks[1].startswith("# alibi.py\n")
     monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "alibi.py").write_text(blocks[1])
     namespaces = []
     with standard_promotion():                    # the suite's strict promotion is not the user's
-        for block in blocks:
+        for block in blocks[:1] + blocks[2:]:
             namespace = {"__name__": "__readme__"}
             exec(compile(block, "README.md", "exec"), namespace)
             namespaces.append(namespace)
@@ -48,14 +51,18 @@ def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkey
     # Fine-tuned with LoRA (adapters on the frozen weights), evaluated; the same job in Llama's layers.
     assert whole["tuned"].base is not None and set(whole["tuned"].state.params) == {"blocks"}
     assert "Evaluation(loss=" in out
-    assert (whole["llama"].config.positions, whole["llama"].config.n_kv_heads) == ("rotary", 2)
-    # 2. Its own model and loop: the loss it printed is the evaluation of the saved and loaded parameters.
-    assert "loss on the whole text:" in out and "lr" not in own["fitted"].last_record    # no schedule given
-    # 3. Three lines: the text continues the sentence the model learned; with the Llama run as a
-    # draft, greedy speculative decoding prints the same text.
-    printed, drafted = out.rstrip("\n").splitlines()[-2:]
-    assert printed in "the quick brown fox jumps over the lazy dog. " * 3 and drafted == printed
-    assert loaded["m"].config == whole["result"].config
+    assert (whole["llama"].model.positions, whole["llama"].model.n_kv_heads) == ("rotary", 2)
+    # 2. A model of one's own: trained, resumed, its run naming its code, decoded (with a draft: the
+    # same greedy text), fine-tuned with LoRA, and trained in a loop of one's own.
+    meta = checkpoint.load("runs/poem-alibi", trust_code=True).meta
+    assert meta["step"] == 250 and meta["job"]["model"]["code"] == "alibi:ALiBi"
+    lines, sentence = out.splitlines(), "the quick brown fox jumps over the lazy dog. " * 3
+    assert any(a == b and a and a in sentence for a, b in zip(lines, lines[1:]))   # alibi, then with a draft
+    assert type(own["lora"].model).__name__ == "ALiBi" and own["lora"].base is not None
+    assert "validation loss:" in out and os.path.exists("alibi.npz")
+    # 3. Three lines: the text continues the sentence the model learned.
+    assert lines[-1] in "the quick brown fox jumps over the lazy dog. " * 3
+    assert loaded["m"].model == whole["result"].model
 
 
 def test_the_readme_snippet_reads_a_run_with_numpy_alone(tmp_path, monkeypatch, capsys, key):
@@ -72,7 +79,7 @@ def test_the_readme_snippet_reads_a_run_with_numpy_alone(tmp_path, monkeypatch, 
     cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=2, max_len=16, init_std=0.5)
     with standard_promotion():
         state = train.init_state(key, cfg, TrainConfig().optimizer)
-    checkpoint.save(str(tmp_path / "runs" / "hello-001"), state, model_config=cfg, train_config=TrainConfig(),
+    checkpoint.save(str(tmp_path / "runs" / "hello-001"), state, model=cfg, train_config=TrainConfig(),
                     tokenizer=tok, data=checkpoint.BUILTIN)
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(root)

@@ -28,9 +28,9 @@ LLAMA = {**defaults.ARCHS["llama"], "n_kv_heads": 1}
 def draft_of(cfg, kind: str, params, seed: int):
     """The model itself (every proposal accepted), or a random small model (almost none)."""
     if kind == "self":
-        return SimpleNamespace(params=params, config=cfg)
+        return SimpleNamespace(params=params, model=cfg)
     small = cfg.replace(**DRAFT)
-    return SimpleNamespace(params=model.init(jax.random.key(seed + 7), small), config=small)
+    return SimpleNamespace(params=model.init(jax.random.key(seed + 7), small), model=small)
 
 
 @pytest.mark.parametrize("dtype, arch, k, kind", [("float32", {}, 3, "random"), ("float64", {}, 7, "self"),
@@ -48,8 +48,8 @@ def test_greedy_with_a_draft_is_greedy_without(dtype, arch, lengths, seed, k, ki
         params = model.init(jax.random.key(seed), cfg)
         prompts = random_prompts(seed, lengths, cfg.vocab_size)
         draft = draft_of(cfg, kind, params, seed)
-        ids, logits = gen.generate(params, prompts, config=cfg, max_new_tokens=30, return_logits=True)
-        out = speculative.speculate(params, prompts, config=cfg, draft=draft, draft_tokens=k, max_new_tokens=30,
+        ids, logits = gen.generate(params, prompts, model=cfg, max_new_tokens=30, return_logits=True)
+        out = speculative.speculate(params, prompts, model=cfg, draft=draft, draft_tokens=k, max_new_tokens=30,
                                     return_logits=True)
     np.testing.assert_array_equal(np.stack(out.tokens), np.stack(ids))
     assert_logits_close(np.stack(out.logits), np.stack(logits), dtype)
@@ -67,13 +67,13 @@ def test_greedy_stop_sequence_and_a_row_alone(key):
     params = model.init(jax.random.key(3), CFG)
     draft = draft_of(CFG, "random", params, 3)
     prompts = random_prompts(5, [2, 7, 4], CFG.vocab_size)
-    first = gen.generate(params, prompts[:1], config=CFG, max_new_tokens=12)[0]
+    first = gen.generate(params, prompts[:1], model=CFG, max_new_tokens=12)[0]
     stop = tuple(int(t) for t in first[5:7])
-    want = gen.generate(params, prompts, config=CFG, max_new_tokens=12, stop=stop)
-    got = gen.generate(params, prompts, config=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3)
+    want = gen.generate(params, prompts, model=CFG, max_new_tokens=12, stop=stop)
+    got = gen.generate(params, prompts, model=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    alone = gen.generate(params, prompts[1:2], config=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3)
+    alone = gen.generate(params, prompts[1:2], model=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3)
     np.testing.assert_array_equal(alone[0], got[1])
 
 
@@ -83,9 +83,9 @@ def test_a_sampled_row_depends_only_on_its_prompt_key_and_row(key):
     draft = draft_of(CFG, "random", params, 4)
     a = random_prompts(1, [3, 6, 2], CFG.vocab_size)
     b = [a[0], random_prompts(2, [9], CFG.vocab_size)[0], a[2]]
-    out_a = gen.generate(params, a, config=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
-    out_b = gen.generate(params, b, config=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
-    alone = gen.generate(params, a[:1], config=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
+    out_a = gen.generate(params, a, model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
+    out_b = gen.generate(params, b, model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
+    alone = gen.generate(params, a[:1], model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
     for row in (0, 2):
         np.testing.assert_array_equal(out_a[row], out_b[row])
     np.testing.assert_array_equal(alone[0], out_a[0])
@@ -101,7 +101,7 @@ def exact_distribution(params, cfg, prompt, temperature: float, top_k: int, n: i
     import itertools
     v, p = cfg.vocab_size, len(prompt)
     tails = list(itertools.product(range(v), repeat=n - 1))
-    logits = np.asarray(jax.jit(model.apply_fn(cfg))(params, np.array([list(prompt) + list(t) for t in tails],
+    logits = np.asarray(jax.jit(cfg.apply)(params, np.array([list(prompt) + list(t) for t in tails],
                                                                          np.int32)), np.float64) / temperature
 
     def dist(row) -> np.ndarray:
@@ -131,9 +131,9 @@ def test_sampling_with_a_draft_keeps_the_model_distribution(dtype, key):
         cfg = config(dtype, vocab_size=vocab, init_std=0.3)
         params = model.init(jax.random.key(21), cfg)
         small = cfg.replace(**DRAFT)
-        draft = SimpleNamespace(params=model.init(jax.random.key(22), small), config=small)
+        draft = SimpleNamespace(params=model.init(jax.random.key(22), small), model=small)
         prompt = [1, 3, 0]
-        out = speculative.speculate(params, [prompt] * rows, config=cfg, draft=draft, draft_tokens=2,
+        out = speculative.speculate(params, [prompt] * rows, model=cfg, draft=draft, draft_tokens=2,
                                     max_new_tokens=n, key=key, sampler=sampler)
         want = exact_distribution(params, cfg, prompt, temperature, top_k, n)
         theirs = exact_distribution(draft.params, small, prompt, temperature, top_k, n)
@@ -164,7 +164,7 @@ def test_one_compiled_loop_for_every_position_and_prompt_in_a_bucket(key, monkey
     draft = draft_of(cfg, "random", params, 0)
     traces = count_calls(monkeypatch, speculative, "row_keys")   # once in the body of _speculate: once per trace
     for prompt in ([1, 2, 3], [4, 5, 6, 7, 1], [1] * 8):
-        speculative.speculate(params, [prompt], config=cfg, draft=draft, draft_tokens=3, max_new_tokens=20)
+        speculative.speculate(params, [prompt], model=cfg, draft=draft, draft_tokens=3, max_new_tokens=20)
     assert len(traces) == 1
 
 
@@ -172,31 +172,31 @@ def test_complete_refuses_a_draft_of_another_tokenizer():
     from minitx_fn.tokenizer import ByteTokenizer, CharTokenizer
     cfg = CFG.replace(vocab_size=11)
     params = model.init(jax.random.key(0), cfg)
-    run = SimpleNamespace(params=params, config=cfg, tokenizer=CharTokenizer("abcdefghijk"))
-    other = SimpleNamespace(params=params, config=cfg, tokenizer=CharTokenizer("abcdefghijl"))
+    run = SimpleNamespace(params=params, model=cfg, tokenizer=CharTokenizer("abcdefghijk"))
+    other = SimpleNamespace(params=params, model=cfg, tokenizer=CharTokenizer("abcdefghijl"))
     assert gen.complete(run, "abc", max_new_tokens=5, draft=run) == gen.complete(run, "abc", max_new_tokens=5)
     with pytest.raises(ConfigError, match="a draft for complete is a run"):
-        gen.complete(run, "abc", max_new_tokens=5, draft=SimpleNamespace(params=params, config=cfg))
+        gen.complete(run, "abc", max_new_tokens=5, draft=SimpleNamespace(params=params, model=cfg))
     with pytest.raises(ConfigError, match="the draft's tokenizer .* is not the model's"):
         gen.complete(run, "abc", max_new_tokens=5, draft=other)
     byte = cfg.replace(vocab_size=ByteTokenizer().vocab_size)
     with pytest.raises(ConfigError, match="byte, 256 tokens"):
         gen.complete(run, "abc", max_new_tokens=5,
-                     draft=SimpleNamespace(params=model.init(jax.random.key(0), byte), config=byte,
+                     draft=SimpleNamespace(params=model.init(jax.random.key(0), byte), model=byte,
                                            tokenizer=ByteTokenizer()))
 
 
 def test_what_is_no_draft_is_refused_in_one_line():
     params = model.init(jax.random.key(0), CFG)
     for draft in ("runs/small", params, CFG, (params, CFG)):
-        with pytest.raises(ConfigError, match="a draft is a model with .params and .config"):
-            gen.generate(params, [[1]], config=CFG, max_new_tokens=4, draft=draft)
+        with pytest.raises(ConfigError, match="a draft is a model with .params and .model"):
+            gen.generate(params, [[1]], model=CFG, max_new_tokens=4, draft=draft)
     with pytest.raises(ConfigError, match="draft_tokens=-3 was given without a draft"):
-        gen.generate(params, [[1]], config=CFG, max_new_tokens=4, draft_tokens=-3)
+        gen.generate(params, [[1]], model=CFG, max_new_tokens=4, draft_tokens=-3)
     one = CFG.replace(max_len=1)
     with pytest.raises(ConfigError, match="a context of 1 position leaves no room"):
-        gen.generate(model.init(jax.random.key(0), one), [[1]], config=one, max_new_tokens=4,
-                     draft=SimpleNamespace(params=None, config=one))
+        gen.generate(model.init(jax.random.key(0), one), [[1]], model=one, max_new_tokens=4,
+                     draft=SimpleNamespace(params=None, model=one))
 
 
 @pytest.mark.parametrize("change, k, match", [
@@ -207,7 +207,7 @@ def test_what_is_no_draft_is_refused_in_one_line():
     ({}, -2, "draft_tokens=-2"), ({}, 8, "draft_tokens=8"), ({}, 2.5, "draft_tokens=2.5"), ({}, True, "draft_tokens=True")])
 def test_a_draft_that_cannot_serve_is_refused(change, k, match):
     small = CFG.replace(**DRAFT, **change)
-    draft = SimpleNamespace(params=model.init(jax.random.key(0), small), config=small)
+    draft = SimpleNamespace(params=model.init(jax.random.key(0), small), model=small)
     with pytest.raises(ConfigError, match=match):
-        gen.generate(model.init(jax.random.key(0), CFG), [[1]], config=CFG, max_new_tokens=4, draft=draft,
+        gen.generate(model.init(jax.random.key(0), CFG), [[1]], model=CFG, max_new_tokens=4, draft=draft,
                      draft_tokens=k)

@@ -18,7 +18,8 @@ from minitx_fn.errors import ConfigError
 from tests.helpers import assert_close_scaled, count_calls, enable_x64, standard_promotion
 
 MC = ModelConfig(vocab_size=13, d_model=16, n_heads=2, n_layers=1, max_len=8)
-TC = TrainConfig(steps=20, batch_size=4, lr=1e-2, warmup=2, log_every=5, eval_every=10, save_every=10)
+TC = TrainConfig(steps=20, batch_size=4, log_every=5, eval_every=10, save_every=10,
+                 optimizer={"lr": 1e-2, "warmup": 2})
 
 
 @pytest.fixture(autouse=True)
@@ -28,7 +29,7 @@ def _optax_promotion():
 
 
 def test_schedule_by_hand():
-    tc = TrainConfig(steps=100, lr=1.0, min_lr=0.1, warmup=10)
+    tc = TrainConfig(steps=100, optimizer={"lr": 1.0, "min_lr": 0.1, "warmup": 10})
     f = train.learning_rate_schedule(tc.optimizer)
     assert float(f(0)) == 0.0 and float(f(5)) == pytest.approx(0.5) and float(f(10)) == pytest.approx(1.0)
     # Cosine from 1 to 0.1 over steps 10..100: halfway (step 55) is 0.55.
@@ -44,14 +45,14 @@ def test_weight_decay_only_on_matrices_and_embedding():
 def test_train_step_compiles_once_and_learns(key, monkeypatch):
     ids = jnp.asarray(np.tile(np.arange(13, dtype=np.int32), 20))          # a cycle: perfectly learnable
     init_key, data_key = jax.random.split(key)
-    tc = TC.replace(steps=60, batch_size=5, lr=1.1e-2)     # settings no other test compiles: traced here
+    tc = TC.replace(steps=60, batch_size=5, optimizer=TC.optimizer.replace(lr=1.1e-2))   # compiled nowhere else
     state = train.init_state(init_key, MC, tc.optimizer)
     # Traced once each: train_step calls step_fn, batch_at calls sample_batch, while tracing only.
     step_traces, batch_traces = count_calls(monkeypatch, train, "step_fn"), count_calls(monkeypatch, train, "sample_batch")
     losses, compiled = [], []
     for _ in range(60):
         batch = train.batch_at(ids, data_key, state.step, batch_size=tc.batch_size, context=MC.max_len)
-        state, metrics = train.train_step(state, batch, model_config=MC, optimizer_config=tc.optimizer)
+        state, metrics = train.train_step(state, batch, model=MC, optimizer_config=tc.optimizer)
         losses.append(float(metrics["loss"]))
         compiled.append((len(step_traces), len(batch_traces)))
     assert set(compiled) == {(1, 1)}                    # traced at the first step, never again
@@ -68,13 +69,13 @@ def test_train_step_equals_value_and_grad_plus_optax(key, rng):
 
     @jax.jit                              # jitted only for speed; jit == no jit is tested elsewhere
     def by_hand(params):
-        loss, grads = jax.value_and_grad(model.loss)(params, x, y, config=MC)
+        loss, grads = jax.value_and_grad(lambda p: train.cross_entropy(MC.apply(p, x), y))(params)
         opt = train.make_optimizer(TC.optimizer)
         updates, _ = opt.update(grads, opt.init(params), params)
         return loss, optax.apply_updates(params, updates), optax.tree.norm(grads)
 
     loss, expected, grad_norm = by_hand(state.params)
-    new_state, metrics = train.train_step(jax.tree.map(jnp.copy, state), (x, y), model_config=MC, optimizer_config=TC.optimizer)
+    new_state, metrics = train.train_step(jax.tree.map(jnp.copy, state), (x, y), model=MC, optimizer_config=TC.optimizer)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new_state.params, expected)
@@ -113,10 +114,9 @@ def test_evaluate_averages_every_window_once(key, rng):
     windows = np.asarray(data.eval_windows(ids, 8))
     assert windows.shape == (10, 9)
     np.testing.assert_array_equal(windows[1, 0], ids[8])
-    loss = jax.jit(model.loss, static_argnames="config")
-    expected = float(loss(params, jnp.asarray(windows[:, :-1]), jnp.asarray(windows[:, 1:]), config=MC))
+    expected = float(train.cross_entropy(MC.apply(params, windows[:, :-1]), jnp.asarray(windows[:, 1:])))
     # batch_size 3 does not divide 10: the padded last batch must not count.
-    assert train.evaluate(params, windows, config=MC, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    assert train.evaluate(params, windows, model=MC, batch_size=3) == pytest.approx(expected, rel=1e-5)
 
 
 def test_dropout_is_off_without_a_rate_and_fresh_at_every_step(key, rng):
@@ -150,7 +150,7 @@ def test_gradient_accumulation_is_the_big_batch(accumulate, dtype):
             state, losses = train.init_state(jax.random.key(7), mc, TC.optimizer), []
             for t in range(3):
                 batch = train.batch_at(ids, train.keys(0).data, t, batch_size=8, context=mc.max_len)
-                state, metrics = train.train_step(state, batch, model_config=mc, optimizer_config=TC.optimizer,
+                state, metrics = train.train_step(state, batch, model=mc, optimizer_config=TC.optimizer,
                                                   accumulate=k)
                 losses.append(float(metrics["loss"]))
             runs[k] = (jax.device_get(state.params), losses)

@@ -41,8 +41,8 @@ import jax
 import jax.numpy as jnp
 
 from minitx_fn import defaults
-from minitx_fn.config import RopeScaling
-from minitx_fn.layers import at_least_float32, dropout, linear, rotary
+from minitx_fn.config import AttentionSpec
+from minitx_fn.layers import at_least_float32, compute_dtype, dropout, linear, rotary
 
 IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "dot_product_attention"
 
@@ -102,11 +102,14 @@ def _grouped(q: jax.Array, groups: int) -> jax.Array:
     return q.reshape(b, t, groups, h // groups, k)
 
 
-def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None, bias: jax.Array | None = None
+                      ) -> jax.Array:
     """q (B, T, H, K), k (B, S, G, K), mask broadcastable to (B, H, T, S) -> (B, H, T, S).
 
-    softmax over S of q.k / sqrt(K), query head h against key head h // (H / G), with
-    masked scores set to the lowest finite float before the softmax. Scores and
+    softmax over S of q.k / sqrt(K) + bias, query head h against key head h // (H / G),
+    with masked scores set to the lowest finite float before the softmax. `bias`,
+    broadcastable to (B, H, T, S), is added to the scores (a relative-position bias:
+    ALiBi, T5); None adds nothing. Scores and
     softmax are in at least float32: with bfloat16 scores, exp() of differences loses
     most of its digits. A row whose every key is masked (a padding query) comes out
     uniform instead of NaN.
@@ -126,14 +129,18 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax
     else:
         scores = jnp.einsum("BTGRK,BSGK->BGRTS", _grouped(q, k.shape[2]), k, preferred_element_type=work) * scale
         scores = scores.reshape(b, h, t, k.shape[1])                        # (B, H, T, S)
+    if bias is not None:
+        scores = scores + bias.astype(work)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(work).min)
     return jax.nn.softmax(scores, axis=-1)
 
 
 def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-                       impl: str = "einsum", dropout_rate: float = 0.0, key: jax.Array | None = None) -> jax.Array:
-    """q (B, T, H, K), k and v (B, S, G, K), mask (B|1, 1, T, S) bool -> (B, T, H, K).
+                       impl: str = "einsum", dropout_rate: float = 0.0, key: jax.Array | None = None,
+                       bias: jax.Array | None = None) -> jax.Array:
+    """q (B, T, H, K), k and v (B, S, G, K), mask (B|1, 1, T, S) bool -> (B, T, H, K);
+    `bias` (broadcastable to (B, H, T, S)) added to the scores, as in `attention_weights`.
 
     impl="einsum" writes the maths out; impl="dot_product_attention" calls
     `jax.nn.dot_product_attention` (grouped heads too), which XLA (or cuDNN on a GPU)
@@ -146,7 +153,7 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         (2, 4, 3, 8)
     """
     if impl == "einsum":
-        weights = attention_weights(q, k, mask)                             # (B, H, T, S)
+        weights = attention_weights(q, k, mask, bias)                       # (B, H, T, S)
         weights = dropout.apply(weights, rate=dropout_rate, key=key).astype(v.dtype)
         b, h, t, s = weights.shape
         g = k.shape[2]
@@ -160,7 +167,8 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         # jax.nn.dot_product_attention mixes a float32 constant into float64 inputs,
         # which strict dtype promotion rejects; its result dtype is q's either way.
         with jax.numpy_dtype_promotion("standard"):
-            return jax.nn.dot_product_attention(q, k, v, mask=mask)
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, bias=None if bias is None else jnp.broadcast_to(
+                bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(q.dtype))
     raise ValueError(f"unknown attention impl {impl!r}; choose one of {list(IMPLS)}")
 
 
@@ -205,86 +213,102 @@ def causal_blockwise(q: jax.Array, k: jax.Array, v: jax.Array, *, block: int, im
 # ----------------------------------------------------------------------------- layer
 
 
-def init(key: jax.Array, *, d_model: int, n_heads: int, n_kv_heads: int | None = None, std: float = 0.02,
-         out_std: float | None = None, dtype=jnp.float32, bias: bool = True, qkv_bias: bool | None = None) -> dict:
-    """Fused QKV projection (D, (H + 2G) K) and output projection (D, D); G = n_kv_heads
-    (default H). `qkv_bias` (default `bias`) sets the QKV projection's bias alone.
+def init(key: jax.Array, spec: AttentionSpec, *, d_model: int, std: float = 0.02, out_std: float | None = None,
+         dtype=jnp.float32) -> dict:
+    """Fused QKV projection (D, (H + 2G) K) and output projection (D, D), with biases as
+    `spec` says (`bias`, `qkv_bias`); Normal(0, std^2) weights, out_std for the output.
 
     Example:
-        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
+        >>> p = init(jax.random.key(0), AttentionSpec(n_heads=2), d_model=8)
         >>> p["qkv"]["w"].shape, p["out"]["w"].shape
         ((8, 24), (8, 8))
-        >>> init(jax.random.key(0), d_model=8, n_heads=4, n_kv_heads=1)["qkv"]["w"].shape   # H K + 2 K columns
+        >>> init(jax.random.key(0), AttentionSpec(n_heads=4, n_kv_heads=1), d_model=8)["qkv"]["w"].shape   # H K + 2 K
         (8, 12)
     """
-    if d_model % n_heads:
-        raise ValueError(f"d_model={d_model} must be divisible by n_heads={n_heads}")
-    n_kv_heads = n_kv_heads or n_heads
-    if n_heads % n_kv_heads:
-        raise ValueError(f"n_kv_heads={n_kv_heads} must divide n_heads={n_heads}")
+    if d_model % spec.n_heads:
+        raise ValueError(f"d_model={d_model} must be divisible by n_heads={spec.n_heads}")
     k_qkv, k_out = jax.random.split(key)
-    width = (n_heads + 2 * n_kv_heads) * (d_model // n_heads)
+    width = (spec.n_heads + 2 * spec.n_kv_heads) * (d_model // spec.n_heads)
     return {
-        "qkv": linear.init(k_qkv, d_in=d_model, d_out=width, std=std, dtype=dtype,
-                           bias=bias if qkv_bias is None else qkv_bias),
-        "out": linear.init(k_out, d_in=d_model, d_out=d_model, std=out_std or std, dtype=dtype, bias=bias),
+        "qkv": linear.init(k_qkv, d_in=d_model, d_out=width, std=std, dtype=dtype, bias=spec.qkv_bias),
+        "out": linear.init(k_out, d_in=d_model, d_out=d_model, std=out_std or std, dtype=dtype, bias=spec.bias),
     }
 
 
-def project_qkv(params: dict, x: jax.Array, n_heads: int, dtype, *, n_kv_heads: int | None = None,
-                positions: jax.Array | None = None, rope_theta: float | None = None,
-                rope_scaling: RopeScaling | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(B, T, D) -> q (B, T, H, K), k and v (B, T, G, K). With `rope_theta`, q and k are
-    turned by `positions` (B|1, T) (default 0 .. T - 1) at the frequencies `rope_scaling`
-    stretches (`rotary.apply`).
+def project_qkv(params: dict, x: jax.Array, spec: AttentionSpec, *, positions: jax.Array | None = None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q (B, T, H, K), k and v (B, T, G, K). With rotary positions
+    (spec.rope_theta), q and k are turned by `positions` (B|1, T) (default 0 .. T - 1)
+    at the frequencies spec.rope_scaling stretches (`rotary.apply`).
 
     Example:
-        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
-        >>> [a.shape for a in project_qkv(p, jnp.ones((1, 5, 8)), 2, jnp.float32)]
+        >>> spec = AttentionSpec(n_heads=2)
+        >>> p = init(jax.random.key(0), spec, d_model=8)
+        >>> [a.shape for a in project_qkv(p, jnp.ones((1, 5, 8)), spec)]
         [(1, 5, 2, 4), (1, 5, 2, 4), (1, 5, 2, 4)]
     """
-    n_kv_heads = n_kv_heads or n_heads
-    k_width = x.shape[-1] // n_heads
+    h, g = spec.n_heads, spec.n_kv_heads
+    k_width = x.shape[-1] // h
     columns = params["qkv"]["w"].shape[-1]
-    if columns != (n_heads + 2 * n_kv_heads) * k_width:              # the layout says what G the weights were made for
-        held = (columns // k_width - n_heads) / 2
-        raise ValueError(f"the qkv weights have {columns} columns, (H + 2G) K with H={n_heads} and K={k_width} for "
-                         f"n_kv_heads={n_kv_heads}" + (f"; they were made for n_kv_heads={int(held)}: pass that"
-                                                       if held == int(held) and held >= 1 else ""))
-    qkv = linear.apply(params["qkv"], x, dtype=dtype)                      # (B, T, (H + 2G) K)
-    q, k, v = jnp.split(qkv, [n_heads * k_width, (n_heads + n_kv_heads) * k_width], axis=-1)
-    q, k, v = split_heads(q, n_heads), split_heads(k, n_kv_heads), split_heads(v, n_kv_heads)
-    if rope_theta is not None:
+    if columns != (h + 2 * g) * k_width:                        # the layout says what G the weights were made for
+        held = (columns // k_width - h) / 2
+        raise ValueError(f"the qkv weights have {columns} columns, (H + 2G) K with H={h} and K={k_width} for "
+                         f"n_kv_heads={g}" + (f"; they were made for n_kv_heads={int(held)}: pass that"
+                                              if held == int(held) and held >= 1 else ""))
+    qkv = linear.apply(params["qkv"], x, dtype=compute_dtype(spec.dtype))       # (B, T, (H + 2G) K)
+    q, k, v = jnp.split(qkv, [h * k_width, (h + g) * k_width], axis=-1)
+    q, k, v = split_heads(q, h), split_heads(k, g), split_heads(v, g)
+    if spec.rope_theta is not None:
         if positions is None:
             positions = jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]    # (1, T)
-        q, k = (rotary.apply(a, positions, rope_theta=rope_theta, scaling=rope_scaling) for a in (q, k))
+        q, k = (rotary.apply(a, positions, rope_theta=spec.rope_theta, scaling=spec.rope_scaling) for a in (q, k))
     return q, k, v
 
 
-def apply(params: dict, x: jax.Array, *, n_heads: int, n_kv_heads: int | None = None, mask: jax.Array | None = None,
-          impl: str = "einsum", dtype=None, block: int = 0, dropout_rate: float = 0.0,
-          key: jax.Array | None = None, positions: jax.Array | None = None, rope_theta: float | None = None,
-          rope_scaling: RopeScaling | None = None) -> jax.Array:
+def project_out(params: dict, y: jax.Array, spec: AttentionSpec) -> jax.Array:
+    """The heads' outputs y (B, T, H, K) -> (B, T, D): merged, then the output projection.
+
+    Example:
+        >>> spec = AttentionSpec(n_heads=2)
+        >>> project_out(init(jax.random.key(0), spec, d_model=8), jnp.ones((1, 3, 2, 4)), spec).shape
+        (1, 3, 8)
+    """
+    return linear.apply(params["out"], merge_heads(y), dtype=compute_dtype(spec.dtype))
+
+
+def apply(params: dict, x: jax.Array, spec: AttentionSpec, *, positions: jax.Array | None = None,
+          mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
     """(B, T, D) -> (B, T, D): self-attention of x over itself.
 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
-    None means causal, computed in query blocks of `block` rows (0: one block; see
-    `causal_blockwise`). With a key, attention weights are dropped at dropout_rate.
-    n_kv_heads, positions, rope_theta and rope_scaling as in `project_qkv`: positions
-    matter only with rope_theta (rotary); learned or sinusoidal positions are already in x.
+    None means causal, computed in query blocks of spec.query_block rows (0: one
+    block; see `causal_blockwise`). With a key, attention weights are dropped at
+    spec.dropout. positions as in `project_qkv`: they matter only with rotary
+    positions; learned or sinusoidal positions are already in x.
 
     Example:
-        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
-        >>> apply(p, jnp.ones((3, 5, 8)), n_heads=2).shape
+        >>> spec = AttentionSpec(n_heads=2)
+        >>> apply(init(jax.random.key(0), spec, d_model=8), jnp.ones((3, 5, 8)), spec).shape
         (3, 5, 8)
     """
-    q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
-                          rope_theta=rope_theta, rope_scaling=rope_scaling)
+    q, k, v = project_qkv(params, x, spec, positions=positions)
     if mask is None:
-        y = causal_blockwise(q, k, v, block=block, impl=impl, dropout_rate=dropout_rate, key=key)   # (B, T, H, K)
+        y = causal_blockwise(q, k, v, block=spec.query_block, impl=spec.impl, dropout_rate=spec.dropout,
+                             key=key)                                   # (B, T, H, K)
     else:
-        y = scaled_dot_product(q, k, v, mask, impl=impl, dropout_rate=dropout_rate, key=key)       # (B, T, H, K)
-    return linear.apply(params["out"], merge_heads(y), dtype=dtype)        # (B, T, D)
+        y = scaled_dot_product(q, k, v, mask, impl=spec.impl, dropout_rate=spec.dropout, key=key)   # (B, T, H, K)
+    return project_out(params, y, spec)                                 # (B, T, D)
+
+
+def init_cache(spec: AttentionSpec, batch: int, slots: int, *, head_dim: int, dtype=jnp.float32) -> KVCache:
+    """One layer's empty cache: k and v zeros of shape (B, S, G, K), S = slots.
+
+    Example:
+        >>> init_cache(AttentionSpec(n_heads=4, n_kv_heads=2), 3, 16, head_dim=8).k.shape
+        (3, 16, 2, 8)
+    """
+    shape = (batch, slots, spec.n_kv_heads, head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
 
 def write_kv(cache: KVCache, index: jax.Array, k: jax.Array, v: jax.Array) -> KVCache:
@@ -308,9 +332,8 @@ def write_kv(cache: KVCache, index: jax.Array, k: jax.Array, v: jax.Array) -> KV
                    v=cache.v.at[rows, slots].set(v.astype(cache.v.dtype)))
 
 
-def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array, mask: jax.Array, n_heads: int,
-                 n_kv_heads: int | None = None, impl: str = "einsum", dtype=None, rope_theta: float | None = None,
-                 rope_scaling: RopeScaling | None = None) -> tuple[jax.Array, KVCache]:
+def apply_cached(params: dict, x: jax.Array, cache: KVCache, spec: AttentionSpec, *, index: jax.Array,
+                 mask: jax.Array) -> tuple[jax.Array, KVCache]:
     """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of the cache; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
@@ -322,16 +345,16 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, *, index: jax.Array
     Returns y (B, T, D) and the updated cache.
 
     Example:
-        >>> p = init(jax.random.key(0), d_model=8, n_heads=2)
-        >>> cache = KVCache(jnp.zeros((1, 6, 2, 4)), jnp.zeros((1, 6, 2, 4)))   # B = 1, S = 6
-        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, index=jnp.zeros(1, jnp.int32),
-        ...                         mask=causal_mask(2, 6)[None, None], n_heads=2)
+        >>> spec = AttentionSpec(n_heads=2)
+        >>> p = init(jax.random.key(0), spec, d_model=8)
+        >>> cache = init_cache(spec, 1, 6, head_dim=4)                          # B = 1, S = 6
+        >>> y, cache = apply_cached(p, jnp.ones((1, 2, 8)), cache, spec, index=jnp.zeros(1, jnp.int32),
+        ...                         mask=causal_mask(2, 6)[None, None])
         >>> y.shape, bool(cache.k[0, 2:].any())   # slots 2.. still empty
         ((1, 2, 8), False)
     """
     positions = index.astype(jnp.int32)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]   # (B, T)
-    q, k, v = project_qkv(params, x, n_heads, dtype, n_kv_heads=n_kv_heads, positions=positions,
-                          rope_theta=rope_theta, rope_scaling=rope_scaling)   # (B, T, H|G, K)
+    q, k, v = project_qkv(params, x, spec, positions=positions)              # (B, T, H|G, K)
     cache = write_kv(cache, index, k, v)
-    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=impl)            # (B, T, H, K)
-    return linear.apply(params["out"], merge_heads(y), dtype=dtype), cache
+    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=spec.impl)       # (B, T, H, K)
+    return project_out(params, y, spec), cache

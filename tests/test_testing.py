@@ -1,0 +1,72 @@
+"""`minitx_fn.testing`: the model contract as laws (`check_model`) holds for the
+built-in model and for two models of one's own (`tests/variants.py`), in float32 and
+float64; and it fails a model that breaks the contract, so it can fail."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax.numpy as jnp
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from minitx_fn import ModelConfig, testing
+from minitx_fn.layers import block
+from tests.helpers import standard_promotion
+from tests.variants import ALiBi, Parallel
+
+SIZES = dict(d_model=8, n_heads=2, n_layers=1, max_len=6)
+
+
+@pytest.mark.heavy
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("model", [ALiBi(**SIZES), Parallel(**SIZES)], ids=["alibi", "parallel"])
+def test_models_of_ones_own_keep_the_contract(model, dtype):
+    """Cached decode equals recompute past the window, a row alone equals the row in a
+    batch, the declared shapes hold, over random sizes. (The built-in model's laws are
+    tests/test_generate.py's, test_model.py's and test_speculative.py's.)"""
+    with standard_promotion():
+        testing.check_model(model, examples=1, dtypes=(dtype,))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Forgetful(ModelConfig):
+    """Its cached decode reads only the token it is given: the cache is written, never read."""
+
+    def apply_block_cached(self, params, x, cache, *, index, positions, mask):
+        only = jnp.arange(cache.k.shape[1])[None, None, None, :] == positions[:, None, :, None]   # (B, 1, T, S)
+        return block.apply_cached(params, x, cache, self.block_spec, index=index, mask=mask & only)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Crowded(ModelConfig):
+    """Its rows see each other: every row's block input is shifted by the batch's mean."""
+
+    def apply_block(self, params, x, *, positions, mask=None, key=None):
+        return super().apply_block(params, x + x.mean(axis=0, keepdims=True), positions=positions, mask=mask)
+
+    def apply_block_cached(self, params, x, cache, *, index, positions, mask):
+        return super().apply_block_cached(params, x + x.mean(axis=0, keepdims=True), cache, index=index,
+                                          positions=positions, mask=mask)
+
+
+@pytest.mark.parametrize("broken, law", [(Forgetful, "law 2|max abs error"), (Crowded, "law 2|law 3|max abs error")])
+def test_a_model_that_breaks_the_contract_fails_it(broken, law):
+    with standard_promotion(), pytest.raises(AssertionError, match=law):
+        testing.check_model(broken(**SIZES), examples=1, dtypes=("float32",), vary_sizes=False, shrink=False)
+
+
+def test_fast_compile_adds_its_flags_once():
+    env = {"XLA_FLAGS": "--xla_foo=1"}
+    added = testing.fast_compile(env)
+    assert added and env["XLA_FLAGS"].startswith("--xla_foo=1 ") and testing.fast_compile(env) == []
+    assert all(flag in os.environ.get("XLA_FLAGS", "") for flag in added)      # the suite's conftest set them
+
+
+@given(data=st.data())
+def test_model_sizes_keep_a_models_heads_with_even_head_widths(data):
+    sizes = data.draw(testing.model_sizes(ModelConfig(d_model=12, n_heads=3)))
+    assert sizes["d_model"] % 3 == 0 and (sizes["d_model"] // 3) % 2 == 0
+    assert ModelConfig(d_model=12, n_heads=3, positions="rotary").replace(**sizes)     # valid, rotary too

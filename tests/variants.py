@@ -1,0 +1,70 @@
+"""Two models of one's own, written outside the package with its public names only:
+each a subclass of the built-in model that overrides its block, and so gets all of the
+machinery (training runs, resume, cached and speculative decoding, LoRA, loading, and
+`testing.check_model`). Neither drops anything: dropout is the built-in block's, and
+these blocks have none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from minitx_fn import ModelConfig
+from minitx_fn.layers import attention, block
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ALiBi(ModelConfig):
+    """GPT with ALiBi attention (Press et al., 2022): no position embeddings; head h
+    lowers the score of key s from query t by m_h (t - s), with m_h = 2^(-8 h / H), so
+    a model trained on short windows reads longer ones."""
+
+    positions: str = "none"
+
+    def alibi(self, q_pos, k_pos):
+        """positions (B|1, T) of the queries and (B|1, S) of the keys -> the bias (B|1, H, T, S)."""
+        slopes = 2.0 ** (-8.0 * jnp.arange(1, self.n_heads + 1, dtype=jnp.float32) / self.n_heads)   # (H,)
+        distance = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)                     # (B|1, T, S)
+        return -slopes[None, :, None, None] * distance[:, None]
+
+    def attend(self, params, x, qkv, q_pos, k_pos, mask):
+        """The rest of the block, given q (B, T, H, K), and k and v (B, S, G, K) at k_pos."""
+        spec = self.block_spec
+        y = attention.scaled_dot_product(*qkv, mask, bias=self.alibi(q_pos, k_pos))                 # (B, T, H, K)
+        return block.mlp_half(params, x + attention.project_out(params["attn"], y, spec.attention).astype(x.dtype),
+                              spec)
+
+    def apply_block(self, params, x, *, positions, mask=None, key=None):
+        spec = self.block_spec
+        qkv = attention.project_qkv(params["attn"], block.normed(params["ln1"], x, spec), spec.attention)
+        mask = attention.causal_mask(x.shape[1])[None, None] if mask is None else mask
+        return self.attend(params, x, qkv, positions, positions, mask)
+
+    def apply_block_cached(self, params, x, cache, *, index, positions, mask):
+        spec = self.block_spec
+        q, k, v = attention.project_qkv(params["attn"], block.normed(params["ln1"], x, spec), spec.attention)
+        cache = attention.write_kv(cache, index, k, v)                     # slot s holds position s
+        slots = jnp.arange(cache.k.shape[1], dtype=jnp.int32)[None]
+        return self.attend(params, x, (q, cache.k, cache.v), positions, slots, mask), cache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Parallel(ModelConfig):
+    """GPT-J's parallel block: x + Attention(Norm(x)) + MLP(Norm(x)), one norm read by both."""
+
+    def init_block(self, key):
+        return {name: p for name, p in super().init_block(key).items() if name != "ln2"}
+
+    def apply_block(self, params, x, *, positions, mask=None, key=None):
+        spec = self.block_spec
+        h = block.normed(params["ln1"], x, spec)
+        a = attention.apply(params["attn"], h, spec.attention, positions=positions, mask=mask)
+        return x + (a + block.feedforward(params, h, spec)).astype(x.dtype)
+
+    def apply_block_cached(self, params, x, cache, *, index, positions, mask):
+        spec = self.block_spec
+        h = block.normed(params["ln1"], x, spec)
+        a, cache = attention.apply_cached(params["attn"], h, cache, spec.attention, index=index, mask=mask)
+        return x + (a + block.feedforward(params, h, spec)).astype(x.dtype), cache
