@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from minitx_fn import defaults, lora, runs
-from minitx_fn.config import INT32_MAX, LanguageModel, ModelConfig, OptimizerConfig, TrainConfig
+from minitx_fn.config import INT32_MAX, LanguageModel, ModelConfig, OptimizerConfig, TrainConfig, job_dict
 from minitx_fn.errors import CheckpointError, Error
 from minitx_fn import tokenizer as tokenizers
 from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
@@ -115,17 +115,6 @@ class Checkpoint(NamedTuple):
         if self.base is None:
             return self.state.params
         return lora.merge(self.base, self.state.params, scale=self.train_config.lora.scale)
-
-
-def job_dict(model: LanguageModel, train_config: TrainConfig, data) -> dict:
-    """The job as meta.json stores it (the module docstring).
-
-    Example:
-        >>> job_dict(ModelConfig(vocab_size=3), TrainConfig(), BUILTIN)["model"]["code"]
-        'minitx_fn.config:ModelConfig'
-    """
-    return {"model": {"code": model.code, "config": model.to_dict()}, "training": train_config.to_dict(),
-            "data": getattr(data, "source", data)}
 
 
 # ----------------------------------------------------------------------------- the model: its code and its probe
@@ -238,9 +227,12 @@ def probe_tolerance(model: LanguageModel) -> float:
 
 
 def verify(model: LanguageModel, params, recorded, where: str) -> None:
-    """CheckpointError unless the model computes what the run recorded (`probe`) with
-    `apply`, and the same with its cached decode: the code changed since the save, a
-    layer is patched (now or then), or `apply_cached` is not the model that `apply` is.
+    """CheckpointError unless the model computes what the run recorded (`probe`; None:
+    nothing recorded, as in format 8) with `apply`, and the same with its cached decode:
+    else the code changed since the save, a layer is patched (now or then), or
+    `apply_cached` is not the model `apply` is. (Within one process, a jitted function
+    keeps the code it was traced with: a layer patched after the model's first probe is
+    seen by the next process.)
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
@@ -737,6 +729,11 @@ def _build(template, arrays: dict[str, np.ndarray], what: str):
     return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
+def _arrays_of(path: str, name: str, model: LanguageModel) -> str:
+    """How an array file's problems name it: the file, and the model it must fit."""
+    return f"{os.path.join(path, name)} (for model {model.code})"
+
+
 def _read_meta(run_dir: str, *, upgrading: bool = False) -> tuple[str, dict]:
     """(checkpoint folder, its meta.json as format 9), the structure checked (`_current`)."""
     path = locate(run_dir)
@@ -801,9 +798,9 @@ def load(run_dir: str, *, trust_code: bool = False) -> Checkpoint:
     def read(path, meta):
         model, train_config, tokenizer = _parse(meta, path, trust_code)
         template = _template(model, train_config)
-        params, opt_state = (
-            _build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
-            for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
+        params, opt_state = (_build(t, _read_arrays(os.path.join(path, name), meta["files"][name]),
+                                    _arrays_of(path, name, model))
+                             for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
         state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
         base = None if train_config.lora is None else base_params(meta, model, trust_code=trust_code,
                                                                  _seen=frozenset({os.path.realpath(path)}))
@@ -868,7 +865,7 @@ def load_model(run_dir: str, *, trust_code: bool = False, _seen: frozenset = fro
         model, train_config, tokenizer = _parse(meta, path, trust_code)
         template = _template(model, train_config).params
         params = _build(template, _read_arrays(os.path.join(path, ARRAY_FILES[0]), meta["files"][ARRAY_FILES[0]]),
-                        ARRAY_FILES[0])
+                        _arrays_of(path, ARRAY_FILES[0], model))
         if train_config.lora is not None:
             base = base_params(meta, model, trust_code=trust_code, _seen=_seen | {os.path.realpath(path)})
             params = lora.merge(base, params, scale=train_config.lora.scale)
@@ -939,7 +936,8 @@ def upgrade(run_dir: str, *, log=None) -> tuple[int, str]:
                 raise CheckpointError(f"{run_dir!r} is already in format {FORMAT_VERSION}; nothing to upgrade")
             model, train_config, tokenizer = _parse(meta, path, False)         # the built-in model: formats 2 to 8
             template = _template(model, train_config)
-            params, opt_state = (_build(t, _read_arrays(os.path.join(path, name), meta["files"][name]), name)
+            params, opt_state = (_build(t, _read_arrays(os.path.join(path, name), meta["files"][name]),
+                                        _arrays_of(path, name, model))
                                  for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
             base = None if train_config.lora is None else base_params(meta, model, _seen=frozenset({path}))
             state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))

@@ -16,12 +16,14 @@ its methods, never a function of the built-in by name.
     OptimizerConfig   what the train step reads: AdamW, its schedule, clipping
     LoraConfig        low-rank adapters
     TrainConfig       a run's steps, batch, seed and cadence, with its optimizer and LoRA nested
+    Job               a training run as one value: its Data, model, TrainConfig, Start,
+                      Devices and Sample (`job.py` makes, plans and runs it)
 
 They hash by value, so they pass as static arguments to `jax.jit`: two equal
 configs reuse one compiled function. Sizes and flags live here, never as leaves of
 the parameter pytree. No JAX is imported by this module (nor by `defaults.py`): the
 command line reads these defaults for its help without starting JAX; the methods
-that compute import it when called.
+that compute import it when called. `job_dict` is the job as a run's meta.json holds it.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 from minitx_fn import defaults
 from minitx_fn.defaults import FLOAT32_MAX, INT32_MAX, POSITIONS, SEED_MAX  # noqa: F401  (re-exported)
-from minitx_fn.errors import ConfigError
+from minitx_fn.errors import ConfigError, DataError, RunDirError
+
+if TYPE_CHECKING:
+    from minitx_fn.corpus import Corpus
 
 
 def x64_enabled() -> bool:
@@ -655,7 +661,7 @@ class TrainConfig:
     eval_every: int = 250           # validation every N steps (and at the end)
     save_every: int = 500           # checkpoint every N steps (and at the end)
     log_every: int = 100            # print and record the loss every N steps
-    # Validate on a fixed sample of about N tokens (the whole split when it holds fewer); None: the whole split.
+    # Validate on a fixed sample of about N tokens (the whole split when it holds fewer); None (or "all"): the whole split.
     eval_tokens: int | None = defaults.DEFAULT_EVAL_TOKENS
     # Gradient accumulation: the batch of B sequences runs as this many micro-batches of
     # B / grad_accum, their gradients averaged before one update (the same update, in
@@ -672,6 +678,8 @@ class TrainConfig:
         _plain_numbers(self)
         for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
             _positive_int(name, getattr(self, name))
+        if self.eval_tokens == "all":                       # as the command line says it
+            object.__setattr__(self, "eval_tokens", None)
         if self.eval_tokens is not None:
             _positive_int("eval_tokens", self.eval_tokens)
         _positive_int("grad_accum", self.grad_accum)
@@ -690,4 +698,176 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def job_dict(model: LanguageModel, train_config: TrainConfig, data) -> dict:
+    """The job as a run's meta.json stores it (`checkpoint.py` says what each part means).
+
+    Example:
+        >>> job_dict(ModelConfig(vocab_size=3), TrainConfig(), {"builtin": True})["model"]["code"]
+        'minitx_fn.config:ModelConfig'
+    """
+    return {"model": {"code": model.code, "config": model.to_dict()}, "training": train_config.to_dict(),
+            "data": getattr(data, "source", data)}
+
+
+def _path(value: Any, name: str, error=ConfigError) -> str | None:
+    """A path setting as a str (None stays None); one error naming it for anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise error("{%s} is empty or not a path; give a folder or file" % name, **{name: (name, "''")})
+    return os.fspath(value)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Data:
+    """What a run trains on, and how its text becomes ids: one of `path` (a UTF-8 text
+    file, prepared once into the cache, `corpus.prepare`), `text` (a string) or `corpus`
+    (a `corpus.Corpus`, ids of one's own), or none of them for the built-in corpus. A
+    text's first 90% trains, the rest validates (the built-in corpus holds none back).
+
+    Example:
+        >>> Data(path="input.txt", tokenizer="byte").held_out, Data().held_out
+        (True, False)
+    """
+
+    path: str | None = None
+    text: str | None = dataclasses.field(default=None, repr=False)
+    corpus: Corpus | None = dataclasses.field(default=None, repr=False, compare=False)
+    tokenizer: str | None = None       # "char" (the default), "byte" or "bpe"; None for a run's own
+    vocab_size: int | None = None      # bpe only: ids in the vocabulary
+    cache_dir: str | None = None       # where prepared data is kept (`corpus.default_cache_dir`)
+    batches: str = "auto"              # "device" (the ids held there), "memmap" (gathered on the host), or auto
+
+    def __post_init__(self) -> None:
+        from minitx_fn import corpus
+        if isinstance(self.path, corpus.Corpus):           # job.train(Corpus): the ids of one's own
+            object.__setattr__(self, "corpus", self.path)
+            object.__setattr__(self, "path", None)
+        if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
+            raise DataError(f"the data must be a path (a str) or a corpus.Corpus, not {type(self.path).__name__}")
+        object.__setattr__(self, "path", _path(self.path, "data_path", DataError))
+        object.__setattr__(self, "cache_dir", _path(self.cache_dir, "cache_dir"))
+        if sum(x is not None for x in (self.path, self.text, self.corpus)) > 1:
+            raise DataError("give the data as a path or a Corpus, or as text=, not both")
+        if self.text is not None:
+            corpus.check_text(self.text)
+        if self.batches not in defaults.BATCH_SOURCES:
+            raise ConfigError(f"{{batches}} is invalid: choose one of {list(defaults.BATCH_SOURCES)}",
+                              batches=("batches", self.batches))
+        if self.tokenizer is not None or self.vocab_size is not None:
+            if self.corpus is not None:
+                raise ConfigError("a Corpus brings its own tokenizer; drop {t}", t=("tokenizer", self.tokenizer))
+            corpus.check_choice(self.tokenizer or "char", self.vocab_size)
+
+    @property
+    def held_out(self) -> bool:
+        """Whether the data holds a validation split (every text does; the built-in corpus not)."""
+        if self.corpus is not None:
+            return self.corpus.source != {"builtin": True}
+        return self.path is not None or self.text is not None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Start:
+    """Where a run starts: a new run (in `run_dir`, default runs/<corpus>-NNN, never one
+    that holds a run), `resume` a saved run in its own directory, or `init_from` a new
+    run from another run's parameters and tokenizer (fine-tuning; with LoRA, adapters
+    on them). `trust_code`: a run whose model is code of its own is loaded only with it
+    (`checkpoint.load`).
+
+    Example:
+        >>> Start(resume="runs/a", init_from="runs/b")
+        Traceback (most recent call last):
+        minitx_fn.errors.ConfigError: resume='runs/a' continues a run and init_from='runs/b' starts a new one from another's parameters; give one of them
+    """
+
+    run_dir: str | None = None
+    resume: str | None = None
+    init_from: str | None = None
+    trust_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("resume", "init_from"):
+            object.__setattr__(self, name, _path(getattr(self, name), name))
+        object.__setattr__(self, "run_dir", _path(self.run_dir, "run_dir", RunDirError))
+        if self.resume is not None and self.init_from is not None:
+            raise ConfigError("{resume} continues a run and {init_from} starts a new one from another's parameters; "
+                              "give one of them", resume=("resume", self.resume), init_from=("init_from", self.init_from))
+        if self.resume is not None and self.run_dir is not None:
+            raise RunDirError("{resume} continues a run in its own directory; drop {out} (to branch a run, copy its "
+                              "directory first)", resume=("resume", self.resume), out=("run_dir", self.run_dir))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Devices:
+    """The devices a run uses: data-parallel over the first `count` (None: all JAX sees),
+    parameters and optimiser state split over them with `fsdp` (`distributed.py`)."""
+
+    count: int | None = None
+    fsdp: bool = False
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        if self.count is not None and not _whole(self.count):
+            raise ConfigError("{devices} must be a whole number (how many devices)", devices=("devices", self.count))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Sample:
+    """The text generated at the end of a run: `tokens` tokens after `prompt` (default:
+    "hello" if the text's start holds it, else its first character); 0 for none."""
+
+    prompt: str | None = None
+    tokens: int = defaults.SAMPLE_TOKENS
+
+    def __post_init__(self) -> None:
+        _plain_numbers(self)
+        if not (_whole(self.tokens) and 0 <= self.tokens <= defaults.MAX_NEW_TOKENS):
+            raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
+                              n=("max_new_tokens", self.tokens))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job:
+    """A training run as one value: its data, model, training, start, devices and final
+    sample (the parts above). `model.vocab_size` may be None: the tokenizer gives it
+    (`plan`). `to_dict` is what a run's meta.json stores of it, and what the processes
+    of a multi-process run compare."""
+
+    data: Data = Data()
+    model: LanguageModel
+    training: TrainConfig
+    start: Start = Start()
+    devices: Devices = Devices()
+    sample: Sample = Sample()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, LanguageModel):
+            raise ConfigError(f"{{model}} must be a model value (ModelConfig, or a LanguageModel of one's own), not "
+                              f"{type(self.model).__name__}", model=("model", self.model))
+        if not isinstance(self.training, TrainConfig):
+            raise ConfigError(f"{{training}} must be a TrainConfig, not {type(self.training).__name__}",
+                              training=("training", self.training))
+        tc = self.training
+        if tc.lora is not None:
+            if self.start.init_from is None and self.start.resume is None:
+                raise ConfigError("{rank} trains adapters on the frozen parameters of another run; give that run with "
+                                  "{init_from}", rank=("lora_rank", tc.lora.rank), init_from=("init_from", "RUN"))
+            width = getattr(self.model, "d_model", None)
+            if width is not None and tc.lora.rank > width:
+                raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter's rank is at most the "
+                                  "width", rank=("lora_rank", tc.lora.rank), d=("d_model", width))
+
+    def to_dict(self) -> dict:
+        """What meta.json stores of the job (`job_dict`): model, training, data (a
+        Corpus's source; a path or text is recorded by the plan that reads it)."""
+        return job_dict(self.model, self.training, None if self.data.corpus is None else self.data.corpus.source)
+
+    def replace(self, **changes) -> "Job":
         return dataclasses.replace(self, **changes)

@@ -1,25 +1,27 @@
-"""The whole training job as a value: what `minitx train` runs.
+"""The whole training job: what `minitx train` runs.
 
     result = job.train("input.txt", model={"d_model": 128, "n_layers": 4}, training={"steps": 2000})
     result.run_dir, result.records, result.sample          # the run directory, its metrics, a sample
     generate.complete(result, "ROMEO:")                     # continue a text with the trained model
 
-A `Job` is one frozen value holding everything a run is: its `Data`, its model (a
+A job is one frozen value, `config.Job` (re-exported here): its `Data`, its model (a
 model value: `ModelConfig`, or one of one's own), its `TrainConfig` (optimizer and
 LoRA nested), where it `Start`s (new, resume, fine-tune from a run), the `Devices` it
-runs on and the final `Sample`. Each part checks itself when built; `make` builds a
-job from the keyword settings the command line and `train` take (a preset's values,
-overridden by those given; a resume reads the saved job and replaces only what a
-resume may change). `plan(job)` does what needs the data (the tokenizer and ids, the
-model's vocabulary, the validation sample, the state to start from, memory) before
-anything of a run is written, and `run(plan)` trains into the run directory that
-`minitx generate`, `plot` and `--resume` read: it holds the run's lock, saves
-checkpoints (the job as a dict among them), appends metrics.jsonl, draws loss.png (with
-matplotlib), and stops cleanly on SIGINT, SIGTERM or SIGHUP (a checkpoint at the
-current step; `Result.stopped_by`). It uses every device JAX sees (data-parallel;
-`Devices`), and several processes once `distributed.initialize` has joined them.
-`train` = `run(plan(make(...)))`.
+runs on and the final `Sample`, each part checking itself. Three functions:
 
+    make(settings) -> Job      the keyword settings the command line and `train` take: a
+                               preset's values overridden by those given; a resume reads
+                               the saved job and replaces only what a resume may change
+    plan(job) -> Plan          what needs the data: the tokenizer and ids, the model's
+                               vocabulary, the state it starts from, the validation
+                               sample, memory; nothing of a run is written
+    run(plan) -> Result        trains into the run directory that `minitx generate`, `plot`
+                               and `--resume` read: its lock held, checkpoints saved (the
+                               job as a dict among them), metrics.jsonl appended, loss.png
+                               drawn; SIGINT, SIGTERM or SIGHUP save and stop (`stopped_by`)
+
+`train` = `run(plan(make(...)))`. A run uses every device JAX sees (data-parallel;
+`Devices`), and several processes once `distributed.initialize` has joined them.
 Errors: bad input is an `errors.Error` naming the setting (the CLI renders it as a
 flag); a run that fails (a non-finite loss, a full disk) is `errors.RunFailed`.
 """
@@ -40,8 +42,9 @@ import numpy as np
 
 from minitx_fn import checkpoint, corpus, data, defaults, distributed, generate, lora, loop, memory, runs, signals
 from minitx_fn import train as trainer          # the module; `train` below is the whole job
-from minitx_fn.config import LanguageModel, LoraConfig, ModelConfig, TrainConfig
-from minitx_fn.errors import ConfigError, DataError, Error, RunDirError, RunFailed, StorageError
+from minitx_fn.config import (Data, Devices, Job, LanguageModel, LoraConfig, ModelConfig, Sample, Start,  # noqa: F401
+                              TrainConfig, job_dict)      # (the job's values, re-exported: job.Job, job.Data, ...)
+from minitx_fn.errors import CheckpointError, ConfigError, DataError, Error, RunDirError, RunFailed, StorageError
 from minitx_fn.signals import StopSignals
 from minitx_fn.tokenizer import Tokenizer, UnknownCharactersError
 
@@ -50,389 +53,164 @@ RESUMABLE = ("steps", "eval_every", "save_every", "log_every", "eval_tokens", "g
 RUNS_ROOT = "runs"                     # new runs go to RUNS_ROOT/<corpus name>-NNN unless run_dir says otherwise
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _path(value: Any, name: str, error=ConfigError) -> str | None:
-    """A path setting as a str (None stays None); one error naming it for anything else."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
-        raise error("{%s} is empty or not a path; give a folder or file" % name, **{name: (name, "''")})
-    return os.fspath(value)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Data:
-    """What a run trains on, and how its text becomes ids: one of `path` (a UTF-8 text
-    file, prepared once into the cache, `corpus.prepare`), `text` (a string) or `corpus`
-    (a `corpus.Corpus`, ids of one's own), or none of them for the built-in corpus. A
-    text's first 90% trains, the rest validates (the built-in corpus holds none back).
-
-    Example:
-        >>> Data(path="input.txt", tokenizer="byte").held_out, Data().held_out
-        (True, False)
-    """
-
-    path: str | None = None
-    text: str | None = dataclasses.field(default=None, repr=False)
-    corpus: corpus.Corpus | None = dataclasses.field(default=None, repr=False, compare=False)
-    tokenizer: str | None = None       # "char" (the default), "byte" or "bpe"; None for a run's own
-    vocab_size: int | None = None      # bpe only: ids in the vocabulary
-    cache_dir: str | None = None       # where prepared data is kept (`corpus.default_cache_dir`)
-    batches: str = "auto"              # "device" (the ids held there), "memmap" (gathered on the host), or auto
-
-    def __post_init__(self) -> None:
-        if isinstance(self.path, corpus.Corpus):           # job.train(Corpus): the ids of one's own
-            object.__setattr__(self, "corpus", self.path)
-            object.__setattr__(self, "path", None)
-        if self.path is not None and not isinstance(self.path, (str, os.PathLike)):
-            raise DataError(f"the data must be a path (a str) or a corpus.Corpus, not {type(self.path).__name__}")
-        object.__setattr__(self, "path", _path(self.path, "data_path", DataError))
-        object.__setattr__(self, "cache_dir", _path(self.cache_dir, "cache_dir"))
-        if sum(x is not None for x in (self.path, self.text, self.corpus)) > 1:
-            raise DataError("give the data as a path or a Corpus, or as text=, not both")
-        if self.text is not None:
-            corpus.check_text(self.text)
-        if self.batches not in defaults.BATCH_SOURCES:
-            raise ConfigError(f"{{batches}} is invalid: choose one of {list(defaults.BATCH_SOURCES)}",
-                              batches=("batches", self.batches))
-        if self.tokenizer is not None or self.vocab_size is not None:
-            if self.corpus is not None:
-                raise ConfigError("a Corpus brings its own tokenizer; drop {t}", t=("tokenizer", self.tokenizer))
-            corpus.check_choice(self.tokenizer or "char", self.vocab_size)
-
-    @property
-    def held_out(self) -> bool:
-        """Whether the data holds a validation split (every text does; the built-in corpus not)."""
-        if self.corpus is not None:
-            return self.corpus.source != corpus.BUILTIN_SOURCE
-        return self.path is not None or self.text is not None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Start:
-    """Where a run starts: a new run (in `run_dir`, default runs/<corpus>-NNN, never one
-    that holds a run), `resume` a saved run in its own directory, or `init_from` a new
-    run from another run's parameters and tokenizer (fine-tuning; with LoRA, adapters
-    on them). `trust_code`: a run whose model is code of its own is loaded only with it
-    (`checkpoint.load`).
-
-    Example:
-        >>> Start(resume="runs/a", init_from="runs/b")
-        Traceback (most recent call last):
-        minitx_fn.errors.ConfigError: resume='runs/a' continues a run and init_from='runs/b' starts a new one from another's parameters; give one of them
-    """
-
-    run_dir: str | None = None
-    resume: str | None = None
-    init_from: str | None = None
-    trust_code: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("resume", "init_from"):
-            object.__setattr__(self, name, _path(getattr(self, name), name))
-        object.__setattr__(self, "run_dir", _path(self.run_dir, "run_dir", RunDirError))
-        if self.resume is not None and self.init_from is not None:
-            raise ConfigError("{resume} continues a run and {init_from} starts a new one from another's parameters; "
-                              "give one of them", resume=("resume", self.resume), init_from=("init_from", self.init_from))
-        if self.resume is not None and self.run_dir is not None:
-            raise RunDirError("{resume} continues a run in its own directory; drop {out} (to branch a run, copy its "
-                              "directory first)", resume=("resume", self.resume), out=("run_dir", self.run_dir))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Devices:
-    """The devices a run uses: data-parallel over the first `count` (None: all JAX sees),
-    parameters and optimiser state split over them with `fsdp` (`distributed.py`)."""
-
-    count: int | None = None
-    fsdp: bool = False
-
-    def __post_init__(self) -> None:
-        if self.count is not None and not _whole(self.count):
-            raise ConfigError("{devices} must be a whole number (how many devices)", devices=("devices", self.count))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Sample:
-    """The text generated at the end of a run: `tokens` tokens after `prompt` (default:
-    "hello" if the text's start holds it, else its first character); 0 for none."""
-
-    prompt: str | None = None
-    tokens: int = defaults.SAMPLE_TOKENS
-
-    def __post_init__(self) -> None:
-        if not (_whole(self.tokens) and 0 <= self.tokens <= defaults.MAX_NEW_TOKENS):
-            raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
-                              n=("max_new_tokens", self.tokens))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Job:
-    """A training run as one value: its data, model, training, start, devices and final
-    sample (the parts above). `model.vocab_size` may be None: the tokenizer gives it
-    (`plan`). `to_dict` is what a run's meta.json stores of it, and what the processes
-    of a multi-process run compare."""
-
-    data: Data = Data()
-    model: LanguageModel
-    training: TrainConfig
-    start: Start = Start()
-    devices: Devices = Devices()
-    sample: Sample = Sample()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.model, LanguageModel):
-            raise ConfigError(f"{{model}} must be a model value (ModelConfig, or a LanguageModel of one's own), not "
-                              f"{type(self.model).__name__}", model=("model", self.model))
-        if not isinstance(self.training, TrainConfig):
-            raise ConfigError(f"{{training}} must be a TrainConfig, not {type(self.training).__name__}",
-                              training=("training", self.training))
-        tc = self.training
-        if tc.lora is not None:
-            if self.start.init_from is None and self.start.resume is None:
-                raise ConfigError("{rank} trains adapters on the frozen parameters of another run; give that run with "
-                                  "{init_from}", rank=("lora_rank", tc.lora.rank), init_from=("init_from", "RUN"))
-            width = getattr(self.model, "d_model", None)
-            if width is not None and tc.lora.rank > width:
-                raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter's rank is at most the "
-                                  "width", rank=("lora_rank", tc.lora.rank), d=("d_model", width))
-
-    def to_dict(self) -> dict:
-        """What meta.json stores of the job (`checkpoint.job_dict`): model, training, data."""
-        source = None if self.data.corpus is None else self.data.corpus.source
-        return checkpoint.job_dict(self.model, self.training, source)
-
-    def replace(self, **changes) -> "Job":
-        return dataclasses.replace(self, **changes)
-
-
 # ----------------------------------------------------------------------------- make: settings -> a Job
 
 
 def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: str | None = None,
          model: LanguageModel | dict | None = None, training: TrainConfig | dict | None = None,
          preset: str | None = None, tokenizer: str | None = None, vocab_size: int | None = None,
-         cache_dir: str | None = None, run_dir: str | None = None, resume: str | None = None,
-         init_from: str | None = None, trust_code: bool = False, batches: str = "auto",
+         cache_dir: str | None = None, batches: str = "auto", run_dir: str | None = None,
+         resume: str | None = None, init_from: str | None = None, trust_code: bool = False,
          devices: int | None = None, fsdp: bool = False, prompt: str | None = None,
          sample_tokens: int = defaults.SAMPLE_TOKENS) -> Job:
-    """The job these settings describe, every one of them checked; nothing is read but
-    the meta.json of a run it resumes or starts from.
+    """The job these settings describe, every one checked; nothing is read but the
+    meta.json of a run it resumes or starts from. The data's settings are `Data`'s
+    (data_path: a text file or a `corpus.Corpus`), the start's `Start`'s, the devices'
+    `Devices`' (devices: count) and the sample's `Sample`'s (sample_tokens: tokens).
 
-    Data: `data_path` (a text file or a `corpus.Corpus`), `text`, or neither for the
-    built-in corpus; `tokenizer` ("char", "byte", "bpe"), `vocab_size` (bpe),
-    `cache_dir`, `batches` (`Data`). Model: a dict of ModelConfig fields (vocab_size comes
-    from the tokenizer) over the preset's, or a model value (ModelConfig, or a model of
-    one's own, its vocab_size None or the tokenizer's). Training: a dict of TrainConfig
-    fields (the optimizer's and LoRA's nested as dicts, eval_tokens "all" or None: the
-    whole validation split) over the preset's, or a TrainConfig. The preset:
-    defaults.PRESETS, "hello" on the built-in corpus and "shakespeare-baby" on a text
-    by default; a short run keeps the preset's warm-up within a tenth of it.
-
-    Start (`Start`): `run_dir` for a new run; `resume` a saved run (the same data,
-    wherever it lies now; `training` may change only RESUMABLE fields, `model` must
-    agree; `steps` is the total to reach, and the schedule stays the first run's); or
-    `init_from` a run (trained, imported or itself fine-tuned): a new run at step 0 from
-    its parameters and with its tokenizer, a fresh optimiser and schedule, its model
-    (`model` may only lower max_len and set dropout); with `training`'s lora it trains
-    adapters on those parameters, frozen. `trust_code` for a run whose model is code of
-    its own. `devices`, `fsdp` (`Devices`); `prompt`, `sample_tokens` (`Sample`).
+    A new run's model is a dict of ModelConfig fields over the preset's (vocab_size
+    comes from the tokenizer) or a model value; its training a dict of TrainConfig fields
+    over the preset's (the optimizer's and LoRA's nested as dicts) or a TrainConfig. The
+    preset (defaults.PRESETS) is "hello" on the built-in corpus and "shakespeare-baby"
+    on a text; a short run keeps its warm-up within a tenth of the run. A run started
+    `init_from` another has that run's model (`model` may only lower max_len and set
+    dropout) and tokenizer. A `resume` is the saved job: `training` may change only
+    RESUMABLE fields (steps is the total to reach; the schedule stays the first run's),
+    and every other setting given must agree with the saved one.
 
     Example:
         >>> j = make(model={"d_model": 32}, training={"steps": 100, "optimizer": {"lr": 1e-2}})
         >>> j.model.d_model, j.model.n_layers, j.model.vocab_size, j.training.optimizer.warmup   # the rest: preset hello
         (32, 2, None, 10)
     """
-    text_given = text is not None
     source = Data(path=data_path, text=text, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir,
                   batches=batches)
     start = Start(run_dir=run_dir, resume=resume, init_from=init_from, trust_code=trust_code)
-    parts = dict(start=start, devices=Devices(count=devices, fsdp=fsdp),
+    parts = dict(data=source, start=start, devices=Devices(count=devices, fsdp=fsdp),
                  sample=Sample(prompt=prompt, tokens=sample_tokens))
-    for name, value, cls in (("model", model, LanguageModel), ("training", training, TrainConfig)):
-        if value is not None and not isinstance(value, (dict, cls)):
-            raise ConfigError(f"{{{name}}} must be a dict of fields or a {cls.__name__}, not {type(value).__name__}",
-                              **{name: (name, value)})
-    for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
-        if not source.held_out and start.resume is None and name in (training if isinstance(training, dict) else {}):
-            raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
-                              setting=(name, training[name]), data=("data_path", "FILE"))
+    given_model, given_training = _fields(model, LanguageModel, "model"), _fields(training, TrainConfig, "training")
     if start.resume is not None:
-        job = _resumed(start, source, model, training, preset, text_given, parts)
-    else:
-        values = defaults.preset(preset, has_data=source.held_out)
-        if start.init_from is not None:
-            if tokenizer is not None or vocab_size is not None:
-                raise ConfigError("a run started from another keeps its tokenizer; drop {t}",
-                                  t=("tokenizer", tokenizer or "bpe"))
-            model = _fine_tuned(checkpoint.read_job(start.init_from, trust_code=trust_code).model, model)
-        job = Job(data=source, model=_model(model, values["model"]), training=_training(training, values["train"]),
-                  **parts)
-        if start.run_dir is not None:
-            runs.check_new_run_dir(start.run_dir)                  # before preparing a large text
-        checkpoint.check_importable(job.model)                     # a run of it could be loaded again
-    _check_start(job)
-    return job
+        return _resumed(start, given_model, given_training, preset, parts)
+    for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
+        if not source.held_out and name in given_training:
+            raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
+                              setting=(name, given_training[name]), data=("data_path", "FILE"))
+    values = defaults.preset(preset, has_data=source.held_out)
+    if start.init_from is not None:
+        if tokenizer is not None or vocab_size is not None:
+            raise ConfigError("a run started from another keeps its tokenizer; drop {t}", t=("tokenizer",
+                                                                                              tokenizer or "bpe"))
+        model = _fine_tuned(checkpoint.read_job(start.init_from, trust_code=trust_code).model, model, given_model)
+    elif not isinstance(model, LanguageModel):
+        if "vocab_size" in given_model:
+            raise ConfigError("{v} comes from the tokenizer; leave it out of the model's fields",
+                              v=("vocab_size", given_model["vocab_size"]))
+        model = ModelConfig(**{**values["model"], **_known(given_model, ModelConfig, "the model")})
+    job = Job(model=model, training=training if isinstance(training, TrainConfig) else
+              _over_preset(given_training, values["train"]), **parts)
+    if start.run_dir is not None:
+        runs.check_new_run_dir(start.run_dir)                      # before preparing a large text
+    checkpoint.check_importable(job.model)                         # a run of it could be loaded again
+    if job.training.lora is not None and start.init_from is not None and runs.Lock(start.init_from).live_holder():
+        raise RunDirError(f"{start.init_from!r} is being trained ({runs.Lock(start.init_from).live_holder()}); a "
+                          f"LoRA run needs its base to stay as it is: wait for that run to finish, or copy it and "
+                          f"start from the copy")           # its next save would change the base of these adapters
+    return _on_devices(job)
 
 
-def _model(model: LanguageModel | dict | None, preset: dict) -> LanguageModel:
-    """A new run's model: the value given, or ModelConfig of the preset's fields and those given."""
-    if isinstance(model, LanguageModel):
-        return model
-    given = dict(model or {})
-    if "vocab_size" in given:
-        raise ConfigError("{v} comes from the tokenizer; leave it out of the model's fields",
-                          v=("vocab_size", given["vocab_size"]))
-    _known(given, ModelConfig, "the model")
-    return ModelConfig(**{**preset, **given})
+def _over_preset(given: dict, preset: dict) -> TrainConfig:
+    """A new run's TrainConfig: the preset's fields with those given over them (the
+    optimizer's merged field by field; the preset's warm-up at most a tenth of the run)."""
+    optimizer = given.get("optimizer") or {}
+    if isinstance(optimizer, dict):
+        optimizer = {**preset.get("optimizer", {}), **optimizer}
+        length = optimizer.get("decay_steps") or given.get("steps", preset.get("steps"))
+        if "warmup" not in (given.get("optimizer") or {}) and "warmup" in optimizer and isinstance(length, int):
+            optimizer["warmup"] = min(optimizer["warmup"], length // 10)
+    return TrainConfig(**{**preset, **_known(given, TrainConfig, "the training"), "optimizer": optimizer})
 
 
-def _training(training: TrainConfig | dict | None, preset: dict) -> TrainConfig:
-    """A new run's TrainConfig: the one given, or the preset's fields with those given
-    over them (the optimizer's merged field by field)."""
-    if isinstance(training, TrainConfig):
-        return training
-    given = dict(training or {})
-    _known(given, TrainConfig, "the training")
-    optimizer = given.pop("optimizer", None) or {}
-    if not isinstance(optimizer, dict):
-        return TrainConfig(**{**preset, **given, "optimizer": optimizer})      # an OptimizerConfig, as it is
-    settings = {**preset, **given}
-    if settings.get("eval_tokens") == "all":
-        settings["eval_tokens"] = None
-    optimizer = {**preset.get("optimizer", {}), **optimizer}
-    length = optimizer.get("decay_steps") or settings.get("steps")
-    if "warmup" not in (training or {}).get("optimizer", {}) and "warmup" in optimizer and _whole(length):
-        optimizer["warmup"] = min(optimizer["warmup"], length // 10)         # a short run keeps the preset's within it
-    return TrainConfig(**{**settings, "optimizer": optimizer})
+def _fields(value, cls, name: str) -> dict:
+    """A value (a model, a config) or a dict of its fields, as a dict of fields."""
+    if value is not None and not isinstance(value, (dict, cls)):
+        raise ConfigError(f"{{{name}}} must be a dict of fields or a {cls.__name__}, not {type(value).__name__}",
+                          **{name: (name, value)})
+    return value.to_dict() if isinstance(value, cls) else dict(value or {})
 
 
-def _known(given: dict, cls, what: str) -> None:
+def _known(given: dict, cls, what: str) -> dict:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(given) - set(names))
     if unknown:
         raise ConfigError(f"{what} has no settings {unknown}; {cls.__name__}'s fields are {names}")
+    return given
 
 
-def _differences(conflicts: list[tuple[str, Any, Any]], kept: str) -> tuple[list[str], dict]:
-    """(field, given, kept value) triples -> message parts "{gI} (KEPT: {sI})" and their
-    mentions, so the CLI renders each as its flag."""
-    mentions = {}
-    for i, (field, value, had) in enumerate(conflicts):
-        mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, had)
-    return [f"{{g{i}}} ({kept}: {{s{i}}})" for i in range(len(conflicts))], mentions
+def _differ(given: dict, kept: dict, skip=(), names: dict | None = None) -> list[tuple[str, Any, Any]]:
+    """(name, given, kept) for every field of `given` that differs from `kept`, nested
+    dicts field by field (the optimizer's, LoRA's), each named as messages name it."""
+    out = []
+    for field, value in given.items():
+        if field in skip:
+            continue
+        if isinstance(value, dict) and isinstance(kept.get(field), dict):
+            out += _differ(value, kept[field], names=LoraConfig.MESSAGE_NAMES if field == "lora" else None)
+        elif value != kept.get(field):
+            out.append(((names or {}).get(field, field), value, kept.get(field)))
+    return out
 
 
-def _fields(value) -> dict:
-    """A model or config value, or a dict of its fields, as a dict of fields."""
-    return value.to_dict() if hasattr(value, "to_dict") else dict(value or {})
+def _refuse(conflicts: list[tuple[str, Any, Any]], kept: str, message: str, also: dict | None = None,
+            **mentions) -> None:
+    """One ConfigError listing, in `message`'s {parts}, every (field, given, kept value)
+    and the settings in `also` that may not be given, each rendered as its flag."""
+    parts = [f"{{g{i}}} ({kept}: {{s{i}}})" for i in range(len(conflicts))] + ["{%s}" % name for name in also or {}]
+    if parts:
+        for i, (field, value, had) in enumerate(conflicts):
+            mentions[f"g{i}"], mentions[f"s{i}"] = (field, value), (field, had)
+        raise ConfigError(message.replace("{parts}", ", ".join(parts)), **mentions, **(also or {}))
 
 
-def _model_conflicts(given, saved: LanguageModel, allowed=()) -> list[tuple[str, Any, Any]]:
-    """(field, given, saved) for every field of `given` (a dict or a model value) that differs."""
-    if isinstance(given, LanguageModel) and type(given) is not type(saved):
-        return [("model", given.code, saved.code)]
-    fields = _fields(given)
-    if isinstance(given, LanguageModel) and given.vocab_size is None:
-        fields.pop("vocab_size")
-    _known(fields, type(saved), "the model")
-    return [(f, v, getattr(saved, f)) for f, v in fields.items() if f not in allowed and v != getattr(saved, f)]
-
-
-def _fine_tuned(source: LanguageModel, model: LanguageModel | dict | None) -> LanguageModel:
+def _fine_tuned(source: LanguageModel, model, given: dict) -> LanguageModel:
     """The model of a run started from `source`: the source's, with at most a shorter
     context and another dropout rate; any other difference is one error naming them."""
-    given = _fields(model)
-    allowed = {"dropout", "vocab_size"} | ({"max_len"} if given.get("max_len", source.max_len) <= source.max_len
-                                           else set())
-    conflicts = _model_conflicts(model, source, allowed)
-    if conflicts:
-        parts, mentions = _differences(conflicts, "its own")
-        raise ConfigError(f"a run started from another has that run's model, but these differ: {', '.join(parts)}; "
-                          f"drop them (only a shorter context and dropout may change)", **mentions)
-    return source.replace(**{f: v for f, v in given.items() if f in allowed - {"vocab_size"}})
+    shorter = {"max_len"} if given.get("max_len", source.max_len) <= source.max_len else set()
+    conflicts = [("model", model.code, source.code)] if isinstance(model, LanguageModel) and \
+        type(model) is not type(source) else _differ(given, source.to_dict(), {"dropout", "vocab_size"} | shorter)
+    _refuse(conflicts, "its own", "a run started from another has that run's model, but these differ: {parts}; drop "
+                                  "them (only a shorter context and dropout may change)")
+    return source.replace(**{f: given[f] for f in ({"dropout"} | shorter) & set(given)})
 
 
-def _resumed(start: Start, source: Data, model, training, preset, text_given: bool, parts: dict) -> Job:
+def _resumed(start: Start, model: dict, training: dict, preset, parts: dict) -> Job:
     """A resume: the saved job, with what a resume may change (RESUMABLE) and nothing else."""
-    if source.tokenizer is not None or source.vocab_size is not None:
-        raise ConfigError("resuming keeps the run's tokenizer; drop {t}", t=("tokenizer", source.tokenizer or "bpe"))
+    if parts["data"].tokenizer is not None or parts["data"].vocab_size is not None:
+        raise ConfigError("resuming keeps the run's tokenizer; drop {t}", t=("tokenizer", parts["data"].tokenizer
+                                                                             or "bpe"))
     saved = checkpoint.read_job(start.resume, trust_code=start.trust_code)
     imported = next((saved.origin[key] for key in checkpoint.IMPORTED if key in (saved.origin or {})), None)
     if imported is not None:
-        raise RunDirError(f"{start.resume!r} holds a model imported from {imported!r}, with no training "
-                          f"text or schedule of its own, so there is nothing to resume; start a new run from it "
-                          f"with {{init_from}}", init_from=("init_from", start.resume))
-    given = _fields(training)
-    _known(given, TrainConfig, "the training")
-    tc = saved.train_config
-    conflicts = _model_conflicts(model or {}, saved.model)
-    for name, value in given.items():
-        if name in ("optimizer", "lora"):                  # nested: compared field by field
-            kept = getattr(tc, name)
-            names = LoraConfig.MESSAGE_NAMES if name == "lora" else {}
-            conflicts += [(names.get(f, f), v, getattr(kept, f, None)) for f, v in _fields(value).items()
-                          if kept is None or v != getattr(kept, f)]
-        elif name not in RESUMABLE and value != getattr(tc, name):
-            conflicts.append((name, value, getattr(tc, name)))
-    parts_, mentions = _differences(conflicts, "saved")
-    if preset is not None:
-        parts_.append("{preset}")
-        mentions["preset"] = ("preset", preset)
-    if parts_:
-        raise ConfigError(f"resuming keeps the run's settings, but these differ: {', '.join(parts_)}; drop them, or "
-                          f"start a new run with {{out}}", out=("run_dir", "DIR"), **mentions)
-    changes = {k: given[k] for k in RESUMABLE if k in given}
-    if changes.get("eval_tokens") == "all":
-        changes["eval_tokens"] = None
-    tc = tc.replace(**changes)
+        raise RunDirError(f"{start.resume!r} holds a model imported from {imported!r}, with no training text or "
+                          f"schedule of its own, so there is nothing to resume; start a new run from it with "
+                          f"{{init_from}}", init_from=("init_from", start.resume))
+    skip = ("vocab_size",) if model.get("vocab_size") is None else ()       # a model value awaiting its tokenizer
+    conflicts = _differ(model, saved.model.to_dict(), skip) + _differ(_known(training, TrainConfig, "the training"),
+                                                                      saved.train_config.to_dict(), RESUMABLE)
+    _refuse(conflicts, "saved", "resuming keeps the run's settings, but these differ: {parts}; drop them, or start a "
+                                "new run with {out}", None if preset is None else {"preset": ("preset", preset)},
+            out=("run_dir", "DIR"))
+    tc = saved.train_config.replace(**{k: training[k] for k in RESUMABLE if k in training})
     if saved.step >= tc.steps:
-        raise ConfigError(f"the run is already at step {saved.step}; steps is the total to reach: pass "
-                          f"{{steps}} or more to train further", steps=("steps", saved.step + 1))
-    return Job(data=_resume_data(saved.data, source, text_given), model=saved.model, training=tc, **parts)
+        raise ConfigError(f"the run is already at step {saved.step}; steps is the total to reach: pass {{steps}} or "
+                          f"more to train further", steps=("steps", saved.step + 1))
+    return _on_devices(Job(model=saved.model, training=tc, **parts))
 
 
-def _resume_data(saved: dict | None, given: Data, text_given: bool) -> Data:
-    """The data a resumed run trains on: what it recorded, wherever the text lies now
-    (the same text: `plan` checks its SHA-256 against the record)."""
-    data_given = given.path is not None or given.corpus is not None or text_given
-    if saved == corpus.BUILTIN_SOURCE:
-        if data_given:
-            raise DataError("this run trained on the built-in corpus; drop {data} to resume it",
-                            data=("data_path", given.path or "TEXT"))
-        return given
-    if saved is None:                        # not recorded: whatever is given, encoded with the run's tokenizer
-        if not data_given:
-            raise DataError("this run does not record what it trained on (it was saved with data=None); pass "
-                            "{data} to resume it", data=("data_path", "FILE"))
-        return given
-    if saved["path"] is None:                # a text or ids given in memory: the same again, or a file holding it
-        if not data_given:
-            raise DataError("this run trained on a text or ids given in memory; to resume it, give the same again "
-                            "(text= or a Corpus), or {data} holding that text", data=("data_path", "FILE"))
-        return given
-    if given.corpus is not None or text_given:
-        raise DataError("this run trained on the text file {data}; pass its path", data=("data_path", saved["path"]))
-    if given.path is None and not os.path.exists(saved["path"]):
-        raise DataError(f"the run's data file {saved['path']!r} is gone; if it moved, pass {{data}} (the text must "
-                        f"be the same)", data=("data_path", "NEW_PATH"))
-    return dataclasses.replace(given, path=given.path or saved["path"])
-
-
-def _check_start(job: Job) -> None:
-    """What a job's start needs and no data tells: a LoRA run's base that nobody trains,
-    and a batch that splits over the devices."""
-    base = job.start.init_from
-    if job.training.lora is not None and base is not None:
-        training = runs.Lock(base).live_holder()
-        if training:            # its next save would change the base these adapters are trained on
-            raise RunDirError(f"{base!r} is being trained ({training}); a LoRA run needs its base "
-                              f"to stay as it is: wait for that run to finish, or copy it and start from the copy")
+def _on_devices(job: Job) -> Job:
+    """The job, once its batch is known to split over its devices (`distributed.check_batch`)."""
     if job.devices.count or jax.device_count() > 1:
         distributed.check_batch(job.training.batch_size, distributed.make_mesh(job.devices.count))
+    return job
 
 
 # ----------------------------------------------------------------------------- plan: the job -> what it will do
@@ -544,11 +322,29 @@ def _corpus(source: Data, log, tokenizer: Tokenizer | None = None, expected_sha2
 
 
 def _resume_corpus(ckpt: checkpoint.Checkpoint, source: Data, log) -> corpus.Corpus:
-    """The corpus a resumed run trains on, with the run's own tokenizer: the text it
-    recorded (its SHA-256 checked), wherever `source` (`_resume_data`) says it lies now."""
+    """The corpus a resumed run trains on: the text it recorded (its SHA-256 checked),
+    wherever it lies now, with the run's own tokenizer."""
     saved, tokenizer = ckpt.data, ckpt.tokenizer
-    if saved is None or saved == corpus.BUILTIN_SOURCE:      # the built-in corpus, or whatever is given
+    given = source.path or source.text or source.corpus
+    if saved == corpus.BUILTIN_SOURCE and given is not None:
+        raise DataError("this run trained on the built-in corpus; drop {data} to resume it",
+                        data=("data_path", source.path or "TEXT"))
+    if saved is None or saved == corpus.BUILTIN_SOURCE:  # or not recorded: whatever is given, with the run's tokenizer
+        if saved is None and given is None:
+            raise DataError("this run does not record what it trained on (it was saved with data=None); pass "
+                            "{data} to resume it", data=("data_path", "FILE"))
         return _corpus(source, log, tokenizer)
+    if saved["path"] is None and given is None:     # a text or ids given in memory: the same again, or a file of it
+        raise DataError("this run trained on a text or ids given in memory; to resume it, give the same again "
+                        "(text= or a Corpus), or {data} holding that text", data=("data_path", "FILE"))
+    if saved["path"] is not None and source.path is None:
+        if given is not None:
+            raise DataError("this run trained on the text file {data}; pass its path", data=("data_path",
+                                                                                             saved["path"]))
+        if not os.path.exists(saved["path"]):
+            raise DataError(f"the run's data file {saved['path']!r} is gone; if it moved, pass {{data}} (the text "
+                            f"must be the same)", data=("data_path", "NEW_PATH"))
+        source = dataclasses.replace(source, path=saved["path"])
     try:
         found = _corpus(source, log, tokenizer, saved["sha256"] if source.path is not None else None)
     except corpus.SourceChangedError as e:
@@ -650,7 +446,7 @@ def _settings_to_agree_on(plan: Plan) -> dict:
     the job as meta.json stores it, and not paths, which may differ from host to host,
     but what they hold."""
     job = plan.job
-    saved = checkpoint.job_dict(job.model, job.training, plan.corpus.source)
+    saved = job_dict(job.model, job.training, plan.corpus.source)
     return {"model.code": saved["model"]["code"], **{f"model.{k}": v for k, v in saved["model"]["config"].items()},
             **{f"training.{k}": v for k, v in saved["training"].items()}, "data": saved["data"],
             "tokenizer": corpus.tokenizer_sha256(plan.corpus.tokenizer),
@@ -790,6 +586,10 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
              if result.last_record and "val_loss" in result.last_record else ""), file=log)
     picture = draw_losses(run_dir, log)
     done = Result(**{**result_args, "picture": picture})
+    try:            # the model's cached decode is the model it trained: what generate and a draft will run
+        checkpoint.verify(model, done.params, None, run_dir)
+    except CheckpointError as e:
+        raise RunFailed(f"{e}; the run is saved") from None
     if plan.prompt is not None:
         # The run is saved: the sample writes nothing, so under the command line's handlers a
         # signal ends it at once (one compiled loop has no safe point); a library caller's

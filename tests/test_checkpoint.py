@@ -4,6 +4,7 @@ CheckpointError for anything damaged, truncated or hostile (fuzzed)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from minitx_fn import checkpoint, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig
-from minitx_fn.errors import CheckpointError
+from minitx_fn.errors import CheckpointError, RunFailed
 from minitx_fn.tokenizer import CharTokenizer
 from tests.helpers import legacy_meta, standard_promotion
 
@@ -377,3 +378,75 @@ def test_a_checkpoint_read_while_a_live_run_replaces_it_is_one_whole_checkpoint(
     finally:
         stop.set()
         thread.join()
+
+
+def test_a_run_naming_code_of_its_own_loads_only_with_consent_and_only_code_that_fits_it(tmp_path, saved):
+    """A run whose model is not the built-in one runs no code by being loaded: without
+    trust_code it is refused, naming the code; with it, a class that cannot be imported,
+    or is no model, or whose parameters do not fit the arrays, is one error naming the
+    run and the code."""
+    from tests.variants import Parallel
+    meta = json.loads(saved[1]["meta.json"])
+    for code, trust, said in (("tests.variants:Parallel", False, "'tests.variants:Parallel', code of its own"),
+                              ("nowhere:Thing", True, "'nowhere:Thing' cannot be imported \\(ModuleNotFoundError"),
+                              ("tests.variants:jnp", True, "is no model class"),
+                              ("tests.variants:Parallel", True, r"params.npz \(for model tests.variants:Parallel\) does "
+                                                                r"not match its config: missing \[\], unexpected "
+                                                                r"\['blocks/ln2/bias', 'blocks/ln2/scale'\]")):
+        meta["job"]["model"]["code"] = code
+        _write(tmp_path, {**saved[1], "meta.json": json.dumps(meta).encode()})
+        for load in (checkpoint.load, checkpoint.load_model, checkpoint.read_job):
+            if load is checkpoint.read_job and "params.npz" in said:
+                assert load(str(tmp_path), trust_code=trust).model == Parallel(**MC.to_dict())   # meta.json alone fits
+                continue
+            with pytest.raises(CheckpointError, match=str(tmp_path) + ".*" + said):
+                load(str(tmp_path), trust_code=trust)
+
+
+def test_a_model_class_a_run_could_not_name_is_refused_before_anything_is_written(tmp_path, key):
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Local(ModelConfig):
+        pass
+
+    state = train.init_state(key, MC, TC.optimizer)
+    with pytest.raises(CheckpointError, match="cannot save: .*Local' cannot be imported"):
+        checkpoint.save(str(tmp_path), state, model=Local(**MC.to_dict()), train_config=TC, tokenizer=TOK, data=DATA)
+    assert runs.artifacts(str(tmp_path)) == []
+
+
+def test_a_patched_layer_never_decodes_a_saved_run_as_another_model(tmp_path, monkeypatch):
+    """The issue that brought the probe: attention.apply patched (to ALiBi, say) while a
+    run trains, apply_cached not. The run is saved but the job refuses to call it done
+    (its cached decode would be another model); loading it, patched or not, is refused;
+    and a patch of both paths made after a run was saved is refused too. Nothing decodes
+    the saved run as a model it is not."""
+    from minitx_fn import job
+    from minitx_fn.layers import attention
+    real = attention.apply
+
+    def shifted(params, x, spec, **kwargs):              # a layer of other maths: every query reads 3 times the keys
+        return 3.0 * real(params, x, spec, **kwargs)
+
+    run = str(tmp_path / "patched")
+    model = {"d_model": 24, "n_heads": 2, "n_layers": 1, "max_len": 12}    # shapes no other test traces
+    monkeypatch.setattr(attention, "apply", shifted)
+    with pytest.raises(RunFailed, match="cached decode \\(apply_cached\\) disagrees with its apply.*the run is saved"):
+        job.train(model=model, training={"steps": 40, "log_every": 40}, run_dir=run, sample_tokens=0,
+                  log=io.StringIO())
+    assert checkpoint.saved_step(run) == 40
+    with pytest.raises(CheckpointError, match="cached decode \\(apply_cached\\) disagrees"):
+        checkpoint.load_model(run)
+    monkeypatch.setattr(attention, "apply", real)
+    jax.clear_caches()                                   # a new process: the code as it is now
+    with pytest.raises(CheckpointError, match="does not compute what it computed when the run was saved"):
+        checkpoint.load_model(run)
+
+    clean = str(tmp_path / "clean")
+    job.train(model=model, training={"steps": 40, "log_every": 40}, run_dir=clean, sample_tokens=0, log=io.StringIO())
+    checkpoint.load_model(clean)
+    real_cached = attention.apply_cached
+    monkeypatch.setattr(attention, "apply", shifted)
+    monkeypatch.setattr(attention, "apply_cached", lambda *a, **k: (lambda y, c: (3.0 * y, c))(*real_cached(*a, **k)))
+    jax.clear_caches()
+    with pytest.raises(CheckpointError, match="does not compute what it computed when the run was saved"):
+        checkpoint.load_model(clean)

@@ -356,3 +356,52 @@ def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_
         assert_one_error_line(code, err, said)
     code, _, err = run_main(capsys, "train", "--resume", "imported", "--steps", "3")
     assert_one_error_line(code, err, "start a new run from it with --init-from imported")
+
+
+def test_a_model_of_ones_own_gets_the_whole_machinery(capsys):
+    """ALiBi and a parallel block (tests/variants.py, public names only) train through
+    job.train into a run, resume exactly, load back (with consent: their runs name code
+    of their own), decode cached (equal to recompute), decode speculatively (greedy: the
+    same tokens) and fine-tune with LoRA; the command line takes them with --trust-code
+    and refuses, in one line each, what has no meaning for them."""
+    from tests.variants import ALiBi, Parallel
+    open("t.txt", "w").write(TEXT)
+    alibi, parallel = ALiBi(**SMALL), Parallel(**SMALL)
+    whole = _train("t.txt", model=alibi, run_dir="alibi")
+    _train("t.txt", model=alibi, run_dir="half", training={"steps": 2, "batch_size": 8, "log_every": 2,
+                                                          "optimizer": {"decay_steps": 4}})   # the schedule of 4
+    with pytest.raises(CheckpointError, match="'tests.variants:ALiBi', code of its own.*trust_code=True"):
+        _train(resume="half", model=None, training={"steps": 4})
+    resumed = _train(resume="half", model=None, training={"steps": 4}, trust_code=True)
+    jax.tree.map(np.testing.assert_array_equal, resumed.state, whole.state)       # resume = uninterrupted
+    assert checkpoint.read_job("alibi", trust_code=True).model == whole.model == alibi.replace(vocab_size=15)
+
+    loaded = checkpoint.load_model("alibi", trust_code=True)
+    assert type(loaded.model) is ALiBi
+    prompts = [loaded.tokenizer.encode(p) for p in ("to be", "or not to")]
+    ids, logits = generate.generate(loaded.params, prompts, model=loaded.model, max_new_tokens=20, return_logits=True)
+    ref_ids, ref_logits = generate.generate_recompute(loaded.params, prompts, model=loaded.model, max_new_tokens=20)
+    for b in range(2):
+        np.testing.assert_array_equal(ids[b], ref_ids[b])
+        np.testing.assert_allclose(logits[b], ref_logits[b], atol=2e-4 * np.abs(ref_logits[b]).max())
+    _train("t.txt", model=parallel, run_dir="parallel")
+    draft = checkpoint.load_model("parallel", trust_code=True)
+    drafted = generate.generate(loaded.params, prompts, model=loaded.model, max_new_tokens=20, draft=draft)
+    jax.tree.map(np.testing.assert_array_equal, drafted, ids)                     # greedy: the draft changes nothing
+
+    tuned = _train("t.txt", init_from="alibi", trust_code=True, run_dir="lora",
+                   training={"steps": 2, "batch_size": 8, "log_every": 2, "lora": {"rank": 2, "targets": "all"}},
+                   model=None)
+    assert tuned.base is not None and type(tuned.model) is ALiBi
+    jax.tree.map(np.testing.assert_allclose, checkpoint.load_model("lora", trust_code=True).params, tuned.params)
+
+    for argv, said in ((["generate", "--checkpoint", "alibi", "--prompt", "to"], "--trust-code"),
+                       (["export-hf", "alibi", "--out", "hf", "--trust-code"], "no Hugging Face mapping"),
+                       (["attention", "--checkpoint", "alibi", "--prompt", "to", "--out", "a.png", "--trust-code"],
+                        "has blocks of its own")):
+        code, _, err = run_main(capsys, *argv)
+        assert_one_error_line(code, err, "tests.variants:ALiBi", said)
+    assert not os.path.exists("hf") and not os.path.exists("a.png")
+    code, out, err = run_main(capsys, "generate", "--checkpoint", "alibi", "--prompt", "to", "--trust-code",
+                              "--max-new-tokens", "5", "--draft", "parallel")
+    assert code == 0 and out.startswith("to"), err
