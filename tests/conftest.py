@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import tempfile
 import zlib
@@ -79,3 +80,26 @@ def rng(request) -> np.random.Generator:
     """A NumPy generator unique to this test, for input data: drawing it costs no
     JAX compilation (every new shape of a jax.random draw compiles on its own)."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _memory_maps() -> tuple[int, int]:
+    """(this process's memory maps, the kernel's limit on them), or (0, 0) off Linux."""
+    try:
+        with open("/proc/self/maps", "rb") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return maps.read().count(b"\n"), int(limit.read())
+    except OSError:
+        return 0, 0
+
+
+@pytest.fixture(autouse=True)
+def _bounded_compiled_code():
+    """Drop JAX's compiled programs once this worker holds half the memory maps the
+    kernel allows. Each program compiled for the CPU keeps 3 to 6 maps of its code, a
+    worker of this suite compiles some 15,000 programs, and at vm.max_map_count (65,530
+    by default) the next compilation fails to map its code and the process dies with a
+    segmentation fault. Dropped programs come back from the persistent cache."""
+    yield
+    held, limit = _memory_maps()
+    if held > limit // 2:
+        jax.clear_caches()
+        gc.collect()
