@@ -175,11 +175,11 @@ def bench_throughput(ids: np.ndarray, boundary: int, vocab_size: int, *, blocks:
 def bench_eval(ids: np.ndarray, vocab_size: int, sizes_mb: list[int], reps: int) -> list[dict]:
     import jax
 
-    from minitx_fn import data, model, train
+    from minitx_fn import data, train
     from minitx_fn.defaults import DEFAULT_EVAL_TOKENS
 
     mc = common.model_config({**common.CONFIGS["baby"], "vocab_size": vocab_size})
-    params = model.init(jax.random.key(0), mc)
+    params = mc.init(jax.random.key(0))
     rows = []
     for size in sizes_mb:
         val = ids[:min(size << 20, len(ids))]

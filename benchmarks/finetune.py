@@ -67,7 +67,7 @@ def memory_at(name: str, context: int, batch: int, rank: int) -> list[dict]:
     mc = model_config(CONFIGS[name], max_len=context)
     oc, key = TrainConfig(steps=100).optimizer, jax.random.key(0)
     x = jax.ShapeDtypeStruct((batch, context), jnp.int32)
-    base = jax.eval_shape(lambda: model.init(key, mc))
+    base = jax.eval_shape(mc.init, key)
     rows = []
     for targets in (None, "attn", "all"):
         lora = None if targets is None else LoraConfig(rank=rank, targets=targets)

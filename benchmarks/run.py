@@ -35,7 +35,7 @@ from benchmarks.common import (CONFIGS, alternate, check_options, copy_bandwidth
                                check_output_path, matmul_peak_gflops, median_ms, model_config, model_option,
                                paired_ratio, peak_memory_mb, positive_int, sync, timed, versions)
 from minitx_fn import generate as gen
-from minitx_fn import loop, memory, model, runs, train
+from minitx_fn import loop, memory, runs, train
 from minitx_fn.config import TrainConfig
 from minitx_fn.layers import attention
 
@@ -212,7 +212,7 @@ def bench_decode(name: str, spec: dict, *, batch: int, new_tokens: int, probe_to
     mc = model_config(spec, **model_options)
     s = mc.max_len
     probe_tokens = max(2, min(probe_tokens, s // 2))            # the late prompt must leave it room
-    params = model.init(jax.random.key(0), mc)
+    params = mc.init(jax.random.key(0))
     key = jax.random.key(1)
     short = [[1]] * batch
     late = [[1] * (s - probe_tokens - 1)] * batch

@@ -4,8 +4,8 @@ optimiser state, step.
 A checkpoint is a directory `RUN/checkpoint/`:
 
     meta.json       format version, step, the job (below), the tokenizer (kind and
-                    vocabulary, `tokenizer.to_meta`), its origin, a probe of what the
-                    model computes, and each array file's SHA-256
+                    vocabulary, `tokenizer.to_meta`), its origin, its provenance (the
+                    model's code and what it computes), and each array file's SHA-256
     params.npz      one array per parameter, named by its tree path ("blocks/attn/qkv/w")
     opt_state.npz   the optimiser state, named the same way ("1/0/mu/blocks/attn/qkv/w"
                     is Adam's first moment of that parameter; "1/0/count" its step count)
@@ -27,10 +27,10 @@ config lacks in an older run takes its default, so a new setting needs no new fo
     {"path": null, "sha256": HEX}   a text or ids given in memory (`corpus.Corpus.source`)
     null                            not recorded: resuming needs the data given again
 
-The probe: the logits the model gave at save time on fixed tokens (`probe`). Loading
-computes them again, with `apply` and with the cached decode (`apply_cached`), and
-refuses a model that no longer computes them, so code that changed, or a layer patched
-at save or at load time, is refused instead of decoding as another model.
+The provenance (`provenance.py`): digests of the code that computes the model, and a
+probe of what it computed. Loading refuses library code patched or edited since the
+save, and a model that no longer computes the probe (with `apply`, and with the cached
+decode), so nothing decodes a saved run as a model it is not.
 
 Formats: this version reads format 9 and the one before it (8, read as 9 in memory);
 `upgrade` (`minitx upgrade RUN`) rewrites any older run (2 to 8) as format 9, replacing
@@ -49,48 +49,43 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import hashlib
-import importlib
 import io
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
 import time
-import types
-import typing
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import defaults, lora, runs
-from minitx_fn.config import INT32_MAX, LanguageModel, ModelConfig, OptimizerConfig, TrainConfig, job_dict
-from minitx_fn.errors import CheckpointError, Error
+from minitx_fn import defaults, lora, runs, signals
+from minitx_fn.config import INT32_MAX, LanguageModel, ModelConfig, OptimizerConfig, TrainConfig, job_dict  # noqa: F401
+from minitx_fn import provenance
+from minitx_fn.provenance import BUILTIN_CODE, check_importable, from_dict, probe_problem, record, resolve, verify
+from minitx_fn.errors import CheckpointError
 from minitx_fn import tokenizer as tokenizers
 from minitx_fn.tokenizer import CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 from minitx_fn.train import TrainState, init_state, lora_state
 
 # 9: the job as a dict ({"model": {"code", "config"}, "training" with the optimizer and lora
-#    nested, "data"}), and the probe; a field missing from a config takes its default.
+#    nested, "data"}), and its provenance; a field missing from a config takes its default.
 # 8: ModelConfig.rope_scaling; a bpe tokenizer may carry "special" (read as format 9).
 # 2 to 7: `upgrade` rewrites them (their field tables are in `_legacy_as_8`).
 FORMAT_VERSION = 9
 READABLE_VERSIONS = (8, 9)
 UPGRADABLE_VERSIONS = (2, 3, 4, 5, 6, 7, 8)
 BUILTIN = {"builtin": True}       # `data` of a run on the built-in corpus
-BUILTIN_CODE = f"{ModelConfig.__module__}:{ModelConfig.__qualname__}"   # the built-in model needs no consent
 MAX_BASES = 16                    # LoRA runs on LoRA runs: how deep load_model follows their bases
 IMPORTED = ("gpt2", "hf")         # origin {KEY: folder} of a model imported from Hugging Face
 NAME = runs.CHECKPOINT
 ARRAY_FILES = ("params.npz", "opt_state.npz")
-META_KEYS = {"format_version", "step", "job", "tokenizer", "origin", "probe", "files"}
+META_KEYS = {"format_version", "step", "job", "tokenizer", "origin", "provenance", "files"}
+PROVENANCE_KEYS = {"minitx_fn", "python", "library", "own", "probe"}
 JOB_KEYS = {"model", "training", "data"}
-PROBE_TOKENS, PROBE_LOGITS = 8, 8  # the probe: logits of up to 8 fixed tokens, the first 8 of each row
 
 
 class Checkpoint(NamedTuple):
@@ -115,155 +110,6 @@ class Checkpoint(NamedTuple):
         if self.base is None:
             return self.state.params
         return lora.merge(self.base, self.state.params, scale=self.train_config.lora.scale)
-
-
-# ----------------------------------------------------------------------------- the model: its code and its probe
-
-
-def resolve(code: Any, config: Any, *, trust_code: bool = False, where: str = "meta.json") -> LanguageModel:
-    """The model a run names: its class (`module:qualname`) built from its fields, each
-    checked. The built-in model is built at once; any other class is imported only
-    with trust_code=True. CheckpointError, naming the run and the code, for a class
-    without consent, one that cannot be imported, one that is no model, or fields it refuses.
-
-    Example:
-        >>> resolve("mymodels:ALiBi", {}, where="runs/x")
-        Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: runs/x: its model is 'mymodels:ALiBi', code of its own; loading it imports and runs that code: pass trust_code=True (the command line's --trust-code) if you trust it
-    """
-    if not (isinstance(code, str) and re.fullmatch(r"[\w.]+:[\w.]+", code)):
-        raise CheckpointError(f"{where}: model code {code!r} is not 'module:qualname'")
-    if code == BUILTIN_CODE:
-        cls = ModelConfig
-    elif not trust_code:
-        raise CheckpointError(f"{where}: its model is {code!r}, code of its own; loading it imports and runs that "
-                              f"code: pass trust_code=True (the command line's --trust-code) if you trust it")
-    else:
-        cls = _import(code, where)
-    return _config(cls, config, f"{where}: model {code!r}")
-
-
-def _import(code: str, where: str):
-    module, qualname = code.split(":")
-    try:
-        found = importlib.import_module(module)
-        for name in qualname.split("."):
-            found = getattr(found, name)
-    except Exception as e:                  # ImportError, AttributeError, or whatever the module raised
-        raise CheckpointError(f"{where}: its model {code!r} cannot be imported ({type(e).__name__}: {e}); put the "
-                              f"module that defines it on the path (PYTHONPATH), or load the run where it is") from None
-    if not (isinstance(found, type) and issubclass(found, LanguageModel) and dataclasses.is_dataclass(found)):
-        raise CheckpointError(f"{where}: {code!r} is no model class (a dataclass and a config.LanguageModel)")
-    return found
-
-
-def check_importable(model: LanguageModel) -> None:
-    """CheckpointError unless a run of `model` could be loaded again: a dataclass
-    LanguageModel whose class `model.code` imports back (not a class defined inside a
-    function), and whose fields survive JSON (`resolve` rebuilds an equal model).
-
-    Example:
-        >>> check_importable(ModelConfig(vocab_size=5))
-    """
-    if not (isinstance(model, LanguageModel) and dataclasses.is_dataclass(model)):
-        raise CheckpointError(f"a run's model is a model value (a dataclass and a config.LanguageModel), not "
-                              f"{type(model).__name__}")
-    if model.code != BUILTIN_CODE and _import(model.code, "this model") is not type(model):
-        raise CheckpointError(f"the model's class {model.code!r} does not import back as itself; define it at the "
-                              f"top level of a module, so a run can name it")
-    config = json.loads(json.dumps(model.to_dict()))
-    if _config(type(model), config, f"model {model.code!r}") != model:
-        raise CheckpointError(f"model {model.code!r} does not come back equal from its fields as JSON; give it "
-                              f"fields of plain values (numbers, strings, booleans, None, nested dataclasses)")
-
-
-def _probe_tokens(model: LanguageModel) -> jax.Array:
-    n = min(model.max_len, PROBE_TOKENS)
-    return jnp.asarray((3 + 7 * np.arange(n)) % model.vocab_size, jnp.int32)[None]     # (1, n)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _probe_apply(model: LanguageModel, params, tokens):
-    return model.apply(params, tokens)[0, :, :PROBE_LOGITS]                              # (n, k)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _probe_cached(model: LanguageModel, params, tokens):
-    """The same logits from the cached decode: all but the last token prefilled, the last one decoded."""
-    n = tokens.shape[1]
-    params, cache = model.decode_params(params), model.init_cache(1, n)
-    parts = []
-    if n > 1:
-        logits, cache = model.apply_cached(params, tokens[:, :n - 1], cache, index=jnp.zeros(1, jnp.int32))
-        parts.append(logits)
-    logits, _ = model.apply_cached(params, tokens[:, n - 1:], cache, index=jnp.full(1, n - 1, jnp.int32))
-    return jnp.concatenate(parts + [logits], axis=1)[0, :, :PROBE_LOGITS]
-
-
-def probe(model: LanguageModel, params) -> list[list[float]]:
-    """What a run records of what its model computes: `model.apply`'s logits on up to
-    PROBE_TOKENS fixed tokens, the first PROBE_LOGITS of each position (None where one
-    overflowed: weights trained past float32's range).
-
-    Example:
-        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
-        >>> np.asarray(probe(cfg, cfg.init(jax.random.key(0)))).shape
-        (8, 5)
-    """
-    logits = np.asarray(_probe_apply(model, params, _probe_tokens(model)), np.float64)
-    return [[float(x) if math.isfinite(x) else None for x in row] for row in logits]      # JSON has no inf
-
-
-def probe_tolerance(model: LanguageModel) -> float:
-    """How far, relative to the probe's largest logit, a probe may move and still be the
-    same model: devices and compilers round differently (a GPU's float32 matmuls may
-    run in TF32), a changed layer moves it by its whole scale.
-
-    Example:
-        >>> probe_tolerance(ModelConfig(vocab_size=5)), probe_tolerance(ModelConfig(vocab_size=5, dtype="bfloat16"))
-        (0.01, 0.05)
-    """
-    return 0.05 if getattr(model, "dtype", "float32") == "bfloat16" else 0.01
-
-
-def verify(model: LanguageModel, params, recorded, where: str) -> None:
-    """CheckpointError unless the model computes what the run recorded (`probe`; None:
-    nothing recorded, as in format 8) with `apply`, and the same with its cached decode:
-    else the code changed since the save, a layer is patched (now or then), or
-    `apply_cached` is not the model `apply` is. (Within one process, a jitted function
-    keeps the code it was traced with: a layer patched after the model's first probe is
-    seen by the next process.)
-
-    Example:
-        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
-        >>> params = cfg.init(jax.random.key(0))
-        >>> verify(cfg, params, probe(cfg, params), "a run")
-        >>> verify(cfg, params, np.zeros((8, 5)) + 9.0, "a run")
-        Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: a run: its model minitx_fn.config:ModelConfig does not compute what it computed when the run was saved (the probe's logits moved by ...
-    """
-    tokens = _probe_tokens(model)
-    now = np.asarray(_probe_apply(model, params, tokens), np.float64)
-    cached = np.asarray(_probe_cached(model, params, tokens), np.float64)
-    tol = probe_tolerance(model)
-    if recorded is not None:
-        recorded = np.asarray([[math.nan if x is None else x for x in row] for row in recorded], np.float64)
-        finite = np.isfinite(recorded)
-        scale = max(float(np.abs(recorded[finite]).max(initial=0.0)), 1e-6)
-        same = now.shape == recorded.shape and (np.isfinite(now) == finite).all()
-        moved = float(np.abs(now - recorded)[finite].max(initial=0.0)) if same else math.inf
-        if not moved <= tol * scale:
-            raise CheckpointError(f"{where}: its model {model.code} does not compute what it computed when the run was "
-                                  f"saved (the probe's logits moved by {moved:.3g}, {moved / scale:.1%} of their "
-                                  f"scale): its code changed, or a layer is patched; load it with the code that saved "
-                                  f"it")
-    finite = np.isfinite(now)
-    scale = max(float(np.abs(now[finite]).max(initial=0.0)), 1e-6)
-    apart = float(np.abs(cached - now)[finite].max(initial=0.0)) if (np.isfinite(cached) == finite).all() else math.inf
-    if not apart <= tol * scale:
-        raise CheckpointError(f"{where}: its model {model.code}'s cached decode (apply_cached) disagrees with its apply "
-                              f"by {apart:.3g} ({apart / scale:.1%} of the logits' scale): generation would not be this "
-                              f"model; fix apply_cached (testing.check_model finds where)")
 
 
 def path_name(path) -> str:
@@ -374,7 +220,7 @@ def save(run_dir: str, state: TrainState, *, model: LanguageModel, train_config:
     for name, t in zip(ARRAY_FILES, (template.params, template.opt_state)):
         _check_arrays(t, arrays[name], f"cannot save: {name}")
     params = host.params if base is None else lora.merge(base, host.params, scale=train_config.lora.scale)
-    recorded = probe(model, params)
+    recorded = record(model, params)
     os.makedirs(run_dir, mode=runs.dir_mode(), exist_ok=True)
     runs.remove_temporaries(run_dir)                                   # left by a killed save
     final = os.path.join(run_dir, NAME)
@@ -387,7 +233,7 @@ def save(run_dir: str, state: TrainState, *, model: LanguageModel, train_config:
             _write(os.path.join(tmp, name), blob)
             files[name] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
         meta = {"format_version": FORMAT_VERSION, "step": int(host.step), "job": job_dict(model, train_config, data),
-                "tokenizer": tokenizer.to_meta(), "origin": origin, "probe": recorded, "files": files}
+                "tokenizer": tokenizer.to_meta(), "origin": origin, "provenance": recorded, "files": files}
         _write(os.path.join(tmp, "meta.json"), json.dumps(meta, indent=1, allow_nan=False).encode())
         _sync_dir(tmp)
         old = final + ".old"
@@ -447,44 +293,8 @@ def vocabulary_problem(tokenizer: Tokenizer, model: LanguageModel) -> str:
     return ""
 
 
-def _matches(value: Any, hint) -> bool:
-    """Whether a JSON value has the type a dataclass field declares (bool is not an int)."""
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _config(cls, value: Any, where: str):
-    """A config dataclass from its saved dict: no field it lacks, each of its type, every
-    required one there (one with a default that the dict leaves out takes it), and valid."""
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{where}: {cls.__name__} is {type(value).__name__}, not an object")
-    hints = typing.get_type_hints(cls)
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown, missing = sorted(set(value) - names), sorted(required - set(value))
-    if unknown or missing:
-        problems = [f"unknown fields {unknown}" if unknown else "", f"lacks {missing}" if missing else ""]
-        raise CheckpointError(f"{where}: {cls.__name__} " + " and ".join(p for p in problems if p))
-    for name in sorted(set(value)):                    # a field an older run lacks takes its default
-        nested = [h for h in typing.get_args(hints[name]) if dataclasses.is_dataclass(h)]   # RopeScaling | None
-        if nested and isinstance(value[name], dict):
-            value = {**value, name: _config(nested[0], value[name], f"{where}: {cls.__name__}.{name}")}
-        elif not _matches(value[name], hints[name]):
-            raise CheckpointError(f"{where}: {cls.__name__}.{name} = {value[name]!r} is not of type {hints[name]}")
-    try:
-        return cls(**value)
-    except Error as e:
-        raise CheckpointError(f"{where}: {cls.__name__}: {e}") from None
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -562,23 +372,26 @@ def _current(meta: Any, where: str, *, upgrading: bool = False) -> dict:
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
     step, job = meta["step"], meta["job"]
-    if not (_matches(step, int) and 0 <= step <= INT32_MAX):
+    if not (_whole(step) and 0 <= step <= INT32_MAX):
         raise CheckpointError(f"{where}: step {step!r} is not a whole number in [0, {INT32_MAX}]")
     if not (isinstance(job, dict) and set(job) == JOB_KEYS and isinstance(job["model"], dict)
             and set(job["model"]) == {"code", "config"}):
         raise CheckpointError(f"{where}: job must be {{\"model\": {{\"code\", \"config\"}}, \"training\", \"data\"}}")
-    recorded = meta["probe"]
-    if not (recorded is None and version < FORMAT_VERSION) and not (
-            isinstance(recorded, list) and recorded and all(isinstance(row, list) and row for row in recorded)
-            and len({len(row) for row in recorded}) == 1
-            and all(x is None or (_matches(x, float) and math.isfinite(x)) for row in recorded for x in row)):
-        raise CheckpointError(f"{where}: probe must be a list of equal rows of finite numbers (or null)")
+    recorded = meta["provenance"]
+    if not (recorded is None and version < FORMAT_VERSION):
+        hexes = lambda d: isinstance(d, dict) and all(isinstance(v, str) and _HEX64.fullmatch(v) for v in d.values())  # noqa: E731
+        problem = probe_problem(recorded.get("probe")) if isinstance(recorded, dict) else "not an object"
+        if problem or set(recorded) != PROVENANCE_KEYS or not all(isinstance(recorded[k], str)
+                                                                 for k in ("minitx_fn", "python")) \
+                or not (hexes(recorded["library"]) and hexes(recorded["own"])):
+            raise CheckpointError(f"{where}: provenance must be {{minitx_fn, python, library, own, probe}}"
+                                  + (f": {problem}" if problem and problem != "not an object" else ""))
     problem = _data_problem(job["data"]) or _origin_problem(meta["origin"])
     if problem:
         raise CheckpointError(f"{where}: {problem}")
     files = meta["files"]
     if not (isinstance(files, dict) and set(files) == set(ARRAY_FILES) and all(
-            isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _matches(f["bytes"], int) and f["bytes"] >= 0
+            isinstance(f, dict) and set(f) == {"bytes", "sha256"} and _whole(f["bytes"]) and f["bytes"] >= 0
             and isinstance(f["sha256"], str) and _HEX64.fullmatch(f["sha256"]) for f in files.values())):
         raise CheckpointError(f"{where}: files must give bytes and sha256 of {list(ARRAY_FILES)}")
     return meta
@@ -588,7 +401,7 @@ def _parse(meta: dict, where: str, trust_code: bool) -> tuple[LanguageModel, Tra
     """The model, training config and tokenizer of a format-9 meta.json, each checked."""
     job = meta["job"]
     model = resolve(job["model"]["code"], job["model"]["config"], trust_code=trust_code, where=where)
-    train_config = _config(TrainConfig, job["training"], where)
+    train_config = from_dict(TrainConfig, job["training"], where)
     try:
         tokenizer = tokenizers.from_meta(meta["tokenizer"])
     except ValueError as e:
@@ -608,20 +421,23 @@ def validate_meta(meta: Any, where: str = "meta.json", *, trust_code: bool = Fal
     Example:
         >>> validate_meta({"format_version": 9})
         Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: meta.json lacks ['files', 'job', 'origin', 'probe', 'step', 'tokenizer']
+        minitx_fn.errors.CheckpointError: meta.json lacks ['files', 'job', 'origin', 'provenance', 'step', 'tokenizer']
     """
     return _parse(_current(meta, where), where, trust_code)
 
 
 def _from_8(meta: dict, where: str) -> dict:
     """A format-8 meta.json as format 9: its configs become the job (the built-in model,
-    the training config's optimizer and LoRA fields nested), with no probe."""
+    the training config's optimizer and LoRA fields nested), with no provenance. A
+    model config that format 8 could not have written (positions "none") is refused."""
     unknown, missing = sorted(set(meta) - LEGACY_KEYS), sorted(LEGACY_KEYS - set(meta))
     if unknown or missing:
         raise CheckpointError(f"{where} " + (f"has unknown keys {unknown}" if unknown else f"lacks {missing}"))
     tc = meta["train_config"]
     if not isinstance(tc, dict):
         raise CheckpointError(f"{where}: TrainConfig is {type(tc).__name__}, not an object")
+    if isinstance(meta["model_config"], dict) and meta["model_config"].get("positions") == "none":
+        raise CheckpointError(f"{where}: format version 8 has no positions 'none'; it came with version 9")
     tc = dict(tc)
     optimizer = {f.name: tc.pop(f.name) for f in dataclasses.fields(OptimizerConfig) if f.name in tc}
     rank, alpha, targets = tc.pop("lora_rank", 0), tc.pop("lora_alpha", None), tc.pop("lora_targets", "attn")
@@ -629,7 +445,7 @@ def _from_8(meta: dict, where: str) -> dict:
     return {"format_version": meta["format_version"], "step": meta["step"],
             "job": {"model": {"code": BUILTIN_CODE, "config": meta["model_config"]},
                     "training": {**tc, "optimizer": optimizer, "lora": lora_config}, "data": meta["data"]},
-            "tokenizer": meta["tokenizer"], "origin": meta["origin"], "probe": None, "files": meta["files"]}
+            "tokenizer": meta["tokenizer"], "origin": meta["origin"], "provenance": None, "files": meta["files"]}
 
 
 # Formats 2 to 7 (`upgrade` only): the config fields a version added, with the value
@@ -805,7 +621,7 @@ def load(run_dir: str, *, trust_code: bool = False) -> Checkpoint:
         base = None if train_config.lora is None else base_params(meta, model, trust_code=trust_code,
                                                                  _seen=frozenset({os.path.realpath(path)}))
         ck = Checkpoint(state, model, train_config, tokenizer, meta["job"]["data"], meta, base)
-        verify(model, ck.params, meta["probe"], path)
+        verify(model, ck.params, meta["provenance"], path)
         return ck
     return _consistently(run_dir, read)
 
@@ -869,7 +685,7 @@ def load_model(run_dir: str, *, trust_code: bool = False, _seen: frozenset = fro
         if train_config.lora is not None:
             base = base_params(meta, model, trust_code=trust_code, _seen=_seen | {os.path.realpath(path)})
             params = lora.merge(base, params, scale=train_config.lora.scale)
-        verify(model, params, meta["probe"], path)
+        verify(model, params, meta["provenance"], path)
         return Model(params, model, tokenizer, meta)
     return _consistently(run_dir, read)
 
@@ -907,19 +723,22 @@ def base_params(meta: dict, model: LanguageModel, *, trust_code: bool = False, _
     if base.meta["files"][ARRAY_FILES[0]]["sha256"] != source["sha256"]:
         raise CheckpointError(f"the base this run's adapters apply to, {where!r}, has changed since the run started "
                               f"(its parameters' SHA-256 differs from the one recorded); restore that run as it was")
-    if base.model.replace(max_len=model.max_len, dropout=getattr(model, "dropout", 0.0)) != model:
+    free = {name: getattr(model, name) for name in ("max_len", "dropout") if hasattr(model, name)}
+    if base.model.replace(**free) != model:
         raise CheckpointError(f"the base {where!r} holds another model than this run's (its config differs beyond "
                               f"context and dropout)")
     return model.with_context(base.params, model.max_len)
 
 
-def upgrade(run_dir: str, *, log=None) -> tuple[int, str]:
-    """Rewrite a run of an older format (2 to 8) as format 9, under the run's lock: its
-    arrays are read and checked as they are, the job and the probe written anew with
-    them (`save`), which replaces the old checkpoint only once the new one is whole.
-    Returns (the format it had, the checkpoint's path). CheckpointError for a run that
-    is already current, damaged, or a LoRA run whose base cannot be loaded (upgrade the
-    base first); RunDirError for a run being trained.
+def upgrade(run_dir: str, *, trust_code: bool = False) -> tuple[int, str]:
+    """Rewrite a run of an older format (2 to 8) as format 9, or record anew the
+    provenance of a format-9 run whose code changed on purpose (once the model still
+    computes what it did), under the run's lock: its arrays are read and checked as they
+    are and saved again with the job and the provenance now (`save`), which replaces the
+    old checkpoint only once the new one is whole. Returns (the format it had, the
+    checkpoint's path). CheckpointError for a run that is already current, damaged, or
+    a LoRA run whose base cannot be loaded (upgrade the base first); RunDirError for a
+    run being trained.
 
     Example:
         >>> upgrade('/no/such/run')
@@ -932,15 +751,22 @@ def upgrade(run_dir: str, *, log=None) -> tuple[int, str]:
     with runs.Lock(run_dir):
         def read(path, meta):
             version = meta["format_version"]                                     # as written
-            if version == FORMAT_VERSION:
-                raise CheckpointError(f"{run_dir!r} is already in format {FORMAT_VERSION}; nothing to upgrade")
-            model, train_config, tokenizer = _parse(meta, path, False)         # the built-in model: formats 2 to 8
+            model, train_config, tokenizer = _parse(meta, path, trust_code)
             template = _template(model, train_config)
             params, opt_state = (_build(t, _read_arrays(os.path.join(path, name), meta["files"][name]),
                                         _arrays_of(path, name, model))
                                  for t, name in zip((template.params, template.opt_state), ARRAY_FILES))
-            base = None if train_config.lora is None else base_params(meta, model, _seen=frozenset({path}))
+            base = None if train_config.lora is None else base_params(meta, model, trust_code=trust_code,
+                                                                       _seen=frozenset({path}))
             state = TrainState(params, opt_state, jax.numpy.asarray(meta["step"], jax.numpy.int32))
+            if version == FORMAT_VERSION:
+                recorded, now = meta["provenance"], provenance.digests(model)
+                if all(recorded[k] == now[k] for k in now):
+                    raise CheckpointError(f"{run_dir!r} is in format {FORMAT_VERSION} and its code is the code now; "
+                                          f"nothing to upgrade")
+                merged = params if base is None else lora.merge(base, params, scale=train_config.lora.scale)
+                verify(model, merged, recorded, path, code_may_differ=True)     # the same maths, or refused
+            signals.check()                     # a stop asked while reading: nothing written
             return version, save(run_dir, state, model=model, train_config=train_config, tokenizer=tokenizer,
                                  data=meta["job"]["data"], origin=meta["origin"], base=base)
         return _consistently(run_dir, read, upgrading=True)

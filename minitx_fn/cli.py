@@ -50,7 +50,9 @@ OPTIMIZER_FLAGS = ("lr", "min_lr", "warmup", "decay_steps", "weight_decay")
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets"}
 # The one table from the names the library's messages use to the flags a user types.
 FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.items()},
-         **{name: "--" + name.replace("_", "-") for name in (*TRAIN_FLAGS, *OPTIMIZER_FLAGS, *LORA_FLAGS)},
+         **{name: "--" + name.replace("_", "-") for name in (*TRAIN_FLAGS, *OPTIMIZER_FLAGS)},
+         **{"lora." + field: "--" + flag.replace("_", "-") for flag, field in LORA_FLAGS.items()},
+         "sample_tokens": "--max-new-tokens",
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
                                                               "top_p", "vocab_size", "tokenizer", "data", "resume",
                                                               "batches", "preset", "init_from", "arch",
@@ -376,7 +378,9 @@ def cmd_train(args, out=None) -> int:
     if result.sample is not None:
         print("Generated text:", file=out)
         print(result.prompt + result.sample, file=out)
-        _next_steps(result.run_dir, result.prompt, result.picture, out)
+        from minitx_fn import model
+        print("\n" + next_steps(result.run_dir, result.prompt, result.picture, trust_code=args.trust_code,
+                                maps=model.has_attention_maps(result.model)), file=out)
     return 0
 
 
@@ -397,17 +401,27 @@ def to_job(args):
                     fsdp=args.fsdp, prompt=args.prompt, sample_tokens=args.max_new_tokens)
 
 
-def _next_steps(run_dir: str, prompt: str, picture: str | None, out) -> None:
-    """Commands to copy into a POSIX shell: every path and prompt shell-quoted."""
+def next_steps(run_dir: str, prompt: str, picture: str | None, *, trust_code: bool = False, maps: bool = True) -> str:
+    """The commands that use a run just trained, to copy into a POSIX shell: every path
+    and prompt shell-quoted; --trust-code where its model is code of its own; the
+    attention picture only for a model that has the built-in attention maps.
+
+    Example:
+        >>> print(next_steps("runs/my run", "hi", None, trust_code=True, maps=False))
+        Next:
+          minitx generate --checkpoint 'runs/my run' --prompt hi --temperature 0.8 --trust-code
+          pip install -e ".[plot]"    then: minitx plot 'runs/my run'
+          minitx train --resume 'runs/my run' --steps N --trust-code    to train further
+    """
     run, quoted, attention_png = (shlex.quote(a) for a in (run_dir, prompt, os.path.join(run_dir, "attention.png")))
-    print("\nNext:", file=out)
-    print(f"  minitx generate --checkpoint {run} --prompt {quoted} --temperature 0.8", file=out)
-    print(f"  minitx attention --checkpoint {run} --prompt {quoted} --out {attention_png}", file=out)
-    if picture is None:
-        print("  pip install -e \".[plot]\"    then: minitx plot " + run, file=out)
-    else:
-        print(f"  minitx plot {run} --log", file=out)
-    print(f"  minitx train --resume {run} --steps N    to train further", file=out)
+    trust = " --trust-code" * trust_code
+    lines = ["Next:", f"  minitx generate --checkpoint {run} --prompt {quoted} --temperature 0.8{trust}"]
+    if maps:
+        lines.append(f"  minitx attention --checkpoint {run} --prompt {quoted} --out {attention_png}{trust}")
+    lines.append("  pip install -e \".[plot]\"    then: minitx plot " + run if picture is None else
+                 f"  minitx plot {run} --log")
+    lines.append(f"  minitx train --resume {run} --steps N{trust}    to train further")
+    return "\n".join(lines)
 
 
 def cmd_generate(args, out=None) -> int:

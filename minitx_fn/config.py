@@ -85,6 +85,15 @@ def _positive_int(field: str, value: Any, limit: int = INT32_MAX) -> None:
     _require(_whole(value) and 1 <= value <= limit, field, value, f"it must be a whole number in [1, {limit:,}]")
 
 
+def _replace(value, changes: dict):
+    """dataclasses.replace, with ConfigError naming a field the value does not have."""
+    names = [f.name for f in dataclasses.fields(value)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise ConfigError(f"{type(value).__name__} has no fields {unknown}; its fields are {names}")
+    return dataclasses.replace(value, **changes)
+
+
 def _key_value_heads(config) -> None:
     """Fill in and check a config's n_kv_heads (None: n_heads), which must divide n_heads."""
     if config.n_kv_heads is None:
@@ -246,7 +255,9 @@ class LanguageModel:
             tokens (B, T) int -> (B, T, V) next-token logits; positions (B|1, T), default
             0 .. T - 1; mask broadcastable to (B, 1, T, T), True where query t may read key
             s, default causal; key: dropout (training), None for none
-        init_cache(batch, slots) -> cache       an empty cache of `slots` positions per row
+        init_cache(batch, slots) -> cache       an empty cache of `slots` positions per row,
+            any pytree whose every leaf has the batch axis first (decoding keeps or
+            replaces one row's cache on its own), the built-in's one KVCache per layer
         apply_cached(params, tokens, cache, *, index) -> (logits, cache)
             tokens (B, T) of row b at slots index[b] .. index[b] + T - 1 (index (B,) int),
             each reading the row's slots up to its own; it must equal `apply` on the row's
@@ -281,7 +292,7 @@ class LanguageModel:
         return dataclasses.asdict(self)
 
     def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -580,7 +591,7 @@ class OptimizerConfig:
                  "it must be a number in (0, 3.4e38]")
 
     def replace(self, **changes) -> "OptimizerConfig":
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -595,7 +606,7 @@ class LoraConfig:
         (2.0, 'attn')
     """
 
-    MESSAGE_NAMES = {"rank": "lora_rank", "alpha": "lora_alpha", "targets": "lora_targets"}   # how errors name them
+    MESSAGE_NAMES = {"rank": "lora.rank", "alpha": "lora.alpha", "targets": "lora.targets"}   # how errors name them
 
     rank: int                       # R: the adapters' inner width
     alpha: float | None = None      # the update is scaled by alpha / rank; None means alpha = rank (a scale of 1)
@@ -635,7 +646,7 @@ def _nested(cls, value: Any, name: str, fill: dict | None = None):
         raise ConfigError(f"{name} has no settings {unknown}; {cls.__name__}'s fields are {fields}")
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and
                 f.name not in value and f.name not in (fill or {})]
-    if required:                        # named as the class's own messages name them (LoraConfig: lora_rank)
+    if required:                        # named as the class's own messages name them (LoraConfig: lora.rank)
         names = getattr(cls, "MESSAGE_NAMES", {})
         raise ConfigError(f"{name} needs " + " and ".join("{%s}" % f for f in required),
                           **{f: (names.get(f, f"{name}.{f}"), "N") for f in required})
@@ -698,7 +709,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -830,7 +841,7 @@ class Sample:
         _plain_numbers(self)
         if not (_whole(self.tokens) and 0 <= self.tokens <= defaults.MAX_NEW_TOKENS):
             raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
-                              n=("max_new_tokens", self.tokens))
+                              n=("sample_tokens", self.tokens))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -858,11 +869,11 @@ class Job:
         if tc.lora is not None:
             if self.start.init_from is None and self.start.resume is None:
                 raise ConfigError("{rank} trains adapters on the frozen parameters of another run; give that run with "
-                                  "{init_from}", rank=("lora_rank", tc.lora.rank), init_from=("init_from", "RUN"))
+                                  "{init_from}", rank=("lora.rank", tc.lora.rank), init_from=("init_from", "RUN"))
             width = getattr(self.model, "d_model", None)
             if width is not None and tc.lora.rank > width:
                 raise ConfigError("{rank} exceeds the model's width {d}: a low-rank adapter's rank is at most the "
-                                  "width", rank=("lora_rank", tc.lora.rank), d=("d_model", width))
+                                  "width", rank=("lora.rank", tc.lora.rank), d=("d_model", width))
 
     def to_dict(self) -> dict:
         """What meta.json stores of the job (`job_dict`): model, training, data (a
@@ -870,4 +881,4 @@ class Job:
         return job_dict(self.model, self.training, None if self.data.corpus is None else self.data.corpus.source)
 
     def replace(self, **changes) -> "Job":
-        return dataclasses.replace(self, **changes)
+        return _replace(self, changes)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import decode, memory, speculative
+from minitx_fn import checkpoint, decode, memory, speculative
 from minitx_fn.config import LanguageModel
 from minitx_fn.decode import (bucket_length, cache_slots, row_keys, sample_rows, slide_keep,  # noqa: F401  (re-exported)
                               stop_ends)
@@ -99,6 +99,12 @@ def _decode(params, window, lengths, key, stop, *, model: LanguageModel, sampler
     return state.tokens, state.token_logits, state.length
 
 
+def _check_draft_tokens(draft, draft_tokens) -> None:
+    if draft is None and draft_tokens is not None:
+        raise ConfigError("{k} was given without a draft, the model that would propose them",
+                          k=("draft_tokens", draft_tokens))
+
+
 def generate(params, prompts, *, model: LanguageModel, max_new_tokens: int, key: jax.Array | None = None,
              sampler: Sampler = Sampler(temperature=0.0), stop: tuple[int, ...] = (),
              return_logits: bool = False, draft=None, draft_tokens: int | None = None):
@@ -128,9 +134,7 @@ def generate(params, prompts, *, model: LanguageModel, max_new_tokens: int, key:
         >>> [t.shape for t in generate(p, [[1, 2], [3]], model=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
-    if draft is None and draft_tokens is not None:
-        raise ConfigError("{k} was given without a draft, the model that would propose them",
-                          k=("draft_tokens", draft_tokens))
+    _check_draft_tokens(draft, draft_tokens)
     if draft is not None:
         out = speculative.speculate(params, prompts, model=model, draft=draft,
                                     draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
@@ -224,13 +228,14 @@ def encode_prompt(tokenizer, text: str, what: str = "the prompt") -> np.ndarray:
 
 def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
-             stop: str | None = None, draft=None, draft_tokens: int | None = None) -> str:
+             stop: str | None = None, draft=None, draft_tokens: int | None = None, trust_code: bool = False) -> str:
     """The text that follows `prompt`: run_model is anything with .params, .model and
     .tokenizer (`checkpoint.load_model`'s Model, `job.train`'s result). Greedy by default
     (and at temperature 0), which needs no key; with a temperature, top_k or top_p it
     samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
     With a draft (a smaller run of the same tokenizer and context: its directory, or
-    the run loaded), speculative decoding (`generate`). PromptError for a prompt or
+    the run loaded; `trust_code` for a directory whose model is code of its own),
+    speculative decoding (`generate`). PromptError for a prompt or
     stop string the tokenizer cannot take; ConfigError for a draft that cannot serve;
     MemoryBudgetError if the generation cannot fit in memory.
 
@@ -251,12 +256,9 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     ids = encode_prompt(tokenizer, prompt)
     stop_ids = () if stop is None else encode_prompt(tokenizer, stop, "the stop string")
     need = memory.generation_bytes(model, 1, max_new_tokens)
-    if draft is None and draft_tokens is not None:
-        raise ConfigError("{k} was given without a draft, the model that would propose them",
-                          k=("draft_tokens", draft_tokens))
+    _check_draft_tokens(draft, draft_tokens)
     if isinstance(draft, (str, os.PathLike)):
-        from minitx_fn import checkpoint                   # it builds on this module
-        draft = checkpoint.load_model(draft)
+        draft = checkpoint.load_model(draft, trust_code=trust_code)
     if draft is not None:
         if not hasattr(draft, "tokenizer"):
             raise ConfigError(f"a draft for complete is a run: its directory or checkpoint.load_model(run), with a "

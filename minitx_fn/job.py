@@ -40,7 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn import checkpoint, corpus, data, defaults, distributed, generate, lora, loop, memory, runs, signals
+from minitx_fn import (checkpoint, corpus, data, defaults, distributed, generate, lora, loop, memory, provenance, runs,
+                       signals)
 from minitx_fn import train as trainer          # the module; `train` below is the whole job
 from minitx_fn.config import (Data, Devices, Job, LanguageModel, LoraConfig, ModelConfig, Sample, Start,  # noqa: F401
                               TrainConfig, job_dict)      # (the job's values, re-exported: job.Job, job.Data, ...)
@@ -90,7 +91,7 @@ def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
                  sample=Sample(prompt=prompt, tokens=sample_tokens))
     given_model, given_training = _fields(model, LanguageModel, "model"), _fields(training, TrainConfig, "training")
     if start.resume is not None:
-        return _resumed(start, given_model, given_training, preset, parts)
+        return _resumed(start, model, given_model, given_training, preset, parts)
     for name in ("eval_every", "eval_tokens"):           # the built-in cycle has no validation split
         if not source.held_out and name in given_training:
             raise ConfigError("{setting} needs data with a held-out part; the built-in corpus has none: give {data}",
@@ -110,7 +111,7 @@ def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
               _over_preset(given_training, values["train"]), **parts)
     if start.run_dir is not None:
         runs.check_new_run_dir(start.run_dir)                      # before preparing a large text
-    checkpoint.check_importable(job.model)                         # a run of it could be loaded again
+    provenance.check_importable(job.model)                         # a run of it could be loaded again
     if job.training.lora is not None and start.init_from is not None and runs.Lock(start.init_from).live_holder():
         raise RunDirError(f"{start.init_from!r} is being trained ({runs.Lock(start.init_from).live_holder()}); a "
                           f"LoRA run needs its base to stay as it is: wait for that run to finish, or copy it and "
@@ -174,15 +175,18 @@ def _refuse(conflicts: list[tuple[str, Any, Any]], kept: str, message: str, also
 def _fine_tuned(source: LanguageModel, model, given: dict) -> LanguageModel:
     """The model of a run started from `source`: the source's, with at most a shorter
     context and another dropout rate; any other difference is one error naming them."""
-    shorter = {"max_len"} if given.get("max_len", source.max_len) <= source.max_len else set()
+    kept = source.to_dict()
+    free = {"dropout", "vocab_size"} & set(kept) | ({"max_len"} if given.get("max_len", source.max_len) <=
+                                                   source.max_len else set())
+    _known(given, type(source), "the model")
     conflicts = [("model", model.code, source.code)] if isinstance(model, LanguageModel) and \
-        type(model) is not type(source) else _differ(given, source.to_dict(), {"dropout", "vocab_size"} | shorter)
+        type(model) is not type(source) else _differ(given, kept, free)
     _refuse(conflicts, "its own", "a run started from another has that run's model, but these differ: {parts}; drop "
                                   "them (only a shorter context and dropout may change)")
-    return source.replace(**{f: given[f] for f in ({"dropout"} | shorter) & set(given)})
+    return source.replace(**{f: given[f] for f in free - {"vocab_size"} & set(given)})
 
 
-def _resumed(start: Start, model: dict, training: dict, preset, parts: dict) -> Job:
+def _resumed(start: Start, given_model, model: dict, training: dict, preset, parts: dict) -> Job:
     """A resume: the saved job, with what a resume may change (RESUMABLE) and nothing else."""
     if parts["data"].tokenizer is not None or parts["data"].vocab_size is not None:
         raise ConfigError("resuming keeps the run's tokenizer; drop {t}", t=("tokenizer", parts["data"].tokenizer
@@ -194,8 +198,11 @@ def _resumed(start: Start, model: dict, training: dict, preset, parts: dict) -> 
                           f"schedule of its own, so there is nothing to resume; start a new run from it with "
                           f"{{init_from}}", init_from=("init_from", start.resume))
     skip = ("vocab_size",) if model.get("vocab_size") is None else ()       # a model value awaiting its tokenizer
-    conflicts = _differ(model, saved.model.to_dict(), skip) + _differ(_known(training, TrainConfig, "the training"),
-                                                                      saved.train_config.to_dict(), RESUMABLE)
+    conflicts = [("model", given_model.code, saved.model.code)] if isinstance(given_model, LanguageModel) and \
+        type(given_model) is not type(saved.model) else _differ(_known(model, type(saved.model), "the model"),
+                                                                 saved.model.to_dict(), skip)
+    conflicts += _differ({k: v for k, v in _known(training, TrainConfig, "the training").items()
+                          if not (k == "optimizer" and v is None)}, saved.train_config.to_dict(), RESUMABLE)
     _refuse(conflicts, "saved", "resuming keeps the run's settings, but these differ: {parts}; drop them, or start a "
                                 "new run with {out}", None if preset is None else {"preset": ("preset", preset)},
             out=("run_dir", "DIR"))
@@ -268,6 +275,7 @@ def plan(job: Job, *, log=None) -> Plan:
         if model.vocab_size != vocab:
             raise ConfigError("{v} differs from the tokenizer's {t} ids; leave vocab_size None, and the tokenizer "
                               "gives it", v=("vocab_size", model.vocab_size), t=("vocab_size", vocab))
+        provenance.check_contract(model)                        # a model of one's own: its shapes, before training
         run_dir = start.run_dir or runs.new_run_name(RUNS_ROOT, source.name)
         runs.check_new_run_dir(run_dir)
         if started is not None:
@@ -398,7 +406,7 @@ def _checked(job: Job, run_dir: str, resuming: bool, source: corpus.Corpus, trai
                      batches=("batches", "memmap"))
     if tokens:
         memory.check(memory.generation_bytes(model, 1, tokens), "the final sample", "try a smaller {n}",
-                     n=("max_new_tokens", tokens))
+                     n=("sample_tokens", tokens))
     return Plan(job, run_dir, resuming, source, train_ids, val_windows, batches, state, prompt, origin, base)
 
 
@@ -410,6 +418,8 @@ def run(plan: Plan, *, log=None, stops: StopSignals | None = None) -> Result:
     removed first), metrics appended, checkpoints saved, loss.png drawn, the final
     sample generated. A stop signal (inside `stops`, which `train` installs) saves
     a checkpoint at the current step and returns with `stopped_by` set."""
+    if not isinstance(plan, Plan):
+        raise ConfigError(f"run takes a job.Plan (job.plan(job) makes one), not {type(plan).__name__}")
     log = log or sys.stdout
     is_main = jax.process_index() == 0
     if not is_main:
@@ -555,7 +565,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     except loop.NonFiniteError as e:
         lower = {"lr": ("lr", tc.optimizer.lr)}
         if tc.lora is not None:
-            lower["alpha"] = ("lora_alpha", tc.lora.alpha)
+            lower["alpha"] = ("lora.alpha", tc.lora.alpha)
         raise RunFailed(f"{e}; training stopped and {kept(run_dir)}; try a lower "
                         + " or ".join("{%s}" % name for name in lower) + " or more {warmup}",
                         **lower, warmup=("warmup", tc.optimizer.warmup)) from None
@@ -587,7 +597,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
     picture = draw_losses(run_dir, log)
     done = Result(**{**result_args, "picture": picture})
     try:            # the model's cached decode is the model it trained: what generate and a draft will run
-        checkpoint.verify(model, done.params, None, run_dir)
+        provenance.verify(model, done.params, None, run_dir)
     except CheckpointError as e:
         raise RunFailed(f"{e}; the run is saved") from None
     if plan.prompt is not None:
@@ -739,7 +749,7 @@ def kept(run_dir: str) -> str:
         'no checkpoint had been saved yet'
     """
     try:
-        step = int(checkpoint.load(run_dir).meta["step"])
+        step = checkpoint.saved_step(run_dir)
     except (Error, OSError):
         return "no checkpoint had been saved yet"
     return f"the last good checkpoint (step {step}) is kept in {run_dir}"

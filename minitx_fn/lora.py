@@ -55,8 +55,9 @@ def weight(params: dict, path: str):
 
 def targets(model, params: dict, config: LoraConfig) -> tuple[str, ...]:
     """The paths of the linear layers `config` adapts: model.lora_paths(config.targets),
-    those of them `params` has. ConfigError when there are none (a model of one's own
-    that names no matrices, or a targets choice that finds none of them).
+    each the path of a {"w": (..., D_in, D_out), ...} in `params`. ConfigError naming
+    the model when there are none (a model of one's own that names no matrices), or
+    when a path is not such a layer of its parameters.
 
     Example:
         >>> from minitx_fn import ModelConfig
@@ -64,13 +65,19 @@ def targets(model, params: dict, config: LoraConfig) -> tuple[str, ...]:
         >>> targets(ModelConfig(vocab_size=5), params, LoraConfig(rank=1, targets="mlp"))
         ('blocks/mlp/up', 'blocks/mlp/down')
     """
-    paths = tuple(p for p in model.lora_paths(config.targets) if isinstance(_node(params, p), dict)
-                  and "w" in _node(params, p))
+    paths = model.lora_paths(config.targets)
+    if not (isinstance(paths, (tuple, list)) and all(isinstance(p, str) for p in paths)):
+        raise ConfigError(f"{model.code}'s lora_paths gave {paths!r}, not a tuple of paths ('blocks/attn/qkv')")
     if not paths:
-        raise ConfigError(f"{{targets}} finds no matrices LoRA may adapt in {model.code} (its lora_paths "
-                          f"{list(model.lora_paths(config.targets))}); choose other targets, or give the model a "
-                          f"lora_paths method", targets=("lora_targets", config.targets))
-    return paths
+        raise ConfigError(f"{{targets}} finds no matrices LoRA may adapt in {model.code} (its lora_paths names "
+                          f"none); choose other targets, or give the model a lora_paths method",
+                          targets=("lora.targets", config.targets))
+    wrong = [p for p in paths if not (isinstance(_node(params, p), dict) and "w" in _node(params, p)
+                                      and len(getattr(_node(params, p)["w"], "shape", ())) >= 2)]
+    if wrong:
+        raise ConfigError(f"{model.code}'s lora_paths names {wrong}, which its parameters do not hold as linear "
+                          f"layers {{'w': (..., D_in, D_out)}}")
+    return tuple(paths)
 
 
 def init(key: jax.Array, params: dict, paths: tuple[str, ...], rank: int) -> dict:

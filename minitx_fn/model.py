@@ -230,6 +230,16 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     return _logits(params, x, c)                                         # (B, T, V)
 
 
+def has_attention_maps(model) -> bool:
+    """Whether `attention_maps` can draw a model's attention: the built-in block's.
+
+    Example:
+        >>> has_attention_maps(ModelConfig(vocab_size=5)), has_attention_maps("a string")
+        (True, False)
+    """
+    return getattr(type(model), "apply_block", None) is ModelConfig.apply_block
+
+
 def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
     """tokens (B, T) -> attention weights (L, B, H, T, T) of every layer and head of the
     built-in block (ConfigError for a model whose blocks are its own).
@@ -243,7 +253,7 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
         (2, 1, 2, 5, 5)
     """
     c = config
-    if getattr(type(c), "apply_block", None) is not ModelConfig.apply_block:
+    if not has_attention_maps(c):
         raise ConfigError(f"attention maps read the built-in block's attention; {c.code} has blocks of its own")
     check_tokens(tokens, c)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]                      # (1, T)
@@ -346,5 +356,6 @@ def cache_slots(cache) -> int:
     return jax.tree.leaves(cache)[0].shape[1]
 
 
-__all__ = ["REMAT_POLICIES", "apply", "apply_cached", "attention_maps", "cache_slots", "check_tokens", "count_params", "init",
+__all__ = ["REMAT_POLICIES", "apply", "apply_cached", "attention_maps", "cache_slots", "check_tokens", "count_params",
+           "has_attention_maps", "init",
            "init_cache", "param_shapes", "require_ready", "unstack_blocks", "with_context"]

@@ -52,20 +52,27 @@ def learning_rate_schedule(oc: OptimizerConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, oc.lr, oc.warmup, oc.decay_steps, end_value=oc.min_lr)
 
 
-def decay_mask(params: dict) -> dict:
+def decay_mask(params):
     """True for the leaves weight decay applies to: weight matrices and the embedding
-    table, not biases or norms; both matrices of a LoRA adapter {"a", "b"} (`lora.py`),
-    so the update A B decays towards the base.
+    table (leaves named "w" and "table"), not biases or norms; both matrices of a LoRA
+    adapter {"a", "b"} (`lora.py`), so the update A B decays towards the base. A leaf
+    with no name (in a list or tuple of a model of one's own) decays if it is a matrix.
 
     Example:
         >>> decay_mask({"w": 0, "b": 0, "table": 0})
         {'w': True, 'b': False, 'table': True}
-        >>> decay_mask({"qkv": {"a": 0, "b": 0}})
-        {'qkv': {'a': True, 'b': True}}
+        >>> decay_mask({"qkv": {"a": 0, "b": 0}}), decay_mask([np.zeros((2, 2)), np.zeros(2)])
+        ({'qkv': {'a': True, 'b': True}}, [True, False])
     """
-    if set(params) == {"a", "b"}:
-        return {"a": True, "b": True}
-    return {k: decay_mask(v) if isinstance(v, dict) else k in ("w", "table") for k, v in params.items()}
+    if isinstance(params, dict):
+        if set(params) == {"a", "b"}:
+            return {"a": True, "b": True}
+        return {k: k in ("w", "table") if not isinstance(v, (dict, list, tuple)) else decay_mask(v)
+                for k, v in params.items()}
+    if isinstance(params, (list, tuple)):
+        masks = [decay_mask(v) if isinstance(v, (dict, list, tuple)) else np.ndim(v) >= 2 for v in params]
+        return type(params)(*masks) if hasattr(params, "_fields") else type(params)(masks)
+    return np.ndim(params) >= 2
 
 
 def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:

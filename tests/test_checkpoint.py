@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import math
 import io
 import json
 import os
@@ -174,9 +175,14 @@ def _model(meta: dict) -> dict:
     (lambda m: m["job"]["model"].update(code="minitx_fn.config:TrainConfig"), "code of its own.*trust_code=True"),
     (lambda m: m["job"]["model"].update(code="not code"), "is not 'module:qualname'"),
     (lambda m: m["job"].pop("training"), "job must be"),
-    (lambda m: m.update(probe=[[1.0, "x"]]), "probe must be"),
-    (lambda m: m.update(probe=None), "probe must be"),
-    (lambda m: m.update(probe=[[1e3] * 7] * 8), "does not compute what it computed when the run was saved"),
+    (lambda m: m["provenance"].update(probe=[[1.0, "x"]]), "probe must be"),
+    (lambda m: m.update(provenance=None), "provenance must be"),
+    (lambda m: m["provenance"]["probe"].update(values="1 2 x"), "probe must be"),
+    (lambda m: m["provenance"]["probe"].update(values="900 " * math.prod(m["provenance"]["probe"]["shape"])),
+     "does not compute what it computed"),
+    (lambda m: m["provenance"]["probe"].update(shape=[1, 4, 2], values="1 " * 8), r"the probe recorded is \[1, 4, 2\]"),
+    (lambda m: m["provenance"]["library"].update({"minitx_fn.layers.linear": "0" * 64}),
+     "the code of minitx_fn.layers.linear differs from the code that saved the run"),
     (lambda m: m["tokenizer"].update(chars="abc"), "char tokenizer has 3 ids but the model says vocab_size=7"),
     (lambda m: m["tokenizer"].update(chars="aabcdef"), "repeats a character"),
     (lambda m: m.update(tokenizer={"kind": "byte"}), "byte tokenizer has 256 ids but the model says vocab_size=7"),
@@ -282,7 +288,7 @@ def test_a_version_2_checkpoint_upgrades_to_a_char_run_that_evaluates_everything
     assert loaded.tokenizer == TOK and loaded.train_config.eval_tokens is None
     assert loaded.model == MC and loaded.meta["format_version"] == checkpoint.FORMAT_VERSION
     jax.tree.map(np.testing.assert_array_equal, loaded.state, saved[0])           # the arrays as they were
-    with pytest.raises(CheckpointError, match="already in format 9"):
+    with pytest.raises(CheckpointError, match="in format 9 and its code is the code now; nothing to upgrade"):
         checkpoint.upgrade(str(tmp_path))
 
 
@@ -340,9 +346,9 @@ def test_a_version_8_checkpoint_loads_as_it_is_and_upgrades(tmp_path, saved):
     meta = legacy_meta(json.loads(saved[1]["meta.json"]), 8)
     _legacy(tmp_path, saved, meta)
     loaded = checkpoint.load(str(tmp_path))
-    assert loaded.model == MC and loaded.train_config == TC and loaded.meta["probe"] is None
+    assert loaded.model == MC and loaded.train_config == TC and loaded.meta["provenance"] is None
     assert checkpoint.upgrade(str(tmp_path)) == (8, str(tmp_path / "checkpoint"))
-    assert checkpoint.load(str(tmp_path)).meta["probe"] == json.loads(saved[1]["meta.json"])["probe"]
+    assert checkpoint.load(str(tmp_path)).meta["provenance"] == json.loads(saved[1]["meta.json"])["provenance"]
     meta = legacy_meta(json.loads(saved[1]["meta.json"]), 7)
     meta["model_config"]["rope_scaling"] = None
     _write(tmp_path, {**saved[1], "meta.json": json.dumps(meta).encode()})
@@ -415,16 +421,16 @@ def test_a_model_class_a_run_could_not_name_is_refused_before_anything_is_writte
 
 
 def test_a_patched_layer_never_decodes_a_saved_run_as_another_model(tmp_path, monkeypatch):
-    """The issue that brought the probe: attention.apply patched (to ALiBi, say) while a
-    run trains, apply_cached not. The run is saved but the job refuses to call it done
-    (its cached decode would be another model); loading it, patched or not, is refused;
-    and a patch of both paths made after a run was saved is refused too. Nothing decodes
-    the saved run as a model it is not."""
+    """The issue that brought the provenance: attention.apply patched (to other maths)
+    while a run trains, apply_cached not. The run is saved but the job refuses to call it
+    done (its cached decode would be another model); loading it, patched or not, is
+    refused; so is a layer patched after a save, whatever it changes (the code differs),
+    until `upgrade` records code that was changed on purpose and computes the same."""
     from minitx_fn import job
-    from minitx_fn.layers import attention
-    real = attention.apply
+    from minitx_fn.layers import attention, linear
+    real, real_linear = attention.apply, linear.apply
 
-    def shifted(params, x, spec, **kwargs):              # a layer of other maths: every query reads 3 times the keys
+    def shifted(params, x, spec, **kwargs):              # a layer of other maths
         return 3.0 * real(params, x, spec, **kwargs)
 
     run = str(tmp_path / "patched")
@@ -437,16 +443,36 @@ def test_a_patched_layer_never_decodes_a_saved_run_as_another_model(tmp_path, mo
     with pytest.raises(CheckpointError, match="cached decode \\(apply_cached\\) disagrees"):
         checkpoint.load_model(run)
     monkeypatch.setattr(attention, "apply", real)
-    jax.clear_caches()                                   # a new process: the code as it is now
-    with pytest.raises(CheckpointError, match="does not compute what it computed when the run was saved"):
+    with pytest.raises(CheckpointError, match="the code of minitx_fn.layers.attention differs from the code that saved"):
         checkpoint.load_model(run)
 
-    clean = str(tmp_path / "clean")
-    job.train(model=model, training={"steps": 40, "log_every": 40}, run_dir=clean, sample_tokens=0, log=io.StringIO())
+    clean = str(tmp_path / "clean")            # another model: this process holds the patched one's compiled steps
+    job.train(model={**model, "d_model": 20}, training={"steps": 40, "log_every": 40}, run_dir=clean, sample_tokens=0,
+              log=io.StringIO())
     checkpoint.load_model(clean)
-    real_cached = attention.apply_cached
-    monkeypatch.setattr(attention, "apply", shifted)
-    monkeypatch.setattr(attention, "apply_cached", lambda *a, **k: (lambda y, c: (3.0 * y, c))(*real_cached(*a, **k)))
-    jax.clear_caches()
-    with pytest.raises(CheckpointError, match="does not compute what it computed when the run was saved"):
+    # A patch of one logit column of the head, which no fixed probe of a few ids and
+    # columns would see: refused for its code.
+    monkeypatch.setattr(linear, "apply", lambda p, x, **k: (lambda y: y.at[..., 8:].add(3.0) if y.shape[-1] ==
+                                                                       p["w"].shape[-1] else y)(real_linear(p, x, **k)))
+    with pytest.raises(CheckpointError, match="the code of minitx_fn.layers.linear differs"):
         checkpoint.load_model(clean)
+    monkeypatch.setattr(linear, "apply", real_linear)
+    # With another release of the library the probe decides: an edited install whose
+    # code (its digest) and logits moved is refused, naming the module. (Digests and
+    # probe edited in meta.json: this process keeps its compiled probe of the real code.)
+    meta_path = os.path.join(clean, "checkpoint", "meta.json")
+    meta = json.load(open(meta_path))
+    prov = meta["provenance"]
+    edited_code = {**prov["library"], "minitx_fn.layers.linear": "0" * len(prov["library"]["minitx_fn.layers.linear"])}
+    moved = " ".join(str(2 * float(x) + 1) for x in prov["probe"]["values"].split())
+    json.dump({**meta, "provenance": {**prov, "minitx_fn": "0.0.9", "library": edited_code,
+                                      "probe": {**prov["probe"], "values": moved}}}, open(meta_path, "w"))
+    with pytest.raises(CheckpointError, match="does not compute what it computed when the run was saved.*its code "
+                                              "changed \\(minitx_fn.layers.linear\\)"):
+        checkpoint.load_model(clean)
+    # Code changed on purpose, computing the same: refused until `upgrade` records it.
+    json.dump({**meta, "provenance": {**prov, "library": edited_code}}, open(meta_path, "w"))
+    with pytest.raises(CheckpointError, match="linear differs .*minitx upgrade RUN"):
+        checkpoint.load_model(clean)
+    assert checkpoint.upgrade(clean)[0] == 9
+    checkpoint.load_model(clean)

@@ -291,10 +291,8 @@ def test_next_step_commands_are_shell_words_that_give_back_the_run_and_prompt(ru
     directory and this prompt (spaces, quotes, $, ;, newlines, any Unicode)."""
     import shlex
 
-    from minitx_fn.cli import _next_steps
-    out = io.StringIO()
-    _next_steps(run_dir, prompt, "loss.png", out)
-    text = out.getvalue()
+    from minitx_fn.cli import next_steps
+    text = next_steps(run_dir, prompt, "loss.png")
     generate = shlex.split(text[text.index("minitx generate"):text.index("minitx attention")])
     assert generate[generate.index("--checkpoint") + 1] == run_dir
     assert generate[generate.index("--prompt") + 1] == prompt

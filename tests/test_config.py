@@ -94,8 +94,8 @@ def test_model_config_rejects_bad_values(changes, field, hint):
     ({"optimizer": {"weight_decay": float("nan")}}, "weight_decay=nan"),
     ({"optimizer": {"momentum": 0.9}}, r"optimizer has no settings \['momentum'\]"),
     ({"optimizer": 3e-3}, "optimizer=0.003 must be an OptimizerConfig or a dict"),
-    ({"lora": {"alpha": 8.0}}, "lora needs lora_rank='N'"), ({"lora": {"rank": 0}}, "lora_rank=0"),
-    ({"lora": {"rank": 2, "targets": "ffn"}}, "lora_targets='ffn'"),
+    ({"lora": {"alpha": 8.0}}, "lora needs lora.rank='N'"), ({"lora": {"rank": 0}}, "lora.rank=0"),
+    ({"lora": {"rank": 2, "targets": "ffn"}}, "lora.targets='ffn'"),
 ])
 def test_train_config_rejects_bad_values(changes, field):
     with pytest.raises(ValueError, match=field):

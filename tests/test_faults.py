@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from minitx_fn import checkpoint, cli, data, generate, job, plot, runs
-from tests.helpers import TINY, assert_one_error_line, run_main, standard_promotion
+from tests.helpers import TINY, assert_one_error_line, legacy_meta, run_main, standard_promotion
 
 RUN = [*TINY, "--log-every", "10", "--save-every", "20", "--max-new-tokens", "5"]
 
@@ -174,7 +174,7 @@ CASES = [
         n_layers="1")), ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["n_layers = '1'"], None, 2),
     ("meta.json says max_len 1e9", lambda w: _edit_meta("builtin", lambda m: m["job"]["model"]["config"].update(
         max_len=10**9)), ["generate", "--checkpoint", "builtin", "--prompt", "hello"],
-     ["this generation needs at least", "--max-new-tokens"], None, 2),
+     ["the probe recorded is", "its config in meta.json, or the probe, was edited"], None, 2),
     ("meta.json claims a file of a petabyte", lambda w: _edit_meta("builtin", lambda m: m["files"]["params.npz"].update(
         bytes=10**15)), ["generate", "--checkpoint", "builtin", "--prompt", "hello"], ["params.npz", "is damaged"],
      None, 2),
@@ -449,13 +449,13 @@ def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path):
 
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(command=st.sampled_from(["train", "generate", "prepare"]), offset=st.floats(0.25, 4.0),
+@given(command=st.sampled_from(["train", "generate", "prepare", "upgrade"]), offset=st.floats(0.25, 4.0),
        signum=st.sampled_from([signal.SIGTERM, signal.SIGINT, signal.SIGHUP]))
 @pytest.mark.heavy
 def test_a_signal_at_any_moment_of_a_command_is_a_clean_finish_or_one_line(saved_runs, tmp_path_factory, command,
                                                                            offset, signum):
-    """`minitx train`, `generate` or `prepare` signalled at any offset from its start
-    (importing JAX, preparing, compiling, training, saving, generating): exit 0 after a
+    """`minitx train`, `generate`, `prepare` or `upgrade` signalled at any offset from its
+    start (importing JAX, preparing, compiling, training, saving, generating): exit 0 after a
     clean finish, or exit 128 + N with one line on stderr; never a lost signal, a
     traceback or a crash; and whatever it left (a run, a cache) loads and has no
     half-written files. (From 0.25 s: before that the interpreter is still starting, and
@@ -467,7 +467,11 @@ def test_a_signal_at_any_moment_of_a_command_is_a_clean_finish_or_one_line(saved
                       "--max-new-tokens", "5", "--out", "r"],
             "generate": ["generate", "--checkpoint", str(saved_runs / "builtin"), "--prompt", "hello",
                          "--max-new-tokens", "200"],
-            "prepare": ["prepare", "--data", str(text), "--cache-dir", "cache"]}[command]
+            "prepare": ["prepare", "--data", str(text), "--cache-dir", "cache"], "upgrade": ["upgrade", "r"]}[command]
+    if command == "upgrade":                                  # a run of format 8, rewritten as 9
+        shutil.copytree(saved_runs / "builtin", tmp / "r")
+        meta = json.load(open(tmp / "r" / "checkpoint" / "meta.json"))
+        json.dump(legacy_meta(meta, 8), open(tmp / "r" / "checkpoint" / "meta.json", "w"))
     proc = subprocess.Popen([sys.executable, "-m", "minitx_fn", *argv], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=tmp)
     try:
@@ -481,7 +485,7 @@ def test_a_signal_at_any_moment_of_a_command_is_a_clean_finish_or_one_line(saved
     run = tmp / "r"
     if proc.returncode and err:                               # before training: one line, nothing written
         assert len(err.strip().splitlines()) == 1 and err.startswith("minitx: interrupted by "), err
-    elif proc.returncode:                                     # in training: a checkpoint at this step
+    elif proc.returncode and command == "train":              # in training: a checkpoint at this step
         assert f"Stopped by {signal.Signals(signum).name} at step" in out and (run / "checkpoint").exists(), out
     if (run / "checkpoint").exists():
         with standard_promotion():

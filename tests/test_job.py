@@ -3,6 +3,7 @@ meets the library's files and defaults: each of these once went silently wrong."
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,35 @@ from minitx_fn.errors import CheckpointError, ConfigError, DataError
 from tests.helpers import assert_one_error_line, run_main, standard_promotion
 
 SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 16}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Infinite(ModelConfig):
+    slope: float = float("inf")                  # a field JSON cannot hold
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Narrow(ModelConfig):
+    """Its apply gives one logit too few."""
+
+    def apply(self, params, tokens, **kwargs):
+        return super().apply(params, tokens, **kwargs)[..., :-1]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Window:
+    size: int = 4
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Nested(ModelConfig):
+    """Fields of a nested dataclass and a tuple, as JSON has neither; and a lora_paths with a typo."""
+
+    window: Window = Window()
+    heads_seen: tuple[int, ...] = (1, 2)
+
+    def lora_paths(self, targets):
+        return ("blocks/attn/qkv", "blocks/attn/qvk")
 TEXT = "to be or not to be, that is the question. " * 40
 
 
@@ -231,7 +261,7 @@ def test_bad_settings_are_refused_before_the_data_is_prepared(capsys):
     ({"model": "tiny"}, "model"), ({"training": "fast"}, "training"), ({"text": b"abc"}, "must be a str"),
     ({"text": "ab\ud800c " * 20}, "lone surrogate"), ({"data_path": 3}, "must be a path"),
     ({"tokenizer": "bpe", "vocab_size": "300"}, "vocab_size='300'"), ({"devices": "2"}, "devices='2'"),
-    ({"sample_tokens": True}, "max_new_tokens=True"), ({"run_dir": ""}, "is empty"),
+    ({"sample_tokens": True}, "sample_tokens=True"), ({"run_dir": ""}, "is empty"),
 ])
 def test_wrong_types_are_one_error_naming_the_setting(settings, error):
     from minitx_fn.errors import Error
@@ -405,3 +435,41 @@ def test_a_model_of_ones_own_gets_the_whole_machinery(capsys):
     code, out, err = run_main(capsys, "generate", "--checkpoint", "alibi", "--prompt", "to", "--trust-code",
                               "--max-new-tokens", "5", "--draft", "parallel")
     assert code == 0 and out.startswith("to"), err
+
+
+def test_models_of_ones_own_that_a_run_could_not_hold_are_one_line_before_training(capsys):
+    """What a hostile reviewer of #36 trained for nothing, or saw fail deep inside: a
+    field JSON cannot hold, apply of the wrong shape, a from-scratch model given a
+    field it lacks, lora_paths naming what is not there, a resume naming another class,
+    the job's functions given each other's values. Nested dataclasses and tuples are
+    fields a run holds."""
+    from tests.variants import Bigram, Parallel
+    open("t.txt", "w").write(TEXT)
+    with pytest.raises(CheckpointError, match="tests.test_job:Infinite' has a field JSON cannot hold"):
+        job.make("t.txt", model=Infinite(**SMALL))
+    with pytest.raises(ConfigError, match=r"tests.test_job:Narrow breaks the model contract: apply gives "
+                                          r"\(2, 3, 14\) float32, not \(2, 3, V=15\)"):
+        job.plan(job.make("t.txt", model=Narrow(**SMALL)), log=io.StringIO())
+    nested = _train("t.txt", model=Nested(**SMALL, window=Window(size=3), heads_seen=(2,)), run_dir="nested")
+    assert checkpoint.load_model("nested", trust_code=True).model == nested.model          # back from JSON
+    with pytest.raises(ConfigError, match=r"lora_paths names \['blocks/attn/qvk'\], which its parameters do not"):
+        _train("t.txt", init_from="nested", trust_code=True, model=None, run_dir="n-lora",
+               training={"steps": 2, "batch_size": 8, "lora": {"rank": 2}})
+    scratch = _train("t.txt", model=Bigram(max_len=16), run_dir="bigram")                 # a LanguageModel from scratch
+    assert len(generate.complete(scratch, "to be", max_new_tokens=5)) == 5
+    with pytest.raises(ConfigError, match=r"the model has no settings \['dropout'\]"):
+        job.make("t.txt", init_from="bigram", trust_code=True, model={"dropout": 0.1})
+    with pytest.raises(ConfigError, match="lora.targets='attn' finds no matrices LoRA may adapt in tests.variants:"
+                                          "Bigram"):
+        job.plan(job.make("t.txt", init_from="bigram", trust_code=True, run_dir="b-lora",
+                          training={"steps": 2, "lora": {"rank": 1}}), log=io.StringIO())
+    _train("t.txt", run_dir="gpt")
+    with pytest.raises(ConfigError, match="model='tests.variants:Parallel' \\(saved: model='minitx_fn.config:"
+                                          "ModelConfig'\\)"):
+        _train(resume="gpt", model=Parallel(**SMALL), training={"steps": 6})
+    with pytest.raises(ConfigError, match="run takes a job.Plan"):
+        job.run(job.make("t.txt"))
+    with pytest.raises(ConfigError, match=r"Job has no fields \['bogus'\]"):
+        job.make("t.txt").replace(bogus=1)
+    with pytest.raises(ConfigError, match="model='tiny' must be a dict of fields or a LanguageModel"):
+        job.make("t.txt", model="tiny")

@@ -1,17 +1,19 @@
-"""Two models of one's own, written outside the package with its public names only:
-each a subclass of the built-in model that overrides its block, and so gets all of the
-machinery (training runs, resume, cached and speculative decoding, LoRA, loading, and
-`testing.check_model`). Neither drops anything: dropout is the built-in block's, and
-these blocks have none.
+"""Models of one's own, written outside the package with its public names only: ALiBi
+and GPT-J's parallel block, each a subclass of the built-in model that overrides its
+block, and so gets all of the machinery (training runs, resume, cached and speculative
+decoding, LoRA, loading, and `testing.check_model`); and a bigram table written from
+scratch against `LanguageModel`'s contract. None drops anything: dropout is the
+built-in block's, and these have none.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
-from minitx_fn import ModelConfig
+from minitx_fn import LanguageModel, ModelConfig
 from minitx_fn.layers import attention, block
 
 
@@ -68,3 +70,24 @@ class Parallel(ModelConfig):
         h = block.normed(params["ln1"], x, spec)
         a, cache = attention.apply_cached(params["attn"], h, cache, spec.attention, index=index, mask=mask)
         return x + (a + block.feedforward(params, h, spec)).astype(x.dtype), cache
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Bigram(LanguageModel):
+    """A model written from scratch, not from the built-in one: each token's logits are
+    its row of one (V, V) table. It reads no context, so its cache holds nothing."""
+
+    vocab_size: int | None = None
+    max_len: int = 16
+
+    def init(self, key):
+        return {"table": 0.1 * jax.random.normal(key, (self.vocab_size, self.vocab_size))}
+
+    def apply(self, params, tokens, *, positions=None, mask=None, key=None):
+        return params["table"][tokens]                                     # (B, T, V)
+
+    def init_cache(self, batch, slots):
+        return jnp.zeros((batch, slots), jnp.int32)
+
+    def apply_cached(self, params, tokens, cache, *, index):
+        return params["table"][tokens], cache
