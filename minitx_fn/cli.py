@@ -588,6 +588,8 @@ def _main(argv: list[str] | None, signals) -> int:
         # signal while the interpreter shuts down cannot change a finished command's status.
         with signals.StopSignals(restore=argv is not None):
             args = build_parser().parse_args(argv)
+            if getattr(args, "trust_code", False) and not {"", os.getcwd()} & set(sys.path):
+                sys.path.insert(0, os.getcwd())     # as `python -m` does: a run's own module beside it imports
             signals.check()
             return COMMANDS[args.command](args)
     except RunFailed as e:

@@ -276,6 +276,9 @@ def plan(job: Job, *, log=None) -> Plan:
             raise ConfigError("{v} differs from the tokenizer's {t} ids; leave vocab_size None, and the tokenizer "
                               "gives it", v=("vocab_size", model.vocab_size), t=("vocab_size", vocab))
         provenance.check_contract(model)                        # a model of one's own: its shapes, before training
+        if model.code.startswith("__main__:"):
+            print(f"Note: the model {model.code} is defined in the script that runs; resuming or loading this run "
+                  f"needs the same class defined there (in a module of its own, it loads anywhere)", file=log)
         run_dir = start.run_dir or runs.new_run_name(RUNS_ROOT, source.name)
         runs.check_new_run_dir(run_dir)
         if started is not None:

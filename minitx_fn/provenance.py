@@ -91,7 +91,7 @@ def _import(code: str, where: str):
     except Exception as e:                  # ImportError, AttributeError, or whatever the module raised
         fix = ("it was defined in the script or notebook that saved the run: define the same class there (in "
                "__main__) before loading, or move it into a module" if module == "__main__" else
-               "put the module that defines it on the path (PYTHONPATH), or load the run where it is")
+               "put the folder of the module that defines it on the path (PYTHONPATH=FOLDER), or work from that folder")
         raise CheckpointError(f"{where}: its model {code!r} cannot be imported ({type(e).__name__}: {e}); "
                               f"{fix}") from None
     if not (isinstance(found, type) and issubclass(found, LanguageModel) and dataclasses.is_dataclass(found)):

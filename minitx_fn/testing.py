@@ -90,7 +90,7 @@ def assert_close_scaled(actual, expected, tol: float, *, floor: float = 1e-3) ->
         scale = max(_max_abs(e64), floor)
         err = float(np.abs(a64 - e64).max(initial=0.0))
         assert err <= tol * scale, (
-            f"{jax.tree_util.keystr(path)}: max abs error {err:.3e} > {tol:.0e} x scale {scale:.3e}")
+            f"{jax.tree_util.keystr(path) + ': ' if path else ''}max abs error {err:.3e} > {tol:.0e} x scale {scale:.3e}")
 
 
 def assert_param_shapes(params, expected_shapes: dict, dtype) -> None:
@@ -239,6 +239,9 @@ def check_model(model, *, examples: int | None = None, dtypes=("float32", "float
        window, so the slide is checked too: a sliding window equals recompute on its
        last tokens.
     3. A row alone equals the same row in a mixed batch of other lengths.
+    4. Dropout is passed on: for a model with a `dropout` field, at rate 0.5 a key
+       changes what each block's `apply_block` computes (a model not built on
+       `ModelConfig`'s blocks: what `apply` computes).
 
     AssertionError names the law, the model's fields and the sizes that broke it
     (hypothesis shrinks them to the smallest that fail, which compiles the model many
@@ -299,7 +302,7 @@ def _check_one(model, dtype: str, seed: int, lengths: list[int], row: int) -> No
     v, s = model.vocab_size, model.max_len
     lengths = [min(n, s) for n in lengths]
     row = row % len(lengths)
-    where = f"{model.code}({model.to_dict()}), prompt lengths {lengths}"
+    where = f"{model.code}({model.to_dict()}), prompt lengths {lengths} (at most max_len)"
     key = jax.random.key(seed)
     params = model.init(key)
     declared = jax.eval_shape(model.init, key)
@@ -331,6 +334,30 @@ def _check_one(model, dtype: str, seed: int, lengths: list[int], row: int) -> No
     alone_ids, alone = generate.generate(params, [prompts[row]], model=model, max_new_tokens=new, return_logits=True)
     _law(f"law 3, row {row} alone != in the batch", where, lambda: (np.testing.assert_array_equal(alone_ids[0], ids[row]),
                                                                   assert_close_scaled(alone[0], got[row], tol, floor=1.0)))
+    if "dropout" in {f.name for f in dataclasses.fields(model)}:
+        _law("law 4, dropout", where, lambda: _drops(model.replace(dropout=0.5), params, tokens, seed))
+
+
+def _drops(model, params, tokens, seed: int) -> None:
+    """AssertionError unless a key changes what the model's blocks (`apply_block`), or
+    for a model not built on them `apply`, compute: else dropout is silently off."""
+    import jax
+    import jax.numpy as jnp
+
+    from minitx_fn.config import ModelConfig
+    key = jax.random.key(seed + 1)
+    if isinstance(model, ModelConfig):
+        first = jax.tree.map(lambda a: a[0], params["blocks"])                  # layer 0 of the stacked blocks
+        x = jax.random.normal(key, (*tokens.shape, model.d_model), jnp.result_type(*jax.tree.leaves(first)))
+        positions = jnp.arange(tokens.shape[1])[None]
+        plain, dropped = (model.apply_block(first, x, positions=positions, key=k) for k in (None, key))
+        what = "apply_block"
+    else:
+        plain, dropped = model.apply(params, tokens), model.apply(params, tokens, key=key)
+        what = "apply"
+    assert not np.array_equal(np.asarray(plain), np.asarray(dropped)), (
+        f"at dropout 0.5 a key changes nothing {what} computes: pass the key on (to block.apply, "
+        f"attention.apply, block.mlp_half or dropout.apply)")
 
 
 def _is(ok: bool, what: str) -> None:

@@ -9,6 +9,7 @@ import json
 import os
 import pydoc
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -437,11 +438,12 @@ def test_a_model_of_ones_own_gets_the_whole_machinery(capsys):
     assert code == 0 and out.startswith("to"), err
 
 
-def test_models_of_ones_own_that_a_run_could_not_hold_are_one_line_before_training(capsys):
+def test_models_of_ones_own_that_a_run_could_not_hold_are_one_line_before_training(capsys, monkeypatch):
     """What a hostile reviewer of #36 trained for nothing, or saw fail deep inside: a
     field JSON cannot hold, apply of the wrong shape, a from-scratch model given a
     field it lacks, lora_paths naming what is not there, a resume naming another class,
-    the job's functions given each other's values. Nested dataclasses and tuples are
+    the job's functions given each other's values; a model defined in the running script
+    is noted, as only that script can load its run. Nested dataclasses and tuples are
     fields a run holds."""
     from tests.variants import Bigram, Parallel
     open("t.txt", "w").write(TEXT)
@@ -450,6 +452,12 @@ def test_models_of_ones_own_that_a_run_could_not_hold_are_one_line_before_traini
     with pytest.raises(ConfigError, match=r"tests.test_job:Narrow breaks the model contract: apply gives "
                                           r"\(2, 3, 14\) float32, not \(2, 3, V=15\)"):
         job.plan(job.make("t.txt", model=Narrow(**SMALL)), log=io.StringIO())
+    inline = dataclasses.make_dataclass("Inline", [], bases=(Parallel,), frozen=True, kw_only=True,
+                                        namespace={"__module__": "__main__"})     # as in a script of its own
+    monkeypatch.setattr(sys.modules["__main__"], "Inline", inline, raising=False)
+    said = io.StringIO()
+    job.plan(job.make("t.txt", model=inline(**SMALL)), log=said)
+    assert "the model __main__:Inline is defined in the script that runs" in said.getvalue()
     nested = _train("t.txt", model=Nested(**SMALL, window=Window(size=3), heads_seen=(2,)), run_dir="nested")
     assert checkpoint.load_model("nested", trust_code=True).model == nested.model          # back from JSON
     with pytest.raises(ConfigError, match=r"lora_paths names \['blocks/attn/qvk'\], which its parameters do not"):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,6 +65,14 @@ def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkey
     # 3. Three lines: the text continues the sentence the model learned.
     assert lines[-1] in "the quick brown fox jumps over the lazy dog. " * 3
     assert loaded["m"].model == whole["result"].model
+    # 4. The command line, from the folder that holds alibi.py (a process of its own: the
+    # console script's path is the point), decodes the run with --trust-code.
+    minitx = os.path.join(os.path.dirname(sys.executable), "minitx")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([minitx, "generate", "--checkpoint", "runs/poem-alibi", "--prompt", "the lazy",
+                           "--max-new-tokens", "8", "--trust-code"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in sentence
 
 
 def test_the_readme_snippet_reads_a_run_with_numpy_alone(tmp_path, monkeypatch, capsys, key):

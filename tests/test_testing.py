@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from minitx_fn import ModelConfig, testing
 from minitx_fn.errors import ConfigError
-from minitx_fn.layers import attention, block
+from minitx_fn.layers import block
 from tests.helpers import standard_promotion
 from tests.variants import ALiBi, Parallel
 
@@ -64,13 +64,9 @@ class _Bent(ALiBi):
         return bias
 
     def apply_block_cached(self, params, x, cache, *, index, positions, mask):
-        spec = self.block_spec
-        q, k, v = attention.project_qkv(params["attn"], block.normed(params["ln1"], x, spec), spec.attention)
-        cache = attention.write_kv(cache, index, k, v)
         slots = jnp.arange(cache.k.shape[1], dtype=jnp.int32)[None]
-        bias = self.bend(self.alibi(positions, slots), positions, slots)
-        y = attention.scaled_dot_product(q, cache.k, cache.v, mask, bias=bias)
-        return block.mlp_half(params, x + attention.project_out(params["attn"], y, spec.attention), spec), cache
+        return block.apply_cached(params, x, cache, self.block_spec, index=index, mask=mask,
+                                  score_bias=self.bend(self.alibi(positions, slots), positions, slots))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,12 +85,20 @@ class Steep(_Bent):
         return 1.1 * bias
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Dry(ModelConfig):
+    """Its block forgets dropout's key: training would silently drop nothing."""
+
+    def apply_block(self, params, x, *, positions, mask=None, key=None):
+        return super().apply_block(params, x, positions=positions, mask=mask)
+
+
 @pytest.mark.parametrize("broken, law", [(Forgetful, "law 2, cached decode != recompute"),
                                          (Crowded, "law [23], "), (Nearsighted, "law 2, cached decode != recompute"),
-                                         (Steep, "law 2, cached decode != recompute")])
+                                         (Steep, "law 2, cached decode != recompute"), (Dry, "law 4, dropout")])
 def test_a_model_that_breaks_the_contract_fails_it_naming_the_law(broken, law):
     """Each broken where a fixed small input would not show it: in the cache, across rows,
-    past position 4 of the window, by a tenth in one layer."""
+    past position 4 of the window, by a tenth in one layer; or in training alone."""
     with standard_promotion(), pytest.raises(AssertionError, match=law):
         testing.check_model(broken(**{**SIZES, "max_len": 12}), examples=1, dtypes=("float32",), shrink=False)
     with standard_promotion(), pytest.raises(ConfigError, match="takes a model value"):

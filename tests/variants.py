@@ -2,8 +2,7 @@
 and GPT-J's parallel block, each a subclass of the built-in model that overrides its
 block, and so gets all of the machinery (training runs, resume, cached and speculative
 decoding, LoRA, loading, and `testing.check_model`); and a bigram table written from
-scratch against `LanguageModel`'s contract. None drops anything: dropout is the
-built-in block's, and these have none.
+scratch against `LanguageModel`'s contract. Both blocks pass on dropout's key.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from minitx_fn import LanguageModel, ModelConfig
-from minitx_fn.layers import attention, block
+from minitx_fn.layers import attention, block, dropout
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -31,25 +30,14 @@ class ALiBi(ModelConfig):
         distance = (q_pos[:, :, None] - k_pos[:, None, :]).astype(jnp.float32)                     # (B|1, T, S)
         return -slopes[None, :, None, None] * distance[:, None]
 
-    def attend(self, params, x, qkv, q_pos, k_pos, mask):
-        """The rest of the block, given q (B, T, H, K), and k and v (B, S, G, K) at k_pos."""
-        spec = self.block_spec
-        y = attention.scaled_dot_product(*qkv, mask, bias=self.alibi(q_pos, k_pos))                 # (B, T, H, K)
-        return block.mlp_half(params, x + attention.project_out(params["attn"], y, spec.attention).astype(x.dtype),
-                              spec)
-
     def apply_block(self, params, x, *, positions, mask=None, key=None):
-        spec = self.block_spec
-        qkv = attention.project_qkv(params["attn"], block.normed(params["ln1"], x, spec), spec.attention)
-        mask = attention.causal_mask(x.shape[1])[None, None] if mask is None else mask
-        return self.attend(params, x, qkv, positions, positions, mask)
+        return block.apply(params, x, self.block_spec, positions=positions, mask=mask, key=key,
+                           score_bias=self.alibi(positions, positions))
 
     def apply_block_cached(self, params, x, cache, *, index, positions, mask):
-        spec = self.block_spec
-        q, k, v = attention.project_qkv(params["attn"], block.normed(params["ln1"], x, spec), spec.attention)
-        cache = attention.write_kv(cache, index, k, v)                     # slot s holds position s
-        slots = jnp.arange(cache.k.shape[1], dtype=jnp.int32)[None]
-        return self.attend(params, x, (q, cache.k, cache.v), positions, slots, mask), cache
+        slots = jnp.arange(cache.k.shape[1], dtype=jnp.int32)[None]       # slot s of a row holds position s
+        return block.apply_cached(params, x, cache, self.block_spec, index=index, mask=mask,
+                                  score_bias=self.alibi(positions, slots))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,9 +49,10 @@ class Parallel(ModelConfig):
 
     def apply_block(self, params, x, *, positions, mask=None, key=None):
         spec = self.block_spec
+        k_attn, k_out = (None, None) if key is None else jax.random.split(key)    # dropout's, one each
         h = block.normed(params["ln1"], x, spec)
-        a = attention.apply(params["attn"], h, spec.attention, positions=positions, mask=mask)
-        return x + (a + block.feedforward(params, h, spec)).astype(x.dtype)
+        a = attention.apply(params["attn"], h, spec.attention, positions=positions, mask=mask, key=k_attn)
+        return x + dropout.apply(a + block.feedforward(params, h, spec), rate=spec.dropout, key=k_out).astype(x.dtype)
 
     def apply_block_cached(self, params, x, cache, *, index, positions, mask):
         spec = self.block_spec

@@ -102,12 +102,12 @@ def _grouped(q: jax.Array, groups: int) -> jax.Array:
     return q.reshape(b, t, groups, h // groups, k)
 
 
-def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None, bias: jax.Array | None = None
+def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None, score_bias: jax.Array | None = None
                       ) -> jax.Array:
     """q (B, T, H, K), k (B, S, G, K), mask broadcastable to (B, H, T, S) -> (B, H, T, S).
 
-    softmax over S of q.k / sqrt(K) + bias, query head h against key head h // (H / G),
-    with masked scores set to the lowest finite float before the softmax. `bias`,
+    softmax over S of q.k / sqrt(K) + score_bias, query head h against key head h // (H / G),
+    with masked scores set to the lowest finite float before the softmax. `score_bias`,
     broadcastable to (B, H, T, S), is added to the scores (a relative-position bias:
     ALiBi, T5); None adds nothing. Scores and
     softmax are in at least float32: with bfloat16 scores, exp() of differences loses
@@ -129,8 +129,8 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None, bias: 
     else:
         scores = jnp.einsum("BTGRK,BSGK->BGRTS", _grouped(q, k.shape[2]), k, preferred_element_type=work) * scale
         scores = scores.reshape(b, h, t, k.shape[1])                        # (B, H, T, S)
-    if bias is not None:
-        scores = scores + bias.astype(work)
+    if score_bias is not None:
+        scores = scores + score_bias.astype(work)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(work).min)
     return jax.nn.softmax(scores, axis=-1)
@@ -138,9 +138,9 @@ def attention_weights(q: jax.Array, k: jax.Array, mask: jax.Array | None, bias: 
 
 def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
                        impl: str = "einsum", dropout_rate: float = 0.0, key: jax.Array | None = None,
-                       bias: jax.Array | None = None) -> jax.Array:
+                       score_bias: jax.Array | None = None) -> jax.Array:
     """q (B, T, H, K), k and v (B, S, G, K), mask (B|1, 1, T, S) bool -> (B, T, H, K);
-    `bias` (broadcastable to (B, H, T, S)) added to the scores, as in `attention_weights`.
+    `score_bias` (broadcastable to (B, H, T, S)) added to the scores, as in `attention_weights`.
 
     impl="einsum" writes the maths out; impl="dot_product_attention" calls
     `jax.nn.dot_product_attention` (grouped heads too), which XLA (or cuDNN on a GPU)
@@ -153,7 +153,7 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         (2, 4, 3, 8)
     """
     if impl == "einsum":
-        weights = attention_weights(q, k, mask, bias)                       # (B, H, T, S)
+        weights = attention_weights(q, k, mask, score_bias)                       # (B, H, T, S)
         weights = dropout.apply(weights, rate=dropout_rate, key=key).astype(v.dtype)
         b, h, t, s = weights.shape
         g = k.shape[2]
@@ -167,8 +167,8 @@ def scaled_dot_product(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
         # jax.nn.dot_product_attention mixes a float32 constant into float64 inputs,
         # which strict dtype promotion rejects; its result dtype is q's either way.
         with jax.numpy_dtype_promotion("standard"):
-            return jax.nn.dot_product_attention(q, k, v, mask=mask, bias=None if bias is None else jnp.broadcast_to(
-                bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(q.dtype))
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, bias=None if score_bias is None else jnp.broadcast_to(
+                score_bias, (q.shape[0], q.shape[2], q.shape[1], k.shape[1])).astype(q.dtype))
     raise ValueError(f"unknown attention impl {impl!r}; choose one of {list(IMPLS)}")
 
 
@@ -277,14 +277,15 @@ def project_out(params: dict, y: jax.Array, spec: AttentionSpec) -> jax.Array:
 
 
 def apply(params: dict, x: jax.Array, spec: AttentionSpec, *, positions: jax.Array | None = None,
-          mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
+          mask: jax.Array | None = None, key: jax.Array | None = None, score_bias: jax.Array | None = None) -> jax.Array:
     """(B, T, D) -> (B, T, D): self-attention of x over itself.
 
     mask: bool, broadcastable to (B, 1, T, T), True where a query may attend to a key;
     None means causal, computed in query blocks of spec.query_block rows (0: one
     block; see `causal_blockwise`). With a key, attention weights are dropped at
     spec.dropout. positions as in `project_qkv`: they matter only with rotary
-    positions; learned or sinusoidal positions are already in x.
+    positions; learned or sinusoidal positions are already in x. score_bias (broadcastable
+    to (B, H, T, T)) is added to the scores (ALiBi, relative-position biases).
 
     Example:
         >>> spec = AttentionSpec(n_heads=2)
@@ -292,11 +293,13 @@ def apply(params: dict, x: jax.Array, spec: AttentionSpec, *, positions: jax.Arr
         (3, 5, 8)
     """
     q, k, v = project_qkv(params, x, spec, positions=positions)
-    if mask is None:
+    if mask is None and score_bias is None:
         y = causal_blockwise(q, k, v, block=spec.query_block, impl=spec.impl, dropout_rate=spec.dropout,
                              key=key)                                   # (B, T, H, K)
     else:
-        y = scaled_dot_product(q, k, v, mask, impl=spec.impl, dropout_rate=spec.dropout, key=key)   # (B, T, H, K)
+        mask = causal_mask(x.shape[1])[None, None] if mask is None else mask
+        y = scaled_dot_product(q, k, v, mask, impl=spec.impl, dropout_rate=spec.dropout, key=key,
+                               score_bias=score_bias)                               # (B, T, H, K)
     return project_out(params, y, spec)                                 # (B, T, D)
 
 
@@ -333,7 +336,7 @@ def write_kv(cache: KVCache, index: jax.Array, k: jax.Array, v: jax.Array) -> KV
 
 
 def apply_cached(params: dict, x: jax.Array, cache: KVCache, spec: AttentionSpec, *, index: jax.Array,
-                 mask: jax.Array) -> tuple[jax.Array, KVCache]:
+                 mask: jax.Array, score_bias: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """x (B, T, D) of row b written at slots index[b] .. index[b] + T - 1 of the cache; attend over all S slots.
 
     Prefill is T = prompt length at index 0; a decode step is T = 1. The cache keeps
@@ -341,7 +344,8 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, spec: AttentionSpec
     A token in slot s is at position s of its row, so rotary positions are index[b] + t.
 
     mask: bool (B, 1, T, S), True where query t may read slot s: the caller masks
-    slots not yet written and the future.
+    slots not yet written and the future; score_bias (broadcastable to (B, H, T, S)) is
+    added to the scores, as in `apply`.
     Returns y (B, T, D) and the updated cache.
 
     Example:
@@ -356,5 +360,5 @@ def apply_cached(params: dict, x: jax.Array, cache: KVCache, spec: AttentionSpec
     positions = index.astype(jnp.int32)[:, None] + jnp.arange(x.shape[1], dtype=jnp.int32)[None, :]   # (B, T)
     q, k, v = project_qkv(params, x, spec, positions=positions)              # (B, T, H|G, K)
     cache = write_kv(cache, index, k, v)
-    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=spec.impl)       # (B, T, H, K)
+    y = scaled_dot_product(q, cache.k, cache.v, mask, impl=spec.impl, score_bias=score_bias)   # (B, T, H, K)
     return project_out(params, y, spec), cache

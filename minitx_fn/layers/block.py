@@ -111,9 +111,11 @@ def mlp_half(params: dict, x: jax.Array, spec: BlockSpec, key: jax.Array | None 
 
 
 def attention_half(params: dict, x: jax.Array, spec: BlockSpec, *, positions: jax.Array | None = None,
-                   mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
-    """x + Dropout(Attention(Norm1(x))): the block's first residual branch (mask None: causal).
-    With a key, the attention weights and the branch each drop from their own subkey.
+                   mask: jax.Array | None = None, key: jax.Array | None = None,
+                   score_bias: jax.Array | None = None) -> jax.Array:
+    """x + Dropout(Attention(Norm1(x))): the block's first residual branch (mask None: causal;
+    score_bias as in `attention.apply`). With a key, the attention weights and the
+    branch each drop from their own subkey.
 
     Example:
         >>> from minitx_fn.config import AttentionSpec
@@ -123,14 +125,15 @@ def attention_half(params: dict, x: jax.Array, spec: BlockSpec, *, positions: ja
     """
     k_weights, k_branch = (None, None) if key is None else jax.random.split(key)
     h = attention.apply(params["attn"], normed(params["ln1"], x, spec), spec.attention, positions=positions,
-                        mask=mask, key=k_weights)
+                        mask=mask, key=k_weights, score_bias=score_bias)
     return x + dropout.apply(h, rate=spec.dropout, key=k_branch).astype(x.dtype)
 
 
 def apply(params: dict, x: jax.Array, spec: BlockSpec, *, positions: jax.Array | None = None,
-          mask: jax.Array | None = None, key: jax.Array | None = None) -> jax.Array:
-    """(B, T, D) -> (B, T, D). positions (B|1, T) and mask as in `attention.apply`
-    (mask None: causal). With a key, dropout at spec.dropout on the attention weights
+          mask: jax.Array | None = None, key: jax.Array | None = None,
+          score_bias: jax.Array | None = None) -> jax.Array:
+    """(B, T, D) -> (B, T, D). positions (B|1, T), mask and score_bias as in
+    `attention.apply` (mask None: causal). With a key, dropout at spec.dropout on the attention weights
     and on both residual branches, each from its own subkey.
 
     Example:
@@ -141,14 +144,14 @@ def apply(params: dict, x: jax.Array, spec: BlockSpec, *, positions: jax.Array |
     """
     check_kinds(params, spec)
     k_attn, k_mlp = (None, None) if key is None else jax.random.split(key)
-    x = attention_half(params, x, spec, positions=positions, mask=mask, key=k_attn)
+    x = attention_half(params, x, spec, positions=positions, mask=mask, key=k_attn, score_bias=score_bias)
     return mlp_half(params, x, spec, k_mlp)
 
 
 def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, spec: BlockSpec, *, index: jax.Array,
-                 mask: jax.Array) -> tuple[jax.Array, attention.KVCache]:
+                 mask: jax.Array, score_bias: jax.Array | None = None) -> tuple[jax.Array, attention.KVCache]:
     """Like `apply`, with attention reading and writing this layer's KV cache
-    (B, S, G, K); `index` and `mask` as in `attention.apply_cached`.
+    (B, S, G, K); `index`, `mask` and `score_bias` as in `attention.apply_cached`.
 
     Example:
         >>> from minitx_fn.config import AttentionSpec
@@ -162,5 +165,5 @@ def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, spec: Blo
     """
     check_kinds(params, spec)
     h, cache = attention.apply_cached(params["attn"], normed(params["ln1"], x, spec), cache, spec.attention,
-                                      index=index, mask=mask)
+                                      index=index, mask=mask, score_bias=score_bias)
     return mlp_half(params, x + h.astype(x.dtype), spec), cache
