@@ -6,8 +6,8 @@ LoRA), against training from scratch.
 
 1. A small GPT-2-shaped model (learned positions, tied embeddings, byte tokenizer)
    pretrains on the first half of the text.
-2. It is exported as a Hugging Face GPT-2 folder (`gpt2.export_run`) and imported back
-   (`gpt2.import_run`), the path a downloaded GPT-2 takes.
+2. It is exported as a Hugging Face GPT-2 folder (`hf.export_run`) and imported back
+   (`hf.import_run`), the path a downloaded GPT-2 takes.
 3. Three runs of the same length train on the second half: from scratch, a full
    fine-tune of the imported model, and LoRA on it. They share the tokenizer, so the
    same validation windows (the last 10% of the second half).
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.common import CONFIGS, check_output_path, device_info, model_config, positive_int, versions
-from minitx_fn import checkpoint, gpt2, job, model, runs, train
+from minitx_fn import checkpoint, hf, job, model, runs, train
 from minitx_fn.config import LoraConfig, TrainConfig
 
 SHARED_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
@@ -105,9 +105,9 @@ def measure(text_path: str, work: str, config: str, pretrain_steps: int, steps: 
     pre = job.train(first, tokenizer="byte", model=shape, run_dir=os.path.join(work, "pretrained"), sample_tokens=0,
                     training={**cadence, "steps": pretrain_steps, "optimizer": {"lr": lr["pretrain"]},
                               "save_every": pretrain_steps}, log=quiet)
-    gpt2.export_run(pre.run_dir, os.path.join(work, "hf"))
+    hf.export_run(pre.run_dir, os.path.join(work, "hf"))
     imported = os.path.join(work, "imported")
-    gpt2.import_run(os.path.join(work, "hf"), imported, log=quiet)
+    hf.import_run(os.path.join(work, "hf"), imported, log=quiet)
     rows = {}
     for mode in MODES:
         settings = {"training": {**cadence, "steps": steps, "optimizer": {"lr": lr[mode]}}}

@@ -142,7 +142,7 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     import torch
     import transformers
 
-    from minitx_fn import checkpoint, gpt2, model
+    from minitx_fn import checkpoint, hf, model
     transformers.logging.set_verbosity_error()
 
     spec = SIZES[size]
@@ -156,7 +156,7 @@ def run(size: str, work: str, *, reps: int, window: int, new_tokens: int) -> dic
     built = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    gpt2.import_run(hf_dir, run_dir)                                     # what `minitx import-hf` runs
+    hf.import_run(hf_dir, run_dir)                                     # what `minitx import-hf` runs
     imported = time.perf_counter() - t0
     ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(run_dir) for f in fs)
     params, c, tok, _ = checkpoint.load_model(run_dir)         # params, model, tokenizer, meta

@@ -19,12 +19,13 @@ The names a reader starts from, all importable from here:
 |---|---|
 | `job` | `Job` (data, model, training, start, devices, sample: one value), `make` (settings -> a Job), `plan`, `run`, `train` (`minitx train`); `evaluate`: a text's loss under a run (`minitx eval`) |
 | `ModelConfig`, `LanguageModel` | the built-in model as a value (its fields, and init/apply/init_cache/apply_cached), and the contract a model of one's own keeps (`config.py`) |
-| `TrainConfig`, `OptimizerConfig`, `LoraConfig`, `RopeScaling`, `AttentionSpec`, `BlockSpec` | frozen, hashable, validated values; `defaults`: presets and limits |
+| `TrainConfig`, `OptimizerConfig`, `LoraConfig` | frozen, hashable, validated values (`config.py`; `checks.py` their checks); `defaults`: presets and limits |
+| `RopeScaling`, `AttentionSpec`, `BlockSpec` | the layers' options, one value per layer (`specs.py`) |
 | `layers` | one init/apply pair per layer (`layers/`), options as one spec value per layer |
 | `model` | the built-in model's functions: `init`, `apply`, `apply_cached`, `init_cache`, `attention_maps` |
 | `train` | `TrainState`, `init_state`, `new_state`, `make_step` (any loss, any optax), `train_step`, `batch_at`, `evaluate`, `lora_state`, `cross_entropy` |
 | `lora`, `LoraConfig` | low-rank adapters as a transform of the parameter tree: `init`, `merge` |
-| `gpt2`, `llama` | Hugging Face folders in and out: `gpt2.import_run` / `export_run` (GPT-2, Llama, Qwen2) |
+| `hf` | Hugging Face folders in and out: `hf.import_run` / `export_run` (GPT-2, Llama, Qwen2; `hf/`, a module per family) |
 | `loop` | `fit`: the training loop around any step (logging, checkpoints, signals) |
 | `generate`, `decode`, `speculative`, `Sampler` | `generate.complete`: text in, text out; `generate.generate`: ids, cached decoding in one compiled loop (`decode`: its shared pieces; `speculative`: with a draft) |
 | `CharTokenizer`, `ByteTokenizer`, `BPETokenizer` | text <-> ids: one interface, three kinds (`tokenizer.py`) |
@@ -42,11 +43,11 @@ import importlib
 
 # A submodule, once imported, is also an attribute of the package: so `generate` is
 # the module (its function is generate.generate), never sometimes one, sometimes the other.
-_MODULES = ("checkpoint", "config", "corpus", "data", "decode", "defaults", "distributed", "generate", "gpt2", "job",
-            "layers", "llama", "loop", "lora", "memory", "model", "runs", "sampling", "speculative", "testing",
+_MODULES = ("checkpoint", "checks", "config", "corpus", "data", "decode", "defaults", "distributed", "generate", "hf",
+            "job", "layers", "loop", "lora", "memory", "model", "runs", "sampling", "specs", "speculative", "testing",
             "tokenizer", "train")
 _NAMES = {"ModelConfig": "config", "LanguageModel": "config", "TrainConfig": "config", "OptimizerConfig": "config",
-          "LoraConfig": "config", "RopeScaling": "config", "AttentionSpec": "config", "BlockSpec": "config",
+          "LoraConfig": "config", "RopeScaling": "specs", "AttentionSpec": "specs", "BlockSpec": "specs",
           "CharTokenizer": "tokenizer",
           "ByteTokenizer": "tokenizer", "BPETokenizer": "tokenizer", "Sampler": "sampling"}
 

@@ -288,7 +288,7 @@ def vocabulary_problem(tokenizer: Tokenizer, model: LanguageModel) -> str:
         'the char tokenizer has 3 ids but the model says vocab_size=5'
     """
     n, v = tokenizer.vocab_size, model.vocab_size
-    if v is None or n > v or (n < v and tokenizer.kind != "bpe"):
+    if v is None or n > v or (n < v and not tokenizer.padded_table):
         return f"the {tokenizer.kind} tokenizer has {n} ids but the model says vocab_size={v}"
     return ""
 
@@ -711,7 +711,7 @@ def base_params(meta: dict, model: LanguageModel, *, trust_code: bool = False, _
     where = source["path"]
     if len(_seen) >= MAX_BASES:
         raise _ChainTooDeep(f"{where!r} starts a chain of bases more than {MAX_BASES} runs deep (LoRA runs on LoRA "
-                            f"runs); start a shorter one from a run of the chain without --lora-rank, which merges it")
+                            f"runs); start a shorter one from a run of the chain in full, without LoRA, which merges it")
     try:
         if os.path.realpath(locate(where)) in _seen:
             raise CheckpointError("through its own bases, it is the run itself")

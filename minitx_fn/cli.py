@@ -11,7 +11,7 @@
 
 Each command is one library call: `job.train`, `generate.complete`,
 `model.attention_maps`, `plot.plot_losses`, `data.download`, `corpus.prepare`,
-`gpt2.import_run`, `gpt2.export_run`. Every input is checked before any work starts.
+`hf.import_run`, `hf.export_run`. Every input is checked before any work starts.
 Errors print one line `minitx: error: ...` and exit with status 2 (bad input: flags,
 data files, prompts, checkpoints, run directories) or 1 (the run failed: a
 non-finite loss, a full or read-only disk); nothing saved before is lost. SIGINT
@@ -56,8 +56,10 @@ FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
                                                               "top_p", "vocab_size", "tokenizer", "data", "resume",
                                                               "batches", "preset", "init_from", "arch",
-                                                              "draft_tokens", "cache_dir", "trust_code")},
-         "run_dir": "--out", "data_path": "--data"}
+                                                              "draft_tokens", "cache_dir", "trust_code", "coordinator",
+                                                              "num_processes", "process_id", "heartbeat_timeout",
+                                                              "start_timeout")},
+         "run_dir": "--out", "out_dir": "--out", "data_path": "--data"}
 EXIT_BAD_INPUT, EXIT_FAILED = 2, 1
 
 
@@ -378,9 +380,8 @@ def cmd_train(args, out=None) -> int:
     if result.sample is not None:
         print("Generated text:", file=out)
         print(result.prompt + result.sample, file=out)
-        from minitx_fn import model
         print("\n" + next_steps(result.run_dir, result.prompt, result.picture, trust_code=args.trust_code,
-                                maps=model.has_attention_maps(result.model)), file=out)
+                                maps=getattr(result.model, "has_attention_maps", False)), file=out)
     return 0
 
 
@@ -526,11 +527,11 @@ def cmd_prepare(args, out=None) -> int:
 
 
 def cmd_import_hf(args, out=None) -> int:
-    """`minitx import-hf` (or import-gpt2): a Hugging Face directory -> a run (`gpt2.import_run`)."""
-    from minitx_fn import gpt2, llama
+    """`minitx import-hf` (or import-gpt2): a Hugging Face directory -> a run (`hf.import_run`)."""
+    from minitx_fn import hf
     out = out or sys.stdout
-    mc, n_params = gpt2.import_run(args.hf_dir, args.out, log=out)
-    kind = {"llama": "Llama", "qwen2": "Qwen2", None: "GPT-2"}[llama.family(mc)]
+    mc, n_params = hf.import_run(args.hf_dir, args.out, log=out)
+    kind = hf.families.NAMES[hf.family(mc)]
     print(f"Imported {kind} ({mc.n_layers} layers, {mc.n_heads} heads, width {mc.d_model}, context {mc.max_len}, "
           f"{mc.vocab_size:,} ids; {n_params:,} parameters) into {args.out}. Generate with:\n"
           f"  minitx generate --checkpoint {shlex.quote(args.out)} --prompt \"Hello, I'm a language model,\"", file=out)
@@ -538,10 +539,10 @@ def cmd_import_hf(args, out=None) -> int:
 
 
 def cmd_export_hf(args, out=None) -> int:
-    """`minitx export-hf` (or export-gpt2): a run -> a Hugging Face directory (`gpt2.export_run`)."""
-    from minitx_fn import gpt2
+    """`minitx export-hf` (or export-gpt2): a run -> a Hugging Face directory (`hf.export_run`)."""
+    from minitx_fn import hf
     out = out or sys.stdout
-    written, loaded = gpt2.export_run(args.run_dir, args.out, trust_code=args.trust_code)
+    written, loaded = hf.export_run(args.run_dir, args.out, trust_code=args.trust_code)
     print(f"Wrote {', '.join(written)} to {args.out} (step {loaded.meta['step']}). Load it with:\n"
           f"  transformers.AutoModelForCausalLM.from_pretrained({args.out!r})", file=out)
     if "tokenizer.json" not in written:

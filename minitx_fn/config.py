@@ -10,9 +10,7 @@ its methods, never a function of the built-in by name.
 
     LanguageModel     the contract every model value keeps
     ModelConfig       the built-in model: sizes and choices, and its functions (`model.py`)
-    AttentionSpec     one attention layer's options, as the layer takes them
-    BlockSpec         one block's options: its attention's, its norm's and its MLP's
-    RopeScaling       stretched rotary frequencies
+    AttentionSpec, BlockSpec, RopeScaling   the layers' options (`specs.py`; re-exported here)
     OptimizerConfig   what the train step reads: AdamW, its schedule, clipping
     LoraConfig        low-rank adapters
     TrainConfig       a run's steps, batch, seed and cadence, with its optimizer and LoRA nested
@@ -23,85 +21,26 @@ They hash by value, so they pass as static arguments to `jax.jit`: two equal
 configs reuse one compiled function. Sizes and flags live here, never as leaves of
 the parameter pytree. No JAX is imported by this module (nor by `defaults.py`): the
 command line reads these defaults for its help without starting JAX; the methods
-that compute import it when called. `job_dict` is the job as a run's meta.json holds it.
+that compute import it when called, and the
+checks each value runs on itself are `checks.py`'s. `job_dict` is the job as a run's meta.json holds it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
 from typing import TYPE_CHECKING, Any
 
 from minitx_fn import defaults
 from minitx_fn.defaults import FLOAT32_MAX, INT32_MAX, POSITIONS, SEED_MAX  # noqa: F401  (re-exported)
+from minitx_fn.checks import (key_value_heads, number, plain_numbers, positive_int, replace_fields, require, whole,
+                              x64_enabled)
 from minitx_fn.errors import ConfigError, DataError, RunDirError
+from minitx_fn.specs import AttentionSpec, BlockSpec, RopeScaling  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from minitx_fn.corpus import Corpus
-
-
-def x64_enabled() -> bool:
-    """Whether JAX makes 64-bit arrays now (`jax_enable_x64`, globally or in a `jax.enable_x64` block).
-
-    Example:
-        >>> x64_enabled()
-        False
-    """
-    import jax
-    import jax.numpy as jnp
-    return jax.dtypes.canonicalize_dtype(jnp.float64) == jnp.float64
-
-
-def _plain_numbers(config) -> None:
-    """NumPy scalars (np.int64(5), np.float32(1e-3)) as the Python numbers they stand
-    for: a config is hashed, compared and written to JSON, which numpy scalars spoil."""
-    for field in dataclasses.fields(config):
-        value = getattr(config, field.name)
-        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
-            object.__setattr__(config, field.name, int(value))
-        elif isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-            object.__setattr__(config, field.name, float(value))
-
-
-def _require(ok: bool, field: str, value: Any, fix: str, **mentions: tuple[str, Any]) -> None:
-    """ConfigError "{field}={value} is invalid: {fix}" unless ok; `fix` may mention other fields."""
-    if not ok:
-        raise ConfigError("{field} is invalid: " + fix, field=(field, value), **mentions)
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value: Any) -> bool:
-    """A finite int or float that float32 can hold: these settings reach the device as float32."""
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and abs(value) <= FLOAT32_MAX)
-
-
-def _positive_int(field: str, value: Any, limit: int = INT32_MAX) -> None:
-    _require(_whole(value) and 1 <= value <= limit, field, value, f"it must be a whole number in [1, {limit:,}]")
-
-
-def _replace(value, changes: dict):
-    """dataclasses.replace, with ConfigError naming a field the value does not have."""
-    names = [f.name for f in dataclasses.fields(value)]
-    unknown = sorted(set(changes) - set(names))
-    if unknown:
-        raise ConfigError(f"{type(value).__name__} has no fields {unknown}; its fields are {names}")
-    return dataclasses.replace(value, **changes)
-
-
-def _key_value_heads(config) -> None:
-    """Fill in and check a config's n_kv_heads (None: n_heads), which must divide n_heads."""
-    if config.n_kv_heads is None:
-        object.__setattr__(config, "n_kv_heads", config.n_heads)
-    _positive_int("n_kv_heads", config.n_kv_heads)
-    _require(config.n_heads % config.n_kv_heads == 0, "n_kv_heads", config.n_kv_heads,
-             "it must divide {heads} (each key/value head serves a group of query heads)",
-             heads=("n_heads", config.n_heads))
 
 
 def default_d_ff(d_model: int, mlp: str) -> int:
@@ -118,127 +57,6 @@ def default_d_ff(d_model: int, mlp: str) -> int:
     two_thirds = -(-8 * d_model // 3)                               # ceil(2/3 of 4 D)
     return -(-two_thirds // 8) * 8
 
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RopeScaling:
-    """Rotary frequencies stretched for a context `factor` times the one a model was
-    pre-trained on (`layers/rotary.frequencies` holds the maths; Hugging Face's
-    rope_type of the same name):
-
-        linear   every frequency divided by factor (position interpolation);
-        llama3   Llama 3.1's: frequencies whose wavelength is below
-                 original_max_len / high_freq_factor kept, those above
-                 original_max_len / low_freq_factor divided by factor, and a
-                 smooth blend between;
-        yarn     YaRN (Peng et al., 2023): a ramp between kept and divided
-                 frequencies over the pairs that turn between beta_slow and
-                 beta_fast times in original_max_len positions, and queries and
-                 keys scaled by attention_factor (None: 0.1 ln(factor) + 1).
-
-    A field a kind does not read (`defaults.ROPE_SCALINGS`) must keep its default.
-
-    Example:
-        >>> RopeScaling(kind="yarn", factor=4.0, original_max_len=32).attention_factor
-        1.138629436111989
-    """
-
-    kind: str                         # a key of defaults.ROPE_SCALINGS
-    factor: float                     # how many times longer the context is, >= 1
-    original_max_len: int | None = None   # the pre-training context (llama3, yarn)
-    low_freq_factor: float = 1.0      # llama3: wavelengths above original_max_len / this are divided
-    high_freq_factor: float = 4.0     # llama3: wavelengths below original_max_len / this are kept
-    beta_fast: float = 32.0           # yarn: pairs turning more than this often in original_max_len are kept
-    beta_slow: float = 1.0            # yarn: pairs turning less than this often are divided
-    truncate: bool = True             # yarn: round the ramp's ends to whole pairs
-    attention_factor: float | None = None   # yarn: the scale of rotated queries and keys
-
-    def __post_init__(self) -> None:
-        _plain_numbers(self)
-        kinds = defaults.ROPE_SCALINGS
-        _require(self.kind in kinds, "rope_scaling.kind", self.kind, f"choose one of {list(kinds)}")
-        _require(_number(self.factor) and self.factor >= 1, "rope_scaling.factor", self.factor,
-                 "it must be a number in [1, 3.4e38]")
-        if self.kind == "yarn" and self.attention_factor is None:
-            object.__setattr__(self, "attention_factor", 0.1 * math.log(self.factor) + 1.0)
-        unread = {f.name: f.default for f in dataclasses.fields(self)
-                  if f.name not in ("kind", "factor", *kinds[self.kind])}
-        for name, default in unread.items():
-            _require(getattr(self, name) == default, f"rope_scaling.{name}", getattr(self, name),
-                     "{kind} does not read it; leave it out", kind=("rope_scaling.kind", self.kind))
-        if self.kind == "linear":
-            return
-        _positive_int("rope_scaling.original_max_len", self.original_max_len)
-        for name in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
-            if name in kinds[self.kind]:
-                _require(_number(getattr(self, name)) and getattr(self, name) > 0, f"rope_scaling.{name}",
-                         getattr(self, name), "it must be a number in (0, 3.4e38]")
-        pairs = {"llama3": ("low_freq_factor", "high_freq_factor"), "yarn": ("beta_slow", "beta_fast")}[self.kind]
-        _require(getattr(self, pairs[0]) < getattr(self, pairs[1]), f"rope_scaling.{pairs[0]}",
-                 getattr(self, pairs[0]), "it must be below {other}",
-                 other=(f"rope_scaling.{pairs[1]}", getattr(self, pairs[1])))
-        if self.kind == "yarn":
-            _require(isinstance(self.truncate, bool), "rope_scaling.truncate", self.truncate,
-                     "it must be True or False")
-
-
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class AttentionSpec:
-    """One attention layer's options (`layers/attention.py` takes it whole): what used
-    to travel as a keyword each through every signature.
-
-    Example:
-        >>> AttentionSpec(n_heads=4, n_kv_heads=2).groups
-        2
-    """
-
-    n_heads: int                         # H: query heads
-    n_kv_heads: int | None = None        # G: key/value heads, dividing H; None means H
-    rope_theta: float | None = None      # rotary base; None: no rotary positions (q and k are not turned)
-    rope_scaling: RopeScaling | None = None   # stretched rotary frequencies (rotary only)
-    impl: str = "einsum"                 # "einsum" (the maths written out) or "dot_product_attention"
-    query_block: int = 0                 # causal self-attention in blocks of this many query rows; 0: one block
-    dropout: float = 0.0                 # on the attention weights, in training (with a key)
-    dtype: str | None = None             # compute dtype of the matmuls; None keeps the parameters'
-    bias: bool = True                    # a bias on the output projection
-    qkv_bias: bool | None = None         # a bias on the fused q, k, v projection; None follows `bias`
-
-    def __post_init__(self) -> None:
-        _plain_numbers(self)
-        _positive_int("n_heads", self.n_heads)
-        _key_value_heads(self)
-        _require(self.impl in defaults.ATTENTION_IMPLS, "attention", self.impl,
-                 f"choose one of {list(defaults.ATTENTION_IMPLS)}")
-        if self.qkv_bias is None:
-            object.__setattr__(self, "qkv_bias", self.bias)
-
-    @property
-    def groups(self) -> int:
-        """R = H / G, the query heads that share one key/value head."""
-        return self.n_heads // self.n_kv_heads
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class BlockSpec:
-    """One pre-norm block's options (`layers/block.py` takes it whole).
-
-    Example:
-        >>> BlockSpec(attention=AttentionSpec(n_heads=2), norm="rmsnorm").mlp
-        'gelu'
-    """
-
-    attention: AttentionSpec
-    norm: str = "layernorm"      # "layernorm" or "rmsnorm" (both norms of the block)
-    mlp: str = "gelu"            # "gelu" or "swiglu"
-    eps: float = 1e-5            # the norms' epsilon
-    dropout: float = 0.0         # on both residual branches, in training (with a key)
-    dtype: str | None = None     # compute dtype of the MLP's matmuls; None keeps the parameters'
-    bias: bool = True            # biases in the MLP
-
-    def __post_init__(self) -> None:
-        _require(self.norm in defaults.NORMS, "norm", self.norm, f"choose one of {list(defaults.NORMS)}")
-        _require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
 
 
 class LanguageModel:
@@ -268,6 +86,8 @@ class LanguageModel:
     with the caller's consent (`checkpoint.load(..., trust_code=True)`).
     """
 
+    has_attention_maps = False      # whether `model.attention_maps` can draw it (the built-in block's)
+
     def decode_params(self, params):
         """params in the form `apply_cached` reads fastest inside a decode loop, made once
         per generation (the built-in unstacks its blocks); default: as they are."""
@@ -292,7 +112,7 @@ class LanguageModel:
         return dataclasses.asdict(self)
 
     def replace(self, **changes):
-        return _replace(self, changes)
+        return replace_fields(self, changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -366,71 +186,71 @@ class ModelConfig(LanguageModel):
     qkv_bias: bool | None = None    # biases of the q, k, v projections alone; None follows `bias` (Qwen2: True)
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        plain_numbers(self)
         if self.vocab_size is not None:
-            _positive_int("vocab_size", self.vocab_size)
+            positive_int("vocab_size", self.vocab_size)
         for name in ("d_model", "n_heads", "n_layers", "max_len"):
-            _positive_int(name, getattr(self, name))
-        _require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
+            positive_int(name, getattr(self, name))
+        require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
         if self.d_ff is None:
             object.__setattr__(self, "d_ff", default_d_ff(self.d_model, self.mlp))
-        _positive_int("d_ff", self.d_ff)
-        _require(
+        positive_int("d_ff", self.d_ff)
+        require(
             self.d_model % self.n_heads == 0, "d_model", self.d_model,
             "it must be divisible by {heads}; try {suggestion}", heads=("n_heads", self.n_heads),
             suggestion=("d_model", self.n_heads * max(1, round(self.d_model / self.n_heads))),
         )
-        _key_value_heads(self)
-        _require(self.norm in defaults.NORMS, "norm", self.norm, f"choose one of {list(defaults.NORMS)}")
+        key_value_heads(self)
+        require(self.norm in defaults.NORMS, "norm", self.norm, f"choose one of {list(defaults.NORMS)}")
         for name in ("bias", "tie_embeddings"):
-            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "it must be True or False")
+            require(isinstance(getattr(self, name), bool), name, getattr(self, name), "it must be True or False")
         if self.qkv_bias is None:
             object.__setattr__(self, "qkv_bias", self.bias)
-        _require(isinstance(self.qkv_bias, bool), "qkv_bias", self.qkv_bias, "it must be True or False")
-        _require(_number(self.rope_theta) and self.rope_theta > 1, "rope_theta", self.rope_theta,
+        require(isinstance(self.qkv_bias, bool), "qkv_bias", self.qkv_bias, "it must be True or False")
+        require(number(self.rope_theta) and self.rope_theta > 1, "rope_theta", self.rope_theta,
                  "it must be a number in (1, 3.4e38]")
-        _require(self.positions == "rotary" or self.rope_theta == defaults.ROPE_THETA, "rope_theta", self.rope_theta,
+        require(self.positions == "rotary" or self.rope_theta == defaults.ROPE_THETA, "rope_theta", self.rope_theta,
                  "it is the base of rotary positions; it needs {positions}", positions=("positions", "rotary"))
         if isinstance(self.rope_scaling, dict):
             try:
                 object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
             except TypeError:             # a key RopeScaling lacks, or none of kind and factor
                 fields = [f.name for f in dataclasses.fields(RopeScaling)]
-                _require(False, "rope_scaling", self.rope_scaling, f"it takes the keys {fields}, kind and factor "
+                require(False, "rope_scaling", self.rope_scaling, f"it takes the keys {fields}, kind and factor "
                          f"among them")
-        _require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
+        require(self.rope_scaling is None or isinstance(self.rope_scaling, RopeScaling), "rope_scaling",
                  self.rope_scaling, "it must be None or a RopeScaling")
-        _require(self.positions == "rotary" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
+        require(self.positions == "rotary" or self.rope_scaling is None, "rope_scaling", self.rope_scaling,
                  "it stretches rotary positions; it needs {positions}", positions=("positions", "rotary"))
-        _require(self.positions != "rotary" or self.head_dim % 2 == 0, "d_model", self.d_model,
+        require(self.positions != "rotary" or self.head_dim % 2 == 0, "d_model", self.d_model,
                  "rotary positions turn pairs of features, so the head width {k} must be even",
                  k=("d_model / n_heads", self.head_dim))
-        _require(
-            _whole(self.attention_block) and 0 <= self.attention_block <= INT32_MAX, "attention_block",
+        require(
+            whole(self.attention_block) and 0 <= self.attention_block <= INT32_MAX, "attention_block",
             self.attention_block, "it must be a whole number >= 0 (0: no blocks)",
         )
-        _require(self.remat in defaults.REMAT, "remat", self.remat, f"choose one of {list(defaults.REMAT)}")
+        require(self.remat in defaults.REMAT, "remat", self.remat, f"choose one of {list(defaults.REMAT)}")
         for name in ("ln_eps", "init_std", "embed_std"):
-            _require(_number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
+            require(number(getattr(self, name)) and getattr(self, name) > 0, name, getattr(self, name),
                      "it must be a number in (0, 3.4e38]")
-        _require(self.dtype in defaults.DTYPES, "dtype", self.dtype, f"choose one of {sorted(defaults.DTYPES)}")
-        _require(
+        require(self.dtype in defaults.DTYPES, "dtype", self.dtype, f"choose one of {sorted(defaults.DTYPES)}")
+        require(
             self.param_dtype in defaults.PARAM_DTYPES, "param_dtype", self.param_dtype,
             "choose float32 or float64",
         )
-        _require(
+        require(
             self.attention in defaults.ATTENTION_IMPLS, "attention", self.attention,
             f"choose one of {list(defaults.ATTENTION_IMPLS)}",
         )
-        _require(self.positions in POSITIONS, "positions", self.positions, f"choose one of {list(POSITIONS)}")
-        _require(_number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "it must lie in [0, 1)")
-        _require(
+        require(self.positions in POSITIONS, "positions", self.positions, f"choose one of {list(POSITIONS)}")
+        require(number(self.dropout) and 0 <= self.dropout < 1, "dropout", self.dropout, "it must lie in [0, 1)")
+        require(
             self.dropout == 0 or self.attention == "einsum", "dropout", self.dropout,
             "attention dropout needs {attention}; jax.nn.dot_product_attention has none",
             attention=("attention", "einsum"),
         )
         for name in ("dtype", "param_dtype"):
-            _require(
+            require(
                 getattr(self, name) != "float64" or x64_enabled(), name, getattr(self, name),
                 "float64 needs 64-bit JAX, which is off: call jax.config.update('jax_enable_x64', True) "
                 "at start-up (or set JAX_ENABLE_X64=1), or build the config inside `with jax.enable_x64(True):`",
@@ -524,6 +344,11 @@ class ModelConfig(LanguageModel):
 
     # -- one block: what a model of one's own overrides (the defaults are `layers/block.py`'s pre-norm block)
 
+    @property
+    def has_attention_maps(self) -> bool:
+        """The built-in block's attention can be drawn (`model.attention_maps`); a subclass's own block's cannot."""
+        return type(self).apply_block is ModelConfig.apply_block
+
     def init_block(self, key):
         """One block's parameters (`model.init` makes L of them, stacked on a leading axis).
         The projections that write into the residual stream start smaller, by
@@ -572,26 +397,26 @@ class OptimizerConfig:
     grad_clip: float = 1.0          # clip the global gradient norm to this value
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
-        _require(_number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
+        plain_numbers(self)
+        require(number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)
-        _positive_int("decay_steps", self.decay_steps)
-        _require(
-            _whole(self.warmup) and 0 <= self.warmup < self.decay_steps, "warmup", self.warmup,
+        positive_int("decay_steps", self.decay_steps)
+        require(
+            whole(self.warmup) and 0 <= self.warmup < self.decay_steps, "warmup", self.warmup,
             "it must be a whole number in [0, {decay})", decay=("decay_steps", self.decay_steps),
         )
-        _require(_number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
+        require(number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
                  "it must lie in [0, {lr}]", lr=("lr", self.lr))
-        _require(_number(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "it must lie in [0, 1)")
-        _require(_number(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "it must lie in [0, 1)")
-        _require(_number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
+        require(number(self.b1) and 0 <= self.b1 < 1, "b1", self.b1, "it must lie in [0, 1)")
+        require(number(self.b2) and 0 <= self.b2 < 1, "b2", self.b2, "it must lie in [0, 1)")
+        require(number(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
                  "it must be a number in [0, 3.4e38]")
-        _require(_number(self.grad_clip) and self.grad_clip > 0, "grad_clip", self.grad_clip,
+        require(number(self.grad_clip) and self.grad_clip > 0, "grad_clip", self.grad_clip,
                  "it must be a number in (0, 3.4e38]")
 
     def replace(self, **changes) -> "OptimizerConfig":
-        return _replace(self, changes)
+        return replace_fields(self, changes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -613,14 +438,14 @@ class LoraConfig:
     targets: str = "attn"           # which linear layers: a key of defaults.LORA_TARGETS (the model's lora_paths)
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        plain_numbers(self)
         names = self.MESSAGE_NAMES
-        _positive_int(names["rank"], self.rank)
+        positive_int(names["rank"], self.rank)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(self.rank))
-        _require(_number(self.alpha) and self.alpha > 0, names["alpha"], self.alpha,
+        require(number(self.alpha) and self.alpha > 0, names["alpha"], self.alpha,
                  "it must be a number in (0, 3.4e38]")
-        _require(self.targets in defaults.LORA_TARGETS, names["targets"], self.targets,
+        require(self.targets in defaults.LORA_TARGETS, names["targets"], self.targets,
                  f"choose one of {list(defaults.LORA_TARGETS)}")
 
     @property
@@ -686,22 +511,22 @@ class TrainConfig:
     lora: LoraConfig | None = None
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
+        plain_numbers(self)
         for name in ("steps", "batch_size", "eval_every", "save_every", "log_every"):
-            _positive_int(name, getattr(self, name))
+            positive_int(name, getattr(self, name))
         if self.eval_tokens == "all":                       # as the command line says it
             object.__setattr__(self, "eval_tokens", None)
         if self.eval_tokens is not None:
-            _positive_int("eval_tokens", self.eval_tokens)
-        _positive_int("grad_accum", self.grad_accum)
-        _require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
+            positive_int("eval_tokens", self.eval_tokens)
+        positive_int("grad_accum", self.grad_accum)
+        require(self.batch_size % self.grad_accum == 0, "grad_accum", self.grad_accum,
                  "it must divide {batch}: each micro-batch has batch_size / grad_accum sequences",
                  batch=("batch_size", self.batch_size))
-        _require(_whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
+        require(whole(self.seed) and 0 <= self.seed <= SEED_MAX, "seed", self.seed,
                  f"it must be a whole number in [0, {SEED_MAX}]")
         given = {} if self.optimizer is None else self.optimizer
         decay = given.get("decay_steps", self.steps) if isinstance(given, dict) else None
-        fill = {"decay_steps": decay, "warmup": min(OptimizerConfig.warmup, decay // 10) if _whole(decay) else 0}
+        fill = {"decay_steps": decay, "warmup": min(OptimizerConfig.warmup, decay // 10) if whole(decay) else 0}
         object.__setattr__(self, "optimizer", _nested(OptimizerConfig, given, "optimizer", fill))
         object.__setattr__(self, "lora", _nested(LoraConfig, self.lora, "lora"))
 
@@ -709,7 +534,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "TrainConfig":
-        return _replace(self, changes)
+        return replace_fields(self, changes)
 
 
 # ----------------------------------------------------------------------------- the job
@@ -824,8 +649,8 @@ class Devices:
     fsdp: bool = False
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
-        if self.count is not None and not _whole(self.count):
+        plain_numbers(self)
+        if self.count is not None and not whole(self.count):
             raise ConfigError("{devices} must be a whole number (how many devices)", devices=("devices", self.count))
 
 
@@ -838,8 +663,8 @@ class Sample:
     tokens: int = defaults.SAMPLE_TOKENS
 
     def __post_init__(self) -> None:
-        _plain_numbers(self)
-        if not (_whole(self.tokens) and 0 <= self.tokens <= defaults.MAX_NEW_TOKENS):
+        plain_numbers(self)
+        if not (whole(self.tokens) and 0 <= self.tokens <= defaults.MAX_NEW_TOKENS):
             raise ConfigError(f"{{n}} must be a whole number in [0, {defaults.MAX_NEW_TOKENS:,}]",
                               n=("sample_tokens", self.tokens))
 
@@ -881,4 +706,4 @@ class Job:
         return job_dict(self.model, self.training, None if self.data.corpus is None else self.data.corpus.source)
 
     def replace(self, **changes) -> "Job":
-        return _replace(self, changes)
+        return replace_fields(self, changes)

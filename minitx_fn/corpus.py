@@ -44,7 +44,7 @@ import time
 import numpy as np
 
 from minitx_fn import runs, signals, tokenizer as tokenizers_
-from minitx_fn.defaults import CACHE_ENV, DEFAULT_BPE_VOCAB, MAX_BPE_VOCAB, MIN_BPE_VOCAB, TRAIN_FRACTION
+from minitx_fn.defaults import CACHE_ENV, MAX_BPE_VOCAB, MIN_BPE_VOCAB, TRAIN_FRACTION
 from minitx_fn.errors import DataError, StorageError
 from minitx_fn.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 
@@ -145,7 +145,7 @@ class Corpus:
             check_choice(kind, vocab_size)
             tokenizer = tokenizers_.learn(kind, tokenizers_.Source(lambda: tokenizers_.code_points(text),
                                                                   lambda: [text[:_bpe_split(text)]]), vocab_size)
-        if tokenizer.kind == "bpe":
+        if tokenizer.splits_text:
             cut = _bpe_split(text)
             parts = [tokenizer.encode(text[:cut]), tokenizer.encode(text[cut:])]
             ids, boundary = np.concatenate(parts), len(parts[0])
@@ -252,7 +252,8 @@ def cache_folder(path: str, kind: str, vocab_size: int | None = None, cache_dir:
             + hashlib.sha256(absolute.encode("utf-8", "surrogatepass")).hexdigest()[:12])
     parent = os.path.join(cache_dir or default_cache_dir(), name)
     if tokenizer is None:
-        return os.path.join(parent, kind if kind != "bpe" else f"bpe-{vocab_size or DEFAULT_BPE_VOCAB}")
+        learned = tokenizers_.CLASSES[kind].default_vocab_size
+        return os.path.join(parent, f"{kind}-{vocab_size or learned}" if learned else kind)
     identity = tokenizer_sha256(tokenizer)
     return _folder_holding(parent, tokenizer.kind, identity) or os.path.join(
         parent, f"{tokenizer.kind}-given-{identity[:12]}")
@@ -375,14 +376,14 @@ def check_choice(kind: str, vocab_size: int | None) -> None:
         raise DataError(f"unknown tokenizer {kind!r}; choose one of {', '.join(tokenizers_.KINDS)}")
     if vocab_size is not None and (not isinstance(vocab_size, int) or isinstance(vocab_size, bool)):
         raise DataError("{vocab_size} must be a whole number", vocab_size=("vocab_size", vocab_size))
-    if vocab_size is not None and kind != "bpe":
-        raise DataError(f"the {kind} tokenizer has a fixed vocabulary; {{vocab_size}} is for bpe",
+    if vocab_size is not None and tokenizers_.CLASSES[kind].default_vocab_size is None:
+        sized = [name for name, cls in tokenizers_.CLASSES.items() if cls.default_vocab_size]
+        raise DataError(f"the {kind} tokenizer has a fixed vocabulary; {{vocab_size}} is for {' or '.join(sized)}",
                         vocab_size=("vocab_size", vocab_size))
     if vocab_size is not None and not MIN_BPE_VOCAB <= vocab_size <= MAX_BPE_VOCAB:
         raise DataError(f"{{vocab_size}} must lie in [{MIN_BPE_VOCAB}, {MAX_BPE_VOCAB:,}]: the 256 bytes, then merges",
                         vocab_size=("vocab_size", vocab_size))
-    if kind == "bpe":
-        tokenizers_.require_tokenizers()
+    tokenizers_.CLASSES[kind].require_library()
 
 
 def _source_sha256(path: str, size: int, progress) -> str:
@@ -537,14 +538,14 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
         tmp = tempfile.mkdtemp(prefix=runs.owned_prefix("prepare"), dir=parent)
     except OSError as e:
         runs.remove_made(made)
-        raise _cache_error(parent, e, "give --cache-dir a writable folder") from None
+        raise _cache_error(parent, e, "give the cache a writable folder ({cache_dir})") from None
     aside = None
     try:
         os.chmod(tmp, runs.dir_mode())
         digest, count, boundary = hashlib.sha256(), 0, None
         encoded = hashlib.sha256()                       # of the text's bytes as encoded: what the manifest names
         # bpe encodes the two splits apart, so no token straddles the boundary.
-        ranges = [(0, split_at), (split_at, size)] if tokenizer.kind == "bpe" else [(0, size)]
+        ranges = [(0, split_at), (split_at, size)] if tokenizer.splits_text else [(0, size)]
         with open(os.path.join(tmp, "tokens.bin"), "wb") as f:
             for start, end in ranges:
                 for offset, raw in chunks(path, start=start, end=end):
@@ -560,7 +561,7 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
         if encoded.hexdigest() != sha256:                # the file changed (grew, was edited) while being read
             raise DataError(f"data file {_shown(path)!r} changed while it was being prepared (its SHA-256 differs "
                             f"from a moment before); prepare it again once nothing writes to it")
-        if tokenizer.kind != "bpe":
+        if not tokenizer.splits_text:
             boundary = train_boundary(count)
         manifest = {"version": MANIFEST_VERSION,
                     "source": {"path": os.path.abspath(path), "bytes": size, "sha256": sha256},
@@ -586,7 +587,7 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
             if not os.path.isdir(folder):               # else another process made it meanwhile: use theirs
                 raise
     except OSError as e:
-        raise _cache_error(parent, e, "free some space or give --cache-dir another folder") from None
+        raise _cache_error(parent, e, "free some space or give the cache another folder ({cache_dir})") from None
     finally:
         for leftover in (tmp, aside):
             if leftover is not None:
@@ -604,7 +605,8 @@ def _cache_error(parent: str, error: OSError, fix: str) -> Exception:
     read-only), else DataError (exit 2: bad input) saying what to change."""
     if error.errno in runs.STORAGE_ERRNOS:
         return StorageError(parent, error)
-    return DataError(f"cannot write the cache in {parent!r}: {error.strerror or error}; {fix}")
+    return DataError(f"cannot write the cache in {parent!r}: {error.strerror or error}; {fix}",
+                     cache_dir=("cache_dir", "DIR"))
 
 
 def largest_id(ids: np.ndarray, chunk: int = 1 << 24) -> int:
@@ -673,11 +675,11 @@ def _load(folder: str, path: str, size: int, sha256: str, kind: str, tokenizer: 
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError, AttributeError, tokenizers_.MissingTokenizersError):
         return None, "has a damaged or foreign manifest"
-    if cached_tokenizer.kind != "bpe" and boundary != train_boundary(count):
+    if not cached_tokenizer.splits_text and boundary != train_boundary(count):
         return None, "has a damaged manifest (its train/validation boundary is not at 90%)"
     if source.get("sha256") != sha256 or source.get("bytes") != size:
         return None, f"was made from another version of {path} (its SHA-256 differs)"
-    if cached_tokenizer.kind != kind or (learned and not manifest["learned"]) or (
+    if type(cached_tokenizer) is not tokenizers_.CLASSES[kind] or (learned and not manifest["learned"]) or (
             tokenizer is not None and tokenizers_.meta_json(cached_tokenizer) != tokenizers_.meta_json(tokenizer)):
         return None, "was made with another tokenizer than this one"
     tokens_path = os.path.join(folder, tokens.get("file", ""))

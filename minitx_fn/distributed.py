@@ -50,11 +50,12 @@ ENVIRONMENT = {"coordinator": "MINITX_COORDINATOR", "num_processes": "MINITX_NUM
                "start_timeout": "MINITX_START_TIMEOUT"}
 _RANGES = {"num_processes": (1, INT32_MAX), "process_id": (0, INT32_MAX), "heartbeat_timeout": (1, HEARTBEAT_TIMEOUT_MAX),
            "start_timeout": (1, HEARTBEAT_TIMEOUT_MAX)}
-FLAG_NAMES = {name: "--" + name.replace("_", "-") for name in ENVIRONMENT}   # how messages name them
+# How a message mentions the settings a multi-process run needs together (the CLI renders them as flags).
+NEEDED = {"c": ("coordinator", "HOST:PORT"), "n": ("num_processes", "N"), "p": ("process_id", "I")}
 
 
 class ProcessesError(ConfigError):
-    """Multi-process settings that do not make a run: the message names the flags."""
+    """Multi-process settings that do not make a run: the message names the settings."""
 
 
 def check_address(text: str) -> str:
@@ -65,11 +66,11 @@ def check_address(text: str) -> str:
         '10.0.0.1:1234'
         >>> check_address("10.0.0.1")
         Traceback (most recent call last):
-        minitx_fn.distributed.ProcessesError: --coordinator '10.0.0.1' is not HOST:PORT with a port in [1, 65535]
+        minitx_fn.distributed.ProcessesError: coordinator='10.0.0.1' is not HOST:PORT with a port in [1, 65535]
     """
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ProcessesError(f"{FLAG_NAMES['coordinator']} {text!r} is not HOST:PORT with a port in [1, 65535]")
+        raise ProcessesError("{coordinator} is not HOST:PORT with a port in [1, 65535]", coordinator=("coordinator", text))
     return text
 
 
@@ -85,9 +86,9 @@ def _from_environment(name: str, environ) -> int | str | None:
             raise ValueError
         return value
     except (ValueError, ProcessesError):
-        raise ProcessesError(f"environment variable {ENVIRONMENT[name]}: {text!r} is not a valid "
-                             f"{FLAG_NAMES[name]}" + (" (HOST:PORT)" if name == "coordinator" else
-                                                      f" (a whole number in {list(_RANGES[name])})")) from None
+        raise ProcessesError(f"environment variable {ENVIRONMENT[name]}: {text!r} is not "
+                             + ("HOST:PORT with a port in [1, 65535]" if name == "coordinator" else
+                                f"a whole number in {list(_RANGES[name])}")) from None
 
 
 def join(coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
@@ -102,7 +103,7 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
         False
         >>> join(heartbeat_timeout=5, environ={})
         Traceback (most recent call last):
-        minitx_fn.distributed.ProcessesError: --heartbeat-timeout is for multi-process runs; give --coordinator, --num-processes and --process-id too
+        minitx_fn.distributed.ProcessesError: heartbeat_timeout=5 is for multi-process runs; give coordinator='HOST:PORT', num_processes='N' and process_id='I' too
     """
     environ = os.environ if environ is None else environ
     given = {"coordinator": coordinator, "num_processes": num_processes, "process_id": process_id,
@@ -116,15 +117,16 @@ def join(coordinator: str | None = None, num_processes: int | None = None, proce
                  for name, value in given.items()}
     for name in ("heartbeat_timeout", "start_timeout"):
         if given[name] is not None and given["coordinator"] is None:
-            raise ProcessesError(f"{FLAG_NAMES[name]} is for multi-process runs; give --coordinator, "
-                                 f"--num-processes and --process-id too")
+            raise ProcessesError("{setting} is for multi-process runs; give {c}, {n} and {p} too",
+                                 setting=(name, given[name]), **NEEDED)
     needed = [given["coordinator"], given["num_processes"], given["process_id"]]
     if all(v is None for v in needed):
         return False
     if any(v is None for v in needed):
-        raise ProcessesError("a multi-process run needs all of --coordinator, --num-processes and --process-id")
+        raise ProcessesError("a multi-process run needs all of {c}, {n} and {p}", **NEEDED)
     if not 0 <= given["process_id"] < given["num_processes"]:
-        raise ProcessesError(f"--process-id {given['process_id']} must lie in [0, {given['num_processes']})")
+        raise ProcessesError("{p} must lie in [0, {n})", p=("process_id", given["process_id"]),
+                             n=("num_processes", given["num_processes"]))
     initialize(given["coordinator"], given["num_processes"], given["process_id"],
                heartbeat_timeout=given["heartbeat_timeout"] or HEARTBEAT_TIMEOUT_S,
                start_timeout=given["start_timeout"] or START_TIMEOUT_S, log=log)
@@ -175,7 +177,8 @@ def initialize(coordinator: str, num_processes: int, process_id: int, *,
             left = start_timeout - (time.monotonic() - started)
             if left <= 0:
                 _leave(1, f"minitx: error: gave up after {start_timeout} s: not all {num_processes} processes joined "
-                          f"the run at {coordinator}; start the missing ones, or give them longer (--start-timeout)")
+                          f"the run at {coordinator}; start the missing ones, or give them longer (start_timeout, "
+                          f"or {ENVIRONMENT['start_timeout']})")
             ready, _, _ = select.select([wake_read], [], [], min(left, 1.0))
             stops = [b for b in (wake_read.recv(64) if ready else b"") if b in signals.STOP_SIGNALS]
             if stops and not done.is_set():
@@ -219,8 +222,8 @@ def _check_port_free(coordinator: str) -> None:
             probe.bind(("", int(port)))
         except OSError as e:
             if e.errno == errno.EADDRINUSE:
-                raise ProcessesError(f"--coordinator {coordinator}: port {port} is already in use on this machine; "
-                                     f"choose a free one") from None
+                raise ProcessesError(f"{{coordinator}}: port {port} is already in use on this machine; choose a free "
+                                     f"one", coordinator=("coordinator", coordinator)) from None
 
 
 def agree(settings: dict) -> None:
@@ -241,7 +244,7 @@ def agree(settings: dict) -> None:
     differ = [n for i, n in enumerate(names) if not (every[:, i] == every[0, i]).all()]
     if differ:
         raise ProcessesError(f"the {jax.process_count()} processes disagree on {', '.join(differ)}; start every "
-                             f"process with the same flags and data (only --process-id differs)")
+                             f"process with the same settings and data (only the process id differs)")
 
 
 def reached_preemption_sync_point(step: int) -> bool:

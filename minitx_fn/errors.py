@@ -71,6 +71,10 @@ class MemoryBudgetError(Error):
     """What was asked for would need more memory than the machine has."""
 
 
+class HFError(Error):
+    """A folder is not a Hugging Face model minitx can import, or a run cannot be exported as one."""
+
+
 class RunFailed(Error):
     """The run itself failed (a non-finite loss, a full disk, a lost peer); what was
     saved before is kept, and the message says which checkpoint and what to try."""

@@ -10,8 +10,8 @@ Each loop iteration:
 
 `generate_recompute` implements the same policy by recomputing the whole context
 for every token: the tests (and `testing.check_model`, for a model of one's own)
-prove both give the same tokens and logits. With a draft model, `generate` decodes
-speculatively (`speculative.py`).
+prove both give the same tokens and logits, in the same shape. Decoding with a draft
+model is `speculative.speculate`; `complete`, which takes a draft, chooses it.
 
 The model is any model value (`config.LanguageModel`): its `init_cache`,
 `apply_cached` and `decode_params` drive the loop, its `apply` the reference.
@@ -52,11 +52,14 @@ class DecodeState(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "prompt_len", "max_new_tokens", "keep_logits"))
-def _decode(params, window, lengths, key, stop, *, model: LanguageModel, sampler: Sampler, prompt_len: int,
-            max_new_tokens: int, keep_logits: bool):
-    """window (B, S) with row b's prompt in slots 0 .. lengths[b] - 1; prompt_len >= max(lengths)
-    is the static prefill length (the bucket); stop (k,) int32 ids, k = 0 for none
-    (an array, so a new stop sequence of the same length reuses the compiled loop).
+def decode_loop(params, window, lengths, key, stop, *, model: LanguageModel, sampler: Sampler, prompt_len: int,
+                max_new_tokens: int, keep_logits: bool):
+    """The compiled decode loop `generate` calls (the module docstring), for a caller
+    that lowers or profiles it (benchmarks/profile_decode.py): params as
+    `decode.decode_params` gives them; window (B, S) with row b's prompt in slots
+    0 .. lengths[b] - 1; prompt_len >= max(lengths) is the static prefill length (the
+    bucket, `decode.bucket_length`); stop (k,) int32 ids, k = 0 for none (an array, so a
+    new stop sequence of the same length reuses the compiled loop).
 
     Returns generated ids (B, N), the logits each was sampled from (B, N, V) (or
     (B, 0, V) without keep_logits), and the number of tokens generated per row (B,),
@@ -99,15 +102,9 @@ def _decode(params, window, lengths, key, stop, *, model: LanguageModel, sampler
     return state.tokens, state.token_logits, state.length
 
 
-def _check_draft_tokens(draft, draft_tokens) -> None:
-    if draft is None and draft_tokens is not None:
-        raise ConfigError("{k} was given without a draft, the model that would propose them",
-                          k=("draft_tokens", draft_tokens))
-
-
 def generate(params, prompts, *, model: LanguageModel, max_new_tokens: int, key: jax.Array | None = None,
              sampler: Sampler = Sampler(temperature=0.0), stop: tuple[int, ...] = (),
-             return_logits: bool = False, draft=None, draft_tokens: int | None = None):
+             return_logits: bool = False):
     """Continue each prompt (a sequence of token ids) by up to max_new_tokens tokens:
     ids in, ids out (`complete` takes and returns text). `model` is the model value
     `params` belong to.
@@ -122,10 +119,8 @@ def generate(params, prompts, *, model: LanguageModel, max_new_tokens: int, key:
     key may be None for a greedy sampler, which draws nothing. `stop` ids, like the
     prompts', lie in [0, V). Any of the V ids may be drawn: for a model whose table is
     padded past its tokenizer (an imported Qwen2), give
-    `Sampler(..., id_limit=tokenizer.vocab_size)`, as `complete` does. With a `draft`
-    (a loaded run, or anything with .params and .model, of the same vocabulary and
-    context), `draft_tokens` proposals a round are checked in one pass of the model
-    (`speculative.speculate`; greedy gives exactly these tokens).
+    `Sampler(..., id_limit=tokenizer.vocab_size)`, as `complete` does. With a draft
+    model, `speculative.speculate` gives the same (greedy: exactly these tokens).
 
     Example:
         >>> from minitx_fn import ModelConfig
@@ -134,18 +129,11 @@ def generate(params, prompts, *, model: LanguageModel, max_new_tokens: int, key:
         >>> [t.shape for t in generate(p, [[1, 2], [3]], model=cfg, key=jax.random.key(1), max_new_tokens=4)]
         [(4,), (4,)]
     """
-    _check_draft_tokens(draft, draft_tokens)
-    if draft is not None:
-        out = speculative.speculate(params, prompts, model=model, draft=draft,
-                                    draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
-                                    max_new_tokens=max_new_tokens, key=key, sampler=sampler, stop=stop,
-                                    return_logits=return_logits)
-        return (out.tokens, out.logits) if return_logits else out.tokens
     max_new_tokens = decode.check_length(max_new_tokens)
     key = decode.check_key(key, sampler)
     packed = decode.pack(prompts, model)
     stop = decode.token_ids(stop, model, "the stop sequence")
-    ids, logits, lengths = _decode(decode.decode_params(model, params), jnp.asarray(packed.window),
+    ids, logits, lengths = decode_loop(decode.decode_params(model, params), jnp.asarray(packed.window),
                                    jnp.asarray(packed.lengths), key, jnp.asarray(stop), model=model, sampler=sampler,
                                    prompt_len=packed.prefill, max_new_tokens=max_new_tokens,
                                    keep_logits=return_logits)
@@ -157,19 +145,19 @@ def generate(params, prompts, *, model: LanguageModel, max_new_tokens: int, key:
 
 
 def generate_recompute(params, prompts, *, model: LanguageModel, max_new_tokens: int, key: jax.Array | None = None,
-                       sampler: Sampler = Sampler(temperature=0.0)):
+                       sampler: Sampler = Sampler(temperature=0.0), return_logits: bool = False):
     """The reference: a Python loop that recomputes every row's full, cropped context
     with `model.apply` for every token (prompts of any lengths). Same sampling keys and
-    window policy as `generate`, no stop sequence. Returns ids (B, N) and logits
-    (B, N, V) as numpy arrays.
+    window policy as `generate`, no stop sequence, and `generate`'s result: a list of
+    (N,) int32 arrays, one per prompt, and with return_logits their (N, V) logits.
 
     Example:
         >>> from minitx_fn import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
         >>> ids, logits = generate_recompute(cfg.init(jax.random.key(0)), [[1, 2], [3]], model=cfg,
-        ...                                  key=jax.random.key(1), max_new_tokens=3)
-        >>> ids.shape, logits.shape
-        ((2, 3), (2, 3, 5))
+        ...                                  key=jax.random.key(1), max_new_tokens=3, return_logits=True)
+        >>> [t.shape for t in ids], [v.shape for v in logits]
+        ([(3,), (3,)], [(3, 5), (3, 5)])
     """
     max_new_tokens = decode.check_length(max_new_tokens)
     key = decode.check_key(key, sampler)
@@ -191,7 +179,8 @@ def generate_recompute(params, prompts, *, model: LanguageModel, max_new_tokens:
             context.append(int(token[row]))
             if len(context) > s:
                 del context[:len(context) - (keep + 1)]
-    return np.stack(ids, axis=1), np.stack(all_logits, axis=1)
+    tokens = list(np.stack(ids, axis=1).astype(np.int32))                      # B x (N,)
+    return (tokens, list(np.stack(all_logits, axis=1))) if return_logits else tokens
 
 
 class PromptError(Error):
@@ -217,7 +206,7 @@ def encode_prompt(tokenizer, text: str, what: str = "the prompt") -> np.ndarray:
     # A byte that is not UTF-8 reaches Python as a lone surrogate: no tokenizer may take it
     # (byte would echo it back, BPE cannot encode it at all).
     bad = sorted({c for c in text if "\ud800" <= c <= "\udfff"})
-    if bad and tokenizer.kind != "char":
+    if bad and tokenizer.open_vocabulary:
         raise PromptError(f"{what} holds bytes that are not UTF-8 text ({', '.join(repr(c) for c in bad)}); give "
                           f"UTF-8 text")
     try:
@@ -235,7 +224,7 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
     With a draft (a smaller run of the same tokenizer and context: its directory, or
     the run loaded; `trust_code` for a directory whose model is code of its own),
-    speculative decoding (`generate`). PromptError for a prompt or
+    speculative decoding (`speculative.speculate`). PromptError for a prompt or
     stop string the tokenizer cannot take; ConfigError for a draft that cannot serve;
     MemoryBudgetError if the generation cannot fit in memory.
 
@@ -256,7 +245,9 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
     ids = encode_prompt(tokenizer, prompt)
     stop_ids = () if stop is None else encode_prompt(tokenizer, stop, "the stop string")
     need = memory.generation_bytes(model, 1, max_new_tokens)
-    _check_draft_tokens(draft, draft_tokens)
+    if draft is None and draft_tokens is not None:
+        raise ConfigError("{k} was given without a draft, the model that would propose them",
+                          k=("draft_tokens", draft_tokens))
     if isinstance(draft, (str, os.PathLike)):
         draft = checkpoint.load_model(draft, trust_code=trust_code)
     if draft is not None:
@@ -269,8 +260,13 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
                               f"share the model's tokenizer")
         need += memory.generation_bytes(draft.model, 1, max_new_tokens)
     memory.check(need, "this generation", "try a smaller {n}", n=("max_new_tokens", max_new_tokens))
-    new = generate(params, [ids], model=model, key=key, max_new_tokens=max_new_tokens, sampler=sampler,
-                   stop=stop_ids, draft=draft, draft_tokens=draft_tokens)[0]
+    if draft is None:
+        new = generate(params, [ids], model=model, key=key, max_new_tokens=max_new_tokens, sampler=sampler,
+                       stop=stop_ids)[0]
+    else:
+        new = speculative.speculate(params, [ids], model=model, draft=draft, key=key, max_new_tokens=max_new_tokens,
+                                    draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
+                                    sampler=sampler, stop=stop_ids).tokens[0]
     text = tokenizer.decode(new)
     # The loop stops on the stop string's own ids; a tokenizer that merges (bpe) may
     # write the same text with other ids, so the text is cut at its first occurrence.

@@ -68,7 +68,8 @@ def fit(state: train.TrainState, *, step: Callable, next_batch: Callable, steps:
     (NonFiniteError "parameters" otherwise: nothing non-finite reaches disk) and
     `save(state)` runs as a critical section. A failed write of the metrics log
     raises StorageError (an OSError); `save` should raise it too. On a terminal a progress line is
-    refreshed. max_in_flight bounds the steps queued on the device (see cli).
+    refreshed. max_in_flight bounds the steps queued on the device (None: no bound; `job.run`
+    gives 2 on several CPU devices, where a deep queue of multi-device steps can deadlock).
 
     Example:
         >>> import io, jax.numpy as jnp

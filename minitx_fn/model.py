@@ -27,14 +27,18 @@ compiled program (and its compile time) does not grow with depth.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn.config import ModelConfig
+from minitx_fn.checks import x64_enabled
 from minitx_fn.errors import ConfigError
 from minitx_fn.layers import attention, block, dropout, embedding, linear, positional
+
+if TYPE_CHECKING:
+    from minitx_fn.config import ModelConfig
 
 # ModelConfig.remat's choices (defaults.REMAT): what the backward pass may keep of a
 # block's forward pass; everything else it recomputes (`jax.checkpoint`).
@@ -55,6 +59,7 @@ def init(key: jax.Array, config: ModelConfig) -> dict:
     each compile on their own, which takes seconds even for a tiny model.
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=2)
         >>> init(jax.random.key(0), cfg)["blocks"]["attn"]["qkv"]["w"].shape     # (L, D, 3D)
         (2, 8, 24)
@@ -101,9 +106,9 @@ def require_ready(config: ModelConfig) -> None:
     Checked when a function that reads the config is traced.
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> require_ready(ModelConfig(vocab_size=5))          # float32: nothing to check
     """
-    from minitx_fn.config import x64_enabled
     if config.vocab_size is None:
         raise ConfigError("{v} is not set: a model needs its vocabulary's size before it has parameters (job.train "
                           "takes it from the tokenizer; give it to use the model yourself)", v=("vocab_size", None))
@@ -143,6 +148,7 @@ def check_tokens(tokens, config: ModelConfig, *, max_len: int | None = None) -> 
     JAX gather would silently clamp an out-of-range id, so check before jitting.
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> check_tokens(jnp.array([[1, 12]]), ModelConfig(vocab_size=10))
         Traceback (most recent call last):
         ValueError: token ids must lie in [0, 10), found [12]
@@ -202,6 +208,7 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     Each block is `config.apply_block` (a subclass's own, where it has one).
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> p = init(jax.random.key(0), cfg)
         >>> apply(p, jnp.zeros((2, 5), jnp.int32), config=cfg).shape
@@ -230,16 +237,6 @@ def apply(params: dict, tokens: jax.Array, *, config: ModelConfig, positions: ja
     return _logits(params, x, c)                                         # (B, T, V)
 
 
-def has_attention_maps(model) -> bool:
-    """Whether `attention_maps` can draw a model's attention: the built-in block's.
-
-    Example:
-        >>> has_attention_maps(ModelConfig(vocab_size=5)), has_attention_maps("a string")
-        (True, False)
-    """
-    return getattr(type(model), "apply_block", None) is ModelConfig.apply_block
-
-
 def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> jax.Array:
     """tokens (B, T) -> attention weights (L, B, H, T, T) of every layer and head of the
     built-in block (ConfigError for a model whose blocks are its own).
@@ -248,12 +245,13 @@ def attention_maps(params: dict, tokens: jax.Array, *, config: ModelConfig) -> j
     alongside the ordinary forward pass, for pictures and tests, not for speed.
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
         >>> attention_maps(init(jax.random.key(0), cfg), jnp.zeros((1, 5), jnp.int32), config=cfg).shape
         (2, 1, 2, 5, 5)
     """
     c = config
-    if not has_attention_maps(c):
+    if not c.has_attention_maps:
         raise ConfigError(f"attention maps read the built-in block's attention; {c.code} has blocks of its own")
     check_tokens(tokens, c)
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None, :]                      # (1, T)
@@ -275,6 +273,7 @@ def init_cache(config: ModelConfig, batch: int, slots: int | None = None) -> tup
     max_len, and G = n_kv_heads).
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cache = init_cache(ModelConfig(vocab_size=10, d_model=8, n_heads=2, n_layers=3, max_len=16), 4)
         >>> len(cache), cache[0].k.shape
         (3, (4, 16, 2, 4))
@@ -291,6 +290,7 @@ def unstack_blocks(params: dict) -> dict:
     (benchmarks/NOTES.md). Call it once, outside the loop (`generate` does).
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=3)
         >>> blocks = unstack_blocks(init(jax.random.key(0), cfg))["blocks"]
         >>> len(blocks), blocks[2]["attn"]["qkv"]["w"].shape
@@ -318,6 +318,7 @@ def apply_cached(params: dict, tokens: jax.Array, cache: tuple, *, config: Model
     `config.apply_block_cached` (a subclass's own, where it has one).
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, max_len=8)
         >>> p, tokens = init(jax.random.key(0), cfg), jnp.array([[1, 2, 3]])
         >>> logits, cache = apply_cached(p, tokens, init_cache(cfg, 1), config=cfg, index=jnp.zeros(1, jnp.int32))
@@ -350,6 +351,7 @@ def cache_slots(cache) -> int:
     """S, the slots per row of a cache (every leaf is (B, S, ...)).
 
     Example:
+        >>> from minitx_fn.config import ModelConfig
         >>> cache_slots(init_cache(ModelConfig(vocab_size=5, n_heads=2, max_len=8), 2))
         8
     """
@@ -357,5 +359,5 @@ def cache_slots(cache) -> int:
 
 
 __all__ = ["REMAT_POLICIES", "apply", "apply_cached", "attention_maps", "cache_slots", "check_tokens", "count_params",
-           "has_attention_maps", "init",
+           "init",
            "init_cache", "param_shapes", "require_ready", "unstack_blocks", "with_context"]

@@ -7,7 +7,7 @@ them (`verify`), so nothing decodes a saved run as a model it is not:
              again; a class other than the built-in one is imported only with the
              caller's consent, trust_code=True, as Hugging Face's trust_remote_code)
     digests  a digest of the code that computes the built-in model (its layer
-             modules, `model.py`, its config classes) and of the model's own modules,
+             modules, `model.py`, the layers' specs, its config classes) and of the model's own modules,
              with the library's version and Python's: with the same versions, library
              code that differs is a patched layer or an edited install, refused
              whatever it computes (`minitx upgrade` records code changed on purpose)
@@ -43,16 +43,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from minitx_fn.config import AttentionSpec, BlockSpec, LanguageModel, ModelConfig, RopeScaling
+from minitx_fn.config import LanguageModel, ModelConfig
 from minitx_fn.errors import CheckpointError, Error
 
 BUILTIN_CODE = f"{ModelConfig.__module__}:{ModelConfig.__qualname__}"   # the built-in model needs no consent
 # The code that computes the built-in model: what a patch of "a layer" changes.
 LIBRARY_MODULES = ("minitx_fn.layers", "minitx_fn.layers.attention", "minitx_fn.layers.block",
-                   "minitx_fn.layers.dropout", "minitx_fn.layers.embedding", "minitx_fn.layers.feedforward",
+                   "minitx_fn.layers.dropout", "minitx_fn.layers.dtypes", "minitx_fn.layers.embedding",
+                   "minitx_fn.layers.feedforward",
                    "minitx_fn.layers.linear", "minitx_fn.layers.norm", "minitx_fn.layers.positional",
-                   "minitx_fn.layers.rmsnorm", "minitx_fn.layers.rotary", "minitx_fn.layers.swiglu", "minitx_fn.model")
-LIBRARY_CLASSES = (LanguageModel, ModelConfig, AttentionSpec, BlockSpec, RopeScaling)   # of minitx_fn.config
+                   "minitx_fn.layers.rmsnorm", "minitx_fn.layers.rotary", "minitx_fn.layers.swiglu", "minitx_fn.model",
+                   "minitx_fn.specs")
+LIBRARY_CLASSES = (LanguageModel, ModelConfig)   # of minitx_fn.config
 PROBE_ROWS, PROBE_POSITIONS, PROBE_IDS, PROBE_PROJECTIONS = 4, 64, 128, 2
 
 
@@ -68,7 +70,7 @@ def resolve(code: Any, config: Any, *, trust_code: bool = False, where: str = "m
     Example:
         >>> resolve("mymodels:ALiBi", {}, where="runs/x")
         Traceback (most recent call last):
-        minitx_fn.errors.CheckpointError: runs/x: its model is 'mymodels:ALiBi', code of its own; loading it imports and runs that code: pass trust_code=True (the command line's --trust-code) if you trust it
+        minitx_fn.errors.CheckpointError: runs/x: its model is 'mymodels:ALiBi', code of its own; loading it imports and runs that code: pass trust_code=True if you trust it
     """
     if not (isinstance(code, str) and re.fullmatch(r"[\w.]+:[\w.]+", code)):
         raise CheckpointError(f"{where}: model code {code!r} is not 'module:qualname'")
@@ -76,7 +78,7 @@ def resolve(code: Any, config: Any, *, trust_code: bool = False, where: str = "m
         cls = ModelConfig
     elif not trust_code:
         raise CheckpointError(f"{where}: its model is {code!r}, code of its own; loading it imports and runs that "
-                              f"code: pass trust_code=True (the command line's --trust-code) if you trust it")
+                              f"code: pass {{trust}} if you trust it", trust=("trust_code", True))
     else:
         cls = _import(code, where)
     return from_dict(cls, config, f"{where}: model {code!r}")
@@ -234,7 +236,7 @@ def _module_digest(name: str, only=None) -> str:
 def digests(model: LanguageModel) -> dict:
     """{"minitx_fn": version, "python": "3.11", "library": {module: digest}, "own":
     {module: digest}}: the code that computes `model` now. Library: the layer modules,
-    model.py, and the model classes of config.py; own: the modules of the model's
+    model.py, specs.py, and the model classes of config.py; own: the modules of the model's
     classes outside minitx_fn.
 
     Example:

@@ -53,6 +53,7 @@ import numpy as np
 from minitx_fn import decode
 from minitx_fn.config import LanguageModel
 from minitx_fn.decode import cache_slots, row_keys, sample_rows, stop_ends
+from minitx_fn.defaults import DRAFT_TOKENS
 from minitx_fn.errors import ConfigError
 from minitx_fn.sampling import Sampler
 
@@ -142,7 +143,7 @@ def _judge(sampler: Sampler, logits, draft_logits, proposals, room, keys):
                                              "draft_tokens", "keep_logits"))
 def _speculate(params, draft_params, window, lengths, key, stop, *, model: LanguageModel, draft_model: LanguageModel,
                sampler: Sampler, prompt_len: int, max_new_tokens: int, draft_tokens: int, keep_logits: bool):
-    """As `generate._decode`, with a draft proposing draft_tokens = K tokens a round.
+    """As `generate.decode_loop`, with a draft proposing draft_tokens = K tokens a round.
     Returns ids (B, N + K + 1), logits (B, N + K + 1, V) or (B, 0, V), lengths (B,),
     rounds (B,), proposed (B,) and accepted (B,)."""
     b, s = window.shape
@@ -246,11 +247,12 @@ def check_draft(model: LanguageModel, draft, draft_tokens) -> None:
                           f"draft proposes per round, fewer than the context", k=("draft_tokens", draft_tokens))
 
 
-def speculate(params, prompts, *, model: LanguageModel, draft, draft_tokens: int, max_new_tokens: int,
+def speculate(params, prompts, *, model: LanguageModel, draft, max_new_tokens: int, draft_tokens: int = DRAFT_TOKENS,
               key: jax.Array | None = None, sampler: Sampler = Sampler(temperature=0.0),
               stop: tuple[int, ...] = (), return_logits: bool = False) -> Speculation:
-    """`generate` with a draft (anything with .params and .model: `checkpoint.load_model`'s
-    Model, `job.train`'s result) proposing draft_tokens tokens a round. Greedy gives
+    """`generate.generate` with a draft (anything with .params and .model:
+    `checkpoint.load_model`'s Model, `job.train`'s result) proposing draft_tokens tokens
+    a round (default `defaults.DRAFT_TOKENS`). Greedy gives
     exactly generate's tokens; sampling draws from the same distribution (module
     docstring), but not the same tokens: the same key and K give the same text again,
     another K or no draft other draws. Also returns each row's rounds and its

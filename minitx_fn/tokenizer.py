@@ -7,8 +7,18 @@
 
 Every kind has `kind`, `vocab_size`, `encode(text) -> (T,) int32`, `decode(ids) -> str`,
 `encode_utf8(raw bytes) -> (T,) int32` (a chunk of a file, the fastest way the kind
-allows), `to_meta() -> dict` (what a checkpoint stores; `from_meta` reads it back) and
-`learn(source, vocab_size)`, how it is made from a text (`learn(kind, ...)` picks the kind).
+allows), `to_meta() -> dict` (what a checkpoint stores; `from_meta` reads it back),
+`hf_json()` (its Hugging Face tokenizer.json, None without one) and `learn(source,
+vocab_size)`, how it is made from a text (`learn(kind, ...)` picks the kind, `CLASSES`).
+What differs between the kinds, each says itself, so no caller asks for the kind:
+
+    open_vocabulary     any text encodes (char: only the characters it learned)
+    splits_text         a corpus is split into training and validation text before
+                        encoding, so no token straddles the boundary (bpe, whose tokens
+                        span characters); else the ids are split
+    default_vocab_size  the size it learns when none is given; None: a fixed vocabulary
+    padded_table        a model's table may have more rows than it has ids (an
+                        imported BPE's table, padded to a round size)
 `decode` never fails: a byte or BPE sample that stops inside a multi-byte character
 ends in U+FFFD (the replacement character) instead of raising.
 """
@@ -55,6 +65,10 @@ class Source(NamedTuple):
 
 class Tokenizer(Protocol):
     kind: str
+    open_vocabulary: bool
+    splits_text: bool
+    default_vocab_size: int | None
+    padded_table: bool
 
     @property
     def vocab_size(self) -> int: ...
@@ -68,6 +82,8 @@ class Tokenizer(Protocol):
     def to_meta(self) -> dict: ...
 
     def token_bytes(self) -> np.ndarray: ...
+
+    def hf_json(self) -> str | None: ...
 
 
 def known_ids(ids, tokenizer: Tokenizer) -> np.ndarray:
@@ -87,7 +103,7 @@ def known_ids(ids, tokenizer: Tokenizer) -> np.ndarray:
     bad = ids[(ids < 0) | (ids >= tokenizer.vocab_size)]
     if bad.size:
         hint = ("; a model whose table is padded past its tokenizer draws such ids unless sampled with "
-                "Sampler(id_limit=tokenizer.vocab_size)") if tokenizer.kind == "bpe" else ""
+                "Sampler(id_limit=tokenizer.vocab_size)") if tokenizer.padded_table else ""
         raise ValueError(f"id {int(bad[0])} is not one of the {tokenizer.kind} tokenizer's {tokenizer.vocab_size} "
                          f"ids{hint}")
     return ids
@@ -100,7 +116,7 @@ def learn(kind: str, source: Source, vocab_size: int | None = None) -> Tokenizer
         >>> learn("char", Source(lambda: code_points("hello"), lambda: ["hello"])).chars
         'ehlo'
     """
-    return {"char": CharTokenizer, "byte": ByteTokenizer, "bpe": BPETokenizer}[kind].learn(source, vocab_size)
+    return CLASSES[kind].learn(source, vocab_size)
 
 
 def char_boundary(raw: bytes, end: int) -> int:
@@ -169,6 +185,11 @@ class CharTokenizer:
 
     chars: str  # the vocabulary: id i is chars[i]
     kind = "char"
+    open_vocabulary, splits_text, default_vocab_size, padded_table = False, False, None, False
+
+    @staticmethod
+    def require_library() -> None:
+        """Nothing to require: NumPy does it all."""
 
     def __post_init__(self) -> None:
         if not self.chars:
@@ -245,6 +266,10 @@ class CharTokenizer:
     def to_meta(self) -> dict:
         return {"kind": self.kind, "chars": self.chars}
 
+    def hf_json(self) -> None:
+        """None: Hugging Face's tokenizers have no per-character vocabulary of this kind."""
+        return None
+
 
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
@@ -257,6 +282,11 @@ class ByteTokenizer:
     """
 
     kind = "byte"
+    open_vocabulary, splits_text, default_vocab_size, padded_table = True, False, None, False
+
+    @staticmethod
+    def require_library() -> None:
+        """Nothing to require: NumPy does it all."""
 
     @property
     def vocab_size(self) -> int:
@@ -285,6 +315,36 @@ class ByteTokenizer:
     def to_meta(self) -> dict:
         return {"kind": self.kind}
 
+    def hf_json(self) -> str:
+        """A `tokenizers` JSON of the same ids: byte-level BPE with no merges, where byte b
+        (written as GPT-2's printable stand-in for b, `bytes_to_unicode`) is id b."""
+        tk = require_tokenizers()
+        alphabet = bytes_to_unicode()
+        hf = tk.Tokenizer(tk.models.BPE(vocab={alphabet[b]: b for b in range(256)}, merges=[]))
+        hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+        hf.decoder = tk.decoders.ByteLevel()
+        return hf.to_str()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from each byte to a printable character (its encoder.py): printable
+    Latin-1 bytes stand for themselves, the other 68 for code points 256 .. 323.
+
+    Example:
+        >>> m = bytes_to_unicode()
+        >>> m[ord("a")], m[ord(" ")], len(set(m.values()))
+        ('a', 'Ġ', 256)
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
 
 def require_tokenizers():
     """The `tokenizers` module, or MissingTokenizersError saying how to install it.
@@ -310,6 +370,12 @@ class BPETokenizer:
     """
 
     kind = "bpe"
+    open_vocabulary, splits_text, default_vocab_size, padded_table = True, True, DEFAULT_BPE_VOCAB, True
+
+    @staticmethod
+    def require_library() -> None:
+        """MissingTokenizersError unless Hugging Face's tokenizers is installed."""
+        require_tokenizers()
 
     def __init__(self, hf_tokenizer, special: dict | None = None):
         """`special`: which ids are the beginning, end and padding of a text, under
@@ -345,7 +411,7 @@ class BPETokenizer:
     @classmethod
     def learn(cls, source: Source, vocab_size: int | None = None) -> "BPETokenizer":
         """Merges learned from the training split's text, to vocab_size ids (default DEFAULT_BPE_VOCAB)."""
-        return cls.train(source.training_texts(), vocab_size or DEFAULT_BPE_VOCAB)
+        return cls.train(source.training_texts(), vocab_size or cls.default_vocab_size)
 
     @staticmethod
     def pieces(text: str) -> list[str]:
@@ -399,6 +465,10 @@ class BPETokenizer:
     def to_json(self) -> str:
         return self._hf.to_str()
 
+    def hf_json(self) -> str:
+        """Its own `tokenizers` JSON (`to_json`)."""
+        return self.to_json()
+
     def token_bytes(self) -> np.ndarray:
         """(V,) the bytes each id stands for: byte-level BPE writes each byte of a token
         as one character of GPT-2's printable alphabet, so a token's length in characters
@@ -437,6 +507,9 @@ class BPETokenizer:
 
     def __hash__(self) -> int:
         return hash(self.to_json())
+
+
+CLASSES = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, BPETokenizer)}   # in the order of KINDS
 
 
 def _checked_special(special, vocab_size: int) -> dict:

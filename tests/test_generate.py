@@ -15,6 +15,7 @@ from minitx_fn import defaults, model
 from minitx_fn import generate as gen
 from minitx_fn.config import ModelConfig
 from minitx_fn.sampling import Sampler
+from tests import numpy_model
 from tests.helpers import count_calls, enable_x64
 
 CFG = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.5)
@@ -71,10 +72,11 @@ def test_cached_greedy_equals_recompute_inside_and_after_the_window(impl, dtype,
         prompts = random_prompts(seed, lengths, cfg.vocab_size)
         key = jax.random.key(seed + 1)
         ids, logits = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=n_new, return_logits=True)
-        ref_ids, ref_logits = gen.generate_recompute(params, prompts, model=cfg, key=key, max_new_tokens=n_new)
-    np.testing.assert_array_equal(np.stack(ids), ref_ids)
+        ref_ids, ref_logits = gen.generate_recompute(params, prompts, model=cfg, key=key, max_new_tokens=n_new,
+                                                     return_logits=True)
+    np.testing.assert_array_equal(np.stack(ids), np.stack(ref_ids))
     # jax.nn.dot_product_attention computes its softmax in float32 whatever the input.
-    assert_logits_close(np.stack(logits), ref_logits, "float32" if impl != "einsum" else dtype)
+    assert_logits_close(np.stack(logits), np.stack(ref_logits), "float32" if impl != "einsum" else dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -85,8 +87,8 @@ def test_cached_sampling_equals_recompute_with_the_same_keys(dtype, key):
         params = model.init(jax.random.key(11), cfg)
         prompts = random_prompts(3, [3, 1, 7, 4], cfg.vocab_size)
         ids = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=20, sampler=sampler)
-        ref_ids, _ = gen.generate_recompute(params, prompts, model=cfg, key=key, max_new_tokens=20, sampler=sampler)
-    np.testing.assert_array_equal(np.stack(ids), ref_ids)
+        ref_ids = gen.generate_recompute(params, prompts, model=cfg, key=key, max_new_tokens=20, sampler=sampler)
+    np.testing.assert_array_equal(np.stack(ids), np.stack(ref_ids))
 
 
 # ----------------------------------------------------------------------------- rows are independent
@@ -206,7 +208,7 @@ def test_one_compiled_loop_for_every_token_position_and_prompt_in_a_bucket(key, 
     at the start and at the end of the window, and 20 tokens that slide it, reuse it."""
     cfg = CFG.replace(init_std=0.49)                       # a config no other test uses: a fresh jit cache entry
     params = model.init(key, cfg)
-    traces = count_calls(monkeypatch, gen, "row_keys")     # called once in the body of _decode: once per trace
+    traces = count_calls(monkeypatch, gen, "row_keys")     # called once in the body of decode_loop: once per trace
     gen.generate(params, [[1, 2, 3]], model=cfg, key=key, max_new_tokens=20)
     gen.generate(params, [[4, 5, 6, 7, 1]], model=cfg, key=key, max_new_tokens=20)       # same bucket (8)
     gen.generate(params, [[1] * 8], model=cfg, key=key, max_new_tokens=20)                # a full window
@@ -253,7 +255,7 @@ def test_window_of_one_slot():
     cfg = CFG.replace(max_len=1)
     params = model.init(jax.random.key(0), cfg)
     ids = gen.generate(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)[0]
-    ref, _ = gen.generate_recompute(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)
+    ref = gen.generate_recompute(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)
     np.testing.assert_array_equal(ids, ref[0])
 
 
@@ -270,3 +272,24 @@ def test_a_stop_string_ends_the_text_wherever_the_tokenizer_put_its_boundaries(k
     full = gen.complete(m, "hello", max_new_tokens=24)
     stop = full[cut[0]:cut[1]]
     assert stop and gen.complete(m, "hello", max_new_tokens=24, stop=stop) == full[:full.find(stop) + len(stop)]
+
+
+# ----------------------------------------------------------------------------- against the NumPy model
+
+
+@pytest.mark.parametrize("lengths, options", [([3], {}), ([1, 8, 5], {}),
+                                              ([1, 8, 5], {"positions": "learned", "tie_embeddings": True}),
+                                              ([1, 8, 5], {**defaults.ARCHS["llama"], "n_kv_heads": 1})])
+def test_greedy_generation_equals_numpy_argmax_over_full_recompute(lengths, options, key):
+    """40 new tokens with S = 8: every row's window slides several times (and with
+    learned positions, goes back to the table's first rows each time)."""
+    with enable_x64():
+        cfg = ModelConfig(vocab_size=11, d_model=16, n_heads=2, n_layers=2, max_len=8, init_std=0.5,
+                          dtype="float64", param_dtype="float64", **options)
+        params = model.init(key, cfg)
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(0, 11, n) for n in lengths]
+        ids = gen.generate(params, prompts, model=cfg, key=key, max_new_tokens=40)
+    host = jax.device_get(params)
+    for prompt, row in zip(prompts, ids):
+        assert row.tolist() == numpy_model.greedy(host, prompt.tolist(), 40, n_heads=2, max_len=8, **numpy_model.config_args(cfg))

@@ -70,10 +70,11 @@ def test_greedy_stop_sequence_and_a_row_alone(key):
     first = gen.generate(params, prompts[:1], model=CFG, max_new_tokens=12)[0]
     stop = tuple(int(t) for t in first[5:7])
     want = gen.generate(params, prompts, model=CFG, max_new_tokens=12, stop=stop)
-    got = gen.generate(params, prompts, model=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3)
+    got = speculative.speculate(params, prompts, model=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3).tokens
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
-    alone = gen.generate(params, prompts[1:2], model=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3)
+    alone = speculative.speculate(params, prompts[1:2], model=CFG, max_new_tokens=12, stop=stop, draft=draft,
+                                  draft_tokens=3).tokens
     np.testing.assert_array_equal(alone[0], got[1])
 
 
@@ -83,9 +84,10 @@ def test_a_sampled_row_depends_only_on_its_prompt_key_and_row(key):
     draft = draft_of(CFG, "random", params, 4)
     a = random_prompts(1, [3, 6, 2], CFG.vocab_size)
     b = [a[0], random_prompts(2, [9], CFG.vocab_size)[0], a[2]]
-    out_a = gen.generate(params, a, model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
-    out_b = gen.generate(params, b, model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
-    alone = gen.generate(params, a[:1], model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft)
+    out_a = speculative.speculate(params, a, model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft).tokens
+    out_b = speculative.speculate(params, b, model=CFG, key=key, max_new_tokens=20, sampler=sampler, draft=draft).tokens
+    alone = speculative.speculate(params, a[:1], model=CFG, key=key, max_new_tokens=20, sampler=sampler,
+                                  draft=draft).tokens
     for row in (0, 2):
         np.testing.assert_array_equal(out_a[row], out_b[row])
     np.testing.assert_array_equal(alone[0], out_a[0])
@@ -190,13 +192,15 @@ def test_what_is_no_draft_is_refused_in_one_line():
     params = model.init(jax.random.key(0), CFG)
     for draft in ("runs/small", params, CFG, (params, CFG)):
         with pytest.raises(ConfigError, match="a draft is a model with .params and .model"):
-            gen.generate(params, [[1]], model=CFG, max_new_tokens=4, draft=draft)
+            speculative.speculate(params, [[1]], model=CFG, max_new_tokens=4, draft=draft)
+    from minitx_fn.tokenizer import CharTokenizer
+    run = SimpleNamespace(params=params, model=CFG, tokenizer=CharTokenizer("abcdefghijk"))
     with pytest.raises(ConfigError, match="draft_tokens=-3 was given without a draft"):
-        gen.generate(params, [[1]], model=CFG, max_new_tokens=4, draft_tokens=-3)
+        gen.complete(run, "a", max_new_tokens=4, draft_tokens=-3)
     one = CFG.replace(max_len=1)
     with pytest.raises(ConfigError, match="a context of 1 position leaves no room"):
-        gen.generate(model.init(jax.random.key(0), one), [[1]], model=one, max_new_tokens=4,
-                     draft=SimpleNamespace(params=None, model=one))
+        speculative.speculate(model.init(jax.random.key(0), one), [[1]], model=one, max_new_tokens=4,
+                              draft=SimpleNamespace(params=None, model=one))
 
 
 @pytest.mark.parametrize("change, k, match", [
@@ -209,5 +213,5 @@ def test_a_draft_that_cannot_serve_is_refused(change, k, match):
     small = CFG.replace(**DRAFT, **change)
     draft = SimpleNamespace(params=model.init(jax.random.key(0), small), model=small)
     with pytest.raises(ConfigError, match=match):
-        gen.generate(model.init(jax.random.key(0), CFG), [[1]], model=CFG, max_new_tokens=4, draft=draft,
-                     draft_tokens=k)
+        speculative.speculate(model.init(jax.random.key(0), CFG), [[1]], model=CFG, max_new_tokens=4, draft=draft,
+                              draft_tokens=k)

@@ -41,8 +41,9 @@ import jax
 import jax.numpy as jnp
 
 from minitx_fn import defaults
-from minitx_fn.config import AttentionSpec
-from minitx_fn.layers import at_least_float32, compute_dtype, dropout, linear, rotary
+from minitx_fn.specs import AttentionSpec
+from minitx_fn.layers import dropout, linear, rotary
+from minitx_fn.layers.dtypes import at_least_float32, compute_dtype
 
 IMPLS = defaults.ATTENTION_IMPLS        # "einsum" (the maths written out) or "dot_product_attention"
 

@@ -5,7 +5,7 @@
 
 Norm is LayerNorm (`norm.py`) or RMSNorm (`rmsnorm.py`), FeedForward the GELU MLP
 (`feedforward.py`) or SwiGLU (`swiglu.py`): the block picks the module by the name
-its spec gives (`config.BlockSpec`) and calls its init/apply pair, which share one
+its spec gives (`specs.BlockSpec`) and calls its init/apply pair, which share one
 signature. GPT-2 and Llama are the same block with other names.
 
 Params: {"ln1": norm, "attn": attention, "ln2": norm, "mlp": feed-forward}.
@@ -21,8 +21,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.config import BlockSpec
-from minitx_fn.layers import attention, compute_dtype, dropout, feedforward, norm, rmsnorm, swiglu
+from minitx_fn.specs import BlockSpec
+from minitx_fn.layers import attention, dropout, feedforward, norm, rmsnorm, swiglu
+from minitx_fn.layers.dtypes import compute_dtype
 
 NORMS = {"layernorm": norm, "rmsnorm": rmsnorm}          # BlockSpec.norm -> the layer module
 MLPS = {"gelu": feedforward, "swiglu": swiglu}           # BlockSpec.mlp -> the layer module
@@ -35,7 +36,7 @@ def init(key: jax.Array, spec: BlockSpec, *, d_model: int, d_ff: int, std: float
     stream's variance does not grow with depth (the model passes it).
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> p = init(jax.random.key(0), BlockSpec(attention=AttentionSpec(n_heads=2)), d_model=8, d_ff=32)
         >>> sorted(p), p["mlp"]["up"]["w"].shape
         (['attn', 'ln1', 'ln2', 'mlp'], (8, 32))
@@ -60,7 +61,7 @@ def check_kinds(params: dict, spec: BlockSpec) -> None:
     a LayerNorm has a bias, an RMSNorm none; a SwiGLU has a gate, the GELU MLP none.
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2))
         >>> check_kinds(init(jax.random.key(0), spec.__class__(attention=spec.attention, norm="rmsnorm"), d_model=8,
         ...                  d_ff=8), spec)
@@ -77,7 +78,7 @@ def normed(params: dict, x: jax.Array, spec: BlockSpec) -> jax.Array:
     """Norm(x) (B, T, D) with the norm spec names, in at least float32.
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2), norm="rmsnorm")
         >>> [round(float(v), 3) for v in normed({"scale": jnp.ones(2)}, jnp.array([[[3.0, 4.0]]]), spec)[0, 0]]
         [0.849, 1.131]
@@ -89,7 +90,7 @@ def feedforward(params: dict, h: jax.Array, spec: BlockSpec) -> jax.Array:
     """FeedForward(h) (B, T, D) with the MLP spec names and the block's params["mlp"].
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2))
         >>> feedforward(init(jax.random.key(0), spec, d_model=8, d_ff=16), jnp.ones((1, 3, 8)), spec).shape
         (1, 3, 8)
@@ -101,7 +102,7 @@ def mlp_half(params: dict, x: jax.Array, spec: BlockSpec, key: jax.Array | None 
     """x + Dropout(FeedForward(Norm2(x))): the block's second residual branch.
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2))
         >>> mlp_half(init(jax.random.key(0), spec, d_model=8, d_ff=16), jnp.ones((1, 3, 8)), spec).shape
         (1, 3, 8)
@@ -118,7 +119,7 @@ def attention_half(params: dict, x: jax.Array, spec: BlockSpec, *, positions: ja
     branch each drop from their own subkey.
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2))
         >>> attention_half(init(jax.random.key(0), spec, d_model=8, d_ff=16), jnp.ones((1, 3, 8)), spec).shape
         (1, 3, 8)
@@ -137,7 +138,7 @@ def apply(params: dict, x: jax.Array, spec: BlockSpec, *, positions: jax.Array |
     and on both residual branches, each from its own subkey.
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2))
         >>> apply(init(jax.random.key(0), spec, d_model=8, d_ff=32), jnp.ones((2, 3, 8)), spec).shape
         (2, 3, 8)
@@ -154,7 +155,7 @@ def apply_cached(params: dict, x: jax.Array, cache: attention.KVCache, spec: Blo
     (B, S, G, K); `index`, `mask` and `score_bias` as in `attention.apply_cached`.
 
     Example:
-        >>> from minitx_fn.config import AttentionSpec
+        >>> from minitx_fn.specs import AttentionSpec
         >>> from minitx_fn.layers.attention import causal_mask
         >>> spec = BlockSpec(attention=AttentionSpec(n_heads=2))
         >>> cache = attention.init_cache(spec.attention, 1, 4, head_dim=4)

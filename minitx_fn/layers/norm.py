@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.layers import at_least_float32
+from minitx_fn.layers.dtypes import at_least_float32
 
 
 def init(key: jax.Array | None = None, *, d_model: int, dtype=jnp.float32) -> dict:

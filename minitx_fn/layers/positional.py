@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.layers import at_least_float32
+from minitx_fn.layers.dtypes import at_least_float32
 
 
 def encode(positions: jax.Array, d_model: int, *, dtype=jnp.float32) -> jax.Array:

@@ -23,8 +23,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from minitx_fn.config import RopeScaling
-from minitx_fn.layers import at_least_float32
+from minitx_fn.specs import RopeScaling
+from minitx_fn.layers.dtypes import at_least_float32
 
 
 def frequencies(head_dim: int, *, rope_theta: float = 10000.0, scaling: RopeScaling | None = None,

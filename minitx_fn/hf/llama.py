@@ -1,4 +1,4 @@
-"""Llama and Qwen2 in our own layers: a Hugging Face folder in, a run out, and back.
+"""Llama and Qwen2 in our own layers: the mapping between their config.json and tensors and ours.
 
 Llama is this model with `defaults.ARCHS["llama"]`: rotary positions, RMSNorm, a
 SwiGLU feed-forward, no biases, usually an untied head, and grouped-query attention
@@ -24,8 +24,8 @@ i + K/2) of each head ("rotate_half") at the frequencies theta^(-2i/K), as
 `layers/rotary.py` does. A config.json whose maths this model does not have (a
 `rope_scaling` other than the default, biases on the output or MLP projections,
 sliding-window attention, another activation, a head width other than D / H) is
-refused with one line naming the key. Files go through `gpt2.py`'s readers and
-writers (safetensors, sharded or not; tokenizer.json through `tokenizers`).
+refused with one line naming the key. The folder's files are read and written by
+`hf/folder.py`, for every family.
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ import numpy as np
 
 from minitx_fn import defaults
 from minitx_fn.config import ModelConfig, RopeScaling
-from minitx_fn.errors import Error
-from minitx_fn.gpt2 import GPT2Error, checked_tensors
+from minitx_fn.errors import Error, HFError
+from minitx_fn.hf.tensors import checked_tensors
 
 MODEL_TYPES = ("llama", "qwen2")
 PREFIX = "model."
@@ -93,7 +93,7 @@ ROPE_KEYS = {"default": (), "linear": (),
 
 def rope_scaling(hf: dict) -> RopeScaling | None:
     """The scaled rotary positions of a config.json (`_rope`'s settings) as our
-    RopeScaling, None for the default; GPT2Error naming the key for a rope_type
+    RopeScaling, None for the default; HFError naming the key for a rope_type
     minitx does not convert (`ROPE_KEYS`: dynamic and longrope change with the
     sequence length), a setting that type does not know, a missing factor, or a bad
     value. What may be missing is filled as transformers fills it: a "rope_scaling"
@@ -112,18 +112,18 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
     if not rope:                                   # null or {}: the default
         return None
     if not isinstance(rope, dict):
-        raise GPT2Error(f"config.json: {key} = {rope!r} must be null or an object")
+        raise HFError(f"config.json: {key} = {rope!r} must be null or an object")
     kind = rope.get("rope_type", rope.get("type", "default"))
     if not isinstance(kind, str) or kind not in ROPE_KEYS:
-        raise GPT2Error(f"config.json: {key} has rope_type {kind!r}, which minitx does not convert (it converts "
+        raise HFError(f"config.json: {key} has rope_type {kind!r}, which minitx does not convert (it converts "
                         f"{list(ROPE_KEYS)})")
     unknown = sorted(set(rope) - {"rope_type", "type", "rope_theta", "factor", "partial_rotary_factor",
                                   *ROPE_KEYS[kind]})
     if unknown:
-        raise GPT2Error(f"config.json: {key} holds {unknown}, which rope_type {kind!r} does not read here; minitx "
+        raise HFError(f"config.json: {key} holds {unknown}, which rope_type {kind!r} does not read here; minitx "
                         f"knows {sorted(ROPE_KEYS[kind])} for it")
     if rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise GPT2Error(f"config.json: {key}.partial_rotary_factor = {rope['partial_rotary_factor']!r} must be 1 "
+        raise HFError(f"config.json: {key}.partial_rotary_factor = {rope['partial_rotary_factor']!r} must be 1 "
                         f"for this model")
     if kind == "default":
         return None
@@ -131,7 +131,7 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
     # transformers refuses these too; but YaRN's factor may be null: then max_position_embeddings / original.
     missing = [name for name in needed[kind] if name not in rope or (rope[name] is None and kind != "yarn")]
     if missing:
-        raise GPT2Error(f"config.json: {key} of rope_type {kind!r} lacks {missing}")
+        raise HFError(f"config.json: {key} of rope_type {kind!r} lacks {missing}")
     fields = {name: rope[name] for name in ROPE_KEYS[kind] if name in rope and name not in
               ("original_max_position_embeddings", "mscale", "mscale_all_dim")}
     names = {f"rope_scaling.{name}": f"{key}.{name}" for name in ("kind", "factor", *ROPE_KEYS[kind])}
@@ -149,14 +149,14 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
             factor = longest / original
         for name in ("mscale", "mscale_all_dim"):
             if rope.get(name) is not None and not _number(rope[name]):
-                raise GPT2Error(f"config.json: {key}.{name} = {rope[name]!r} must be a number")
+                raise HFError(f"config.json: {key}.{name} = {rope[name]!r} must be a number")
         mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
         if fields.get("attention_factor") is None and mscale and mscale_all_dim and _number(factor):
             def m(scale):
                 return 1.0 if factor <= 1 else 0.1 * scale * math.log(factor) + 1.0
             attention = m(mscale) / m(mscale_all_dim) if m(mscale_all_dim) else math.inf
             if not (_number(attention) and attention > 0):
-                raise GPT2Error(f"config.json: {key}.mscale = {mscale!r} and {key}.mscale_all_dim = "
+                raise HFError(f"config.json: {key}.mscale = {mscale!r} and {key}.mscale_all_dim = "
                                 f"{mscale_all_dim!r} give the attention factor {attention!r}; it must be a positive "
                                 f"number")
             fields["attention_factor"] = attention
@@ -167,7 +167,7 @@ def rope_scaling(hf: dict) -> RopeScaling | None:
         return RopeScaling(kind=kind, factor=factor, **fields)
     except Error as e:
         message = e.render(lambda field, value: f"{names.get(field, field)} = {value!r}")
-        raise GPT2Error(f"config.json: {message}") from None
+        raise HFError(f"config.json: {message}") from None
 
 
 def _number(value) -> bool:
@@ -195,7 +195,7 @@ def _refused(hf: dict) -> tuple[str, str] | None:
 
 
 def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
-    """Hugging Face's Llama or Qwen2 config.json (a dict) -> our ModelConfig; GPT2Error
+    """Hugging Face's Llama or Qwen2 config.json (a dict) -> our ModelConfig; HFError
     for another model or an option whose maths this model does not have.
 
     Example:
@@ -206,13 +206,13 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
         ('rotary', 'rmsnorm', 'swiglu', 2, False, True)
     """
     if not isinstance(hf, dict):
-        raise GPT2Error("config.json must hold a JSON object")
+        raise HFError("config.json must hold a JSON object")
     if hf.get("model_type") not in MODEL_TYPES:
-        raise GPT2Error(f"config.json says model_type {hf.get('model_type')!r}; this reader takes {list(MODEL_TYPES)}")
+        raise HFError(f"config.json says model_type {hf.get('model_type')!r}; this reader takes {list(MODEL_TYPES)}")
     refused = _refused(hf)
     if refused:
         key, need = refused
-        raise GPT2Error(f"config.json: {key} = {hf.get(key)!r} {need} for this model")
+        raise HFError(f"config.json: {key} = {hf.get(key)!r} {need} for this model")
     sizes = {}
     hf = {**hf, "num_key_value_heads": hf.get("num_key_value_heads", hf.get("num_attention_heads"))}
     if hf["num_key_value_heads"] is None:                   # written as null: as many as the query heads
@@ -223,7 +223,7 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
                           ("max_position_embeddings", "max_len")):
         value = hf.get(hf_name)
         if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-            raise GPT2Error(f"config.json: {hf_name} = {value!r} must be a positive whole number")
+            raise HFError(f"config.json: {hf_name} = {value!r} must be a positive whole number")
         sizes[ours] = value
     std = hf.get("initializer_range", 0.02)
     scaling = rope_scaling(hf)
@@ -234,7 +234,7 @@ def config_from_hf(hf: dict, *, param_dtype: str = "float32") -> ModelConfig:
                            dtype=param_dtype, param_dtype=param_dtype)
     except Error as e:                   # named as config.json names them
         message = e.render(lambda field, value: f"{HF_FIELDS.get(field, field)} = {value!r}")
-        raise GPT2Error(f"config.json does not make a valid model: {message}") from None
+        raise HFError(f"config.json does not make a valid model: {message}") from None
 
 
 def family(config: ModelConfig) -> str | None:
@@ -248,6 +248,14 @@ def family(config: ModelConfig) -> str | None:
     if any(getattr(config, field) != value for field, value in llama.items() if field != "tie_embeddings"):
         return None
     return "qwen2" if config.qkv_bias else "llama"
+
+
+def check_exportable(params: dict, config: ModelConfig) -> None:
+    """Nothing to refuse: a model of Llama's shape (`family`) is written as it is.
+
+    Example:
+        >>> check_exportable({}, ModelConfig(vocab_size=5, **defaults.ARCHS["llama"]))
+    """
 
 
 def config_to_hf(config: ModelConfig) -> dict:
@@ -322,7 +330,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
     """Hugging Face's tensors -> our parameter tree of NumPy arrays in config.param_dtype;
-    GPT2Error names every missing, unexpected, misshapen or non-finite tensor.
+    HFError names every missing, unexpected, misshapen or non-finite tensor.
 
     Example:
         >>> cfg = ModelConfig(vocab_size=10, d_model=8, n_heads=4, n_kv_heads=2, n_layers=3, **defaults.ARCHS["llama"])
@@ -335,7 +343,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:
         # Some files store the tied head anyway: a copy of the embedding is the same model.
         embed = tensors.get(PREFIX + "embed_tokens.weight")
         if embed is None or not np.array_equal(tensors["lm_head.weight"], embed):
-            raise GPT2Error("lm_head.weight differs from model.embed_tokens.weight, but config.json says "
+            raise HFError("lm_head.weight differs from model.embed_tokens.weight, but config.json says "
                             "tie_word_embeddings is true; set it to false to import the head as it is")
         tensors = {name: array for name, array in tensors.items() if name != "lm_head.weight"}
     tensors = checked_tensors(tensors, expected_shapes(c), c.param_dtype)
@@ -394,5 +402,5 @@ def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array) for name, array in tensors.items()}
 
 
-__all__ = ["MODEL_TYPES", "ROPE_KEYS", "ROPE_NAMES", "config_from_hf", "config_to_hf", "expected_shapes", "family",
+__all__ = ["MODEL_TYPES", "ROPE_KEYS", "ROPE_NAMES", "check_exportable", "config_from_hf", "config_to_hf", "expected_shapes", "family",
            "params_from_hf", "params_to_hf", "rope_parameters", "rope_scaling", "rope_theta"]

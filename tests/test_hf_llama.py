@@ -22,7 +22,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, defaults, gpt2, llama, model
+from minitx_fn import checkpoint, defaults, model
+from minitx_fn.errors import HFError
+from minitx_fn.hf import folder as hf_folder, llama
 from minitx_fn.config import ModelConfig
 from minitx_fn.generate import generate
 from minitx_fn.tokenizer import BPETokenizer
@@ -112,7 +114,7 @@ HF = {"model_type": "llama", "vocab_size": 11, "hidden_size": 16, "intermediate_
     ({"model_type": "mistral"}, "model_type 'mistral'"),
 ])
 def test_config_json_whose_maths_this_model_lacks_is_refused_naming_the_key(changes, said):
-    with pytest.raises(gpt2.GPT2Error, match=None) as e:
+    with pytest.raises(HFError, match=None) as e:
         llama.config_from_hf({**HF, **changes})
     assert said in str(e.value), str(e.value)
     assert llama.config_from_hf({**HF, "rope_scaling": {"rope_type": "default"}}).n_kv_heads == 2
@@ -191,7 +193,7 @@ def test_imported_logits_equal_transformers(hf, hf_dirs, bpe, kind, dtype):
     hf_model = _load(transformers, hf_dirs[kind], dtype)
     ids = np.stack([bpe.encode(TEXT)[:40], bpe.encode(TEXT[300:])[:40]])               # (2, 40)
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
-        c, params, _ = gpt2.import_dir(str(hf_dirs[kind]), param_dtype=dtype)
+        c, params, _ = hf_folder.import_dir(str(hf_dirs[kind]), param_dtype=dtype)
         assert llama.family(c) == kind and c.n_kv_heads == (2 if kind == "llama" else 1)
         with standard_promotion():
             ours = jax.jit(model.apply, static_argnames="config")(params, jnp.asarray(ids), config=c)
@@ -314,7 +316,7 @@ def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bp
     folder = _save_hf(hf, bpe, tmp_path / "hf", kind, kind == "qwen2", rope_parameters={**rope, "rope_theta": 100.0})
     ids = np.stack([bpe.encode(TEXT)[:60], bpe.encode(TEXT[300:])[:60]])               # (2, 60)
     hf_model = _load(transformers, folder, "float32")
-    c, params, _ = gpt2.import_dir(str(folder))
+    c, params, _ = hf_folder.import_dir(str(folder))
     assert c.rope_scaling.kind == scaling and c.rope_theta == 100.0
     with standard_promotion():
         ours = jax.jit(model.apply, static_argnames="config")(params, jnp.asarray(ids), config=c)
@@ -331,7 +333,7 @@ def test_scaled_rotary_models_equal_transformers_logits_greedy_and_export(hf, bp
     assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]["rope_type"] == scaling
     assert_close_scaled(_their_logits(torch, _load(transformers, tmp_path / "out", "float32"), ids),
                         _their_logits(torch, hf_model, ids), 1e-6)
-    again, again_params, _ = gpt2.import_dir(str(tmp_path / "out"))
+    again, again_params, _ = hf_folder.import_dir(str(tmp_path / "out"))
     assert again == c                                   # through the run's meta.json and back
     jax.tree.map(np.testing.assert_array_equal, again_params, params)
 
@@ -350,9 +352,9 @@ def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(
     torch, transformers = hf
     n, padded = bpe.vocab_size, bpe.vocab_size + 13
     folder = _save_hf(hf, bpe, tmp_path / "hf", "qwen2", True, vocab_size=padded)
-    tensors = load_file(str(folder / gpt2.WEIGHTS))                 # padding rows that win an unmasked argmax
+    tensors = load_file(str(folder / hf_folder.WEIGHTS))                 # padding rows that win an unmasked argmax
     tensors["model.embed_tokens.weight"][n:] *= 40
-    save_file(tensors, str(folder / gpt2.WEIGHTS), metadata={"format": "pt"})
+    save_file(tensors, str(folder / hf_folder.WEIGHTS), metadata={"format": "pt"})
     hf_model = _load(transformers, folder, "float32")
     ids = np.stack([bpe.encode(TEXT)[:40]])
     assert run_main(capsys, "import-hf", folder, "--out", tmp_path / "run")[0] == 0
@@ -377,7 +379,7 @@ def test_a_table_padded_past_the_tokenizer_imports_and_never_writes_the_padding(
     assert tuned.model.vocab_size == padded and len(tuned.sample) > 0
     assert run_main(capsys, "export-hf", tmp_path / "run", "--out", tmp_path / "out")[0] == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == padded
-    again, params, _ = gpt2.import_dir(str(tmp_path / "out"))
+    again, params, _ = hf_folder.import_dir(str(tmp_path / "out"))
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(loaded.params))
 
 
@@ -399,12 +401,12 @@ def test_special_token_ids_survive_import_and_export(hf, bpe, tmp_path, capsys):
     generation = transformers.GenerationConfig.from_pretrained(str(tmp_path / "out"))
     assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, [2, 3], 0)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (1, [2, 3], 0)
-    assert gpt2.import_dir(str(tmp_path / "out"))[2] == loaded.tokenizer
-    plain = gpt2.export_files(loaded.params, loaded.model, bpe)
+    assert hf_folder.import_dir(str(tmp_path / "out"))[2] == loaded.tokenizer
+    plain = hf_folder.export_files(loaded.params, loaded.model, bpe)
     assert "generation_config.json" not in plain and json.loads(plain["config.json"])["eos_token_id"] is None
     # The same vocabulary with other special ids (a base model drafting for its instruct
     # sibling) is the same tokenizer to a draft.
-    gpt2.write_dir(str(tmp_path / "plain"), plain)
+    hf_folder.write_dir(str(tmp_path / "plain"), plain)
     assert run_main(capsys, "import-hf", tmp_path / "plain", "--out", tmp_path / "draft")[0] == 0
     with standard_promotion():
         assert complete(loaded, "It was", max_new_tokens=4, draft=str(tmp_path / "draft")) == complete(
@@ -426,7 +428,7 @@ def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_p
     for case in ("missing", "shape", "rope"):
         folder = tmp_path / case
         shutil.copytree(hf_dirs["llama"], folder)
-        tensors = load_file(str(folder / gpt2.WEIGHTS))
+        tensors = load_file(str(folder / hf_folder.WEIGHTS))
         if case == "missing":
             del tensors["model.layers.1.mlp.gate_proj.weight"]
         elif case == "shape":
@@ -435,7 +437,7 @@ def test_a_broken_llama_folder_is_one_line_and_writes_nothing(hf, hf_dirs, tmp_p
             config = json.loads((folder / "config.json").read_text())
             (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": {
                 "rope_type": "dynamic", "factor": 4.0, "rope_theta": 500.0}}))
-        save_file(tensors, str(folder / gpt2.WEIGHTS), metadata={"format": "pt"})
+        save_file(tensors, str(folder / hf_folder.WEIGHTS), metadata={"format": "pt"})
         code, _, err = run_main(capsys, "import-hf", folder, "--out", tmp_path / f"run-{case}")
         said = {"missing": "missing model.layers.1.mlp.gate_proj.weight",
                 "shape": "model.layers.0.self_attn.k_proj.weight (32, 32) (needs (16, 32))",

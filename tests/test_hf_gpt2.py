@@ -1,4 +1,4 @@
-"""GPT-2 import and export (minitx_fn.gpt2, `minitx import-gpt2` / `export-gpt2`).
+"""GPT-2 import and export (minitx_fn.hf.gpt2, `minitx import-gpt2` / `export-gpt2`).
 
 The first part needs `safetensors` and `tokenizers` (the `test` extra): the name
 mapping as a property (round trips, every tensor placed once), the refusals, and the
@@ -22,9 +22,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, defaults, gpt2, model, runs, train
+from minitx_fn import checkpoint, defaults, model, runs, train
 from minitx_fn.config import ModelConfig
-from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer
+from minitx_fn.errors import HFError
+from minitx_fn.hf import folder as hf_folder, gpt2
+from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, bytes_to_unicode
 from tests.helpers import TINY, assert_close_scaled, assert_one_error_line, enable_x64, run_main, \
     standard_promotion
 
@@ -56,7 +58,7 @@ def _write_hf_dir(path, config: ModelConfig, tensors: dict, tokenizer: BPETokeni
     os.makedirs(path, exist_ok=True)
     hf_config = {**gpt2.config_to_hf(config), "tie_word_embeddings": config.tie_embeddings}
     (path / "config.json").write_text(json.dumps(hf_config))
-    safetensors_numpy.save_file(tensors, str(path / gpt2.WEIGHTS), metadata={"format": "pt"})
+    safetensors_numpy.save_file(tensors, str(path / hf_folder.WEIGHTS), metadata={"format": "pt"})
     (path / "tokenizer.json").write_text(tokenizer.to_json())
     return str(path)
 
@@ -105,22 +107,22 @@ def test_mismatched_tensors_are_named_all_at_once():
     del tensors["transformer.h.1.mlp.c_fc.bias"]
     tensors["transformer.h.0.attn.c_proj.weight"] = np.zeros((16, 17), np.float32)
     tensors["transformer.h.2.ln_1.weight"] = np.zeros(16, np.float32)
-    with pytest.raises(gpt2.GPT2Error) as e:
+    with pytest.raises(HFError) as e:
         gpt2.params_from_hf(tensors, c)
     message = str(e.value)
     assert "missing h.1.mlp.c_fc.bias" in message and "unexpected h.2.ln_1.weight" in message
     assert "h.0.attn.c_proj.weight (16, 17) (needs (16, 16))" in message
     tensors = _random_tensors(c, 0)
     tensors["transformer.ln_f.bias"][3] = np.nan
-    with pytest.raises(gpt2.GPT2Error, match="ln_f.bias hold NaN"):
+    with pytest.raises(HFError, match="ln_f.bias hold NaN"):
         gpt2.params_from_hf(tensors, c)
     tensors = _random_tensors(c, 0)                  # float64 beyond float32's range: infinite once cast
     tensors["transformer.ln_f.weight"] = np.full(16, 1e39)
-    with pytest.raises(gpt2.GPT2Error, match="ln_f.weight hold NaN or infinite values in float32"):
+    with pytest.raises(HFError, match="ln_f.weight hold NaN or infinite values in float32"):
         gpt2.params_from_hf(tensors, c)
     tensors = _random_tensors(c, 0)                  # the same tensor under both names: refused, not a guess
     tensors["wte.weight"] = 3 * tensors["transformer.wte.weight"]
-    with pytest.raises(gpt2.GPT2Error, match="wte.weight appear both with and without the prefix"):
+    with pytest.raises(HFError, match="wte.weight appear both with and without the prefix"):
         gpt2.params_from_hf(tensors, c)
 
 
@@ -130,7 +132,7 @@ def test_a_stored_tied_head_is_accepted_only_as_a_copy_of_the_embedding():
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"].copy()
     gpt2.params_from_hf(tensors, c)
     tensors["lm_head.weight"][0, 0] += 1
-    with pytest.raises(gpt2.GPT2Error, match="lm_head.weight differs from wte.weight"):
+    with pytest.raises(HFError, match="lm_head.weight differs from wte.weight"):
         gpt2.params_from_hf(tensors, c)
 
 
@@ -166,7 +168,7 @@ def test_a_tokenizer_whose_ids_leave_gaps_is_refused(bpe):
 ])
 def test_configs_this_model_cannot_be_are_refused(change, fragment):
     hf = {**gpt2.config_to_hf(_gpt2_config()), **change}
-    with pytest.raises(gpt2.GPT2Error, match="config.json") as e:
+    with pytest.raises(HFError, match="config.json") as e:
         gpt2.config_from_hf(hf)
     assert fragment in str(e.value)
 
@@ -184,7 +186,7 @@ def test_config_round_trip_and_gpt2_small_sizes():
 def test_gpt2_byte_alphabet_by_its_definition():
     """GPT-2's encoder.py: printable Latin-1 bytes map to themselves, the other 68 in
     byte order to U+0100 ... U+0143."""
-    table = gpt2.bytes_to_unicode()
+    table = bytes_to_unicode()
     assert table[ord("A")] == "A" and table[0] == "\u0100" and table[ord(" ")] == "\u0120"
     assert table[127] == chr(256 + 33) and table[255] == "\u00ff"        # 0..32 are the first 33 stand-ins
     assert sorted(ord(table[b]) for b in range(256) if ord(table[b]) >= 256) == list(range(256, 324))
@@ -193,7 +195,7 @@ def test_gpt2_byte_alphabet_by_its_definition():
 @given(st.text(max_size=40))
 def test_exported_byte_tokenizer_gives_each_byte_its_own_id(text):
     import tokenizers
-    hf = tokenizers.Tokenizer.from_str(gpt2.byte_tokenizer_json())
+    hf = tokenizers.Tokenizer.from_str(ByteTokenizer().hf_json())
     ids = hf.encode(text).ids
     assert ids == ByteTokenizer().encode(text).tolist()
     assert hf.decode(ids) == text
@@ -204,7 +206,7 @@ def test_vocab_and_merges_files_tokenize_like_tokenizer_json(tmp_path, bpe):
     import tokenizers
     hf = tokenizers.Tokenizer.from_str(bpe.to_json())
     hf.model.save(str(tmp_path))                                   # writes vocab.json and merges.txt
-    from_pair = gpt2.read_tokenizer(str(tmp_path))
+    from_pair = hf_folder.read_tokenizer(str(tmp_path))
     sample = TEXT[:300] + " naïve 東京 \u00e9t\u00e9"
     np.testing.assert_array_equal(from_pair.encode(sample), bpe.encode(sample))
     assert from_pair.decode(from_pair.encode(sample)) == sample
@@ -225,7 +227,7 @@ def test_import_then_generate_from_the_command_line(tmp_path, capsys, hf_dir, bp
     assert "Imported GPT-2 (2 layers, 2 heads, width 16, context 32" in out
     ck = checkpoint.load(str(tmp_path / "run"))
     assert ck.tokenizer == bpe and ck.model.positions == "learned" and ck.model.tie_embeddings
-    tensors = safetensors_numpy.load_file(os.path.join(hf_dir, gpt2.WEIGHTS))
+    tensors = safetensors_numpy.load_file(os.path.join(hf_dir, hf_folder.WEIGHTS))
     np.testing.assert_array_equal(ck.state.params["embed"]["table"], tensors["transformer.wte.weight"])
     code, out, err = run_main(capsys, "generate", "--checkpoint", tmp_path / "run", "--prompt", "The quick",
                               "--max-new-tokens", "5")
@@ -243,7 +245,7 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
         assert not out_dir.exists()
 
     refused("is not a directory", hf=tmp_path / "nope")
-    weights = os.path.join(hf_dir, gpt2.WEIGHTS)
+    weights = os.path.join(hf_dir, hf_folder.WEIGHTS)
     blob = open(weights, "rb").read()
     open(weights, "wb").write(blob[: len(blob) // 2])                      # a truncated download
     refused("is not a safetensors file")
@@ -264,9 +266,9 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     open(config_path, "w").write(json.dumps(hf_config))
     os.rename(weights, os.path.join(hf_dir, "shard.safetensors"))              # shards must lie beside their index
     index = {"weight_map": {"transformer.wte.weight": "../elsewhere/model.safetensors"}}
-    open(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX), "w").write(json.dumps(index))
+    open(os.path.join(hf_dir, hf_folder.WEIGHTS_INDEX), "w").write(json.dumps(index))
     refused("names shard files outside its folder")
-    os.remove(os.path.join(hf_dir, gpt2.WEIGHTS_INDEX))
+    os.remove(os.path.join(hf_dir, hf_folder.WEIGHTS_INDEX))
     # Two shards and their index, as save_pretrained writes a large model: read; then an
     # index that disagrees with what the shards hold is refused.
     tensors = safetensors_numpy.load_file(os.path.join(hf_dir, "shard.safetensors"))
@@ -276,9 +278,9 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     for file, part in halves.items():
         safetensors_numpy.save_file({n: tensors[n] for n in part}, os.path.join(hf_dir, file))
     weight_map = {n: file for file, part in halves.items() for n in part}
-    index_path = os.path.join(hf_dir, gpt2.WEIGHTS_INDEX)
+    index_path = os.path.join(hf_dir, hf_folder.WEIGHTS_INDEX)
     open(index_path, "w").write(json.dumps({"weight_map": weight_map}))
-    assert gpt2.read_tensors(hf_dir).keys() == tensors.keys()
+    assert hf_folder.read_tensors(hf_dir).keys() == tensors.keys()
     open(index_path, "w").write(json.dumps({"weight_map": {**weight_map, names[0]: "b.safetensors"}}))
     refused("a.safetensors' disagrees with model.safetensors.index.json", f"it holds {names[0]}",
             "puts elsewhere or nowhere")
@@ -307,13 +309,13 @@ def test_sigterm_while_reading_is_one_line_and_writes_nothing(tmp_path, capsys, 
                                                              gpt2_shaped_run):
     """SIGTERM arrives while the weights are read: exit 143, one line, no folder."""
     import signal
-    real = gpt2.import_dir if command == "import-gpt2" else gpt2.export_files
+    real = hf_folder.import_dir if command == "import-gpt2" else hf_folder.export_files
 
     def read_then_signalled(*args, **kwargs):
         result = real(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGTERM)
         return result
-    monkeypatch.setattr(gpt2, "import_dir" if command == "import-gpt2" else "export_files", read_then_signalled)
+    monkeypatch.setattr(hf_folder, "import_dir" if command == "import-gpt2" else "export_files", read_then_signalled)
     source = hf_dir if command == "import-gpt2" else gpt2_shaped_run
     code, _, err = run_main(capsys, command, source, "--out", tmp_path / "out")
     assert code == 128 + signal.SIGTERM and err.strip() == "minitx: interrupted by SIGTERM; nothing saved was lost"
@@ -373,7 +375,7 @@ def test_an_untied_gpt2_goes_back_out_as_it_came_in(tmp_path, capsys, bpe):
     hf = _write_hf_dir(tmp_path / "hf", c, tensors, bpe)
     assert run_main(capsys, "import-gpt2", hf, "--out", tmp_path / "run")[0] == 0
     assert run_main(capsys, "export-gpt2", tmp_path / "run", "--out", tmp_path / "again")[0] == 0
-    again = safetensors_numpy.load_file(str(tmp_path / "again" / gpt2.WEIGHTS))
+    again = safetensors_numpy.load_file(str(tmp_path / "again" / hf_folder.WEIGHTS))
     assert again.keys() == tensors.keys()
     for name, array in tensors.items():
         np.testing.assert_array_equal(again[name], array)
@@ -383,12 +385,12 @@ def test_an_untied_gpt2_goes_back_out_as_it_came_in(tmp_path, capsys, bpe):
 def test_a_killed_export_leaves_nothing_the_next_one_keeps(tmp_path):
     """write_dir's temporary folder carries its PID: the next export removes those of
     processes that are gone, and leaves a live one's alone."""
-    dead = tmp_path / (runs.owned_prefix(gpt2.TEMPORARY_KIND, 2**31 - 2) + "x")      # no process has this PID here
-    live = tmp_path / (runs.owned_prefix(gpt2.TEMPORARY_KIND) + "y")
-    for folder in (dead, live):
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"partial")
-    gpt2.write_dir(str(tmp_path / "out"), {"config.json": b"{}"})
+    dead = tmp_path / (runs.owned_prefix(hf_folder.TEMPORARY_KIND, 2**31 - 2) + "x")      # no process has this PID here
+    live = tmp_path / (runs.owned_prefix(hf_folder.TEMPORARY_KIND) + "y")
+    for left in (dead, live):
+        left.mkdir()
+        (left / "model.safetensors").write_bytes(b"partial")
+    hf_folder.write_dir(str(tmp_path / "out"), {"config.json": b"{}"})
     assert not dead.exists() and live.exists()
     assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
 
@@ -404,13 +406,13 @@ def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run)
                            ({"tie_embeddings": False}, "tie_embeddings=False"),
                            ({"positions": "rotary", "norm": "rmsnorm"}, "positions='rotary', norm='rmsnorm'"),
                            ({"n_kv_heads": 1, "bias": False, "qkv_bias": True}, "bias=False, n_kv_heads=1")):
-        with pytest.raises(gpt2.GPT2Error, match=re.escape(f"this model has {named}: train one with --arch gpt2")):
-            gpt2.export_files(ck.state.params, ck.model.replace(**options), ck.tokenizer)
+        with pytest.raises(HFError, match=re.escape(f"this model has {named}: train one with arch='gpt2'")):
+            hf_folder.export_files(ck.state.params, ck.model.replace(**options), ck.tokenizer)
     # Nearer Llama's shape than GPT-2's (a Llama with biases): named against Llama's.
     llama_with_bias = ck.model.replace(**{**defaults.ARCHS["llama"], "bias": True})
-    with pytest.raises(gpt2.GPT2Error, match=re.escape("Llama and Qwen2 have bias=False; this model has bias=True: "
-                                                       "train one with --arch llama")):
-        gpt2.export_files(ck.state.params, llama_with_bias, ck.tokenizer)
+    with pytest.raises(HFError, match=re.escape("Llama and Qwen2 have bias=False; this model has bias=True: "
+                                                       "train one with arch='llama'")):
+        hf_folder.export_files(ck.state.params, llama_with_bias, ck.tokenizer)
     assert not (tmp_path / "hf").exists()
 
 
@@ -462,7 +464,7 @@ def test_imported_logits_and_loss_equal_hugging_face(hf, hf_model_dir, bpe, dtyp
     with enable_x64() if dtype == "float64" else contextlib.nullcontext():
         if dtype == "float64":
             hf_model = hf_model.double()
-        c, params, _ = gpt2.import_dir(str(hf_model_dir), param_dtype=dtype)
+        c, params, _ = hf_folder.import_dir(str(hf_model_dir), param_dtype=dtype)
         with standard_promotion():
             logits = jax.jit(model.apply, static_argnames="config")(params, jnp.asarray(ids), config=c)
         theirs = _hf_logits(torch, hf_model, ids)
@@ -522,7 +524,7 @@ def test_a_signal_while_import_or_export_writes_takes_its_output_back(tmp_path, 
     import signal
 
     from minitx_fn import job
-    real_new_run, real_makedirs = job.new_run, gpt2.runs.make_dirs
+    real_new_run, real_makedirs = job.new_run, hf_folder.runs.make_dirs
 
     def new_run_then_signal(*args, **kwargs):
         path = real_new_run(*args, **kwargs)
@@ -540,7 +542,7 @@ def test_a_signal_while_import_or_export_writes_takes_its_output_back(tmp_path, 
         os.kill(os.getpid(), signal.SIGTERM)
         return made
 
-    monkeypatch.setattr(gpt2.runs, "make_dirs", makedirs_then_signal)
+    monkeypatch.setattr(hf_folder.runs, "make_dirs", makedirs_then_signal)
     code, _, err = run_main(capsys, "export-hf", gpt2_shaped_run, "--out", tmp_path / "hf-out")
     assert (code, err.strip()) == (143, "minitx: interrupted by SIGTERM; nothing saved was lost")
     assert not (tmp_path / "hf-out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
