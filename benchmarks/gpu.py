@@ -39,7 +39,8 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEXTS = [os.path.join(ROOT, "..", "shared", "data", "tinyshakespeare.txt"), os.path.join("data", "tinyshakespeare.txt")]
-TESTS = ["tests/test_model.py", "tests/test_equivalence.py", "tests/test_generate.py", "tests/test_train.py"]
+TESTS = ["tests/test_model.py", "tests/test_model_reference.py", "tests/test_layers.py", "tests/test_generate.py",
+         "tests/test_train.py"]
 
 
 def _bench_args(smoke: bool, dtype: str, out: str) -> list[str]:

@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             jnp.zeros((0,), jnp.int32))
     static = dict(model=c, sampler=Sampler(temperature=0.0), max_new_tokens=args.new_tokens, keep_logits=False,
                   prompt_len=decode.bucket_length(args.prompt, c.max_len))
-    compiled = generate._decode.lower(*call, **static).compile()
+    compiled = generate.decode_loop.lower(*call, **static).compile()
     jax.block_until_ready(compiled(*call))
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*call))

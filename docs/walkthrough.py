@@ -12,9 +12,10 @@
 #
 # A walk through one batch of the built-in corpus: text to token ids, embeddings
 # plus positions, one attention head by hand and then the library's attention, a
-# block, the model, the loss, `jax.grad`, one optax step, and a sample. Every step
-# prints its shapes. Run it as a script (`python docs/walkthrough.py`, about 20 s on
-# a CPU) or open it as a notebook with jupytext.
+# block, the model, the loss, `jax.grad`, one optax step, and a sample; then what
+# `jit` compiles (jaxprs, remat, XLA's cost analysis). Every step prints its
+# shapes. Run it as a script (`python docs/walkthrough.py`, under a minute on a
+# CPU) or open it as a notebook with jupytext.
 #
 # Letters for dimensions: B batch, T positions, D width, H heads, K = D / H head
 # width, F feed-forward width, V vocabulary, L layers.
@@ -178,7 +179,8 @@ print("loaded from disk:", repr("hello" + complete(loaded, "hello", max_new_toke
 # %% [markdown]
 # ## 11. How equality with Flax is checked
 # `tests/flax_reference.py` builds the same model from Flax's own layers and maps our
-# parameter tree into Flax's; `tests/test_equivalence.py` compares outputs, losses,
+# parameter tree into Flax's; `tests/test_layers.py` (each layer) and
+# `tests/test_model_reference.py` (the whole model) compare outputs, losses,
 # gradients and an Adam step. Here, the same check for the whole model (Flax is a
 # test dependency, so this cell runs only where it is installed).
 
@@ -199,7 +201,138 @@ else:
     print("max |ours - flax| =", float(np.abs(np.asarray(cfg.apply(state.params, x)) - flax_logits).max()))
 
 # %% [markdown]
-# ## 12. What each head attends to, interactively
+# ## 12. Reading what jit compiles
+# `jax.jit` traces a function once into a *jaxpr*, JAX's typed list of primitive
+# operations, lowers it to XLA and compiles it. `jax.make_jaxpr` shows the first
+# step. The plainest thing to read is one block: a layer norm, the fused QKV matmul
+# (`dot_general`), the attention's scores, mask and softmax, the output projection,
+# then the MLP, with every shape written on its variable.
+
+# %%
+import collections
+import dataclasses
+
+from jax.extend.core import jaxprs_in_params
+
+block_jaxpr = jax.make_jaxpr(lambda p, h: block.apply(p, h, cfg.block_spec))(layer0, h0)
+print(block_jaxpr)
+
+
+def primitives(jaxpr, counts=None):
+    """How many times each primitive occurs, counting inside scans, jits and remats too."""
+    counts = collections.Counter() if counts is None else counts
+    for eqn in jaxpr.eqns:
+        counts[eqn.primitive.name] += 1
+        for inner in jaxprs_in_params(eqn.params):
+            primitives(inner, counts)
+    return counts
+
+
+print("the block:", dict(primitives(block_jaxpr.jaxpr).most_common(6)))
+
+# %% [markdown]
+# The train step is the same machinery around the model: `train.step_fn` is what
+# `train.train_step` jits. Its jaxpr holds two `lax.scan`s over the L stacked
+# blocks, the forward pass and the backward one (the scan's transpose), each with one
+# block's body however large L is; around them the embedding, the loss, its gradient
+# and the optimiser's update, all as plain primitives. The backward body is a single
+# `remat2`, which is what `jax.checkpoint` is called in a jaxpr (below).
+
+# %%
+def step_jaxpr(model):
+    return jax.make_jaxpr(train.step_fn(model, tc.optimizer))(train.init_state(init_key, model, tc.optimizer), (x, y))
+
+
+def scans(jaxpr):
+    """Each scan's length, its body's top-level primitives, and all the equations inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        body = eqn.params["jaxpr"].jaxpr if eqn.primitive.name == "scan" else None
+        if body is not None:
+            top = sorted({e.primitive.name for e in body.eqns}) if len(body.eqns) < 4 else "..."
+            found.append((eqn.params["length"], top, sum(primitives(body).values())))
+        for inner in jaxprs_in_params(eqn.params):
+            found += scans(inner)
+    return found
+
+
+step_default = step_jaxpr(cfg)
+print("train step:", sum(primitives(step_default.jaxpr).values()), "equations")
+for length, top, size in scans(step_default.jaxpr):
+    print(f"  a scan of length {length}: body {top}, {size} equations in all")
+
+# %% [markdown]
+# **Remat, and where `reduce_precision` comes from.** `model.apply` wraps the scanned
+# block in `jax.checkpoint` with the policy `cfg.remat` names: `"matmuls"` (the
+# default) saves only the weight matmuls' outputs for the backward pass and
+# recomputes the rest there, so the backward body grows and the forward one shrinks
+# (it hands over fewer residuals); `"none"` saves everything.
+# Each residual that `jax.checkpoint` saves is marked with a `reduce_precision` to its
+# own dtype (a no-op on the value): JAX inserts it so that XLA cannot keep extra
+# precision in the forward pass that the backward recomputation would not have. So
+# the `reduce_precision`s in a step are the residuals the policy keeps: under
+# `"matmuls"`, one per weight matmul whose output the backward pass needs.
+
+# %%
+def residuals(jaxpr):
+    """The shapes that jax.checkpoint marked as saved residuals."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "reduce_precision":
+            found.append(eqn.outvars[0].aval.str_short())
+        for inner in jaxprs_in_params(eqn.params):
+            found += residuals(inner)
+    return found
+
+
+plain = dataclasses.replace(cfg, remat="none", attention_block=0)         # save everything, one attention block
+step_plain = step_jaxpr(plain)
+print('remat="matmuls": residuals', residuals(step_default.jaxpr))
+print('remat="none":   ', len(residuals(step_plain.jaxpr)), "residuals")
+for name, jaxpr in (('"matmuls"', step_default), ('"none"', step_plain)):
+    print(f"remat={name}: forward and backward bodies of", " and ".join(str(size) for _, _, size in scans(jaxpr.jaxpr)),
+          "equations")
+
+# %% [markdown]
+# **Dropout** adds what drawing masks takes: the step folds its number into the
+# dropout key, splits it per use, draws bits (`random_bits`) and keeps or zeroes
+# each activation (`select_n`).
+
+# %%
+with_dropout = primitives(step_jaxpr(dataclasses.replace(cfg, dropout=0.1)).jaxpr)
+without = primitives(step_default.jaxpr)
+print("dropout adds:", {k: with_dropout[k] - without[k] for k in ("random_bits", "random_fold_in", "select_n")})
+
+# %% [markdown]
+# **XLA's cost analysis against the formula.** The benchmarks count a step's model
+# FLOPs as 6 N B T for the matmuls (N the parameters outside the embedding; forward
+# and backward) plus 12 L B T² D for attention. `jax.jit(f).lower(...).compile()`
+# gives the compiled program, and its `cost_analysis()` what XLA counts in it. XLA
+# counts a `lax.scan` (a while loop) body once, whatever its length: from one layer
+# to two the formula doubles, XLA's count hardly moves. (`.lower(...).as_text()`
+# prints the StableHLO that XLA receives, `.compile().as_text()` the program it made.)
+
+# %%
+for layers in (1, 2):
+    m = dataclasses.replace(plain, n_layers=layers)
+    s = train.init_state(init_key, m, tc.optimizer)
+    compiled = jax.jit(train.step_fn(m, tc.optimizer)).lower(s, (x, y)).compile()
+    analysis = compiled.cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis          # a list on older jax
+    B, T = x.shape
+    n = model.count_params(s.params) - s.params["embed"]["table"].size
+    formula = 6 * n * B * T + 12 * m.n_layers * B * T * T * m.d_model
+    print(f"L = {layers}: XLA counts {analysis['flops'] / 1e6:.2f} MFLOP, the formula {formula / 1e6:.2f}")
+
+# %% [markdown]
+# The plainest settings to read are the ones above: `remat="none"` (no recomputation
+# in the backward body), `attention_block=0` (one block of scores instead of a loop
+# over query blocks), `dropout=0.0` (no random bits), `attention="einsum"` (the maths
+# written out, not a fused call), and `n_layers=1`. They compute the same values as
+# the defaults (the tests hold the remat policies and blocked attention equal).
+
+# %% [markdown]
+# ## 13. What each head attends to, interactively
 # Row t of a map is the distribution query t puts over keys 0 .. t. In Jupyter the
 # sliders pick the layer and the head, and the box the prompt (`pip install -e
 # ".[docs]"` brings ipywidgets); run as a script, this draws layer 0, head 0 once.

@@ -603,6 +603,7 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
         provenance.verify(model, done.params, None, run_dir)
     except CheckpointError as e:
         raise RunFailed(f"{e}; the run is saved") from None
+    stack.close()       # the run is whole: its lock goes now, not with a process the sample's signal ends
     if plan.prompt is not None:
         # The run is saved: the sample writes nothing, so under the command line's handlers a
         # signal ends it at once (one compiled loop has no safe point); a library caller's

@@ -14,10 +14,14 @@ project's own tests use (needs the test extra: chex, hypothesis).
   tokens); a row alone equals the same row in a mixed batch.
 - `check_layer`: the layer contract in one call (init's shapes and dtype, apply's
   output shape and dtype, finite, `jit(apply) == apply`).
-- `model_sizes`, `keys`: hypothesis strategies for a model's sizes and for PRNG keys.
+- `model_sizes`, `dtypes`, `keys`: hypothesis strategies for a model's sizes, its
+  dtype ("float32" or "float64") and PRNG keys.
 - `assert_close_scaled`: trees equal within a tolerance relative to each leaf's scale.
 - `assert_param_shapes`: a parameter tree has exactly these shapes and one dtype.
-- `fast_compile`: XLA flags that compile several times faster on a CPU (same maths).
+- `fast_compile`: XLA flags that compile several times faster on a CPU (same maths):
+  call it first in a test suite's conftest.py, before JAX compiles anything.
+- `private_names`: where Python source reaches a private name (`module._name`), so a
+  suite can check that its tests use only public API.
 - `enable_x64`, `standard_promotion`: float64 in a block; standard dtype promotion
   for code (optax, Flax) not written for strict promotion.
 
@@ -27,6 +31,7 @@ module, so `fast_compile` can run before JAX starts.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import dataclasses
 import importlib.metadata
@@ -193,6 +198,19 @@ def model_sizes(model):
     return st.fixed_dictionaries({name: s for name, s in choices.items() if name in fields})
 
 
+def dtypes(*, x64: bool = True):
+    """A hypothesis strategy of the dtypes a model computes in: "float32", and with x64
+    "float64" (run those draws in an `enable_x64()` block, and give them to `with_dtype`).
+
+    Example:
+        >>> from hypothesis import find
+        >>> find(dtypes(), lambda dtype: dtype == "float64"), find(dtypes(x64=False), lambda dtype: True)
+        ('float64', 'float32')
+    """
+    from hypothesis import strategies as st
+    return st.sampled_from(["float32", "float64"] if x64 else ["float32"])
+
+
 def keys():
     """A hypothesis strategy of PRNG keys (from 32-bit seeds).
 
@@ -325,7 +343,7 @@ def _check_one(model, dtype: str, seed: int, lengths: list[int], row: int) -> No
     tol = 1e-9 if dtype == "float64" else 2e-4
     new = s + 3                                                    # past the window: every row slides
     ids, got = generate.generate(params, prompts, model=model, max_new_tokens=new, return_logits=True)
-    ref_ids, ref = generate.generate_recompute(params, prompts, model=model, max_new_tokens=new)
+    ref_ids, ref = generate.generate_recompute(params, prompts, model=model, max_new_tokens=new, return_logits=True)
     for b in range(len(prompts)):
         _law(f"law 2, cached decode != recompute (row {b}, logits)", where,
              lambda: assert_close_scaled(got[b], ref[b], tol, floor=1.0))
@@ -362,3 +380,52 @@ def _drops(model, params, tokens, seed: int) -> None:
 
 def _is(ok: bool, what: str) -> None:
     assert ok, what
+
+
+# ----------------------------------------------------------------------------- tests that use public names only
+
+
+# A namedtuple's methods and fields begin with an underscore so as not to clash with its
+# own fields; they are its public API. os._exit is os's documented way out of a child.
+PUBLIC_UNDERSCORE = frozenset({"_replace", "_asdict", "_fields", "_field_defaults", "_make", "_exit"})
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__")) \
+        and name not in PUBLIC_UNDERSCORE
+
+
+def private_names(source: str) -> list[tuple[int, str]]:
+    """(line, what) for every place Python `source` reaches a private name of another
+    module or object: `from m import _x`, `import m._x`, `obj._x` (but `self._x` and
+    `cls._x`, an object's own), a string "_x" given to getattr, setattr, delattr,
+    hasattr or monkeypatch's setattr and delattr, and a dotted string "m._x" given to
+    those. Names with an underscore that are public API (a namedtuple's `_replace`,
+    `os._exit`: PUBLIC_UNDERSCORE) and dunders are not private.
+
+    Example:
+        >>> private_names("import argparse\\nargparse.ArgumentParser()._actions\\nstate._replace(step=1)")
+        [(2, '._actions')]
+        >>> private_names("from minitx_fn.cli import _main\\nmonkeypatch.setattr(checkpoint, '_write', None)")
+        [(1, 'import _main'), (2, "setattr(..., '_write')")]
+    """
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            found += [(node.lineno, f"import {a.name}") for a in node.names if _private(a.name)]
+            if any(_private(part) for part in (node.module or "").split(".")):
+                found.append((node.lineno, f"from {node.module}"))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, f"import {a.name}") for a in node.names
+                      if any(_private(part) for part in a.name.split("."))]
+        elif isinstance(node, ast.Attribute) and _private(node.attr):
+            if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                found.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Call):
+            called = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", None)
+            if called in ("getattr", "setattr", "delattr", "hasattr"):
+                for arg in node.args[:2]:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and \
+                            any(_private(part) for part in arg.value.split(".")):
+                        found.append((node.lineno, f"{called}(..., {arg.value!r})"))
+    return sorted(found)

@@ -4,11 +4,14 @@
   mix or an implicit broadcast of a lower-rank array is a bug in the library.
 - `key`: a PRNG key derived from the test's own name, so no two tests share one;
   `rng`: a NumPy generator seeded the same way, for input data.
-- Hypothesis: profile "quick" (CI, default) or "thorough", chosen by the
-  environment variable MINITX_HYPOTHESIS_PROFILE. "quick" draws the same 4 examples
-  every run (derandomized), so a red run is a change in the code, never a new draw;
-  "thorough" draws 200 fresh ones. Deadlines are off: the first example of a jitted
+- Hypothesis: profile "ci" (the default) or "thorough", chosen by the environment
+  variable MINITX_HYPOTHESIS_PROFILE (`MINITX_HYPOTHESIS_PROFILE=thorough pytest` for a
+  long local run). "ci" draws a few fresh examples every run, so over many runs the
+  properties see many inputs, and a failure prints the `@reproduce_failure` line that
+  replays it; "thorough" draws 200. Deadlines are off: the first example of a jitted
   property pays for compilation.
+- The fast-compile XLA flags (`minitx_fn.testing.fast_compile`), set before JAX starts,
+  as a user's own conftest.py would.
 """
 
 from __future__ import annotations
@@ -37,16 +40,18 @@ os.environ.setdefault("MINITX_TEST_ADDED_XLA_FLAGS", " ".join(fast_compile()))  
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from minitx_fn.testing import standard_promotion  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
-settings.register_profile("quick", max_examples=4, deadline=None, derandomize=True,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
-settings.register_profile("thorough", max_examples=200, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.differing_executors])
-settings.load_profile(os.environ.get("MINITX_HYPOTHESIS_PROFILE", "quick"))
+QUIET = [HealthCheck.too_slow, HealthCheck.differing_executors]
+settings.register_profile("ci", max_examples=4, deadline=None, derandomize=False, print_blob=True,
+                          suppress_health_check=QUIET)
+settings.register_profile("thorough", max_examples=200, deadline=None, print_blob=True, suppress_health_check=QUIET)
+settings.load_profile(os.environ.get("MINITX_HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -54,6 +59,43 @@ def pytest_collection_modifyitems(config, items):
     workers then finish on short tests together, instead of one waiting out a long
     test that came last."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
+@pytest.fixture(scope="session")
+def saved_runs(tmp_path_factory):
+    """Two runs trained once for the session (of each worker), never changed: `builtin`
+    (the built-in corpus) and `text` (on text.txt, with validation), each saved at step
+    20 (tests.helpers.RUN). Tests that change them take a copy (`work`)."""
+    from minitx_fn import cli
+    from tests.helpers import RUN
+    root = tmp_path_factory.mktemp("saved")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        rng = np.random.default_rng(0)
+        open("text.txt", "w").write(" ".join(rng.choice(["to", "be", "or", "not", "that", "is"], 600)))
+        with standard_promotion():
+            assert cli.main(["train", *RUN, "--steps", "20", "--out", "builtin"]) == 0
+            assert cli.main(["train", *RUN, "--steps", "20", "--data", "text.txt", "--out", "text"]) == 0
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def work(saved_runs, tmp_path, monkeypatch):
+    """A fresh copy of the saved runs in tmp_path, which becomes the working directory."""
+    import json
+    import shutil
+    for name in ("builtin", "text"):
+        shutil.copytree(saved_runs / name, tmp_path / name)
+    shutil.copy(saved_runs / "text.txt", tmp_path / "text.txt")
+    monkeypatch.chdir(tmp_path)
+    meta_path = tmp_path / "text" / "checkpoint" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["job"]["data"]["path"] = str(tmp_path / "text.txt")                  # the copy trains on its copy
+    meta_path.write_text(json.dumps(meta))
+    return tmp_path
 
 
 PARITY_REASON = "the parity tests need torch and transformers: pip install -e \".[test,parity]\""

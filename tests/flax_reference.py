@@ -14,6 +14,9 @@ head for its group of query heads, the paper's definition), `nn.make_causal_mask
 The `to_flax_*` converters map our parameter trees into Flax's variable trees.
 They only slice, reshape and unstack, so they are linear maps: the same converter
 also maps our gradients onto Flax's gradients.
+
+`reference_config` and `compare_grads_and_adam_step` are what the comparisons of
+tests/test_layers.py (each layer) and tests/test_model_reference.py (the model) share.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 import optax
 
 from minitx_fn.config import ModelConfig
+from minitx_fn.testing import assert_close_scaled, standard_promotion
 
 
 def sinusoidal_table(length: int, d_model: int) -> np.ndarray:
@@ -121,7 +125,8 @@ class FlaxSwiGLU(nn.Module):
         return dense(c.d_model, "down")(nn.silu(dense(c.d_ff, "gate")(x)) * dense(c.d_ff, "up")(x))
 
 
-def _layer_norm(c: ModelConfig, name: str) -> nn.Module:
+def layer_norm(c: ModelConfig, name: str) -> nn.Module:
+    """Flax's norm of c's kind (LayerNorm or RMSNorm), in c's dtypes."""
     if c.norm == "rmsnorm":
         return nn.RMSNorm(epsilon=c.ln_eps, name=name, dtype=c.residual_dtype, param_dtype=c.storage_dtype)
     return nn.LayerNorm(epsilon=c.ln_eps, use_fast_variance=False, name=name,
@@ -137,8 +142,8 @@ class FlaxBlock(nn.Module):
         residual = c.residual_dtype
         attention = FlaxGroupedAttention if grouped(c) else FlaxAttention
         mlp = FlaxSwiGLU if c.mlp == "swiglu" else FlaxMLP
-        x = x + attention(c, name="attn")(_layer_norm(c, "ln1")(x), mask).astype(residual)
-        return x + mlp(c, name="mlp")(_layer_norm(c, "ln2")(x)).astype(residual)
+        x = x + attention(c, name="attn")(layer_norm(c, "ln1")(x), mask).astype(residual)
+        return x + mlp(c, name="mlp")(layer_norm(c, "ln2")(x)).astype(residual)
 
 
 class FlaxLM(nn.Module):
@@ -158,7 +163,7 @@ class FlaxLM(nn.Module):
         mask = nn.make_causal_mask(tokens)                                    # (B, 1, T, T)
         for i in range(c.n_layers):
             x = FlaxBlock(c, name=f"block_{i}")(x, mask)
-        x = _layer_norm(c, "ln_f")(x)
+        x = layer_norm(c, "ln_f")(x)
         if c.tie_embeddings:
             return embed.attend(x.astype(c.compute_dtype)).astype(work)
         return nn.Dense(c.vocab_size, name="head", use_bias=c.bias, **_kw(c))(x).astype(work)
@@ -233,3 +238,75 @@ def to_flax_model(params: dict, config: ModelConfig) -> dict:
         block_i = jax.tree.map(lambda a, i=i: a[i], params["blocks"])
         tree[f"block_{i}"] = to_flax_block(block_i, config)
     return {"params": tree}
+
+
+# ----------------------------------------------------------------------------- comparing
+
+
+TOLERANCE = {"float32": 1e-5, "float64": 1e-10}
+
+
+def reference_config(dtype: str) -> ModelConfig:
+    """attention_block=3 < T: the layer cases (T = 7) run attention in ragged blocks 3, 3, 1."""
+    return ModelConfig(vocab_size=11, d_model=24, n_heads=3, n_layers=2, max_len=16, dtype=dtype, param_dtype=dtype,
+                       attention_block=3)
+
+
+def is_key_bias(path) -> bool:
+    names = [getattr(k, "key", None) for k in path]
+    return names[-2:] == ["key", "bias"]
+
+
+def zero_key_bias_grad(grads, flax_grads, to_flax, tol, rotary=False):
+    """The key bias gets no gradient in exact arithmetic: q.(k + b) adds the same q.b
+    to every score of a softmax row, and softmax ignores such a shift. In floating
+    point both implementations return rounding noise there, which Adam would blow up
+    into steps of +-lr. Assert the noise is tiny, then set it to exactly zero. (Not
+    with rotary positions: the bias turns with each key's position, so q.R_n b differs
+    from key to key and the gradient is real.)"""
+    if rotary:
+        return grads, flax_grads
+    scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(flax_grads))
+    flat = jax.tree_util.tree_leaves_with_path(flax_grads)
+    for path, g in flat:
+        if is_key_bias(path):
+            assert float(jnp.abs(g).max()) <= tol * scale, "key-bias gradient should vanish"
+    flax_grads = jax.tree_util.tree_map_with_path(lambda p, g: jnp.zeros_like(g) if is_key_bias(p) else g,
+                                                  flax_grads)
+
+    # Our fused bias is [Q | K | V]: its K part starts after the H K query columns and
+    # spans the G K key columns (Flax's query and key biases, (H, K) and (G, K), say where).
+    widths = {getattr(path[-2], "key", None): g.size for path, g in flat
+              if len(path) > 1 and getattr(path[-1], "key", None) == "bias"}
+
+    def zero_ours(path, g):
+        names = [getattr(k, "key", None) for k in path]
+        if names[-2:] != ["qkv", "b"]:
+            return g
+        start, stop = widths["query"], widths["query"] + widths["key"]
+        assert float(jnp.abs(g[..., start:stop]).max()) <= tol * scale, "key-bias gradient should vanish"
+        return g.at[..., start:stop].set(0)
+
+    return jax.tree_util.tree_map_with_path(zero_ours, grads), flax_grads
+
+
+def compare_grads_and_adam_step(params, grads, flax_params, flax_grads, to_flax, tol, rotary=False):
+    grads, flax_grads = zero_key_bias_grad(grads, flax_grads, to_flax, tol, rotary)
+    assert_close_scaled(to_flax(grads), flax_grads, tol)
+    # Adam's first step is lr * g / (|g| + eps): near g = 0 its slope is lr / eps, which
+    # for optax's default eps = 1e-8 turns float32 rounding noise (1e-9) in a tiny
+    # gradient entry into a visible step. eps = 1e-4 bounds that slope at 10, so the
+    # 1e-5 agreement of the gradients carries over to the updated parameters.
+    with standard_promotion():
+        ours, theirs = adam_step(params, grads), adam_step(flax_params, flax_grads)
+    # Parameters are measured on the scale of the whole parameter tree: a bias that
+    # started at zero holds just one step of size ~lr, too small a scale of its own.
+    assert_close_scaled(to_flax(ours), theirs, tol, floor=1.0)
+
+
+@jax.jit
+def adam_step(params, grads):
+    """The parameters after one step of Adam with eps = 1e-4 (see above); jitted, as
+    eagerly every leaf's update would compile on its own."""
+    opt = optax.adam(1e-3, eps=1e-4)
+    return optax.apply_updates(params, opt.update(grads, opt.init(params), params)[0])

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import jax
+import numpy as np
+
 from minitx_fn.testing import (assert_close_scaled, assert_param_shapes, check_layer, enable_x64,  # noqa: F401
                                 standard_promotion)
 
@@ -75,3 +78,46 @@ def legacy_meta(meta: dict, version: int) -> dict:
         for name in fields if added > version else ():
             old["model_config"].pop(name, None)
     return old
+
+
+# The runs `saved_runs` (tests/conftest.py) trains: TINY, a record every 10 steps, saved at step 20.
+RUN = [*TINY, "--log-every", "10", "--save-every", "20", "--max-new-tokens", "5"]
+
+
+class Snapshot:
+    """What a run's checkpoint holds, to prove later that a fault changed nothing."""
+
+    def __init__(self, run_dir):
+        self.run_dir = str(run_dir)
+        self.step, self.params = self.read()
+
+    def read(self):
+        from minitx_fn import checkpoint
+        with standard_promotion():
+            ck = checkpoint.load(self.run_dir)
+        return int(ck.meta["step"]), jax.tree.map(np.asarray, ck.state.params)
+
+    def assert_unchanged(self):
+        step, params = self.read()
+        assert step == self.step
+        jax.tree.map(np.testing.assert_array_equal, params, self.params)
+
+
+def fail_fsync(monkeypatch, error: int, where=lambda path: True) -> None:
+    """A disk that fails, at the operating system's seam: os.fsync raises OSError(error)
+    for a file whose path `where` accepts (the descriptor's path from /proc/self/fd;
+    where that cannot be read, every file). Every file the library writes whole (a
+    checkpoint's, a cache's, a metrics record) is synced before it counts, so this is
+    where a full (ENOSPC) or read-only (EROFS) disk shows."""
+    real = os.fsync
+
+    def fsync(fd):
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        if not path or where(path):
+            raise OSError(error, os.strerror(error))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)

@@ -145,3 +145,10 @@ def unflatten(flat: dict) -> dict:
             node = node.setdefault(name, {})
         node[leaf] = array
     return tree
+
+
+def config_args(config) -> dict:
+    """What `logits` and `greedy` cannot read from the parameter tree, from a model's
+    config (anything with n_kv_heads, positions and rope_theta, as ModelConfig has)."""
+    return {"n_kv_heads": config.n_kv_heads,
+            "rope_theta": config.rope_theta if config.positions == "rotary" else None}

@@ -1,28 +1,38 @@
-"""Checkpoints: exact round trip, atomic replacement, names numpy can read, and one
-CheckpointError for anything damaged, truncated or hostile (fuzzed)."""
+"""Checkpoints (`minitx_fn.checkpoint`): exact round trip, names numpy can read,
+atomic replacement (a failed save, a full disk, a process killed at any moment, a
+reader racing a writer), what `save` refuses before writing, one CheckpointError for
+anything damaged, truncated or hostile (fuzzed), older formats upgraded, and runs
+whose model is code of their own loaded only with consent."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import hashlib
-import math
 import io
 import json
+import math
 import os
+import random
 import stat
+import subprocess
+import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, runs, train
+from minitx_fn import checkpoint, corpus, job, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig
-from minitx_fn.errors import CheckpointError, RunFailed
+from minitx_fn.errors import CheckpointError, DataError
 from minitx_fn.tokenizer import CharTokenizer
-from tests.helpers import legacy_meta, standard_promotion
+from tests.helpers import TINY, Snapshot, fail_fsync, legacy_meta, run_main, standard_promotion
 
 TOK = CharTokenizer.from_text("abcdefg")
 MC = ModelConfig(vocab_size=TOK.vocab_size, d_model=8, n_heads=2, n_layers=2, max_len=8)
@@ -85,13 +95,10 @@ def test_the_checkpoint_folder_has_the_mode_of_the_run_files(tmp_path, key):
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary(tmp_path, key, monkeypatch):
     before = _save(tmp_path, key, step=3)
-
-    def full_disk(path, data):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(checkpoint, "_write", full_disk)
+    fail_fsync(monkeypatch, errno.ENOSPC)                  # the disk is full when the new files are synced
     with pytest.raises(OSError, match="No space"):
         _save(tmp_path, key, step=9)
+    monkeypatch.undo()
     ck = checkpoint.load(str(tmp_path))
     assert int(ck.state.step) == 3
     jax.tree.map(np.testing.assert_array_equal, ck.state.params, before.params)
@@ -192,6 +199,9 @@ def _model(meta: dict) -> dict:
     (lambda m: m.update(tokenizer={"kind": "bpe", "json": "{not json"}), "not a valid tokenizers JSON|pip install"),
     (lambda m: m["job"].update(data={"path": 3}), "data must be null"),
     (lambda m: m["files"].pop("params.npz"), "files must give"),
+    (lambda m: m["files"]["params.npz"].update(bytes=10**15), "params.npz.*is damaged"),      # a petabyte
+    (lambda m: _model(m).update(max_len=10**9), "the probe recorded is.*its config in meta.json, or the probe, was "
+                                                "edited"),
 ])
 def test_edited_metadata_is_one_clear_error(tmp_path, saved, edit, match):
     files = dict(saved[1])
@@ -259,10 +269,18 @@ def test_fuzzed_files_give_checkpoint_error(tmp_path, saved, name, cut, garbage,
 
 
 def test_no_checkpoint_here(tmp_path):
-    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    for read in (checkpoint.load, checkpoint.load_model, checkpoint.read_job):
+        with pytest.raises(CheckpointError, match="holds no checkpoint"):
+            read(str(tmp_path))
+        with pytest.raises(CheckpointError, match="no run directory"):
+            read(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("content, said", [(b"{not json", "is corrupt"), (b"[1, 2]", "holds list, not an object")])
+def test_a_meta_json_that_is_no_json_object_is_named(tmp_path, saved, content, said):
+    _write(tmp_path, {**saved[1], "meta.json": content})
+    with pytest.raises(CheckpointError, match=said):
         checkpoint.load(str(tmp_path))
-    with pytest.raises(CheckpointError, match="no run directory"):
-        checkpoint.load(str(tmp_path / "nope"))
 
 
 def _legacy(tmp_path, saved, meta: dict):
@@ -317,15 +335,13 @@ def test_the_fields_of_version_4_are_there_exactly_when_it_says_4(tmp_path, save
             checkpoint.upgrade(str(tmp_path))
 
 
-def test_a_version_6_checkpoint_upgrades_to_the_gpt_model_it_was(tmp_path, saved, capsys):
+def test_a_version_6_checkpoint_upgrades_to_the_gpt_model_it_was(tmp_path, saved):
     """Format 7 added Llama's choices to ModelConfig; a run saved before them is the
     GPT model (LayerNorm, GELU, multi-head, biases), whatever today's defaults are.
-    `minitx upgrade` rewrites it; a version 6 that claims a later field is refused."""
-    from tests.helpers import run_main
+    `upgrade` rewrites it; a version 6 that claims a later field is refused."""
     meta = legacy_meta(json.loads(saved[1]["meta.json"]), 6)
     _legacy(tmp_path, saved, meta)
-    code, out, err = run_main(capsys, "upgrade", str(tmp_path))
-    assert code == 0 and "from format 6 to format 9" in out, err
+    assert checkpoint.upgrade(str(tmp_path)) == (6, str(tmp_path / "checkpoint"))
     loaded = checkpoint.load(str(tmp_path))
     assert loaded.model == MC and (loaded.model.norm, loaded.model.mlp, loaded.model.bias) == ("layernorm", "gelu",
                                                                                                 True)
@@ -419,60 +435,140 @@ def test_a_model_class_a_run_could_not_name_is_refused_before_anything_is_writte
         checkpoint.save(str(tmp_path), state, model=Local(**MC.to_dict()), train_config=TC, tokenizer=TOK, data=DATA)
     assert runs.artifacts(str(tmp_path)) == []
 
+# ----------------------------------------------------------------------------- what save refuses
 
-def test_a_patched_layer_never_decodes_a_saved_run_as_another_model(tmp_path, monkeypatch):
-    """The issue that brought the provenance: attention.apply patched (to other maths)
-    while a run trains, apply_cached not. The run is saved but the job refuses to call it
-    done (its cached decode would be another model); loading it, patched or not, is
-    refused; so is a layer patched after a save, whatever it changes (the code differs),
-    until `upgrade` records code that was changed on purpose and computes the same."""
-    from minitx_fn import job
-    from minitx_fn.layers import attention, linear
-    real, real_linear = attention.apply, linear.apply
 
-    def shifted(params, x, spec, **kwargs):              # a layer of other maths
-        return 3.0 * real(params, x, spec, **kwargs)
+SMALL_MC = ModelConfig(vocab_size=13, d_model=32, n_layers=1, n_heads=2, max_len=16)     # the built-in corpus's 13 ids
 
-    run = str(tmp_path / "patched")
-    model = {"d_model": 24, "n_heads": 2, "n_layers": 1, "max_len": 12}    # shapes no other test traces
-    monkeypatch.setattr(attention, "apply", shifted)
-    with pytest.raises(RunFailed, match="cached decode \\(apply_cached\\) disagrees with its apply.*the run is saved"):
-        job.train(model=model, training={"steps": 40, "log_every": 40}, run_dir=run, sample_tokens=0,
-                  log=io.StringIO())
-    assert checkpoint.saved_step(run) == 40
-    with pytest.raises(CheckpointError, match="cached decode \\(apply_cached\\) disagrees"):
-        checkpoint.load_model(run)
-    monkeypatch.setattr(attention, "apply", real)
-    with pytest.raises(CheckpointError, match="the code of minitx_fn.layers.attention differs from the code that saved"):
-        checkpoint.load_model(run)
 
-    clean = str(tmp_path / "clean")            # another model: this process holds the patched one's compiled steps
-    job.train(model={**model, "d_model": 20}, training={"steps": 40, "log_every": 40}, run_dir=clean, sample_tokens=0,
-              log=io.StringIO())
-    checkpoint.load_model(clean)
-    # A patch of one logit column of the head, which no fixed probe of a few ids and
-    # columns would see: refused for its code.
-    monkeypatch.setattr(linear, "apply", lambda p, x, **k: (lambda y: y.at[..., 8:].add(3.0) if y.shape[-1] ==
-                                                                       p["w"].shape[-1] else y)(real_linear(p, x, **k)))
-    with pytest.raises(CheckpointError, match="the code of minitx_fn.layers.linear differs"):
-        checkpoint.load_model(clean)
-    monkeypatch.setattr(linear, "apply", real_linear)
-    # With another release of the library the probe decides: an edited install whose
-    # code (its digest) and logits moved is refused, naming the module. (Digests and
-    # probe edited in meta.json: this process keeps its compiled probe of the real code.)
-    meta_path = os.path.join(clean, "checkpoint", "meta.json")
-    meta = json.load(open(meta_path))
-    prov = meta["provenance"]
-    edited_code = {**prov["library"], "minitx_fn.layers.linear": "0" * len(prov["library"]["minitx_fn.layers.linear"])}
-    moved = " ".join(str(2 * float(x) + 1) for x in prov["probe"]["values"].split())
-    json.dump({**meta, "provenance": {**prov, "minitx_fn": "0.0.9", "library": edited_code,
-                                      "probe": {**prov["probe"], "values": moved}}}, open(meta_path, "w"))
-    with pytest.raises(CheckpointError, match="does not compute what it computed when the run was saved.*its code "
-                                              "changed \\(minitx_fn.layers.linear\\)"):
-        checkpoint.load_model(clean)
-    # Code changed on purpose, computing the same: refused until `upgrade` records it.
-    json.dump({**meta, "provenance": {**prov, "library": edited_code}}, open(meta_path, "w"))
-    with pytest.raises(CheckpointError, match="linear differs .*minitx upgrade RUN"):
-        checkpoint.load_model(clean)
-    assert checkpoint.upgrade(clean)[0] == 9
-    checkpoint.load_model(clean)
+def test_save_wants_to_be_told_what_the_run_trained_on(tmp_path, monkeypatch):
+    """data= has no default; None says "not recorded", and a resume then asks for the data
+    instead of taking the built-in corpus."""
+    monkeypatch.chdir(tmp_path)
+    mc = SMALL_MC
+    tc = TrainConfig(steps=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    tok = corpus.builtin().tokenizer
+    with pytest.raises(TypeError, match="data"):
+        checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok)
+    checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok, data=None)
+    with pytest.raises(DataError, match="does not record what it trained on"):
+        job.plan(job.make(resume="r", training={"steps": 6}), log=io.StringIO())
+    with pytest.raises(CheckpointError, match="data must be"):
+        checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok, data={"path": "x"})
+    # Saved with the corpus itself (or its .source): the built-in corpus, said explicitly.
+    checkpoint.save("b", state, model=mc, train_config=tc, tokenizer=tok, data=corpus.builtin())
+    assert checkpoint.load("b").data == {"builtin": True}
+    assert job.plan(job.make(resume="b", training={"steps": 6}), log=io.StringIO()).corpus.source == corpus.BUILTIN_SOURCE
+
+
+def test_save_refuses_what_load_would_refuse_before_writing_anything(tmp_path, monkeypatch):
+    """A model variant's parameters, or an optimiser state of another shape
+    (optax.MultiSteps), were written and then refused by load."""
+    monkeypatch.chdir(tmp_path)
+    mc = SMALL_MC
+    tc = TrainConfig(steps=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    tok = corpus.builtin().tokenizer
+    variant = state._replace(params={**state.params, "extra": {"w": jnp.zeros(3)}})
+    multi = optax.MultiSteps(train.make_optimizer(tc.optimizer), every_k_schedule=2)
+    accumulating = train.new_state(state.params, multi)
+    for bad, named in ((variant, "unexpected ['extra/w']"), (accumulating, "opt_state.npz")):
+        with pytest.raises(CheckpointError, match=r"cannot save: .*" + named.replace("[", r"\[").replace("]", r"\]")):
+            checkpoint.save("r", bad, model=mc, train_config=tc, tokenizer=tok, data=None)
+        assert not os.path.exists("r/checkpoint") and runs.artifacts("r") == []
+
+
+def test_save_refuses_steps_and_trees_that_would_not_come_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mc = SMALL_MC
+    tc = TrainConfig(steps=4)
+    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
+    tok = corpus.builtin().tokenizer
+    for step in (jnp.int32(-5), jnp.float32(3.7)):
+        with pytest.raises(CheckpointError, match="the step must be a whole number"):
+            checkpoint.save("r", state._replace(step=step), model=mc, train_config=tc, tokenizer=tok, data=None)
+    with pytest.raises(CheckpointError, match="train.TrainState"):
+        checkpoint.save("r", {"params": state.params}, model=mc, train_config=tc, tokenizer=tok, data=None)
+    assert not os.path.exists("r/checkpoint")
+    for tree, said in (({"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}, "both named 'a/b'"),
+                       ({"w": jnp.ones(2, jnp.bfloat16)}, "bfloat16"), ({"w": jnp.array([1.0, jnp.nan])}, "non-finite")):
+        with pytest.raises(CheckpointError, match=said):
+            checkpoint.save_params("p.npz", tree)
+        assert not os.path.exists("p.npz")
+    checkpoint.save_params("p.npz", {"w": np.ones(2), "n": 3.0})
+    assert checkpoint.load_params("p.npz", like={"w": np.zeros(2), "n": 0.0})["n"] == 3.0     # plain numbers as like
+
+
+# ----------------------------------------------------------------------------- killed processes, a real full disk
+
+
+@pytest.mark.heavy
+def test_sigkill_at_random_moments_never_leaves_a_damaged_checkpoint(tmp_path):
+    """Three times: a training process saving every step is killed with SIGKILL at a random
+    moment (often mid-save); whatever checkpoint is left loads, and the next process
+    resumes it. A final resume finishes with no temporary folder left."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    argv = [sys.executable, "-m", "minitx_fn", "train"]
+    first = [*TINY, "--save-every", "1", "--log-every", "5", "--steps", "100000", "--out", "k"]
+    rng = random.Random(1234)
+    steps = []
+    for i in range(3):
+        proc = subprocess.Popen(argv + (first if i == 0 else ["--resume", "k", "--save-every", "1"]),
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+        try:
+            for line in proc.stdout:
+                if line.startswith("Step "):                  # training, and saving every step
+                    break
+            time.sleep(rng.uniform(0.0, 0.3))
+            proc.kill()
+            proc.wait(timeout=60)
+        finally:
+            proc.kill()
+        with standard_promotion():
+            steps.append(int(checkpoint.load(str(tmp_path / "k")).meta["step"]))
+    assert steps == sorted(steps) and steps[-1] > 0
+    done = subprocess.run(argv + ["--resume", "k", "--steps", str(steps[-1] + 3)], capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not [n for n in os.listdir(tmp_path / "k") if n.startswith(runs.TEMPORARY_PREFIX) or n == runs.LOCK]
+
+
+def _mount_tmpfs(path, size: str) -> bool:
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def test_a_real_full_disk(tmp_path, capsys, monkeypatch):
+    """A 1 MB tmpfs: the first checkpoints fit, later ones cannot. Needs mount (root);
+    without it, test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temporary
+    (and test_job.py's full disk during a save) cover the same path with os.fsync failing."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not _mount_tmpfs(disk, "1m"):
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount); the simulated full disk covers this")
+    try:
+        monkeypatch.chdir(disk)
+        # The checkpoint of this model is about 100 KB: a few fit, then the padding fills the disk.
+        code, out, err = run_main(capsys, "train", *TINY, "--steps", "40", "--save-every", "10", "--out", "r")
+        assert code == 0, err
+        intact = Snapshot("r")
+        with open("padding", "wb", buffering=0) as f:        # fill what is left ...
+            try:
+                while True:
+                    f.write(b"\0" * 4096)
+            except OSError:
+                pass
+        with open("padding", "r+b") as f:                    # ... but for room for the lock and a few records
+            f.truncate(os.path.getsize("padding") - 16384)
+        code, out, err = run_main(capsys, "train", "--resume", "r", "--steps", "80")
+        assert code == 1 and "No space left on device" in err and "last good checkpoint (step 40)" in err, err
+        intact.assert_unchanged()
+        assert not [n for n in os.listdir("r") if n.startswith(runs.TEMPORARY_PREFIX)]
+    finally:
+        os.chdir(tmp_path)
+        subprocess.run(["umount", str(disk)], capture_output=True, timeout=10)

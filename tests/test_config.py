@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from minitx_fn.config import AttentionSpec, BlockSpec, LoraConfig, ModelConfig, TrainConfig
@@ -96,6 +97,7 @@ def test_model_config_rejects_bad_values(changes, field, hint):
     ({"optimizer": 3e-3}, "optimizer=0.003 must be an OptimizerConfig or a dict"),
     ({"lora": {"alpha": 8.0}}, "lora needs lora.rank='N'"), ({"lora": {"rank": 0}}, "lora.rank=0"),
     ({"lora": {"rank": 2, "targets": "ffn"}}, "lora.targets='ffn'"),
+    ({"optimizer": {"lr": 3e-3, "min_lr": 1.0}}, r"min_lr=1.0 is invalid.*\[0, lr=0.003\]"),
 ])
 def test_train_config_rejects_bad_values(changes, field):
     with pytest.raises(ValueError, match=field):
@@ -119,3 +121,9 @@ def test_float64_without_x64_says_how_to_enable_it():
             ModelConfig(vocab_size=5, **{field: "float64"})
     with enable_x64():
         assert ModelConfig(vocab_size=5, dtype="float64", param_dtype="float64").residual_dtype == jnp.float64
+
+
+def test_numpy_numbers_are_the_numbers_they_stand_for():
+    tc = TrainConfig(steps=np.int64(40), optimizer={"lr": np.float32(2e-3)})
+    assert tc.steps == 40 and type(tc.steps) is int and type(tc.optimizer.lr) is float
+    assert tc == TrainConfig(steps=40, optimizer={"lr": tc.optimizer.lr})

@@ -1,37 +1,34 @@
-"""Larger corpora: streamed preparation and its cache, the three tokenizers, memory-mapped
-batches (equal to device-resident ones), the fixed validation sample, resume on the
-memory-mapped path. Expected values come from the in-memory path (`read_text` and a
-tokenizer's `encode` of the whole text), from `train.batch_at` on the device, or from
-round-trip properties."""
+"""Corpora (`minitx_fn.corpus`): the built-in text and the train/validation split; a
+text file prepared once, streamed, into a cache that is reused when valid and
+rebuilt when anything is off; what a text or a cache that cannot be used says; and a
+preparation that is killed, full or raced by an edit leaves nothing behind. Expected
+values come from the in-memory path (a tokenizer's `encode` of the whole text)."""
 
 from __future__ import annotations
 
-import io
+import errno
 import hashlib
+import importlib.util
+import io
 import json
 import os
+import pydoc
 import subprocess
 import sys
+from fractions import Fraction
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import corpus, data, runs, train
-from minitx_fn.errors import DataError
-from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer
-from tests.helpers import TINY, assert_one_error_line, run_main
+from minitx_fn import corpus, signals
+from minitx_fn.errors import DataError, StorageError
+from minitx_fn.tokenizer import ByteTokenizer, CharTokenizer
+from tests.helpers import fail_fsync
 
-try:
-    import tokenizers  # noqa: F401
-    HAVE_TOKENIZERS = True
-except ImportError:
-    HAVE_TOKENIZERS = False
-needs_tokenizers = pytest.mark.skipif(not HAVE_TOKENIZERS, reason="the bpe tokenizer needs the optional "
-                                      "'tokenizers' library (pip install -e '.[bpe]')")
-
+needs_tokenizers = pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None, reason="the bpe tokenizer "
+                                      "needs the optional 'tokenizers' library (pip install -e '.[bpe]')")
 TEXT = "First Citizen: héllo, wörld! 😀 Before we proceed any further, hear me speak.\n" * 40
 
 
@@ -47,69 +44,27 @@ def _prepare(path, cache, **kw):
     return c, out.getvalue()
 
 
-# ----------------------------------------------------------------------------- tokenizers
+# ----------------------------------------------------------------------------- the built-in text, the split
 
 
-@given(st.text(max_size=50))
-def test_the_byte_tokenizer_round_trips_any_unicode_string(text):
-    ids = ByteTokenizer().encode(text)
-    assert ids.dtype == np.int32 and ((0 <= ids) & (ids < 256)).all()
-    assert ByteTokenizer().decode(ids) == text
+def test_builtin_text_is_the_corpus_cycle():
+    text = corpus.builtin_text()
+    assert text == corpus.BUILTIN_CORPUS * corpus.BUILTIN_REPEATS
+    assert corpus.BUILTIN_CORPUS == "hello world! hello jax! hello flax! "
+    assert corpus.builtin().source == corpus.BUILTIN_SOURCE
 
 
-@given(st.lists(st.integers(0, 255), max_size=30))
-def test_any_byte_ids_decode_without_error(ids):
-    """A sample may stop inside a multi-byte character: decoding replaces it, never raises."""
-    text = ByteTokenizer().decode(ids)
-    assert isinstance(text, str)
-    if bytes(ids).isascii():
-        assert text == bytes(ids).decode("ascii")
+@given(n=st.integers(1, 500))
+def test_the_training_part_is_the_largest_at_most_nine_tenths(n):
+    """corpus.train_boundary(n) = b: b / n <= 0.9 < (b + 1) / n, in exact rationals."""
+    b = corpus.train_boundary(n)
+    assert Fraction(b, n) <= Fraction(9, 10) < Fraction(b + 1, n)
 
 
-@given(st.text(min_size=1, max_size=40))
-def test_char_encode_by_table_equals_the_position_in_the_sorted_vocabulary(text):
-    tok = CharTokenizer.from_text(text)
-    assert tok.encode(text).tolist() == [sorted(set(text)).index(c) for c in text]
-    assert tok.decode(tok.encode(text)) == text
-
-
-@needs_tokenizers
-def test_bpe_is_reproducible_and_round_trips_any_text():
-    from minitx_fn.tokenizer import BPETokenizer, from_meta
-    first = BPETokenizer.train([TEXT], vocab_size=300)
-    second = BPETokenizer.train([TEXT], vocab_size=300)
-    assert first.to_json() == second.to_json() and first.vocab_size == 300
-    assert from_meta(first.to_meta()) == first and "special" not in first.to_meta()
-    marked = first.with_special({"bos_token_id": 0, "eos_token_id": [1, 299], "pad_token_id": None})
-    assert from_meta(marked.to_meta()) == marked != first and marked.special == {"bos_token_id": 0,
-                                                                                  "eos_token_id": [1, 299]}
-    for bad, said in (({"eos_token_id": 300}, r"eos_token_id = 300 must be an id in \[0, 300\)"),
-                      ({"eos_token_id": []}, "eos_token_id = \\[\\] must be"), ({"unk_token_id": 1}, "not a special"),
-                      ({"bos_token_id": True}, "bos_token_id = True must be")):
-        with pytest.raises(ValueError, match=said):
-            from_meta({**first.to_meta(), "special": bad})
-    with pytest.raises(ValueError, match="id 300 is not one of the bpe tokenizer's 300 ids; a model whose table"):
-        first.decode([5, 300])                               # tokenizers itself would drop it
-    for text in (TEXT, "ünseen çharacters ∑ 😀\n", "héllo"):
-        assert first.decode(first.encode(text)) == text
-    assert len(first.encode(TEXT)) < len(TEXT.encode()) / 2          # merges learned: fewer tokens than bytes
-
-
-@needs_tokenizers
-@given(st.text(max_size=30))
-def test_bpe_round_trips_any_unicode_string(text):
-    tok = _bpe()
-    assert tok.decode(tok.encode(text)) == text
-
-
-_BPE = []
-
-
-def _bpe():
-    from minitx_fn.tokenizer import BPETokenizer
-    if not _BPE:
-        _BPE.append(BPETokenizer.train([TEXT], vocab_size=280))
-    return _BPE[0]
+def test_help_of_the_corpus_module_shows_no_environment(monkeypatch):
+    """A default argument environ=os.environ printed every variable of the process in help()."""
+    monkeypatch.setenv("MINITX_TEST_SECRET", "s3cr3t-value")
+    assert "s3cr3t-value" not in pydoc.render_doc(corpus)
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -239,19 +194,6 @@ def test_bad_text_is_one_error_with_the_absolute_offset(tmp_path, content, said)
         corpus.CHUNK_BYTES = old
 
 
-@given(text=st.text(alphabet="ab \n", max_size=300), piece=st.sampled_from([4, 16]))
-def test_bpe_pieces_join_back_and_stay_bounded_without_newlines(text, piece):
-    from minitx_fn import tokenizer as ours
-    old = ours.BPE_PIECE_CHARS, ours.BPE_HARD_CUT_CHARS
-    ours.BPE_PIECE_CHARS, ours.BPE_HARD_CUT_CHARS = piece, 3
-    try:
-        pieces = BPETokenizer.pieces(text)
-    finally:
-        ours.BPE_PIECE_CHARS, ours.BPE_HARD_CUT_CHARS = old
-    assert "".join(pieces) == text and all(pieces)
-    assert all(len(p) <= 2 * piece for p in pieces)
-
-
 def test_a_long_file_name_still_makes_a_cache_folder(tmp_path):
     path = _write(tmp_path, TEXT, "a" * 250 + ".txt")
     c, _ = _prepare(path, tmp_path / "cache")
@@ -263,6 +205,8 @@ def test_the_vocab_size_is_for_bpe_only():
         corpus.check_choice("char", 300)
     with pytest.raises(DataError, match="must lie in"):
         corpus.check_choice("bpe", 10)
+    with pytest.raises(DataError, match="unknown tokenizer 'words'"):
+        corpus.check_choice("words", None)
 
 
 @needs_tokenizers
@@ -271,148 +215,16 @@ def test_bpe_preparation_splits_the_text_and_learns_from_the_training_part_only(
     path = _write(tmp_path, text)
     c, _ = _prepare(path, tmp_path / "cache", kind="bpe", vocab_size=300)
     assert c.tokenizer.decode(c.train) + c.tokenizer.decode(c.validation) == text
-    cut = corpus._bpe_split(text)
+    raw = text.encode("utf-8")
+    cut = len(raw[:corpus.train_boundary(len(raw))].decode("utf-8", "ignore"))      # 90% of the bytes, at a character
     assert c.tokenizer.decode(c.validation) == text[cut:]
-    assert all("ZQ" not in token for token in c.tokenizer._hf.get_vocab())          # never merged: not seen
+    vocabulary = json.loads(c.tokenizer.to_json())["model"]["vocab"]
+    assert all("ZQ" not in token for token in vocabulary)                           # never merged: not seen
     again, out = _prepare(path, tmp_path / "cache", kind="bpe", vocab_size=300)
     assert "prepared before" in out and again.tokenizer == c.tokenizer
 
 
 # ----------------------------------------------------------------------------- batches and evaluation
-
-
-@given(step=st.integers(0, 2**31 - 1), dtype=st.sampled_from([np.uint8, np.uint16, np.uint32]))
-def test_memory_mapped_batches_equal_device_batches_bit_for_bit(tmp_path_factory, step, dtype):
-    ids = (np.arange(500) * 7919 % 251).astype(dtype)
-    path = tmp_path_factory.mktemp("m") / "ids.bin"
-    ids.tofile(path)
-    mapped = np.memmap(path, dtype=dtype, mode="r")
-    key = train.keys(3).data
-    host = data.host_batch_at(mapped, key, step, batch_size=4, context=16)
-    device = train.batch_at(jnp.asarray(ids.astype(np.int32)), key, jnp.int32(step), batch_size=4, context=16)
-    for a, b in zip(host, device):
-        assert a.dtype == b.dtype == jnp.int32
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def test_the_prefetcher_gives_batches_in_order_and_raises_the_workers_error():
-    def make(t):
-        if t == 4:
-            raise ValueError("no batch 4")
-        return t * 10
-
-    with data.Prefetcher(make, start=2) as next_batch:
-        assert [next_batch(2), next_batch(3)] == [20, 30]
-        with pytest.raises(ValueError, match="no batch 4"):
-            next_batch(4)
-    with data.Prefetcher(make, start=0) as next_batch:
-        with pytest.raises(ValueError, match="expected step 0"):
-            next_batch(1)
-
-
-def test_the_validation_sample_is_fixed_and_all_is_every_window():
-    ids = np.arange(10_000) % 97
-    every = data.eval_windows(ids, 16)
-    assert len(every) == (10_000 - 1) // 16
-    a, b = data.eval_windows(ids, 16, 1000), data.eval_windows(ids, 16, 1000)
-    assert len(a) == 63 and a.starts.tolist() == b.starts.tolist()             # ceil(1000 / 16), the same windows
-    assert set(a.starts.tolist()) <= set(every.starts.tolist())
-    assert np.array_equal(np.asarray(a), np.asarray(every)[a.starts // 16])
-    assert len(data.eval_windows(ids, 16, 10**9)) == len(every)              # more than there is: all
-
-
-# ----------------------------------------------------------------------------- the command line
-
-
-@pytest.fixture
-def _chdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-
-
-def _losses(run_dir):
-    return [r["loss"] for r in runs.read_records(os.path.join(run_dir, runs.METRICS)).records]
-
-
-@pytest.mark.usefixtures("_chdir")
-def test_memory_mapped_training_equals_device_training_and_resumes_exactly_on_the_same_text(tmp_path, capsys):
-    path = _write(tmp_path, TEXT)
-    common = [*TINY, "--data", path, "--log-every", "1", "--eval-every", "3", "--max-new-tokens", "5",
-              "--decay-steps", "6", "--warmup", "2"]
-    code, out, err = run_main(capsys, "train", *common, "--steps", "6", "--out", "device", "--batches", "device")
-    assert code == 0, err
-    assert "sampled on the device" in out
-    code, out, err = run_main(capsys, "train", *common, "--steps", "3", "--out", "mapped", "--batches", "memmap")
-    assert code == 0, err
-    assert "memory-mapped" in out and "prepared before" in out
-    code, out, err = run_main(capsys, "train", "--resume", "mapped", "--steps", "6", "--max-new-tokens", "5")
-    assert code == 0, err
-    assert _losses("mapped") == _losses("device")
-    val = [r.get("val_loss") for r in runs.read_records("mapped/metrics.jsonl").records]
-    assert val == [r.get("val_loss") for r in runs.read_records("device/metrics.jsonl").records]
-    # Resuming on an edited text is refused after one SHA-256, before any encoding.
-    open(path, "a").write("an edit")
-    code, out, err = run_main(capsys, "train", "--resume", "mapped", "--steps", "9")
-    assert_one_error_line(code, err, "changed since the run trained on it")
-    assert "Data: prepared" not in out
-
-
-@pytest.mark.usefixtures("_chdir")
-def test_prepare_then_train_byte_and_generate_any_text(tmp_path, capsys):
-    path = _write(tmp_path, TEXT)
-    code, out, err = run_main(capsys, "prepare", "--data", path, "--tokenizer", "byte")
-    assert code == 0, err
-    assert "byte (256 ids)" in out and f"minitx train --data {path} --tokenizer byte" in out
-    code, out, err = run_main(capsys, "train", *TINY, "--data", path, "--tokenizer", "byte", "--steps", "2",
-                              "--out", "b", "--max-new-tokens", "5", "--eval-tokens", "20")
-    assert code == 0, err
-    assert "prepared before" in out and "vocabulary 256 (byte)" in out and "(a fixed sample)" in out
-    assert checkpoint_kind("b") == "byte"
-    code, out, err = run_main(capsys, "generate", "--checkpoint", "b", "--prompt", "∑ never seen 🙂",
-                              "--max-new-tokens", "7", "--top-k", "3")
-    assert code == 0, err
-    assert out.startswith("∑ never seen 🙂")
-    # A byte that is not UTF-8 (a lone surrogate in Python) in the prompt or stop string: one line.
-    for flags in (["--prompt", "ab\udcff"], ["--prompt", "a", "--stop", "\udcff"]):
-        code, _, err = run_main(capsys, "generate", "--checkpoint", "b", *flags)
-        assert_one_error_line(code, err, "not UTF-8")
-    # Resuming keeps the run's tokenizer.
-    code, _, err = run_main(capsys, "train", "--resume", "b", "--steps", "3", "--tokenizer", "char")
-    assert_one_error_line(code, err, "keeps the run's tokenizer")
-
-
-def checkpoint_kind(run_dir) -> str:
-    return json.load(open(os.path.join(run_dir, "checkpoint", "meta.json")))["tokenizer"]["kind"]
-
-
-@pytest.mark.parametrize("argv, said", [
-    (["prepare"], "--data"),
-    (["prepare", "--data", "x", "--tokenizer", "words"], "invalid choice: 'words'"),
-    (["prepare", "--data", "x", "--vocab-size", "12"], "must lie in [256"),
-    (["prepare", "--data", "nope.txt"], "does not exist"),
-    (["prepare", "--data", ".", "--tokenizer", "byte"], "is a directory"),
-    (["train", "--eval-tokens", "0"], "--eval-tokens: 0 must lie in"),
-    (["train", "--eval-tokens", "some"], "is not a whole number"),
-    (["train", "--batches", "disk"], "invalid choice: 'disk'"),
-    (["train", "--tokenizer", "char", "--vocab-size", "300"], "--vocab-size 300 is for bpe"),
-    (["prepare", "--data", "x", "--cache-dir", ""], "--cache-dir: is empty"),
-])
-def test_bad_data_flags_are_one_line(_chdir, capsys, argv, said):
-    code, _, err = run_main(capsys, *argv)
-    assert_one_error_line(code, err, said)
-
-
-def test_an_unwritable_cache_is_one_line(_chdir, tmp_path, capsys):
-    path = _write(tmp_path, TEXT)
-    blocker = _write(tmp_path, "a file", "blocker")
-    code, _, err = run_main(capsys, "prepare", "--data", path, "--cache-dir", os.path.join(blocker, "sub"))
-    assert_one_error_line(code, err, "cannot write the cache")
-
-
-def test_bpe_without_its_library_is_one_line(_chdir, tmp_path, capsys, monkeypatch):
-    path = _write(tmp_path, TEXT)
-    monkeypatch.setitem(sys.modules, "tokenizers", None)                   # import tokenizers -> ImportError
-    code, _, err = run_main(capsys, "prepare", "--data", path, "--tokenizer", "bpe")
-    assert_one_error_line(code, err, "pip install", ".[bpe]")
 
 
 def test_a_tokens_file_with_ids_beyond_the_vocabulary_is_rebuilt(tmp_path):
@@ -436,40 +248,65 @@ def test_a_tokens_file_with_ids_beyond_the_vocabulary_is_rebuilt(tmp_path):
 def test_a_file_that_changes_while_it_is_prepared_is_refused_or_recorded_as_encoded(tmp_path, monkeypatch):
     """The SHA-256 a cache records is that of exactly the bytes it encoded: a file that
     grows meanwhile is prepared as it was (its later bytes are for the next run, which
-    sees another file); one edited meanwhile is one line, and nothing is cached."""
+    sees another file); one edited meanwhile is one line, and nothing is cached. The
+    file changes at the preparation's first safe point (`signals.check`, between the
+    pieces it reads), which comes once its SHA-256 is taken."""
     path = _write(tmp_path, TEXT)
-    real = corpus._source_sha256
-    edit = {}
+    real, edit = signals.check, {}
 
-    def then_changes(*args):
-        digest = real(*args)
-        with open(path, "r+b" if edit["how"] == "edit" else "ab") as f:
-            f.write(b"X" if edit["how"] == "edit" else b"more text appended meanwhile")
-        return digest
+    def then_changes():
+        if not edit.get("done"):
+            edit["done"] = True
+            with open(path, "r+b" if edit["how"] == "edit" else "ab") as f:
+                f.write(b"X" if edit["how"] == "edit" else b"more text appended meanwhile")
+        real()
 
-    monkeypatch.setattr(corpus, "_source_sha256", then_changes)
+    monkeypatch.setattr(signals, "check", then_changes)
     edit["how"] = "grow"
     c, _ = _prepare(path, tmp_path / "cache")
     assert c.source["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest() and len(c.ids) == len(TEXT)
     _write(tmp_path, TEXT)
-    edit["how"] = "edit"
+    edit.update(how="edit", done=False)
     with pytest.raises(DataError, match="changed while it was being prepared"):
         _prepare(path, tmp_path / "cache2")
     assert not os.path.exists(tmp_path / "cache2")
 
 
-def test_a_full_cache_disk_is_a_storage_failure_that_leaves_no_folder(tmp_path, capsys, monkeypatch):
-    """Exit 1 (the disk failed), not 2 (bad input), and the folders it made are gone."""
-    import errno
+def test_a_full_cache_disk_is_a_storage_failure_that_leaves_no_folder(tmp_path, monkeypatch):
+    """StorageError (the disk failed: exit 1), not DataError (bad input: exit 2), and the
+    folders it made are gone."""
     path = _write(tmp_path, TEXT)
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(corpus.json, "dump", full)
-    code, _, err = run_main(capsys, "prepare", "--data", path, "--cache-dir", str(tmp_path / "cache"))
-    assert_one_error_line(code, err, "No space left on device", status=1)
+    fail_fsync(monkeypatch, errno.ENOSPC)
+    with pytest.raises(StorageError, match="No space left on device"):
+        _prepare(path, tmp_path / "cache")
     assert not os.path.exists(tmp_path / "cache")                  # every folder it made, removed
+
+
+def test_an_unwritable_cache_is_bad_input_naming_the_cache(tmp_path):
+    path = _write(tmp_path, TEXT)
+    blocker = _write(tmp_path, "a file", "blocker")
+    with pytest.raises(DataError, match="cannot write the cache"):
+        _prepare(path, os.path.join(blocker, "sub"))
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda tmp: None, "does not exist"),
+    (lambda tmp: (tmp / "in.txt").mkdir(), "is a directory"),
+    (lambda tmp: (tmp / "in.txt").write_text(""), "is empty"),
+    (lambda tmp: os.symlink(tmp / "in.txt", tmp / "in.txt"), "cannot be opened.*symbolic links"),
+])
+def test_a_data_path_that_is_no_text_file_is_named(tmp_path, make, said):
+    make(tmp_path)
+    with pytest.raises(DataError, match=f"'{tmp_path / 'in.txt'}'.* {said}"):
+        corpus.check_file(str(tmp_path / "in.txt"))
+
+
+def test_a_text_that_is_not_the_expected_one_is_refused_before_it_is_encoded(tmp_path):
+    """A resumed run's text (expected_sha256): another text is refused after one SHA-256."""
+    path = _write(tmp_path, TEXT)
+    with pytest.raises(corpus.SourceChangedError, match="is not the expected text"):
+        _prepare(path, tmp_path / "cache", expected_sha256=hashlib.sha256(b"another text").hexdigest())
+    assert not os.path.exists(tmp_path / "cache")
 
 
 @needs_tokenizers

@@ -1,8 +1,10 @@
 """Data-parallel training: 4 CPU devices in one process, and 2 processes with 2
 devices each, equal to one device on the same global batch; multi-process runs that
-are preempted (SIGTERM) or lose a process (kill -9).
+are preempted (SIGTERM) or lose a process (kill -9); and the multi-process settings
+(`join`), checked before any process waits for another.
 
-Each case runs in subprocesses, because the device count is fixed when JAX starts.
+Each run of several devices or processes is a subprocess of its own, because the
+device count is fixed when JAX starts.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ import time
 
 import numpy as np
 import pytest
+
+from minitx_fn import distributed
+from minitx_fn.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ["--width", "32", "--layers", "2", "--heads", "2", "--context", "16"]
@@ -127,6 +132,37 @@ def _losses(path):
     return [(r["step"], r["loss"]) for r in map(json.loads, open(path))]
 
 
+@pytest.mark.parametrize("settings, said", [
+    ({"coordinator": "127.0.0.1:1"}, "needs all of coordinator=.*num_processes=.*process_id="),
+    ({"coordinator": "127.0.0.1:1", "num_processes": 2, "process_id": 2}, r"process_id=2 must lie in \[0, "),
+    ({"heartbeat_timeout": 5}, "heartbeat_timeout=5 is for multi-process runs"),
+    ({"start_timeout": 5}, "start_timeout=5 is for multi-process runs"),
+    ({"coordinator": "garbage", "num_processes": 2, "process_id": 0}, "coordinator='garbage' is not HOST:PORT"),
+    ({"coordinator": "127.0.0.1:99999"}, r"a port in \[1, 65535\]"),
+])
+def test_a_partial_or_inconsistent_set_of_multi_process_settings_is_refused(settings, said):
+    with pytest.raises(distributed.ProcessesError, match=said):
+        distributed.join(**settings, environ={})
+
+
+def test_the_environment_is_read_only_by_a_multi_process_run(monkeypatch):
+    """Variables exported for a cluster (MINITX_HEARTBEAT_TIMEOUT, a malformed
+    MINITX_NUM_PROCESSES) neither make a one-process run multi-process nor break it;
+    once a coordinator is known, one it would use that is malformed is named."""
+    monkeypatch.setenv("MINITX_HEARTBEAT_TIMEOUT", "60")
+    monkeypatch.setenv("MINITX_NUM_PROCESSES", "abc")
+    assert distributed.join() is False
+    monkeypatch.setenv("MINITX_COORDINATOR", "127.0.0.1:1")
+    with pytest.raises(distributed.ProcessesError, match="MINITX_NUM_PROCESSES: 'abc' is not"):
+        distributed.join()
+
+
+def test_devices_that_are_not_there_are_named():
+    n = len(__import__("jax").devices())
+    with pytest.raises(ConfigError, match=f"devices={n + 1} is not available: this run has {n} device"):
+        distributed.make_mesh(n + 1)
+
+
 def test_devices_must_divide_the_batch(tmp_path):
     done = subprocess.run([sys.executable, "-m", "minitx_fn", "train", *MODEL, "--batch-size", "6", "--devices", "4",
                            "--steps", "2"], env=_env(4), cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -224,9 +260,10 @@ def test_processes_that_disagree_a_peer_that_never_comes_and_a_taken_port_are_on
         line = err.strip().splitlines()[-1]
         assert line.startswith("minitx: error: the 2 processes disagree on model.d_ff, model.d_model, training.seed; "), line    # by name
     code, err = results[2]
-    assert code == 1 and err.strip().splitlines() == [
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1 and lines[0].startswith(
         f"minitx: error: gave up after 3 s: not all 2 processes joined the run at 127.0.0.1:{alone_port}"
-        "; start the missing ones, or give them longer (--start-timeout)"], err[-2000:]
+        "; start the missing ones, or give them longer (") and "start" in lines[0].split("longer")[1], err[-2000:]
     assert "Waiting for 2 processes at 127.0.0.1:" in alone.stdout.read()
     code, err = results[3]
     assert code == 2 and len(err.strip().splitlines()) == 1 and "is already in use" in err, err[-2000:]

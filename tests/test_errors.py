@@ -6,14 +6,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from minitx_fn.errors import ConfigError, Error
-from minitx_fn.cli import flag_name, message
 
 
-def test_fields_render_as_the_library_or_the_command_line_names_them():
+def test_fields_render_as_the_library_names_them_or_as_the_caller_asks():
     e = ConfigError("{a} is invalid: it must lie in [0, {b}]", a=("min_lr", 1.0), b=("lr", 0.003))
     assert str(e) == "min_lr=1.0 is invalid: it must lie in [0, lr=0.003]"
-    assert message(e) == "--min-lr 1.0 is invalid: it must lie in [0, --lr 0.003]"
-    assert flag_name("max_len", 64) == "--context 64" and flag_name("d_model", 8) == "--width 8"
+    assert e.render(lambda field, value: f"<{field}: {value}>") == \
+        "<min_lr: 1.0> is invalid: it must lie in [0, <lr: 0.003>]"
+    assert isinstance(e, ValueError) and e.mentions == {"a": ("min_lr", 1.0), "b": ("lr", 0.003)}
 
 
 @given(text=st.text(max_size=40).filter(lambda t: "{x}" not in t))

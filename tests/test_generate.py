@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import defaults, model
+from minitx_fn import defaults, model, testing
 from minitx_fn import generate as gen
 from minitx_fn.config import ModelConfig
 from minitx_fn.sampling import Sampler
@@ -128,7 +128,7 @@ def test_short_row_keeps_its_context_when_a_long_row_slides():
 
 
 @given(lengths=st.lists(st.integers(1, 12), min_size=3, max_size=3), stop_len=st.sampled_from([0, 2]), seed=SEEDS,
-       dtype=st.sampled_from(["float32", "float64"]))
+       dtype=testing.dtypes())
 def test_each_greedy_row_equals_its_prompt_alone(lengths, stop_len, seed, dtype):
     """For any mix of prompt lengths, window slides (S = 8, 40 new tokens: each row
     slides up to 9 times, at its own steps) and a stop sequence that ends some rows
@@ -217,11 +217,6 @@ def test_one_compiled_loop_for_every_token_position_and_prompt_in_a_bucket(key, 
     assert len(traces) == 2
 
 
-def test_bucket_lengths():
-    assert [gen.bucket_length(n, 64) for n in (1, 8, 9, 16, 17, 63, 64)] == [8, 8, 16, 16, 32, 64, 64]
-    assert gen.bucket_length(5, 4) == 4
-
-
 @pytest.mark.parametrize("prompts, match", [([[]], "empty"), ([[1, 99]], "outside"), ([], "no prompts"),
                                             ([[1.5, 2.0]], "integers")])
 def test_bad_prompts(prompts, match):
@@ -257,6 +252,30 @@ def test_window_of_one_slot():
     ids = gen.generate(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)[0]
     ref = gen.generate_recompute(params, [[3]], model=cfg, key=jax.random.key(0), max_new_tokens=5)
     np.testing.assert_array_equal(ids, ref[0])
+
+
+def test_complete_is_text_in_text_out_and_greedy_needs_no_key():
+    from minitx_fn import checkpoint
+    from minitx_fn.tokenizer import CharTokenizer
+    m = checkpoint.Model(PARAMS, CFG, CharTokenizer.from_text("hello world! jx"), {})      # 11 characters
+    text = gen.complete(m, "hello", max_new_tokens=12)
+    ids = gen.generate(m.params, [m.tokenizer.encode("hello")], model=m.model, max_new_tokens=12)[0]
+    assert len(text) == 12 and m.tokenizer.decode(ids) == text
+    with pytest.raises(ValueError, match="needs a key"):
+        gen.complete(m, "hello", temperature=0.8)
+    for prompt, stop, said in (("Zebra", None, "the prompt: .*not in the vocabulary: 'Z"),
+                               ("h\udcff", None, "not in the vocabulary: '\\\\udcff'"), ("", None, "the prompt is empty"),
+                               ("hello", "?", "the stop string: .*not in the vocabulary: '\\?'")):
+        with pytest.raises(gen.PromptError, match=said):
+            gen.complete(m, prompt, stop=stop)
+
+
+def test_bytes_that_are_not_utf8_are_no_prompt_for_a_byte_tokenizer():
+    """A command line's lone surrogates: the byte tokenizer would echo them back."""
+    from minitx_fn.tokenizer import ByteTokenizer
+    for text, what in (("ab\udcff", "the prompt"), ("\udcff", "the stop string")):
+        with pytest.raises(gen.PromptError, match=f"{what} holds bytes that are not UTF-8"):
+            gen.encode_prompt(ByteTokenizer(), text, what)
 
 
 @pytest.mark.parametrize("cut", [(1, 3), (2, 3), (4, 7)])

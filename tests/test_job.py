@@ -1,24 +1,23 @@
-"""The whole job from Python (`minitx_fn.job`), and the seams where a user's own code
-meets the library's files and defaults: each of these once went silently wrong."""
+"""The whole job from Python (`minitx_fn.job`): settings made into a checked job
+(`make`), planned (`plan`: the data, the state, nothing written) and run (`run`,
+`train`); what a new run or a resume refuses, before any data is prepared; a resume
+on its own text only; failures while training (a full or read-only disk, a picture
+that cannot be written, a non-finite loss) that keep the last good checkpoint;
+`evaluate`; and models of one's own through the whole machinery."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
-import pydoc
-import shutil
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from minitx_fn import checkpoint, corpus, generate, job, loop, model, runs, train
-from minitx_fn.config import ModelConfig, TrainConfig
+from minitx_fn import checkpoint, corpus, generate, job, runs, speculative
+from minitx_fn.config import ModelConfig
 from minitx_fn.errors import CheckpointError, ConfigError, DataError
 from tests.helpers import assert_one_error_line, run_main, standard_promotion
 
@@ -66,10 +65,11 @@ def _train(*args, **settings):
     settings.setdefault("model", SMALL)
     settings.setdefault("training", {"steps": 4, "batch_size": 8, "log_every": 2})
     settings.setdefault("sample_tokens", 0)
-    return job.train(*args, log=io.StringIO(), **settings)
+    settings.setdefault("log", io.StringIO())
+    return job.train(*args, **settings)
 
 
-def test_a_run_trained_from_python_on_text_resumes_on_that_text_only(capsys):
+def test_a_run_trained_from_python_on_text_resumes_on_that_text_only():
     """A text given in memory is recorded as such (its SHA-256, no path): resuming asks
     for it again and refuses another. (A run saved from Python without data= used to be
     recorded as the built-in corpus and resumed on `hello world!` without a word.)"""
@@ -77,113 +77,12 @@ def test_a_run_trained_from_python_on_text_resumes_on_that_text_only(capsys):
     assert first.records[-1]["step"] == 4 and "val_loss" in first.records[-1]
     saved = checkpoint.load("mem").data
     assert saved["path"] is None and saved == corpus.Corpus.from_text(TEXT).source
-    code, _, err = run_main(capsys, "train", "--resume", "mem", "--steps", "6")
-    assert_one_error_line(code, err, "a text or ids given in memory", "give the same again", "--data FILE")
+    with pytest.raises(DataError, match="a text or ids given in memory.*give the same again"):
+        _train(resume="mem", training={"steps": 6})
     with pytest.raises(DataError, match="not what this run trained on"):
         _train(text=TEXT + "to be", resume="mem", training={"steps": 6})
     again = _train(text=TEXT, resume="mem", training={"steps": 6})
     assert int(again.state.step) == 6 and [r["step"] for r in again.records] == [2, 4, 6]
-
-
-def test_checkpoint_save_wants_to_be_told_what_the_run_trained_on(capsys):
-    """data= has no default; None says "not recorded", and --resume then asks for --data
-    instead of taking the built-in corpus."""
-    mc = ModelConfig(vocab_size=13, **SMALL)
-    tc = TrainConfig(steps=4)
-    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
-    tok = corpus.builtin().tokenizer
-    with pytest.raises(TypeError, match="data"):
-        checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok)
-    checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok, data=None)
-    code, _, err = run_main(capsys, "train", "--resume", "r", "--steps", "6")
-    assert_one_error_line(code, err, "does not record what it trained on", "--data")
-    with pytest.raises(CheckpointError, match="data must be"):
-        checkpoint.save("r", state, model=mc, train_config=tc, tokenizer=tok, data={"path": "x"})
-    # Saved with the corpus itself (or its .source): the built-in corpus, said explicitly.
-    checkpoint.save("b", state, model=mc, train_config=tc, tokenizer=tok, data=corpus.builtin())
-    assert checkpoint.load("b").data == {"builtin": True}
-    code, out, err = run_main(capsys, "train", "--resume", "b", "--steps", "6", "--max-new-tokens", "3")
-    assert code == 0, err
-
-
-def test_save_refuses_what_load_would_refuse_before_writing_anything():
-    """A model variant's parameters, or an optimiser state of another shape
-    (optax.MultiSteps), were written and then refused by load."""
-    mc = ModelConfig(vocab_size=13, **SMALL)
-    tc = TrainConfig(steps=4)
-    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
-    tok = corpus.builtin().tokenizer
-    variant = state._replace(params={**state.params, "extra": {"w": jnp.zeros(3)}})
-    multi = optax.MultiSteps(train.make_optimizer(tc.optimizer), every_k_schedule=2)
-    accumulating = train.new_state(state.params, multi)
-    for bad, named in ((variant, "unexpected ['extra/w']"), (accumulating, "opt_state.npz")):
-        with pytest.raises(CheckpointError, match=r"cannot save: .*" + named.replace("[", r"\[").replace("]", r"\]")):
-            checkpoint.save("r", bad, model=mc, train_config=tc, tokenizer=tok, data=None)
-        assert not os.path.exists("r/checkpoint") and runs.artifacts("r") == []
-
-
-def test_fit_logs_the_rate_the_step_ran_with_and_needs_no_model_config(tmp_path):
-    """With one's own optax.adam(1e-4), metrics.jsonl said 3.17e-4 (TrainConfig's
-    schedule). Now the record's lr is the step's own report, and absent without one."""
-    mc = ModelConfig(vocab_size=13, **SMALL)
-    ids = jnp.asarray(corpus.builtin().ids, jnp.int32)
-
-    def next_batch(t):
-        return train.batch_at(ids, jax.random.key(1), t, batch_size=4, context=mc.max_len)
-
-    loss_fn = train.model_loss(mc)
-    for schedule, expected in ((optax.constant_schedule(1e-4), 1e-4), (None, None)):
-        optimizer = optax.adam(schedule or 1e-4)
-        step = jax.jit(train.make_step(loss_fn, optimizer, schedule=schedule), donate_argnums=0)
-        state = train.new_state(model.init(jax.random.key(0), mc), optimizer)
-        metrics = str(tmp_path / f"{expected}.jsonl")
-        loop.fit(state, step=step, next_batch=next_batch, steps=4, log_every=2, metrics_path=metrics,
-                 out=io.StringIO())
-        records = runs.read_records(metrics).records
-        assert [r.get("lr") for r in records] == [pytest.approx(expected, rel=1e-6) if expected else None] * 2
-        assert all("tokens_per_s" not in r for r in records)             # no tokens_per_step given
-    # The library's own step reports its schedule's rate at each step.
-    tc = TrainConfig(steps=10, optimizer={"lr": 1.0, "warmup": 4})
-    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
-    rates = []
-    for t in range(5):
-        state, m = train.train_step(state, next_batch(t), model=mc, optimizer_config=tc.optimizer)
-        rates.append(float(m["lr"]))
-    assert rates == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
-
-
-def test_training_loaded_parameters_leaves_them_usable():
-    """train_step donates its state: `new_state` copies the parameters it starts from, so
-    the loaded ones stay alive (taking ck.state.params and training on deleted them)."""
-    mc = ModelConfig(vocab_size=13, **SMALL)
-    tc = TrainConfig(steps=4)
-    params = model.init(jax.random.key(0), mc)
-    state = train.new_state(params, train.make_optimizer(tc.optimizer))
-    x = jnp.zeros((2, mc.max_len), jnp.int32)
-    state, _ = train.train_step(state, (x, x), model=mc, optimizer_config=tc.optimizer)
-    assert np.isfinite(np.asarray(params["embed"]["table"])).all()           # not deleted
-    assert not np.array_equal(np.asarray(params["embed"]["table"]), np.asarray(state.params["embed"]["table"]))
-
-
-def test_load_and_generate_text_greedy_needs_no_key():
-    result = _train(run_dir="r", training={"steps": 4, "batch_size": 8, "log_every": 2})
-    loaded = checkpoint.load_model("r")
-    assert loaded.model == result.model and loaded.meta["step"] == 4
-    text = generate.complete(loaded, "hello", max_new_tokens=12)
-    assert text == generate.complete(result, "hello", max_new_tokens=12) and len(text) == 12
-    ids = generate.generate(loaded.params, [loaded.tokenizer.encode("hello")], model=loaded.model,
-                            max_new_tokens=12)[0]
-    assert loaded.tokenizer.decode(ids) == text
-    with pytest.raises(ValueError, match="needs a key"):
-        generate.complete(loaded, "hello", temperature=0.8)
-    with pytest.raises(generate.PromptError, match="not in the vocabulary"):
-        generate.complete(loaded, "Zebra")
-
-
-def test_help_of_the_corpus_module_shows_no_environment(monkeypatch):
-    """A default argument environ=os.environ printed every variable of the process in help()."""
-    monkeypatch.setenv("MINITX_TEST_SECRET", "s3cr3t-value")
-    assert "s3cr3t-value" not in pydoc.render_doc(corpus)
 
 
 def test_settings_a_run_does_not_have_are_named():
@@ -221,39 +120,40 @@ def test_the_plan_writes_nothing_and_the_run_writes_what_the_cli_writes(capsys):
     assert f"Generated text:\n{result.prompt}{result.sample}\n" in out
 
 
-def test_a_run_trained_on_text_resumes_from_a_file_holding_that_text(capsys):
-    """From the command line, where no text= exists: a file whose bytes are the text
-    (the same SHA-256) resumes it; another file is refused."""
+def test_a_run_trained_on_text_resumes_from_a_file_holding_that_text():
+    """As the command line must, where no text= exists: a file whose bytes are the text
+    (the same SHA-256) resumes it, and is recorded from then on; another file is refused."""
     _train(text=TEXT, run_dir="mem")
     open("same.txt", "w").write(TEXT)
     open("other.txt", "w").write(TEXT + "to be")
-    code, _, err = run_main(capsys, "train", "--resume", "mem", "--data", "other.txt", "--steps", "6")
-    assert_one_error_line(code, err, "not what this run trained on")
-    code, out, err = run_main(capsys, "train", "--resume", "mem", "--data", "same.txt", "--steps", "6",
-                              "--max-new-tokens", "3")
-    assert code == 0, err
+    with pytest.raises(DataError, match="not what this run trained on"):
+        _train("other.txt", resume="mem", training={"steps": 6})
+    _train("same.txt", resume="mem", training={"steps": 6})
     assert checkpoint.load("mem").data["path"] == os.path.abspath("same.txt")           # recorded from now on
 
 
-def test_bad_settings_are_refused_before_the_data_is_prepared(capsys):
-    """A new run's model, training, adapter and device flags are checked before its
+def test_bad_settings_are_refused_before_the_data_is_prepared():
+    """A new run's model, training, adapter and device settings are checked before its
     text is read and tokenized (which takes minutes for a large corpus), and so is a
-    resume's --steps: one line each, and no prepared data in the cache."""
+    resume's steps: no prepared data in the cache."""
+    from minitx_fn.errors import Error
     _train(text=TEXT, run_dir="mem")
     open("t.txt", "w").write(TEXT)
-    for args, said in [(("--heads", "3"), "--heads 3"), (("--arch", "llama", "--kv-heads", "3"), "--kv-heads 3"),
-                       (("--lr", "0"), "--lr 0"), (("--batch-size", "6", "--grad-accum", "4"), "--grad-accum 4"),
-                       (("--lora-rank", "4"), "--init-from"), (("--devices", "7"), "--devices 7"),
-                       (("--init-from", "mem", "--lora-rank", "100000"), "--lora-rank 100000"),
-                       (("--init-from", "mem", "--lora-alpha", "3"), "lora needs --lora-rank N")]:
-        code, out, err = run_main(capsys, "train", "--data", "t.txt", "--cache-dir", "cache", *args)
-        assert_one_error_line(code, err, said)
-        assert not os.path.exists("cache") and "Preparing" not in out + err, args
-    for args, said in [(("--steps", "2"), "--steps 5"), (("--devices", "7"), "--devices 7")]:
-        code, out, err = run_main(capsys, "train", "--resume", "mem", "--data", "t.txt", "--cache-dir", "cache",
-                                  "--steps", "9", *args)
-        assert_one_error_line(code, err, said)
-        assert not os.path.exists("cache"), args
+    for settings, said in [({"model": {"n_heads": 3}}, "n_heads=3"),
+                           ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "n_kv_heads=3"),
+                           ({"training": {"optimizer": {"lr": 0.0}}}, "lr=0.0"),
+                           ({"training": {"batch_size": 6, "grad_accum": 4}}, "grad_accum=4"),
+                           ({"training": {"lora": {"rank": 4}}}, "init_from"), ({"devices": 7}, "devices=7"),
+                           ({"init_from": "mem", "training": {"lora": {"rank": 100000}}}, "lora.rank=100000"),
+                           ({"init_from": "mem", "training": {"lora": {"alpha": 3.0}}}, "lora needs lora.rank")]:
+        with pytest.raises(Error, match=said.replace("(", r"\(")):
+            job.train("t.txt", cache_dir="cache", log=io.StringIO(), **settings)
+        assert not os.path.exists("cache"), settings
+    for settings, said in [({"training": {"steps": 2}}, "steps=5"), ({"devices": 7, "training": {"steps": 9}},
+                                                                      "devices=7")]:
+        with pytest.raises(Error, match=said):
+            job.train("t.txt", resume="mem", cache_dir="cache", log=io.StringIO(), **settings)
+        assert not os.path.exists("cache"), settings
 
 
 @pytest.mark.parametrize("settings, error", [
@@ -271,44 +171,17 @@ def test_wrong_types_are_one_error_naming_the_setting(settings, error):
         job.make(data_path, **settings)
 
 
-def test_numpy_numbers_are_the_numbers_they_stand_for():
-    tc = TrainConfig(steps=np.int64(40), optimizer={"lr": np.float32(2e-3)})
-    assert tc.steps == 40 and type(tc.steps) is int and type(tc.optimizer.lr) is float
-    assert tc == TrainConfig(steps=40, optimizer={"lr": tc.optimizer.lr})
-
-
-def test_save_refuses_steps_and_trees_that_would_not_come_back():
-    mc = ModelConfig(vocab_size=13, **SMALL)
-    tc = TrainConfig(steps=4)
-    state = train.init_state(jax.random.key(0), mc, tc.optimizer)
-    tok = corpus.builtin().tokenizer
-    for step in (jnp.int32(-5), jnp.float32(3.7)):
-        with pytest.raises(CheckpointError, match="the step must be a whole number"):
-            checkpoint.save("r", state._replace(step=step), model=mc, train_config=tc, tokenizer=tok, data=None)
-    with pytest.raises(CheckpointError, match="train.TrainState"):
-        checkpoint.save("r", {"params": state.params}, model=mc, train_config=tc, tokenizer=tok, data=None)
-    assert not os.path.exists("r/checkpoint")
-    for tree, said in (({"a/b": jnp.ones(2), "a": {"b": jnp.zeros(2)}}, "both named 'a/b'"),
-                       ({"w": jnp.ones(2, jnp.bfloat16)}, "bfloat16"), ({"w": jnp.array([1.0, jnp.nan])}, "non-finite")):
-        with pytest.raises(CheckpointError, match=said):
-            checkpoint.save_params("p.npz", tree)
-        assert not os.path.exists("p.npz")
-    checkpoint.save_params("p.npz", {"w": np.ones(2), "n": 3.0})
-    assert checkpoint.load_params("p.npz", like={"w": np.zeros(2), "n": 0.0})["n"] == 3.0     # plain numbers as like
-
-
-def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(capsys):
-    """`minitx eval` / `job.evaluate` on a whole file: the loss equals the NumPy model's
-    mean next-token loss over the windows of the text (written from the formulas, not
-    from the library), perplexity is its exponential, and bits per byte is the loss in
-    bits over the bytes predicted (one per character of an ASCII text)."""
+def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text():
+    """`job.evaluate` on a whole file: the loss equals the NumPy model's mean next-token
+    loss over the windows of the text (written from the formulas, not from the
+    library), perplexity is its exponential, and bits per byte is the loss in bits over
+    the bytes predicted (one per character of an ASCII text). A text the run's
+    tokenizer cannot read, or shorter than a window, is refused naming it."""
     from tests import numpy_model
     result = _train(run_dir="r", training={"steps": 30, "batch_size": 8, "log_every": 10})
     text = "hello jax! hello world! hello flax! " * 12
     open("t.txt", "w").write(text)
-    code, out, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "e.json")
-    assert code == 0, err
-    got = json.load(open("e.json"))
+    got = job.evaluate("r", "t.txt", log=io.StringIO())
     ids = result.tokenizer.encode(text)
     t = result.model.max_len
     host = numpy_model.to_float64(jax.device_get(result.params))
@@ -319,29 +192,16 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text(ca
         logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
             - logits.max(-1, keepdims=True)
         losses.append(-logp[np.arange(t), window[1:]].mean())
-    assert got["tokens"] == len(losses) * t
-    assert got["loss"] == pytest.approx(float(np.mean(losses)), rel=1e-5)
-    assert got["perplexity"] == pytest.approx(np.exp(got["loss"]), rel=1e-9)
-    assert got["bits_per_byte"] == pytest.approx(got["loss"] / np.log(2), rel=1e-9)
-    assert f"Loss {got['loss']:.4f} nats per token" in out
+    assert got.tokens == len(losses) * t
+    assert got.loss == pytest.approx(float(np.mean(losses)), rel=1e-5)
+    assert got.perplexity == pytest.approx(np.exp(got.loss), rel=1e-9)
+    assert got.bits_per_byte == pytest.approx(got.loss / np.log(2), rel=1e-9)
     open("odd.txt", "w").write("Zebra! " * 40)
-    code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "odd.txt")
-    assert_one_error_line(code, err, "odd.txt", "char tokenizer lacks", "'Zb'")
-    code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "t.txt", "--json", "no/e.json")
-    assert_one_error_line(code, err, "--json 'no/e.json'")
-    # What --json must never overwrite: the text itself, a run's checkpoint (params.npz, or its meta.json).
-    shutil.copy("t.txt", "t.json")
-    kept = {path: open(path, "rb").read() for path in ("t.txt", "t.json", "r/checkpoint/params.npz",
-                                                        "r/checkpoint/meta.json")}
-    for data, target, said in (("t.txt", "t.txt", "ending in .json"), ("t.json", "t.json", "is the --data file"),
-                               ("t.txt", "r/checkpoint/params.npz", "ending in .json"),
-                               ("t.txt", "r/checkpoint/meta.json", "inside a run's checkpoint")):
-        code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", data, "--json", target)
-        assert_one_error_line(code, err, f"--json {target!r}", said)
-    assert kept == {path: open(path, "rb").read() for path in kept}
+    with pytest.raises(DataError, match="odd.txt.*char tokenizer lacks.*'Zb'"):
+        job.evaluate("r", "odd.txt", log=io.StringIO())
     open("short.txt", "w").write("hello")
-    code, _, err = run_main(capsys, "eval", "--checkpoint", "r", "--data", "short.txt")
-    assert_one_error_line(code, err, "the text has 5 tokens", "at least 17")
+    with pytest.raises(DataError, match="the text has 5 tokens.*at least 17"):
+        job.evaluate("r", "short.txt", log=io.StringIO())
 
 
 def test_a_char_run_started_from_without_data_names_the_built_in_corpus():
@@ -350,17 +210,17 @@ def test_a_char_run_started_from_without_data_names_the_built_in_corpus():
         job.plan(job.make(init_from="words"), log=io.StringIO())
 
 
-def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_source(capsys):
+def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_source():
     """--init-from (#26, part 1): a GPT-2-shaped run exported and imported back (as a
     Hugging Face GPT-2 would be) starts a new run at step 0 from exactly its parameters,
     with its tokenizer and a shorter context (the learned positions' first rows), a
     fresh optimiser; the source is recorded, and the run resumes like any other."""
     pytest.importorskip("safetensors", reason="export and import need the test extra's safetensors")
-    from minitx_fn import gpt2
+    from minitx_fn import hf
     gpt = {**SMALL, "positions": "learned", "tie_embeddings": True}
     _train(run_dir="mine", tokenizer="byte", model=gpt)
-    gpt2.export_run("mine", "hf")
-    gpt2.import_run("hf", "imported", log=io.StringIO())
+    hf.export_run("mine", "hf")
+    hf.import_run("hf", "imported", log=io.StringIO())
     open("t.txt", "w").write(TEXT)
     plan = job.plan(job.make("t.txt", init_from="imported", model={"max_len": 8}, run_dir="tuned",
                              training={"steps": 4, "batch_size": 8, "log_every": 2, "optimizer": {"lr": 1e-3}}),
@@ -374,19 +234,18 @@ def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_
     tuned = checkpoint.load("tuned")
     assert tuned.origin == {"init_from": {"path": os.path.abspath("imported"),
                                           "sha256": source.meta["files"]["params.npz"]["sha256"]}}
-    code, _, err = run_main(capsys, "train", "--resume", "tuned", "--steps", "6", "--max-new-tokens", "3")
-    assert code == 0, err
+    _train("t.txt", resume="tuned", training={"steps": 6}, model=None)
     assert checkpoint.load("tuned").origin == tuned.origin and checkpoint.saved_step("tuned") == 6
-    # What a start from another run refuses, in one line each.
-    for argv, said in ((["--init-from", "imported", "--width", "64"], "--width 64 (its own: --width 32)"),
-                       (["--init-from", "imported", "--context", "64"], "--context 64 (its own: --context 16)"),
-                       (["--init-from", "imported", "--resume", "tuned"], "give one of them"),
-                       (["--init-from", "imported", "--tokenizer", "char"], "keeps its tokenizer"),
-                       (["--init-from", "nowhere"], "no run directory 'nowhere'")):
-        code, _, err = run_main(capsys, "train", "--data", "t.txt", *argv, "--out", "x")
-        assert_one_error_line(code, err, said)
-    code, _, err = run_main(capsys, "train", "--resume", "imported", "--steps", "3")
-    assert_one_error_line(code, err, "start a new run from it with --init-from imported")
+    # What a start from another run refuses, naming the settings.
+    from minitx_fn.errors import Error
+    for settings, said in (({"model": {"d_model": 64}}, r"d_model=64 \(its own: d_model=32\)"),
+                           ({"model": {"max_len": 64}}, r"max_len=64 \(its own: max_len=16\)"),
+                           ({"resume": "tuned"}, "give one of them"), ({"tokenizer": "char"}, "keeps its tokenizer"),
+                           ({"init_from": "nowhere"}, "no run directory 'nowhere'")):
+        with pytest.raises(Error, match=said):
+            job.make("t.txt", **{"init_from": "imported", "run_dir": "x", **settings})
+    with pytest.raises(Error, match="start a new run from it with init_from='imported'"):
+        job.make(resume="imported", training={"steps": 3})
 
 
 def test_a_model_of_ones_own_gets_the_whole_machinery(capsys):
@@ -411,13 +270,15 @@ def test_a_model_of_ones_own_gets_the_whole_machinery(capsys):
     assert type(loaded.model) is ALiBi
     prompts = [loaded.tokenizer.encode(p) for p in ("to be", "or not to")]
     ids, logits = generate.generate(loaded.params, prompts, model=loaded.model, max_new_tokens=20, return_logits=True)
-    ref_ids, ref_logits = generate.generate_recompute(loaded.params, prompts, model=loaded.model, max_new_tokens=20)
+    ref_ids, ref_logits = generate.generate_recompute(loaded.params, prompts, model=loaded.model, max_new_tokens=20,
+                                                      return_logits=True)
     for b in range(2):
         np.testing.assert_array_equal(ids[b], ref_ids[b])
         np.testing.assert_allclose(logits[b], ref_logits[b], atol=2e-4 * np.abs(ref_logits[b]).max())
     _train("t.txt", model=parallel, run_dir="parallel")
     draft = checkpoint.load_model("parallel", trust_code=True)
-    drafted = generate.generate(loaded.params, prompts, model=loaded.model, max_new_tokens=20, draft=draft)
+    drafted = speculative.speculate(loaded.params, prompts, model=loaded.model, max_new_tokens=20, draft=draft,
+                                    draft_tokens=4).tokens
     jax.tree.map(np.testing.assert_array_equal, drafted, ids)                     # greedy: the draft changes nothing
 
     tuned = _train("t.txt", init_from="alibi", trust_code=True, run_dir="lora",
@@ -481,3 +342,163 @@ def test_models_of_ones_own_that_a_run_could_not_hold_are_one_line_before_traini
         job.make("t.txt").replace(bogus=1)
     with pytest.raises(ConfigError, match="model='tiny' must be a dict of fields or a LanguageModel"):
         job.make("t.txt", model="tiny")
+
+
+# ----------------------------------------------------------------------------- the data a run trains on
+
+
+def test_memory_mapped_training_equals_device_training_and_resumes_exactly_on_the_same_text():
+    """Batches gathered on the host from the memory-mapped tokens (`batches="memmap"`) are
+    the device's, bit for bit: the same losses, and validation losses, through a resume.
+    Resuming on an edited text is refused after one SHA-256, before any encoding."""
+    text = "First Citizen: héllo, wörld! 😀 Before we proceed any further, hear me speak.\n" * 40
+    open("t.txt", "w", encoding="utf-8").write(text)
+    training = {"log_every": 1, "eval_every": 3, "batch_size": 8, "optimizer": {"decay_steps": 6, "warmup": 2}}
+    log = io.StringIO()
+    device = _train("t.txt", run_dir="device", batches="device", training={**training, "steps": 6}, log=log)
+    assert "sampled on the device" in log.getvalue()
+    log = io.StringIO()
+    _train("t.txt", run_dir="mapped", batches="memmap", training={**training, "steps": 3}, log=log)
+    assert "memory-mapped" in log.getvalue() and "prepared before" in log.getvalue()
+    mapped = _train(resume="mapped", training={"steps": 6}, model=None)
+    assert [(r["step"], r["loss"], r.get("val_loss")) for r in mapped.records] == \
+        [(r["step"], r["loss"], r.get("val_loss")) for r in device.records]
+    open("t.txt", "a").write("an edit")
+    log = io.StringIO()
+    with pytest.raises(DataError, match="changed since the run trained on it"):
+        _train(resume="mapped", training={"steps": 9}, model=None, log=log)
+    assert "Data: prepared" not in log.getvalue()
+
+
+# ----------------------------------------------------------------------------- what a run refuses
+
+
+def test_a_new_run_refuses_settings_it_cannot_honour_before_anything_is_written():
+    """Validation without a held-out part, a prompt the tokenizer cannot encode (unknown
+    characters, or not UTF-8), a run directory that cannot be made: each before training."""
+    from minitx_fn.errors import Error, RunDirError
+    for name, value in (("eval_every", 5), ("eval_tokens", "all")):
+        with pytest.raises(ConfigError, match=f"{name}=.* needs data with a held-out part"):
+            job.make(training={name: value})
+    for prompt, said in (("Zebra", "not in the vocabulary: 'Zb'"), ("h\udcff", "not in the vocabulary")):
+        with pytest.raises(Error, match=said):
+            job.plan(job.make(model=SMALL, run_dir="p", prompt=prompt), log=io.StringIO())
+    with pytest.raises(RunDirError, match="cannot create"):
+        _train(run_dir="/proc/minitx-test/r")
+    assert not os.path.exists("p") and not os.path.exists("runs")
+
+
+def test_a_resume_refuses_what_the_saved_run_does_not_allow(work):
+    """A resume is the saved job: another model or preset, a step it has reached, data for
+    a run of the built-in corpus, a data file that is gone, edited or another text, a
+    run directory beside it: each refused naming the setting, and the run is unchanged."""
+    from minitx_fn.errors import Error, RunDirError
+    from tests.helpers import Snapshot
+    builtin, text = Snapshot("builtin"), Snapshot("text")
+    for settings, said in (({"model": {"d_model": 64}}, r"d_model=64 \(saved: d_model=32\)"),
+                           ({"model": {"positions": "rotary"}}, r"positions='rotary' \(saved: positions='sinusoidal'\)"),
+                           ({"preset": "hello"}, "preset='hello'"),
+                           ({"training": {"steps": 20}}, "already at step 20"),
+                           ({"tokenizer": "byte"}, "resuming keeps the run's tokenizer"),
+                           ({"run_dir": "x"}, "continues a run in its own directory")):
+        with pytest.raises((ConfigError, RunDirError), match=said):
+            job.make(resume="builtin", **settings)
+    with pytest.raises(DataError, match="trained on the built-in corpus; drop"):
+        job.plan(job.make("text.txt", resume="builtin", training={"steps": 30}), log=io.StringIO())
+    open("other.txt", "w").write("to be " * 200)
+    with pytest.raises(DataError, match="is not the text this run trained on"):
+        job.plan(job.make("other.txt", resume="text", training={"steps": 30}), log=io.StringIO())
+    open("text.txt", "a").write(" more")
+    with pytest.raises(DataError, match="changed since the run trained on it"):
+        job.plan(job.make(resume="text", training={"steps": 30}), log=io.StringIO())
+    os.rename("text.txt", "moved.txt")
+    with pytest.raises(Error, match="is gone; if it moved"):
+        job.plan(job.make(resume="text", training={"steps": 30}), log=io.StringIO())
+    builtin.assert_unchanged()
+    text.assert_unchanged()
+
+
+def test_moved_data_with_the_same_text_resumes_and_records_where_it_is_now(work):
+    os.rename("text.txt", "moved.txt")
+    _train("moved.txt", resume="text", training={"steps": 30}, model=None)
+    assert checkpoint.load("text").data["path"] == os.path.abspath("moved.txt")
+
+
+def test_a_resume_clears_what_a_killed_process_left(work):
+    """A killed save's temporary folder, a half-written metrics line, a lock of a process
+    that is gone: removed, dropped, taken over, and said so."""
+    import socket
+    import subprocess
+    os.mkdir("builtin/" + runs.TEMPORARY_PREFIX + "killed")
+    open("builtin/metrics.jsonl", "a").write('{"step": 25, "lo')
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    open("builtin/" + runs.LOCK, "w").write(f"{dead.pid} {socket.gethostname()}\n")
+    log = io.StringIO()
+    _train(resume="builtin", training={"steps": 30}, model=None, log=log)
+    said = log.getvalue()
+    assert "Removed 1 unfinished checkpoint" in said and "half-written line" in said
+    assert f"Took over the lock of process {dead.pid}" in said
+    assert [r["step"] for r in runs.read_records("builtin/metrics.jsonl").records] == [10, 20, 30]
+    assert sorted(n for n in os.listdir("builtin") if not n.endswith(".png")) == ["checkpoint", "metrics.jsonl"]
+
+
+# ----------------------------------------------------------------------------- failures while training
+
+
+def test_a_full_disk_during_a_save_keeps_the_last_good_checkpoint(work, monkeypatch):
+    """The disk fails at the seam where a checkpoint's files are synced (os.fsync): the run
+    stops with RunFailed naming the checkpoint that stands (step 20), leaves no temporary
+    folder, and continues once the disk is back. (A real full disk, a tmpfs: test_checkpoint.py.)"""
+    import errno
+
+    from minitx_fn.errors import RunFailed
+    from tests.helpers import Snapshot, fail_fsync
+    intact = Snapshot("builtin")
+    with monkeypatch.context() as patched:
+        fail_fsync(patched, errno.ENOSPC, where=lambda path: runs.TEMPORARY_PREFIX in path)
+        with pytest.raises(RunFailed, match=r"No space left on device.*last good checkpoint \(step 20\)"):
+            _train(resume="builtin", training={"steps": 40}, model=None)
+    intact.assert_unchanged()
+    assert not [n for n in os.listdir("builtin") if n.startswith(runs.TEMPORARY_PREFIX)]
+    assert _train(resume="builtin", training={"steps": 40}, model=None).state.step == 40      # and it continues
+
+
+def test_a_read_only_metrics_log_stops_the_run_cleanly(work, monkeypatch):
+    import errno
+
+    from minitx_fn.errors import RunFailed
+    from tests.helpers import Snapshot, fail_fsync
+    intact = Snapshot("builtin")
+    fail_fsync(monkeypatch, errno.EROFS, where=lambda path: path.endswith(runs.METRICS))
+    with pytest.raises(RunFailed, match="metrics.jsonl.*Read-only file system"):
+        _train(resume="builtin", training={"steps": 40}, model=None)
+    intact.assert_unchanged()
+
+
+def test_a_picture_that_cannot_be_written_after_training_keeps_the_run(work, monkeypatch):
+    import errno
+
+    from minitx_fn import plot
+    from minitx_fn.errors import RunFailed
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(plot, "plot_losses", full)
+    with pytest.raises(RunFailed, match="loss.png.*No space left.*the checkpoint is saved"):
+        _train(resume="builtin", training={"steps": 30}, model=None)
+    assert checkpoint.load("builtin").meta["step"] == 30
+
+
+def test_a_nan_loss_keeps_a_finite_checkpoint():
+    """lr 1e30: the loss turns non-finite; RunFailed names the step and the checkpoint
+    before it, which loads (its arrays finite, its checksums whole)."""
+    from minitx_fn.errors import RunFailed
+    with pytest.raises(RunFailed, match="became non-finite at step") as info:
+        _train(run_dir="nan", training={"steps": 300, "batch_size": 8, "save_every": 1, "log_every": 1,
+                                        "optimizer": {"lr": 1e30, "warmup": 0}})
+    bad = int(str(info.value).split("at step ")[1].split(";")[0])
+    if "no checkpoint had been saved" not in str(info.value):
+        assert f"(step {bad - 1})" in str(info.value)
+        assert checkpoint.load("nan").meta["step"] == bad - 1

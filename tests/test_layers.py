@@ -1,5 +1,7 @@
-"""Every layer: the init/apply contract (chex, including jit == no jit), and
-mathematical properties (hypothesis). The Flax comparisons are in test_equivalence.
+"""Every layer: the init/apply contract (chex, including jit == no jit),
+mathematical properties (hypothesis), and outputs, gradients and one Adam update
+equal to the same layer built from Flax's (`tests/flax_reference.py`), in float32
+(to 1e-5 of each value's scale) and float64 (1e-10).
 
 Property inputs come from NumPy's generator, seeded by hypothesis, and each layer
 runs under one jitted wrapper per shape: a fresh shape in eager mode would compile
@@ -12,6 +14,7 @@ import dataclasses
 import math
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,12 +22,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minitx_fn import model
+from minitx_fn import defaults, model, testing
 from minitx_fn.config import AttentionSpec, BlockSpec, ModelConfig, RopeScaling
 from minitx_fn.layers import (attention, block, dropout, embedding, feedforward, linear, norm, positional, rmsnorm,
                               rotary, swiglu)
+from tests import flax_reference as ref
 from tests.flax_reference import sinusoidal_table
-from tests.helpers import assert_close_scaled, check_layer, enable_x64
+from tests.helpers import assert_close_scaled, check_layer, enable_x64, standard_promotion
 
 # Small sets of sizes, so the compiled functions are reused across examples.
 WIDTHS = st.sampled_from([4, 8, 12])
@@ -309,7 +313,7 @@ def test_attention_dropout_drops_weights_not_rows(key, rng):
 
 # ----------------------------------------------------------------------------- Llama's layers
 
-DTYPES = st.sampled_from(["float32", "float64"])
+DTYPES = testing.dtypes()
 TOL = {"float32": 1e-5, "float64": 1e-12}
 rotary_apply = jax.jit(rotary.apply, static_argnames=("rope_theta", "scaling"))
 # Scaled rotary positions (config.RopeScaling): one of each kind, factor 1 included.
@@ -469,3 +473,109 @@ def test_llama_layers_misused_say_what_they_need(key):
     bp = block.init(key, llama, d_model=32, d_ff=48)
     with pytest.raises(ValueError, match="hold norm='rmsnorm' and mlp='swiglu'; apply was given norm='layernorm'"):
         block.apply(bp, jnp.ones((1, 3, 32)), BlockSpec(attention=llama.attention))
+
+
+# ----------------------------------------------------------------------------- against Flax
+
+
+def _case(name: str, c: ModelConfig, key: jax.Array, rng: np.random.Generator):
+    """(our params, our_fn(params) -> y, flax_fn(flax_params) -> y, to_flax) for one layer."""
+    k_init = key
+    dt = c.storage_dtype
+    x = jnp.asarray(rng.standard_normal((2, 7, c.d_model)), dt)          # (B, T, D)
+    tokens = jnp.asarray(rng.integers(0, c.vocab_size, (2, 7)), jnp.int32)   # (B, T)
+    def flax_apply(module, inputs, method="__call__"):
+        def run(flax_params):
+            with standard_promotion():
+                return module.apply({"params": flax_params}, *inputs, method=method)
+        return run
+    if name == "linear":
+        p = linear.init(k_init, d_in=c.d_model, d_out=5, std=0.5, dtype=dt)
+        return p, lambda p: linear.apply(p, x), flax_apply(nn.Dense(5, param_dtype=dt, dtype=dt), (x,)), ref.to_flax_linear
+    if name == "embedding":
+        p = embedding.init(k_init, vocab_size=c.vocab_size, d_model=c.d_model, dtype=dt)
+        return (p, lambda p: embedding.apply(p, tokens),
+                flax_apply(nn.Embed(c.vocab_size, c.d_model, param_dtype=dt), (tokens,)),
+                lambda p: {"embedding": p["table"]})
+    if name == "embedding_attend":          # the tied head: scores of x against every row
+        p = embedding.init(k_init, vocab_size=c.vocab_size, d_model=c.d_model, dtype=dt)
+        return (p, lambda p: embedding.attend(p, x),
+                flax_apply(nn.Embed(c.vocab_size, c.d_model, param_dtype=dt), (x,), method="attend"),
+                lambda p: {"embedding": p["table"]})
+    if name == "norm":
+        p = norm.init(d_model=c.d_model, dtype=dt)
+        p = jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), dt), p)  # not just 1 and 0
+        return (p, lambda p: norm.apply(p, 3.0 * x + 1.0, eps=c.ln_eps),
+                flax_apply(ref.layer_norm(c, None), (3.0 * x + 1.0,)), ref.to_flax_norm)
+    if name == "feedforward":
+        p = feedforward.init(k_init, d_model=c.d_model, d_ff=c.d_ff, std=0.2, dtype=dt)
+        return p, lambda p: feedforward.apply(p, x, dtype=dt), flax_apply(ref.FlaxMLP(c), (x,)), ref.to_flax_mlp
+    if name == "attention":
+        p = attention.init(k_init, c.attention_spec, d_model=c.d_model, std=0.3, dtype=dt)
+        return (p, lambda p: attention.apply(p, x, c.attention_spec),
+                flax_apply(ref.FlaxAttention(c), (x,)), lambda p: ref.to_flax_attention(p, c.n_heads))
+    if name == "rmsnorm":
+        p = {"scale": jnp.asarray(1 + 0.1 * rng.standard_normal(c.d_model), dt)}
+        return (p, lambda p: rmsnorm.apply(p, 3.0 * x + 1.0, eps=c.ln_eps),
+                flax_apply(ref.layer_norm(c.replace(norm="rmsnorm"), None), (3.0 * x + 1.0,)), ref.to_flax_norm)
+    if name == "swiglu":
+        p = swiglu.init(k_init, d_model=c.d_model, d_ff=c.d_ff, std=0.2, dtype=dt, bias=c.bias)
+        return p, lambda p: swiglu.apply(p, x, dtype=dt), flax_apply(ref.FlaxSwiGLU(c), (x,)), ref.to_flax_mlp
+    if name == "grouped_attention":      # rotary, grouped-query, biases on q, k, v only (Qwen2's choices)
+        p = attention.init(k_init, c.attention_spec, d_model=c.d_model, std=0.3, dtype=dt)
+        p = jax.tree.map(lambda a: a + jnp.asarray(0.1 * rng.standard_normal(a.shape), dt), p)   # biases not 0
+        return (p, lambda p: attention.apply(p, x, c.attention_spec),
+                flax_apply(ref.FlaxGroupedAttention(c), (x,)),
+                lambda p: ref.to_flax_grouped_attention(p, c.n_heads, c.n_kv_heads))
+    if name in ("block", "llama_block"):
+        p = block.init(k_init, c.block_spec, d_model=c.d_model, d_ff=c.d_ff, std=0.3, dtype=dt)
+        return (p, lambda p: block.apply(p, x, c.block_spec), flax_apply(ref.FlaxBlock(c), (x,)),
+                lambda p: ref.to_flax_block(p, c))
+    raise AssertionError(name)
+
+
+def _llama(c: ModelConfig, **changes) -> ModelConfig:
+    """Llama's choices on a layer-test config: 4 query heads of K = 6 sharing 2 key/value heads."""
+    return c.replace(**{**defaults.ARCHS["llama"], "n_heads": 4, "n_kv_heads": 2, **changes})
+
+
+# The layers of the Llama family, each tested on the config it needs.
+LLAMA_LAYERS = {"rmsnorm": {}, "swiglu": {"bias": False}, "grouped_attention": {"qkv_bias": True},
+                "llama_block": {}}
+
+
+def _compare_with_flax(params, our_fn, flax_fn, to_flax, tol, rng, rotary=False):
+    """Outputs, gradients of <y, probe> for every parameter, and the parameters after one Adam step."""
+    # Jitted only to make the suite fast; jit(apply) == apply is tested in test_layers.
+    y = jax.jit(our_fn)(params)
+    assert_close_scaled(y, jax.jit(flax_fn)(to_flax(params)), tol)
+    probe = jnp.asarray(rng.standard_normal(y.shape), y.dtype)
+    grads = jax.jit(jax.grad(lambda p: jnp.sum(our_fn(p) * probe)))(params)
+    with standard_promotion():
+        flax_grads = jax.jit(jax.grad(lambda fp: jnp.sum(flax_fn(fp) * probe)))(to_flax(params))
+    ref.compare_grads_and_adam_step(params, grads, to_flax(params), flax_grads, to_flax, tol, rotary)
+
+
+LAYERS = ["linear", "embedding", "embedding_attend", "norm", "feedforward", "attention", "block", *LLAMA_LAYERS]
+
+
+def _layer_config(name: str, dtype: str) -> ModelConfig:
+    c = ref.reference_config(dtype)
+    return _llama(c, **LLAMA_LAYERS[name]) if name in LLAMA_LAYERS else c
+
+
+@pytest.mark.parametrize("name, impl", [(name, "einsum") for name in LAYERS] + [
+    ("attention", "dot_product_attention"), ("block", "dot_product_attention"),
+    ("grouped_attention", "dot_product_attention")])
+def test_layer_matches_flax_float32(name, impl, key, rng):
+    c = _layer_config(name, "float32").replace(attention=impl)
+    params, our_fn, flax_fn, to_flax = _case(name, c, key, rng)
+    _compare_with_flax(params, our_fn, flax_fn, to_flax, ref.TOLERANCE["float32"], rng, c.positions == "rotary")
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_layer_matches_flax_float64(name, key, rng):
+    with enable_x64():
+        c = _layer_config(name, "float64")
+        params, our_fn, flax_fn, to_flax = _case(name, c, key, rng)
+        _compare_with_flax(params, our_fn, flax_fn, to_flax, ref.TOLERANCE["float64"], rng, c.positions == "rotary")

@@ -11,9 +11,10 @@ import signal
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from minitx_fn import loop, runs, train
+from minitx_fn import loop, model, runs, train
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.signals import Interrupted, StopSignals
 from tests.helpers import standard_promotion
@@ -131,12 +132,12 @@ def _signal_at(step_number: int, signum: int):
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_a_signal_saves_at_the_next_step_boundary_and_stops(signum):
     tc = TC.replace(steps=1000)
-    saved = []
+    saved, before = [], signal.getsignal(signum)
     with StopSignals() as signals:
         result = run(tc, step=_signal_at(7, signum), save=lambda s: saved.append(int(s.step)), signals=signals)
     assert result.stopped_by == signum
     assert int(result.state.step) == 7 and saved == [7]
-    assert signal.getsignal(signum) is not signals._handle             # the previous handler is back
+    assert signal.getsignal(signum) is before                          # the previous handler is back
 
 
 def test_a_second_signal_during_the_save_waits_for_it_to_finish():
@@ -183,3 +184,24 @@ def test_fit_alone_installs_its_own_handlers(tmp_path):
     result = run(TC, step=_signal_at(3, signal.SIGTERM), save=lambda s: saved.append(int(s.step)))
     assert result.stopped_by == signal.SIGTERM and saved == [int(result.state.step)] and 3 <= saved[0] <= 4
     assert signal.getsignal(signal.SIGTERM) is before                               # put back afterwards
+
+
+def test_fit_logs_the_rate_the_step_ran_with_and_needs_no_model_config(tmp_path):
+    """With one's own optax.adam(1e-4), metrics.jsonl said 3.17e-4 (TrainConfig's
+    schedule). Now the record's lr is the step's own report, and absent without one."""
+    _, data_key, _ = train.keys(TC.seed)
+
+    def next_batch(t):
+        return train.batch_at(DATA, data_key, t, batch_size=4, context=MC.max_len)
+
+    loss_fn = train.model_loss(MC)
+    for schedule, expected in ((optax.constant_schedule(1e-4), 1e-4), (None, None)):
+        optimizer = optax.adam(schedule or 1e-4)
+        step = jax.jit(train.make_step(loss_fn, optimizer, schedule=schedule), donate_argnums=0)
+        state = train.new_state(model.init(jax.random.key(0), MC), optimizer)
+        metrics = str(tmp_path / f"{expected}.jsonl")
+        loop.fit(state, step=step, next_batch=next_batch, steps=4, log_every=2, metrics_path=metrics,
+                 out=io.StringIO())
+        records = runs.read_records(metrics).records
+        assert [r.get("lr") for r in records] == [pytest.approx(expected, rel=1e-6) if expected else None] * 2
+        assert all("tokens_per_s" not in r for r in records)             # no tokens_per_step given

@@ -19,14 +19,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import checkpoint, defaults, job, lora, model, train
+from minitx_fn import checkpoint, defaults, job, lora, model, testing, train
 from minitx_fn.config import LoraConfig, ModelConfig, OptimizerConfig
 from minitx_fn.defaults import LORA_TARGETS
 from minitx_fn.testing import assert_close_scaled, enable_x64
 from tests import numpy_model
 from tests.helpers import assert_one_error_line, run_main, standard_promotion
 
-DTYPES = st.sampled_from(["float32", "float64"])
+DTYPES = testing.dtypes()
 SEEDS = st.integers(0, 2**16)
 TARGETS = st.sampled_from(sorted(LORA_TARGETS))
 
@@ -156,13 +156,13 @@ def imported(tmp_path_factory):
     """A GPT-2-shaped run exported as a Hugging Face folder and imported back, as a
     downloaded GPT-2 would be, beside the text to fine-tune on."""
     pytest.importorskip("safetensors", reason="export and import need the test extra's safetensors")
-    from minitx_fn import gpt2
+    from minitx_fn import hf
     folder = tmp_path_factory.mktemp("lora")
     with standard_promotion():
         job.train(text=TEXT, tokenizer="byte", model=SMALL, training={"steps": 4, "batch_size": 8, "log_every": 2},
                   run_dir=str(folder / "mine"), sample_tokens=0, log=io.StringIO())
-        gpt2.export_run(str(folder / "mine"), str(folder / "hf"))
-        gpt2.import_run(str(folder / "hf"), str(folder / "imported"), log=io.StringIO())
+        hf.export_run(str(folder / "mine"), str(folder / "hf"))
+        hf.import_run(str(folder / "hf"), str(folder / "imported"), log=io.StringIO())
     (folder / "t.txt").write_text(TEXT)
     return folder
 

@@ -1,13 +1,19 @@
-"""Pictures: sized for the prompt, legible, and drawn from the numbers they claim."""
+"""Pictures (`minitx_fn.plot`): sized for the prompt, legible, drawn from the numbers
+they claim; and where a picture cannot go, or there is nothing to draw, said before
+anything is drawn."""
 
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
-from minitx_fn import plot
+from minitx_fn import checkpoint, generate, plot
+from minitx_fn.config import ModelConfig
+from minitx_fn.errors import Error
+from minitx_fn.tokenizer import CharTokenizer
 
 pytest.importorskip("matplotlib", reason="matplotlib draws the pictures; it is in the test extra")
 from matplotlib import image  # noqa: E402
@@ -45,3 +51,29 @@ def test_loss_picture_with_validation_and_a_log_axis(tmp_path):
 def test_no_records_no_picture(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("")
     assert plot.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "l.png")) is None
+
+
+def test_a_picture_goes_only_where_a_picture_can_be_written(tmp_path):
+    (tmp_path / "d.png").mkdir()
+    for path, said in (("a.bogus", "give a file name ending in .png"), (tmp_path / "d.png", "it is a directory"),
+                       (tmp_path / "nowhere" / "a.png", "folder .* does not exist")):
+        with pytest.raises(plot.PicturePathError, match=said):
+            plot.check_picture_path(str(path))
+    plot.check_picture_path(str(tmp_path / "a.svg"))
+
+
+def test_a_run_without_records_to_draw_is_named(tmp_path):
+    with pytest.raises(Error, match="metrics.jsonl' does not exist; give the directory of a training run"):
+        plot.plot_run(str(tmp_path))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": "x"}\n')
+    with pytest.raises(Error, match="has 1 record.s. but no numeric loss"):
+        plot.plot_run(str(tmp_path))
+    assert not os.path.exists(tmp_path / "loss.png")
+
+
+def test_an_attention_prompt_longer_than_the_context_is_refused(tmp_path, key):
+    cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2, n_layers=1, max_len=4)
+    m = checkpoint.Model(cfg.init(key), cfg, CharTokenizer("abc"), {})
+    with pytest.raises(generate.PromptError, match="the prompt has 5 tokens; the model's context is 4"):
+        plot.plot_model_attention(m, "abcab", str(tmp_path / "a.png"))
+    assert not os.path.exists(tmp_path / "a.png")

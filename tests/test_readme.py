@@ -1,4 +1,7 @@
-"""The README's code, run as written: the "Use it from Python" blocks and the NumPy snippet."""
+"""The README's Python, run as written: the "Use it from Python" blocks.
+
+The README's other blocks (shell commands) and every block of docs/*.md are checked
+by tests/test_docs.py, which lists the few that no test can run and why."""
 
 from __future__ import annotations
 
@@ -7,11 +10,8 @@ import re
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
-from minitx_fn import model
-from minitx_fn.config import ModelConfig
 from tests.helpers import standard_promotion
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -74,27 +74,3 @@ def test_the_python_blocks_run_as_they_stand_in_an_empty_folder(tmp_path, monkey
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() in sentence
 
-
-def test_the_readme_snippet_reads_a_run_with_numpy_alone(tmp_path, monkeypatch, capsys, key):
-    """The README's checkpoint snippet, run as written, on a saved run: its logits equal
-    model.apply's, so its printed next character is the model's greedy choice."""
-    from minitx_fn import checkpoint, data, train
-    from minitx_fn.config import TrainConfig
-    from minitx_fn.tokenizer import CharTokenizer
-
-    root = ROOT
-    readme = open(os.path.join(root, "README.md")).read()
-    snippet = re.search(r"<!-- numpy-snippet -->\n```python\n(.*?)```", readme, re.S).group(1)
-    tok = CharTokenizer.from_text(data.builtin_text())
-    cfg = ModelConfig(vocab_size=tok.vocab_size, d_model=16, n_heads=2, n_layers=2, max_len=16, init_std=0.5)
-    with standard_promotion():
-        state = train.init_state(key, cfg, TrainConfig().optimizer)
-    checkpoint.save(str(tmp_path / "runs" / "hello-001"), state, model=cfg, train_config=TrainConfig(),
-                    tokenizer=tok, data=checkpoint.BUILTIN)
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.syspath_prepend(root)
-    exec(compile(snippet, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    ids = np.asarray(tok.encode("hello"))[None]
-    expected = tok.chars[int(np.argmax(np.asarray(model.apply(state.params, ids, config=cfg))[0, -1]))]
-    assert printed.strip() == f"after 'hello' comes {expected!r}"

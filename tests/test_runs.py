@@ -63,9 +63,10 @@ def test_a_lock_of_another_host_or_garbage_is_refused(tmp_path):
     (tmp_path / runs.LOCK).write_text("1 some-other-host\n")
     with pytest.raises(RunDirError, match="on some-other-host"):
         runs.Lock(str(tmp_path)).__enter__()
-    (tmp_path / runs.LOCK).write_text("not a lock")
-    with pytest.raises(RunDirError, match="unreadable; if no process"):
-        runs.Lock(str(tmp_path)).__enter__()
+    for garbage in ("not a lock", f"{10**20} {socket.gethostname()}"):          # a PID no process can have
+        (tmp_path / runs.LOCK).write_text(garbage)
+        with pytest.raises(RunDirError, match="exists but is unreadable; if no process"):
+            runs.Lock(str(tmp_path)).__enter__()
 
 
 def test_records_survive_a_torn_last_line_and_refuse_a_damaged_middle(tmp_path):

@@ -1,17 +1,24 @@
 """`minitx_fn.testing`: the model contract as laws (`check_model`) holds for the
 built-in model and for two models of one's own (`tests/variants.py`), in float32 and
-float64; and it fails a model that breaks the contract, so it can fail."""
+float64; and it fails a model that breaks the contract, so it can fail. Its strategies
+and fast-compile flags; and `private_names` holding this repository's tests and
+benchmarks to public names, in test modules named for the module each tests."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import os
+import pkgutil
 
+import jax
 import jax.numpy as jnp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import minitx_fn
 from minitx_fn import ModelConfig, testing
 from minitx_fn.errors import ConfigError
 from minitx_fn.layers import block
@@ -22,18 +29,19 @@ SIZES = dict(d_model=8, n_heads=2, n_layers=1, max_len=6)
 
 
 @pytest.mark.heavy
-@pytest.mark.parametrize("model, dtype", [
-    (ALiBi(**SIZES), "float32"), (ALiBi(**SIZES), "float64"), (Parallel(**SIZES), "float32"),
-    (Parallel(**SIZES), "float64"),
-    (ModelConfig(**SIZES, positions="learned", tie_embeddings=True), "float64"),                 # GPT-2's shape
-    (ModelConfig(**SIZES, norm="rmsnorm", mlp="swiglu", positions="rotary", n_kv_heads=1, bias=False), "float32"),
-], ids=["alibi-f32", "alibi-f64", "parallel-f32", "parallel-f64", "gpt2-f64", "llama-mqa-f32"])
-def test_the_built_in_models_and_models_of_ones_own_keep_the_contract(model, dtype):
+@pytest.mark.parametrize("model, dtypes", [
+    (ALiBi(**SIZES), ("float32", "float64")), (Parallel(**SIZES), ("float64", "float32")),
+    (ModelConfig(**SIZES, positions="learned", tie_embeddings=True), ("float64",)),                 # GPT-2's shape
+    (ModelConfig(**SIZES, norm="rmsnorm", mlp="swiglu", positions="rotary", n_kv_heads=1, bias=False), ("float32",)),
+], ids=["alibi", "parallel", "gpt2-f64", "llama-mqa-f32"])
+def test_the_built_in_models_and_models_of_ones_own_keep_the_contract(model, dtypes):
     """Cached decode equals recompute past the window, a row alone equals the row in a
-    batch, the declared shapes hold, over random sizes. (The built-in model's laws are
-    also tests/test_generate.py's, test_model.py's and test_speculative.py's.)"""
+    batch, the declared shapes hold: for the model as given, in the first of its dtypes,
+    and for one random draw of sizes and dtype beside it (a fresh one each run, so over
+    runs the models of one's own meet both dtypes at many sizes). (The built-in model's
+    laws are also tests/test_generate.py's, test_model.py's and test_speculative.py's.)"""
     with standard_promotion():
-        testing.check_model(model, examples=1, dtypes=(dtype,))
+        testing.check_model(model, examples=1, dtypes=dtypes)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -117,3 +125,40 @@ def test_model_sizes_keep_a_models_heads_with_even_head_widths(data):
     sizes = data.draw(testing.model_sizes(ModelConfig(d_model=12, n_heads=3)))
     assert sizes["d_model"] % 3 == 0 and (sizes["d_model"] // 3) % 2 == 0
     assert ModelConfig(d_model=12, n_heads=3, positions="rotary").replace(**sizes)     # valid, rotary too
+
+
+@given(sizes=st.data(), dtype=testing.dtypes(), key=testing.keys())
+def test_the_strategies_draw_valid_models_in_either_dtype(sizes, dtype, key):
+    model = ModelConfig(vocab_size=7, d_model=8, n_heads=2)
+    drawn = model.replace(**sizes.draw(testing.model_sizes(model)))
+    with testing.enable_x64() if dtype == "float64" else contextlib.nullcontext():
+        params = jax.eval_shape(testing.with_dtype(drawn, dtype).init, key)          # traced, not compiled
+        assert {str(a.dtype) for a in jax.tree.leaves(params)} == {dtype}
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Test modules that test the repository rather than one module: its README, its docs
+# (docstring examples, the walkthrough) and its benchmarks.
+REPOSITORY_TESTS = {"readme", "docs", "benchmarks"}
+
+
+def test_every_test_module_is_named_for_the_module_it_tests():
+    """tests/test_M.py (or test_M_WHAT.py) for a module or package M of minitx_fn, at any
+    depth, or minitx_fn itself (the package as a whole)."""
+    modules = {m.name.rsplit(".", 1)[-1] for m in pkgutil.walk_packages(minitx_fn.__path__, "minitx_fn.")}
+    modules.add("minitx_fn")
+    for path in glob.glob(os.path.join(ROOT, "tests", "test_*.py")):
+        name = os.path.basename(path)[len("test_"):-len(".py")]
+        assert name in REPOSITORY_TESTS or any(name == m or name.startswith(m + "_") for m in modules), (
+            f"{os.path.basename(path)} names no module of minitx_fn")
+
+
+def test_no_test_or_benchmark_reaches_a_private_name():
+    """A test of a private name pins how the library is written, not what it does, and a
+    benchmark that calls one breaks when the library is rewritten: both use what a user
+    can, and faults are injected at the operating system's seams (os.fsync, signals)."""
+    reached = [f"{os.path.relpath(path, ROOT)}:{line}: {what}"
+               for path in sorted(glob.glob(os.path.join(ROOT, "tests", "*.py")) +
+                                  glob.glob(os.path.join(ROOT, "benchmarks", "*.py")))
+               for line, what in testing.private_names(open(path, encoding="utf-8").read())]
+    assert not reached, "private names reached:\n" + "\n".join(reached)

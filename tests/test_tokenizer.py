@@ -1,14 +1,29 @@
-"""The character tokenizer: a bijection between text and ids, checked against a
-plain-dict definition, for any Unicode (outside the BMP too)."""
+"""The tokenizers: the character tokenizer, a bijection between text and ids checked
+against a plain-dict definition, for any Unicode (outside the BMP too); the byte
+tokenizer, for any text; byte-level BPE (Hugging Face's tokenizers), reproducible,
+round-tripping any text, its special tokens checked; and what each refuses."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn.tokenizer import CharTokenizer, UnknownCharactersError
+from minitx_fn import tokenizer as tokenizers_
+from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, UnknownCharactersError
+
+try:
+    import tokenizers  # noqa: F401
+    HAVE_TOKENIZERS = True
+except ImportError:
+    HAVE_TOKENIZERS = False
+needs_tokenizers = pytest.mark.skipif(not HAVE_TOKENIZERS, reason="the bpe tokenizer needs the optional "
+                                      "'tokenizers' library (pip install -e '.[bpe]')")
+
+TEXT = "First Citizen: héllo, wörld! 😀 Before we proceed any further, hear me speak.\n" * 40
 
 
 @given(text=st.text(min_size=1, max_size=200))
@@ -48,9 +63,86 @@ def test_bad_vocabularies(chars, match):
 def test_decode_refuses_ids_the_tokenizer_does_not_have(kind, offset):
     """An id below 0 or past the vocabulary is named, never wrapped around (NumPy's
     negative index, a byte's modulo 256) nor dropped; the ids it has decode."""
-    from minitx_fn.tokenizer import ByteTokenizer
     tok = CharTokenizer("abc") if kind == "char" else ByteTokenizer()
     bad = offset if offset < 0 else tok.vocab_size + offset
     with pytest.raises(ValueError, match=f"id {bad} is not one of the {kind} tokenizer's {tok.vocab_size} ids"):
         tok.decode([0, bad])
     assert tok.decode([0, tok.vocab_size - 1]) == tok.decode([0]) + tok.decode([tok.vocab_size - 1])
+
+
+# ----------------------------------------------------------------------------- bytes
+
+
+@given(st.text(max_size=50))
+def test_the_byte_tokenizer_round_trips_any_unicode_string(text):
+    ids = ByteTokenizer().encode(text)
+    assert ids.dtype == np.int32 and ((0 <= ids) & (ids < 256)).all()
+    assert ByteTokenizer().decode(ids) == text
+
+
+@given(st.lists(st.integers(0, 255), max_size=30))
+def test_any_byte_ids_decode_without_error(ids):
+    """A sample may stop inside a multi-byte character: decoding replaces it, never raises."""
+    text = ByteTokenizer().decode(ids)
+    assert isinstance(text, str)
+    if bytes(ids).isascii():
+        assert text == bytes(ids).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- byte-level BPE
+
+
+@needs_tokenizers
+def test_bpe_is_reproducible_and_round_trips_any_text():
+    from minitx_fn.tokenizer import from_meta
+    first = BPETokenizer.train([TEXT], vocab_size=300)
+    second = BPETokenizer.train([TEXT], vocab_size=300)
+    assert first.to_json() == second.to_json() and first.vocab_size == 300
+    assert from_meta(first.to_meta()) == first and "special" not in first.to_meta()
+    marked = first.with_special({"bos_token_id": 0, "eos_token_id": [1, 299], "pad_token_id": None})
+    assert from_meta(marked.to_meta()) == marked != first and marked.special == {"bos_token_id": 0,
+                                                                                  "eos_token_id": [1, 299]}
+    for bad, said in (({"eos_token_id": 300}, r"eos_token_id = 300 must be an id in \[0, 300\)"),
+                      ({"eos_token_id": []}, "eos_token_id = \\[\\] must be"), ({"unk_token_id": 1}, "not a special"),
+                      ({"bos_token_id": True}, "bos_token_id = True must be")):
+        with pytest.raises(ValueError, match=said):
+            from_meta({**first.to_meta(), "special": bad})
+    with pytest.raises(ValueError, match="id 300 is not one of the bpe tokenizer's 300 ids; a model whose table"):
+        first.decode([5, 300])                               # tokenizers itself would drop it
+    for text in (TEXT, "ünseen çharacters ∑ 😀\n", "héllo"):
+        assert first.decode(first.encode(text)) == text
+    assert len(first.encode(TEXT)) < len(TEXT.encode()) / 2          # merges learned: fewer tokens than bytes
+
+
+@needs_tokenizers
+@given(st.text(max_size=30))
+def test_bpe_round_trips_any_unicode_string(text):
+    tok = _bpe()
+    assert tok.decode(tok.encode(text)) == text
+
+
+_BPE = []
+
+
+def _bpe():
+    if not _BPE:
+        _BPE.append(BPETokenizer.train([TEXT], vocab_size=280))
+    return _BPE[0]
+
+
+@given(text=st.text(alphabet="ab \n", max_size=300), piece=st.sampled_from([4, 16]))
+def test_bpe_pieces_join_back_and_stay_bounded_without_newlines(text, piece):
+    old = tokenizers_.BPE_PIECE_CHARS, tokenizers_.BPE_HARD_CUT_CHARS
+    tokenizers_.BPE_PIECE_CHARS, tokenizers_.BPE_HARD_CUT_CHARS = piece, 3
+    try:
+        pieces = BPETokenizer.pieces(text)
+    finally:
+        tokenizers_.BPE_PIECE_CHARS, tokenizers_.BPE_HARD_CUT_CHARS = old
+    assert "".join(pieces) == text and all(pieces)
+    assert all(len(p) <= 2 * piece for p in pieces)
+
+
+def test_bpe_without_its_library_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)                   # import tokenizers -> ImportError
+    with pytest.raises(tokenizers_.MissingTokenizersError, match=r"pip install.*\.\[bpe\]"):
+        tokenizers_.require_tokenizers()

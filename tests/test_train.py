@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minitx_fn import data, model, train
+from minitx_fn import data, model, testing, train
 from minitx_fn.config import ModelConfig, TrainConfig
 from minitx_fn.errors import ConfigError
 from tests.helpers import assert_close_scaled, count_calls, enable_x64, standard_promotion
@@ -136,7 +136,7 @@ def test_dropout_is_off_without_a_rate_and_fresh_at_every_step(key, rng):
     assert at[0] != at[1] and at[0] == at[2]
 
 
-@given(accumulate=st.sampled_from([2, 4]), dtype=st.sampled_from(["float32", "float64"]))
+@given(accumulate=st.sampled_from([2, 4]), dtype=testing.dtypes())
 def test_gradient_accumulation_is_the_big_batch(accumulate, dtype):
     """K micro-batches of B / K, their gradients averaged, then one update: the same
     losses and parameters as the batch of B at once, over three steps (float64 to
@@ -161,3 +161,26 @@ def test_gradient_accumulation_is_the_big_batch(accumulate, dtype):
 def test_a_batch_the_micro_batches_do_not_divide_is_refused():
     with pytest.raises(ConfigError, match="grad_accum=3 is invalid: it must divide batch_size=8"):
         TrainConfig(batch_size=8, grad_accum=3)
+
+
+def test_the_step_reports_the_rate_of_its_schedule(key):
+    tc = TrainConfig(steps=10, optimizer={"lr": 1.0, "warmup": 4})
+    state = train.init_state(key, MC, tc.optimizer)
+    x = jnp.zeros((2, MC.max_len), jnp.int32)
+    rates = []
+    for _ in range(5):
+        state, m = train.train_step(state, (x, x), model=MC, optimizer_config=tc.optimizer)
+        rates.append(float(m["lr"]))
+    assert rates == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0])
+
+
+def test_training_loaded_parameters_leaves_them_usable(key):
+    """train_step donates its state: `new_state` copies the parameters it starts from, so
+    the loaded ones stay alive (taking ck.state.params and training on deleted them)."""
+    tc = TrainConfig(steps=4)                                  # its warm-up is no step: the first one moves
+    params = model.init(key, MC)
+    state = train.new_state(params, train.make_optimizer(tc.optimizer))
+    x = jnp.zeros((2, MC.max_len), jnp.int32)
+    state, _ = train.train_step(state, (x, x), model=MC, optimizer_config=tc.optimizer)
+    assert np.isfinite(np.asarray(params["embed"]["table"])).all()           # not deleted
+    assert not np.array_equal(np.asarray(params["embed"]["table"]), np.asarray(state.params["embed"]["table"]))
