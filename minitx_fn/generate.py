@@ -218,8 +218,11 @@ def encode_prompt(tokenizer, text: str, what: str = "the prompt") -> np.ndarray:
 def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, temperature: float | None = None,
              top_k: int | None = None, top_p: float | None = None, key: jax.Array | None = None,
              stop: str | None = None, draft=None, draft_tokens: int | None = None, trust_code: bool = False) -> str:
-    """The text that follows `prompt`: run_model is anything with .params, .model and
-    .tokenizer (`checkpoint.load_model`'s Model, `job.train`'s result). Greedy by default
+    """The text that follows `prompt`: run_model is a run's directory (loaded with
+    `trust_code` as a draft's is) or anything with .params, .model and .tokenizer
+    (`checkpoint.load_model`'s Model, `job.train`'s result). The text is the decoded
+    prompt and continuation, less the decoded prompt: what the ids say together (a
+    tokenizer may decode a piece alone otherwise, e.g. strip its leading space). Greedy by default
     (and at temperature 0), which needs no key; with a temperature, top_k or top_p it
     samples with `key` (temperature 1 when only top_k or top_p is given). Stops after max_new_tokens, or after `stop`.
     With a draft (a smaller run of the same tokenizer and context: its directory, or
@@ -236,6 +239,8 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
         >>> len(complete(m, "ab", max_new_tokens=5))
         5
     """
+    if isinstance(run_model, (str, os.PathLike)):
+        run_model = checkpoint.load_model(run_model, trust_code=trust_code)
     params, model, tokenizer = run_model.params, run_model.model, run_model.tokenizer
     if temperature is None:
         temperature = 1.0 if (top_k is not None or top_p is not None) else 0.0
@@ -267,7 +272,8 @@ def complete(run_model, prompt: str, *, max_new_tokens: int = SAMPLE_TOKENS, tem
         new = speculative.speculate(params, [ids], model=model, draft=draft, key=key, max_new_tokens=max_new_tokens,
                                     draft_tokens=DRAFT_TOKENS if draft_tokens is None else draft_tokens,
                                     sampler=sampler, stop=stop_ids).tokens[0]
-    text = tokenizer.decode(new)
+    said, whole = tokenizer.decode(ids), tokenizer.decode(np.concatenate([ids, new]))
+    text = whole[len(said):] if whole.startswith(said) else tokenizer.decode(new)
     # The loop stops on the stop string's own ids; a tokenizer that merges (bpe) may
     # write the same text with other ids, so the text is cut at its first occurrence.
     at = -1 if stop is None else text.find(stop)

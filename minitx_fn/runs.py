@@ -47,9 +47,32 @@ def artifacts(run_dir: str) -> list[str]:
     return [n for n in names if n in RUN_FILES or n.startswith(TEMPORARY_PREFIX)]
 
 
+def managing_run(path: str) -> str | None:
+    """The run directory one of whose own folders (its checkpoint, the previous one, a
+    save's temporary folder), which its saves replace whole, holds `path` wherever the
+    path really goes (links followed), else None: nothing may be written there.
+
+    Example:
+        >>> run = tempfile.mkdtemp()
+        >>> os.makedirs(os.path.join(run, CHECKPOINT))
+        >>> managing_run(os.path.join(run, CHECKPOINT, "hf")) == os.path.realpath(run), managing_run(run)
+        (True, None)
+    """
+    here = os.path.realpath(path)
+    while True:
+        parent = os.path.dirname(here)
+        name = os.path.basename(here)
+        if (name in (CHECKPOINT, CHECKPOINT + ".old") or name.startswith(TEMPORARY_PREFIX)) \
+                and os.path.isdir(os.path.join(parent, CHECKPOINT)):
+            return parent
+        if parent == here:
+            return None
+        here = parent
+
+
 def check_new_run_dir(run_dir: str, *, ignore_temporaries: bool = False) -> None:
-    """RunDirError unless a new run can be written to run_dir: it is not a file, holds
-    nothing of another run (but, with ignore_temporaries, the temporary folders of a
+    """RunDirError unless a new run can be written to run_dir: it is not a file nor
+    inside another run's checkpoint (`managing_run`), holds nothing of another run (but, with ignore_temporaries, the temporary folders of a
     killed save, which the caller removes under the lock), and it (or the nearest
     existing parent) is writable.
 
@@ -58,6 +81,10 @@ def check_new_run_dir(run_dir: str, *, ignore_temporaries: bool = False) -> None
     """
     if os.path.exists(run_dir) and not os.path.isdir(run_dir):
         raise RunDirError(f"{run_dir!r} is a file, not a directory; choose another run directory")
+    owner = managing_run(run_dir)
+    if owner is not None:
+        raise RunDirError(f"{run_dir!r} is inside the checkpoint of the run {owner!r}, which its next save replaces; "
+                          f"choose another run directory")
     found = [n for n in artifacts(run_dir) if not (ignore_temporaries and n.startswith(TEMPORARY_PREFIX))]
     if found:
         raise RunDirError(f"{run_dir!r} already holds a run ({', '.join(found)}); resume it, or choose another "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 from typing import Callable, Iterable, NamedTuple, Protocol
 
 import numpy as np
@@ -42,6 +43,7 @@ MAX_CODE_POINT = 0x10FFFF
 UTF8_BLOCK_BYTES = 1 << 16         # text is turned into code points a block of about this size at a time
 BPE_PIECE_CHARS = 1 << 16          # text handed to tokenizers.encode_batch in pieces of about this size
 BPE_PIECES_PER_BATCH = 16          # pieces per encode_batch call: bounds its memory
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")   # SentencePiece's byte fallback: one byte its vocabulary lacks
 BPE_HARD_CUT_CHARS = 4096          # a piece's length where the text has no newline or space to cut at
 
 
@@ -470,10 +472,18 @@ class BPETokenizer:
         return self.to_json()
 
     def token_bytes(self) -> np.ndarray:
-        """(V,) the bytes each id stands for: byte-level BPE writes each byte of a token
-        as one character of GPT-2's printable alphabet, so a token's length in characters
-        is its length in bytes (a special token such as <|endoftext|> counts its name)."""
-        return np.array([len(self._hf.id_to_token(i) or "") for i in range(self.vocab_size)], np.int64)
+        """(V,) the bytes each id stands for, as the tokenizer decodes it: byte-level BPE
+        (GPT-2's) writes each byte of a token as one character of its printable alphabet,
+        so a token's length in characters is its length in bytes (a special token such as
+        <|endoftext|> counts its name); a SentencePiece-style one (Llama-2's Metaspace with
+        byte fallback) writes a space as "▁" and a byte it has no piece for as "<0xNN>",
+        one byte (tests/test_tokenizer.py holds both to the text's own bytes).
+        """
+        pieces = [self._hf.id_to_token(i) or "" for i in range(self.vocab_size)]
+        if "ByteLevel" in json.dumps(json.loads(self.to_json()).get("decoder")):
+            return np.array([len(piece) for piece in pieces], np.int64)
+        return np.array([1 if BYTE_PIECE.fullmatch(piece) else len(piece.replace("▁", " ").encode("utf-8"))
+                         for piece in pieces], np.int64)
 
     @property
     def vocab_size(self) -> int:
@@ -513,12 +523,16 @@ CLASSES = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, BPETokenizer)
 
 
 def _checked_special(special, vocab_size: int) -> dict:
-    """{name: id or non-empty list of ids} for the names of SPECIAL_TOKENS that are not
-    None; ValueError naming the first bad key or id.
+    """{name: id, or for eos_token_id a non-empty list of ids} for the names of
+    SPECIAL_TOKENS that are not None (a list of one bos or pad id is that id: transformers
+    takes a list for eos alone); ValueError naming the first bad key or id.
 
     Example:
-        >>> _checked_special({"bos_token_id": 1, "eos_token_id": [2, 3], "pad_token_id": None}, 5)
+        >>> _checked_special({"bos_token_id": [1], "eos_token_id": [2, 3], "pad_token_id": None}, 5)
         {'bos_token_id': 1, 'eos_token_id': [2, 3]}
+        >>> _checked_special({"pad_token_id": [0, 4]}, 5)
+        Traceback (most recent call last):
+        ValueError: pad_token_id = [0, 4] must be one id: only eos_token_id may list several
     """
     if not isinstance(special, dict):
         raise ValueError(f"the special token ids must be an object, not {type(special).__name__}")
@@ -526,6 +540,10 @@ def _checked_special(special, vocab_size: int) -> dict:
     for name, value in special.items():
         if name not in SPECIAL_TOKENS:
             raise ValueError(f"{name!r} is not a special token id; they are {list(SPECIAL_TOKENS)}")
+        if isinstance(value, list) and name != "eos_token_id":
+            if len(value) != 1:
+                raise ValueError(f"{name} = {value!r} must be one id: only eos_token_id may list several")
+            value = value[0]
         ids = value if isinstance(value, list) else [value]
         if value is None:
             continue

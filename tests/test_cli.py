@@ -421,7 +421,13 @@ def test_eval_writes_its_json_and_never_over_a_text_or_a_checkpoint(work, capsys
                                     ("text.txt", "text.txt", "ending in .json"),
                                     ("t.json", "t.json", "is the --data file"),
                                     ("text.txt", "text/checkpoint/params.npz", "ending in .json"),
-                                    ("text.txt", "text/checkpoint/meta.json", "inside a run's checkpoint")):
+                                    ("text.txt", "text/checkpoint/meta.json", "inside the checkpoint of the run"),
+                                    ("text.txt", "latest/meta.json", "inside the checkpoint of the run"),
+                                    ("text.txt", "elsewhere/meta.json", "inside the checkpoint of the run")):
+        os.makedirs("text/checkpoint.old", exist_ok=True)
+        for link, to in (("latest", "text/checkpoint"), ("elsewhere", "text/checkpoint.old")):
+            if not os.path.lexists(link):                 # links into the run's own folders, by any route
+                os.symlink(os.path.abspath(to), link)
         code, _, err = run_main(capsys, "eval", "--checkpoint", "text", "--data", data_path, "--json", target)
         assert_one_error_line(code, err, f"--json {target!r}", said)
     assert kept == {path: open(path, "rb").read() for path in kept}

@@ -312,3 +312,30 @@ def test_greedy_generation_equals_numpy_argmax_over_full_recompute(lengths, opti
     host = jax.device_get(params)
     for prompt, row in zip(prompts, ids):
         assert row.tolist() == numpy_model.greedy(host, prompt.tolist(), 40, n_heads=2, max_len=8, **numpy_model.config_args(cfg))
+
+
+def test_complete_decodes_prompt_and_continuation_together():
+    """A tokenizer whose decoder strips a leading space (Llama-2's Metaspace) decodes the
+    continuation alone as "th th"; together with the prompt the ids say "to be th th",
+    so complete returns " th th" (the text equals the decoded ids). complete also takes a
+    run's folder."""
+    tk = pytest.importorskip("tokenizers", reason="the Metaspace tokenizer needs the test extra's tokenizers")
+    from minitx_fn.tokenizer import BPETokenizer
+    hf = tk.Tokenizer(tk.models.WordLevel({"▁to": 0, "▁be": 1, "▁th": 2, "<unk>": 3}, unk_token="<unk>"))
+    hf.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    hf.decoder = tk.decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tokenizer = BPETokenizer(hf)
+    assert tokenizer.decode([2, 2]) == "th th" and tokenizer.decode([0, 1, 2, 2]) == "to be th th"   # the trap
+    cfg = ModelConfig(vocab_size=4, d_model=8, n_heads=2, max_len=8, tie_embeddings=False)
+    params = model.init(jax.random.key(0), cfg)
+    params["head"]["b"] = params["head"]["b"].at[2].set(100.0)               # greedy: always "▁th"
+    from types import SimpleNamespace
+    assert gen.complete(SimpleNamespace(params=params, model=cfg, tokenizer=tokenizer), "to be",
+                        max_new_tokens=2) == " th th"
+
+
+def test_complete_takes_a_runs_folder(saved_runs):
+    from minitx_fn import checkpoint
+    loaded = checkpoint.load_model(str(saved_runs / "builtin"))
+    assert gen.complete(str(saved_runs / "builtin"), "hello", max_new_tokens=6) == gen.complete(loaded, "hello",
+                                                                                              max_new_tokens=6)

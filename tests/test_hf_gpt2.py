@@ -263,6 +263,8 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     refused("the tokenizer has", "the model has no embedding for the ids past it")
     open(config_path, "w").write(json.dumps({**hf_config, "n_layer": 3}))
     refused("missing h.2.attn.c_attn.bias")
+    open(config_path, "w").write(json.dumps({**hf_config, "bos_token_id": [0, 1]}))   # transformers refuses it
+    refused("bos_token_id = [0, 1] must be one id: only eos_token_id may list several")
     open(config_path, "w").write(json.dumps(hf_config))
     os.rename(weights, os.path.join(hf_dir, "shard.safetensors"))              # shards must lie beside their index
     index = {"weight_map": {"transformer.wte.weight": "../elsewhere/model.safetensors"}}
@@ -393,6 +395,22 @@ def test_a_killed_export_leaves_nothing_the_next_one_keeps(tmp_path):
     hf_folder.write_dir(str(tmp_path / "out"), {"config.json": b"{}"})
     assert not dead.exists() and live.exists()
     assert (tmp_path / "out" / "config.json").read_bytes() == b"{}"
+
+
+def test_nothing_is_written_inside_a_runs_checkpoint_by_any_route(tmp_path, capsys, hf_dir, gpt2_shaped_run):
+    """export-hf and import-hf refuse an --out inside a run's own folders (its next save
+    would delete it), named directly or through a link, and write nothing there."""
+    run = tmp_path / "run"
+    import shutil
+    shutil.copytree(gpt2_shaped_run, run)
+    (tmp_path / "link").symlink_to(run / "checkpoint")
+    before = sorted(os.listdir(run / "checkpoint"))
+    for command, source, out in (("export-hf", run, run / "checkpoint" / "hf"), ("export-hf", run, tmp_path / "link" / "hf"),
+                                 ("import-hf", hf_dir, run / "checkpoint" / "imp"),
+                                 ("import-hf", hf_dir, tmp_path / "link" / "imp")):
+        code, _, err = run_main(capsys, command, source, "--out", out)
+        assert_one_error_line(code, err, "inside the checkpoint of the run")
+    assert sorted(os.listdir(run / "checkpoint")) == before
 
 
 def test_export_refuses_what_gpt2_cannot_hold(tmp_path, capsys, gpt2_shaped_run):
@@ -546,3 +564,44 @@ def test_a_signal_while_import_or_export_writes_takes_its_output_back(tmp_path, 
     code, _, err = run_main(capsys, "export-hf", gpt2_shaped_run, "--out", tmp_path / "hf-out")
     assert (code, err.strip()) == (143, "minitx: interrupted by SIGTERM; nothing saved was lost")
     assert not (tmp_path / "hf-out").exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
+
+
+def test_a_list_of_one_bos_or_pad_id_is_that_id_and_exports_as_transformers_reads_it(tmp_path, hf_dir):
+    """config.json may write bos and pad as a list of one id; the run keeps the id, and
+    the exported config.json and generation_config.json hold it as transformers wants
+    (only eos may be a list)."""
+    config_path = os.path.join(hf_dir, "config.json")
+    hf_config = json.load(open(config_path))
+    json.dump({**hf_config, "bos_token_id": [1], "pad_token_id": [0], "eos_token_id": [1, 2]}, open(config_path, "w"))
+    c, params, tokenizer = hf_folder.import_dir(hf_dir)
+    assert tokenizer.special == {"bos_token_id": 1, "pad_token_id": 0, "eos_token_id": [1, 2]}
+    files = hf_folder.export_files(params, c, tokenizer)
+    written = json.loads(files["config.json"])
+    assert (written["bos_token_id"], written["pad_token_id"], written["eos_token_id"]) == (1, 0, [1, 2])
+
+
+def test_a_pipe_or_a_device_in_place_of_a_file_is_refused_at_once(tmp_path, capsys, hf_dir):
+    """A FIFO (or a link to /dev/zero) as config.json, tokenizer.json or
+    model.safetensors would block the read forever or never end it: refused in one
+    line before it is opened (an alarm turns a hang into a failure)."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("the import blocked on a file that is no regular file")
+    previous = signal.signal(signal.SIGALRM, hung)
+    try:
+        for name in ("config.json", "tokenizer.json", hf_folder.WEIGHTS):
+            path = os.path.join(hf_dir, name)
+            os.rename(path, path + ".real")
+            for make in (os.mkfifo, lambda p: os.symlink("/dev/zero", p)):
+                make(path)
+                signal.alarm(20)
+                code, _, err = run_main(capsys, "import-hf", hf_dir, "--out", tmp_path / "never")
+                signal.alarm(0)
+                assert_one_error_line(code, err, f"{path!r} is not a regular file")
+                os.remove(path)
+            os.rename(path + ".real", path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert not (tmp_path / "never").exists()

@@ -146,3 +146,29 @@ def test_bpe_without_its_library_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "tokenizers", None)                   # import tokenizers -> ImportError
     with pytest.raises(tokenizers_.MissingTokenizersError, match=r"pip install.*\.\[bpe\]"):
         tokenizers_.require_tokenizers()
+
+
+def _sentencepiece_style():
+    """Llama-2's kind of tokenizer in Hugging Face's form: Metaspace ("▁" for a space,
+    one prepended), and byte fallback: a character it has no piece for is its UTF-8
+    bytes as "<0xNN>" pieces."""
+    import tokenizers as tk
+    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {c: 256 + i for i, c in enumerate("▁abcdefghijklmnopqrstuvwxyz")}
+    hf = tk.Tokenizer(tk.models.BPE(vocab, [], byte_fallback=True))
+    hf.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    hf.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),
+                                       tk.decoders.Strip(" ", 1, 0)])
+    return BPETokenizer(hf)
+
+
+@needs_tokenizers
+@given(st.text(alphabet=st.sampled_from(list("abc xyzé😀ü∑")), max_size=30).map(lambda t: "a" + t))
+def test_the_bytes_each_id_stands_for_add_up_to_the_texts_bytes(text):
+    """Bits per byte divide by these: for byte-level BPE the ids' bytes are the text's
+    exactly; for a SentencePiece-style tokenizer, the text's and the space Metaspace
+    prepends ("<0xC3>" is one byte, not six characters). The texts begin with a letter:
+    SentencePiece's decoding drops a text's leading spaces."""
+    for tok, extra in ((_bpe(), 0), (_sentencepiece_style(), 1)):
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8")) + extra, (tok.kind, text)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 
 import numpy as np
@@ -49,6 +50,23 @@ def require_safetensors():
     return safetensors.numpy
 
 
+def require_regular(path: str) -> None:
+    """HFError unless path, if it exists, is a regular file (links followed): a FIFO
+    would block the read forever, /dev/zero would never end it.
+
+    Example:
+        >>> require_regular("/dev/zero")
+        Traceback (most recent call last):
+        minitx_fn.errors.HFError: '/dev/zero' is not a regular file (a pipe, a device or a socket); ...
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return                                   # missing or unreadable: the reader says so
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise HFError(f"{path!r} is not a regular file (a pipe, a device or a socket); a model folder holds files")
+
+
 def read_json(path: str, what: str):
     """The JSON a file holds, or HFError naming the file (`what`: why it is needed, for a missing one).
 
@@ -57,6 +75,7 @@ def read_json(path: str, what: str):
         Traceback (most recent call last):
         minitx_fn.errors.HFError: '/nonexistent/config.json' is missing; a Hugging Face model folder needs one
     """
+    require_regular(path)
     try:
         with open(path, "rb") as f:
             return json.loads(f.read())
@@ -96,6 +115,7 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         path = os.path.join(hf_dir, name)
         if os.path.isdir(path):
             raise HFError(f"{path!r} is a directory, not a safetensors file; download the model's file again")
+        require_regular(path)
         try:
             shard = st.load_file(path)
         except FileNotFoundError:
@@ -124,6 +144,8 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
 def read_tokenizer(hf_dir: str) -> BPETokenizer:
     """tokenizer.json, or else vocab.json + merges.txt (GPT-2's byte-level BPE)."""
     path = os.path.join(hf_dir, "tokenizer.json")
+    for name in (path, *(os.path.join(hf_dir, n) for n in ("vocab.json", "merges.txt"))):
+        require_regular(name)
     if os.path.exists(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -195,8 +217,11 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
     removed. An existing empty folder is written in place (renaming a folder over it
     would swap the folder a shell stands in): each file under a temporary name, then
     renamed, config.json last, so a folder that has it is whole. HFError if out_dir
-    exists and is not an empty folder."""
+    exists and is not an empty folder, or lies in a run's checkpoint (`runs.managing_run`)."""
     out_dir = os.path.realpath(out_dir)         # a link to an empty folder: write where it points
+    if runs.managing_run(out_dir) is not None:
+        raise HFError("{out} is inside the checkpoint of the run " + repr(runs.managing_run(out_dir))
+                      + ", which its next save replaces; write it elsewhere", out=("out_dir", out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise HFError("{out} already exists and is not an empty folder; choose a new one", out=("out_dir", out_dir))
     in_place = os.path.isdir(out_dir)
@@ -241,6 +266,7 @@ def import_run(hf_dir: str, run_dir: str, *, log=None) -> tuple[ModelConfig, int
     import jax
 
     from minitx_fn import job, memory, model
+    runs.check_new_run_dir(run_dir, ignore_temporaries=True)      # before reading a byte of the weights
     # Before reading the weights: the tensors as read, our tree, Adam's two moments,
     # and the bytes of the files a save builds in memory, about 6 copies in all.
     memory.check(6 * 4 * memory.param_count(read_config(hf_dir)), "importing this model",
@@ -281,4 +307,5 @@ def export_run(run_dir: str, out_dir: str, *, trust_code: bool = False):
 
 
 __all__ = ["TEMPORARY_KIND", "WEIGHTS", "WEIGHTS_INDEX", "export_files", "export_run", "import_dir", "import_run",
-           "read_config", "read_json", "read_tensors", "read_tokenizer", "require_safetensors", "write_dir"]
+           "read_config", "read_json", "read_tensors", "read_tokenizer", "require_regular", "require_safetensors",
+           "write_dir"]
