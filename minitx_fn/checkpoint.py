@@ -651,6 +651,38 @@ def read_job(run_dir: str, *, trust_code: bool = False) -> SavedJob:
     return SavedJob(model, train_config, tokenizer, meta["job"]["data"], meta["origin"], int(meta["step"]))
 
 
+def run_of(path: str) -> str:
+    """The run directory that a run, or one of its checkpoint folders, belongs to (as an
+    absolute path): where its lock lives and what a run started from it records.
+
+    Example:
+        >>> run_of('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
+    """
+    found = os.path.abspath(locate(path))
+    return os.path.dirname(found) if os.path.basename(found) in (NAME, NAME + ".old") else found
+
+
+def lora_depth(run_dir: str, *, trust_code: bool = False) -> int:
+    """How many LoRA runs deep a run's chain of bases is, from meta.json alone: 0 for a
+    run of its own parameters, 1 + its base's for a LoRA run (`load_model` follows a
+    chain of at most MAX_BASES - 1; deeper than MAX_BASES, it stops counting).
+
+    Example:
+        >>> lora_depth('/no/such/run')
+        Traceback (most recent call last):
+        minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
+    """
+    depth = 0
+    while depth <= MAX_BASES:
+        saved = read_job(run_dir, trust_code=trust_code)
+        if saved.train_config.lora is None or not (saved.origin or {}).get("init_from"):
+            return depth
+        depth, run_dir = depth + 1, saved.origin["init_from"]["path"]
+    return depth
+
+
 class Model(NamedTuple):
     """A trained model, ready to use: what `load_model` reads (no optimiser state)."""
 

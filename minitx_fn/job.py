@@ -87,6 +87,8 @@ def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     source = Data(path=data_path, text=text, tokenizer=tokenizer, vocab_size=vocab_size, cache_dir=cache_dir,
                   batches=batches)
     start = Start(run_dir=run_dir, resume=resume, init_from=init_from, trust_code=trust_code)
+    if start.init_from is not None:               # a run or its checkpoint folder: the run, once, for all that follows
+        start = dataclasses.replace(start, init_from=checkpoint.run_of(start.init_from))
     parts = dict(data=source, start=start, devices=Devices(count=devices, fsdp=fsdp),
                  sample=Sample(prompt=prompt, tokens=sample_tokens))
     given_model, given_training = _fields(model, LanguageModel, "model"), _fields(training, TrainConfig, "training")
@@ -101,7 +103,12 @@ def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
         if tokenizer is not None or vocab_size is not None:
             raise ConfigError("a run started from another keeps its tokenizer; drop {t}", t=("tokenizer",
                                                                                               tokenizer or "bpe"))
-        model = _fine_tuned(checkpoint.read_job(start.init_from, trust_code=trust_code).model, model, given_model)
+        source_model = checkpoint.read_job(start.init_from, trust_code=trust_code).model
+        if given_model.get("vocab_size") not in (None, source_model.vocab_size):
+            raise ConfigError("{v} is not the vocabulary of the run it starts from ({n} ids, its tokenizer's); leave "
+                              "it out", v=("vocab_size", given_model["vocab_size"]), n=("vocab_size",
+                                                                                      source_model.vocab_size))
+        model = _fine_tuned(source_model, model, given_model)
     elif not isinstance(model, LanguageModel):
         if "vocab_size" in given_model:
             raise ConfigError("{v} comes from the tokenizer; leave it out of the model's fields",
@@ -112,11 +119,32 @@ def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
     if start.run_dir is not None:
         runs.check_new_run_dir(start.run_dir)                      # before preparing a large text
     provenance.check_importable(job.model)                         # a run of it could be loaded again
-    if job.training.lora is not None and start.init_from is not None and runs.Lock(start.init_from).live_holder():
-        raise RunDirError(f"{start.init_from!r} is being trained ({runs.Lock(start.init_from).live_holder()}); a "
-                          f"LoRA run needs its base to stay as it is: wait for that run to finish, or copy it and "
-                          f"start from the copy")           # its next save would change the base of these adapters
+    if job.training.lora is not None and start.init_from is not None:
+        _base_at_rest(start.init_from)
+        depth = checkpoint.lora_depth(start.init_from, trust_code=trust_code) + 1
+        if depth >= checkpoint.MAX_BASES:
+            raise ConfigError(f"{start.init_from!r} is a LoRA run on LoRA runs {depth - 1} deep; LoRA on it would make "
+                              f"a chain of {depth}, and at most {checkpoint.MAX_BASES - 1} load: fine-tune it in full "
+                              f"(without {{lora}}), which merges the chain", lora=("lora.rank", "R"))
     return _on_devices(job)
+
+
+def _divisors(n: int) -> list[int]:
+    """The divisors of n, ascending (what grad_accum may be for a batch of n)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted(set(small + [n // d for d in small]))
+
+
+def _base_at_rest(base: str) -> None:
+    """RunDirError if the run a LoRA run's adapters apply to is being trained: its next
+    save would change the base under the adapters (the run could not be used after it)."""
+    try:
+        holder = runs.Lock(checkpoint.run_of(base)).live_holder()
+    except CheckpointError:
+        return                                    # a base that is gone: loading it says so, naming it
+    if holder:
+        raise RunDirError(f"{base!r} is being trained ({holder}); a LoRA run needs its base to stay as it is: wait "
+                          f"for that run to finish, or copy it and start from the copy")
 
 
 def _over_preset(given: dict, preset: dict) -> TrainConfig:
@@ -197,6 +225,8 @@ def _resumed(start: Start, given_model, model: dict, training: dict, preset, par
         raise RunDirError(f"{start.resume!r} holds a model imported from {imported!r}, with no training text or "
                           f"schedule of its own, so there is nothing to resume; start a new run from it with "
                           f"{{init_from}}", init_from=("init_from", start.resume))
+    if saved.train_config.lora is not None and (saved.origin or {}).get("init_from"):
+        _base_at_rest(saved.origin["init_from"]["path"])
     skip = ("vocab_size",) if model.get("vocab_size") is None else ()       # a model value awaiting its tokenizer
     conflicts = [("model", given_model.code, saved.model.code)] if isinstance(given_model, LanguageModel) and \
         type(given_model) is not type(saved.model) else _differ(_known(model, type(saved.model), "the model"),
@@ -317,7 +347,11 @@ def _corpus(source: Data, log, tokenizer: Tokenizer | None = None, expected_sha2
                             "the run's tokenizer (checkpoint.load(run).tokenizer)")
         return source.corpus
     if source.text is not None:
-        return corpus.Corpus.from_text(source.text, kind, source.vocab_size, tokenizer)
+        try:
+            return corpus.Corpus.from_text(source.text, kind, source.vocab_size, tokenizer)
+        except UnknownCharactersError as e:           # a run's own char tokenizer and a text it cannot encode
+            raise DataError(f"the text given ({{text}}) holds characters the run's char tokenizer lacks: {e}",
+                            text=("text", source.text[:40] + ("..." if len(source.text) > 40 else ""))) from None
     if source.path is None:
         try:
             return corpus.builtin(kind, source.vocab_size, tokenizer)
@@ -399,10 +433,14 @@ def _checked(job: Job, run_dir: str, resuming: bool, source: corpus.Corpus, trai
     if batches == "auto":
         batches = "device" if len(train_ids) <= defaults.DEVICE_RESIDENT_TOKENS else "memmap"
     step_bytes = memory.training_bytes(model, tc.batch_size, tc.lora, tc.grad_accum)
-    memory.check(step_bytes, "training this model",
-                 "try a smaller {b}, {w}, {c} or {l}, or more {k}", b=("batch_size", tc.batch_size),
-                 w=("d_model", getattr(model, "d_model", "D")), c=("max_len", model.max_len),
-                 l=("n_layers", getattr(model, "n_layers", "L")), k=("grad_accum", tc.grad_accum))
+    available = memory.available_bytes()
+    fits = None if available is None or step_bytes <= available else next(
+        (k for k in _divisors(tc.batch_size) if k > tc.grad_accum
+         and memory.training_bytes(model, tc.batch_size, tc.lora, k) <= available), None)
+    memory.check(step_bytes, "training this model", "try a smaller {b}, {w}, {c} or {l}"
+                 + ("" if fits is None else f", or {{k}} (micro-batches of {tc.batch_size // fits})"),
+                 b=("batch_size", tc.batch_size), w=("d_model", getattr(model, "d_model", "D")),
+                 c=("max_len", model.max_len), l=("n_layers", getattr(model, "n_layers", "L")), k=("grad_accum", fits))
     if batches == "device":
         memory.check(step_bytes + 4 * len(train_ids),
                      "training this model with its text held on the device", "try {batches}",

@@ -18,7 +18,7 @@ import pytest
 
 from minitx_fn import checkpoint, corpus, generate, job, runs, speculative
 from minitx_fn.config import ModelConfig
-from minitx_fn.errors import CheckpointError, ConfigError, DataError
+from minitx_fn.errors import CheckpointError, ConfigError, DataError, MemoryBudgetError, RunDirError
 from tests.helpers import assert_one_error_line, run_main, standard_promotion
 
 SMALL = {"d_model": 32, "n_layers": 1, "n_heads": 2, "max_len": 16}
@@ -502,3 +502,82 @@ def test_a_nan_loss_keeps_a_finite_checkpoint():
     if "no checkpoint had been saved" not in str(info.value):
         assert f"(step {bad - 1})" in str(info.value)
         assert checkpoint.load("nan").meta["step"] == bad - 1
+
+
+def test_a_lora_run_needs_its_base_at_rest_however_the_base_is_named(work):
+    """A LoRA run's adapters apply to its base as saved: while the base is being trained
+    (its lock held by a live process), a new LoRA run on it is refused, whether it is
+    named as the run or its checkpoint folder, and so is resuming one (the base's next
+    save would change what the adapters apply to)."""
+    import shutil
+    import socket
+    lora = {"steps": 2, "batch_size": 8, "log_every": 2, "lora": {"rank": 2}}
+    _train(init_from="builtin/checkpoint", run_dir="tuned", model=None, training=lora)
+    assert checkpoint.read_job("tuned").origin["init_from"]["path"] == os.path.abspath("builtin")   # the run, once
+    lock = os.path.join("builtin", runs.LOCK)
+    with open(lock, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")                # a live process trains the base
+    for base in ("builtin", "builtin/checkpoint", os.path.abspath("builtin/checkpoint")):
+        with pytest.raises(RunDirError, match="is being trained"):
+            job.make(init_from=base, run_dir="again", training=lora)
+    with pytest.raises(RunDirError, match="is being trained"):
+        job.make(resume="tuned", training={"steps": 4})
+    os.remove(lock)
+    shutil.rmtree("tuned")
+
+
+def test_a_lora_chain_that_could_not_load_is_refused_before_it_trains(work):
+    """load_model follows at most MAX_BASES - 1 LoRA runs down to a base of its own: a
+    LoRA run that would make the chain one deeper is refused at the start, and one
+    that keeps it within the limit is made (the chain here is copies of one LoRA run,
+    each recording the one before as its base)."""
+    import json
+    import shutil
+    _train(init_from="builtin", run_dir="c0", model=None,
+           training={"steps": 2, "batch_size": 8, "log_every": 2, "lora": {"rank": 2}})
+    for k in range(1, checkpoint.MAX_BASES - 1):
+        shutil.copytree(f"c{k - 1}", f"c{k}")
+        meta_path = os.path.join(f"c{k}", "checkpoint", "meta.json")
+        meta = json.load(open(meta_path))
+        meta["origin"]["init_from"]["path"] = os.path.abspath(f"c{k - 1}")
+        json.dump(meta, open(meta_path, "w"))
+    deepest = f"c{checkpoint.MAX_BASES - 2}"
+    assert checkpoint.lora_depth(deepest) == checkpoint.MAX_BASES - 1
+    lora = {"steps": 4, "batch_size": 8, "lora": {"rank": 2}}
+    job.make(init_from=f"c{checkpoint.MAX_BASES - 3}", run_dir="fits", training=lora)
+    with pytest.raises(ConfigError, match=f"a chain of {checkpoint.MAX_BASES}, and at most "
+                                          f"{checkpoint.MAX_BASES - 1} load"):
+        job.make(init_from=deepest, run_dir="deeper", training=lora)
+    job.make(init_from=deepest, run_dir="merged", training={"steps": 4, "batch_size": 8})   # in full: it merges
+
+
+def test_a_batch_too_large_for_memory_names_the_micro_batches_that_would_fit(monkeypatch):
+    """The refusal names the smallest grad_accum (a divisor of the batch) whose
+    micro-batches fit, and none when grad_accum is already the batch size."""
+    from minitx_fn import memory
+    open("t.txt", "w").write("to be or not to be, that is the question. " * 40)
+    model = ModelConfig(vocab_size=None, **SMALL)
+    budget = memory.training_bytes(model.replace(vocab_size=20), 4096, None, 64)     # 64 micro-batches fit
+    monkeypatch.setattr(memory, "available_bytes", lambda: budget)
+    fits = next(k for k in range(1, 4097) if 4096 % k == 0
+                and memory.training_bytes(model.replace(vocab_size=20), 4096, None, k) <= budget)
+    plan = lambda accum: job.plan(job.make("t.txt", model=SMALL, run_dir=f"r{accum}", sample_tokens=0,  # noqa: E731
+                                           training={"steps": 2, "batch_size": 4096, "grad_accum": accum}),
+                                  log=io.StringIO())
+    with pytest.raises(MemoryBudgetError, match=rf"or grad_accum={fits} \(micro-batches of {4096 // fits}\)"):
+        plan(1)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1000)
+    with pytest.raises(MemoryBudgetError) as refused:
+        plan(4096)
+    assert "grad_accum" not in str(refused.value) and "try a smaller batch_size=4096" in str(refused.value)
+
+
+def test_a_run_started_from_another_refuses_what_it_would_silently_drop(work):
+    """init_from keeps the run's vocabulary (its tokenizer's): another vocab_size is
+    refused, not ignored; a text= with characters the run's char tokenizer lacks is
+    refused naming the text, as a data file would be named."""
+    with pytest.raises(ConfigError, match="vocab_size=99 is not the vocabulary of the run it starts from"):
+        job.make(init_from="builtin", model={"vocab_size": 99}, run_dir="v")
+    with pytest.raises(DataError, match="the text given .text='Zebra'. holds characters the run's char tokenizer "
+                                        "lacks: 2 character.s. not in the vocabulary: 'Zb'"):
+        job.plan(job.make(text="Zebra", init_from="builtin", run_dir="z", training={"steps": 2}), log=io.StringIO())
