@@ -149,6 +149,11 @@ class Windows:
     def __len__(self) -> int:
         return len(self.starts)
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(W, T + 1), as the array it stands for."""
+        return len(self.starts), self.context + 1
+
     def __getitem__(self, rows: slice) -> np.ndarray:
         starts = self.starts[rows]
         windows = np.asarray(self.ids[starts[:, None] + np.arange(self.context + 1)], np.int32)

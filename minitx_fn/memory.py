@@ -92,6 +92,42 @@ def generation_bytes(model: LanguageModel, batch: int, max_new_tokens: int) -> i
     return _bytes(shapes) + copies + _bytes(cache) + batch * max_new_tokens * 4
 
 
+EVAL_BATCH = 64            # windows an evaluation batch holds at most
+
+
+def evaluation_bytes(model: LanguageModel, batch: int, positions: int) -> int:
+    """Parameters, a batch of windows, and its (batch, positions, V) float32 logits three
+    times over (the logits, their log-softmax, and the gradient-free temporaries XLA
+    may keep beside them): what one evaluation batch holds at once.
+
+    Example:
+        >>> evaluation_bytes(ModelConfig(vocab_size=50257, max_len=1024, d_model=8, n_heads=2), 1, 1024) > 6e8
+        True
+    """
+    return _bytes(_shapes(model)) + batch * (positions + 1) * 4 + 3 * batch * positions * model.vocab_size * 4
+
+
+def evaluation_batch(model: LanguageModel, positions: int) -> int:
+    """The windows of `positions` tokens an evaluation batch takes: the largest power of
+    two up to EVAL_BATCH whose batch (`evaluation_bytes`) fits in half the memory
+    available (the rest for what the estimate leaves out); MemoryBudgetError when not
+    even one window fits. GPT-2 small (V = 50,257) over 1,024 positions: 617 MB of
+    logits a window, so 16 a batch on a machine with 24 GB free.
+
+    Example:
+        >>> evaluation_batch(ModelConfig(vocab_size=5, d_model=8, n_heads=2), 64)
+        64
+    """
+    available = available_bytes()
+    batch = EVAL_BATCH
+    while available is not None and batch > 1 and evaluation_bytes(model, batch, positions) > available / 2:
+        batch //= 2
+    check(evaluation_bytes(model, batch, positions), "evaluating this model",
+          "evaluate a model with a smaller {c} or {v}", c=("max_len", positions),
+          v=("vocab_size", model.vocab_size))
+    return batch
+
+
 def available_bytes() -> int | None:
     """Memory free for a new run: the first local device's free memory on an accelerator,
     MemAvailable from /proc/meminfo on a CPU (Linux), else None (unknown).

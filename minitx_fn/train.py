@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from minitx_fn import lora as adapters_lib
+from minitx_fn import memory
 from minitx_fn.config import LanguageModel, LoraConfig, ModelConfig, OptimizerConfig, TrainConfig  # noqa: F401  (doctests)
 from minitx_fn.data import sample_batch
 
@@ -342,10 +343,12 @@ def _window_loss_sum(params: dict, windows: jax.Array, weights: jax.Array, *, mo
     return jnp.sum(token_losses(logits, windows[:, 1:]).mean(axis=1) * weights)
 
 
-def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_size: int = 64,
+def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_size: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> float:
     """Mean next-token loss over all windows (W, T + 1), in fixed-size batches (the last
-    one padded with zero-weight rows, so one compiled shape serves every batch). The
+    one padded with zero-weight rows, so one compiled shape serves every batch) of
+    batch_size windows, by default as many as memory holds (`memory.evaluation_batch`:
+    GPT-2 small's 50,257 logits a position make a window 617 MB). The
     windows may be a `data.Windows` over a memory map: each batch is gathered when it
     is needed, so a text larger than memory is fine. progress(done, W) after each batch.
 
@@ -357,6 +360,8 @@ def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_s
         >>> evaluate(cfg.init(jax.random.key(0)), windows, model=cfg, batch_size=2) > 0
         True
     """
+    if batch_size is None:
+        batch_size = memory.evaluation_batch(model, windows.shape[1] - 1)
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = np.asarray(windows[start:start + batch_size])

@@ -71,3 +71,21 @@ def test_a_huge_batch_split_into_micro_batches_is_refused_for_its_ids(tmp_path):
     with pytest.raises(MemoryBudgetError, match="training this model needs at least"):
         job.plan(job.make(training={"batch_size": big, "grad_accum": big, "steps": 2}, run_dir=str(tmp_path / "r")))
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluation_batches_fit_gpt2_small_and_larger_tables_in_the_memory_there_is(monkeypatch):
+    """Evaluation sizes its batch from memory (traced shapes only, nothing allocated):
+    GPT-2 small over 1,024 positions holds 3 x 1,024 x 50,257 float32 logits a window
+    (617 MB), so 24 GB free takes 16 windows a batch, not 64 (40 GB); an imported
+    65,536-id table over 8,192 positions (6.4 GB a window) takes 1; and where not even
+    one window fits, one MemoryBudgetError naming the fields."""
+    from minitx_fn import defaults
+    monkeypatch.setattr(memory, "available_bytes", lambda: 24 * 10**9)
+    gpt2 = ModelConfig(vocab_size=50257, max_len=1024, d_model=768, n_heads=12, n_layers=12, **defaults.ARCHS["gpt2"])
+    assert 3 * 1024 * 50257 * 4 == 617_558_016
+    assert memory.evaluation_batch(gpt2, 1024) == 16
+    big = ModelConfig(vocab_size=65536, max_len=8192, d_model=64, n_heads=4, n_layers=1, **defaults.ARCHS["llama"])
+    assert memory.evaluation_batch(big, 8192) == 1
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
+    with pytest.raises(MemoryBudgetError, match="evaluating this model needs at least .*max_len=8192 or vocab_size=65536"):
+        memory.evaluation_batch(big, 8192)
