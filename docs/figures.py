@@ -183,7 +183,7 @@ def loop() -> str:
     d = load(BENCH_FULL)
     rows = [[r["config"], r["steps"], n(r["bare_tokens_per_s"]), n(r["loop_tokens_per_s"]),
              f"{r['loop_over_bare']:.3f}"] for r in d["loop"]]
-    return "\n\n".join([table(["config", "steps", "bare step tokens/s", "train.fit tokens/s", "fit/bare"], rows),
+    return "\n\n".join([table(["config", "steps", "bare step tokens/s", "loop.fit tokens/s", "fit/bare"], rows),
                         source(BENCH_FULL, "python -m benchmarks --suite full")])
 
 

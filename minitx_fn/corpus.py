@@ -49,8 +49,9 @@ from minitx_fn.errors import DataError, StorageError
 from minitx_fn.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: F401  (CharTokenizer: the doctests)
 
 # 2: "learned" says whether the tokenizer was learned from this text (what a plain
-# `--data FILE` reuses) or given (a resumed or fine-tuned run's own).
-MANIFEST_VERSION = 2
+# `--data FILE` reuses) or given (a resumed or fine-tuned run's own). 3: the special ids
+# a tokenizer puts before a text (a BOS) appear once, at the start, not at every piece.
+MANIFEST_VERSION = 3
 CHUNK_BYTES = 16 << 20
 BPE_TRAINING_BYTES = 64 << 20      # the merges are learned from at most this much of the training split
 
@@ -145,9 +146,10 @@ class Corpus:
             check_choice(kind, vocab_size)
             tokenizer = tokenizers_.learn(kind, tokenizers_.Source(lambda: tokenizers_.code_points(text),
                                                                   lambda: [text[:_bpe_split(text)]]), vocab_size)
-        if tokenizer.splits_text:
+        if tokenizer.splits_text:                      # the document's start once, then its two parts as pieces
             cut = _bpe_split(text)
-            parts = [tokenizer.encode(text[:cut]), tokenizer.encode(text[cut:])]
+            parts = [np.concatenate([tokenizer.document_start(), tokenizer.encode_utf8(text[:cut].encode())]),
+                     tokenizer.encode_utf8(text[cut:].encode())]
             ids, boundary = np.concatenate(parts), len(parts[0])
         else:
             ids = tokenizer.encode(text)
@@ -550,7 +552,10 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
             for start, end in ranges:
                 for offset, raw in chunks(path, start=start, end=end):
                     encoded.update(raw)
-                    blob = tokenizer.encode_utf8(raw).astype(dtype).tobytes()
+                    ids = tokenizer.encode_utf8(raw)
+                    if offset == 0:                      # the document's start (a BOS) once, not at every piece
+                        ids = np.concatenate([tokenizer.document_start(), ids])
+                    blob = ids.astype(dtype).tobytes()
                     f.write(blob)
                     digest.update(blob)
                     count += len(blob) // dtype.itemsize

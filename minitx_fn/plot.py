@@ -62,6 +62,8 @@ def plot_run(run_dir: str, png_path: str | None = None, *, log: bool = False, ou
         >>> os.path.basename(plot_run(run))
         'loss.png'
     """
+    if not os.path.isdir(run_dir):                        # the run first: its picture's folder is the run
+        raise Error(f"no run directory {run_dir!r}; give the directory of a training run")
     png_path = png_path or os.path.join(run_dir, runs.LOSS_PNG)
     check_picture_path(png_path)
     metrics = os.path.join(run_dir, runs.METRICS)

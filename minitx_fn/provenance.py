@@ -200,7 +200,8 @@ def _describe(obj, home: str, top: bool = True):
     if isinstance(obj, (types.FunctionType, types.MethodType)):
         if obj.__module__ != home:
             return ("ref", obj.__module__, obj.__qualname__)
-        return ("function", obj.__qualname__, _code(obj.__code__))
+        defaults = [*(obj.__defaults__ or ()), *sorted((obj.__kwdefaults__ or {}).items())]
+        return ("function", obj.__qualname__, _code(obj.__code__), [_describe(d, home, False) for d in defaults])
     if isinstance(obj, type):
         if not top or obj.__module__ != home:
             return ("ref", obj.__module__, obj.__qualname__)

@@ -8,7 +8,9 @@
 Every kind has `kind`, `vocab_size`, `encode(text) -> (T,) int32`, `decode(ids) -> str`,
 `encode_utf8(raw bytes) -> (T,) int32` (a chunk of a file, the fastest way the kind
 allows), `to_meta() -> dict` (what a checkpoint stores; `from_meta` reads it back),
-`hf_json()` (its Hugging Face tokenizer.json, None without one) and `learn(source,
+`hf_json()` (its Hugging Face tokenizer.json, None without one), `document_start()`
+(the ids a text begins with, an imported tokenizer's BOS; `encode_utf8` adds none, so a
+prepared file holds them once, at its start) and `learn(source,
 vocab_size)`, how it is made from a text (`learn(kind, ...)` picks the kind, `CLASSES`).
 What differs between the kinds, each says itself, so no caller asks for the kind:
 
@@ -86,6 +88,8 @@ class Tokenizer(Protocol):
     def token_bytes(self) -> np.ndarray: ...
 
     def hf_json(self) -> str | None: ...
+
+    def document_start(self) -> np.ndarray: ...
 
 
 def known_ids(ids, tokenizer: Tokenizer) -> np.ndarray:
@@ -272,6 +276,10 @@ class CharTokenizer:
         """None: Hugging Face's tokenizers have no per-character vocabulary of this kind."""
         return None
 
+    def document_start(self) -> np.ndarray:
+        """No ids: a text begins with its first character's."""
+        return np.zeros(0, np.int32)
+
 
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
@@ -326,6 +334,10 @@ class ByteTokenizer:
         hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = tk.decoders.ByteLevel()
         return hf.to_str()
+
+    def document_start(self) -> np.ndarray:
+        """No ids: a text begins with its first byte's."""
+        return np.zeros(0, np.int32)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -493,8 +505,15 @@ class BPETokenizer:
         return np.asarray(self._hf.encode(text).ids, np.int32)
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        """Several texts at once, on every core."""
-        return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(texts)]
+        """Several pieces of a text at once, on every core, without the special tokens
+        the tokenizer adds to a whole text (`document_start`): a BOS at every piece
+        would be data the model never saw."""
+        return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+
+    def document_start(self) -> np.ndarray:
+        """The ids the tokenizer puts before a text (Llama 3's BOS, from its
+        post-processor), none for GPT-2's: what `encode("")` gives."""
+        return np.asarray(self._hf.encode("").ids, np.int32)
 
     def encode_utf8(self, raw: bytes) -> np.ndarray:
         """Whole UTF-8 characters -> (T,) int32 ids, a few pieces at a time: tokenizers

@@ -320,3 +320,25 @@ def test_a_bpe_run_whose_vocabulary_came_out_smaller_finds_its_own_cache(tmp_pat
     again, out = _prepare(path, tmp_path / "cache", tokenizer=learned.tokenizer)
     assert "prepared before" in out and again.folder == learned.folder
     assert len(os.listdir(os.path.dirname(learned.folder))) == 1
+
+
+def test_a_tokenizer_that_begins_a_text_with_bos_puts_it_once_at_the_start(tmp_path):
+    """A Llama-3-style tokenizer's post-processor puts BOS before every text it encodes;
+    a prepared file (cut into many pieces to encode, and at the 90% split) and a text in
+    memory hold it once, at the document's start, as the model saw its documents."""
+    tk = pytest.importorskip("tokenizers", reason="the BOS tokenizer needs the test extra's tokenizers")
+    from minitx_fn.tokenizer import BPETokenizer
+    hf = tk.Tokenizer(tk.models.WordLevel({w: i for i, w in enumerate(["<s>", "<unk>", "to", "be", "or", "not"])},
+                                          unk_token="<unk>"))
+    hf.pre_tokenizer = tk.pre_tokenizers.Whitespace()
+    hf.post_processor = tk.processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tokenizer = BPETokenizer(hf)
+    assert tokenizer.encode("to be").tolist() == [0, 2, 3] and tokenizer.document_start().tolist() == [0]
+    text = "to be or not to be " * 20_000                       # 360,000 characters: several pieces, two splits
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    prepared = corpus.prepare(str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), out=io.StringIO())
+    in_memory = corpus.Corpus.from_text(text, tokenizer=tokenizer)
+    for made in (prepared, in_memory):
+        ids = np.asarray(made.ids)
+        assert ids[0] == 0 and int((ids == 0).sum()) == 1 and len(ids) == 1 + 6 * 20_000

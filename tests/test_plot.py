@@ -77,3 +77,10 @@ def test_an_attention_prompt_longer_than_the_context_is_refused(tmp_path, key):
     with pytest.raises(generate.PromptError, match="the prompt has 5 tokens; the model's context is 4"):
         plot.plot_model_attention(m, "abcab", str(tmp_path / "a.png"))
     assert not os.path.exists(tmp_path / "a.png")
+
+
+def test_a_run_that_is_not_there_is_named_as_such(tmp_path):
+    """Not "cannot write the picture" into its folder: there is no run to draw."""
+    from minitx_fn.errors import Error
+    with pytest.raises(Error, match="no run directory .*nope'; give the directory of a training run"):
+        plot.plot_run(str(tmp_path / "nope"))

@@ -90,3 +90,20 @@ def test_a_patched_layer_never_decodes_a_saved_run_as_another_model(tmp_path, mo
         checkpoint.load_model(clean)
     assert checkpoint.upgrade(clean)[0] == 9
     checkpoint.load_model(clean)
+
+
+def test_a_changed_default_argument_is_a_change_of_code(monkeypatch):
+    """A default value is part of what a function computes: editing it changes the
+    digest of the model's own module, so a run's refusal names the code, not its config."""
+    import sys
+    import types
+    module = types.ModuleType("edited_defaults")
+    monkeypatch.setitem(sys.modules, "edited_defaults", module)
+    source = ("import dataclasses\nfrom minitx_fn.config import ModelConfig\n"
+              "def rms(x, eps={eps}):\n    return x + eps\n"
+              "@dataclasses.dataclass(frozen=True, kw_only=True)\nclass Mine(ModelConfig):\n    pass\n")
+    exec(source.format(eps="1e-6"), module.__dict__)
+    before = provenance.digests(module.Mine(vocab_size=5))["own"]
+    exec(source.format(eps="1e-2"), module.__dict__)
+    after = provenance.digests(module.Mine(vocab_size=5))["own"]
+    assert set(before) == {"edited_defaults"} and before != after
