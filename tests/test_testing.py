@@ -153,6 +153,28 @@ def test_every_test_module_is_named_for_the_module_it_tests():
             f"{os.path.basename(path)} names no module of minitx_fn")
 
 
+# Modules of minitx_fn whose tests live in a module named otherwise, and where.
+TESTED_ELSEWHERE = {
+    "minitx_fn.__main__": "cli",                     # `python -m minitx_fn`: test_cli runs it in processes
+    "minitx_fn.hf": "hf_gpt2",                       # the package: its re-exported folder functions
+    "minitx_fn.hf.folder": "hf_gpt2",                # each family's folders, read and written: test_hf_gpt2, _llama
+    "minitx_fn.hf.tensors": "hf_gpt2",               # the mappings' shared checks, through each mapping
+    **{f"minitx_fn.layers.{name}": "layers" for name in ("attention", "block", "dropout", "dtypes", "embedding",
+                                                          "feedforward", "linear", "norm", "positional", "rmsnorm",
+                                                          "rotary", "swiglu")},   # test_layers: a part per layer
+}
+
+
+def test_every_library_module_has_a_test_module():
+    """tests/test_M.py for module M (test_hf_families for hf/families.py), or the test
+    module TESTED_ELSEWHERE names."""
+    tests = {os.path.basename(p)[len("test_"):-len(".py")] for p in glob.glob(os.path.join(ROOT, "tests", "test_*.py"))}
+    untested = [m.name for m in pkgutil.walk_packages(minitx_fn.__path__, "minitx_fn.")
+                if not ({"_".join(m.name.split(".")[1:]), m.name.rsplit(".", 1)[-1]} & tests)
+                and TESTED_ELSEWHERE.get(m.name) not in tests]
+    assert not untested, f"modules with no test module: {untested}"
+
+
 def test_no_test_or_benchmark_reaches_a_private_name():
     """A test of a private name pins how the library is written, not what it does, and a
     benchmark that calls one breaks when the library is rewritten: both use what a user
