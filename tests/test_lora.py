@@ -238,7 +238,7 @@ def test_what_a_lora_run_refuses_and_a_base_that_moved_or_changed(here, capsys):
         f.write(f"{os.getpid()} {socket.gethostname()}\n")
     code, _, err = run_main(capsys, "train", "--data", "t.txt", "--init-from", "imported", "--lora-rank", "2",
                             "--out", "x")
-    assert_one_error_line(code, err, "'imported' is being trained (PID", "a LoRA run needs its base to stay")
+    assert_one_error_line(code, err, "imported' is being trained (PID", "a LoRA run needs its base to stay")
     os.remove("imported/.lock")
     # alpha / R so large the gradient norm overflows: clipping would zero every update without a word.
     code, _, err = run_main(capsys, "train", "--data", "t.txt", "--init-from", "imported", "--lora-rank", "2",
