@@ -22,6 +22,9 @@ project's own tests use (needs the test extra: chex, hypothesis).
   call it first in a test suite's conftest.py, before JAX compiles anything.
 - `private_names`: where Python source reaches a private name (`module._name`), so a
   suite can check that its tests use only public API.
+- `float_copies`: the buffers of a compiled program (`jit(f).lower(...).compile()
+  .as_text()`) that hold a float array of given shapes: a quantized weight converted
+  whole to float32, instead of row by row inside a fused product.
 - `enable_x64`, `standard_promotion`: float64 in a block; standard dtype promotion
   for code (optax, Flax) not written for strict promotion.
 
@@ -388,6 +391,34 @@ def _is(ok: bool, what: str) -> None:
 # A namedtuple's methods and fields begin with an underscore so as not to clash with its
 # own fields; they are its public API. os._exit is os's documented way out of a child.
 PUBLIC_UNDERSCORE = frozenset({"_replace", "_asdict", "_fields", "_field_defaults", "_make", "_exit"})
+
+
+def float_copies(hlo: str, shapes) -> list[str]:
+    """The instructions of a compiled program's HLO text that write a whole float array
+    of one of `shapes` to memory: those outside fused computations (a fusion's inside
+    lives in registers; its result, the fusion instruction itself, is a buffer), not
+    counting parameters.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> w = jnp.ones((16, 8), jnp.int8)
+        >>> f = jax.jit(lambda w, x: x @ w.astype(jnp.float32).T)
+        >>> float_copies(f.lower(w, jnp.ones((1, 8))).compile().as_text(), {(16, 8)})      # batch 1: row by row
+        []
+        >>> len(float_copies(f.lower(w, jnp.ones((8, 8))).compile().as_text(), {(16, 8)})) > 0   # batch 8: a copy
+        True
+    """
+    import re
+    found = []
+    for computation in re.split(r"\n(?=\S)", hlo):
+        name = computation.split("\n", 1)[0].replace("ENTRY ", "").strip()
+        if re.match(r"%(fused|wrapped)", name):
+            continue
+        for line in computation.split("\n")[1:]:
+            made = re.search(r"= (f64|f32|bf16|f16)\[([\d,]*)\]", line)
+            if made and "parameter(" not in line and tuple(int(d) for d in made.group(2).split(",") if d) in shapes:
+                found.append(line.strip())
+    return found
 
 
 def _private(name: str) -> bool:

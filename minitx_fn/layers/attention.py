@@ -250,7 +250,7 @@ def project_qkv(params: dict, x: jax.Array, spec: AttentionSpec, *, positions: j
     """
     h, g = spec.n_heads, spec.n_kv_heads
     k_width = x.shape[-1] // h
-    columns = params["qkv"]["w"].shape[-1]
+    columns = linear.d_out(params["qkv"])
     if columns != (h + 2 * g) * k_width:                        # the layout says what G the weights were made for
         held = (columns // k_width - h) / 2
         raise ValueError(f"the qkv weights have {columns} columns, (H + 2G) K with H={h} and K={k_width} for "
