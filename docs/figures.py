@@ -41,6 +41,7 @@ ACCUMULATE = "docs/figures/accumulate-cpu-2026-12-02.json"
 FINETUNE = "docs/figures/finetune-cpu-2026-12-02.json"
 ARCH = "docs/figures/arch-cpu-2026-12-03.json"
 SPECULATIVE = "docs/figures/speculative-cpu-2026-12-03.json"
+QUANTIZE = "docs/figures/quantize-cpu-2026-12-07.json"
 
 
 def load(path: str) -> dict:
@@ -400,6 +401,18 @@ def speculative() -> str:
         source(SPECULATIVE, "python -m benchmarks.speculative")])
 
 
+def quantized() -> str:
+    d = load(QUANTIZE)
+    rows = [[name, n(r["weight_bytes"] / 1e6), n(r["tokens_per_s"], 1), f"{r['speed_up']:.2f}x",
+             pct(r["greedy_agreement"], 0), e(r["relative_logit_diff"])] for name, r in d["rows"].items()]
+    return "\n\n".join([
+        f"GPT-2 small's shape (random weights), {d['new_tokens']} greedy tokens after "
+        f"{d['prompt_tokens']}, batch 1:",
+        table(["weights", "MB", "tokens/s", "against float32", "greedy tokens equal to float32's",
+               "largest logit difference (of the largest logit)"], rows),
+        source(QUANTIZE, "python -m benchmarks.quantize")])
+
+
 RENDER = {
     "headline": headline,
     "train-step": train_step,
@@ -416,6 +429,7 @@ RENDER = {
     "finetune-recipe": finetune_recipe,
     "arch": arch,
     "speculative": speculative,
+    "quantize": quantized,
 }
 
 

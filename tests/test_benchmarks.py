@@ -332,3 +332,18 @@ def test_the_architecture_comparison_trains_each_arch_and_reports_its_cache(tmp_
     head = hello["d_model"] // hello["n_heads"]
     assert row["kv_cache_bytes_per_token"] == 2 * hello["n_layers"] * 1 * head * 4
     assert "llama, 1 kv head" in capsys.readouterr().out
+
+
+def test_the_quantize_benchmark_runs_tiny_and_agrees_with_float32(tmp_path, capsys):
+    """`python -m benchmarks.quantize --size tiny`: a row per kind of weights, the int8
+    ones a quarter of float32's matrices, greedy tokens that agree, and its flags checked."""
+    from benchmarks import quantize as bench
+    out = tmp_path / "q.json"
+    assert bench.main(["--size", "tiny", "--new-tokens", "4", "--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert set(rows) == {"float32", "int8", "bfloat16"}
+    assert rows["int8"]["weight_bytes"] < rows["bfloat16"]["weight_bytes"] < rows["float32"]["weight_bytes"]
+    assert all(row["relative_logit_diff"] < 0.05 for row in rows.values())
+    with pytest.raises(SystemExit):
+        bench.main(["--size", "tiny", "--new-tokens", "60"])
+    assert "must fit the context, 64" in capsys.readouterr().err
