@@ -263,6 +263,9 @@ def locate(run_dir: str) -> str:
     for candidate in (run_dir, os.path.join(run_dir, NAME), os.path.join(run_dir, NAME + ".old")):
         if os.path.isfile(os.path.join(candidate, "meta.json")):
             return candidate
+        if runs.not_regular(os.path.join(candidate, "meta.json")):
+            raise CheckpointError(f"{os.path.join(candidate, 'meta.json')!r} is not a regular file (a pipe or a "
+                                  f"device); the checkpoint is damaged: use an earlier copy of the run")
     if not os.path.isdir(run_dir):
         raise CheckpointError(f"no run directory {run_dir!r}; give the directory of a training run")
     raise CheckpointError(f"{run_dir!r} holds no checkpoint (no {NAME}/meta.json); train first, "
@@ -501,6 +504,9 @@ def _legacy_as_8(meta: dict, where: str) -> dict:
 
 def _read_arrays(path: str, expected: dict) -> dict[str, np.ndarray]:
     """An npz file's arrays, after checking its size and SHA-256 against meta.json."""
+    if runs.not_regular(path):
+        raise CheckpointError(f"checkpoint file {path!r} is not a regular file (a pipe or a device); the checkpoint "
+                              f"is damaged: use an earlier copy of the run, or train again")
     try:
         with open(path, "rb") as f:
             # The size first: meta.json may claim any number, and only a file of the
@@ -652,15 +658,15 @@ def read_job(run_dir: str, *, trust_code: bool = False) -> SavedJob:
 
 
 def run_of(path: str) -> str:
-    """The run directory that a run, or one of its checkpoint folders, belongs to (as an
-    absolute path): where its lock lives and what a run started from it records.
+    """The run directory that a run, or one of its checkpoint folders, belongs to (its
+    real path, links followed): where its lock lives and what a run started from it records.
 
     Example:
         >>> run_of('/no/such/run')
         Traceback (most recent call last):
         minitx_fn.errors.CheckpointError: no run directory '/no/such/run'; give the directory of a training run
     """
-    found = os.path.abspath(locate(path))
+    found = os.path.realpath(locate(path))
     return os.path.dirname(found) if os.path.basename(found) in (NAME, NAME + ".old") else found
 
 

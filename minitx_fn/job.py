@@ -123,7 +123,7 @@ def make(data_path: str | os.PathLike | corpus.Corpus | None = None, *, text: st
         _base_at_rest(start.init_from)
         depth = checkpoint.lora_depth(start.init_from, trust_code=trust_code) + 1
         if depth >= checkpoint.MAX_BASES:
-            raise ConfigError(f"{start.init_from!r} is a LoRA run on LoRA runs {depth - 1} deep; LoRA on it would make "
+            raise ConfigError(f"{start.init_from!r} ends a chain of {depth - 1} LoRA runs; LoRA on it would make "
                               f"a chain of {depth}, and at most {checkpoint.MAX_BASES - 1} load: fine-tune it in full "
                               f"(without {{lora}}), which merges the chain", lora=("lora.rank", "R"))
     return _on_devices(job)

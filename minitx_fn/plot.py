@@ -48,6 +48,9 @@ def check_picture_path(path: str) -> None:
         raise PicturePathError(f"cannot write picture {path!r}: folder {folder!r} does not exist")
     if not os.access(folder, os.W_OK):
         raise PicturePathError(f"cannot write picture {path!r}: folder {folder!r} is not writable")
+    if runs.managing_run(path) is not None:               # the run's next save would delete it without a word
+        raise PicturePathError(f"cannot write picture {path!r}: it is inside the checkpoint of the run "
+                               f"{runs.managing_run(path)!r}, which its next save replaces")
 
 
 def plot_run(run_dir: str, png_path: str | None = None, *, log: bool = False, out=None) -> str:
@@ -67,6 +70,8 @@ def plot_run(run_dir: str, png_path: str | None = None, *, log: bool = False, ou
     png_path = png_path or os.path.join(run_dir, runs.LOSS_PNG)
     check_picture_path(png_path)
     metrics = os.path.join(run_dir, runs.METRICS)
+    if runs.not_regular(metrics):
+        raise Error(f"{metrics!r} is not a regular file (a pipe or a device); move it away")
     if not os.path.isfile(metrics):
         raise Error(f"{metrics!r} does not exist; give the directory of a training run")
     require_matplotlib()

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import tempfile
 from typing import NamedTuple
 
@@ -68,6 +69,23 @@ def managing_run(path: str) -> str | None:
         if parent == here:
             return None
         here = parent
+
+
+def not_regular(path: str) -> bool:
+    """Whether path exists (links followed) and is neither a regular file nor a folder:
+    a FIFO, whose opening blocks until a writer comes (no signal ends it), or a device
+    such as /dev/zero, whose reading never ends. Every file of a run is checked before
+    it is opened.
+
+    Example:
+        >>> not_regular("/dev/zero"), not_regular(tempfile.mkdtemp()), not_regular("/no/such/file")
+        (True, False, False)
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def check_new_run_dir(run_dir: str, *, ignore_temporaries: bool = False) -> None:
@@ -239,6 +257,8 @@ class Lock:
         self.took_over: int | None = None
 
     def _holder(self) -> tuple[int, str] | None:
+        if not_regular(self.path):                          # a pipe would block the read: unreadable
+            return None
         try:
             with open(self.path) as f:
                 pid, host = f.read().split()
@@ -315,6 +335,8 @@ def append_record(path: str, record: dict) -> None:
         Records(records=[{'step': 1, 'loss': 2.5}], torn=False)
     """
     line = json.dumps(record, allow_nan=False) + "\n"
+    if not_regular(path):
+        raise RunDirError(f"{path!r} is not a regular file (a pipe or a device); move it away")
     with open(path, "a") as f:
         f.write(line)
         f.flush()
@@ -332,6 +354,8 @@ def read_records(path: str) -> Records:
         >>> read_records(path)
         Records(records=[{'step': 1, 'loss': 2.5}], torn=True)
     """
+    if not_regular(path):
+        raise RunDirError(f"{path!r} is not a regular file (a pipe or a device); move it away")
     try:
         with open(path, "rb") as f:
             raw = f.read()

@@ -567,7 +567,8 @@ def _checked_special(special, vocab_size: int) -> dict:
         if value is None:
             continue
         if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab_size for i in ids):
-            raise ValueError(f"{name} = {value!r} must be an id in [0, {vocab_size}) or a list of them")
+            raise ValueError(f"{name} = {value!r} must be an id in [0, {vocab_size})"
+                             + (" or a list of them" if name == "eos_token_id" else ""))
         out[name] = value
     return out
 

@@ -572,3 +572,21 @@ def test_a_real_full_disk(tmp_path, capsys, monkeypatch):
     finally:
         os.chdir(tmp_path)
         subprocess.run(["umount", str(disk)], capture_output=True, timeout=10)
+
+
+def test_a_pipe_in_place_of_the_parameters_is_refused_at_once(work):
+    """A FIFO as params.npz would block the read until a writer came, past any signal."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("params.npz as a FIFO was waited on")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        os.remove("builtin/checkpoint/params.npz")
+        os.mkfifo("builtin/checkpoint/params.npz")
+        with pytest.raises(CheckpointError, match="params.npz' is not a regular file"):
+            checkpoint.load_model("builtin")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

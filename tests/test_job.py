@@ -517,7 +517,8 @@ def test_a_lora_run_needs_its_base_at_rest_however_the_base_is_named(work):
     lock = os.path.join("builtin", runs.LOCK)
     with open(lock, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}\n")                # a live process trains the base
-    for base in ("builtin", "builtin/checkpoint", os.path.abspath("builtin/checkpoint")):
+    os.symlink(os.path.abspath("builtin/checkpoint"), "link")            # a link to the checkpoint folder
+    for base in ("builtin", "builtin/checkpoint", os.path.abspath("builtin/checkpoint"), "link"):
         with pytest.raises(RunDirError, match="is being trained"):
             job.make(init_from=base, run_dir="again", training=lora)
     with pytest.raises(RunDirError, match="is being trained"):

@@ -84,3 +84,15 @@ def test_a_run_that_is_not_there_is_named_as_such(tmp_path):
     from minitx_fn.errors import Error
     with pytest.raises(Error, match="no run directory .*nope'; give the directory of a training run"):
         plot.plot_run(str(tmp_path / "nope"))
+
+
+def test_a_picture_is_never_written_inside_a_runs_checkpoint(tmp_path):
+    """A run's next save replaces its checkpoint folder whole: a picture put there,
+    directly or through a link, would vanish without a word."""
+    from minitx_fn.plot import PicturePathError, check_picture_path
+    (tmp_path / "run" / "checkpoint").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "run" / "checkpoint")
+    for path in (tmp_path / "run" / "checkpoint" / "a.png", tmp_path / "link" / "a.png"):
+        with pytest.raises(PicturePathError, match="inside the checkpoint of the run"):
+            check_picture_path(str(path))
+    check_picture_path(str(tmp_path / "run" / "a.png"))                  # beside the checkpoint: fine

@@ -108,3 +108,37 @@ def test_new_run_names_count_up(tmp_path):
     first = runs.new_run_name(str(tmp_path), "x")
     os.mkdir(first)
     assert os.path.basename(runs.new_run_name(str(tmp_path), "x")) == "x-002"
+
+
+def test_a_pipe_or_a_device_in_place_of_a_runs_file_is_refused_not_waited_on(tmp_path):
+    """A FIFO blocks whoever opens it until a writer comes (no signal ends the wait) and
+    /dev/zero never ends: as a run's metrics log, lock or checkpoint file each is one
+    error, at once (an alarm turns a hang into a failure)."""
+    import signal
+
+    from minitx_fn import checkpoint
+    from minitx_fn.errors import CheckpointError, RunDirError
+
+    def hung(signum, frame):
+        raise TimeoutError("a run's file that is no regular file was waited on")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        fifo = tmp_path / "fifo"
+        os.mkfifo(fifo)
+        for path in (fifo, "/dev/zero"):
+            with pytest.raises(RunDirError, match="is not a regular file"):
+                runs.read_records(str(path))
+            with pytest.raises(RunDirError, match="is not a regular file"):
+                runs.append_record(str(path), {"step": 1})
+        run = tmp_path / "run"
+        run.mkdir()
+        os.mkfifo(run / runs.LOCK)
+        assert runs.Lock(str(run)).live_holder() is None                 # unreadable, not waited on
+        (run / runs.CHECKPOINT).mkdir()
+        os.mkfifo(run / runs.CHECKPOINT / "meta.json")
+        with pytest.raises(CheckpointError, match="meta.json' is not a regular file"):
+            checkpoint.load_model(str(run))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

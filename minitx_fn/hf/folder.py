@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import tempfile
 
 import numpy as np
@@ -59,11 +58,7 @@ def require_regular(path: str) -> None:
         Traceback (most recent call last):
         minitx_fn.errors.HFError: '/dev/zero' is not a regular file (a pipe, a device or a socket); ...
     """
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return                                   # missing or unreadable: the reader says so
-    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+    if runs.not_regular(path):
         raise HFError(f"{path!r} is not a regular file (a pipe, a device or a socket); a model folder holds files")
 
 
@@ -177,8 +172,9 @@ def import_dir(hf_dir: str, *, param_dtype: str = "float32") -> tuple[ModelConfi
     NumPy arrays, tokenizer with the special ids config.json names)."""
     config = read_config(hf_dir, param_dtype=param_dtype)
     hf = read_json(os.path.join(hf_dir, "config.json"), "a Hugging Face model folder needs one")
+    tokenizer = read_tokenizer(hf_dir)
     try:                          # the ids config.json names bos, eos and pad, kept for export-hf
-        tokenizer = read_tokenizer(hf_dir).with_special({name: hf.get(name) for name in SPECIAL_TOKENS})
+        tokenizer = tokenizer.with_special({name: hf.get(name) for name in SPECIAL_TOKENS})
     except ValueError as e:
         raise HFError(f"config.json: {e}") from None
     if tokenizer.vocab_size > config.vocab_size:        # fewer is a padded table (Qwen2's): those rows go unused
