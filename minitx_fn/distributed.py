@@ -70,7 +70,8 @@ def check_address(text: str) -> str:
     """
     host, _, port = text.rpartition(":")
     if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ProcessesError("{coordinator} is not HOST:PORT with a port in [1, 65535]", coordinator=("coordinator", text))
+        raise ProcessesError("{coordinator} is not HOST:PORT with a port in [1, 65535]",
+                             coordinator=("coordinator", text))
     return text
 
 

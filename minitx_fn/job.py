@@ -561,13 +561,16 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
         next_batch = stack.enter_context(data.Prefetcher(host_batch, start=int(distributed.scalar(state.step))))
         where = (f"gathered on the host from the memory-mapped {len(plan.train_ids):,} training tokens, "
                  f"prefetched {data.Prefetcher.DEPTH} steps ahead")
+    # One evaluation batch for the whole run, sized from memory now: a size that followed
+    # the memory free at each evaluation would compile the loss again whenever it moved.
+    eval_batch = None if plan.val_windows is None else memory.evaluation_batch(model, plan.val_windows.shape[1] - 1)
 
     def evaluate(params):
         if mesh is not None:
             params = jax.device_put(distributed.to_host(params), jax.local_devices()[0])
         if plan.base is not None:                                   # adapters: the model is base + A B
             params = lora.merge(plan.base, params, scale=tc.lora.scale)
-        return trainer.evaluate(params, plan.val_windows, model=model)
+        return trainer.evaluate(params, plan.val_windows, model=model, batch_size=eval_batch)
 
     def save(s):
         host_state = distributed.to_host(s)                         # every process takes part in the gather

@@ -90,9 +90,9 @@ def not_regular(path: str) -> bool:
 
 def check_new_run_dir(run_dir: str, *, ignore_temporaries: bool = False) -> None:
     """RunDirError unless a new run can be written to run_dir: it is not a file nor
-    inside another run's checkpoint (`managing_run`), holds nothing of another run (but, with ignore_temporaries, the temporary folders of a
-    killed save, which the caller removes under the lock), and it (or the nearest
-    existing parent) is writable.
+    inside another run's checkpoint (`managing_run`), holds nothing of another run
+    (but, with ignore_temporaries, the temporary folders of a killed save, which the
+    caller removes under the lock), and it (or the nearest existing parent) is writable.
 
     Example:
         >>> check_new_run_dir(os.path.join(tempfile.mkdtemp(), "new-run"))

@@ -347,9 +347,9 @@ def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_s
              progress: Callable[[int, int], None] | None = None) -> float:
     """Mean next-token loss over all windows (W, T + 1), in fixed-size batches (the last
     one padded with zero-weight rows, so one compiled shape serves every batch) of
-    batch_size windows, by default as many as memory holds (`memory.evaluation_batch`:
-    GPT-2 small's 50,257 logits a position make a window 617 MB). The
-    windows may be a `data.Windows` over a memory map: each batch is gathered when it
+    batch_size windows (at most W), by default as many as memory holds
+    (`memory.evaluation_batch`: GPT-2 small's 50,257 logits a position make a window
+    617 MB). The windows may be a `data.Windows` over a memory map: each batch is gathered when it
     is needed, so a text larger than memory is fine. progress(done, W) after each batch.
 
     `model` is any model value (its `apply`; equal values share one compiled function).
@@ -360,8 +360,7 @@ def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_s
         >>> evaluate(cfg.init(jax.random.key(0)), windows, model=cfg, batch_size=2) > 0
         True
     """
-    if batch_size is None:
-        batch_size = memory.evaluation_batch(model, windows.shape[1] - 1)
+    batch_size = min(batch_size or memory.evaluation_batch(model, windows.shape[1] - 1), max(1, len(windows)))
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = np.asarray(windows[start:start + batch_size])

@@ -405,7 +405,8 @@ def test_nothing_is_written_inside_a_runs_checkpoint_by_any_route(tmp_path, caps
     shutil.copytree(gpt2_shaped_run, run)
     (tmp_path / "link").symlink_to(run / "checkpoint")
     before = sorted(os.listdir(run / "checkpoint"))
-    for command, source, out in (("export-hf", run, run / "checkpoint" / "hf"), ("export-hf", run, tmp_path / "link" / "hf"),
+    for command, source, out in (("export-hf", run, run / "checkpoint" / "hf"),
+                                 ("export-hf", run, tmp_path / "link" / "hf"),
                                  ("import-hf", hf_dir, run / "checkpoint" / "imp"),
                                  ("import-hf", hf_dir, tmp_path / "link" / "imp")):
         code, _, err = run_main(capsys, command, source, "--out", out)

@@ -582,3 +582,16 @@ def test_a_run_started_from_another_refuses_what_it_would_silently_drop(work):
     with pytest.raises(DataError, match="the text given .text='Zebra'. holds characters the run's char tokenizer "
                                         "lacks: 2 character.s. not in the vocabulary: 'Zb'"):
         job.plan(job.make(text="Zebra", init_from="builtin", run_dir="z", training={"steps": 2}), log=io.StringIO())
+
+
+def test_the_evaluation_batch_is_sized_once_a_run(monkeypatch):
+    """Validation during training uses one batch size for the whole run, sized from
+    memory at the start: sized at each evaluation, it would follow the memory free and
+    compile the loss again whenever that moved."""
+    from minitx_fn import memory
+    sized = []
+    real = memory.evaluation_batch
+    monkeypatch.setattr(memory, "evaluation_batch", lambda *a, **k: sized.append(a) or real(*a, **k))
+    open("t.txt", "w").write("to be or not to be, that is the question. " * 40)
+    result = _train("t.txt", training={"steps": 6, "batch_size": 8, "log_every": 2, "eval_every": 2})
+    assert len([r for r in result.records if "val_loss" in r]) == 3 and len(sized) == 1

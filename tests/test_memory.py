@@ -87,5 +87,6 @@ def test_evaluation_batches_fit_gpt2_small_and_larger_tables_in_the_memory_there
     big = ModelConfig(vocab_size=65536, max_len=8192, d_model=64, n_heads=4, n_layers=1, **defaults.ARCHS["llama"])
     assert memory.evaluation_batch(big, 8192) == 1
     monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
-    with pytest.raises(MemoryBudgetError, match="evaluating this model needs at least .*max_len=8192 or vocab_size=65536"):
+    with pytest.raises(MemoryBudgetError, match="evaluating this model needs at least .*max_len=8192 or "
+                                                "vocab_size=65536"):
         memory.evaluation_batch(big, 8192)

@@ -70,7 +70,8 @@ def test_greedy_stop_sequence_and_a_row_alone(key):
     first = gen.generate(params, prompts[:1], model=CFG, max_new_tokens=12)[0]
     stop = tuple(int(t) for t in first[5:7])
     want = gen.generate(params, prompts, model=CFG, max_new_tokens=12, stop=stop)
-    got = speculative.speculate(params, prompts, model=CFG, max_new_tokens=12, stop=stop, draft=draft, draft_tokens=3).tokens
+    got = speculative.speculate(params, prompts, model=CFG, max_new_tokens=12, stop=stop, draft=draft,
+                                draft_tokens=3).tokens
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     alone = speculative.speculate(params, prompts[1:2], model=CFG, max_new_tokens=12, stop=stop, draft=draft,

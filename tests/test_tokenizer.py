@@ -153,7 +153,8 @@ def _sentencepiece_style():
     one prepended), and byte fallback: a character it has no piece for is its UTF-8
     bytes as "<0xNN>" pieces."""
     import tokenizers as tk
-    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {c: 256 + i for i, c in enumerate("▁abcdefghijklmnopqrstuvwxyz")}
+    pieces = "▁abcdefghijklmnopqrstuvwxyz"
+    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {c: 256 + i for i, c in enumerate(pieces)}
     hf = tk.Tokenizer(tk.models.BPE(vocab, [], byte_fallback=True))
     hf.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     hf.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),

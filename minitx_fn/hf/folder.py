@@ -130,7 +130,8 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
                     + "; download the model again")
         tensors.update(shard)
     # bfloat16 arrives as ml_dtypes' bfloat16, which NumPy does not count as floating point.
-    bad = sorted(n for n, a in tensors.items() if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"))
+    bad = sorted(n for n, a in tensors.items()
+                 if not (np.issubdtype(a.dtype, np.floating) or a.dtype.name == "bfloat16"))
     if bad:
         raise HFError(f"tensors {few(bad)} are not floating point ({tensors[bad[0]].dtype}); a model's weights are")
     return tensors

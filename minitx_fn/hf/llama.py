@@ -402,5 +402,6 @@ def params_to_hf(params: dict, config: ModelConfig) -> dict[str, np.ndarray]:
     return {name: np.ascontiguousarray(array) for name, array in tensors.items()}
 
 
-__all__ = ["MODEL_TYPES", "ROPE_KEYS", "ROPE_NAMES", "check_exportable", "config_from_hf", "config_to_hf", "expected_shapes", "family",
+__all__ = ["MODEL_TYPES", "ROPE_KEYS", "ROPE_NAMES", "check_exportable", "config_from_hf", "config_to_hf",
+           "expected_shapes", "family",
            "params_from_hf", "params_to_hf", "rope_parameters", "rope_scaling", "rope_theta"]

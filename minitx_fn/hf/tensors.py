@@ -55,7 +55,8 @@ def checked_tensors(tensors: dict[str, np.ndarray], want: dict[str, tuple[int, .
         minitx_fn.errors.HFError: the weights do not match config.json: missing b
     """
     missing, unexpected = sorted(want.keys() - tensors.keys()), sorted(tensors.keys() - want.keys())
-    wrong = [f"{name} {tuple(tensors[name].shape)} (needs {want[name]})" for name in sorted(want.keys() & tensors.keys())
+    wrong = [f"{name} {tuple(tensors[name].shape)} (needs {want[name]})"
+             for name in sorted(want.keys() & tensors.keys())
              if tuple(tensors[name].shape) != want[name]]
     if missing or unexpected or wrong:
         parts = [f"missing {few(missing)}" if missing else "", f"unexpected {few(unexpected)}" if unexpected else "",
