@@ -51,7 +51,8 @@ from minitx_fn.tokenizer import BPETokenizer, CharTokenizer, Tokenizer  # noqa: 
 # 2: "learned" says whether the tokenizer was learned from this text (what a plain
 # `--data FILE` reuses) or given (a resumed or fine-tuned run's own). 3: the special ids
 # a tokenizer puts before a text (a BOS) appear once, at the start, not at every piece.
-MANIFEST_VERSION = 3
+# 4: so does the space a SentencePiece-style tokenizer prepends to a text.
+MANIFEST_VERSION = 4
 CHUNK_BYTES = 16 << 20
 BPE_TRAINING_BYTES = 64 << 20      # the merges are learned from at most this much of the training split
 
@@ -148,7 +149,7 @@ class Corpus:
                                                                   lambda: [text[:_bpe_split(text)]]), vocab_size)
         if tokenizer.splits_text:                      # the document's start once, then its two parts as pieces
             cut = _bpe_split(text)
-            parts = [np.concatenate([tokenizer.document_start(), tokenizer.encode_utf8(text[:cut].encode())]),
+            parts = [tokenizer.encode_utf8(text[:cut].encode(), starts_document=True),
                      tokenizer.encode_utf8(text[cut:].encode())]
             ids, boundary = np.concatenate(parts), len(parts[0])
         else:
@@ -552,9 +553,8 @@ def _build(folder: str, path: str, size: int, sha256: str, split_at: int, tokeni
             for start, end in ranges:
                 for offset, raw in chunks(path, start=start, end=end):
                     encoded.update(raw)
-                    ids = tokenizer.encode_utf8(raw)
-                    if offset == 0:                      # the document's start (a BOS) once, not at every piece
-                        ids = np.concatenate([tokenizer.document_start(), ids])
+                    # the document's start (a BOS, a prepended space) once, not at every piece
+                    ids = tokenizer.encode_utf8(raw, starts_document=offset == 0)
                     blob = ids.astype(dtype).tobytes()
                     f.write(blob)
                     digest.update(blob)

@@ -6,11 +6,12 @@
     bpe     bytes merged by byte-level BPE           none: any text         the training split (`tokenizers`)
 
 Every kind has `kind`, `vocab_size`, `encode(text) -> (T,) int32`, `decode(ids) -> str`,
-`encode_utf8(raw bytes) -> (T,) int32` (a chunk of a file, the fastest way the kind
-allows), `to_meta() -> dict` (what a checkpoint stores; `from_meta` reads it back),
-`hf_json()` (its Hugging Face tokenizer.json, None without one), `document_start()`
-(the ids a text begins with, an imported tokenizer's BOS; `encode_utf8` adds none, so a
-prepared file holds them once, at its start) and `learn(source,
+`encode_utf8(raw bytes, starts_document) -> (T,) int32` (a chunk of a file, the fastest
+way the kind allows; only the chunk that starts a document gets what a tokenizer puts
+at a text's start, so a prepared file holds it once), `to_meta() -> dict` (what a
+checkpoint stores; `from_meta` reads it back), `hf_json()` (its Hugging Face
+tokenizer.json, None without one), `document_start()` (the ids a text begins with, an
+imported tokenizer's BOS) and `learn(source,
 vocab_size)`, how it is made from a text (`learn(kind, ...)` picks the kind, `CLASSES`).
 What differs between the kinds, each says itself, so no caller asks for the kind:
 
@@ -79,7 +80,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> np.ndarray: ...
 
-    def encode_utf8(self, raw: bytes) -> np.ndarray: ...
+    def encode_utf8(self, raw: bytes, starts_document: bool = False) -> np.ndarray: ...
 
     def decode(self, ids) -> str: ...
 
@@ -252,9 +253,9 @@ class CharTokenizer:
                 f"(the model knows {self.vocab_size}: {self.chars!r})")
         return ids
 
-    def encode_utf8(self, raw: bytes) -> np.ndarray:
+    def encode_utf8(self, raw: bytes, starts_document: bool = False) -> np.ndarray:
         """Whole UTF-8 characters -> (T,) int32 ids: one table look-up per code point,
-        a block at a time (ASCII blocks without decoding)."""
+        a block at a time (ASCII blocks without decoding). A document's start adds nothing."""
         blocks = [self.lookup(points) for points in utf8_code_points(raw)]
         ids = np.concatenate(blocks) if blocks else np.zeros(0, np.int32)
         if ids.size and ids.min() < 0:                     # a character this vocabulary lacks
@@ -307,7 +308,8 @@ class ByteTokenizer:
         # instead of failing; decoding turns it into U+FFFD.
         return np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8).astype(np.int32)
 
-    def encode_utf8(self, raw: bytes) -> np.ndarray:
+    def encode_utf8(self, raw: bytes, starts_document: bool = False) -> np.ndarray:
+        """One id per byte; a document's start adds nothing."""
         return np.frombuffer(raw, np.uint8).astype(np.int32)
 
     @classmethod
@@ -504,26 +506,37 @@ class BPETokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self._hf.encode(text).ids, np.int32)
 
-    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: list[str], continuing: bool = False) -> list[np.ndarray]:
         """Several pieces of a text at once, on every core, without the special tokens
         the tokenizer adds to a whole text (`document_start`): a BOS at every piece
-        would be data the model never saw."""
-        return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(texts, add_special_tokens=False)]
+        would be data the model never saw. continuing: the pieces continue a text, so
+        nothing is prepended to them either (SentencePiece's "▁", `_continuing`)."""
+        hf = self._continuing if continuing else self._hf
+        return [np.asarray(e.ids, np.int32) for e in hf.encode_batch(texts, add_special_tokens=False)]
+
+    @functools.cached_property
+    def _continuing(self):
+        """This tokenizer with nothing prepended to a text: Llama-2's Metaspace (or its
+        normalizer's Prepend) writes a space before every text it encodes, which inside a
+        document is a space the text does not have."""
+        return require_tokenizers().Tokenizer.from_str(json.dumps(_without_prefix(json.loads(self.to_json()))))
 
     def document_start(self) -> np.ndarray:
         """The ids the tokenizer puts before a text (Llama 3's BOS, from its
         post-processor), none for GPT-2's: what `encode("")` gives."""
         return np.asarray(self._hf.encode("").ids, np.int32)
 
-    def encode_utf8(self, raw: bytes) -> np.ndarray:
+    def encode_utf8(self, raw: bytes, starts_document: bool = False) -> np.ndarray:
         """Whole UTF-8 characters -> (T,) int32 ids, a few pieces at a time: tokenizers
         keeps ~100 bytes of offsets and strings per token until a batch returns, so a
-        whole 16 MB chunk at once would take a gigabyte."""
+        whole 16 MB chunk at once would take a gigabyte. Only a document's first piece
+        is encoded as a text's start (its BOS, a prepended space); the rest continue it."""
         pieces = self.pieces(raw.decode("utf-8"))
-        ids = [np.zeros(0, np.int32)]
-        for start in range(0, len(pieces), BPE_PIECES_PER_BATCH):
-            ids += self.encode_batch(pieces[start:start + BPE_PIECES_PER_BATCH])
-        return np.concatenate(ids)
+        ids = [self.document_start(), *self.encode_batch(pieces[:1])] if starts_document else []
+        rest = pieces[1:] if starts_document else pieces
+        for start in range(0, len(rest), BPE_PIECES_PER_BATCH):
+            ids += self.encode_batch(rest[start:start + BPE_PIECES_PER_BATCH], continuing=True)
+        return np.concatenate([np.zeros(0, np.int32), *ids])
 
     def decode(self, ids) -> str:
         return self._hf.decode(known_ids(ids, self).tolist())
@@ -536,6 +549,34 @@ class BPETokenizer:
 
     def __hash__(self) -> int:
         return hash(self.to_json())
+
+
+def _without_prefix(spec: dict) -> dict:
+    """A `tokenizers` JSON with nothing prepended to a text: no normalizer `Prepend`, and
+    Metaspace and ByteLevel pre-tokenizers that add no space (`BPETokenizer._continuing`).
+
+    Example:
+        >>> _without_prefix({"normalizer": {"type": "Sequence", "normalizers": [
+        ...     {"type": "Prepend", "prepend": "▁"}, {"type": "Replace"}]}, "pre_tokenizer": {
+        ...     "type": "Metaspace", "prepend_scheme": "first", "split": False}})
+        {'normalizer': {'type': 'Sequence', 'normalizers': [{'type': 'Replace'}]}, \
+'pre_tokenizer': {'type': 'Metaspace', 'prepend_scheme': 'never', 'split': False}}
+    """
+    def strip(part):
+        if not isinstance(part, dict):
+            return part
+        if part.get("type") == "Prepend":
+            return None
+        part = dict(part)
+        for key in ("normalizers", "pretokenizers"):           # a Sequence's parts
+            if isinstance(part.get(key), list):
+                part[key] = [p for p in map(strip, part[key]) if p is not None]
+        if part.get("type") == "Metaspace" and "prepend_scheme" in part:
+            part["prepend_scheme"] = "never"
+        if part.get("type") in ("Metaspace", "ByteLevel") and "add_prefix_space" in part:
+            part["add_prefix_space"] = False
+        return part
+    return {**spec, **{key: strip(spec.get(key)) for key in ("normalizer", "pre_tokenizer") if key in spec}}
 
 
 CLASSES = {cls.kind: cls for cls in (CharTokenizer, ByteTokenizer, BPETokenizer)}   # in the order of KINDS

@@ -121,3 +121,24 @@ def fail_fsync(monkeypatch, error: int, where=lambda path: True) -> None:
         return real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
+
+
+def sentencepiece_style(legacy: bool = False):
+    """Llama-2's kind of tokenizer in Hugging Face's form: a space is "▁", one prepended
+    to a text, and byte fallback: a character it has no piece for is its UTF-8 bytes as
+    "<0xNN>" pieces. legacy: as Llama-2's own tokenizer.json does it, with no
+    pre-tokenizer and a normalizer that prepends "▁" and writes each space as "▁";
+    else by a Metaspace pre-tokenizer. Needs `tokenizers`."""
+    import tokenizers as tk
+
+    from minitx_fn.tokenizer import BPETokenizer
+    pieces = "▁abcdefghijklmnopqrstuvwxyz"
+    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {c: 256 + i for i, c in enumerate(pieces)}
+    hf = tk.Tokenizer(tk.models.BPE(vocab, [], byte_fallback=True))
+    if legacy:
+        hf.normalizer = tk.normalizers.Sequence([tk.normalizers.Prepend("▁"), tk.normalizers.Replace(" ", "▁")])
+    else:
+        hf.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    hf.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),
+                                       tk.decoders.Strip(" ", 1, 0)])
+    return BPETokenizer(hf)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from minitx_fn import corpus, signals
 from minitx_fn.errors import DataError, StorageError
 from minitx_fn.tokenizer import ByteTokenizer, CharTokenizer
-from tests.helpers import fail_fsync
+from tests.helpers import fail_fsync, sentencepiece_style
 
 needs_tokenizers = pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None, reason="the bpe tokenizer "
                                       "needs the optional 'tokenizers' library (pip install -e '.[bpe]')")
@@ -342,3 +342,19 @@ def test_a_tokenizer_that_begins_a_text_with_bos_puts_it_once_at_the_start(tmp_p
     for made in (prepared, in_memory):
         ids = np.asarray(made.ids)
         assert ids[0] == 0 and int((ids == 0).sum()) == 1 and len(ids) == 1 + 6 * 20_000
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_tokenizer_that_prepends_a_space_puts_it_once_at_the_start(tmp_path, legacy):
+    """Llama-2's tokenizer writes a space before every text it encodes; a prepared file
+    (many pieces, two splits) and a text in memory get it once, at the document's start,
+    so their ids decode to the text itself (a space at every piece and at the 90% split
+    before)."""
+    pytest.importorskip("tokenizers", reason="the SentencePiece-style tokenizer needs the test extra's tokenizers")
+    tokenizer = sentencepiece_style(legacy)
+    text = "to be or not to be\n" * 8_000                       # 152,000 characters: several pieces, two splits
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    prepared = corpus.prepare(str(path), tokenizer=tokenizer, cache_dir=str(tmp_path / "cache"), out=io.StringIO())
+    for made in (prepared, corpus.Corpus.from_text(text, tokenizer=tokenizer)):
+        assert tokenizer.decode(np.asarray(made.ids)) == text

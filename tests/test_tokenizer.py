@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from minitx_fn import tokenizer as tokenizers_
 from minitx_fn.tokenizer import BPETokenizer, ByteTokenizer, CharTokenizer, UnknownCharactersError
+from tests.helpers import sentencepiece_style
 
 try:
     import tokenizers  # noqa: F401
@@ -148,18 +149,27 @@ def test_bpe_without_its_library_says_how_to_install_it(monkeypatch):
         tokenizers_.require_tokenizers()
 
 
-def _sentencepiece_style():
-    """Llama-2's kind of tokenizer in Hugging Face's form: Metaspace ("▁" for a space,
-    one prepended), and byte fallback: a character it has no piece for is its UTF-8
-    bytes as "<0xNN>" pieces."""
-    import tokenizers as tk
-    pieces = "▁abcdefghijklmnopqrstuvwxyz"
-    vocab = {f"<0x{b:02X}>": b for b in range(256)} | {c: 256 + i for i, c in enumerate(pieces)}
-    hf = tk.Tokenizer(tk.models.BPE(vocab, [], byte_fallback=True))
-    hf.pre_tokenizer = tk.pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    hf.decoder = tk.decoders.Sequence([tk.decoders.Replace("▁", " "), tk.decoders.ByteFallback(), tk.decoders.Fuse(),
-                                       tk.decoders.Strip(" ", 1, 0)])
-    return BPETokenizer(hf)
+@needs_tokenizers
+@given(text=st.text(alphabet=st.sampled_from(list("ab xé\n")), max_size=60).map(lambda t: "a" + t),
+       piece=st.sampled_from([4, 8]), legacy=st.booleans())
+def test_a_document_encoded_in_pieces_decodes_to_its_text(text, piece, legacy):
+    """A file is encoded a piece at a time: a SentencePiece-style tokenizer prepends a
+    space to each text it encodes (by Metaspace's prepend_scheme, or Llama-2's normalizer
+    Prepend), which a piece inside a document must not get. Decoded, the ids are the
+    text; the first piece alone is encoded as the whole text would be."""
+    tok = sentencepiece_style(legacy)
+    old = tokenizers_.BPE_PIECE_CHARS, tokenizers_.BPE_HARD_CUT_CHARS
+    tokenizers_.BPE_PIECE_CHARS, tokenizers_.BPE_HARD_CUT_CHARS = piece, 3
+    try:
+        pieces = BPETokenizer.pieces(text)
+        ids = tok.encode_utf8(text.encode(), starts_document=True)
+        rest = tok.encode_utf8(text.encode())
+    finally:
+        tokenizers_.BPE_PIECE_CHARS, tokenizers_.BPE_HARD_CUT_CHARS = old
+    assert tok.decode(ids) == text
+    assert tok.decode(ids[:len(tok.encode(pieces[0]))]) == pieces[0]
+    assert tok.encode(text[:0] + pieces[0]).tolist() == ids[:len(tok.encode(pieces[0]))].tolist()
+    assert tok.decode(np.concatenate([ids, rest])) == text + text        # a continuation: no space between
 
 
 @needs_tokenizers
@@ -169,7 +179,7 @@ def test_the_bytes_each_id_stands_for_add_up_to_the_texts_bytes(text):
     exactly; for a SentencePiece-style tokenizer, the text's and the space Metaspace
     prepends ("<0xC3>" is one byte, not six characters). The texts begin with a letter:
     SentencePiece's decoding drops a text's leading spaces."""
-    for tok, extra in ((_bpe(), 0), (_sentencepiece_style(), 1)):
+    for tok, extra in ((_bpe(), 0), (sentencepiece_style(), 1)):
         ids = tok.encode(text)
         assert tok.decode(ids) == text
         assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8")) + extra, (tok.kind, text)
