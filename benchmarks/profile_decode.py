@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_decode
     python -m benchmarks.profile_decode --prompt 512 --new-tokens 32 --top 30
+    python -m benchmarks.profile_decode --quantize int8
 
 Random weights of GPT-2 small's shape (D = 768, L = 12, V = 50,257, context 1,024,
 learned positions, tied head), one greedy generation of --new-tokens tokens after a
@@ -30,7 +31,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks.common import positive_int  # noqa: E402
 from benchmarks.profile_step import operation_times  # noqa: E402
-from minitx_fn import decode, generate  # noqa: E402
+from minitx_fn import decode, generate, quantize  # noqa: E402
 from minitx_fn.config import ModelConfig  # noqa: E402
 from minitx_fn.sampling import Sampler  # noqa: E402
 
@@ -43,11 +44,13 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", type=positive_int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--new-tokens", type=positive_int, default=64, help="generated tokens (default 64)")
     p.add_argument("--top", type=positive_int, default=20, help="rows to print")
+    p.add_argument("--quantize", choices=quantize.KINDS, help="decode from quantized weights (`quantize.quantize`)")
     args = p.parse_args(argv)
     c = GPT2_SMALL
     if args.prompt + args.new_tokens > c.max_len:
         p.error(f"--prompt + --new-tokens must fit GPT-2 small's {c.max_len} positions")
-    params = decode.decode_params(c, c.init(jax.random.key(0)))
+    params = c.init(jax.random.key(0))
+    params = decode.decode_params(c, params if args.quantize is None else quantize.quantize(params, args.quantize))
     window = np.zeros((1, c.max_len), np.int32)
     window[0, :args.prompt] = np.random.default_rng(0).integers(0, c.vocab_size, args.prompt)
     call = (params, jnp.asarray(window), jnp.asarray([args.prompt], jnp.int32), jax.random.key(0),

@@ -116,4 +116,5 @@ def make_step(c: ModelConfig, tc: TrainConfig, params: dict, *, fused: bool = Tr
         opt.step()
         return loss.detach()
 
+    step.optimizer = opt                  # a caller with a schedule sets each group's lr before a step
     return step, lm

@@ -42,6 +42,8 @@ FINETUNE = "docs/figures/finetune-cpu-2026-12-02.json"
 ARCH = "docs/figures/arch-cpu-2026-12-03.json"
 SPECULATIVE = "docs/figures/speculative-cpu-2026-12-03.json"
 QUANTIZE = "docs/figures/quantize-cpu-2026-12-07.json"
+INT8_LOOP = "docs/figures/int8-loop-cpu-2026-12-07.json"
+EVAL_MEMORY = "docs/figures/eval-memory-cpu-2026-12-07.json"
 
 
 def load(path: str) -> dict:
@@ -413,6 +415,24 @@ def quantized() -> str:
         source(QUANTIZE, "python -m benchmarks.quantize")])
 
 
+def int8_loop() -> str:
+    d = load(INT8_LOOP)
+    rows = [[name, n(r["ms_per_pass"], 2), n(r["weights_per_s"] / 1e9, 2)] for name, r in d["rows"].items()]
+    return "\n\n".join([
+        "Eight (3072, 768) matrix-vector products at batch 1, alone and inside a `fori_loop`:",
+        table(["weights, where", "ms per pass", "billion weights read per second"], rows),
+        source(INT8_LOOP, "python -m benchmarks.int8_loop")])
+
+
+def eval_memory() -> str:
+    d = load(EVAL_MEMORY)
+    return "\n\n".join([
+        f"GPT-2 small's shape, {d['windows']} windows of {n(d['positions'])} positions: batches of {d['batch']} "
+        f"(estimated {d['batch_bytes_estimate'] / 1e9:.1f} GB a batch with {d['available_bytes'] / 1e9:.1f} GB "
+        f"available), {d['seconds']:.0f} s, peak resident memory {d['peak_rss_bytes'] / 1e9:.1f} GB.",
+        source(EVAL_MEMORY, "python -m benchmarks.eval_memory")])
+
+
 RENDER = {
     "headline": headline,
     "train-step": train_step,
@@ -430,6 +450,8 @@ RENDER = {
     "arch": arch,
     "speculative": speculative,
     "quantize": quantized,
+    "int8-loop": int8_loop,
+    "eval-memory": eval_memory,
 }
 
 

@@ -35,7 +35,7 @@ import sys
 
 from minitx_fn import defaults
 from minitx_fn.config import ModelConfig, OptimizerConfig, TrainConfig
-from minitx_fn.defaults import INT32_MAX, MAX_NEW_TOKENS, PRESETS
+from minitx_fn.defaults import INT32_MAX, MAX_NEW_TOKENS, PRESETS, QUANTIZE_KINDS
 from minitx_fn.errors import Error, RunFailed, StorageError
 
 # The flags of `minitx train` that set a ModelConfig field, and that field; every
@@ -46,11 +46,13 @@ MODEL_FLAGS = {"width": "d_model", "layers": "n_layers", "heads": "n_heads", "co
                "mlp": "mlp", "kv_heads": "n_kv_heads", "rope_theta": "rope_theta", "bias": "bias",
                "qkv_bias": "qkv_bias"}
 TRAIN_FLAGS = ("steps", "batch_size", "seed", "eval_every", "save_every", "log_every", "eval_tokens", "grad_accum")
-OPTIMIZER_FLAGS = ("lr", "min_lr", "warmup", "decay_steps", "weight_decay")
+OPTIMIZER_FLAGS = {"lr": "lr", "min_lr": "min_lr", "warmup": "warmup", "decay_steps": "decay_steps",
+                   "weight_decay": "weight_decay", "optimizer": "method", "muon_lr": "muon_lr", "momentum": "momentum"}
 LORA_FLAGS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_targets": "targets"}
 # The one table from the names the library's messages use to the flags a user types.
 FLAGS = {**{field: "--" + flag.replace("_", "-") for flag, field in MODEL_FLAGS.items()},
-         **{name: "--" + name.replace("_", "-") for name in (*TRAIN_FLAGS, *OPTIMIZER_FLAGS)},
+         **{name: "--" + name.replace("_", "-") for name in TRAIN_FLAGS},
+         **{field: "--" + flag.replace("_", "-") for flag, field in OPTIMIZER_FLAGS.items()},
          **{"lora." + field: "--" + flag.replace("_", "-") for flag, field in LORA_FLAGS.items()},
          "sample_tokens": "--max-new-tokens",
          **{name: "--" + name.replace("_", "-") for name in ("devices", "max_new_tokens", "temperature", "top_k",
@@ -135,7 +137,7 @@ def _defaults(flag: str) -> str:
     if flag in MODEL_FLAGS:
         field, config, settings_of = MODEL_FLAGS[flag], ModelConfig, lambda s: s["model"]
     elif flag in OPTIMIZER_FLAGS:
-        field, config, settings_of = flag, OptimizerConfig, lambda s: s["train"].get("optimizer", {})
+        field, config, settings_of = OPTIMIZER_FLAGS[flag], OptimizerConfig, lambda s: s["train"].get("optimizer", {})
     else:
         field, config, settings_of = flag, TrainConfig, lambda s: s["train"]
     own = next(f.default for f in dataclasses.fields(config) if f.name == field)
@@ -243,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "first run, kept on resume)")
     t.add_argument("--weight-decay", type=_float, help=f"AdamW's decoupled weight decay on matrices and the "
                    f"embedding ({_defaults('weight_decay')})")
+    t.add_argument("--optimizer", choices=defaults.OPTIMIZERS, help=f"adamw; or muon: the blocks' weight matrices "
+                   f"step along their orthogonalised momentum at --muon-lr, the rest by Adam at --lr "
+                   f"({_defaults('optimizer')})")
+    t.add_argument("--muon-lr", type=_float, help=f"with --optimizer muon: the matrices' peak learning rate "
+                   f"({_defaults('muon_lr')})")
+    t.add_argument("--momentum", type=_float, help=f"with --optimizer muon: its momentum ({_defaults('momentum')})")
     t.add_argument("--seed", type=_int_in(0, defaults.SEED_MAX), help=f"seeds initialisation and batches "
                    f"({_defaults('seed')})")
     t.add_argument("--eval-every", type=_positive, help=f"validation loss every N steps and at the end "
@@ -289,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the draft agrees often)")
     g.add_argument("--draft-tokens", type=_positive, help=f"with --draft: tokens it proposes per round (default "
                    f"{defaults.DRAFT_TOKENS})")
+    g.add_argument("--quantize", choices=QUANTIZE_KINDS, help="decode from the run's weights quantized as it "
+                   "loads: int8 (a scale per output row) or bfloat16; fewer bytes a token, faster at batch 1")
 
     v = command("eval", "the loss, perplexity and bits per byte of a text under a trained model")
     v.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -298,6 +308,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "N tokens (whole windows of the model's context) instead of all of them (default all)")
     v.add_argument("--json", metavar="FILE", help="also write {loss, perplexity, bits_per_byte, tokens} here")
     v.add_argument("--cache-dir", metavar="DIR", type=_nonempty, help="where prepared data is kept (as for train)")
+    v.add_argument("--quantize", choices=QUANTIZE_KINDS, help="evaluate the run's weights quantized (int8 or "
+                   "bfloat16) and compare them with its float weights on the same windows: loss rise, KL per token, "
+                   "top-1 and greedy agreement")
 
     a = command("attention", "draw the attention maps of every layer and head for a prompt")
     a.add_argument("--checkpoint", required=True, metavar="DIR", help="a run directory (or its checkpoint/)")
@@ -391,7 +404,7 @@ def to_job(args):
     model = {**defaults.ARCHS.get(args.arch, {}),
              **{field: getattr(args, flag) for flag, field in MODEL_FLAGS.items() if getattr(args, flag) is not None}}
     training = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    optimizer = {name: getattr(args, name) for name in OPTIMIZER_FLAGS if getattr(args, name) is not None}
+    optimizer = {field: getattr(args, flag) for flag, field in OPTIMIZER_FLAGS.items() if getattr(args, flag) is not None}
     lora = {field: getattr(args, flag) for flag, field in LORA_FLAGS.items() if getattr(args, flag) is not None}
     if lora.get("rank") == 0:                             # --lora-rank 0: every parameter trains
         del lora["rank"]
@@ -433,6 +446,9 @@ def cmd_generate(args, out=None) -> int:
     if args.draft_tokens is not None and args.draft is None:
         raise UsageError("--draft-tokens needs --draft RUN, the draft model that proposes them")
     loaded = checkpoint.load_model(args.checkpoint, trust_code=args.trust_code)
+    if args.quantize is not None:
+        from minitx_fn import quantize
+        loaded = quantize.quantized(loaded, args.quantize)
     try:
         draft = None if args.draft is None else checkpoint.load_model(args.draft, trust_code=args.trust_code)
     except Error as e:
@@ -465,9 +481,16 @@ def cmd_eval(args, out=None) -> int:
         if os.path.exists(args.json) and os.path.exists(args.data) and os.path.samefile(args.json, args.data):
             raise UsageError(f"--json {args.json!r} is the --data file; write it elsewhere")
     result = job.evaluate(args.checkpoint, args.data, eval_tokens=args.eval_tokens, cache_dir=args.cache_dir,
-                          trust_code=args.trust_code, log=out)
+                          trust_code=args.trust_code, quantize=args.quantize, log=out)
     print(f"Loss {result.loss:.4f} nats per token, perplexity {result.perplexity:.3f}, "
           f"{result.bits_per_byte:.4f} bits per byte, over {result.tokens:,} tokens of {args.data}", file=out)
+    if result.quantized is not None:
+        q = result.quantized
+        print(f"Quantized {q['to']}: weights {q['weight_bytes'] / 1e6:,.1f} MB (float {q['float_weight_bytes'] / 1e6:,.1f}"
+              f" MB); loss {100 * q['loss_rise']:+.3f}% against the float weights' {q['float_loss']:.4f}, "
+              f"KL {q['kl']:.2e} nats per token, top-1 agreement {100 * q['top1_agreement']:.2f}%, greedy "
+              f"{q['greedy_equal']} of {q['greedy_tokens']} tokens equal ({q['greedy_equal_before_difference']} "
+              f"before the first difference)", file=out)
     if args.json is not None:
         try:
             runs.write_whole(args.json, json.dumps(result._asdict(), indent=1) + "\n")

@@ -379,8 +379,9 @@ class ModelConfig(LanguageModel):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimizerConfig:
-    """What the train step reads: AdamW with linear warm-up, cosine decay and clipping
-    (`train.make_optimizer`, `train.learning_rate_schedule`).
+    """What the train step reads: AdamW (or Muon for the blocks' matrices) with linear
+    warm-up, cosine decay and clipping (`train.make_optimizer`,
+    `train.learning_rate_schedule`).
 
     Example:
         >>> OptimizerConfig(decay_steps=100).min_lr
@@ -395,9 +396,20 @@ class OptimizerConfig:
     b2: float = 0.99                # Adam second-moment decay
     weight_decay: float = 0.1       # decoupled weight decay, on weight matrices and the embedding only
     grad_clip: float = 1.0          # clip the global gradient norm to this value
+    # "adamw"; or "muon": each weight matrix of the blocks (each layer's alone) steps along
+    # its orthogonalised momentum, the rest (embeddings, head, norms, biases, LoRA's
+    # adapters) by Adam at lr without weight decay (train.make_optimizer).
+    method: str = "adamw"
+    muon_lr: float = 0.02           # with muon: the matrices' peak learning rate (the schedule's shape is lr's)
+    momentum: float = 0.95          # with muon: its (Nesterov) momentum
 
     def __post_init__(self) -> None:
         plain_numbers(self)
+        require(self.method in defaults.OPTIMIZERS, "method", self.method,
+                f"choose one of {list(defaults.OPTIMIZERS)}")
+        require(number(self.muon_lr) and self.muon_lr > 0, "muon_lr", self.muon_lr,
+                "it must be a number in (0, 3.4e38]")
+        require(number(self.momentum) and 0 <= self.momentum < 1, "momentum", self.momentum, "it must lie in [0, 1)")
         require(number(self.lr) and self.lr > 0, "lr", self.lr, "it must be a number in (0, 3.4e38]")
         if self.min_lr is None:
             object.__setattr__(self, "min_lr", self.lr / 10)

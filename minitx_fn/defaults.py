@@ -21,6 +21,7 @@ DTYPES = ("float32", "bfloat16", "float64")      # compute dtypes; parameters ar
 PARAM_DTYPES = ("float32", "float64")
 ATTENTION_IMPLS = ("einsum", "dot_product_attention")
 POSITIONS = ("sinusoidal", "learned", "rotary", "none")
+QUANTIZE_KINDS = ("int8", "bfloat16")        # what a run's weights may be quantized to (quantize.py)
 ROPE_THETA = 10000.0                   # the rotary base of RoFormer and Llama 1/2 (ModelConfig.rope_theta)
 # Scaled rotary positions (config.RopeScaling.kind) -> the fields each kind reads
 # besides `factor` (Hugging Face's rope_type of the same name; layers/rotary.py).
@@ -28,6 +29,7 @@ ROPE_SCALINGS = {"linear": (), "llama3": ("original_max_len", "low_freq_factor",
                  "yarn": ("original_max_len", "beta_fast", "beta_slow", "truncate", "attention_factor")}
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
+OPTIMIZERS = ("adamw", "muon")               # OptimizerConfig.method (train.make_optimizer)
 # Architectures (`minitx train --arch`): consistent groups of ModelConfig fields; a
 # single flag overrides one. gpt is ModelConfig's own defaults; gpt2 is GPT-2's shape
 # (what export-gpt2 writes); llama is Llama's four changes: rotary positions, RMS
@@ -80,6 +82,13 @@ PRESETS = {
         "model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_len": 64, "dropout": 0.0},
         "train": {"batch_size": 12, "steps": 2000, "eval_every": 250, "save_every": 500, "log_every": 100,
                   "optimizer": {"lr": 1e-3, "warmup": 100}},
+    },
+    # The baby model trained to the same loss in less time: Muon for the blocks' matrices
+    # (benchmarks/quality.py measures it against nanoGPT's recipe).
+    "shakespeare-fast": {
+        "model": {"d_model": 128, "n_layers": 4, "n_heads": 4, "max_len": 64, "dropout": 0.0},
+        "train": {"batch_size": 12, "steps": 1000, "eval_every": 250, "save_every": 500, "log_every": 100,
+                  "optimizer": {"method": "muon", "lr": 3e-3, "muon_lr": 0.02, "warmup": 50}},
     },
     # nanoGPT's GPU recipe (config/train_shakespeare_char.py): 10.7M parameters, hours on 2 CPU cores.
     "shakespeare-char": {

@@ -42,6 +42,7 @@ import numpy as np
 
 from minitx_fn import (checkpoint, corpus, data, defaults, distributed, generate, lora, loop, memory, provenance, runs,
                        signals)
+from minitx_fn import quantize as quantization  # the module; `quantize=` below is a keyword
 from minitx_fn import train as trainer          # the module; `train` below is the whole job
 from minitx_fn.config import (Data, Devices, Job, LanguageModel, LoraConfig, ModelConfig, Sample, Start,  # noqa: F401
                               TrainConfig, job_dict)      # (the job's values, re-exported: job.Job, job.Data, ...)
@@ -731,10 +732,11 @@ class Evaluation(NamedTuple):
     perplexity: float       # exp(loss)
     bits_per_byte: float    # the same loss per byte of the text: comparable across tokenizers
     tokens: int             # tokens predicted
+    quantized: dict | None = None   # with quantize=: how the quantized model stands to its float weights
 
 
 def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cache_dir: str | None = None,
-             trust_code: bool = False, log=None) -> Evaluation:
+             trust_code: bool = False, quantize: str | None = None, log=None) -> Evaluation:
     """The loss of a model (a run directory, or anything with .params, .model and
     .tokenizer) on a whole text file under the model's own tokenizer: the file is
     prepared once into the cache (`corpus.prepare`, streamed) and read back as a memory
@@ -743,6 +745,12 @@ def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cach
     about N tokens, "all" or None: every window). The windows are evaluated by
     `train.evaluate`, the function that validates during training, a batch at a time
     (memory stays bounded), with a progress line on a terminal.
+
+    quantize ("int8" or "bfloat16", `quantize.KINDS`): the loss is the quantized
+    model's, and `quantized` says how it stands to the float weights on the same
+    windows (`train.compare`): their loss, the relative rise, the KL divergence per
+    token, top-1 agreement, the greedy tokens both generate from the text's first
+    tokens (up to 256, as the context allows) and the bytes of the weights.
 
     Example:
         >>> import io, tempfile, os
@@ -762,6 +770,8 @@ def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cach
         raise ConfigError("{n} must be a whole number >= 1, or 'all'", n=("eval_tokens", eval_tokens))
     if not isinstance(data_path, (str, os.PathLike)):
         raise DataError(f"the data must be a path (a str), not {type(data_path).__name__}")
+    if quantize is not None:
+        quantization.check_kind(quantize, "quantize")
     source = _corpus(Data(path=data_path, cache_dir=cache_dir), log, tokenizer)
     if len(source.ids) < model.max_len + 1:
         raise DataError(f"the text has {len(source.ids)} tokens; this model reads windows of {model.max_len} tokens "
@@ -778,11 +788,40 @@ def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cach
             log.write(f"\r\033[Kevaluating: {done:,} / {total:,} windows of {model.max_len} tokens")
             log.flush()
 
-    loss = trainer.evaluate(loaded.params, windows, model=model, progress=progress)
+    stood = None
+    if quantize is None:
+        loss = trainer.evaluate(loaded.params, windows, model=model, progress=progress)
+    else:
+        params = quantization.quantize(loaded.params, quantize)
+        compared = trainer.compare(params, loaded.params, windows, model=model, progress=progress)
+        loss = compared.loss
+        stood = {"to": quantize, "float_loss": compared.reference_loss,
+                 "loss_rise": compared.loss / compared.reference_loss - 1, "kl": compared.kl,
+                 "top1_agreement": compared.top1_agreement,
+                 **_greedy_agreement(params, loaded.params, np.asarray(windows[:1])[0], model),
+                 "weight_bytes": quantization.weight_bytes(params),
+                 "float_weight_bytes": quantization.weight_bytes(loaded.params)}
     if tty:
         log.write("\r\033[K")
     tokens = len(windows) * model.max_len
-    return Evaluation(loss, math.exp(min(loss, 700.0)), loss * tokens / (max(nbytes, 1) * math.log(2)), tokens)
+    return Evaluation(loss, math.exp(min(loss, 700.0)), loss * tokens / (max(nbytes, 1) * math.log(2)), tokens,
+                      stood)
+
+
+GREEDY_TOKENS = 256               # how far a quantized model's greedy text is compared with the float model's
+
+
+def _greedy_agreement(params, reference, window: np.ndarray, model: LanguageModel) -> dict:
+    """The greedy tokens params and reference generate from a window's first tokens (a
+    sixteenth of the context, at least one): how many of them there are (GREEDY_TOKENS,
+    or what the context leaves), how many are equal, and how many lead before the first
+    difference."""
+    prompt = window[:max(1, model.max_len // 16)]
+    n = min(GREEDY_TOKENS, model.max_len - len(prompt))
+    ours, theirs = (generate.generate(p, [prompt], model=model, max_new_tokens=n)[0] for p in (params, reference))
+    differ = np.flatnonzero(ours != theirs)
+    return {"greedy_tokens": n, "greedy_equal": int((ours == theirs).sum()),
+            "greedy_equal_before_difference": int(differ[0]) if differ.size else n}
 
 
 def kept(run_dir: str) -> str:

@@ -155,8 +155,9 @@ def from_dict(cls, value: Any, where: str):
 
     Example:
         >>> from minitx_fn.config import TrainConfig
-        >>> from_dict(TrainConfig, {"steps": 10, "optimizer": {"decay_steps": 10, "warmup": 1}}, "meta.json").optimizer
-        OptimizerConfig(decay_steps=10, lr=0.001, min_lr=0.0001, warmup=1, b1=0.9, b2=0.99, weight_decay=0.1, grad_clip=1.0)
+        >>> o = from_dict(TrainConfig, {"steps": 10, "optimizer": {"decay_steps": 10, "warmup": 1}}, "meta.json").optimizer
+        >>> o.decay_steps, o.warmup, o.lr, o.min_lr, o.method        # what the dict leaves out takes its default
+        (10, 1, 0.001, 0.0001, 'adamw')
     """
     if not isinstance(value, dict):
         raise CheckpointError(f"{where}: {cls.__name__} is {type(value).__name__}, not an object")

@@ -9,12 +9,16 @@ bandwidth over the bytes of the weights. `quantize` turns each linear layer's
               so every weight lies within half a step of scale_j wq_ji
     bfloat16  {"wq": (..., D_out, D_in) bfloat16, "scale": ones}: W rounded to bfloat16
 
-and `layers/linear.apply` computes y = (x wq^T) scale in float32. Biases, norms and
-embedding tables stay as they are (a table is looked up, a row per token, never read
-whole), and so does a tied head: it is the embedding table read backwards. The result is
-a parameter tree like any other, for any model whose matrices are `linear` layers (the
-built-in, or a model of one's own built from them): `generate.complete` and
-`generate.generate` take it as they take float32 parameters.
+and `layers/linear.apply` computes y = (x wq^T) scale in float32. The token table
+(`embed`, {"table": (V, D)}) becomes {"tableq": (V, D), "scale": (V,)} the same way, a
+scale per row: a tied head (GPT-2's) reads the whole table at every step, backwards, and
+is the largest matrix of a small model (38.6M of GPT-2 small's 124M weights); a
+looked-up row is dequantized alone. Biases, norms and a learned positions table stay as
+they are (a row per position is read; `with_context` slices it). The result is a
+parameter tree like any other, for any model whose matrices are `linear` layers and
+whose token table is an `embedding` (the built-in, or a model of one's own built from
+them): `generate.complete` and `generate.generate` take it as they take float32
+parameters (`quantized(run, to)` quantizes a loaded run).
 """
 
 from __future__ import annotations
@@ -23,10 +27,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from minitx_fn import checkpoint
+from minitx_fn.defaults import QUANTIZE_KINDS
 from minitx_fn.errors import ConfigError
 
-KINDS = ("int8", "bfloat16")
+KINDS = QUANTIZE_KINDS
 INT8_MAX = 127
+
+
+def check_kind(to, name: str = "to") -> None:
+    """ConfigError naming the field `name` unless `to` is one of KINDS.
+
+    Example:
+        >>> check_kind("int4", "quantize")
+        Traceback (most recent call last):
+        minitx_fn.errors.ConfigError: quantize='int4' is not a kind of quantization; choose one of ['int8', 'bfloat16']
+    """
+    if to not in KINDS:
+        raise ConfigError(f"{{to}} is not a kind of quantization; choose one of {list(KINDS)}", to=(name, to))
 
 
 def quantize_matrix(w, to: str = "int8") -> dict:
@@ -38,8 +56,7 @@ def quantize_matrix(w, to: str = "int8") -> dict:
         >>> q["wq"].tolist(), q["scale"].tolist()
         ([[64, -127], [0, 0]], [0.015748031437397003, 1.0])
     """
-    if to not in KINDS:
-        raise ConfigError(f"{{to}} is not a kind of quantization; choose one of {list(KINDS)}", to=("to", to))
+    check_kind(to)
     w = jnp.swapaxes(jnp.asarray(w, jnp.float32), -1, -2)                        # (..., D_out, D_in)
     if to == "bfloat16":
         return {"wq": w.astype(jnp.bfloat16), "scale": jnp.ones(w.shape[:-1], jnp.float32)}
@@ -71,37 +88,73 @@ def is_linear(node) -> bool:
             and len(getattr(node["w"], "shape", ())) >= 2)
 
 
+def is_table(node) -> bool:
+    """Whether a node is a float `embedding` table {"table": (V, D)}.
+
+    Example:
+        >>> is_table({"table": jnp.ones((5, 3))}), is_table({"w": jnp.ones((3, 4))})
+        (True, False)
+    """
+    return isinstance(node, dict) and set(node) == {"table"} and len(getattr(node["table"], "shape", ())) == 2
+
+
 def quantize(params, to: str = "int8"):
-    """Every float `linear` layer of a parameter tree quantized (`quantize_matrix`),
-    everything else as it was.
+    """Every float `linear` layer of a parameter tree quantized (`quantize_matrix`), and
+    the token table (`embed`) a row per id; everything else as it was.
 
     Example:
         >>> from minitx_fn import ModelConfig
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2, n_layers=2)
         >>> q = quantize(cfg.init(jax.random.key(0)))
-        >>> q["blocks"]["attn"]["qkv"]["wq"].dtype, q["blocks"]["attn"]["qkv"]["wq"].shape, q["embed"]["table"].dtype
-        (dtype('int8'), (2, 24, 8), dtype('float32'))
+        >>> q["blocks"]["attn"]["qkv"]["wq"].dtype, q["blocks"]["attn"]["qkv"]["wq"].shape, q["embed"]["tableq"].shape
+        (dtype('int8'), (2, 24, 8), (5, 8))
     """
     if is_linear(params):
         return {**{k: v for k, v in params.items() if k != "w"}, **quantize_matrix(params["w"], to)}
     if isinstance(params, dict):
-        return {k: quantize(v, to) for k, v in params.items()}
+        return {k: _quantize_table(v, to) if k == "embed" and is_table(v) else quantize(v, to)
+                for k, v in params.items()}
     return params
+
+
+def _quantize_table(node: dict, to: str) -> dict:
+    """{"table": (V, D)} -> {"tableq": (V, D), "scale": (V,)}: the table is the head's
+    (D, V) matrix read backwards, so a scale per output is a scale per row."""
+    q = quantize_matrix(jnp.swapaxes(node["table"], -1, -2), to)
+    return {"tableq": q["wq"], "scale": q["scale"]}
 
 
 def dequantize(params):
-    """The float32 tree a quantized one stands for (`dequantize_matrix` per layer).
+    """The float32 tree a quantized one stands for (`dequantize_matrix` per layer and table).
 
     Example:
-        >>> p = {"head": {"w": jnp.eye(2), "b": jnp.zeros(2)}}
+        >>> p = {"head": {"w": jnp.eye(2), "b": jnp.zeros(2)}, "embed": {"table": jnp.eye(2)}}
         >>> jax.tree.map(lambda a, b: bool((a == b).all()), dequantize(quantize(p)), p)
-        {'head': {'b': True, 'w': True}}
+        {'embed': {'table': True}, 'head': {'b': True, 'w': True}}
     """
     if isinstance(params, dict) and "wq" in params:
         return {**{k: v for k, v in params.items() if k not in ("wq", "scale")}, "w": dequantize_matrix(params)}
+    if isinstance(params, dict) and "tableq" in params:
+        return {"table": jnp.swapaxes(dequantize_matrix({"wq": params["tableq"], "scale": params["scale"]}), -1, -2)}
     if isinstance(params, dict):
         return {k: dequantize(v) for k, v in params.items()}
     return params
+
+
+def quantized(run, to: str = "int8"):
+    """A loaded run (`checkpoint.load_model`'s Model, `job.train`'s result: anything
+    with .params) with its parameters quantized: what `generate.complete` and
+    `job.evaluate` take as they take the run itself.
+
+    Example:
+        >>> from minitx_fn import ModelConfig, checkpoint
+        >>> from minitx_fn.tokenizer import CharTokenizer
+        >>> cfg = ModelConfig(vocab_size=3, d_model=8, n_heads=2, max_len=8)
+        >>> m = quantized(checkpoint.Model(cfg.init(jax.random.key(0)), cfg, CharTokenizer("abc"), {}))
+        >>> m.params["embed"]["tableq"].dtype
+        dtype('int8')
+    """
+    return checkpoint.Model(quantize(run.params, to), run.model, run.tokenizer, getattr(run, "meta", {}))
 
 
 def weight_bytes(params) -> int:
@@ -114,5 +167,5 @@ def weight_bytes(params) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
 
 
-__all__ = ["INT8_MAX", "KINDS", "dequantize", "dequantize_matrix", "is_linear", "quantize", "quantize_matrix",
-           "weight_bytes"]
+__all__ = ["INT8_MAX", "KINDS", "check_kind", "dequantize", "dequantize_matrix", "is_linear", "is_table", "quantize",
+           "quantize_matrix", "quantized", "weight_bytes"]

@@ -38,7 +38,7 @@ Batch = tuple[jax.Array, jax.Array]        # x, y: (B, T) inputs and next-token 
 
 class TrainState(NamedTuple):
     params: dict      # the model's parameter tree
-    opt_state: Any    # optax state: clip (empty), AdamW moments mu and nu shaped like params, count
+    opt_state: Any    # optax state: clip (empty), AdamW moments mu and nu shaped like params, count (or Muon's)
     step: jax.Array   # () int32, steps taken so far
 
 
@@ -77,7 +77,11 @@ def decay_mask(params):
 
 
 def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW (decoupled weight decay on what `mask` marks) on the schedule.
+    """Global-norm clipping, then AdamW (decoupled weight decay on what `mask` marks) on
+    the schedule; or with `oc.method == "muon"`, Muon (`optax.contrib.muon`) for the
+    matrices `muon_dimensions` picks, at muon_lr on the same schedule's shape, with
+    weight decay; Adam (Nesterov, as optax's Muon pairs it) at lr without weight decay
+    for the rest, as modded-nanogpt and nanochat split them.
 
     The benchmarks pass a mask for the Flax reference's parameter names, so both
     models train with this one optimiser.
@@ -88,10 +92,35 @@ def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask)
         >>> type(opt).__name__
         'GradientTransformationExtraArgs'
     """
-    return optax.chain(
-        optax.clip_by_global_norm(oc.grad_clip),
-        optax.adamw(learning_rate_schedule(oc), b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=mask),
-    )
+    schedule = learning_rate_schedule(oc)
+    if oc.method == "muon":
+        update = optax.contrib.muon(lambda step: schedule(step) * (oc.muon_lr / oc.lr), beta=oc.momentum,
+                                    weight_decay=oc.weight_decay, adam_b1=oc.b1, adam_b2=oc.b2,
+                                    adam_learning_rate=schedule, muon_weight_dimension_numbers=muon_dimensions)
+    else:
+        update = optax.adamw(schedule, b1=oc.b1, b2=oc.b2, weight_decay=oc.weight_decay, mask=mask)
+    return optax.chain(optax.clip_by_global_norm(oc.grad_clip), update)
+
+
+def muon_dimensions(params):
+    """Which leaves Muon orthogonalises, and along which axes: every weight matrix named
+    "w" (a `linear` layer's, of the built-in or a model of one's own) but the output
+    head's, its last two axes (D_in, D_out) the matrix and any leading axis (the stacked
+    blocks' L) a batch, so each layer's matrix is orthogonalised alone; None for the
+    rest (embeddings, the head, norms, biases, LoRA's adapters "a" and "b"), which Adam steps.
+
+    Example:
+        >>> dims = muon_dimensions({"blocks": {"w": jnp.zeros((4, 8, 16)), "b": jnp.zeros((4, 16))},
+        ...                         "head": {"w": jnp.zeros((8, 5))}, "embed": {"table": jnp.zeros((5, 8))}})
+        >>> dims["blocks"]["w"], dims["blocks"]["b"], dims["head"]["w"], dims["embed"]["table"]
+        (MuonDimensionNumbers(reduction_axis=1, output_axis=2), None, None, None)
+    """
+    def dims(path, leaf):
+        names = [getattr(k, "key", None) for k in path]
+        if names[-1:] == ["w"] and "head" not in names and np.ndim(leaf) >= 2:
+            return optax.contrib.MuonDimensionNumbers(reduction_axis=np.ndim(leaf) - 2, output_axis=np.ndim(leaf) - 1)
+        return None
+    return jax.tree_util.tree_map_with_path(dims, params)
 
 
 class RunKeys(NamedTuple):
@@ -360,14 +389,68 @@ def evaluate(params: dict, windows: np.ndarray, *, model: LanguageModel, batch_s
         >>> evaluate(cfg.init(jax.random.key(0)), windows, model=cfg, batch_size=2) > 0
         True
     """
-    batch_size = min(batch_size or memory.evaluation_batch(model, windows.shape[1] - 1), max(1, len(windows)))
+    batch_size = batch_size or memory.evaluation_batch(model, windows.shape[1] - 1)
+    return float(_window_means(functools.partial(_window_loss_sum, params, model=model), windows, batch_size,
+                               progress)[0])
+
+
+class Comparison(NamedTuple):
+    """How far a model's parameters stand from a reference's on the same windows
+    (`compare`): means over every predicted token."""
+
+    loss: float                 # next-token loss under params
+    reference_loss: float       # ... under the reference
+    kl: float                   # KL(reference || params) of the next-token distributions, nats
+    top1_agreement: float       # share of positions where both rank the same token first
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _window_comparison(params: dict, reference: dict, windows: jax.Array, weights: jax.Array, *,
+                       model: LanguageModel) -> jax.Array:
+    """windows (B, T + 1), weights (B,) -> (4,) weighted sums over rows of the row means
+    of Comparison's fields."""
+    logp = jax.nn.log_softmax(model.apply(params, windows[:, :-1]), axis=-1)        # (B, T, V)
+    logr = jax.nn.log_softmax(model.apply(reference, windows[:, :-1]), axis=-1)
+    targets = windows[:, 1:, None]
+    per_position = jnp.stack([-jnp.take_along_axis(logp, targets, axis=-1)[..., 0],
+                              -jnp.take_along_axis(logr, targets, axis=-1)[..., 0],
+                              jnp.sum(jnp.exp(logr) * (logr - logp), axis=-1),
+                              (jnp.argmax(logp, -1) == jnp.argmax(logr, -1)).astype(logp.dtype)])  # (4, B, T)
+    return jnp.sum(per_position.mean(axis=2) * weights[None, :], axis=1)
+
+
+def compare(params: dict, reference: dict, windows: np.ndarray, *, model: LanguageModel,
+            batch_size: int | None = None, progress: Callable[[int, int], None] | None = None) -> Comparison:
+    """The loss of params and of reference (a quantized model and its float32 weights,
+    say) over the same windows, the KL divergence between their next-token
+    distributions and how often they agree on the most likely token, batched as in
+    `evaluate` (with half its batch by default: two sets of logits are held).
+
+    Example:
+        >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
+        >>> p = cfg.init(jax.random.key(0))
+        >>> c = compare(p, p, np.zeros((3, 5), np.int32), model=cfg, batch_size=2)
+        >>> c.loss == c.reference_loss, abs(c.kl) < 1e-6, c.top1_agreement
+        (True, True, 1.0)
+    """
+    batch_size = batch_size or max(1, memory.evaluation_batch(model, windows.shape[1] - 1) // 2)
+    sums = _window_means(functools.partial(_window_comparison, params, reference, model=model), windows, batch_size,
+                         progress)
+    return Comparison(*map(float, sums))
+
+
+def _window_means(fn: Callable, windows: np.ndarray, batch_size: int, progress) -> np.ndarray:
+    """The mean over windows of fn(windows (B, T + 1), weights (B,)) -> weighted sums,
+    batch_size windows at a time (at most W; the last batch padded with zero-weight rows,
+    so one compiled shape serves every batch)."""
+    batch_size = min(batch_size, max(1, len(windows)))
     total = 0.0
     for start in range(0, len(windows), batch_size):
         chunk = np.asarray(windows[start:start + batch_size])
         weights = np.zeros(batch_size, np.float32)
         weights[:len(chunk)] = 1.0
         chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), chunk.shape[1]), chunk.dtype)])
-        total += float(_window_loss_sum(params, jnp.asarray(chunk), jnp.asarray(weights), model=model))
+        total = total + np.asarray(fn(jnp.asarray(chunk), jnp.asarray(weights)), np.float64)
         if progress is not None:
             progress(min(start + batch_size, len(windows)), len(windows))
-    return total / len(windows)
+    return np.atleast_1d(total / len(windows))

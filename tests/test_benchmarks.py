@@ -5,6 +5,7 @@ change what runs; never a speed."""
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import importlib.util
@@ -347,3 +348,47 @@ def test_the_quantize_benchmark_runs_tiny_and_agrees_with_float32(tmp_path, caps
     with pytest.raises(SystemExit):
         bench.main(["--size", "tiny", "--new-tokens", "60"])
     assert "must fit the context, 64" in capsys.readouterr().err
+
+
+def test_the_evaluation_memory_benchmark_sizes_its_batch_and_evaluates(tmp_path):
+    """`python -m benchmarks.eval_memory --size tiny`: the batch evaluation_batch sized,
+    the loss of random weights near ln V, and the figures written."""
+    from benchmarks import eval_memory as bench
+    out = tmp_path / "e.json"
+    assert bench.main(["--size", "tiny", "--windows", "3", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["batch"] >= 1 and got["windows"] == 3 and got["peak_rss_bytes"] > 0
+    assert abs(got["loss"] - math.log(256)) < 0.5
+
+
+def test_the_int8_loop_probe_times_both_kinds_of_weights_in_both_places(tmp_path):
+    """`python -m benchmarks.int8_loop`: four rows (float32 and int8, alone and inside a
+    loop), each a positive time."""
+    from benchmarks import int8_loop as bench
+    out = tmp_path / "l.json"
+    assert bench.main(["--reps", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(row["ms_per_pass"] > 0 for row in rows.values())
+
+
+def test_the_time_to_quality_benchmark_runs_every_recipe_at_toy_sizes(tmp_path, capsys):
+    """`python -m benchmarks.quality --steps-scale 0.01`: every recipe (the PyTorch
+    yardstick too, when torch is installed) trains, validates and is summarised
+    against the yardstick's target; its flags are checked before any work."""
+    from benchmarks import quality as bench
+    from tests.helpers import standard_promotion
+    text = tmp_path / "t.txt"
+    text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    recipes = list(bench.RECIPES) if importlib.util.find_spec("torch") else ["adamw", "muon"]
+    out = tmp_path / "q.json"
+    with standard_promotion():                            # optax's Adam, as a user runs it
+        assert bench.main(["--data", str(text), "--seeds", "1", "--steps-scale", "0.01", "--eval-every", "5",
+                           "--recipes", *recipes, "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert set(got["summary"]) == set(recipes) and got["yardstick"] == recipes[0]
+    assert got["summary"][recipes[0]]["reached"] == "1 of 1"                   # the yardstick reaches its own best
+    assert all(r["curve"][-1]["step"] == r["steps"] for rs in got["runs"].values() for r in rs)
+    for argv, said in ((["--steps-scale", "0"], "--steps-scale 0.0"), (["--data", str(tmp_path / "no")], "no such")):
+        with pytest.raises(SystemExit):
+            bench.main(argv)
+        assert said in capsys.readouterr().err

@@ -136,6 +136,27 @@ def test_generate_command(capsys, hello_run):
     assert code == 0 and out.strip().endswith("!") and out.count("!") == 1
 
 
+def test_generate_and_eval_from_quantized_weights(capsys, hello_run):
+    """--quantize: generate prints the text `complete` makes from the quantized run;
+    eval prints and writes how the quantized weights stand to the float ones (its figures
+    against a NumPy model: test_job.py); a kind it does not know is one line."""
+    from minitx_fn import generate, quantize
+    argv = ["generate", "--checkpoint", str(hello_run), "--prompt", "hello", "--max-new-tokens", "20"]
+    code, out, err = run_main(capsys, *argv, "--quantize", "int8")
+    quantized = quantize.quantized(checkpoint.load_model(hello_run))
+    assert code == 0, err
+    assert out == "hello" + generate.complete(quantized, "hello", max_new_tokens=20) + "\n"
+    open("h.txt", "w").write("hello world! hello jax! hello flax! " * 20)
+    code, out, err = run_main(capsys, "eval", "--checkpoint", str(hello_run), "--data", "h.txt", "--quantize",
+                              "bfloat16", "--json", "q.json")
+    assert code == 0, err
+    got = json.load(open("q.json"))["quantized"]
+    assert got["to"] == "bfloat16" and f"loss {100 * got['loss_rise']:+.3f}% against" in out
+    for command in (argv, ["eval", "--checkpoint", str(hello_run), "--data", "h.txt"]):
+        code, _, err = run_main(capsys, *command, "--quantize", "int4")
+        assert_one_error_line(code, err, "--quantize", "int4")
+
+
 def test_generate_with_a_draft(capsys, hello_run):
     """The run as its own draft: the same greedy text. --draft-tokens needs --draft, and a
     draft that cannot be loaded is named as the draft (what a draft must be:
@@ -413,7 +434,8 @@ def test_eval_writes_its_json_and_never_over_a_text_or_a_checkpoint(work, capsys
     code, out, err = run_main(capsys, "eval", "--checkpoint", "text", "--data", "text.txt", "--json", "e.json")
     assert code == 0, err
     got = json.load(open("e.json"))
-    assert set(got) == {"loss", "perplexity", "bits_per_byte", "tokens"} and f"Loss {got['loss']:.4f}" in out
+    assert set(got) == {"loss", "perplexity", "bits_per_byte", "tokens", "quantized"} and got["quantized"] is None
+    assert f"Loss {got['loss']:.4f}" in out
     shutil.copy("text.txt", "t.json")
     kept = {path: open(path, "rb").read() for path in ("text.txt", "t.json", "text/checkpoint/params.npz",
                                                         "text/checkpoint/meta.json")}

@@ -93,7 +93,7 @@ def test_model_config_rejects_bad_values(changes, field, hint):
     ({"optimizer": {"grad_clip": 0}}, "grad_clip=0"), ({"optimizer": {"lr": 1e300}}, "lr=1e\\+300"),
     ({"seed": 2**32}, "seed=4294967296"), ({"seed": -1}, "seed=-1"), ({"steps": 2**31}, "steps=2147483648"),
     ({"optimizer": {"weight_decay": float("nan")}}, "weight_decay=nan"),
-    ({"optimizer": {"momentum": 0.9}}, r"optimizer has no settings \['momentum'\]"),
+    ({"optimizer": {"beta1": 0.9}}, r"optimizer has no settings \['beta1'\]"),
     ({"optimizer": 3e-3}, "optimizer=0.003 must be an OptimizerConfig or a dict"),
     ({"lora": {"alpha": 8.0}}, "lora needs lora.rank='N'"), ({"lora": {"rank": 0}}, "lora.rank=0"),
     ({"lora": {"rank": 2, "targets": "ffn"}}, "lora.targets='ffn'"),

@@ -45,6 +45,8 @@ def _free_port() -> int:
 
 @pytest.mark.heavy
 def test_four_devices_equal_one_device_after_three_steps():
+    """Data parallel equals one device: AdamW replicated, with FSDP and with gradient
+    accumulation; LoRA replicated and with FSDP; Muon replicated and with FSDP."""
     script = textwrap.dedent("""
         import functools
         import jax, jax.numpy as jnp, numpy as np
@@ -59,20 +61,20 @@ def test_four_devices_equal_one_device_after_three_steps():
         base = model.init(jax.random.key(7), mc)           # a LoRA run's frozen base
         adapters = LoraConfig(rank=2, targets="all")
 
-        def run(mesh, fsdp, accumulate=1, lora=None):
+        def run(mesh, fsdp, accumulate=1, lora=None, oc=tc.optimizer):
             if lora is None:
-                state, args = train.init_state(init_key, mc, tc.optimizer), ()
+                state, args = train.init_state(init_key, mc, oc), ()
             else:
-                state, args = train.lora_state(init_key, mc, base, tc.optimizer, lora), (base,)
+                state, args = train.lora_state(init_key, mc, base, oc, lora), (base,)
             d, sample = ids, train.batch_at
-            step = functools.partial(train.train_step, model=mc, optimizer_config=tc.optimizer, lora=lora)
+            step = functools.partial(train.train_step, model=mc, optimizer_config=oc, lora=lora)
             if mesh is not None:
                 shardings = distributed.state_shardings(state, mesh, fsdp)
                 state = distributed.put_global(jax.device_get(state), shardings)
                 d = distributed.put_global(np.asarray(ids), distributed.replicated(mesh))
                 frozen = None if lora is None else distributed.state_shardings(base, mesh, fsdp)
                 args = () if lora is None else (distributed.put_global(base, frozen),)
-                step = distributed.data_parallel(train.step_fn(mc, tc.optimizer, accumulate=accumulate, lora=lora),
+                step = distributed.data_parallel(train.step_fn(mc, oc, accumulate=accumulate, lora=lora),
                                                  mesh, shardings, frozen)
                 sample = distributed.sharded_batch_at(mesh)
             for _ in range(3):
@@ -102,10 +104,20 @@ def test_four_devices_equal_one_device_after_three_steps():
             err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)))
             print("fsdp" if fsdp else "replicated", "accumulate", accumulate, err, scale)
             assert err <= 1e-6 * scale, (err, scale)
+
+        # Muon: each matrix orthogonalised from the all-reduced gradient (its layers split with FSDP)
+        muon = tc.optimizer.replace(method="muon")
+        one = run(None, False, oc=muon)
+        for fsdp in (False, True):
+            four = run(mesh, fsdp, oc=muon)
+            err = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(four)))
+            print("muon fsdp" if fsdp else "muon replicated", err, scale)
+            assert err <= 1e-5 * scale, (err, scale)
     """)
     done = subprocess.run([sys.executable, "-c", script], env=_env(4), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    for case in ("replicated accumulate 1", "fsdp accumulate 1", "accumulate 2", "lora replicated", "lora fsdp"):
+    for case in ("replicated accumulate 1", "fsdp accumulate 1", "accumulate 2", "lora replicated", "lora fsdp",
+                 "muon replicated", "muon fsdp"):
         assert case in done.stdout, done.stdout
 
 

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from minitx_fn import checkpoint, corpus, generate, job, runs, speculative
+from minitx_fn import checkpoint, corpus, generate, job, quantize, runs, speculative
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import CheckpointError, ConfigError, DataError, MemoryBudgetError, RunDirError
 from tests.helpers import assert_one_error_line, run_main, standard_promotion
@@ -196,12 +196,37 @@ def test_eval_is_the_mean_loss_the_numpy_model_gives_every_window_of_the_text():
     assert got.loss == pytest.approx(float(np.mean(losses)), rel=1e-5)
     assert got.perplexity == pytest.approx(np.exp(got.loss), rel=1e-9)
     assert got.bits_per_byte == pytest.approx(got.loss / np.log(2), rel=1e-9)
+    # Quantized: the loss is the NumPy model's under the dequantized weights, the float
+    # loss and the KL divergence per token are the NumPy model's too.
+    quantized = job.evaluate("r", "t.txt", quantize="int8", log=io.StringIO())
+    coarse = numpy_model.to_float64(jax.device_get(quantize.dequantize(quantize.quantize(result.params))))
+    q_losses, kls = [], []
+    for start in range(0, len(ids) - t, t):
+        window = ids[start:start + t + 1]
+        logq, logp = (_log_softmax(numpy_model.logits(tree, window[:-1].tolist(), n_heads=SMALL["n_heads"]))
+                      for tree in (coarse, host))
+        q_losses.append(-logq[np.arange(t), window[1:]].mean())
+        kls.append((np.exp(logp) * (logp - logq)).sum(-1).mean())
+    assert quantized.loss == pytest.approx(float(np.mean(q_losses)), rel=1e-5)
+    stood = quantized.quantized
+    assert stood["float_loss"] == pytest.approx(got.loss, rel=1e-6)
+    assert stood["kl"] == pytest.approx(float(np.mean(kls)), rel=1e-3, abs=1e-7)
+    assert stood["loss_rise"] == pytest.approx(quantized.loss / got.loss - 1, rel=1e-9)
+    assert stood["greedy_tokens"] == t - 1 and 0 <= stood["greedy_equal"] <= t - 1
+    assert stood["weight_bytes"] < stood["float_weight_bytes"] / 2 and got.quantized is None
+    with pytest.raises(ConfigError, match="quantize='int4' is not a kind of quantization"):
+        job.evaluate("r", "t.txt", quantize="int4", log=io.StringIO())
     open("odd.txt", "w").write("Zebra! " * 40)
     with pytest.raises(DataError, match="odd.txt.*char tokenizer lacks.*'Zb'"):
         job.evaluate("r", "odd.txt", log=io.StringIO())
     open("short.txt", "w").write("hello")
     with pytest.raises(DataError, match="the text has 5 tokens.*at least 17"):
         job.evaluate("r", "short.txt", log=io.StringIO())
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    top = logits.max(-1, keepdims=True)
+    return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
 
 
 def test_a_char_run_started_from_without_data_names_the_built_in_corpus():
@@ -246,6 +271,18 @@ def test_a_run_started_from_an_imported_gpt2_fine_tunes_resumes_and_records_its_
             job.make("t.txt", **{"init_from": "imported", "run_dir": "x", **settings})
     with pytest.raises(Error, match="start a new run from it with init_from='imported'"):
         job.make(resume="imported", training={"steps": 3})
+
+
+def test_a_muon_run_resumes_exactly():
+    """Law: resume equals an uninterrupted run, under Muon too (its momentum, Adam's
+    moments for the rest and the Newton-Schulz coefficients are in the checkpoint)."""
+    open("t.txt", "w").write(TEXT)
+    muon = {"steps": 4, "batch_size": 8, "log_every": 2, "optimizer": {"method": "muon", "decay_steps": 4}}
+    whole = _train("t.txt", run_dir="whole", training=muon)
+    _train("t.txt", run_dir="half", training={**muon, "steps": 2})
+    resumed = _train(resume="half", model=None, training={"steps": 4})
+    jax.tree.map(np.testing.assert_array_equal, resumed.state, whole.state)
+    assert resumed.train_config.optimizer.method == "muon"
 
 
 def test_a_model_of_ones_own_gets_the_whole_machinery(capsys):

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from minitx_fn import generate, quantize, testing
 from minitx_fn.config import ModelConfig
 from minitx_fn.errors import ConfigError
-from minitx_fn.layers import linear
+from minitx_fn.layers import embedding, linear
 
 SIZES = st.sampled_from([1, 2, 3, 8, 17])
 EPS = 1e-6                                   # float32's rounding of W / s, relative to a step
@@ -59,6 +59,24 @@ def test_requantizing_gives_the_integers_back_and_scaling_a_row_scales_its_step(
     np.testing.assert_allclose(q2["scale"][column], q["scale"][column] * 2.0 ** power, rtol=1e-6)
 
 
+@given(seed=st.integers(0, 2**31), vocab=SIZES, d=SIZES)
+def test_a_quantized_token_table_looks_up_and_heads_within_half_a_step(seed, vocab, d):
+    """The token table is quantized a row per id: a looked-up row lies within half its
+    step of the float row, and the tied head's scores x E^T within s_v ||x||_1 / 2."""
+    table = _matrix(seed, d, vocab, 3.0).T                                              # (V, D), rows of any scale
+    q = quantize.quantize({"embed": {"table": table}})["embed"]
+    s = np.asarray(q["scale"], np.float64)                                               # (V,)
+    ids = np.random.default_rng(seed).integers(0, vocab, (2, 5))
+    rows = np.asarray(embedding.apply(q, jnp.asarray(ids)), np.float64)                  # (2, 5, D)
+    assert (np.abs(rows - table[ids].astype(np.float64)) <= s[ids][..., None] / 2 * (1 + EPS)).all()
+    x = np.random.default_rng(seed + 1).standard_normal((3, d))
+    exact = x @ table.T.astype(np.float64)                                               # (3, V)
+    got = np.asarray(embedding.attend(q, jnp.asarray(x, jnp.float32)), np.float64)
+    slack = 1e-5 * np.abs(x).sum(1, keepdims=True) * np.abs(table).max()
+    assert (np.abs(exact - got) <= s * np.abs(x).sum(1, keepdims=True) / 2 + slack).all()
+    np.testing.assert_array_equal(quantize.dequantize({"embed": q})["embed"]["table"].shape, table.shape)
+
+
 def test_an_all_zero_row_is_safe_and_bfloat16_rounds_each_weight():
     w = np.zeros((4, 3), np.float32)
     w[:, 1] = [1.0, -0.5, 0.25, 2.0]
@@ -78,12 +96,13 @@ MODEL = ModelConfig(vocab_size=40, d_model=32, n_heads=2, n_layers=2, max_len=12
 
 @pytest.mark.parametrize("to", quantize.KINDS)
 def test_a_quantized_model_decodes_cached_as_it_recomputes_and_near_the_float_model(to):
-    """Only the linear layers change (tables, norms and biases stay float32); cached
-    decode of the quantized tree equals its recompute (past the window too), and its
-    logits stay near the float model's."""
+    """The linear layers and the token table change (norms and biases stay float32);
+    cached decode of the quantized tree equals its recompute (past the window too), and
+    its logits stay near the float model's."""
     params = MODEL.init(jax.random.key(0))
     q = quantize.quantize(params, to)
-    assert q["embed"] == params["embed"] and "w" not in q["blocks"]["mlp"]["up"]
+    assert set(q["embed"]) == {"tableq", "scale"} and "w" not in q["blocks"]["mlp"]["up"]
+    assert q["ln_f"] == params["ln_f"]
     assert quantize.weight_bytes(q) < quantize.weight_bytes(params)
     prompts = [[1, 2, 3], [4]]
     ids, logits = generate.generate(q, prompts, model=MODEL, max_new_tokens=14, return_logits=True)

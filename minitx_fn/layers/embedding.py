@@ -1,6 +1,8 @@
 """Token embedding: a lookup of one row of a (V, D) table per token id.
 
-Params: {"table": (V, D)}.
+Params: {"table": (V, D)}. Quantized (`quantize.py`): {"tableq": (V, D) int8 or
+bfloat16, "scale": (V,) float32}, row v = tableq[v] * scale[v]: a scale per row is a
+scale per output of the tied head, which reads the whole table at every step.
 
 The same layer holds learned positions (a table with one row per position, looked
 up by position instead of by token id, GPT-2's `wpe`), and `attend` reads the table
@@ -40,6 +42,9 @@ def apply(params: dict, ids: jax.Array) -> jax.Array:
     """
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
+    if "tableq" in params:                                # quantized: each row times its scale
+        rows = jnp.take(params["tableq"], ids, axis=0).astype(params["scale"].dtype)
+        return rows * jnp.take(params["scale"], ids, axis=0)[..., None]
     return jnp.take(params["table"], ids, axis=0)
 
 
@@ -56,5 +61,9 @@ def attend(params: dict, x: jax.Array, *, dtype=None) -> jax.Array:
         >>> attend(p, jnp.ones((2, 3, 4))).shape
         (2, 3, 10)
     """
+    if "tableq" in params:                                # quantized: (x tableq^T) * scale, per id
+        dtype = dtype or params["scale"].dtype
+        scores = x.astype(dtype) @ params["tableq"].astype(dtype).T       # the form XLA:CPU converts in place
+        return scores * jnp.expand_dims(params["scale"].astype(dtype), tuple(range(scores.ndim - 1)))
     dtype = dtype or params["table"].dtype
     return jnp.einsum("...d,vd->...v", x.astype(dtype), params["table"].astype(dtype))
