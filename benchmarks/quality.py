@@ -14,7 +14,9 @@ every recipe of a seed):
                   clipping at 1), run by `benchmarks/torch_reference.py`'s twin of our
                   model in PyTorch eager: the yardstick
     adamw         the same recipe, ours (`minitx train --preset shakespeare-baby`)
-    muon          our best recipe (`minitx train --preset shakespeare-fast`, RECIPES below)
+    muon-gpt      the baby's GPT layers with shakespeare-fast's training: Muon, 400 steps
+    fast          our best recipe (`minitx train --preset shakespeare-fast`): Llama's layers
+                  (rotary positions, RMSNorm, SwiGLU, no biases) and Muon, 400 steps
 
 The target is the median over seeds of torch-adamw's best validation loss. A run's
 time to the target is the training time (evaluations excluded, compilation included:
@@ -47,9 +49,16 @@ def _recipe(preset: str) -> dict:
     return {"model": chosen["model"], "train": chosen["train"]}
 
 
+def _muon_alone() -> dict:
+    """shakespeare-fast's training on the baby's GPT layers: what Muon does without Llama's layers."""
+    fast, baby = _recipe("shakespeare-fast"), _recipe("shakespeare-baby")
+    return {"model": baby["model"], "train": fast["train"]}
+
+
 RECIPES = {"torch-adamw": {**_recipe("shakespeare-baby"), "framework": "torch"},
            "adamw": {**_recipe("shakespeare-baby"), "framework": "jax"},
-           "muon": {**_recipe("shakespeare-fast"), "framework": "jax"}}
+           "muon-gpt": {**_muon_alone(), "framework": "jax"},
+           "fast": {**_recipe("shakespeare-fast"), "framework": "jax"}}
 
 
 def _configs(recipe: dict, vocab_size: int, steps_scale: float):

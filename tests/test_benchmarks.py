@@ -379,7 +379,7 @@ def test_the_time_to_quality_benchmark_runs_every_recipe_at_toy_sizes(tmp_path, 
     from tests.helpers import standard_promotion
     text = tmp_path / "t.txt"
     text.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
-    recipes = list(bench.RECIPES) if importlib.util.find_spec("torch") else ["adamw", "muon"]
+    recipes = list(bench.RECIPES) if importlib.util.find_spec("torch") else ["adamw", "fast"]
     out = tmp_path / "q.json"
     with standard_promotion():                            # optax's Adam, as a user runs it
         assert bench.main(["--data", str(text), "--seeds", "1", "--steps-scale", "0.01", "--eval-every", "5",
