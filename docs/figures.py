@@ -44,6 +44,7 @@ SPECULATIVE = "docs/figures/speculative-cpu-2026-12-03.json"
 QUANTIZE = "docs/figures/quantize-cpu-2026-12-07.json"
 INT8_LOOP = "docs/figures/int8-loop-cpu-2026-12-07.json"
 EVAL_MEMORY = "docs/figures/eval-memory-cpu-2026-12-07.json"
+QUALITY = "docs/figures/quality-cpu-2026-12-07.json"
 
 
 def load(path: str) -> dict:
@@ -433,6 +434,30 @@ def eval_memory() -> str:
         source(EVAL_MEMORY, "python -m benchmarks.eval_memory")])
 
 
+QUALITY_NAMES = {"torch-adamw": "nanoGPT's recipe, PyTorch eager (the twin of our model)",
+                 "adamw": "ours, the same recipe (`--preset shakespeare-baby`)",
+                 "muon-gpt": "ours, GPT layers with Muon, 400 steps",
+                 "fast": "ours, best (`--preset shakespeare-fast`: Llama's layers, Muon, 400 steps)"}
+
+
+def quality() -> str:
+    d = load(QUALITY)
+    rows = []
+    for name, r in d["summary"].items():
+        seconds = "-" if r["seconds_median"] is None else f"{r['seconds_median']:.1f}"
+        spread = "-" if r["seconds_spread"] is None else "{:.1f}-{:.1f}".format(*r["seconds_spread"])
+        ratio = "-" if r["time_ratio"] is None else f"**{r['time_ratio']:.2f}x**"
+        steps = "-" if r["steps_median"] is None else n(r["steps_median"])
+        rows.append([QUALITY_NAMES.get(name, name), r["reached"], seconds, spread, steps, ratio,
+                     f"{r['best_val_loss_median']:.4f}"])
+    return "\n\n".join([
+        f"Tiny Shakespeare (char level), time to validation loss {d['target']:.4f}, the median over "
+        f"{d['seeds']} seeds of the PyTorch run's best:",
+        table(["recipe", "seeds that reach it", "seconds (median)", "spread", "steps (median)",
+               "time against PyTorch", "best val loss (median)"], rows),
+        source(QUALITY, "python -m benchmarks.quality")])
+
+
 RENDER = {
     "headline": headline,
     "train-step": train_step,
@@ -452,6 +477,7 @@ RENDER = {
     "quantize": quantized,
     "int8-loop": int8_loop,
     "eval-memory": eval_memory,
+    "quality": quality,
 }
 
 

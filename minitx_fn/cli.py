@@ -476,8 +476,7 @@ def cmd_eval(args, out=None) -> int:
         if not args.json.lower().endswith(".json"):       # never a text, an npz or a picture by mistake
             raise UsageError(f"--json {args.json!r}: give a file name ending in .json")
         if runs.managing_run(args.json) is not None:      # wherever it really goes: links followed
-            raise UsageError(f"--json {args.json!r} is inside the checkpoint of the run "
-                             f"{runs.managing_run(args.json)!r}; write it elsewhere")
+            raise UsageError(f"--json {args.json!r} {runs.held_by(runs.managing_run(args.json))}; write it elsewhere")
         if os.path.exists(args.json) and os.path.exists(args.data) and os.path.samefile(args.json, args.data):
             raise UsageError(f"--json {args.json!r} is the --data file; write it elsewhere")
     result = job.evaluate(args.checkpoint, args.data, eval_tokens=args.eval_tokens, cache_dir=args.cache_dir,

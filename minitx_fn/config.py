@@ -191,8 +191,15 @@ class ModelConfig(LanguageModel):
             positive_int("vocab_size", self.vocab_size)
         for name in ("d_model", "n_heads", "n_layers", "max_len"):
             positive_int(name, getattr(self, name))
+        # A decode cache and the unstacked decode parameters hold one entry per layer (a
+        # Python tuple): a count past any model's (GPT-3: 96) would build them for hours.
+        require(self.n_layers <= defaults.MAX_LAYERS, "n_layers", self.n_layers,
+                f"it must be at most {defaults.MAX_LAYERS}")
         require(self.mlp in defaults.MLPS, "mlp", self.mlp, f"choose one of {list(defaults.MLPS)}")
         if self.d_ff is None:
+            require(default_d_ff(self.d_model, self.mlp) <= INT32_MAX, "d_model", self.d_model,
+                    f"its feed-forward width (d_ff, {default_d_ff(self.d_model, self.mlp):,} by default) must be at "
+                    f"most {INT32_MAX:,}")
             object.__setattr__(self, "d_ff", default_d_ff(self.d_model, self.mlp))
         positive_int("d_ff", self.d_ff)
         require(

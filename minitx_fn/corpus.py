@@ -486,6 +486,10 @@ def prepare(path: str, kind: str = "char", vocab_size: int | None = None, *, cac
         kind, vocab_size = tokenizer.kind, None
     check_choice(kind, vocab_size)
     size = check_file(path)
+    owner = runs.managing_run(cache_dir or default_cache_dir())
+    if owner is not None:                                # the run would delete the cache without a word
+        raise DataError(f"the cache folder {cache_dir or default_cache_dir()!r} {runs.held_by(owner)}; give the "
+                        f"cache a folder of its own ({{cache_dir}})", cache_dir=("cache_dir", "DIR"))
     folder = cache_folder(path, kind, vocab_size, cache_dir, tokenizer=tokenizer)
     progress = _Progress(out)
     started = time.perf_counter()

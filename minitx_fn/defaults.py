@@ -14,6 +14,7 @@ from minitx_fn.errors import ConfigError
 INT32_MAX = 2**31 - 1                  # step counters, token ids and batch offsets are int32
 SEED_MAX = 2**32 - 1                   # jax.random.key keeps 32 bits of a seed: larger ones repeat smaller ones
 FLOAT32_MAX = 3.4028234663852886e38    # a setting the device sees as float32 must stay below this
+MAX_LAYERS = 1024                       # ModelConfig.n_layers at most: ten times GPT-3's 96
 MAX_NEW_TOKENS = 1_000_000             # hours of decoding on a CPU already; the (B, N) id buffer stays small
 
 # ModelConfig's choices.

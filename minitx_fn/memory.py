@@ -95,19 +95,24 @@ def generation_bytes(model: LanguageModel, batch: int, max_new_tokens: int) -> i
 EVAL_BATCH = 64            # windows an evaluation batch holds at most
 
 
-def evaluation_bytes(model: LanguageModel, batch: int, positions: int) -> int:
-    """Parameters, a batch of windows, and its (batch, positions, V) float32 logits three
-    times over (the logits, their log-softmax, and the gradient-free temporaries XLA
-    may keep beside them): what one evaluation batch holds at once.
+LOGIT_COPIES = 3           # (B, T, V) float32 arrays an evaluation holds: logits, log-softmax, temporaries
+COMPARISON_COPIES = 9      # ... `train.compare`: two models' logits and log-softmax, probabilities, the KL's terms
+
+
+def evaluation_bytes(model: LanguageModel, batch: int, positions: int, copies: int = LOGIT_COPIES) -> int:
+    """Parameters, a batch of windows, and `copies` of its (batch, positions, V) float32
+    logits (LOGIT_COPIES for a loss: the logits, their log-softmax, and the
+    gradient-free temporaries XLA may keep beside them): what one evaluation batch holds
+    at once.
 
     Example:
         >>> evaluation_bytes(ModelConfig(vocab_size=50257, max_len=1024, d_model=8, n_heads=2), 1, 1024) > 6e8
         True
     """
-    return _bytes(_shapes(model)) + batch * (positions + 1) * 4 + 3 * batch * positions * model.vocab_size * 4
+    return _bytes(_shapes(model)) + batch * (positions + 1) * 4 + copies * batch * positions * model.vocab_size * 4
 
 
-def evaluation_batch(model: LanguageModel, positions: int) -> int:
+def evaluation_batch(model: LanguageModel, positions: int, copies: int = LOGIT_COPIES) -> int:
     """The windows of `positions` tokens an evaluation batch takes: the largest power of
     two up to EVAL_BATCH whose batch (`evaluation_bytes`) fits in half the memory
     available (the rest for what the estimate leaves out); MemoryBudgetError when not
@@ -120,9 +125,9 @@ def evaluation_batch(model: LanguageModel, positions: int) -> int:
     """
     available = available_bytes()
     batch = EVAL_BATCH
-    while available is not None and batch > 1 and evaluation_bytes(model, batch, positions) > available / 2:
+    while available is not None and batch > 1 and evaluation_bytes(model, batch, positions, copies) > available / 2:
         batch //= 2
-    check(evaluation_bytes(model, batch, positions), "evaluating this model",
+    check(evaluation_bytes(model, batch, positions, copies), "evaluating this model",
           "evaluate a model with a smaller {c} or {v}", c=("max_len", positions),
           v=("vocab_size", model.vocab_size))
     return batch

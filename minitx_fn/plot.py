@@ -49,8 +49,7 @@ def check_picture_path(path: str) -> None:
     if not os.access(folder, os.W_OK):
         raise PicturePathError(f"cannot write picture {path!r}: folder {folder!r} is not writable")
     if runs.managing_run(path) is not None:               # the run's next save would delete it without a word
-        raise PicturePathError(f"cannot write picture {path!r}: it is inside the checkpoint of the run "
-                               f"{runs.managing_run(path)!r}, which its next save replaces")
+        raise PicturePathError(f"cannot write picture {path!r}: it {runs.held_by(runs.managing_run(path))}")
 
 
 def plot_run(run_dir: str, png_path: str | None = None, *, log: bool = False, out=None) -> str:

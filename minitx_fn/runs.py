@@ -49,26 +49,41 @@ def artifacts(run_dir: str) -> list[str]:
 
 
 def managing_run(path: str) -> str | None:
-    """The run directory one of whose own folders (its checkpoint, the previous one, a
-    save's temporary folder), which its saves replace whole, holds `path` wherever the
-    path really goes (links followed), else None: nothing may be written there.
+    """The run directory one of whose own files or folders (its checkpoint, the previous
+    one, a save's temporary folder, which its saves replace whole; its metrics and lock,
+    which it writes) is or holds `path` wherever the path really goes (links followed),
+    else None: nothing may be written there. (Its loss picture may be drawn again: that
+    is what `minitx plot` does.)
 
     Example:
         >>> run = tempfile.mkdtemp()
         >>> os.makedirs(os.path.join(run, CHECKPOINT))
         >>> managing_run(os.path.join(run, CHECKPOINT, "hf")) == os.path.realpath(run), managing_run(run)
         (True, None)
+        >>> managing_run(os.path.join(run, LOCK)) == os.path.realpath(run)
+        True
     """
     here = os.path.realpath(path)
     while True:
         parent = os.path.dirname(here)
         name = os.path.basename(here)
-        if (name in (CHECKPOINT, CHECKPOINT + ".old") or name.startswith(TEMPORARY_PREFIX)) \
+        if (name in (CHECKPOINT, CHECKPOINT + ".old", METRICS, LOCK) or name.startswith(TEMPORARY_PREFIX)) \
                 and os.path.isdir(os.path.join(parent, CHECKPOINT)):
             return parent
         if parent == here:
             return None
         here = parent
+
+
+def held_by(owner: str) -> str:
+    """The words for a path `managing_run` says a run owns.
+
+    Example:
+        >>> held_by("runs/a")[:46]
+        "is inside the files of the run 'runs/a' (its c"
+    """
+    return (f"is inside the files of the run {owner!r} (its checkpoint, metrics or lock), which it replaces "
+            f"as it trains")
 
 
 def not_regular(path: str) -> bool:
@@ -101,8 +116,7 @@ def check_new_run_dir(run_dir: str, *, ignore_temporaries: bool = False) -> None
         raise RunDirError(f"{run_dir!r} is a file, not a directory; choose another run directory")
     owner = managing_run(run_dir)
     if owner is not None:
-        raise RunDirError(f"{run_dir!r} is inside the checkpoint of the run {owner!r}, which its next save replaces; "
-                          f"choose another run directory")
+        raise RunDirError(f"{run_dir!r} {held_by(owner)}; choose another run directory")
     found = [n for n in artifacts(run_dir) if not (ignore_temporaries and n.startswith(TEMPORARY_PREFIX))]
     if found:
         raise RunDirError(f"{run_dir!r} already holds a run ({', '.join(found)}); resume it, or choose another "

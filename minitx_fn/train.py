@@ -424,7 +424,8 @@ def compare(params: dict, reference: dict, windows: np.ndarray, *, model: Langua
     """The loss of params and of reference (a quantized model and its float32 weights,
     say) over the same windows, the KL divergence between their next-token
     distributions and how often they agree on the most likely token, batched as in
-    `evaluate` (with half its batch by default: two sets of logits are held).
+    `evaluate` (by default as many windows as memory holds with
+    `memory.COMPARISON_COPIES` sets of logits).
 
     Example:
         >>> cfg = ModelConfig(vocab_size=5, d_model=8, n_heads=2)
@@ -433,7 +434,7 @@ def compare(params: dict, reference: dict, windows: np.ndarray, *, model: Langua
         >>> c.loss == c.reference_loss, abs(c.kl) < 1e-6, c.top1_agreement
         (True, True, 1.0)
     """
-    batch_size = batch_size or max(1, memory.evaluation_batch(model, windows.shape[1] - 1) // 2)
+    batch_size = batch_size or memory.evaluation_batch(model, windows.shape[1] - 1, memory.COMPARISON_COPIES)
     sums = _window_means(functools.partial(_window_comparison, params, reference, model=model), windows, batch_size,
                          progress)
     return Comparison(*map(float, sums))

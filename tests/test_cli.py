@@ -443,9 +443,9 @@ def test_eval_writes_its_json_and_never_over_a_text_or_a_checkpoint(work, capsys
                                     ("text.txt", "text.txt", "ending in .json"),
                                     ("t.json", "t.json", "is the --data file"),
                                     ("text.txt", "text/checkpoint/params.npz", "ending in .json"),
-                                    ("text.txt", "text/checkpoint/meta.json", "inside the checkpoint of the run"),
-                                    ("text.txt", "latest/meta.json", "inside the checkpoint of the run"),
-                                    ("text.txt", "elsewhere/meta.json", "inside the checkpoint of the run")):
+                                    ("text.txt", "text/checkpoint/meta.json", "inside the files of the run"),
+                                    ("text.txt", "latest/meta.json", "inside the files of the run"),
+                                    ("text.txt", "elsewhere/meta.json", "inside the files of the run")):
         os.makedirs("text/checkpoint.old", exist_ok=True)
         for link, to in (("latest", "text/checkpoint"), ("elsewhere", "text/checkpoint.old")):
             if not os.path.lexists(link):                 # links into the run's own folders, by any route

@@ -40,6 +40,8 @@ def test_defaults_are_derived_and_configs_hash_by_value():
     ({"d_model": 30, "n_heads": 4}, "d_model=30", "divisible by n_heads=4"),
     ({"vocab_size": 0}, "vocab_size=0", r"\[1, 2,147,483,647\]"),
     ({"n_layers": 0}, "n_layers=0", r"\[1, "),
+    ({"n_layers": 2**31 - 1}, "n_layers=2147483647", "at most 1024"),       # refused before a layer is built
+    ({"d_model": 2**31 - 4, "n_heads": 4}, "d_model=2147483644", "feed-forward width"),   # not d_ff, no flag of it
     ({"max_len": 2**31}, "max_len=2147483648", "whole number in"),
     ({"max_len": 2.5}, "max_len=2.5", "whole number"),
     ({"dtype": "float16"}, "dtype='float16'", "choose one of"),

@@ -282,6 +282,20 @@ def test_a_full_cache_disk_is_a_storage_failure_that_leaves_no_folder(tmp_path, 
     assert not os.path.exists(tmp_path / "cache")                  # every folder it made, removed
 
 
+def test_a_cache_inside_a_runs_own_files_is_refused_by_any_route(tmp_path):
+    """A run replaces its checkpoint folders whole: a cache inside one (or reached
+    through a link to one) would vanish at the run's next save, so it is refused,
+    and nothing is made there."""
+    path = _write(tmp_path, TEXT)
+    run = tmp_path / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    os.symlink(run / "checkpoint", tmp_path / "latest")
+    for cache in (run / "checkpoint" / "cache", tmp_path / "latest" / "cache", run / "checkpoint.old"):
+        with pytest.raises(DataError, match=f"'{cache}' is inside the files of the run '{run}'.*--cache-dir|cache_dir"):
+            _prepare(path, str(cache))
+    assert sorted(os.listdir(run)) == ["checkpoint"] and os.listdir(run / "checkpoint") == []
+
+
 def test_an_unwritable_cache_is_bad_input_naming_the_cache(tmp_path):
     path = _write(tmp_path, TEXT)
     blocker = _write(tmp_path, "a file", "blocker")

@@ -410,7 +410,7 @@ def test_nothing_is_written_inside_a_runs_checkpoint_by_any_route(tmp_path, caps
                                  ("import-hf", hf_dir, run / "checkpoint" / "imp"),
                                  ("import-hf", hf_dir, tmp_path / "link" / "imp")):
         code, _, err = run_main(capsys, command, source, "--out", out)
-        assert_one_error_line(code, err, "inside the checkpoint of the run")
+        assert_one_error_line(code, err, "inside the files of the run")
     assert sorted(os.listdir(run / "checkpoint")) == before
 
 

@@ -93,6 +93,6 @@ def test_a_picture_is_never_written_inside_a_runs_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoint").mkdir(parents=True)
     (tmp_path / "link").symlink_to(tmp_path / "run" / "checkpoint")
     for path in (tmp_path / "run" / "checkpoint" / "a.png", tmp_path / "link" / "a.png"):
-        with pytest.raises(PicturePathError, match="inside the checkpoint of the run"):
+        with pytest.raises(PicturePathError, match="inside the files of the run"):
             check_picture_path(str(path))
     check_picture_path(str(tmp_path / "run" / "a.png"))                  # beside the checkpoint: fine

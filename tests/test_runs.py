@@ -142,3 +142,18 @@ def test_a_pipe_or_a_device_in_place_of_a_runs_file_is_refused_not_waited_on(tmp
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_runs_own_files_and_folders_are_its_own_by_any_route(tmp_path):
+    """What a run writes or replaces (its checkpoints, a save's temporary folder, its
+    metrics and lock) belongs to it, through links too; nothing else does (its picture
+    may be drawn again), and a folder without a checkpoint is no run."""
+    run = tmp_path / "run"
+    (run / runs.CHECKPOINT).mkdir(parents=True)
+    os.symlink(run, tmp_path / "link")
+    owner = os.path.realpath(run)
+    for name in (runs.CHECKPOINT, runs.CHECKPOINT + ".old", runs.METRICS, runs.LOCK, runs.TEMPORARY_PREFIX + "x"):
+        for where in (run / name, run / name / "inside", tmp_path / "link" / name):
+            assert runs.managing_run(str(where)) == owner, where
+    for where in (run, run / "notes.txt", run / runs.LOSS_PNG, tmp_path / "other" / runs.LOCK):
+        assert runs.managing_run(str(where)) is None, where

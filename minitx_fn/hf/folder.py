@@ -217,8 +217,8 @@ def write_dir(out_dir: str, files: dict[str, bytes]) -> None:
     exists and is not an empty folder, or lies in a run's checkpoint (`runs.managing_run`)."""
     out_dir = os.path.realpath(out_dir)         # a link to an empty folder: write where it points
     if runs.managing_run(out_dir) is not None:
-        raise HFError("{out} is inside the checkpoint of the run " + repr(runs.managing_run(out_dir))
-                      + ", which its next save replaces; write it elsewhere", out=("out_dir", out_dir))
+        raise HFError("{out} " + runs.held_by(runs.managing_run(out_dir)) + "; write it elsewhere",
+                      out=("out_dir", out_dir))
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise HFError("{out} already exists and is not an empty folder; choose a new one", out=("out_dir", out_dir))
     in_place = os.path.isdir(out_dir)
