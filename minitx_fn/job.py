@@ -772,6 +772,10 @@ def evaluate(run, data_path: str, *, eval_tokens: int | str | None = "all", cach
         raise DataError(f"the data must be a path (a str), not {type(data_path).__name__}")
     if quantize is not None:
         quantization.check_kind(quantize, "quantize")
+        if quantization.is_quantized(loaded.params):              # it would be compared with itself
+            raise ConfigError("{q} compares quantized weights with the run's float ones, but these are quantized "
+                              "already; evaluate its float weights, or leave quantize out",
+                              q=("quantize", quantize))
     source = _corpus(Data(path=data_path, cache_dir=cache_dir), log, tokenizer)
     if len(source.ids) < model.max_len + 1:
         raise DataError(f"the text has {len(source.ids)} tokens; this model reads windows of {model.max_len} tokens "

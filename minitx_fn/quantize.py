@@ -23,6 +23,8 @@ parameters (`quantized(run, to)` quantizes a loaded run).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,10 +143,23 @@ def dequantize(params):
     return params
 
 
-def quantized(run, to: str = "int8"):
-    """A loaded run (`checkpoint.load_model`'s Model, `job.train`'s result: anything
-    with .params) with its parameters quantized: what `generate.complete` and
-    `job.evaluate` take as they take the run itself.
+def is_quantized(params) -> bool:
+    """Whether a parameter tree holds quantized layers or tables.
+
+    Example:
+        >>> is_quantized({"l": {"w": jnp.ones((2, 2))}}), is_quantized(quantize({"l": {"w": jnp.ones((2, 2))}}))
+        (False, True)
+    """
+    if isinstance(params, dict):
+        return "wq" in params or "tableq" in params or any(is_quantized(v) for v in params.values())
+    return False
+
+
+def quantized(run, to: str = "int8", *, trust_code: bool = False):
+    """A run (its directory, loaded with `trust_code` as `checkpoint.load_model` would,
+    or `load_model`'s Model, `job.train`'s result: anything with .params) with its
+    parameters quantized: what `generate.complete` and `job.evaluate` take as they
+    take the run itself. ConfigError for a run already quantized.
 
     Example:
         >>> from minitx_fn import ModelConfig, checkpoint
@@ -154,6 +169,11 @@ def quantized(run, to: str = "int8"):
         >>> m.params["embed"]["tableq"].dtype
         dtype('int8')
     """
+    if isinstance(run, (str, os.PathLike)):
+        run = checkpoint.load_model(run, trust_code=trust_code)
+    if is_quantized(run.params):
+        raise ConfigError("the run's weights are quantized already; quantize its float weights (its directory, or "
+                          "checkpoint.load_model(run))")
     return checkpoint.Model(quantize(run.params, to), run.model, run.tokenizer, getattr(run, "meta", {}))
 
 
@@ -167,5 +187,5 @@ def weight_bytes(params) -> int:
     return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params))
 
 
-__all__ = ["INT8_MAX", "KINDS", "check_kind", "dequantize", "dequantize_matrix", "is_linear", "is_table", "quantize",
-           "quantize_matrix", "quantized", "weight_bytes"]
+__all__ = ["INT8_MAX", "KINDS", "check_kind", "dequantize", "dequantize_matrix", "is_linear", "is_quantized",
+           "is_table", "quantize", "quantize_matrix", "quantized", "weight_bytes"]

@@ -103,11 +103,14 @@ def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask)
 
 
 def muon_dimensions(params):
-    """Which leaves Muon orthogonalises, and along which axes: every weight matrix named
-    "w" (a `linear` layer's, of the built-in or a model of one's own) but the output
-    head's, its last two axes (D_in, D_out) the matrix and any leading axis (the stacked
-    blocks' L) a batch, so each layer's matrix is orthogonalised alone; None for the
-    rest (embeddings, the head, norms, biases, LoRA's adapters "a" and "b"), which Adam steps.
+    """Which leaves Muon orthogonalises, and along which axes: every leaf named "w" with
+    two axes or more (a `linear` layer's weight, of the built-in or a model of one's
+    own) but the output head's (the top-level "head"), its last two axes (D_in, D_out)
+    the matrix and any leading axis (the stacked blocks' L) a batch, so each layer's
+    matrix is orthogonalised alone; None for the rest (embeddings, the head, norms,
+    biases, LoRA's adapters "a" and "b", and a matrix under any other name), which Adam
+    steps. (MuonDimensionNumbers is a NamedTuple: a `jax.tree` map over this tree and
+    the parameters needs `is_leaf`.)
 
     Example:
         >>> dims = muon_dimensions({"blocks": {"w": jnp.zeros((4, 8, 16)), "b": jnp.zeros((4, 16))},
@@ -117,7 +120,7 @@ def muon_dimensions(params):
     """
     def dims(path, leaf):
         names = [getattr(k, "key", None) for k in path]
-        if names[-1:] == ["w"] and "head" not in names and np.ndim(leaf) >= 2:
+        if names[-1:] == ["w"] and names[:1] != ["head"] and np.ndim(leaf) >= 2:
             return optax.contrib.MuonDimensionNumbers(reduction_axis=np.ndim(leaf) - 2, output_axis=np.ndim(leaf) - 1)
         return None
     return jax.tree_util.tree_map_with_path(dims, params)

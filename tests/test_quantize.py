@@ -132,3 +132,25 @@ def test_the_decode_step_reads_int8_weights_and_writes_no_float_copy_at_batch_on
         return testing.float_copies(compiled, shapes)
     assert copies(1) == []
     assert copies(8)
+
+
+def test_a_run_is_quantized_from_its_directory_once_and_never_compared_with_itself(tmp_path):
+    """`quantized` takes a run's directory as `complete` does; a run quantized already is
+    refused there and by `job.evaluate(quantize=)`, which would compare it with itself."""
+    import io
+
+    from minitx_fn import checkpoint, job
+    from minitx_fn.tokenizer import CharTokenizer
+    from tests.helpers import standard_promotion
+    run = str(tmp_path / "r")
+    model = ModelConfig(vocab_size=3, d_model=8, n_heads=2, max_len=8)
+    with standard_promotion():
+        job.new_run(run, model.init(jax.random.key(0)), model=model, tokenizer=CharTokenizer("abc"))
+        from_dir = quantize.quantized(run)
+        assert quantize.is_quantized(from_dir.params) and not quantize.is_quantized(checkpoint.load_model(run).params)
+        with pytest.raises(ConfigError, match="quantized already"):
+            quantize.quantized(from_dir)
+        (tmp_path / "t.txt").write_text("abcab" * 10)
+        with pytest.raises(ConfigError, match="quantize='int8' compares quantized weights.*quantized already"):
+            job.evaluate(from_dir, str(tmp_path / "t.txt"), quantize="int8", cache_dir=str(tmp_path / "c"),
+                         log=io.StringIO())

@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -233,6 +234,16 @@ def test_muon_steps_along_the_polar_factor_whatever_the_gradients_scale(shape, s
         flipped = _muon_update({"w": jnp.asarray(g.T, dtype)}, {"w": jnp.zeros(shape[::-1], dtype)})["w"]
         width_t = np.sqrt(max(1.0, shape[0] / shape[1]))
         np.testing.assert_allclose(np.asarray(flipped, np.float64) / width_t, step.T / width, atol=1e-4 * width)
+
+
+def test_muon_goes_by_name_every_w_but_the_top_level_heads():
+    """The rule of `muon_dimensions`, as docs/training.md states it."""
+    z = jnp.zeros
+    dims = train.muon_dimensions({"head": {"w": z((8, 5))}, "lm_head": {"w": z((8, 5))},
+                                  "blocks": {"head": {"w": z((2, 8, 8))}, "kernel": z((8, 8)), "w1": {"w": z(8)}}})
+    assert dims["head"]["w"] is None and dims["blocks"]["kernel"] is None and dims["blocks"]["w1"]["w"] is None
+    assert dims["lm_head"]["w"] == optax.contrib.MuonDimensionNumbers(0, 1)
+    assert dims["blocks"]["head"]["w"] == optax.contrib.MuonDimensionNumbers(1, 2)
 
 
 @given(seed=st.integers(0, 2**31), layers=st.sampled_from([1, 3]))
