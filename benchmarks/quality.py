@@ -141,8 +141,13 @@ def measure(text: str, seeds: int, steps_scale: float, eval_every: int, recipes:
     import jax
 
     from minitx_fn import corpus, data
+    from minitx_fn.errors import DataError
     source = corpus.Corpus.from_text(text)
     train_ids, val_ids = np.asarray(source.ids[:source.boundary]), np.asarray(source.ids[source.boundary:])
+    longest = max(RECIPES[name]["model"]["max_len"] for name in recipes)
+    if min(len(train_ids), len(val_ids)) < longest + 1:          # not one window to train on or to validate
+        raise DataError(f"its validation split holds {len(val_ids)} tokens and its training split {len(train_ids)}; "
+                        f"each needs at least {longest + 1}: give a longer text")
     runs_ = {name: [] for name in recipes}
     for seed in range(seeds):
         for name in recipes:
@@ -216,10 +221,17 @@ def main(argv=None) -> int:
             import torch  # noqa: F401
         except ImportError:
             p.error("the torch-adamw recipe needs PyTorch (pip install torch), or leave it out with --recipes")
-    with open(args.data, encoding="utf-8") as f:
-        text = f.read()
-    result = {**measure(text, args.seeds, args.steps_scale, args.eval_every, args.recipes),
-              "device": device_info(), "versions": versions()}
+    try:
+        with open(args.data, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        p.error(f"--data {args.data!r}: cannot read it as UTF-8 text ({e})")
+    from minitx_fn.errors import Error
+    try:
+        result = {**measure(text, args.seeds, args.steps_scale, args.eval_every, args.recipes),
+                  "device": device_info(), "versions": versions()}
+    except Error as e:
+        p.error(f"--data {args.data!r}: {e}")
     print(f"target: validation loss {result['target']:.4f} ({result['yardstick']}'s best, median over seeds)")
     print("| recipe | reached | seconds (median) | spread | steps (median) | against the yardstick |")
     print("|---|---|---|---|---|---|")

@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"at most a tenth of a shorter run)")
     t.add_argument("--decay-steps", type=_positive, help="length of the cosine schedule (default: --steps of the "
                    "first run, kept on resume)")
-    t.add_argument("--weight-decay", type=_float, help=f"AdamW's decoupled weight decay on matrices and the "
-                   f"embedding ({_defaults('weight_decay')})")
+    t.add_argument("--weight-decay", type=_float, help=f"decoupled weight decay: AdamW's on matrices and the "
+                   f"embedding, or with --optimizer muon on the blocks' matrices alone ({_defaults('weight_decay')})")
     t.add_argument("--optimizer", choices=defaults.OPTIMIZERS, help=f"adamw; or muon: the blocks' weight matrices "
                    f"step along their orthogonalised momentum at --muon-lr, the rest by Adam at --lr "
                    f"({_defaults('optimizer')})")

@@ -423,8 +423,8 @@ class OptimizerConfig:
         positive_int("decay_steps", self.decay_steps)
         require(
             whole(self.warmup) and 0 <= self.warmup < self.decay_steps, "warmup", self.warmup,
-            "it must be a whole number in [0, {decay}) (its default is 50: give a shorter warmup for a schedule "
-            "this short)", decay=("decay_steps", self.decay_steps),
+            "it must be a whole number in [0, {decay}): the warm-up ends before the schedule does",
+            decay=("decay_steps", self.decay_steps),
         )
         require(number(self.min_lr) and 0 <= self.min_lr <= self.lr, "min_lr", self.min_lr,
                  "it must lie in [0, {lr}]", lr=("lr", self.lr))

@@ -609,6 +609,8 @@ def _train(plan: Plan, is_main: bool, log, stops: StopSignals, stack: contextlib
                           save=save, out=log, signals=stops, max_in_flight=max_in_flight)
     except loop.NonFiniteError as e:
         lower = {"lr": ("lr", tc.optimizer.lr)}
+        if tc.optimizer.method == "muon":                   # the matrices' own rate
+            lower["muon_lr"] = ("muon_lr", tc.optimizer.muon_lr)
         if tc.lora is not None:
             lower["alpha"] = ("lora.alpha", tc.lora.alpha)
         raise RunFailed(f"{e}; training stopped and {kept(run_dir)}; try a lower "

@@ -94,7 +94,9 @@ def make_optimizer(oc: OptimizerConfig, mask: Callable[[Any], Any] = decay_mask)
     """
     schedule = learning_rate_schedule(oc)
     if oc.method == "muon":
-        update = optax.contrib.muon(lambda step: schedule(step) * (oc.muon_lr / oc.lr), beta=oc.momentum,
+        # The same shape at muon_lr, its end scaled alike (Python floats: no float32 ratio of two rates).
+        matrices = learning_rate_schedule(oc.replace(lr=oc.muon_lr, min_lr=oc.muon_lr * (oc.min_lr / oc.lr)))
+        update = optax.contrib.muon(matrices, beta=oc.momentum,
                                     weight_decay=oc.weight_decay, adam_b1=oc.b1, adam_b2=oc.b2,
                                     adam_learning_rate=schedule, muon_weight_dimension_numbers=muon_dimensions)
     else:

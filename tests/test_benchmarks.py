@@ -388,7 +388,11 @@ def test_the_time_to_quality_benchmark_runs_every_recipe_at_toy_sizes(tmp_path, 
     assert set(got["summary"]) == set(recipes) and got["yardstick"] == recipes[0]
     assert got["summary"][recipes[0]]["reached"] == "1 of 1"                   # the yardstick reaches its own best
     assert all(r["curve"][-1]["step"] == r["steps"] for rs in got["runs"].values() for r in rs)
-    for argv, said in ((["--steps-scale", "0"], "--steps-scale 0.0"), (["--data", str(tmp_path / "no")], "no such")):
+    (tmp_path / "short.txt").write_text("to be or not to be")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
+    for argv, said in ((["--steps-scale", "0"], "--steps-scale 0.0"), (["--data", str(tmp_path / "no")], "no such"),
+                       (["--data", str(tmp_path / "short.txt"), "--recipes", "adamw"], "give a longer text"),
+                       (["--data", str(tmp_path / "bin.txt"), "--recipes", "adamw"], "as UTF-8 text")):
         with pytest.raises(SystemExit):
             bench.main(argv)
         assert said in capsys.readouterr().err

@@ -236,6 +236,15 @@ def test_muon_steps_along_the_polar_factor_whatever_the_gradients_scale(shape, s
         np.testing.assert_allclose(np.asarray(flipped, np.float64) / width_t, step.T / width, atol=1e-4 * width)
 
 
+def test_muons_rate_is_its_own_whatever_adams_rate():
+    """The matrices step at muon_lr on the schedule's shape, however small lr is (a
+    float32 ratio of the two rates once turned a tiny lr into no step at all)."""
+    g = {"w": jnp.asarray(np.random.default_rng(0).standard_normal((8, 8)), jnp.float32)}
+    steps = [np.asarray(_muon_update(g, {"w": jnp.zeros((8, 8))}, lr=lr)["w"]) for lr in (1e-3, 1e-38)]
+    np.testing.assert_allclose(steps[1], steps[0], rtol=1e-6)
+    assert np.abs(steps[0]).max() > 0
+
+
 def test_muon_goes_by_name_every_w_but_the_top_level_heads():
     """The rule of `muon_dimensions`, as docs/training.md states it."""
     z = jnp.zeros
