@@ -409,10 +409,15 @@ def to_job(args):
     if lora.get("rank") == 0:                             # --lora-rank 0: every parameter trains
         del lora["rank"]
     training.update({"optimizer": optimizer} if optimizer else {}, **({"lora": lora} if lora else {}))
-    return job.make(args.data, model=model, training=training, preset=args.preset, tokenizer=args.tokenizer,
+    made = job.make(args.data, model=model, training=training, preset=args.preset, tokenizer=args.tokenizer,
                     vocab_size=args.vocab_size, cache_dir=args.cache_dir, run_dir=args.out, resume=args.resume,
                     init_from=args.init_from, trust_code=args.trust_code, batches=args.batches, devices=args.devices,
                     fsdp=args.fsdp, prompt=args.prompt, sample_tokens=args.max_new_tokens)
+    given = [flag for flag in ("muon_lr", "momentum") if getattr(args, flag) is not None]
+    if given and made.training.optimizer.method != "muon":   # they would be recorded and do nothing
+        raise UsageError(f"--{given[0].replace('_', '-')} is for --optimizer muon; this run's optimizer is "
+                         f"{made.training.optimizer.method}")
+    return made
 
 
 def next_steps(run_dir: str, prompt: str, picture: str | None, *, trust_code: bool = False, maps: bool = True) -> str:

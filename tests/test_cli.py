@@ -641,3 +641,12 @@ def test_fuzzed_generate_flags_exit_zero_or_two_never_a_traceback(saved_runs, ca
     assert "Traceback" not in err
     if code == 2:
         assert len(err.strip().splitlines()) == 1 and err.startswith("minitx: error: "), (argv, err)
+
+
+def test_muons_own_flags_need_muon(capsys):
+    """--muon-lr and --momentum set Muon's rate and momentum: on a run that steps by
+    AdamW they would be recorded and do nothing, so they are refused in one line."""
+    for flags in (["--muon-lr", "0.5"], ["--momentum", "0.5"], ["--optimizer", "adamw", "--muon-lr", "0.1"]):
+        code, _, err = run_main(capsys, "train", *TINY, "--steps", "2", "--out", "r", *flags)
+        assert_one_error_line(code, err, f"{flags[-2]} is for --optimizer muon", "adamw")
+        assert not os.path.exists("r")
