@@ -303,6 +303,8 @@ def test_import_refusals_are_one_line_and_write_nothing(tmp_path, capsys, hf_dir
     refused("vocab.json", "not a valid vocabulary and merge list")
     open(tokenizer_path, "w").write(tokenizer_json)
     open(config_path, "w").write(json.dumps({**hf_config, "n_layer": 10**6}))          # absurd: refused unread
+    refused("n_layer = 1000000 is invalid", "at most 1024")
+    open(config_path, "w").write(json.dumps({**hf_config, "n_layer": 1000, "n_embd": 2**16}))   # too large here
     refused("importing this model needs at least", "GB of memory")
 
 
