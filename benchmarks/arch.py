@@ -25,8 +25,7 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import check_output_path, device_info, median_ms, positive_int, versions
-from benchmarks.finetune import SHARED_TEXT
+from benchmarks.common import SHARED_TEXT, check_output_path, device_info, median_ms, positive_int, versions
 from minitx_fn import defaults, generate, job, model, runs
 
 ROWS = {"gpt": defaults.ARCHS["gpt"], "llama": defaults.ARCHS["llama"],

@@ -28,6 +28,10 @@ import optax
 from minitx_fn import memory
 from minitx_fn.config import ModelConfig
 
+# Tiny Shakespeare in the project's workspace, beside the repository (not part of it).
+SHARED_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+                           "tinyshakespeare.txt")
+
 # The shapes timed. `micro` exists for the tests and --smoke runs: seconds, not minutes.
 CONFIGS = {
     "micro": dict(vocab_size=17, d_model=16, n_layers=1, n_heads=2, max_len=16, batch=4),

@@ -34,12 +34,10 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from benchmarks.common import CONFIGS, check_output_path, device_info, model_config, positive_int, versions
+from benchmarks.common import CONFIGS, SHARED_TEXT, check_output_path, device_info, model_config, positive_int, versions
 from minitx_fn import checkpoint, hf, job, model, runs, train
 from minitx_fn.config import LoraConfig, TrainConfig
 
-SHARED_TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
-                           "tinyshakespeare.txt")
 # GPT-2's two choices on a CONFIGS model: learned positions and the embedding as the head.
 GPT2_SHAPE = {"dropout": 0.0, "positions": "learned", "tie_embeddings": True}
 MODES = ("scratch", "full", "lora")

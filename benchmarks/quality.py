@@ -36,10 +36,9 @@ import time
 
 import numpy as np
 
-from benchmarks.common import check_output_path, device_info, positive_int, versions
+from benchmarks.common import SHARED_TEXT, check_output_path, device_info, positive_int, versions
 from minitx_fn import defaults, runs
 
-DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tinyshakespeare.txt")
 EVAL_WINDOWS = 512                          # fixed validation windows of 64 + 1 (32,768 predicted tokens)
 
 
@@ -199,7 +198,7 @@ def plot(result: dict, path: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=DATA, help="the text (default: ../shared/data/tinyshakespeare.txt)")
+    p.add_argument("--data", default=SHARED_TEXT, help="the text (default: ../shared/data/tinyshakespeare.txt)")
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per recipe (default 3)")
     p.add_argument("--eval-every", type=positive_int, default=50, help="steps between validations (default 50)")
     p.add_argument("--steps-scale", type=float, default=1.0, help="every recipe's steps and warm-up times this "

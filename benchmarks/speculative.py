@@ -29,8 +29,7 @@ import tempfile
 
 import numpy as np
 
-from benchmarks.common import alternate, check_output_path, device_info, positive_int, versions
-from benchmarks.finetune import SHARED_TEXT
+from benchmarks.common import SHARED_TEXT, alternate, check_output_path, device_info, positive_int, versions
 from minitx_fn import defaults, job, model, runs, speculative
 from minitx_fn.errors import Error
 from minitx_fn.sampling import Sampler
